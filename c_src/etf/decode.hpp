@@ -19,7 +19,8 @@
 //   Value port(std::string_view node, std::uint64_t id, std::uint32_t creation)
 //   Value reference(std::string_view node, std::uint32_t creation,
 //                   std::span<const std::uint32_t> ids)
-//   Value fun(Bytes encoded)                            // the whole term, from its tag on
+//   Value fun(Bytes encoded)                            // the whole term, from its tag on,
+//                                                       // in canonical form
 //   T tuple_begin(std::size_t n);  void tuple_set(T&, std::size_t i, Value&&);
 //   Value tuple_end(T&)
 //   L list_begin(std::size_t n);   void list_set(L&, std::size_t i, Value&&);
@@ -42,6 +43,7 @@
 #include <string_view>
 #include <vector>
 
+#include "encode.hpp"
 #include "inflate.hpp"
 #include "reader.hpp"
 #include "tags.hpp"
@@ -139,6 +141,50 @@ struct NullBuilder {
   Value list_end(Value&) { return {}; }
   Value improper_list_end(Value&, Value&&) { return {}; }
   Value map_begin(std::size_t) { return {}; }
+  void map_set(Value&, Value&&, Value&&, std::size_t) {}
+  Value map_end(Value&) { return {}; }
+};
+
+// A builder that writes each part canonically into a sink as it is decoded (containers
+// are written in decoding order, so nothing is held). Funs are opaque, but their bytes
+// must not depend on how they were encoded (Latin-1 atoms, old pids), so their parts go
+// through this.
+template <class Sink>
+struct CopyBuilder {
+  Sink& s;
+  struct Value {};
+  Value integer(std::int64_t v) { put_integer(s, v); return {}; }
+  Value big_integer(bool neg, Bytes mag) { put_big_integer(s, neg, mag); return {}; }
+  Value floating(double d) { put_float(s, d); return {}; }
+  Value atom(std::string_view a) { put_atom(s, a); return {}; }
+  Value binary(Bytes b) { put_binary(s, b); return {}; }
+  Value bitstring(Bytes b, unsigned bits) { put_bitstring(s, b, bits); return {}; }
+  Value byte_list(Bytes b) {
+    if (b.empty()) put_nil(s); else put_byte_list(s, b);
+    return {};
+  }
+  Value nil() { put_nil(s); return {}; }
+  Value pid(std::string_view node, std::uint32_t id, std::uint32_t serial, std::uint32_t creation) {
+    put_pid(s, node, id, serial, creation);
+    return {};
+  }
+  Value port(std::string_view node, std::uint64_t id, std::uint32_t creation) {
+    put_port(s, node, id, creation);
+    return {};
+  }
+  Value reference(std::string_view node, std::uint32_t creation, std::span<const std::uint32_t> ids) {
+    put_reference(s, node, creation, ids);
+    return {};
+  }
+  Value fun(Bytes b) { put_raw(s, b); return {}; }
+  Value tuple_begin(std::size_t n) { put_tuple_header(s, n); return {}; }
+  void tuple_set(Value&, std::size_t, Value&&) {}
+  Value tuple_end(Value&) { return {}; }
+  Value list_begin(std::size_t n) { put_list_header(s, n); return {}; }
+  void list_set(Value&, std::size_t, Value&&) {}
+  Value list_end(Value&) { put_nil(s); return {}; }
+  Value improper_list_end(Value&, Value&&) { return {}; }
+  Value map_begin(std::size_t n) { put_map_header(s, n); return {}; }
   void map_set(Value&, Value&&, Value&&, std::size_t) {}
   Value map_end(Value&) { return {}; }
 };
@@ -289,59 +335,81 @@ class Decoder {
     return b_.reference(node.text, creation, std::span<const std::uint32_t>(ids.data(), count));
   }
 
-  // Funs are opaque to us: their parts are validated, and the builder gets the bytes.
+  // Funs are opaque to us: their parts are validated and re-encoded canonically, and the
+  // builder gets those bytes.
   [[gnu::noinline]] Value new_fun(std::size_t depth) {
     const std::size_t start = r_.pos() - 1;
     const std::uint32_t size = r_.u32("fun size");
     if (size < 29) r_.fail_at(start, "NEW_FUN_EXT size " + std::to_string(size) + " is too small");
     r_.need(size - 4, "fun");
-    r_.take(1 + 16 + 4, "fun header");
+    Bytes head = r_.take(1 + 16 + 4, "fun header");
     const std::uint32_t num_free = r_.u32("fun free variable count");
     r_.need_items(num_free, 1, "fun free variables");
-    validate_parts(depth, [&](Reader& r, Decoder<NullBuilder>& d) {
-      d.term(depth + 1);                       // module atom
-      detail::read_small_or_int(r, "fun old index");
-      detail::read_small_or_int(r, "fun old uniq");
-      d.term(depth + 1);                       // creator pid
+    std::vector<std::uint8_t> out;
+    out.reserve(size + 16);
+    GrowSink sink{out};
+    sink.byte(kNewFun);
+    put_u32(sink, 0);  // the size, patched below
+    sink.write(head.data(), head.size());
+    put_u32(sink, num_free);
+    copy_parts(sink, [&](Decoder<CopyBuilder<GrowSink>>& d, CopyBuilder<GrowSink>& c) {
+      if (!is_atom_tag(r_.peek_u8("fun module"))) r_.fail("NEW_FUN_EXT module must be an atom");
+      d.term(depth + 1);
+      c.integer(static_cast<std::int32_t>(detail::read_small_or_int(r_, "fun old index")));
+      c.integer(static_cast<std::int32_t>(detail::read_small_or_int(r_, "fun old uniq")));
+      const std::uint8_t pid_tag = r_.peek_u8("fun pid");
+      if (pid_tag != kPid && pid_tag != kNewPid) r_.fail("NEW_FUN_EXT creator must be a pid");
+      d.term(depth + 1);
       for (std::uint32_t i = 0; i < num_free; ++i) d.term(depth + 1);
     });
     if (r_.pos() != start + 1 + size) {
       r_.fail_at(start, "NEW_FUN_EXT size " + std::to_string(size) + " does not match its contents");
     }
-    return b_.fun(r_.data().subspan(start, r_.pos() - start));
+    const auto new_size = static_cast<std::uint32_t>(out.size() - 1);
+    for (int i = 0; i < 4; ++i) out[1 + i] = static_cast<std::uint8_t>(new_size >> (24 - 8 * i));
+    return b_.fun(out);
   }
 
   [[gnu::noinline]] Value old_fun(std::size_t depth) {
-    const std::size_t start = r_.pos() - 1;
     const std::uint32_t num_free = r_.u32("fun free variable count");
     r_.need_items(num_free, 1, "fun free variables");
-    validate_parts(depth, [&](Reader&, Decoder<NullBuilder>& d) {
-      d.term(depth + 1);                       // pid
-      d.term(depth + 1);                       // module
-      d.term(depth + 1);                       // index
-      d.term(depth + 1);                       // uniq
-      for (std::uint32_t i = 0; i < num_free; ++i) d.term(depth + 1);
+    std::vector<std::uint8_t> out;
+    GrowSink sink{out};
+    sink.byte(kFun);
+    put_u32(sink, num_free);
+    copy_parts(sink, [&](Decoder<CopyBuilder<GrowSink>>& d, CopyBuilder<GrowSink>&) {
+      for (std::uint32_t i = 0; i < 4 + num_free; ++i) d.term(depth + 1);  // pid, module, index, uniq, free
     });
-    return b_.fun(r_.data().subspan(start, r_.pos() - start));
+    return b_.fun(out);
   }
 
-  [[gnu::noinline]] Value export_fun(std::size_t) {
-    const std::size_t start = r_.pos() - 1;
-    detail::AtomText text;
-    detail::read_atom_text(r_, r_.u8("export module"), text, o_.atom_cache);
-    detail::read_atom_text(r_, r_.u8("export function"), text, o_.atom_cache);
+  [[gnu::noinline]] Value export_fun(std::size_t depth) {
+    std::vector<std::uint8_t> out;
+    GrowSink sink{out};
+    sink.byte(kExport);
+    copy_parts(sink, [&](Decoder<CopyBuilder<GrowSink>>& d, CopyBuilder<GrowSink>&) {
+      if (!is_atom_tag(r_.peek_u8("export module"))) r_.fail("EXPORT_EXT module must be an atom");
+      d.term(depth + 1);
+      if (!is_atom_tag(r_.peek_u8("export function"))) r_.fail("EXPORT_EXT function must be an atom");
+      d.term(depth + 1);
+    });
     if (r_.u8("export arity") != kSmallInteger) {
       r_.fail_at(r_.pos() - 1, "EXPORT_EXT arity must be a small integer");
     }
-    r_.u8("export arity");
-    return b_.fun(r_.data().subspan(start, r_.pos() - start));
+    sink.byte(kSmallInteger);
+    sink.byte(r_.u8("export arity"));
+    return b_.fun(out);
+  }
+
+  static bool is_atom_tag(std::uint8_t t) {
+    return t == kAtom || t == kSmallAtom || t == kAtomUtf8 || t == kSmallAtomUtf8 || t == kAtomCacheRef;
   }
 
   template <class F>
-  void validate_parts(std::size_t, F&& parts) {
-    NullBuilder nb;
-    Decoder<NullBuilder> d(r_, nb, o_);
-    parts(r_, d);
+  void copy_parts(GrowSink& sink, F&& parts) {
+    CopyBuilder<GrowSink> cb{sink};
+    Decoder<CopyBuilder<GrowSink>> d(r_, cb, o_);
+    parts(d, cb);
   }
 
   Value tuple(std::uint32_t n, std::size_t depth) {

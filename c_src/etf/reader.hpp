@@ -30,11 +30,9 @@ class Reader {
     throw DecodeError(base_ + pos, what);
   }
 
+  // The checks stay small enough to inline; building the message is out of line.
   void need(std::size_t n, const char* what) const {
-    if (n > remaining()) {
-      fail(std::string("truncated ") + what + ": needs " + std::to_string(n) +
-           " bytes, " + std::to_string(remaining()) + " left");
-    }
+    if (n > remaining()) [[unlikely]] truncated(n, what);
   }
 
   std::uint8_t peek_u8(const char* what = "term") const {
@@ -72,13 +70,19 @@ class Reader {
   // Checks, before anything is allocated, that `count` items of at least `min_bytes`
   // each can still be in the input: a length field cannot claim more than the input holds.
   void need_items(std::uint64_t count, std::uint64_t min_bytes, const char* what) const {
-    if (count > remaining() / min_bytes) {
-      fail(std::string(what) + " of " + std::to_string(count) +
-           " elements cannot fit in the " + std::to_string(remaining()) + " bytes left");
-    }
+    if (count > remaining() / min_bytes) [[unlikely]] too_many(count, what);
   }
 
  private:
+  [[noreturn, gnu::noinline, gnu::cold]] void truncated(std::size_t n, const char* what) const {
+    fail(std::string("truncated ") + what + ": needs " + std::to_string(n) +
+         " bytes, " + std::to_string(remaining()) + " left");
+  }
+  [[noreturn, gnu::noinline, gnu::cold]] void too_many(std::uint64_t count, const char* what) const {
+    fail(std::string(what) + " of " + std::to_string(count) +
+         " elements cannot fit in the " + std::to_string(remaining()) + " bytes left");
+  }
+
   Bytes data_;
   std::size_t pos_ = 0;
   std::size_t base_ = 0;
