@@ -26,6 +26,13 @@ inline std::string hex(std::string_view s) {
   return hex(etf::Bytes(reinterpret_cast<const std::uint8_t*>(s.data()), s.size()));
 }
 
+// GCC 12 warns (-Wrestrict, falsely) on "literal" + std::string; this says the same.
+inline std::string cat(const char* prefix, const std::string& rest) {
+  std::string s(prefix);
+  s += rest;
+  return s;
+}
+
 inline std::string hex_magnitude(etf::Bytes le) {
   // little-endian bytes -> lowercase hex without leading zeros
   std::string s;
@@ -60,12 +67,12 @@ struct DumpBuilder {
     std::snprintf(buf, sizeof buf, "f%016llx", static_cast<unsigned long long>(bits));
     return buf;
   }
-  Value atom(std::string_view utf8) { return "a" + hex(utf8); }
-  Value binary(etf::Bytes b) { return "b" + hex(b); }
+  Value atom(std::string_view utf8) { return cat("a", hex(utf8)); }
+  Value binary(etf::Bytes b) { return cat("b", hex(b)); }
   Value bitstring(etf::Bytes b, unsigned bits) {
     std::vector<std::uint8_t> copy(b.begin(), b.end());
     copy.back() &= static_cast<std::uint8_t>(0xFF << (8 - bits));
-    return "B" + std::to_string(bits) + ":" + hex(etf::Bytes(copy));
+    return cat("B", std::to_string(bits)) + ":" + hex(etf::Bytes(copy));
   }
   Value byte_list(etf::Bytes b) {
     std::string s = "[";
@@ -77,36 +84,36 @@ struct DumpBuilder {
   }
   Value nil() { return "[]"; }
   Value pid(std::string_view node, std::uint32_t id, std::uint32_t serial, std::uint32_t creation) {
-    return "P(" + atom(node) + "," + std::to_string(id) + "," + std::to_string(serial) + "," +
+    return cat("P(", atom(node)) + "," + std::to_string(id) + "," + std::to_string(serial) + "," +
            std::to_string(creation) + ")";
   }
   Value port(std::string_view node, std::uint64_t id, std::uint32_t creation) {
-    return "O(" + atom(node) + "," + std::to_string(id) + "," + std::to_string(creation) + ")";
+    return cat("O(", atom(node)) + "," + std::to_string(id) + "," + std::to_string(creation) + ")";
   }
   Value reference(std::string_view node, std::uint32_t creation, std::span<const std::uint32_t> ids) {
-    std::string s = "R(" + atom(node) + "," + std::to_string(creation) + ",";
+    std::string s = cat("R(", atom(node)) + "," + std::to_string(creation) + ",";
     for (std::size_t i = 0; i < ids.size(); ++i) {
       if (i) s += ".";
       s += std::to_string(ids[i]);
     }
     return s + ")";
   }
-  Value fun(etf::Bytes encoded) { return "F" + hex(encoded); }
+  Value fun(etf::Bytes encoded) { return cat("F", hex(encoded)); }
 
   Seq tuple_begin(std::size_t n) { return Seq{std::vector<std::string>(n)}; }
   void tuple_set(Seq& t, std::size_t i, Value&& v) { t.items[i] = std::move(v); }
-  Value tuple_end(Seq& t) { return "{" + join(t.items) + "}"; }
+  Value tuple_end(Seq& t) { return cat("{", join(t.items)) + "}"; }
   Seq list_begin(std::size_t n) { return Seq{std::vector<std::string>(n)}; }
   void list_set(Seq& l, std::size_t i, Value&& v) { l.items[i] = std::move(v); }
-  Value list_end(Seq& l) { return "[" + join(l.items) + "]"; }
+  Value list_end(Seq& l) { return cat("[", join(l.items)) + "]"; }
   Value improper_list_end(Seq& l, Value&& tail) {
     if (l.items.empty()) return std::move(tail);
     if (tail.size() >= 2 && tail.front() == '[' && tail.back() == ']') {
       // [a|[b|c]] is [a,b|c]: Erlang sees one list.
       const std::string inner = tail.substr(1, tail.size() - 2);
-      return "[" + join(l.items) + (inner.empty() ? "" : "," + inner) + "]";
+      return cat("[", join(l.items)) + (inner.empty() ? "" : cat(",", inner)) + "]";
     }
-    return "[" + join(l.items) + "|" + tail + "]";
+    return cat("[", join(l.items)) + "|" + tail + "]";
   }
   Seq map_begin(std::size_t) { return Seq{}; }
   void map_set(Seq& m, Value&& k, Value&& v, std::size_t) {

@@ -1,0 +1,15 @@
+#!/usr/bin/env escript
+%%! -noshell
+%% `make bench`: compiles the bench/*.erl modules and runs every workload
+%% (erpy_bench:workloads/0), printing a table and rewriting bench/RESULTS.md.
+%% Environment: ERPY_ROOT, ERPY_PYTHON (set by the Makefile), BENCH_PAIRS (default 15),
+%% BENCH_SECONDS (time per measured run, default 0.3).
+-mode(compile).
+
+main(Args) ->
+    BenchDir = filename:dirname(filename:absname(escript:script_name())),
+    [begin
+         {ok, Mod, Beam} = compile:file(Src, [binary, report, warnings_as_errors]),
+         {module, Mod} = code:load_binary(Mod, Src, Beam)
+     end || Src <- filelib:wildcard(filename:join(BenchDir, "*.erl"))],
+    erpy_bench:main(Args).

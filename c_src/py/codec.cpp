@@ -1,0 +1,176 @@
+#include "codec.hpp"
+
+#include <cstring>
+#include <new>
+
+#include "etf/error.hpp"
+
+namespace erpy::py {
+
+namespace {
+
+PyRef attr(PyObject* module, const char* name) {
+  return PyRef::check(PyObject_GetAttrString(module, name));
+}
+
+PyRef type_attr(PyObject* module, const char* name) {
+  PyRef t = attr(module, name);
+  if (!PyType_Check(t.get())) {
+    PyErr_Format(PyExc_TypeError, "erpy: %s is not a class", name);
+    throw PythonError();
+  }
+  return t;
+}
+
+PyRef intern(const char* s) { return PyRef::check(PyUnicode_InternFromString(s)); }
+
+}  // namespace
+
+Types Types::load(PyObject* types_module, PyObject* errors_module) {
+  Types t;
+  t.atom = type_attr(types_module, "Atom");
+  t.bit_binary = type_attr(types_module, "BitBinary");
+  t.improper_list = type_attr(types_module, "ImproperList");
+  t.pid = type_attr(types_module, "Pid");
+  t.port = type_attr(types_module, "Port");
+  t.ref = type_attr(types_module, "Ref");
+  t.fun = type_attr(types_module, "Fun");
+  t.encoders = attr(types_module, "ENCODERS");
+  if (!PyDict_CheckExact(t.encoders.get())) {
+    PyErr_SetString(PyExc_TypeError, "erpy: ENCODERS is not a dict");
+    throw PythonError();
+  }
+  t.erpy_error = type_attr(errors_module, "ErpyError");
+  t.decode_error = type_attr(errors_module, "DecodeError");
+  t.encode_error = type_attr(errors_module, "EncodeError");
+  return t;
+}
+
+Codec::Codec(Types types) : types_(std::move(types)) {
+  n_node_ = intern("node");
+  n_id_ = intern("id");
+  n_serial_ = intern("serial");
+  n_creation_ = intern("creation");
+  n_ids_ = intern("ids");
+  n_data_ = intern("data");
+  n_bits_ = intern("bits");
+  n_elements_ = intern("elements");
+  n_tail_ = intern("tail");
+}
+
+Codec::~Codec() {
+  for (PyObject*& s : strs_) Py_CLEAR(s);
+}
+
+PyObject* Codec::atom(std::string_view utf8, const DecodeOptions& o) {
+  if (utf8 == "true") Py_RETURN_TRUE;
+  if (utf8 == "false") Py_RETURN_FALSE;
+  if (utf8 == o.none) Py_RETURN_NONE;
+  if (auto it = atoms_.find(utf8); it != atoms_.end()) {
+    PyObject* a = it->second.get();
+    Py_INCREF(a);
+    return a;
+  }
+  PyRef text = PyRef::check(PyUnicode_DecodeUTF8(utf8.data(), static_cast<Py_ssize_t>(utf8.size()), "strict"));
+  PyRef a = PyRef::check(PyObject_CallOneArg(types_.atom.get(), text.get()));
+  // Creating the Atom ran Python code, which may have used the cache: look again.
+  if (atoms_.size() >= kMaxAtoms) atoms_.clear();
+  auto [it, inserted] = atoms_.try_emplace(std::string(utf8));
+  if (inserted) it->second = PyRef::borrow(a.get());
+  return a.release();
+}
+
+namespace {
+
+std::uint64_t load64(const char* p) noexcept {
+  std::uint64_t v;
+  std::memcpy(&v, p, 8);
+  return v;
+}
+
+std::uint32_t load32(const char* p) noexcept {
+  std::uint32_t v;
+  std::memcpy(&v, p, 4);
+  return v;
+}
+
+// Hash and equality for strings of at most 32 bytes with a few (overlapping) word loads:
+// a libc memcmp call costs more than the comparison itself at these sizes.
+std::uint64_t small_hash(const char* p, std::size_t n) noexcept {
+  std::uint64_t h;
+  if (n >= 8) {
+    h = load64(p) * 0x9E3779B97F4A7C15ull ^ load64(p + n - 8) * 0xC2B2AE3D27D4EB4Full;
+    if (n > 16) h ^= load64(p + 8) * 0x165667B19E3779F9ull;
+  } else if (n >= 4) {
+    h = (std::uint64_t{load32(p)} << 32 | load32(p + n - 4)) * 0x9E3779B97F4A7C15ull;
+  } else {
+    h = 0;
+    for (std::size_t i = 0; i < n; ++i) h = h << 8 | static_cast<unsigned char>(p[i]);
+    h *= 0x9E3779B97F4A7C15ull;
+  }
+  h ^= n;
+  return h ^ (h >> 29);
+}
+
+bool small_equal(const char* a, const char* b, std::size_t n) noexcept {
+  if (n >= 8) {
+    for (std::size_t i = 0; i + 8 < n; i += 8) {
+      if (load64(a + i) != load64(b + i)) return false;
+    }
+    return load64(a + n - 8) == load64(b + n - 8);
+  }
+  if (n >= 4) return load32(a) == load32(b) && load32(a + n - 4) == load32(b + n - 4);
+  for (std::size_t i = 0; i < n; ++i) {
+    if (a[i] != b[i]) return false;
+  }
+  return true;
+}
+
+}  // namespace
+
+PyObject* Codec::short_str(const char* p, std::size_t n) {
+  static_assert(kMaxCachedStr <= 32);
+  PyObject*& slot = strs_[small_hash(p, n) % kStrSlots];
+  if (slot && static_cast<std::size_t>(PyUnicode_GET_LENGTH(slot)) == n &&
+      small_equal(reinterpret_cast<const char*>(PyUnicode_1BYTE_DATA(slot)), p, n)) {
+    Py_INCREF(slot);
+    return slot;
+  }
+  PyObject* s = PyUnicode_New(static_cast<Py_ssize_t>(n), 127);
+  if (!s) throw PythonError();
+  std::memcpy(PyUnicode_1BYTE_DATA(s), p, n);
+  Py_INCREF(s);
+  Py_XSETREF(slot, s);
+  return s;
+}
+
+namespace {
+
+void raise_decode_error(const Types& t, const etf::DecodeError& e) {
+  PyRef exc(PyRef::steal(PyObject_CallFunction(t.decode_error.get(), "sn", e.what(),
+                                               static_cast<Py_ssize_t>(e.offset()))));
+  if (!exc) return;  // the failed call set its own exception
+  PyErr_SetObject(t.decode_error.get(), exc.get());
+}
+
+}  // namespace
+
+void set_python_error(const Types& t) noexcept {
+  try {
+    throw;
+  } catch (const PythonError&) {
+    if (!PyErr_Occurred()) PyErr_SetString(PyExc_SystemError, "erpy: error without an exception");
+  } catch (const etf::DecodeError& e) {
+    raise_decode_error(t, e);
+  } catch (const etf::EncodeError& e) {
+    PyErr_SetString(t.encode_error.get(), e.what());
+  } catch (const std::bad_alloc&) {
+    PyErr_NoMemory();
+  } catch (const std::exception& e) {
+    PyErr_SetString(t.erpy_error.get(), e.what());
+  } catch (...) {
+    PyErr_SetString(t.erpy_error.get(), "erpy: unknown C++ exception");
+  }
+}
+
+}  // namespace erpy::py

@@ -1,0 +1,109 @@
+// Conversion between ETF and Python objects, following DESIGN.md's type mapping.
+//
+// The Python types (erpy.Atom, erpy.Pid, ..., erpy.DecodeError) are plain Python classes
+// handed in through `Types`, so the extension module, the port worker and the embedded
+// tests all use the same classes without depending on one another.
+//
+// Everything here throws C++ exceptions: etf::DecodeError, etf::EncodeError, or
+// PythonError when a Python call left an exception set. Callers turn them into a Python
+// exception once, at their boundary, with set_python_error() (or into a term).
+// All functions need the GIL.
+#pragma once
+#include <array>
+#include <cstdint>
+#include <string>
+#include <string_view>
+#include <unordered_map>
+
+#include "buffer.hpp"
+#include "etf/reader.hpp"
+#include "ref.hpp"
+
+namespace erpy::py {
+
+struct Types {
+  PyRef atom, bit_binary, improper_list, pid, port, ref, fun;
+  PyRef erpy_error, decode_error, encode_error;
+  // dict: class -> callable(obj) returning something encodable; shared with
+  // erpy.register_encoder, so registrations made later are seen.
+  PyRef encoders;
+
+  // Takes the classes from the modules erpy._types and erpy._errors (or any objects with
+  // those attributes).
+  static Types load(PyObject* types_module, PyObject* errors_module);
+};
+
+struct DecodeOptions {
+  bool binary_as_bytes = false;  // every binary becomes bytes, UTF-8 or not
+  std::string none = "undefined";  // the atom that decodes to None
+  std::size_t max_depth = 2000;
+};
+
+struct EncodeOptions {
+  std::string none = "undefined";  // the atom None encodes to
+  PyObject* fallback = nullptr;    // borrowed: json-style `default` callable, or null
+  std::size_t max_depth = 2000;
+};
+
+class Codec {
+ public:
+  explicit Codec(Types types);
+  ~Codec();
+  Codec(const Codec&) = delete;
+  Codec& operator=(const Codec&) = delete;
+
+  const Types& types() const noexcept { return types_; }
+
+  // A whole external term: version byte, then a term or a compressed term.
+  PyRef decode(etf::Bytes input, const DecodeOptions& o);
+  // One term at the reader's position, no version byte (inside protocol frames).
+  PyRef decode_term(etf::Reader& r, const DecodeOptions& o);
+
+  // The canonical external term (with version byte) as a bytes object.
+  PyRef encode(PyObject* obj, const EncodeOptions& o);
+  // Appends the term, without version byte, to `out` (for frames built by the caller).
+  // On error `out` keeps what it held before.
+  void encode_append(ByteBuffer& out, PyObject* obj, const EncodeOptions& o);
+  // The same as encode(), by measuring first and writing into a bytes object of exact size
+  // (calls custom encoders twice). Kept for comparison: see bench_codec.py.
+  PyRef encode_two_pass(PyObject* obj, const EncodeOptions& o);
+
+  // Binaries up to this many ASCII bytes go through the str cache.
+  static constexpr std::size_t kMaxCachedStr = 32;
+
+  // Caches used by the decoder; public for the decoder's builder only.
+  PyObject* atom(std::string_view utf8, const DecodeOptions& o);  // new reference
+  PyObject* short_str(const char* p, std::size_t n);               // new reference, ASCII only
+
+ private:
+  template <class S> friend class Encoder;
+  Types types_;
+  // Python object attribute names used on encode, made once.
+  PyRef n_node_, n_id_, n_serial_, n_creation_, n_ids_, n_data_, n_bits_, n_elements_, n_tail_;
+
+  // Atom objects by text, so a repeated atom is one object. Bounded: cleared when full.
+  struct StringHash {
+    using is_transparent = void;
+    std::size_t operator()(std::string_view s) const noexcept { return std::hash<std::string_view>{}(s); }
+  };
+  std::unordered_map<std::string, PyRef, StringHash, std::equal_to<>> atoms_;
+  static constexpr std::size_t kMaxAtoms = 4096;
+
+  // Short ASCII binaries -> str, direct-mapped. Map keys and small values repeat, and a
+  // reused str also keeps its cached hash, which makes the dict insert cheaper.
+  static constexpr std::size_t kStrSlots = 1024;
+  std::array<PyObject*, kStrSlots> strs_{};
+
+  // Reused by encode() so a steady stream of terms does not allocate; `busy` because a
+  // custom encoder may call erpy.encode again.
+  ByteBuffer scratch_;
+  bool scratch_busy_ = false;
+};
+
+// Sets the Python exception for the C++ exception being handled (call it inside a catch
+// block): etf::DecodeError -> erpy.DecodeError with .offset, etf::EncodeError ->
+// erpy.EncodeError, PythonError -> the exception already set, anything else -> an
+// erpy.ErpyError (or MemoryError) with its message.
+void set_python_error(const Types& t) noexcept;
+
+}  // namespace erpy::py

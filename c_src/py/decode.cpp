@@ -1,0 +1,214 @@
+// ETF -> Python objects: an etf::Decoder Builder whose values are PyRefs. Containers are
+// allocated once at their final size and filled in place.
+#include <cstring>
+#include <string>
+
+#include "codec.hpp"
+#include "etf/decode.hpp"
+#include "repr.hpp"
+
+namespace erpy::py {
+
+namespace {
+
+bool all_ascii(const std::uint8_t* p, std::size_t n) noexcept {
+  std::uint8_t acc = 0;
+  for (std::size_t i = 0; i < n; ++i) acc |= p[i];
+  return acc < 0x80;
+}
+
+class PyBuilder {
+ public:
+  using Value = PyRef;
+
+  struct Map {
+    PyRef dict;
+    Py_ssize_t count = 0;
+  };
+
+  PyBuilder(Codec& c, const DecodeOptions& o) : c_(c), o_(o) {}
+
+  Value integer(std::int64_t v) { return PyRef::check(PyLong_FromLongLong(v)); }
+
+  Value big_integer(bool negative, etf::Bytes magnitude) {
+#if PY_VERSION_HEX >= 0x030D0000
+    PyRef mag = PyRef::check(PyLong_FromUnsignedNativeBytes(
+        magnitude.data(), magnitude.size(),
+        Py_ASNATIVEBYTES_LITTLE_ENDIAN | Py_ASNATIVEBYTES_UNSIGNED_BUFFER));
+#else
+    PyRef mag = PyRef::check(_PyLong_FromByteArray(magnitude.data(), magnitude.size(), 1, 0));
+#endif
+    if (!negative) return mag;
+    return PyRef::check(PyNumber_Negative(mag.get()));
+  }
+
+  Value floating(double d) { return PyRef::check(PyFloat_FromDouble(d)); }
+
+  Value atom(std::string_view utf8) { return PyRef::check(c_.atom(utf8, o_)); }
+
+  Value binary(etf::Bytes b) {
+    const char* p = reinterpret_cast<const char*>(b.data());
+    const auto n = static_cast<Py_ssize_t>(b.size());
+    if (o_.binary_as_bytes) return PyRef::check(PyBytes_FromStringAndSize(p, n));
+    if (all_ascii(b.data(), b.size())) {
+      if (b.size() <= Codec::kMaxCachedStr) return PyRef::steal(c_.short_str(p, b.size()));
+      PyObject* s = PyUnicode_New(n, 127);
+      if (!s) throw PythonError();
+      std::memcpy(PyUnicode_1BYTE_DATA(s), p, b.size());
+      return PyRef::steal(s);
+    }
+    // Validating first keeps invalid UTF-8 (a common case: raw bytes) from costing a
+    // UnicodeDecodeError that would only be thrown away.
+    if (!etf::utf8_length(b)) return PyRef::check(PyBytes_FromStringAndSize(p, n));
+    return PyRef::check(PyUnicode_DecodeUTF8(p, n, "strict"));
+  }
+
+  Value bitstring(etf::Bytes b, unsigned bits) {
+    // Made from NULL and filled here: with a source, a 1-byte bytes object would be
+    // CPython's shared singleton for that byte, and masking it would corrupt every b'\xff'.
+    PyRef data = PyRef::check(PyBytes_FromStringAndSize(nullptr, static_cast<Py_ssize_t>(b.size())));
+    auto* raw = reinterpret_cast<std::uint8_t*>(PyBytes_AS_STRING(data.get()));
+    std::memcpy(raw, b.data(), b.size());
+    raw[b.size() - 1] &= static_cast<std::uint8_t>(0xFF << (8 - bits));
+    return PyRef::check(PyObject_CallFunction(c_.types().bit_binary.get(), "OI", data.get(), bits));
+  }
+
+  Value byte_list(etf::Bytes b) {
+    PyRef list = PyRef::check(PyList_New(static_cast<Py_ssize_t>(b.size())));
+    for (std::size_t i = 0; i < b.size(); ++i) {
+      // Small ints are CPython singletons: this cannot fail.
+      PyList_SET_ITEM(list.get(), static_cast<Py_ssize_t>(i), PyLong_FromLong(b[i]));
+    }
+    return list;
+  }
+
+  Value nil() { return PyRef::check(PyList_New(0)); }
+
+  Value pid(std::string_view node, std::uint32_t id, std::uint32_t serial, std::uint32_t creation) {
+    PyRef n = atom_node(node);
+    return PyRef::check(
+        PyObject_CallFunction(c_.types().pid.get(), "OIII", n.get(), id, serial, creation));
+  }
+
+  Value port(std::string_view node, std::uint64_t id, std::uint32_t creation) {
+    PyRef n = atom_node(node);
+    return PyRef::check(PyObject_CallFunction(c_.types().port.get(), "OKI", n.get(),
+                                              static_cast<unsigned long long>(id), creation));
+  }
+
+  Value reference(std::string_view node, std::uint32_t creation, std::span<const std::uint32_t> ids) {
+    PyRef n = atom_node(node);
+    PyRef t = PyRef::check(PyTuple_New(static_cast<Py_ssize_t>(ids.size())));
+    for (std::size_t i = 0; i < ids.size(); ++i) {
+      PyObject* v = PyLong_FromUnsignedLong(ids[i]);
+      if (!v) throw PythonError();
+      PyTuple_SET_ITEM(t.get(), static_cast<Py_ssize_t>(i), v);
+    }
+    return PyRef::check(PyObject_CallFunction(c_.types().ref.get(), "OIO", n.get(), creation, t.get()));
+  }
+
+  Value fun(etf::Bytes encoded) {
+    PyRef data = PyRef::check(PyBytes_FromStringAndSize(reinterpret_cast<const char*>(encoded.data()),
+                                                        static_cast<Py_ssize_t>(encoded.size())));
+    return PyRef::check(PyObject_CallOneArg(c_.types().fun.get(), data.get()));
+  }
+
+  PyRef tuple_begin(std::size_t n) { return PyRef::check(PyTuple_New(static_cast<Py_ssize_t>(n))); }
+  void tuple_set(PyRef& t, std::size_t i, PyRef&& v) {
+    PyTuple_SET_ITEM(t.get(), static_cast<Py_ssize_t>(i), v.release());
+  }
+  Value tuple_end(PyRef& t) { return std::move(t); }
+
+  PyRef list_begin(std::size_t n) { return PyRef::check(PyList_New(static_cast<Py_ssize_t>(n))); }
+  void list_set(PyRef& l, std::size_t i, PyRef&& v) {
+    PyList_SET_ITEM(l.get(), static_cast<Py_ssize_t>(i), v.release());
+  }
+  Value list_end(PyRef& l) { return std::move(l); }
+
+  // Erlang has no list whose tail is a list: [1 | [2, 3]] is [1, 2, 3]. Such input is
+  // flattened the same way, so Python never sees an ImproperList ending in a list.
+  Value improper_list_end(PyRef& l, PyRef&& tail) {
+    const Types& t = c_.types();
+    // LIST_EXT of no elements: what remains of the list is its tail.
+    if (PyList_GET_SIZE(l.get()) == 0) return std::move(tail);
+    if (PyList_CheckExact(tail.get())) {
+      if (PyList_SetSlice(l.get(), PY_SSIZE_T_MAX, PY_SSIZE_T_MAX, tail.get()) != 0) throw PythonError();
+      return std::move(l);
+    }
+    if (Py_TYPE(tail.get()) == reinterpret_cast<PyTypeObject*>(t.improper_list.get())) {
+      PyRef elements = PyRef::check(PyObject_GetAttrString(tail.get(), "elements"));
+      PyRef inner_tail = PyRef::check(PyObject_GetAttrString(tail.get(), "tail"));
+      if (PyList_SetSlice(l.get(), PY_SSIZE_T_MAX, PY_SSIZE_T_MAX, elements.get()) != 0) throw PythonError();
+      return PyRef::check(PyObject_CallFunction(t.improper_list.get(), "OO", l.get(), inner_tail.get()));
+    }
+    return PyRef::check(PyObject_CallFunction(t.improper_list.get(), "OO", l.get(), tail.get()));
+  }
+
+  Map map_begin(std::size_t n) {
+#if PY_VERSION_HEX < 0x030D0000
+    return Map{PyRef::check(_PyDict_NewPresized(static_cast<Py_ssize_t>(n))), 0};
+#else
+    (void)n;
+    return Map{PyRef::check(PyDict_New()), 0};
+#endif
+  }
+
+  void map_set(Map& m, PyRef&& key, PyRef&& value, std::size_t key_offset) {
+    if (PyDict_SetItem(m.dict.get(), key.get(), value.get()) != 0) {
+      if (!PyErr_ExceptionMatches(PyExc_TypeError)) throw PythonError();
+      PyErr_Clear();
+      throw etf::DecodeError(key_offset, std::string("map key of type ") + Py_TYPE(key.get())->tp_name +
+                                             " is unhashable in Python: " + short_repr(key.get()));
+    }
+    if (PyDict_GET_SIZE(m.dict.get()) == ++m.count) return;
+    throw etf::DecodeError(key_offset, "map key " + short_repr(key.get()) + " equals the earlier key " +
+                                           earlier_key(m.dict.get(), key.get()) +
+                                           " in Python; a dict cannot hold both");
+  }
+
+  Value map_end(Map& m) { return std::move(m.dict); }
+
+ private:
+  PyRef atom_node(std::string_view node) {
+    // A node named like the `none` atom is still a node: keep it an Atom.
+    if (node == "true" || node == "false" || node == o_.none) {
+      PyRef text = PyRef::check(PyUnicode_DecodeUTF8(node.data(), static_cast<Py_ssize_t>(node.size()), "strict"));
+      return PyRef::check(PyObject_CallOneArg(c_.types().atom.get(), text.get()));
+    }
+    return PyRef::check(c_.atom(node, o_));
+  }
+
+  static std::string earlier_key(PyObject* dict, PyObject* key) {
+    Py_ssize_t pos = 0;
+    PyObject *k, *v;
+    while (PyDict_Next(dict, &pos, &k, &v)) {
+      const int eq = PyObject_RichCompareBool(k, key, Py_EQ);
+      if (eq < 0) PyErr_Clear();
+      if (eq == 1) return short_repr(k);
+    }
+    return "?";
+  }
+
+  Codec& c_;
+  const DecodeOptions& o_;
+};
+
+etf::DecodeOptions core_options(const DecodeOptions& o) {
+  etf::DecodeOptions d;
+  d.max_depth = o.max_depth;
+  return d;
+}
+
+}  // namespace
+
+PyRef Codec::decode(etf::Bytes input, const DecodeOptions& o) {
+  PyBuilder b(*this, o);
+  return etf::decode(input, b, core_options(o));
+}
+
+PyRef Codec::decode_term(etf::Reader& r, const DecodeOptions& o) {
+  PyBuilder b(*this, o);
+  return etf::decode_term(r, b, core_options(o));
+}
+
+}  // namespace erpy::py

@@ -1,0 +1,580 @@
+// Python objects -> canonical ETF. One recursive walk, generic over the etf Sink so the
+// same code can measure (SizeSink), write into an exact buffer (SpanSink) or append to a
+// growing one (ByteBuffer).
+//
+// Errors carry the path to the offending value ("at [3]['tags']"). The path is collected
+// while the exception unwinds, so the common, successful case pays nothing for it.
+#include <cmath>
+#include <cstring>
+#include <string>
+#include <vector>
+
+#include "codec.hpp"
+#include "etf/decode.hpp"
+#include "etf/encode.hpp"
+#include "repr.hpp"
+
+namespace erpy::py {
+
+namespace {
+
+struct Step {
+  enum Kind : std::uint8_t { kIndex, kValue, kKey, kTail } kind;
+  Py_ssize_t index = 0;
+  PyRef key;  // kValue and kKey: the map key, kept alive until the message is written
+};
+
+[[noreturn]] void fail(const std::string& what) { throw etf::EncodeError(what); }
+
+[[noreturn]] void changed(const char* what) {
+  fail(std::string(what) + " changed size while it was being encoded");
+}
+
+// Fetches the pending exception, lets `f` call Python, puts the exception back.
+template <class F> void with_exception_saved(F&& f) {
+#if PY_VERSION_HEX >= 0x030C0000
+  PyObject* exc = PyErr_GetRaisedException();
+  f(exc);
+  PyErr_SetRaisedException(exc);
+#else
+  PyObject *type, *value, *tb;
+  PyErr_Fetch(&type, &value, &tb);
+  PyErr_NormalizeException(&type, &value, &tb);
+  if (tb && value) PyException_SetTraceback(value, tb);
+  f(value);
+  PyErr_Restore(type, value, tb);
+#endif
+}
+
+// The hot writers, as one fixed-size write each so that they inline into the walk (the
+// etf:: versions carry their error paths and stay out of line).
+template <class S> inline void fast_binary_header(S& s, std::size_t n) {
+  if (n > UINT32_MAX) etf::put_binary_header(s, n);  // throws
+  const std::uint8_t b[5] = {etf::kBinary, static_cast<std::uint8_t>(n >> 24), static_cast<std::uint8_t>(n >> 16),
+                             static_cast<std::uint8_t>(n >> 8), static_cast<std::uint8_t>(n)};
+  s.write(b, 5);
+}
+
+template <class S> inline void fast_float(S& s, double d) {
+  if (!std::isfinite(d)) etf::put_float(s, d);  // throws
+  std::uint64_t v;
+  std::memcpy(&v, &d, 8);
+  std::uint8_t b[9] = {etf::kNewFloat};
+  for (int i = 0; i < 8; ++i) b[1 + i] = static_cast<std::uint8_t>(v >> (56 - 8 * i));
+  s.write(b, 9);
+}
+
+template <class S> inline void fast_integer(S& s, long long v) {
+  if (v >= 0 && v <= 255) {
+    const std::uint8_t b[2] = {etf::kSmallInteger, static_cast<std::uint8_t>(v)};
+    s.write(b, 2);
+  } else if (v >= INT32_MIN && v <= INT32_MAX) {
+    const auto u = static_cast<std::uint32_t>(static_cast<std::int32_t>(v));
+    const std::uint8_t b[5] = {etf::kInteger, static_cast<std::uint8_t>(u >> 24), static_cast<std::uint8_t>(u >> 16),
+                               static_cast<std::uint8_t>(u >> 8), static_cast<std::uint8_t>(u)};
+    s.write(b, 5);
+  } else {
+    etf::put_integer(s, v);
+  }
+}
+
+template <class S> inline void write_payload(S& s, const void* p, std::size_t n) { s.write(p, n); }
+inline void write_payload(ByteBuffer& s, const void* p, std::size_t n) { s.write_payload(p, n); }
+
+}  // namespace
+
+template <class S>
+class Encoder {
+ public:
+  Encoder(Codec& c, const EncodeOptions& o, S& s)
+      : c_(c), o_(o), s_(s), atom_type_(reinterpret_cast<PyTypeObject*>(c.types_.atom.get())) {}
+
+  void run(PyObject* obj) {
+    try {
+      term(obj, 0);
+    } catch (const PythonError&) {
+      annotate_python_error();
+      throw;
+    } catch (const etf::EncodeError& e) {
+      if (path_.empty()) throw;
+      throw etf::EncodeError(std::string(e.what()) + " at " + path());
+    }
+  }
+
+ private:
+  void term(PyObject* o, std::size_t depth) {
+    if (depth > o_.max_depth) too_deep();
+    PyTypeObject* t = Py_TYPE(o);
+    if (t == &PyUnicode_Type) return str(o);
+    if (t == &PyLong_Type) return integer(o);
+    if (t == &PyDict_Type) return dict(o, depth);
+    if (t == &PyFloat_Type) return fast_float(s_, PyFloat_AS_DOUBLE(o));
+    if (t == &PyList_Type) return list(o, depth);
+    if (t == &PyTuple_Type) return tuple(o, depth);
+    if (o == Py_True) return etf::put_atom(s_, "true");
+    if (o == Py_False) return etf::put_atom(s_, "false");
+    if (o == Py_None) return etf::put_atom(s_, o_.none);
+    if (t == atom_type_) return atom(o);
+    if (t == &PyBytes_Type) {
+      fast_binary_header(s_, static_cast<std::size_t>(PyBytes_GET_SIZE(o)));
+      return s_.write(PyBytes_AS_STRING(o), static_cast<std::size_t>(PyBytes_GET_SIZE(o)));
+    }
+    return other(o, depth);
+  }
+
+  // Everything but the common exact types: erpy's classes, custom encoders, subclasses
+  // of the builtins, `default`.
+  [[gnu::noinline]] void other(PyObject* o, std::size_t depth) {
+    const Types& ty = c_.types_;
+    PyTypeObject* t = Py_TYPE(o);
+    if (t == type(ty.pid)) return pid(o);
+    if (t == type(ty.ref)) return ref(o);
+    if (t == type(ty.port)) return port(o);
+    if (t == type(ty.fun)) return fun(o);
+    if (t == type(ty.bit_binary)) return bit_binary(o);
+    if (t == type(ty.improper_list)) return improper_list(o, depth);
+    if (PyObject* fn = find_encoder(t)) return convert(PyRef::borrow(fn), o, depth, "the erpy encoder");
+    if (PyObject_TypeCheck(o, atom_type_)) return atom(o);
+    if (PyUnicode_Check(o)) return str(o);
+    if (PyLong_Check(o)) return integer(o);
+    if (PyFloat_Check(o)) return fast_float(s_, PyFloat_AS_DOUBLE(o));
+    if (PyDict_Check(o)) return dict_subclass(o, depth);
+    if (PyList_Check(o)) return list(o, depth);
+    if (PyTuple_Check(o)) return tuple(o, depth);
+    if (PyBytes_Check(o) || PyByteArray_Check(o) || PyMemoryView_Check(o)) return buffer(o);
+    if (PyObject_TypeCheck(o, type(ty.pid))) return pid(o);
+    if (PyObject_TypeCheck(o, type(ty.ref))) return ref(o);
+    if (PyObject_TypeCheck(o, type(ty.port))) return port(o);
+    if (PyObject_TypeCheck(o, type(ty.fun))) return fun(o);
+    if (PyObject_TypeCheck(o, type(ty.bit_binary))) return bit_binary(o);
+    if (PyObject_TypeCheck(o, type(ty.improper_list))) return improper_list(o, depth);
+    if (o_.fallback) return convert(PyRef::borrow(o_.fallback), o, depth, "the default function");
+    fail(std::string("cannot encode object of type ") + t->tp_name);
+  }
+
+  static PyTypeObject* type(const PyRef& r) { return reinterpret_cast<PyTypeObject*>(r.get()); }
+
+  PyObject* find_encoder(PyTypeObject* t) {
+    PyObject* encoders = c_.types_.encoders.get();
+    if (PyDict_GET_SIZE(encoders) == 0) return nullptr;
+    // tp_mro starts with the type itself: an exact registration wins over a base's.
+    PyObject* mro = t->tp_mro;
+    const Py_ssize_t n = mro ? PyTuple_GET_SIZE(mro) : 0;
+    for (Py_ssize_t i = 0; i < n; ++i) {
+      PyObject* fn = PyDict_GetItemWithError(encoders, PyTuple_GET_ITEM(mro, i));
+      if (fn) return fn;
+      if (PyErr_Occurred()) throw PythonError();
+    }
+    return nullptr;
+  }
+
+  // `fn` is held: the call may drop the registry's reference to it.
+  void convert(PyRef fn, PyObject* o, std::size_t depth, const char* who) {
+    PyRef r = PyRef::steal(PyObject_CallOneArg(fn.get(), o));
+    if (!r) {
+      culprit_ = std::string(who) + " for " + Py_TYPE(o)->tp_name;
+      throw PythonError();
+    }
+    if (Py_TYPE(r.get()) == Py_TYPE(o)) {
+      fail(std::string(who) + " for " + Py_TYPE(o)->tp_name + " returned another " + Py_TYPE(o)->tp_name);
+    }
+    term(r.get(), depth + 1);
+  }
+
+  void str(PyObject* o) {
+    const char* p;
+    Py_ssize_t n;
+    if (PyUnicode_IS_COMPACT_ASCII(o)) {
+      p = static_cast<const char*>(PyUnicode_DATA(o));
+      n = PyUnicode_GET_LENGTH(o);
+    } else {
+      p = utf8(o, &n);
+    }
+    fast_binary_header(s_, static_cast<std::size_t>(n));
+    write_payload(s_, p, static_cast<std::size_t>(n));
+  }
+
+  static const char* utf8(PyObject* o, Py_ssize_t* n) {
+    const char* p = PyUnicode_AsUTF8AndSize(o, n);
+    if (p) return p;
+    if (!PyErr_ExceptionMatches(PyExc_UnicodeEncodeError)) throw PythonError();
+    PyErr_Clear();
+    fail("a str with lone surrogates has no UTF-8 form");
+  }
+
+  static std::string_view atom_text(PyObject* o, const char* what) {
+    if (!PyUnicode_Check(o)) {
+      fail(std::string(what) + " must be a str, not " + Py_TYPE(o)->tp_name);
+    }
+    const Py_ssize_t chars = PyUnicode_GET_LENGTH(o);
+    if (chars > static_cast<Py_ssize_t>(etf::kMaxAtomChars)) {
+      fail(std::string(what) + " of " + std::to_string(chars) + " characters: Erlang allows 255");
+    }
+    Py_ssize_t n;
+    const char* p = utf8(o, &n);
+    return {p, static_cast<std::size_t>(n)};
+  }
+
+  void atom(PyObject* o) { etf::put_atom(s_, atom_text(o, "atom")); }
+
+  void integer(PyObject* o) {
+    int overflow = 0;
+    const long long v = PyLong_AsLongLongAndOverflow(o, &overflow);
+    if (!overflow) {
+      if (v == -1 && PyErr_Occurred()) throw PythonError();
+      return fast_integer(s_, v);
+    }
+    big_integer(o);
+  }
+
+  [[gnu::noinline]] void big_integer(PyObject* o) {
+    PyRef zero = PyRef::check(PyLong_FromLong(0));
+    const int negative = PyObject_RichCompareBool(o, zero.get(), Py_LT);
+    if (negative < 0) throw PythonError();
+    PyRef mag = negative ? PyRef::check(PyNumber_Negative(o)) : PyRef::borrow(o);
+#if PY_VERSION_HEX >= 0x030D0000
+    const int flags = Py_ASNATIVEBYTES_LITTLE_ENDIAN | Py_ASNATIVEBYTES_UNSIGNED_BUFFER;
+    const Py_ssize_t n = PyLong_AsNativeBytes(mag.get(), nullptr, 0, flags);
+    if (n < 0) throw PythonError();
+    std::vector<std::uint8_t> digits(static_cast<std::size_t>(n));
+    if (PyLong_AsNativeBytes(mag.get(), digits.data(), n, flags) < 0) throw PythonError();
+#else
+    const std::size_t bits = _PyLong_NumBits(mag.get());
+    if (bits == static_cast<std::size_t>(-1) && PyErr_Occurred()) throw PythonError();
+    std::vector<std::uint8_t> digits((bits + 7) / 8);
+    if (_PyLong_AsByteArray(reinterpret_cast<PyLongObject*>(mag.get()), digits.data(), digits.size(), 1, 0) < 0) {
+      throw PythonError();
+    }
+#endif
+    etf::put_big_integer(s_, negative != 0, digits);
+  }
+
+  void list(PyObject* o, std::size_t depth) {
+    const Py_ssize_t n = PyList_GET_SIZE(o);
+    if (n == 0) return etf::put_nil(s_);
+    if (n <= static_cast<Py_ssize_t>(etf::kMaxStringExt) && byte_list(o, n)) return;
+    etf::put_list_header(s_, static_cast<std::size_t>(n));
+    for (Py_ssize_t i = 0; i < n; ++i) {
+      // A custom encoder may shrink the list, or drop its last reference to an item.
+      if (i >= PyList_GET_SIZE(o)) changed("a list");
+      PyRef item = PyRef::borrow(PyList_GET_ITEM(o, i));
+      try {
+        term(item.get(), depth + 1);
+      } catch (...) {
+        path_.push_back(Step{Step::kIndex, i, {}});
+        throw;
+      }
+    }
+    if (PyList_GET_SIZE(o) != n) changed("a list");
+    etf::put_nil(s_);
+  }
+
+  // Erlang writes a list of 1..65535 integers 0..255 as STRING_EXT; so do we. Only exact
+  // ints count (True is not 1 here).
+  bool byte_list(PyObject* o, Py_ssize_t n) {
+    if (!PyLong_CheckExact(PyList_GET_ITEM(o, 0))) return false;
+    bytes_.resize(static_cast<std::size_t>(n));
+    for (Py_ssize_t i = 0; i < n; ++i) {
+      PyObject* item = PyList_GET_ITEM(o, i);
+      if (!PyLong_CheckExact(item)) return false;
+      int overflow = 0;
+      const long v = PyLong_AsLongAndOverflow(item, &overflow);
+      if (overflow || v < 0 || v > 255) return false;
+      bytes_[static_cast<std::size_t>(i)] = static_cast<std::uint8_t>(v);
+    }
+    etf::put_byte_list(s_, etf::Bytes(bytes_.data(), bytes_.size()));
+    return true;
+  }
+
+  void tuple(PyObject* o, std::size_t depth) {
+    const Py_ssize_t n = PyTuple_GET_SIZE(o);
+    etf::put_tuple_header(s_, static_cast<std::size_t>(n));
+    // The caller keeps the tuple alive, and the tuple its items.
+    for (Py_ssize_t i = 0; i < n; ++i) {
+      try {
+        term(PyTuple_GET_ITEM(o, i), depth + 1);
+      } catch (...) {
+        path_.push_back(Step{Step::kIndex, i, {}});
+        throw;
+      }
+    }
+  }
+
+  void dict(PyObject* o, std::size_t depth) {
+    const Py_ssize_t n = PyDict_GET_SIZE(o);
+    etf::put_map_header(s_, static_cast<std::size_t>(n));
+    Py_ssize_t pos = 0, done = 0;
+    PyObject *k, *v;
+    while (PyDict_Next(o, &pos, &k, &v)) {
+      if (done == n) changed("a dict");
+      // Held: a custom encoder may remove them from the dict.
+      PyRef key = PyRef::borrow(k);
+      PyRef value = PyRef::borrow(v);
+      pair(key, value.get(), depth);
+      ++done;
+    }
+    if (done != n) changed("a dict");
+  }
+
+  // dict subclasses go through items(), which may be overridden (OrderedDict keeps its
+  // order outside the dict's own table).
+  void dict_subclass(PyObject* o, std::size_t depth) {
+    PyRef items = PyRef::check(PyMapping_Items(o));
+    const Py_ssize_t n = PyList_GET_SIZE(items.get());
+    etf::put_map_header(s_, static_cast<std::size_t>(n));
+    for (Py_ssize_t i = 0; i < n; ++i) {
+      PyObject* kv = PyList_GET_ITEM(items.get(), i);
+      if (!PyTuple_Check(kv) || PyTuple_GET_SIZE(kv) != 2) {
+        fail(std::string(Py_TYPE(o)->tp_name) + ".items() must give (key, value) pairs");
+      }
+      PyRef key = PyRef::borrow(PyTuple_GET_ITEM(kv, 0));
+      pair(key, PyTuple_GET_ITEM(kv, 1), depth);
+    }
+  }
+
+  void pair(PyRef& key, PyObject* value, std::size_t depth) {
+    try {
+      term(key.get(), depth + 1);
+    } catch (...) {
+      path_.push_back(Step{Step::kKey, 0, std::move(key)});
+      throw;
+    }
+    try {
+      term(value, depth + 1);
+    } catch (...) {
+      path_.push_back(Step{Step::kValue, 0, std::move(key)});
+      throw;
+    }
+  }
+
+  void buffer(PyObject* o) {
+    BufferView view(o);
+    etf::put_binary(s_, etf::Bytes(view.data(), view.size()));
+  }
+
+  PyRef get(PyObject* o, const PyRef& name) { return PyRef::check(PyObject_GetAttr(o, name.get())); }
+
+  // Unsigned integer attribute of at most `max`.
+  std::uint64_t uint_attr(PyObject* o, const PyRef& name, std::uint64_t max, const char* what) {
+    PyRef v = get(o, name);
+    if (!PyLong_Check(v.get())) fail(std::string(what) + " must be an int, not " + Py_TYPE(v.get())->tp_name);
+    const unsigned long long x = PyLong_AsUnsignedLongLong(v.get());
+    if (x == static_cast<unsigned long long>(-1) && PyErr_Occurred()) {
+      if (!PyErr_ExceptionMatches(PyExc_OverflowError)) throw PythonError();
+      PyErr_Clear();
+      fail(std::string(what) + " must be an integer in 0.." + std::to_string(max));
+    }
+    if (x > max) fail(std::string(what) + " must be an integer in 0.." + std::to_string(max));
+    return x;
+  }
+
+  void pid(PyObject* o) {
+    PyRef node = get(o, c_.n_node_);
+    const auto text = atom_text(node.get(), "Pid.node");
+    const auto id = uint_attr(o, c_.n_id_, UINT32_MAX, "Pid.id");
+    const auto serial = uint_attr(o, c_.n_serial_, UINT32_MAX, "Pid.serial");
+    const auto creation = uint_attr(o, c_.n_creation_, UINT32_MAX, "Pid.creation");
+    etf::put_pid(s_, text, static_cast<std::uint32_t>(id), static_cast<std::uint32_t>(serial),
+                 static_cast<std::uint32_t>(creation));
+  }
+
+  void port(PyObject* o) {
+    PyRef node = get(o, c_.n_node_);
+    const auto text = atom_text(node.get(), "Port.node");
+    const auto id = uint_attr(o, c_.n_id_, UINT64_MAX, "Port.id");
+    const auto creation = uint_attr(o, c_.n_creation_, UINT32_MAX, "Port.creation");
+    etf::put_port(s_, text, id, static_cast<std::uint32_t>(creation));
+  }
+
+  void ref(PyObject* o) {
+    PyRef node = get(o, c_.n_node_);
+    const auto text = atom_text(node.get(), "Ref.node");
+    const auto creation = uint_attr(o, c_.n_creation_, UINT32_MAX, "Ref.creation");
+    PyRef ids = get(o, c_.n_ids_);
+    if (!PyTuple_Check(ids.get()) || PyTuple_GET_SIZE(ids.get()) < 1 || PyTuple_GET_SIZE(ids.get()) > 5) {
+      fail("Ref.ids must be a tuple of 1..5 ints");
+    }
+    std::array<std::uint32_t, 5> words{};
+    const Py_ssize_t n = PyTuple_GET_SIZE(ids.get());
+    for (Py_ssize_t i = 0; i < n; ++i) {
+      PyObject* w = PyTuple_GET_ITEM(ids.get(), i);
+      const unsigned long long x = PyLong_Check(w) ? PyLong_AsUnsignedLongLong(w) : static_cast<unsigned long long>(-1);
+      if (PyErr_Occurred()) PyErr_Clear();
+      if (x > UINT32_MAX) fail("Ref.ids must be ints in 0..4294967295");
+      words[static_cast<std::size_t>(i)] = static_cast<std::uint32_t>(x);
+    }
+    etf::put_reference(s_, text, static_cast<std::uint32_t>(creation),
+                       std::span<const std::uint32_t>(words.data(), static_cast<std::size_t>(n)));
+  }
+
+  void fun(PyObject* o) {
+    PyRef data = get(o, c_.n_data_);
+    if (!PyBytes_Check(data.get())) fail("Fun.data must be bytes");
+    const etf::Bytes raw(reinterpret_cast<const std::uint8_t*>(PyBytes_AS_STRING(data.get())),
+                         static_cast<std::size_t>(PyBytes_GET_SIZE(data.get())));
+    // Written verbatim, so it must be exactly one encoded fun: anything else would
+    // corrupt the surrounding term.
+    if (raw.empty() || (raw[0] != etf::kNewFun && raw[0] != etf::kExport && raw[0] != etf::kFun)) {
+      fail("Fun.data must start with a fun tag (112, 113 or 117)");
+    }
+    try {
+      etf::Reader r(raw);
+      etf::NullBuilder nb;
+      etf::decode_term(r, nb);
+      if (!r.at_end()) fail("Fun.data has bytes after the fun");
+    } catch (const etf::DecodeError& e) {
+      fail(std::string("Fun.data is not a valid encoded fun: ") + e.what());
+    }
+    etf::put_raw(s_, raw);
+  }
+
+  void bit_binary(PyObject* o) {
+    PyRef data = get(o, c_.n_data_);
+    if (!PyBytes_Check(data.get())) fail("BitBinary.data must be bytes");
+    const auto bits = uint_attr(o, c_.n_bits_, 8, "BitBinary.bits");
+    etf::put_bitstring(s_,
+                       etf::Bytes(reinterpret_cast<const std::uint8_t*>(PyBytes_AS_STRING(data.get())),
+                                  static_cast<std::size_t>(PyBytes_GET_SIZE(data.get()))),
+                       static_cast<unsigned>(bits));
+  }
+
+  void improper_list(PyObject* o, std::size_t depth) {
+    PyRef elements = get(o, c_.n_elements_);
+    PyRef tail = get(o, c_.n_tail_);
+    PyRef seq = PyRef::check(PySequence_Fast(elements.get(), "ImproperList.elements must be a sequence"));
+    const Py_ssize_t n = PySequence_Fast_GET_SIZE(seq.get());
+    if (n > 0) {
+      etf::put_list_header(s_, static_cast<std::size_t>(n));
+      for (Py_ssize_t i = 0; i < n; ++i) {
+        // seq is a list only when `elements` was one; hold each item against mutation.
+        if (i >= PySequence_Fast_GET_SIZE(seq.get())) changed("ImproperList.elements");
+        PyRef item = PyRef::borrow(PySequence_Fast_GET_ITEM(seq.get(), i));
+        try {
+          term(item.get(), depth + 1);
+        } catch (...) {
+          path_.push_back(Step{Step::kIndex, i, {}});
+          throw;
+        }
+      }
+    }
+    try {
+      term(tail.get(), depth + 1);
+    } catch (...) {
+      path_.push_back(Step{Step::kTail, 0, {}});
+      throw;
+    }
+  }
+
+  [[noreturn]] void too_deep() {
+    fail("nesting deeper than " + std::to_string(o_.max_depth) +
+         " levels (a container that contains itself?)");
+  }
+
+  // Outermost step first; a very long path (a self-containing list) keeps both ends.
+  std::string path() const {
+    std::string out;
+    const std::size_t n = path_.size();
+    for (std::size_t j = 0; j < n; ++j) {
+      if (n > 24 && j == 12) {
+        out += "...(" + std::to_string(n - 20) + " more)...";
+        j = n - 8;
+      }
+      const Step& s = path_[n - 1 - j];
+      switch (s.kind) {
+        case Step::kIndex: out += "[" + std::to_string(s.index) + "]"; break;
+        case Step::kValue: out += "[" + short_repr(s.key.get(), 60) + "]"; break;
+        case Step::kKey: out += "<key " + short_repr(s.key.get(), 60) + ">"; break;
+        case Step::kTail: out += ".tail"; break;
+      }
+    }
+    return out;
+  }
+
+  // A Python exception from a custom encoder (or from Python itself) goes on as it is, so
+  // callers can catch their own exceptions; a note says where it happened.
+  void annotate_python_error() {
+    if (path_.empty() && culprit_.empty()) return;
+    with_exception_saved([&](PyObject* exc) {
+      if (!exc) return;
+      std::string note = "while erpy encoded the value";
+      if (!culprit_.empty()) note = "raised by " + culprit_;
+      if (!path_.empty()) note += " at " + path();
+      PyRef r = PyRef::steal(PyObject_CallMethod(exc, "add_note", "s", note.c_str()));
+      if (!r) PyErr_Clear();
+    });
+  }
+
+  Codec& c_;
+  const EncodeOptions& o_;
+  S& s_;
+  PyTypeObject* atom_type_;
+  std::vector<Step> path_;
+  std::string culprit_;
+  std::vector<std::uint8_t> bytes_;
+};
+
+namespace {
+
+// Marks the reusable buffer as taken; gives back its memory when one term made it large.
+class ScratchLease {
+ public:
+  ScratchLease(ByteBuffer& b, bool& busy) : b_(b), busy_(busy) {
+    busy_ = true;
+    b_.clear();
+  }
+  ~ScratchLease() {
+    busy_ = false;
+    if (b_.capacity() > kKeep) b_.release_memory();
+  }
+  ScratchLease(const ScratchLease&) = delete;
+  ScratchLease& operator=(const ScratchLease&) = delete;
+
+ private:
+  static constexpr std::size_t kKeep = std::size_t{4} << 20;
+  ByteBuffer& b_;
+  bool& busy_;
+};
+
+PyRef to_bytes(const ByteBuffer& b) {
+  return PyRef::check(PyBytes_FromStringAndSize(reinterpret_cast<const char*>(b.data()),
+                                                static_cast<Py_ssize_t>(b.size())));
+}
+
+}  // namespace
+
+PyRef Codec::encode(PyObject* obj, const EncodeOptions& o) {
+  if (scratch_busy_) {  // re-entered from a custom encoder
+    ByteBuffer local;
+    local.byte(etf::kVersion);
+    Encoder<ByteBuffer>(*this, o, local).run(obj);
+    return to_bytes(local);
+  }
+  ScratchLease lease(scratch_, scratch_busy_);
+  scratch_.byte(etf::kVersion);
+  Encoder<ByteBuffer>(*this, o, scratch_).run(obj);
+  return to_bytes(scratch_);
+}
+
+void Codec::encode_append(ByteBuffer& out, PyObject* obj, const EncodeOptions& o) {
+  const std::size_t mark = out.size();
+  try {
+    Encoder<ByteBuffer>(*this, o, out).run(obj);
+  } catch (...) {
+    out.truncate(mark);
+    throw;
+  }
+}
+
+PyRef Codec::encode_two_pass(PyObject* obj, const EncodeOptions& o) {
+  etf::SizeSink size;
+  Encoder<etf::SizeSink>(*this, o, size).run(obj);
+  PyRef bytes = PyRef::check(PyBytes_FromStringAndSize(nullptr, static_cast<Py_ssize_t>(size.size + 1)));
+  auto* p = reinterpret_cast<std::uint8_t*>(PyBytes_AS_STRING(bytes.get()));
+  etf::SpanSink sink{p, p + size.size + 1};
+  sink.byte(etf::kVersion);
+  Encoder<etf::SpanSink>(*this, o, sink).run(obj);
+  if (sink.p != sink.end) etf::SpanSink::overflow();
+  return bytes;
+}
+
+}  // namespace erpy::py

@@ -1,0 +1,734 @@
+#include "port_worker.hpp"
+
+#include <unistd.h>
+
+#include <cerrno>
+#include <cstdio>
+#include <memory>
+#include <mutex>
+#include <string>
+#include <vector>
+
+#include "channel.hpp"
+#include "etf/decode.hpp"
+#include "etf/encode.hpp"
+#include "output_capture.hpp"
+#include "watchdog.hpp"
+
+namespace erpy::worker {
+namespace {
+
+using py::ByteBuffer;
+using py::PyRef;
+using py::PythonError;
+
+py::Codec* g_codec = nullptr;
+
+constexpr std::size_t kDefaultMax = 10 * 1024 * 1024;
+constexpr Py_ssize_t kMaxCachedCode = 512;
+
+std::int64_t as_int64(PyObject* o) {
+  const long long v = PyLong_AsLongLong(o);
+  if (v == -1 && PyErr_Occurred()) throw PythonError();
+  return v;
+}
+
+std::string_view read_kind(etf::Reader& r) {
+  // Kinds are atoms: a view into the frame (ASCII, so no conversion buffer is needed).
+  const std::uint8_t tag = r.u8("frame kind");
+  std::size_t len;
+  if (tag == etf::kSmallAtomUtf8 || tag == etf::kSmallAtom) {
+    len = r.u8("frame kind");
+  } else if (tag == etf::kAtomUtf8 || tag == etf::kAtom) {
+    len = r.u16("frame kind");
+  } else {
+    r.fail("a frame must start with an atom");
+  }
+  return etf::as_chars(r.take(len, "frame kind"));
+}
+
+// Python's exception classes of the `erlang` object, from erpy.erlang.
+struct ErlangErrors {
+  PyRef error, timeout, port;
+};
+
+class PortWorker;
+PortWorker* g_worker = nullptr;
+
+class PortWorker {
+ public:
+  PortWorker(py::Codec& codec, int in_fd, int out_fd)
+      : codec_(codec), ch_(in_fd, out_fd), dog_(ch_, kDefaultMax), capture_(ch_) {}
+
+  int serve();
+
+  PyRef callback(const char* kind, PyObject* m, PyObject* f, PyObject* arg);
+  void send(PyObject* dest, PyObject* msg);
+  PyRef self_pid();
+
+ private:
+  struct Request {
+    std::int64_t id;
+    PyRef caller;
+  };
+
+  bool handshake();
+  void handle(ByteBuffer& frame);
+  void run_request(std::string_view kind, std::int64_t id, etf::Reader& r, std::size_t arity);
+  PyRef execute(std::string_view kind, etf::Reader& r, std::size_t arity);
+  PyRef namespace_for_run();
+  PyRef compiled(PyObject* source, int mode);
+  PyRef call_function(PyObject* m, PyObject* f, PyObject* args, PyObject* kwargs);
+  void reply_ok(std::int64_t id, PyObject* result);
+  void reply_error(std::int64_t id, PyRef error_map);
+  PyRef error_map_from_exception();
+  PyRef error_map(const char* type, const std::string& message);
+  bool read_next(ByteBuffer& frame, bool top_level);
+  bool over_memory_limit() const;
+  void load_erlang_errors();
+  PyRef decode(etf::Reader& r) { return codec_.decode_term(r, dopts_); }
+
+  py::Codec& codec_;
+  Channel ch_;
+  Watchdog dog_;
+  OutputCapture capture_;
+  std::size_t max_ = kDefaultMax;
+  std::size_t max_memory_mb_ = 0;
+  py::DecodeOptions dopts_;
+  py::EncodeOptions eopts_;
+  std::vector<Request> stack_;
+  bool held_ = false;
+  PyRef held_ns_;
+  std::int64_t next_callback_ = 1;
+  PyRef code_cache_;
+  PyRef builtins_;
+  PyRef erlang_module_;
+  PyRef format_exception_;
+  PyRef k_type_, k_message_, k_traceback_;
+  ErlangErrors errors_;
+  ByteBuffer out_;
+  bool exiting_ = false;
+};
+
+// ---- serving ---------------------------------------------------------------------------
+
+int PortWorker::serve() {
+  ch_.enlarge_pipes();
+  builtins_ = PyRef::check(PyImport_ImportModule("builtins"));
+  erlang_module_ = PyRef::check(PyImport_ImportModule("erpy.erlang"));
+  PyRef tb = PyRef::check(PyImport_ImportModule("traceback"));
+  format_exception_ = PyRef::check(PyObject_GetAttrString(tb.get(), "format_exception"));
+  code_cache_ = PyRef::check(PyDict_New());
+  k_type_ = PyRef::check(PyObject_CallOneArg(codec_.types().atom.get(), PyRef::check(PyUnicode_FromString("type")).get()));
+  k_message_ = PyRef::check(PyObject_CallOneArg(codec_.types().atom.get(), PyRef::check(PyUnicode_FromString("message")).get()));
+  k_traceback_ = PyRef::check(PyObject_CallOneArg(codec_.types().atom.get(), PyRef::check(PyUnicode_FromString("traceback")).get()));
+  load_erlang_errors();
+
+  // The main thread owns the request pipe except while user code runs.
+  std::unique_lock<std::mutex> reading(ch_.read_mutex());
+  if (!handshake()) return 2;
+  capture_.start();
+  dog_.start();
+  ByteBuffer frame;
+  while (!exiting_) {
+    if (!read_next(frame, true)) break;
+    handle(frame);
+    // A late interrupt meant for the request that just ended is dropped here.
+    if (PyErr_CheckSignals() != 0) PyErr_Clear();
+  }
+  fflush(stdout);
+  fflush(stderr);
+  return 0;
+}
+
+void PortWorker::load_erlang_errors() {
+  errors_.error = PyRef::check(PyObject_GetAttrString(erlang_module_.get(), "ErlangError"));
+  errors_.timeout = PyRef::check(PyObject_GetAttrString(erlang_module_.get(), "ErlangTimeoutError"));
+  errors_.port = PyRef::check(PyObject_GetAttrString(erlang_module_.get(), "ErlangPortError"));
+}
+
+bool PortWorker::handshake() {
+  ByteBuffer frame;
+  if (!read_next(frame, true)) return false;
+  PyRef init;
+  try {
+    PyRef msg = codec_.decode(etf::Bytes(frame.data(), frame.size()), dopts_);
+    if (!PyTuple_Check(msg.get()) || PyTuple_GET_SIZE(msg.get()) != 2 ||
+        !PyDict_Check(PyTuple_GET_ITEM(msg.get(), 1))) {
+      return false;
+    }
+    init = PyRef::borrow(PyTuple_GET_ITEM(msg.get(), 1));
+  } catch (const std::exception&) {
+    PyErr_Clear();
+    return false;
+  }
+  auto get = [&](const char* key) -> PyObject* {  // borrowed or null
+    PyObject* v = PyDict_GetItemString(init.get(), key);
+    return v == Py_None ? nullptr : v;
+  };
+  if (PyObject* v = get("max_message_size"); v && PyLong_Check(v)) {
+    max_ = static_cast<std::size_t>(PyLong_AsUnsignedLongLong(v));
+  }
+  if (PyObject* v = get("max_memory_mb"); v && PyLong_Check(v)) {
+    max_memory_mb_ = static_cast<std::size_t>(PyLong_AsUnsignedLongLong(v));
+  }
+  // `none` is the atom for None on both sides; None itself means the default.
+  if (PyObject* v = PyDict_GetItemString(init.get(), "none"); v && v != Py_None && PyUnicode_Check(v)) {
+    dopts_.none = eopts_.none = PyUnicode_AsUTF8(v);
+  }
+  PyErr_Clear();
+  dog_.set_max_frame(max_);
+  out_.clear();
+  Channel::begin_frame(out_);
+  etf::put_version(out_);
+  etf::put_tuple_header(out_, 2);
+  etf::put_atom(out_, "ready");
+  etf::put_map_header(out_, 4);
+  etf::put_atom(out_, "version");
+  etf::put_integer(out_, kProtocolVersion);
+  etf::put_atom(out_, "python");
+  std::string v = Py_GetVersion();
+  v = v.substr(0, v.find(' '));
+  etf::put_binary(out_, etf::Bytes(reinterpret_cast<const std::uint8_t*>(v.data()), v.size()));
+  etf::put_atom(out_, "pid");
+  etf::put_integer(out_, getpid());
+  etf::put_atom(out_, "gil");
+#ifdef Py_GIL_DISABLED
+  etf::put_atom(out_, "free_threaded");
+#else
+  etf::put_atom(out_, "shared");
+#endif
+  return ch_.write_frame(out_);
+}
+
+// Reads the next frame for the main thread: one the watchdog kept, or from the pipe with
+// the GIL released. Signals that arrive while waiting are Python's to handle; at top level
+// (between requests) any interrupt is stale and dropped.
+bool PortWorker::read_next(ByteBuffer& frame, bool top_level) {
+  for (;;) {
+    if (dog_.take_stashed(frame)) return true;
+    Channel::Read got;
+    std::size_t oversize = 0;
+    {
+      py::GilRelease nogil;
+      got = ch_.read_frame(frame, max_, oversize);
+    }
+    if (got == Channel::Read::eof) return false;
+    if (got == Channel::Read::interrupted) {
+      if (PyErr_CheckSignals() != 0) {
+        if (top_level) {
+          PyErr_Clear();
+        } else {
+          throw PythonError();
+        }
+      }
+      continue;
+    }
+    if (oversize) {
+      // Erlang checks sizes before sending, so this is a misbehaving peer: say so.
+      PySys_WriteStderr("erpy worker: dropped a frame of %zu bytes (max %zu)\n", oversize, max_);
+      continue;
+    }
+    return true;
+  }
+}
+
+void PortWorker::handle(ByteBuffer& frame) {
+  std::int64_t id = -1;
+  try {
+    etf::Reader r(etf::Bytes(frame.data(), frame.size()));
+    if (r.u8("version") != etf::kVersion) r.fail_at(0, "expected version byte 131");
+    const std::uint8_t tt = r.u8("frame");
+    std::size_t arity = 0;
+    if (tt == etf::kSmallTuple) arity = r.u8("frame arity");
+    else if (tt == etf::kLargeTuple) arity = r.u32("frame arity");
+    else r.fail("a frame must be a tuple");
+    if (arity == 0) r.fail("empty frame");
+    const std::string_view kind = read_kind(r);
+    if (kind == "cancel" && arity == 2) {
+      PyRef idobj = decode(r);
+      dog_.cancel(as_int64(idobj.get()));
+      return;
+    }
+    if (kind == "reset" && arity == 1) {
+      held_ = false;
+      held_ns_.reset();
+      return;
+    }
+    if (kind == "hold" && arity == 1) {
+      held_ = true;
+      held_ns_.reset();
+      return;
+    }
+    if (kind == "reply") return;  // for a callback that was interrupted: too late now
+    if (arity < 4) r.fail("request frame too short");
+    PyRef idobj = decode(r);
+    id = as_int64(idobj.get());
+    run_request(kind, id, r, arity);
+  } catch (const etf::DecodeError& e) {
+    PyErr_Clear();
+    if (id >= 0) reply_error(id, error_map("DecodeError", e.what()));
+    else PySys_WriteStderr("erpy worker: bad frame: %s\n", e.what());
+  } catch (const PythonError&) {
+    PyRef err = error_map_from_exception();
+    if (id >= 0) reply_error(id, std::move(err));
+  }
+}
+
+void PortWorker::run_request(std::string_view kind, std::int64_t id, etf::Reader& r,
+                             std::size_t arity) {
+  PyRef deadline_obj = decode(r);
+  const std::int64_t deadline = as_int64(deadline_obj.get());
+  stack_.push_back({id, decode(r)});
+  dog_.enter(id, deadline);
+  PyRef result;
+  bool failed = false;
+  {
+    // User code runs without the read mutex, so the watchdog can see cancel frames.
+    ch_.read_mutex().unlock();
+    try {
+      result = execute(kind, r, arity);
+    } catch (const PythonError&) {
+      failed = true;
+    } catch (...) {
+      ch_.read_mutex().lock();
+      dog_.leave();
+      stack_.pop_back();
+      throw;
+    }
+    ch_.read_mutex().lock();
+  }
+  dog_.leave();
+  stack_.pop_back();
+  if (failed) {
+    reply_error(id, error_map_from_exception());
+  } else {
+    reply_ok(id, result.get());
+  }
+}
+
+PyRef PortWorker::execute(std::string_view kind, etf::Reader& r, std::size_t arity) {
+  if (kind == "call" && arity == 8) {
+    PyRef m = decode(r), f = decode(r), args = decode(r), kwargs = decode(r);
+    return call_function(m.get(), f.get(), args.get(), kwargs.get());
+  }
+  if (kind == "eval" && arity == 6) {
+    PyRef source = decode(r), locals = decode(r);
+    PyRef code = compiled(source.get(), Py_eval_input);
+    PyRef ns = namespace_for_run();
+    if (!PyDict_Check(locals.get())) {
+      PyErr_SetString(PyExc_TypeError, "eval locals must be a map");
+      throw PythonError();
+    }
+    return PyRef::check(PyEval_EvalCode(code.get(), ns.get(), locals.get()));
+  }
+  if (kind == "exec" && arity == 5) {
+    PyRef source = decode(r);
+    PyRef code = compiled(source.get(), Py_file_input);
+    PyRef ns = namespace_for_run();
+    PyRef done = PyRef::check(PyEval_EvalCode(code.get(), ns.get(), ns.get()));
+    return PyRef::borrow(Py_None);
+  }
+  if (kind == "run" && arity == 6) {
+    // erl_py_runner's contract: `arguments` in, `result` (default None) out.
+    PyRef source = decode(r), arguments = decode(r);
+    PyRef code = compiled(source.get(), Py_file_input);
+    PyRef ns = namespace_for_run();
+    if (PyDict_SetItemString(ns.get(), "arguments", arguments.get()) != 0 ||
+        PyDict_SetItemString(ns.get(), "result", Py_None) != 0) {
+      throw PythonError();
+    }
+    PyRef done = PyRef::check(PyEval_EvalCode(code.get(), ns.get(), ns.get()));
+    PyObject* result = PyDict_GetItemString(ns.get(), "result");  // borrowed
+    return PyRef::borrow(result ? result : Py_None);
+  }
+  PyErr_Format(PyExc_ValueError, "unknown request %.*s/%zu", static_cast<int>(kind.size()), kind.data(), arity);
+  throw PythonError();
+}
+
+// A held worker keeps one namespace; otherwise every request gets a fresh one.
+PyRef PortWorker::namespace_for_run() {
+  if (held_ && held_ns_) return PyRef::borrow(held_ns_.get());
+  PyRef ns = PyRef::check(PyDict_New());
+  if (PyDict_SetItemString(ns.get(), "__builtins__", builtins_.get()) != 0 ||
+      PyDict_SetItemString(ns.get(), "__name__", PyRef::check(PyUnicode_FromString("__erpy__")).get()) != 0 ||
+      PyDict_SetItemString(ns.get(), "erlang", erlang_module_.get()) != 0) {
+    throw PythonError();
+  }
+  if (held_) held_ns_ = PyRef::borrow(ns.get());
+  return ns;
+}
+
+// Compiling costs more than running a short snippet, and callers repeat their snippets.
+PyRef PortWorker::compiled(PyObject* source, int mode) {
+  if (!PyUnicode_Check(source)) {
+    PyErr_Format(PyExc_TypeError, "code must be text, not %s", Py_TYPE(source)->tp_name);
+    throw PythonError();
+  }
+  PyRef key = PyRef::check(Py_BuildValue("(Oi)", source, mode));
+  if (PyObject* hit = PyDict_GetItemWithError(code_cache_.get(), key.get())) return PyRef::borrow(hit);
+  if (PyErr_Occurred()) throw PythonError();
+  const char* text = PyUnicode_AsUTF8(source);
+  if (!text) throw PythonError();
+  PyRef code = PyRef::check(Py_CompileString(text, "<erpy>", mode));
+  if (PyDict_GET_SIZE(code_cache_.get()) >= kMaxCachedCode) PyDict_Clear(code_cache_.get());
+  if (PyDict_SetItem(code_cache_.get(), key.get(), code.get()) != 0) throw PythonError();
+  return code;
+}
+
+PyRef PortWorker::call_function(PyObject* m, PyObject* f, PyObject* args, PyObject* kwargs) {
+  if (!PyUnicode_Check(m) || !PyUnicode_Check(f)) {
+    PyErr_SetString(PyExc_TypeError, "module and function names must be text");
+    throw PythonError();
+  }
+  PyRef module = PyRef::steal(PyImport_GetModule(m));  // sys.modules first: no import machinery
+  if (!module) {
+    if (PyErr_Occurred()) throw PythonError();
+    module = PyRef::check(PyImport_Import(m));
+  }
+  // A dotted function name walks attributes: "Class.method", "sub.func".
+  PyRef target = PyRef::borrow(module.get());
+  Py_ssize_t start = 0;
+  const Py_ssize_t len = PyUnicode_GET_LENGTH(f);
+  while (start <= len) {
+    Py_ssize_t dot = PyUnicode_FindChar(f, '.', start, len, 1);
+    if (dot == -2) throw PythonError();
+    const Py_ssize_t end = dot < 0 ? len : dot;
+    PyRef part = PyRef::check(PyUnicode_Substring(f, start, end));
+    target = PyRef::check(PyObject_GetAttr(target.get(), part.get()));
+    if (dot < 0) break;
+    start = dot + 1;
+  }
+  if (!PyList_Check(args)) {
+    PyErr_SetString(PyExc_TypeError, "call arguments must be a list");
+    throw PythonError();
+  }
+  PyRef argt = PyRef::check(PyList_AsTuple(args));
+  PyObject* kw = (kwargs && PyDict_Check(kwargs) && PyDict_GET_SIZE(kwargs) > 0) ? kwargs : nullptr;
+  return PyRef::check(PyObject_Call(target.get(), argt.get(), kw));
+}
+
+// ---- replies -------------------------------------------------------------------------
+
+void PortWorker::reply_ok(std::int64_t id, PyObject* result) {
+  Channel::begin_frame(out_);
+  etf::put_version(out_);
+  etf::put_tuple_header(out_, 3);
+  etf::put_atom(out_, "ok");
+  etf::put_integer(out_, id);
+  try {
+    codec_.encode_append(out_, result, eopts_);
+  } catch (...) {
+    // The result has no ETF form: the caller gets a clear error instead.
+    try {
+      throw;
+    } catch (const etf::EncodeError& e) {
+      PyErr_Clear();
+      reply_error(id, error_map("EncodeError", e.what()));
+    } catch (const PythonError&) {
+      reply_error(id, error_map_from_exception());
+    }
+    return;
+  }
+  const std::size_t size = out_.size() - 4;
+  if (size > max_) {
+    Channel::begin_frame(out_);
+    etf::put_version(out_);
+    etf::put_tuple_header(out_, 3);
+    etf::put_atom(out_, "error");
+    etf::put_integer(out_, id);
+    etf::put_tuple_header(out_, 3);
+    etf::put_atom(out_, "message_too_large");
+    etf::put_integer(out_, static_cast<std::int64_t>(size));
+    etf::put_integer(out_, static_cast<std::int64_t>(max_));
+  }
+  if (!ch_.write_frame(out_)) exiting_ = true;
+  if (stack_.empty()) {
+    if (out_.capacity() > 4 * 1024 * 1024) out_.release_memory();  // do not keep a big frame's buffer
+    if (over_memory_limit()) {
+      Channel::begin_frame(out_);
+      etf::put_version(out_);
+      etf::put_tuple_header(out_, 2);
+      etf::put_atom(out_, "exiting");
+      etf::put_atom(out_, "memory_limit");
+      ch_.write_frame(out_);
+      exiting_ = true;
+    }
+  }
+}
+
+void PortWorker::reply_error(std::int64_t id, PyRef error) {
+  Channel::begin_frame(out_);
+  etf::put_version(out_);
+  etf::put_tuple_header(out_, 3);
+  etf::put_atom(out_, "error");
+  etf::put_integer(out_, id);
+  try {
+    codec_.encode_append(out_, error.get(), eopts_);
+  } catch (...) {
+    PyErr_Clear();
+    Channel::begin_frame(out_);
+    etf::put_version(out_);
+    etf::put_tuple_header(out_, 3);
+    etf::put_atom(out_, "error");
+    etf::put_integer(out_, id);
+    etf::put_atom(out_, "unencodable_error");
+  }
+  if (!ch_.write_frame(out_)) exiting_ = true;
+}
+
+PyRef PortWorker::error_map(const char* type, const std::string& message) {
+  PyRef m = PyRef::check(PyDict_New());
+  PyRef t = PyRef::check(PyUnicode_FromString(type));
+  PyRef msg = PyRef::check(PyUnicode_DecodeUTF8(message.data(), static_cast<Py_ssize_t>(message.size()), "replace"));
+  PyRef tb = PyRef::check(PyList_New(0));
+  if (PyDict_SetItem(m.get(), k_type_.get(), t.get()) != 0 ||
+      PyDict_SetItem(m.get(), k_message_.get(), msg.get()) != 0 ||
+      PyDict_SetItem(m.get(), k_traceback_.get(), tb.get()) != 0) {
+    throw PythonError();
+  }
+  return m;
+}
+
+// The pending Python exception as #{type, message, traceback}; clears it.
+PyRef PortWorker::error_map_from_exception() {
+  PyObject *type = nullptr, *value = nullptr, *tb = nullptr;
+  PyErr_Fetch(&type, &value, &tb);
+  PyErr_NormalizeException(&type, &value, &tb);
+  PyRef t = PyRef::steal(type), v = PyRef::steal(value), trace = PyRef::steal(tb);
+  if (trace && v) PyException_SetTraceback(v.get(), trace.get());
+  if (!t) return error_map("SystemError", "an error without an exception");
+  PyRef m = PyRef::check(PyDict_New());
+  PyRef name = PyRef::steal(PyType_GetName(reinterpret_cast<PyTypeObject*>(t.get())));
+  PyRef msg = v ? PyRef::steal(PyObject_Str(v.get())) : PyRef::check(PyUnicode_FromString(""));
+  if (!msg) {
+    PyErr_Clear();
+    msg = PyRef::check(PyUnicode_FromString("<unprintable>"));
+  }
+  PyRef lines = v ? PyRef::steal(PyObject_CallOneArg(format_exception_.get(), v.get())) : PyRef();
+  if (!lines) {
+    PyErr_Clear();
+    lines = PyRef::check(PyList_New(0));
+  }
+  if (!name) {
+    PyErr_Clear();
+    name = PyRef::check(PyUnicode_FromString("Exception"));
+  }
+  if (PyDict_SetItem(m.get(), k_type_.get(), name.get()) != 0 ||
+      PyDict_SetItem(m.get(), k_message_.get(), msg.get()) != 0 ||
+      PyDict_SetItem(m.get(), k_traceback_.get(), lines.get()) != 0) {
+    throw PythonError();
+  }
+  return m;
+}
+
+bool PortWorker::over_memory_limit() const {
+  if (!max_memory_mb_) return false;
+  FILE* f = std::fopen("/proc/self/statm", "r");
+  if (!f) return false;
+  unsigned long size = 0, resident = 0;
+  const int n = std::fscanf(f, "%lu %lu", &size, &resident);
+  std::fclose(f);
+  if (n != 2) return false;
+  const unsigned long bytes = resident * static_cast<unsigned long>(sysconf(_SC_PAGESIZE));
+  return bytes / (1024 * 1024) >= max_memory_mb_;
+}
+
+// ---- callbacks into Erlang -------------------------------------------------------------
+
+PyRef PortWorker::callback(const char* kind, PyObject* m, PyObject* f, PyObject* arg) {
+  if (stack_.empty()) {
+    PyErr_SetString(errors_.port.get(), "erlang.call works only while Erlang runs this code");
+    throw PythonError();
+  }
+  const std::int64_t cb = next_callback_++;
+  ByteBuffer frame;
+  Channel::begin_frame(frame);
+  etf::put_version(frame);
+  etf::put_tuple_header(frame, 6);
+  etf::put_atom(frame, "callback");
+  etf::put_integer(frame, cb);
+  etf::put_atom(frame, kind);
+  codec_.encode_append(frame, m, eopts_);
+  codec_.encode_append(frame, f, eopts_);
+  codec_.encode_append(frame, arg, eopts_);
+  if (frame.size() - 4 > max_) {
+    PyErr_Format(errors_.error.get(), "message_too_large: %zu bytes, max %zu", frame.size() - 4, max_);
+    throw PythonError();
+  }
+  if (!ch_.write_frame(frame)) {
+    PyErr_SetString(errors_.port.get(), "the port to Erlang is closed");
+    throw PythonError();
+  }
+  // Wait for the answer; requests that arrive meanwhile are nested calls from the
+  // callback (Python -> Erlang -> Python) and run right here.
+  std::unique_lock<std::mutex> reading(ch_.read_mutex());
+  ByteBuffer in;
+  for (;;) {
+    bool got;
+    try {
+      got = read_next(in, false);
+    } catch (const PythonError&) {
+      if (dog_.innermost_stopped()) {
+        PyErr_Clear();
+        PyErr_SetString(errors_.timeout.get(), "the request timed out or was cancelled while waiting for Erlang");
+      }
+      throw;
+    }
+    if (!got) {
+      PyErr_SetString(errors_.port.get(), "the port to Erlang closed while waiting for an answer");
+      exiting_ = true;
+      throw PythonError();
+    }
+    etf::Reader r(etf::Bytes(in.data(), in.size()));
+    std::string_view kind_seen;
+    std::size_t arity = 0;
+    try {
+      r.u8("version");
+      const std::uint8_t tt = r.u8("frame");
+      arity = tt == etf::kSmallTuple ? r.u8("arity") : 0;
+      kind_seen = read_kind(r);
+    } catch (const etf::DecodeError&) {
+      continue;
+    }
+    if (kind_seen == "reply" && arity == 4) {
+      PyRef id = decode(r);
+      if (as_int64(id.get()) != cb) continue;  // an answer to an interrupted callback
+      const std::string_view status = read_kind(r);
+      PyRef value = decode(r);
+      if (status == "ok") return value;
+      PyObject* exc = errors_.error.get();
+      PyErr_SetObject(exc, value.get());
+      throw PythonError();
+    }
+    // Anything else is handled as at top level (a nested request answers for itself).
+    handle(in);
+  }
+}
+
+void PortWorker::send(PyObject* dest, PyObject* msg) {
+  ByteBuffer frame;
+  Channel::begin_frame(frame);
+  etf::put_version(frame);
+  etf::put_tuple_header(frame, 3);
+  etf::put_atom(frame, "send");
+  codec_.encode_append(frame, dest, eopts_);
+  codec_.encode_append(frame, msg, eopts_);
+  if (frame.size() - 4 > max_) {
+    PyErr_Format(errors_.error.get(), "message_too_large: %zu bytes, max %zu", frame.size() - 4, max_);
+    throw PythonError();
+  }
+  if (!ch_.write_frame(frame)) {
+    PyErr_SetString(errors_.port.get(), "the port to Erlang is closed");
+    throw PythonError();
+  }
+}
+
+PyRef PortWorker::self_pid() {
+  if (stack_.empty()) {
+    PyErr_SetString(errors_.port.get(), "erlang.self() works only while Erlang runs this code");
+    throw PythonError();
+  }
+  return PyRef::borrow(stack_.back().caller.get());
+}
+
+// ---- module functions ------------------------------------------------------------------
+
+template <class F>
+PyObject* guarded(F&& f) {
+  try {
+    return f();
+  } catch (const PythonError&) {
+    return nullptr;
+  } catch (...) {
+    if (g_codec) py::set_python_error(g_codec->types());
+    return nullptr;
+  }
+}
+
+PortWorker* current(const char* what) {
+  if (!g_worker) {
+    PyObject* mod = PyImport_ImportModule("erpy.erlang");
+    PyObject* cls = mod ? PyObject_GetAttrString(mod, "ErlangPortError") : nullptr;
+    Py_XDECREF(mod);
+    if (cls) {
+      PyErr_Format(cls, "%s: not running inside an erpy port worker", what);
+      Py_DECREF(cls);
+    }
+    throw PythonError();
+  }
+  return g_worker;
+}
+
+PyObject* serve_port(PyObject*, PyObject* args) {
+  int in_fd = 3, out_fd = 4;
+  if (!PyArg_ParseTuple(args, "|ii:serve_port", &in_fd, &out_fd)) return nullptr;
+  return guarded([&]() -> PyObject* {
+    if (g_worker) {
+      PyErr_SetString(PyExc_RuntimeError, "serve_port is already running");
+      throw PythonError();
+    }
+    auto worker = std::make_unique<PortWorker>(*g_codec, in_fd, out_fd);
+    g_worker = worker.get();
+    int code;
+    try {
+      code = worker->serve();
+    } catch (...) {
+      g_worker = nullptr;
+      throw;
+    }
+    g_worker = nullptr;
+    // The watchdog and output threads end with the process.
+    (void)worker.release();
+    return PyLong_FromLong(code);
+  });
+}
+
+PyObject* erlang_call(PyObject*, PyObject* args) {
+  PyObject *m, *f, *a;
+  if (!PyArg_ParseTuple(args, "OOO:call", &m, &f, &a)) return nullptr;
+  return guarded([&] { return current("erlang.call")->callback("call", m, f, a).release(); });
+}
+
+PyObject* erlang_apply(PyObject*, PyObject* args) {
+  PyObject *m, *f, *a;
+  if (!PyArg_ParseTuple(args, "OOO:apply", &m, &f, &a)) return nullptr;
+  if (!PyList_Check(a) && !PyTuple_Check(a)) {
+    PyErr_SetString(PyExc_TypeError, "apply(): arguments must be a list");
+    return nullptr;
+  }
+  return guarded([&] {
+    PyRef list = PyRef::check(PySequence_List(a));
+    return current("erlang.apply")->callback("apply", m, f, list.get()).release();
+  });
+}
+
+PyObject* erlang_send(PyObject*, PyObject* args) {
+  PyObject *dest, *msg;
+  if (!PyArg_ParseTuple(args, "OO:send", &dest, &msg)) return nullptr;
+  return guarded([&]() -> PyObject* {
+    current("erlang.send")->send(dest, msg);
+    Py_RETURN_NONE;
+  });
+}
+
+PyObject* erlang_self(PyObject*, PyObject*) {
+  return guarded([&] { return current("erlang.self")->self_pid().release(); });
+}
+
+PyMethodDef kMethods[] = {
+    {"serve_port", serve_port, METH_VARARGS,
+     "serve_port(in_fd=3, out_fd=4)\n--\n\nServe erpy's port protocol until Erlang closes the port."},
+    {"erlang_call", erlang_call, METH_VARARGS, "erlang_call(module, function, arg)\n--\n\nModule:Function(Arg) in Erlang."},
+    {"erlang_apply", erlang_apply, METH_VARARGS, "erlang_apply(module, function, args)\n--\n\napply(M, F, Args) in Erlang."},
+    {"erlang_send", erlang_send, METH_VARARGS, "erlang_send(dest, message)\n--\n\nSend a message to a pid or registered name."},
+    {"erlang_self", erlang_self, METH_NOARGS, "erlang_self()\n--\n\nThe pid of the Erlang process this code runs for."},
+    {nullptr, nullptr, 0, nullptr},
+};
+
+}  // namespace
+
+void attach(py::Codec* codec) { g_codec = codec; }
+PyMethodDef* methods() { return kMethods; }
+
+}  // namespace erpy::worker

@@ -1,0 +1,153 @@
+#include "watchdog.hpp"
+
+#define PY_SSIZE_T_CLEAN
+#include <Python.h>
+#include <poll.h>
+#include <pthread.h>
+#include <unistd.h>
+
+#include <chrono>
+#include <csignal>
+
+#include "etf/term.hpp"
+
+namespace erpy::worker {
+namespace {
+
+constexpr auto kTick = std::chrono::milliseconds(5);
+
+// Set by the watchdog just before it signals the main thread; consumed by the handler.
+std::atomic<bool> g_armed{false};
+pthread_t g_main_thread;
+
+int interrupt_signal() { return SIGRTMIN + 3; }
+
+extern "C" void on_interrupt_signal(int) {
+  // Async-signal-safe: an atomic exchange and PyErr_SetInterruptEx (documented as such).
+  if (g_armed.exchange(false)) PyErr_SetInterruptEx(SIGINT);
+}
+
+std::int64_t now_ms() {
+  using namespace std::chrono;
+  return duration_cast<milliseconds>(system_clock::now().time_since_epoch()).count();
+}
+
+bool is_cancel(const etf::Term& t, std::int64_t& id) {
+  const auto* tup = std::get_if<etf::Tuple>(&t.v);
+  if (!tup || tup->items.size() != 2) return false;
+  const auto* tag = std::get_if<etf::Atom>(&tup->items[0].v);
+  const auto* i = std::get_if<std::int64_t>(&tup->items[1].v);
+  if (!tag || tag->name != "cancel" || !i) return false;
+  id = *i;
+  return true;
+}
+
+}  // namespace
+
+void Watchdog::start() {
+  g_main_thread = pthread_self();
+  struct sigaction sa{};
+  sa.sa_handler = on_interrupt_signal;
+  sigemptyset(&sa.sa_mask);
+  sa.sa_flags = 0;  // no SA_RESTART: a blocking call must return EINTR and check signals
+  sigaction(interrupt_signal(), &sa, nullptr);
+  thread_ = std::thread([this] { run(); });
+}
+
+Watchdog::~Watchdog() {
+  quit_ = true;
+  if (thread_.joinable()) thread_.join();
+}
+
+void Watchdog::enter(std::int64_t id, std::int64_t deadline_ms) {
+  std::lock_guard<std::mutex> lock(mu_);
+  stack_.push_back({id, deadline_ms});
+}
+
+void Watchdog::leave() {
+  std::lock_guard<std::mutex> lock(mu_);
+  if (!stack_.empty()) stack_.pop_back();
+  g_armed = false;
+}
+
+void Watchdog::cancel(std::int64_t id) {
+  std::lock_guard<std::mutex> lock(mu_);
+  for (Active& a : stack_) {
+    if (a.id == id) a.stop = true;
+  }
+}
+
+bool Watchdog::innermost_stopped() {
+  std::lock_guard<std::mutex> lock(mu_);
+  return !stack_.empty() && stack_.back().stop;
+}
+
+bool Watchdog::take_stashed(ByteBuffer& out) {
+  if (!stash_nonempty_.load(std::memory_order_acquire)) return false;
+  std::lock_guard<std::mutex> lock(mu_);
+  if (stash_.empty()) return false;
+  out = std::move(stash_.front());
+  stash_.pop_front();
+  stash_nonempty_ = !stash_.empty();
+  return true;
+}
+
+void Watchdog::fire() {
+  g_armed = true;
+  pthread_kill(g_main_thread, interrupt_signal());
+}
+
+void Watchdog::run() {
+  while (!quit_) {
+    std::this_thread::sleep_for(kTick);
+    bool busy;
+    {
+      std::lock_guard<std::mutex> lock(mu_);
+      busy = !stack_.empty();
+    }
+    if (!busy) continue;
+    read_while_busy();
+    std::lock_guard<std::mutex> lock(mu_);
+    if (stack_.empty()) continue;
+    const std::int64_t now = now_ms();
+    for (Active& a : stack_) {
+      if (a.deadline_ms && now >= a.deadline_ms) a.stop = true;
+    }
+    // Keep signalling until the request ends: user code may swallow one interrupt.
+    if (stack_.back().stop) fire();
+  }
+}
+
+void Watchdog::read_while_busy() {
+  // The main thread holds the read mutex except while it runs user code.
+  std::unique_lock<std::mutex> reading(ch_.read_mutex(), std::try_to_lock);
+  if (!reading.owns_lock()) return;
+  for (;;) {
+    pollfd p{ch_.in_fd(), POLLIN, 0};
+    if (poll(&p, 1, 0) <= 0) return;
+    if (!(p.revents & POLLIN)) {
+      // Erlang closed the port while we run: nobody will read an answer.
+      if (p.revents & (POLLHUP | POLLERR)) _exit(3);
+      return;
+    }
+    ByteBuffer frame;
+    std::size_t oversize = 0;
+    if (ch_.read_frame(frame, max_frame_, oversize) == Channel::Read::eof) _exit(3);
+    if (oversize) continue;
+    std::int64_t id = 0;
+    bool cancel_frame = false;
+    try {
+      cancel_frame = is_cancel(etf::decode_to_term(etf::Bytes(frame.data(), frame.size())), id);
+    } catch (const std::exception&) {
+    }
+    if (cancel_frame) {
+      cancel(id);
+    } else {
+      std::lock_guard<std::mutex> lock(mu_);
+      stash_.push_back(std::move(frame));
+      stash_nonempty_ = true;
+    }
+  }
+}
+
+}  // namespace erpy::worker

@@ -1,0 +1,20 @@
+"""erpy: Erlang terms in Python, and Python for Erlang.
+
+``encode`` and ``decode`` convert between Python values and the Erlang external term
+format (ETF); see the type mapping in the project's DESIGN.md.
+"""
+
+from __future__ import annotations
+
+from ._errors import DecodeError, EncodeError, ErpyError
+from ._types import Atom, BitBinary, Fun, ImproperList, Pid, Port, Ref, register_encoder
+from ._native import decode, encode
+
+__version__ = "0.1.0"
+
+__all__ = [
+    "encode", "decode", "register_encoder",
+    "Atom", "BitBinary", "Fun", "ImproperList", "Pid", "Port", "Ref",
+    "ErpyError", "DecodeError", "EncodeError",
+    "__version__",
+]

@@ -1,0 +1,231 @@
+"""Python values for the Erlang terms that have no builtin Python counterpart.
+
+Pure Python on purpose: the C++ conversion layer receives these classes when it is set up
+(by the extension module at import, by the port worker, by the C++ tests), so there is one
+definition of each.
+"""
+
+from __future__ import annotations
+
+from typing import Any, Callable
+
+__all__ = [
+    "Atom", "BitBinary", "ImproperList", "Pid", "Port", "Ref", "Fun",
+    "register_encoder", "ENCODERS",
+]
+
+# class -> function(obj) returning an encodable object. The encoder reads this very dict.
+ENCODERS: dict[type, Callable[[Any], Any]] = {}
+
+
+def register_encoder(cls: type, fn: Callable[[Any], Any]) -> None:
+    """Encode instances of ``cls`` (and of its subclasses) as whatever ``fn(obj)`` returns.
+
+    Looked up by exact type first, then along the MRO, after the builtin types that erpy
+    maps itself (an exact ``int`` or ``dict`` never reaches a custom encoder).
+    """
+    if not isinstance(cls, type):
+        raise TypeError(f"register_encoder: cls must be a class, not {type(cls).__name__}")
+    if not callable(fn):
+        raise TypeError(f"register_encoder: fn must be callable, not {type(fn).__name__}")
+    ENCODERS[cls] = fn
+
+
+class Atom(str):
+    """An Erlang atom. A ``str``, so ``Atom('ok') == 'ok'``."""
+
+    __slots__ = ()
+
+    def __repr__(self) -> str:
+        return f"Atom({str.__repr__(self)})"
+
+
+def _atom(node: Any, what: str) -> Atom:
+    if not isinstance(node, str):
+        raise TypeError(f"{what}: node must be a str, not {type(node).__name__}")
+    return node if type(node) is Atom else Atom(node)
+
+
+def _uint(value: Any, bits: int, what: str) -> int:
+    if type(value) is not int and not (isinstance(value, int) and not isinstance(value, bool)):
+        raise TypeError(f"{what} must be an int, not {type(value).__name__}")
+    if not 0 <= value < (1 << bits):
+        raise ValueError(f"{what} must be in 0..{(1 << bits) - 1}, got {value}")
+    return int(value)
+
+
+class _Frozen:
+    """Immutable, hashable value objects compared by their fields."""
+
+    __slots__ = ()
+    _fields: tuple[str, ...] = ()
+
+    def _key(self) -> tuple:
+        return tuple(getattr(self, f) for f in self._fields)
+
+    def __setattr__(self, name: str, value: Any) -> None:
+        raise AttributeError(f"{type(self).__name__} is immutable")
+
+    def __delattr__(self, name: str) -> None:
+        raise AttributeError(f"{type(self).__name__} is immutable")
+
+    def __eq__(self, other: object) -> bool:
+        if type(other) is not type(self):
+            return NotImplemented
+        return self._key() == other._key()  # type: ignore[attr-defined]
+
+    def __ne__(self, other: object) -> bool:
+        eq = self.__eq__(other)
+        return eq if eq is NotImplemented else not eq
+
+    def __hash__(self) -> int:
+        return hash((type(self).__name__,) + self._key())
+
+    def __repr__(self) -> str:
+        return f"{type(self).__name__}({', '.join(repr(v) for v in self._key())})"
+
+    def __reduce__(self):
+        return (type(self), self._key())
+
+
+class Pid(_Frozen):
+    """An Erlang process identifier."""
+
+    __slots__ = ("node", "id", "serial", "creation")
+    _fields = __slots__
+
+    node: Atom
+    id: int
+    serial: int
+    creation: int
+
+    def __init__(self, node: str, id: int, serial: int, creation: int) -> None:
+        s = object.__setattr__
+        s(self, "node", _atom(node, "Pid"))
+        s(self, "id", _uint(id, 32, "Pid.id"))
+        s(self, "serial", _uint(serial, 32, "Pid.serial"))
+        s(self, "creation", _uint(creation, 32, "Pid.creation"))
+
+    def __repr__(self) -> str:
+        return f"Pid({str(self.node)!r}, {self.id}, {self.serial}, {self.creation})"
+
+
+class Port(_Frozen):
+    """An Erlang port identifier."""
+
+    __slots__ = ("node", "id", "creation")
+    _fields = __slots__
+
+    node: Atom
+    id: int
+    creation: int
+
+    def __init__(self, node: str, id: int, creation: int) -> None:
+        s = object.__setattr__
+        s(self, "node", _atom(node, "Port"))
+        s(self, "id", _uint(id, 64, "Port.id"))
+        s(self, "creation", _uint(creation, 32, "Port.creation"))
+
+    def __repr__(self) -> str:
+        return f"Port({str(self.node)!r}, {self.id}, {self.creation})"
+
+
+class Ref(_Frozen):
+    """An Erlang reference: node, creation and 1..5 id words."""
+
+    __slots__ = ("node", "creation", "ids")
+    _fields = __slots__
+
+    node: Atom
+    creation: int
+    ids: tuple[int, ...]
+
+    def __init__(self, node: str, creation: int, ids: tuple[int, ...]) -> None:
+        ids = tuple(ids)
+        if not 1 <= len(ids) <= 5:
+            raise ValueError(f"Ref: ids must hold 1..5 words, got {len(ids)}")
+        s = object.__setattr__
+        s(self, "node", _atom(node, "Ref"))
+        s(self, "creation", _uint(creation, 32, "Ref.creation"))
+        s(self, "ids", tuple(_uint(i, 32, "Ref.ids[]") for i in ids))
+
+    def __repr__(self) -> str:
+        return f"Ref({str(self.node)!r}, {self.creation}, {self.ids!r})"
+
+
+class Fun(_Frozen):
+    """An Erlang fun, kept as its encoded bytes (tag included) and re-encoded verbatim."""
+
+    __slots__ = ("data",)
+    _fields = __slots__
+
+    data: bytes
+
+    def __init__(self, data: bytes) -> None:
+        data = bytes(data)
+        if not data or data[0] not in (112, 113, 117):
+            raise ValueError("Fun: data must be an encoded fun (tag 112, 113 or 117)")
+        object.__setattr__(self, "data", data)
+
+    def __repr__(self) -> str:
+        return f"Fun(<{len(self.data)} bytes>)"
+
+
+class BitBinary(_Frozen):
+    """An Erlang bitstring: ``data`` whose last byte holds ``bits`` (1..8) used bits.
+
+    The unused low bits of the last byte are cleared, so equal bitstrings compare equal.
+    """
+
+    __slots__ = ("data", "bits")
+    _fields = __slots__
+
+    data: bytes
+    bits: int
+
+    def __init__(self, data: bytes, bits: int) -> None:
+        data = bytes(data)
+        if type(bits) is not int or not 1 <= bits <= 8:
+            raise ValueError(f"BitBinary: bits must be an int in 1..8, got {bits!r}")
+        if not data and bits != 8:
+            raise ValueError("BitBinary: empty data needs bits=8")
+        if bits != 8:
+            data = data[:-1] + bytes([data[-1] & (0xFF << (8 - bits)) & 0xFF])
+        s = object.__setattr__
+        s(self, "data", data)
+        s(self, "bits", bits)
+
+    def __len__(self) -> int:
+        """Length in bits."""
+        return 0 if not self.data else (len(self.data) - 1) * 8 + self.bits
+
+
+class ImproperList:
+    """An Erlang list whose tail is not ``[]``: ``[1, 2 | tail]``.
+
+    ``elements`` is a non-empty list and ``tail`` anything but a list.
+    """
+
+    __slots__ = ("elements", "tail")
+
+    elements: list
+    tail: Any
+
+    def __init__(self, elements: list, tail: Any) -> None:
+        elements = list(elements)
+        if not elements:
+            raise ValueError("ImproperList: elements must not be empty")
+        if isinstance(tail, (list, ImproperList)):
+            raise ValueError("ImproperList: tail must not be a list (append it to the elements)")
+        self.elements = elements
+        self.tail = tail
+
+    def __eq__(self, other: object) -> bool:
+        if type(other) is not ImproperList:
+            return NotImplemented
+        return self.elements == other.elements and self.tail == other.tail
+
+    __hash__ = None  # type: ignore[assignment]  # holds a list: mutable
+
+    def __repr__(self) -> str:
+        return f"ImproperList({self.elements!r}, {self.tail!r})"

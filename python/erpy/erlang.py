@@ -1,0 +1,57 @@
+"""Calling back into Erlang from Python code that erpy runs.
+
+Inside ``erpy:run/1,2`` snippets this module is the ``erlang`` variable; elsewhere import
+it: ``from erpy import erlang``.
+
+- ``erlang.call(module, function, arg)`` runs ``Module:Function(Arg)`` with one term.
+- ``erlang.apply(module, function, [a1, ...])`` runs ``apply(Module, Function, Args)``.
+- ``erlang.send(pid_or_name, term)`` sends a message (no answer).
+- ``erlang.self()`` is the pid of the Erlang process the code runs for (the caller).
+
+Only what the pool's allow-list permits may be called; everything else raises
+``ErlangError``. The exceptions are the seed's (erl_py_runner) names.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+from ._errors import ErpyError
+
+__all__ = ["call", "apply", "send", "self", "ErlangError", "ErlangTimeoutError", "ErlangPortError"]
+
+
+class ErlangError(ErpyError):
+    """The Erlang call failed (an exception, or not allowed); ``args[0]`` is Erlang's reason."""
+
+
+class ErlangTimeoutError(ErlangError, TimeoutError):
+    """The request this code runs for timed out (or was cancelled) while Erlang worked."""
+
+
+class ErlangPortError(ErlangError):
+    """There is no Erlang to talk to (not running under erpy, or the port closed)."""
+
+
+def call(module: str, function: str, arg: Any) -> Any:
+    """``Module:Function(Arg)`` in Erlang; returns its result."""
+    from . import _native
+    return _native.erlang_call(module, function, arg)
+
+
+def apply(module: str, function: str, args: list) -> Any:  # noqa: A001 - Erlang's name
+    """``apply(Module, Function, Args)`` in Erlang; returns its result."""
+    from . import _native
+    return _native.erlang_apply(module, function, list(args))
+
+
+def send(dest: Any, message: Any) -> None:
+    """Sends ``message`` to a pid (``erpy.Pid``) or a registered name."""
+    from . import _native
+    _native.erlang_send(dest, message)
+
+
+def self() -> Any:  # noqa: A001 - Erlang's name
+    """The pid of the Erlang process this code runs for."""
+    from . import _native
+    return _native.erlang_self()

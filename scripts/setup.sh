@@ -1,0 +1,37 @@
+#!/usr/bin/env bash
+# Installs the Debian packages erpy needs to build and test. Idempotent and quiet when
+# everything is present (it runs at the start of every make target). As root it runs
+# apt-get itself; otherwise it prints the exact command to run and exits 1.
+set -euo pipefail
+
+packages=(
+  build-essential cmake pkg-config
+  clang libclang-rt-14-dev          # libFuzzer and the sanitizer runtimes
+  zlib1g-dev                        # compressed terms (tag 80)
+  libgtest-dev libbenchmark-dev
+  erlang-nox erlang-dev erlang-common-test erlang-eunit rebar3
+  elixir
+  python3 python3-dev libpython3.11-dev python3-pytest
+)
+
+# One dpkg-query for all of them: packages it does not know are simply not printed.
+installed=" $({ dpkg-query -W -f='${db:Status-Status}:${Package} ' "${packages[@]}" 2>/dev/null || true; } \
+  | tr ' ' '\n' | sed -n 's/^installed://p' | tr '\n' ' ') "
+missing=()
+for p in "${packages[@]}"; do
+  case "$installed" in *" $p "*) ;; *) missing+=("$p") ;; esac
+done
+
+[ ${#missing[@]} -eq 0 ] && exit 0
+
+if [ "$(id -u)" -ne 0 ]; then
+  echo "erpy setup: missing Debian packages: ${missing[*]}" >&2
+  echo "Run as root (or with sudo), then run make again:" >&2
+  echo "  sudo apt-get update && sudo apt-get install -y ${missing[*]}" >&2
+  exit 1
+fi
+
+echo "erpy setup: installing ${missing[*]}" >&2
+export DEBIAN_FRONTEND=noninteractive
+apt-get update -q
+apt-get install -y -q "${missing[@]}"

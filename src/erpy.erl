@@ -1,0 +1,183 @@
+%% The erpy API: run Python code, call Python functions, manage pools.
+%%
+%% Every call goes to a pool (the `default` one unless `pool` says otherwise). A call made
+%% from inside a callback that Python made into Erlang goes back to the same Python worker,
+%% so Python -> Erlang -> Python nests without needing a second worker.
+-module(erpy).
+
+-export([run/1, run/2,
+         call/3, call/4,
+         eval/1, eval/2, eval/3,
+         exec/1, exec/2,
+         start_pool/2, stop_pool/1,
+         checkout/1, checkout/2, checkin/1, with_worker/2, with_worker/3]).
+
+-export_type([python_error/0, error_reason/0, pool/0, call_opts/0, worker/0]).
+
+-type pool() :: atom().
+-type python_error() :: #{type := binary(), message := binary(), traceback := [binary()]}.
+-type error_reason() :: timeout
+                      | python_error()
+                      | {worker_exit, term()}
+                      | {message_too_large, non_neg_integer(), non_neg_integer()}
+                      | {badarg, term()}
+                      | {not_allowed, {module(), atom(), arity()}}
+                      | {no_pool, term()}
+                      | term().
+-type worker() :: erpy_pool:worker().
+-type call_opts() :: #{kwargs => map(),
+                       timeout => timeout(),
+                       pool => pool(),
+                       worker => worker(),
+                       locals => map()}.
+
+-define(DEFAULT_POOL, default).
+
+%% API.
+
+%% @doc Runs a Python snippet as erl_py_runner does. Inside it `arguments` holds the
+%% `arguments` term, `result` (default None) is what comes back and `erlang` calls back.
+-spec run(#{code := iodata(), arguments => term(), pool => pool()}) ->
+    {ok, #{status := ok, result := term()} | #{status := error, error := python_error()}}
+    | {error, term()}.
+run(Req) ->
+    run(Req, default_timeout()).
+
+-spec run(#{code := iodata(), arguments => term(), pool => pool()}, timeout()) ->
+    {ok, #{status := ok, result := term()} | #{status := error, error := python_error()}}
+    | {error, term()}.
+run(#{code := Code} = Req, Timeout) ->
+    case to_binary(Code) of
+        {ok, CodeBin} ->
+            Args = maps:get(arguments, Req, undefined),
+            Opts = maps:with([pool, worker], Req),
+            case request({run, CodeBin, Args}, Opts#{timeout => Timeout}) of
+                {ok, Result} -> {ok, #{status => ok, result => Result}};
+                {error, #{type := _} = PyError} -> {ok, #{status => error, error => PyError}};
+                {error, _} = Error -> Error
+            end;
+        error ->
+            {error, {badarg, code}}
+    end;
+run(_Req, _Timeout) ->
+    {error, {badarg, code}}.
+
+%% @doc Calls `Module.Function(*Args)` in Python. `Module` is a dotted module name.
+-spec call(atom() | binary(), atom() | binary(), [term()]) -> {ok, term()} | {error, error_reason()}.
+call(Module, Function, Args) ->
+    call(Module, Function, Args, #{}).
+
+-spec call(atom() | binary(), atom() | binary(), [term()], call_opts()) ->
+    {ok, term()} | {error, error_reason()}.
+call(Module, Function, Args, Opts) when is_list(Args), is_map(Opts) ->
+    case {name(Module), name(Function)} of
+        {{ok, M}, {ok, F}} ->
+            Kwargs = maps:get(kwargs, Opts, #{}),
+            request({call, M, F, Args, Kwargs}, Opts);
+        {error, _} -> {error, {badarg, module}};
+        {_, error} -> {error, {badarg, function}}
+    end;
+call(_Module, _Function, _Args, _Opts) ->
+    {error, {badarg, args}}.
+
+%% @doc Evaluates a Python expression, with `Locals` (a map of names to terms) in scope.
+-spec eval(iodata()) -> {ok, term()} | {error, error_reason()}.
+eval(Expression) ->
+    eval(Expression, #{}, #{}).
+
+-spec eval(iodata(), map()) -> {ok, term()} | {error, error_reason()}.
+eval(Expression, Locals) ->
+    eval(Expression, Locals, #{}).
+
+-spec eval(iodata(), map(), call_opts()) -> {ok, term()} | {error, error_reason()}.
+eval(Expression, Locals, Opts) when is_map(Locals), is_map(Opts) ->
+    case to_binary(Expression) of
+        {ok, Expr} -> request({eval, Expr, Locals}, Opts);
+        error -> {error, {badarg, expression}}
+    end;
+eval(_Expression, _Locals, _Opts) ->
+    {error, {badarg, locals}}.
+
+%% @doc Executes Python statements. With a held worker (`worker` option, see checkout/2)
+%% its names persist across calls; otherwise each exec has a fresh namespace.
+-spec exec(iodata()) -> ok | {error, error_reason()}.
+exec(Code) ->
+    exec(Code, #{}).
+
+-spec exec(iodata(), call_opts()) -> ok | {error, error_reason()}.
+exec(Code, Opts) when is_map(Opts) ->
+    case to_binary(Code) of
+        {ok, Bin} ->
+            case request({exec, Bin}, Opts) of
+                {ok, _} -> ok;
+                Error -> Error
+            end;
+        error -> {error, {badarg, code}}
+    end.
+
+%% @doc Starts a named pool. Options: mode (port), size, python, venv, requirements,
+%% allowed, max_message_size, timeout, recycle_after, max_memory_mb, none.
+-spec start_pool(pool(), map()) -> {ok, pid()} | {error, term()}.
+start_pool(Name, Opts) when is_atom(Name), is_map(Opts) ->
+    erpy_sup:start_pool(Name, Opts);
+start_pool(_Name, _Opts) ->
+    {error, {badarg, pool}}.
+
+-spec stop_pool(pool()) -> ok | {error, not_found}.
+stop_pool(Name) ->
+    erpy_sup:stop_pool(Name).
+
+%% @doc Holds one worker of a pool for a stateful sequence of calls (pass it as the
+%% `worker` option). It goes back to the pool on checkin/1 or when the holder dies, with
+%% its namespace cleared.
+-spec checkout(pool()) -> {ok, worker()} | {error, error_reason()}.
+checkout(Pool) ->
+    checkout(Pool, default_timeout()).
+
+-spec checkout(pool(), timeout()) -> {ok, worker()} | {error, error_reason()}.
+checkout(Pool, Timeout) ->
+    erpy_pool:checkout(Pool, Timeout).
+
+-spec checkin(worker()) -> ok.
+checkin(Worker) ->
+    erpy_pool:checkin(Worker).
+
+%% @doc Runs Fun(Worker) with a checked-out worker and always gives it back.
+-spec with_worker(pool(), fun((worker()) -> Result)) -> Result | {error, error_reason()}.
+with_worker(Pool, Fun) ->
+    with_worker(Pool, Fun, default_timeout()).
+
+-spec with_worker(pool(), fun((worker()) -> Result), timeout()) -> Result | {error, error_reason()}.
+with_worker(Pool, Fun, Timeout) ->
+    case checkout(Pool, Timeout) of
+        {ok, Worker} ->
+            try Fun(Worker) after checkin(Worker) end;
+        Error ->
+            Error
+    end.
+
+%% Internal.
+
+request(Req, Opts) ->
+    Timeout = maps:get(timeout, Opts, default_timeout()),
+    case maps:find(worker, Opts) of
+        {ok, Worker} -> erpy_pool:request_worker(Worker, Req, Timeout);
+        error -> erpy_pool:request(maps:get(pool, Opts, ?DEFAULT_POOL), Req, Timeout)
+    end.
+
+default_timeout() ->
+    application:get_env(erpy, timeout, 5000).
+
+name(A) when is_atom(A) -> {ok, atom_to_binary(A, utf8)};
+name(B) when is_binary(B) -> {ok, B};
+name(L) when is_list(L) -> to_binary(L);
+name(_) -> error.
+
+to_binary(B) when is_binary(B) -> {ok, B};
+to_binary(L) when is_list(L) ->
+    try {ok, unicode:characters_to_binary(L)} of
+        {ok, B} when is_binary(B) -> {ok, B};
+        _ -> error
+    catch _:_ -> error
+    end;
+to_binary(_) -> error.

@@ -1,0 +1,170 @@
+%% The caller's side of a request: encode it once, send it to a pool (or straight to a
+%% held or nesting worker), wait for the answer, and run the callbacks Python makes while
+%% it works. Callbacks run in the caller's own process, so `self()` inside them is the
+%% caller and a nested erpy call from a callback reuses the worker that is waiting for it.
+-module(erpy_call).
+
+-export([request/3, request_worker/3]).
+-export([encode_request/4]).
+
+-define(NESTED, '$erpy_nested').
+
+%% API.
+
+-spec request(erpy:pool(), tuple(), timeout()) -> {ok, term()} | {error, term()}.
+request(Pool, Req, Timeout) ->
+    case nested_worker(Pool) of
+        {ok, Worker} ->
+            send_and_wait(Worker, Pool, Req, Timeout);
+        error ->
+            case erpy_pool:lookup(Pool) of
+                {ok, Handle} -> via_pool(Handle, Req, Timeout);
+                error -> {error, {no_pool, Pool}}
+            end
+    end.
+
+-spec request_worker(erpy:worker(), tuple(), timeout()) -> {ok, term()} | {error, term()}.
+request_worker({erpy_worker, Pool, Pid}, Req, Timeout) ->
+    send_and_wait(Pid, Pool, Req, Timeout);
+request_worker(Other, _Req, _Timeout) ->
+    {error, {badarg, {worker, Other}}}.
+
+%% The frame Python receives: {Kind, Id, DeadlineMs, Caller, Payload...}. The deadline
+%% is wall-clock milliseconds (both sides of a port share the clock); 0 means none.
+-spec encode_request(tuple(), integer(), timeout(), pid()) -> binary().
+encode_request(Req, Id, Timeout, Caller) ->
+    Deadline = case Timeout of
+                   infinity -> 0;
+                   _ -> os:system_time(millisecond) + Timeout
+               end,
+    [Kind | Payload] = tuple_to_list(Req),
+    term_to_binary(list_to_tuple([Kind, Id, Deadline, Caller | Payload]), [{minor_version, 2}]).
+
+%% Internal.
+
+%% A free slot: straight to its worker. None: to the pool server, which queues it.
+via_pool(#{name := Pool, pid := PoolPid, queued := Queued} = Handle, Req, Timeout) ->
+    Target = case erpy_pool:claim(Handle) of
+                 {ok, Slot} ->
+                     case erpy_pool:worker_pid(Pool, Slot) of
+                         undefined -> erpy_pool:unclaim(Handle, Slot), undefined;
+                         Pid -> Pid
+                     end;
+                 none -> undefined
+             end,
+    case Target of
+        undefined ->
+            counters:add(Queued, 1, 1),
+            send_and_wait(PoolPid, Pool, Req, Timeout);
+        Worker ->
+            case send_and_wait(Worker, Pool, Req, Timeout) of
+                {error, {worker_exit, noproc}} ->
+                    %% The worker had died before it got the request: nothing ran, so
+                    %% the pool may place it again.
+                    counters:add(Queued, 1, 1),
+                    send_and_wait(PoolPid, Pool, Req, Timeout);
+                Answer ->
+                    Answer
+            end
+    end.
+
+send_and_wait(Target, Pool, Req, Timeout) ->
+    Id = erlang:unique_integer([positive]),
+    Bin = encode_request(Req, Id, Timeout, self()),
+    Max = erpy_pool:max_message_size(Pool),
+    case byte_size(Bin) of
+        Size when Size > Max ->
+            {error, {message_too_large, Size, Max}};
+        _ ->
+            %% The monitor is also the alias the worker answers to: once we demonitor,
+            %% a late answer (after a timeout) is dropped by the runtime, not queued here.
+            Mref = erlang:monitor(process, Target, [{alias, demonitor}]),
+            Deadline = deadline(Timeout),
+            Target ! {erpy_request, Mref, self(), Id, Bin, Deadline},
+            wait(Mref, Pool, Deadline)
+    end.
+
+wait(Mref, Pool, Deadline) ->
+    receive
+        {erpy_reply, Mref, Reply} ->
+            erlang:demonitor(Mref, [flush]),
+            decode_reply(Reply);
+        {erpy_callback, Mref, Worker, Port, CbId, Call} ->
+            run_callback(Pool, Worker, Port, CbId, Call),
+            wait(Mref, Pool, Deadline);
+        {'DOWN', Mref, process, _, Why} ->
+            {error, {worker_exit, Why}}
+    after remaining(Deadline) ->
+        erlang:demonitor(Mref, [flush]),
+        %% An answer that arrived just now still counts.
+        receive
+            {erpy_reply, Mref, Reply} -> decode_reply(Reply)
+        after 0 ->
+            {error, timeout}
+        end
+    end.
+
+decode_reply({error, _} = Error) ->
+    Error;
+decode_reply(Bin) when is_binary(Bin) ->
+    case binary_to_term(Bin) of
+        {ok, _Id, Result} -> {ok, Result};
+        {error, _Id, Reason} -> {error, Reason}
+    end.
+
+%% Python called erlang.call/apply: the worker has checked the allow-list already.
+run_callback(Pool, Worker, Port, CbId, {M, F, Args}) ->
+    Saved = get(?NESTED),
+    put(?NESTED, [{Pool, Worker} | stack(Saved)]),
+    Reply = try apply(M, F, Args) of
+                Value -> {reply, CbId, ok, Value}
+            catch
+                Class:Reason:Stack ->
+                    {reply, CbId, error, #{class => Class, reason => Reason,
+                                           stacktrace => format_stack(Stack)}}
+            after
+                restore(Saved)
+            end,
+    Bin = encode_callback_reply(Reply, Pool),
+    %% Any process may write to a port; if Python's worker died meanwhile, the pending
+    %% request fails through the worker, so a failed write needs no handling here.
+    try erlang:port_command(Port, Bin) catch error:badarg -> ok end,
+    ok.
+
+encode_callback_reply({reply, CbId, _, _} = Reply, Pool) ->
+    Max = erpy_pool:max_message_size(Pool),
+    Bin = try term_to_binary(Reply, [{minor_version, 2}])
+          catch error:_ -> term_to_binary({reply, CbId, error, #{class => error, reason => unencodable}})
+          end,
+    case byte_size(Bin) of
+        Size when Size > Max ->
+            term_to_binary({reply, CbId, error, #{class => error,
+                                                  reason => {message_too_large, Size, Max}}},
+                           [{minor_version, 2}]);
+        _ ->
+            Bin
+    end.
+
+format_stack(Stack) ->
+    [iolist_to_binary(io_lib:format("~p:~p/~p", [M, F, arity(A)])) || {M, F, A, _} <- Stack].
+
+arity(A) when is_list(A) -> length(A);
+arity(A) -> A.
+
+nested_worker(Pool) ->
+    case get(?NESTED) of
+        [{Pool, Worker} | _] -> {ok, Worker};
+        _ -> error
+    end.
+
+stack(undefined) -> [];
+stack(S) -> S.
+
+restore(undefined) -> erase(?NESTED);
+restore(Saved) -> put(?NESTED, Saved).
+
+deadline(infinity) -> infinity;
+deadline(Timeout) -> erlang:monotonic_time(millisecond) + Timeout.
+
+remaining(infinity) -> infinity;
+remaining(Deadline) -> max(0, Deadline - erlang:monotonic_time(millisecond)).

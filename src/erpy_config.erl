@@ -1,0 +1,96 @@
+%% Pool options: what the caller gave, else the application env, else erpy's defaults.
+%% Also where the Python side of erpy lives and which interpreter it was built for.
+-module(erpy_config).
+
+-export([pool_opts/1, default_pools/0, python_dir/0, built_python/0]).
+
+-define(MODES, [port]).
+
+%% API.
+
+%% Completes and checks the options of a pool; the venv is made ready here too, since
+%% no worker can start without it.
+-spec pool_opts(map()) -> {ok, map()} | {error, term()}.
+pool_opts(Opts) when is_map(Opts) ->
+    Env = fun(Key, Default) -> maps:get(Key, Opts, application:get_env(erpy, Key, Default)) end,
+    Mode = maps:get(mode, Opts, port),
+    Size = maps:get(size, Opts, max(2, erlang:system_info(schedulers_online))),
+    Full = Opts#{mode => Mode,
+                 size => Size,
+                 python => Env(python, undefined),
+                 venv => Env(venv, undefined),
+                 requirements => Env(requirements, []),
+                 allowed => Env(allowed, []),
+                 max_message_size => Env(max_message_size, 10485760),
+                 timeout => Env(timeout, 5000),
+                 none => Env(none, undefined)},
+    try
+        check(lists:member(Mode, ?MODES), {unsupported_mode, Mode}),
+        check(is_integer(Size) andalso Size > 0, {badarg, size}),
+        check(is_integer(maps:get(max_message_size, Full)), {badarg, max_message_size}),
+        check(is_atom(maps:get(none, Full)), {badarg, none}),
+        _ = erpy_allow:compile(maps:get(allowed, Full)),
+        {ok, Python} = interpreter(Full),
+        {ok, Full#{python => Python, pythonpath => pythonpath(Full)}}
+    catch
+        throw:{bad, Why} -> {error, Why};
+        error:{badarg, _} = Why -> {error, Why};
+        error:{badmatch, {error, Why}} -> {error, Why}
+    end.
+
+%% The pools the application starts: `pools` from the env, and a `default` port pool
+%% unless that names one.
+-spec default_pools() -> [{atom(), map()}].
+default_pools() ->
+    Pools = application:get_env(erpy, pools, []),
+    case lists:keymember(default, 1, Pools) of
+        true -> Pools;
+        false -> [{default, #{mode => port}} | Pools]
+    end.
+
+%% The folder holding the Python package `erpy`.
+-spec python_dir() -> file:filename().
+python_dir() ->
+    filename:join(code:priv_dir(erpy), "python").
+
+%% The interpreter the extension module was built for (recorded by the build).
+-spec built_python() -> string().
+built_python() ->
+    File = filename:join(code:priv_dir(erpy), "python.path"),
+    case file:read_file(File) of
+        {ok, Bin} -> string:trim(binary_to_list(Bin));
+        {error, _} -> "/usr/bin/python3"
+    end.
+
+%% Internal.
+
+check(true, _Why) -> ok;
+check(false, Why) -> throw({bad, Why}).
+
+interpreter(#{venv := Venv} = Opts) when Venv =/= undefined ->
+    Base = case maps:get(python, Opts) of
+               undefined -> built_python();
+               P -> to_list(P)
+           end,
+    erpy_venv:ensure(to_list(Venv), Base, maps:get(requirements, Opts));
+interpreter(#{python := undefined}) ->
+    {ok, built_python()};
+interpreter(#{python := Python}) ->
+    Path = to_list(Python),
+    case os:find_executable(Path) of
+        false -> {error, {python_not_found, Path}};
+        Found -> {ok, Found}
+    end.
+
+pythonpath(Opts) ->
+    Extra = [to_list(P) || P <- maps:get(pythonpath, Opts, [])],
+    Inherited = case os:getenv("PYTHONPATH") of
+                    false -> [];
+                    "" -> [];
+                    P -> [P]
+                end,
+    lists:join(":", [python_dir() | Extra ++ Inherited]).
+
+to_list(B) when is_binary(B) -> binary_to_list(B);
+to_list(A) when is_atom(A) -> atom_to_list(A);
+to_list(L) when is_list(L) -> L.

@@ -1,0 +1,341 @@
+%% A pool of Python workers: a fixed number of slots, each served by one worker process.
+%%
+%% Callers claim an idle slot themselves (an atomics compare-and-swap) and send their
+%% request straight to its worker, so a call costs no message to this server. Only when
+%% every slot is busy does a request come here, to wait in order; a worker that finishes
+%% while requests wait hands its slot to this server instead of freeing it. The server
+%% also lends workers out (checkout), and keeps the pool's size by replacing workers that
+%% die, with back-off when they die before they were ever ready.
+-module(erpy_pool).
+-behaviour(gen_server).
+
+-export([start_link/3, lookup/1, max_message_size/1, info/1]).
+-export([claim/1, unclaim/2, worker_pid/2, finished/3]).
+-export([request/3, request_worker/3, checkout/2, checkin/1]).
+-export([init/1, handle_call/3, handle_cast/2, handle_info/2, terminate/2]).
+
+-export_type([worker/0, handle/0]).
+
+-type worker() :: {erpy_worker, erpy:pool(), pid()}.
+%% What callers need to claim a slot without asking the server.
+-type handle() :: #{pid := pid(), name := atom(), size := pos_integer(),
+                    slots := atomics:atomics_ref(), queued := counters:counters_ref(),
+                    max_message_size := non_neg_integer()}.
+
+-record(st, {
+    name :: atom(),
+    opts :: map(),
+    handle :: handle(),
+    worker_sup :: pid() | undefined,
+    size :: pos_integer(),
+    %% Pid => #{slot, state}; state: starting | idle | busy | {held, Mon} | releasing
+    workers = #{} :: #{pid() => map()},
+    %% Slots this server holds (claimed, worker ready, nothing to do): handed over by
+    %% workers while requests waited, or taken for a queued request that expired.
+    queue = queue:new() :: queue:queue(),
+    holders = #{} :: #{reference() => pid()},
+    failed_starts = 0 :: non_neg_integer()
+}).
+
+-define(KEY(Name), {erpy_pool, Name}).
+-define(TABLE, erpy_workers).
+-define(MAX_BACKOFF_MS, 5000).
+-define(FREE, 0).
+-define(TAKEN, 1).
+
+%% API.
+
+%% `PoolSup` is the pool's supervisor; the worker supervisor is its sibling.
+-spec start_link(atom(), map(), pid()) -> {ok, pid()} | {error, term()}.
+start_link(Name, Opts, PoolSup) ->
+    gen_server:start_link(?MODULE, {Name, Opts, PoolSup}, []).
+
+-spec lookup(erpy:pool()) -> {ok, handle()} | error.
+lookup(Name) ->
+    case persistent_term:get(?KEY(Name), undefined) of
+        undefined -> error;
+        Handle -> {ok, Handle}
+    end.
+
+-spec max_message_size(erpy:pool()) -> non_neg_integer().
+max_message_size(Name) ->
+    case persistent_term:get(?KEY(Name), undefined) of
+        #{max_message_size := Max} -> Max;
+        undefined -> application:get_env(erpy, max_message_size, 10485760)
+    end.
+
+-spec info(erpy:pool()) -> map().
+info(Name) ->
+    {ok, #{pid := Pid}} = lookup(Name),
+    gen_server:call(Pid, info).
+
+%% Claims an idle slot: the lowest free one, so a light load keeps one Python hot.
+-spec claim(handle()) -> {ok, pos_integer()} | none.
+claim(#{slots := Slots, size := Size}) ->
+    claim(Slots, 1, Size).
+
+claim(_Slots, I, Size) when I > Size ->
+    none;
+claim(Slots, I, Size) ->
+    case atomics:compare_exchange(Slots, I, ?FREE, ?TAKEN) of
+        ok -> {ok, I};
+        _ -> claim(Slots, I + 1, Size)
+    end.
+
+-spec unclaim(handle(), pos_integer()) -> ok.
+unclaim(#{slots := Slots}, Slot) ->
+    atomics:put(Slots, Slot, ?FREE).
+
+-spec worker_pid(atom(), pos_integer()) -> pid() | undefined.
+worker_pid(Name, Slot) ->
+    try ets:lookup_element(?TABLE, {Name, Slot}, 2)
+    catch error:badarg -> undefined
+    end.
+
+%% A worker finished its work: free its slot, or hand it to the server if requests wait.
+-spec finished(handle(), pos_integer(), pid()) -> ok.
+finished(#{slots := Slots, queued := Queued, pid := Pid}, Slot, Worker) ->
+    case counters:get(Queued, 1) of
+        0 -> atomics:put(Slots, Slot, ?FREE);
+        _ -> Pid ! {erpy_idle, Worker}
+    end,
+    ok.
+
+-spec request(erpy:pool(), tuple(), timeout()) -> {ok, term()} | {error, term()}.
+request(Pool, Req, Timeout) ->
+    erpy_call:request(Pool, Req, Timeout).
+
+-spec request_worker(worker(), tuple(), timeout()) -> {ok, term()} | {error, term()}.
+request_worker(Worker, Req, Timeout) ->
+    erpy_call:request_worker(Worker, Req, Timeout).
+
+-spec checkout(erpy:pool(), timeout()) -> {ok, worker()} | {error, term()}.
+checkout(Pool, Timeout) ->
+    case lookup(Pool) of
+        {ok, #{pid := Pid, queued := Queued}} ->
+            Deadline = case Timeout of
+                           infinity -> infinity;
+                           _ -> erlang:monotonic_time(millisecond) + Timeout
+                       end,
+            counters:add(Queued, 1, 1),
+            Tag = make_ref(),
+            try gen_server:call(Pid, {checkout, self(), Deadline, Tag}, Timeout) of
+                {ok, WorkerPid} -> {ok, {erpy_worker, Pool, WorkerPid}};
+                Error -> Error
+            catch
+                exit:{timeout, _} ->
+                    %% Given up: a worker lent meanwhile must come back.
+                    gen_server:cast(Pid, {cancel_checkout, Tag}),
+                    {error, timeout};
+                exit:{noproc, _} ->
+                    {error, {no_pool, Pool}}
+            end;
+        error ->
+            {error, {no_pool, Pool}}
+    end.
+
+-spec checkin(worker()) -> ok.
+checkin({erpy_worker, Pool, WorkerPid}) ->
+    case lookup(Pool) of
+        {ok, #{pid := Pid}} -> gen_server:cast(Pid, {checkin, WorkerPid});
+        error -> ok
+    end.
+
+%% gen_server.
+
+-spec init(term()) -> {ok, #st{}}.
+init({Name, Opts, PoolSup}) ->
+    process_flag(trap_exit, true),
+    Size = maps:get(size, Opts),
+    Slots = atomics:new(Size, [{signed, false}]),
+    %% Every slot is taken until its worker is ready.
+    [atomics:put(Slots, I, ?TAKEN) || I <- lists:seq(1, Size)],
+    Handle = #{pid => self(), name => Name, size => Size, slots => Slots,
+               queued => counters:new(1, [write_concurrency]),
+               max_message_size => maps:get(max_message_size, Opts)},
+    persistent_term:put(?KEY(Name), Handle),
+    %% The supervisor is still starting us: ask it for our sibling once it is done.
+    self() ! {start_workers, PoolSup},
+    {ok, #st{name = Name, opts = Opts#{pool_handle => Handle}, handle = Handle, size = Size}}.
+
+-spec handle_call(term(), gen_server:from(), #st{}) -> {reply, term(), #st{}} | {noreply, #st{}}.
+handle_call({checkout, Holder, Deadline, Tag}, From, St) ->
+    {noreply, dispatch({checkout, From, Holder, Deadline, Tag}, St)};
+handle_call(info, _From, #st{} = St) ->
+    States = [S || #{state := S} <- maps:values(St#st.workers)],
+    {reply, #{name => St#st.name, size => St#st.size,
+              workers => maps:size(St#st.workers),
+              ready => length([S || S <- States, S =/= starting]),
+              queued => queue:len(St#st.queue),
+              held => maps:size(St#st.holders),
+              worker_pids => lists:sort(maps:keys(St#st.workers))}, St};
+handle_call(_Msg, _From, St) ->
+    {reply, {error, unknown_call}, St}.
+
+-spec handle_cast(term(), #st{}) -> {noreply, #st{}}.
+handle_cast({checkin, Worker}, St) ->
+    case [M || {M, W} <- maps:to_list(St#st.holders), W =:= Worker] of
+        [Mon | _] ->
+            erlang:demonitor(Mon, [flush]),
+            {noreply, release(Worker, St#st{holders = maps:remove(Mon, St#st.holders)})};
+        [] ->
+            {noreply, St}
+    end;
+handle_cast({cancel_checkout, Tag}, St) ->
+    {Dropped, Q} = lists:partition(fun({checkout, _, _, _, T}) -> T =:= Tag; (_) -> false end,
+                                   queue:to_list(St#st.queue)),
+    St1 = uncount(length(Dropped), St#st{queue = queue:from_list(Q)}),
+    Lent = [{Mon, W} || {Mon, W} <- maps:to_list(St1#st.holders),
+                        maps:get(tag, maps:get(W, St1#st.workers, #{}), undefined) =:= Tag],
+    St2 = lists:foldl(fun({Mon, W}, S) ->
+                              erlang:demonitor(Mon, [flush]),
+                              release(W, S#st{holders = maps:remove(Mon, S#st.holders)})
+                      end, St1, Lent),
+    {noreply, St2};
+handle_cast(_Msg, St) ->
+    {noreply, St}.
+
+-spec handle_info(term(), #st{}) -> {noreply, #st{}}.
+handle_info({erpy_request, Alias, _Caller, _Id, _Bin, _Deadline} = Req, St) ->
+    %% The caller found no free slot (and counted itself as queued).
+    {noreply, dispatch({request, Alias, Req}, St)};
+handle_info({erpy_idle, Worker}, St) ->
+    case maps:find(Worker, St#st.workers) of
+        {ok, #{state := {held, _}}} -> {noreply, St};
+        {ok, _} -> {noreply, next(Worker, St)};
+        error -> {noreply, St}
+    end;
+handle_info({erpy_ready, Worker}, St) ->
+    case maps:find(Worker, St#st.workers) of
+        {ok, #{state := starting, slot := Slot}} ->
+            ets:insert(?TABLE, {{St#st.name, Slot}, Worker}),
+            {noreply, next(Worker, St#st{failed_starts = 0})};
+        _ ->
+            {noreply, St}
+    end;
+handle_info({'DOWN', Mon, process, Pid, Why}, St) ->
+    case maps:take(Mon, St#st.holders) of
+        {Worker, Holders} ->
+            %% The holder died: its worker comes back, interrupted if it was working.
+            {noreply, release(Worker, St#st{holders = Holders})};
+        error ->
+            {noreply, worker_down(Pid, Why, St)}
+    end;
+handle_info({start_workers, PoolSup}, St) ->
+    [WorkerSup] = [Pid || {workers, Pid, _, _} <- supervisor:which_children(PoolSup)],
+    St1 = St#st{worker_sup = WorkerSup},
+    {noreply, lists:foldl(fun(Slot, S) -> start_worker(Slot, S) end, St1, lists:seq(1, St#st.size))};
+handle_info({start_worker, Slot}, St) ->
+    {noreply, start_worker(Slot, St)};
+handle_info(_Msg, St) ->
+    {noreply, St}.
+
+-spec terminate(term(), #st{}) -> ok.
+terminate(_Why, #st{name = Name, size = Size}) ->
+    persistent_term:erase(?KEY(Name)),
+    [ets:delete(?TABLE, {Name, Slot}) || Slot <- lists:seq(1, Size)],
+    ok.
+
+%% Internal.
+
+start_worker(Slot, #st{worker_sup = Sup, name = Name, opts = Opts} = St) ->
+    case supervisor:start_child(Sup, [Name, self(), Opts#{slot => Slot}]) of
+        {ok, Pid} ->
+            erlang:monitor(process, Pid),
+            St#st{workers = (St#st.workers)#{Pid => #{slot => Slot, state => starting}}};
+        {error, Why} ->
+            logger:warning("erpy pool ~p: cannot start a worker: ~p", [Name, Why],
+                           #{domain => [erpy]}),
+            schedule_start(Slot, St#st{failed_starts = St#st.failed_starts + 1})
+    end.
+
+schedule_start(Slot, #st{failed_starts = N} = St) ->
+    Delay = min(?MAX_BACKOFF_MS, 10 bsl min(N, 10)),
+    erlang:send_after(Delay, self(), {start_worker, Slot}),
+    St.
+
+worker_down(Pid, Why, #st{handle = #{slots := Slots}} = St) ->
+    case maps:take(Pid, St#st.workers) of
+        {#{slot := Slot, state := State} = W, Workers} ->
+            %% The slot stays taken until the replacement is ready.
+            atomics:put(Slots, Slot, ?TAKEN),
+            ets:delete(?TABLE, {St#st.name, Slot}),
+            %% A request this server gave the worker, if it could not answer it itself.
+            case W of
+                #{alias := Alias} when State =:= busy ->
+                    Alias ! {erpy_reply, Alias, {error, {worker_exit, Why}}};
+                _ -> ok
+            end,
+            St1 = St#st{workers = Workers},
+            case State of
+                starting -> schedule_start(Slot, St1#st{failed_starts = St1#st.failed_starts + 1});
+                _ -> start_worker(Slot, St1)
+            end;
+        error ->
+            St
+    end.
+
+%% A request or checkout that found no free slot: take one if one came free meanwhile,
+%% else wait in line.
+dispatch(Item, #st{handle = Handle} = St) ->
+    case claim(Handle) of
+        {ok, Slot} ->
+            case worker_pid(St#st.name, Slot) of
+                undefined -> St#st{queue = queue:in(Item, St#st.queue)};
+                Worker -> assign(Worker, Item, uncount(1, St))
+            end;
+        none ->
+            St#st{queue = queue:in(Item, St#st.queue)}
+    end.
+
+%% A worker whose slot this server holds is free: give it the oldest live item, or free
+%% the slot.
+next(Worker, #st{handle = #{slots := Slots}} = St) ->
+    case queue:out(St#st.queue) of
+        {{value, Item}, Q} ->
+            St1 = uncount(1, St#st{queue = Q}),
+            case expired(Item) of
+                true -> next(Worker, St1);
+                false -> assign(Worker, Item, St1)
+            end;
+        {empty, _} ->
+            #{slot := Slot} = W = maps:get(Worker, St#st.workers),
+            atomics:put(Slots, Slot, ?FREE),
+            St#st{workers = (St#st.workers)#{Worker => W#{state => idle}}}
+    end.
+
+assign(Worker, {request, Alias, Req}, St) ->
+    Worker ! Req,
+    W = maps:get(Worker, St#st.workers),
+    St#st{workers = (St#st.workers)#{Worker => W#{state => busy, alias => Alias}}};
+assign(Worker, {checkout, From, Holder, _Deadline, Tag}, St) ->
+    Mon = erlang:monitor(process, Holder),
+    gen_server:reply(From, {ok, Worker}),
+    erpy_port_worker:hold(Worker, Holder),
+    W = maps:get(Worker, St#st.workers),
+    St#st{workers = (St#st.workers)#{Worker => W#{state => {held, Mon}, tag => Tag}},
+          holders = (St#st.holders)#{Mon => Worker}}.
+
+%% A lent worker clears its namespace (and interrupts what it still runs for the
+%% holder), then says it is idle; only then does it serve the queue again.
+release(Worker, St) ->
+    case maps:find(Worker, St#st.workers) of
+        {ok, W} ->
+            erpy_port_worker:release(Worker),
+            St#st{workers = (St#st.workers)#{Worker => W#{state => releasing}}};
+        error ->
+            St
+    end.
+
+uncount(0, St) -> St;
+uncount(N, #st{handle = #{queued := Queued}} = St) ->
+    counters:sub(Queued, 1, N),
+    St.
+
+expired({request, _Alias, {erpy_request, _, _, _, _, Deadline}}) ->
+    past(Deadline);
+expired({checkout, _From, _Holder, Deadline, _Tag}) ->
+    past(Deadline).
+
+past(infinity) -> false;
+past(Deadline) -> erlang:monotonic_time(millisecond) >= Deadline.

@@ -1,0 +1,320 @@
+%% One Python worker OS process behind a port ({packet, 4} ETF on fds 3 and 4, so
+%% nothing Python prints can reach the protocol stream).
+%%
+%% The worker writes the callers' pre-encoded requests to the port and forwards Python's
+%% answers to them without decoding them (it only peeks at the frame's head). Callback
+%% requests from Python are checked against the allow-list here, on the Erlang side, then
+%% run by the caller. A request whose caller died or timed out is interrupted in Python;
+%% if Python does not stop within the grace period the OS process is killed, and the pool
+%% starts a new worker.
+-module(erpy_port_worker).
+-behaviour(gen_server).
+
+-export([start_link/3, hold/2, release/1, protocol_version/0]).
+-export([init/1, handle_call/3, handle_cast/2, handle_info/2, terminate/2]).
+
+-define(PROTOCOL_VERSION, 1).
+-define(READY_TIMEOUT_MS, 60000).
+
+-record(req, {id :: integer(), alias :: reference() | undefined, caller :: pid(),
+              mon :: reference(), deadline :: integer() | infinity}).
+
+-record(st, {
+    pool :: atom(),
+    pool_pid :: pid(),
+    port :: port() | undefined,
+    os_pid :: non_neg_integer() | undefined,
+    opts :: map(),
+    allowed :: erpy_allow:rules(),
+    max :: non_neg_integer(),
+    ready = false :: boolean(),
+    %% Requests in flight, innermost (the one Python works on) first.
+    pending = [] :: [#req{}],
+    releasing = false :: boolean(),
+    held = false :: boolean(),
+    calls = 0 :: non_neg_integer(),
+    exiting = false :: boolean()
+}).
+
+%% API.
+
+-spec start_link(atom(), pid(), map()) -> {ok, pid()} | {error, term()}.
+start_link(Pool, PoolPid, Opts) ->
+    gen_server:start_link(?MODULE, {Pool, PoolPid, Opts}, []).
+
+%% Starts a checkout: the namespace persists across requests until release/1.
+-spec hold(pid(), pid()) -> ok.
+hold(Worker, _Holder) ->
+    gen_server:cast(Worker, hold).
+
+%% Ends a checkout: interrupt what still runs, clear the namespace, then report idle.
+-spec release(pid()) -> ok.
+release(Worker) ->
+    gen_server:cast(Worker, release).
+
+-spec protocol_version() -> pos_integer().
+protocol_version() ->
+    ?PROTOCOL_VERSION.
+
+%% gen_server.
+
+-spec init(term()) -> {ok, #st{}} | {ok, #st{}, timeout()} | {stop, term()}.
+init({Pool, PoolPid, Opts}) ->
+    process_flag(trap_exit, true),
+    Python = maps:get(python, Opts),
+    Env = [{"PYTHONPATH", maps:get(pythonpath, Opts)},
+           {"PYTHONUNBUFFERED", "1"}],
+    try open_port({spawn_executable, Python},
+                  [{args, ["-m", "erpy.worker"]}, {packet, 4}, binary, nouse_stdio,
+                   exit_status, {env, Env}]) of
+        Port ->
+            {os_pid, OsPid} = erlang:port_info(Port, os_pid),
+            Init = #{version => ?PROTOCOL_VERSION,
+                     pool => Pool,
+                     max_message_size => maps:get(max_message_size, Opts),
+                     max_memory_mb => maps:get(max_memory_mb, Opts, undefined),
+                     none => maps:get(none, Opts, undefined)},
+            port_command(Port, term_to_binary({init, Init}, [{minor_version, 2}])),
+            St = #st{pool = Pool, pool_pid = PoolPid, port = Port, os_pid = OsPid, opts = Opts,
+                     allowed = erpy_allow:compile(maps:get(allowed, Opts, [])),
+                     max = maps:get(max_message_size, Opts)},
+            {ok, St, ?READY_TIMEOUT_MS}
+    catch
+        error:Why -> {stop, {cannot_start_python, Python, Why}}
+    end.
+
+-spec handle_call(term(), gen_server:from(), #st{}) -> {reply, term(), #st{}} | {reply, term(), #st{}, timeout()} | {noreply, #st{}}.
+handle_call(os_pid, _From, St) ->
+    {reply, St#st.os_pid, St, timeout(St)};
+handle_call(_Msg, _From, St) ->
+    {reply, {error, unknown_call}, St, timeout(St)}.
+
+-spec handle_cast(term(), #st{}) -> {noreply, #st{}} | {noreply, #st{}, timeout()}.
+handle_cast(release, #st{pending = []} = St) ->
+    reset_namespace(St),
+    St#st.pool_pid ! {erpy_idle, self()},
+    {noreply, St#st{held = false}, timeout(St)};
+handle_cast(release, St) ->
+    {noreply, cancel_all(St#st{releasing = true, held = false}), timeout(St)};
+handle_cast(hold, St) ->
+    send_frame(St, {hold}),
+    {noreply, St#st{held = true}, timeout(St)};
+handle_cast(_Msg, St) ->
+    {noreply, St, timeout(St)}.
+
+-spec handle_info(term(), #st{}) -> {noreply, #st{}} | {noreply, #st{}, timeout()} | {stop, term(), #st{}}.
+handle_info({erpy_request, Alias, Caller, Id, Bin, Deadline}, #st{port = Port} = St) ->
+    port_command(Port, Bin),
+    Req = #req{id = Id, alias = Alias, caller = Caller, deadline = Deadline,
+               mon = erlang:monitor(process, Caller)},
+    St1 = St#st{pending = [Req | St#st.pending]},
+    {noreply, St1, timeout(St1)};
+handle_info({Port, {data, Frame}}, #st{port = Port} = St) ->
+    handle_frame(Frame, St);
+handle_info({'DOWN', Mon, process, _Pid, _Why}, St) ->
+    %% A caller died mid-call: interrupt its request; the answer is dropped on arrival.
+    Pending = [case R of
+                   #req{mon = Mon} ->
+                       send_frame(St, {cancel, R#req.id}),
+                       R#req{alias = undefined, deadline = grace_deadline(St)};
+                   _ -> R
+               end || R <- St#st.pending],
+    St1 = St#st{pending = Pending},
+    {noreply, St1, timeout(St1)};
+handle_info({Port, {exit_status, Status}}, #st{port = Port} = St) ->
+    {stop, {shutdown, {python_exit, Status}}, fail_pending({worker_exit, {exit_status, Status}}, St#st{port = undefined})};
+handle_info({'EXIT', Port, Why}, #st{port = Port} = St) ->
+    {stop, {shutdown, {port_exit, Why}}, fail_pending({worker_exit, Why}, St#st{port = undefined})};
+handle_info({'EXIT', _From, Why}, St) ->
+    {stop, Why, St};
+handle_info(timeout, #st{ready = false} = St) ->
+    {stop, {shutdown, python_not_ready}, St};
+handle_info(timeout, St) ->
+    Now = erlang:monotonic_time(millisecond),
+    case [R || R <- St#st.pending, R#req.deadline =/= infinity, R#req.deadline + grace(St) =< Now] of
+        [] ->
+            {noreply, St, timeout(St)};
+        _Overdue ->
+            %% Python ignored the interrupt (stuck in C code, or catching it): kill it.
+            kill(St),
+            {noreply, St#st{exiting = true}, timeout(St)}
+    end;
+handle_info(_Msg, St) ->
+    {noreply, St, timeout(St)}.
+
+-spec terminate(term(), #st{}) -> ok.
+terminate(_Why, #st{port = undefined}) ->
+    ok;
+terminate(_Why, #st{port = Port, pending = Pending} = St) ->
+    %% An idle Python exits on EOF; a busy one may never read again, so it is killed.
+    catch port_close(Port),
+    case Pending of
+        [] -> ok;
+        _ -> kill(St)
+    end,
+    ok.
+
+%% Internal.
+
+handle_frame(<<131, 104, 3, 119, 2, "ok", Rest/binary>> = Frame, St) ->
+    answer(frame_id(Rest), Frame, St);
+handle_frame(<<131, 104, 3, 119, 5, "error", Rest/binary>> = Frame, St) ->
+    answer(frame_id(Rest), Frame, St);
+handle_frame(Frame, St) ->
+    try binary_to_term(Frame) of
+        Term -> control(Term, St)
+    catch
+        error:badarg ->
+            logger:error("erpy pool ~p: undecodable frame from Python", [St#st.pool],
+                         #{domain => [erpy]}),
+            {noreply, St, timeout(St)}
+    end.
+
+answer(Id, Frame, #st{pending = Pending} = St) ->
+    case lists:keytake(Id, #req.id, Pending) of
+        {value, #req{alias = Alias, mon = Mon}, Rest} ->
+            erlang:demonitor(Mon, [flush]),
+            reply(Alias, Frame, St),
+            St1 = St#st{pending = Rest, calls = St#st.calls + 1},
+            case Rest of
+                [] -> idle(St1);
+                _ -> {noreply, St1, timeout(St1)}
+            end;
+        false ->
+            {noreply, St, timeout(St)}
+    end.
+
+reply(undefined, _Frame, _St) ->
+    ok;
+reply(Alias, Frame, #st{max = Max}) when byte_size(Frame) > Max ->
+    Alias ! {erpy_reply, Alias, {error, {message_too_large, byte_size(Frame), Max}}};
+reply(Alias, Frame, _St) ->
+    Alias ! {erpy_reply, Alias, Frame}.
+
+idle(#st{releasing = true} = St) ->
+    reset_namespace(St),
+    St#st.pool_pid ! {erpy_idle, self()},
+    {noreply, St#st{releasing = false}, timeout(St)};
+idle(#st{held = true} = St) ->
+    {noreply, St, timeout(St)};
+idle(#st{opts = Opts, calls = Calls} = St) ->
+    case maps:get(recycle_after, Opts, infinity) of
+        N when is_integer(N), Calls >= N ->
+            %% Recycled: the pool starts a fresh worker in its place.
+            {stop, {shutdown, recycled}, St};
+        _ ->
+            erpy_pool:finished(maps:get(pool_handle, Opts), maps:get(slot, Opts), self()),
+            {noreply, St, timeout(St)}
+    end.
+
+control({ready, #{version := ?PROTOCOL_VERSION}}, #st{ready = false} = St) ->
+    St#st.pool_pid ! {erpy_ready, self()},
+    {noreply, St#st{ready = true}, timeout(St#st{ready = true})};
+control({ready, #{version := V}}, #st{ready = false} = St) ->
+    {stop, {shutdown, {protocol_version, V, ?PROTOCOL_VERSION}}, St};
+control({callback, CbId, Kind, M, F, A}, St) ->
+    callback(CbId, Kind, M, F, A, St),
+    {noreply, St, timeout(St)};
+control({send, Dest, Msg}, St) ->
+    send_to(Dest, Msg, St),
+    {noreply, St, timeout(St)};
+control({log, Stream, Text}, St) ->
+    Level = case Stream of stderr -> warning; _ -> info end,
+    logger:log(Level, "~ts", [Text], #{domain => [erpy, python], pool => St#st.pool,
+                                       worker => self(), os_pid => St#st.os_pid,
+                                       stream => Stream}),
+    {noreply, St, timeout(St)};
+control({exiting, Why}, St) ->
+    %% Python leaves on its own (memory limit): the exit status follows.
+    logger:notice("erpy pool ~p: worker ~p exits: ~p", [St#st.pool, St#st.os_pid, Why],
+                  #{domain => [erpy]}),
+    {noreply, St#st{exiting = true}, timeout(St)};
+control(Other, St) ->
+    logger:error("erpy pool ~p: unexpected frame from Python: ~P", [St#st.pool, Other, 10],
+                 #{domain => [erpy]}),
+    {noreply, St, timeout(St)}.
+
+callback(CbId, Kind, M, F, A, #st{pending = [#req{alias = Alias} | _]} = St)
+  when Alias =/= undefined ->
+    Args = case Kind of
+               call -> [A];
+               apply when is_list(A) -> A;
+               _ -> bad
+           end,
+    case Args of
+        bad ->
+            callback_error(CbId, {badarg, Kind}, St);
+        _ ->
+            case erpy_allow:resolve(St#st.allowed, M, F, length(Args)) of
+                {ok, Mod, Fun} ->
+                    Alias ! {erpy_callback, Alias, self(), St#st.port, CbId, {Mod, Fun, Args}};
+                {error, NotAllowed} ->
+                    callback_error(CbId, NotAllowed, St)
+            end
+    end;
+callback(CbId, _Kind, _M, _F, _A, St) ->
+    callback_error(CbId, no_caller, St).
+
+callback_error(CbId, Reason, St) ->
+    send_frame(St, {reply, CbId, error, Reason}).
+
+send_to(Dest, Msg, _St) when is_pid(Dest) ->
+    Dest ! Msg,
+    ok;
+send_to(Dest, Msg, St) when is_atom(Dest) ->
+    try Dest ! Msg catch error:badarg -> no_such_name(Dest, St) end,
+    ok;
+send_to(Dest, Msg, St) when is_binary(Dest) ->
+    try binary_to_existing_atom(Dest, utf8) of
+        Name -> send_to(Name, Msg, St)
+    catch error:badarg -> no_such_name(Dest, St)
+    end;
+send_to(Dest, _Msg, St) ->
+    no_such_name(Dest, St).
+
+no_such_name(Dest, St) ->
+    logger:warning("erpy pool ~p: Python sent to ~p, which is not a process", [St#st.pool, Dest],
+                   #{domain => [erpy]}).
+
+fail_pending(Reason, #st{pending = Pending} = St) ->
+    [A ! {erpy_reply, A, {error, Reason}} || #req{alias = A} <- Pending, A =/= undefined],
+    St#st{pending = []}.
+
+cancel_all(#st{pending = Pending} = St) ->
+    [send_frame(St, {cancel, Id}) || #req{id = Id} <- Pending],
+    St#st{pending = [R#req{alias = undefined, deadline = grace_deadline(St)} || R <- Pending]}.
+
+reset_namespace(St) ->
+    send_frame(St, {reset}).
+
+send_frame(#st{port = undefined}, _Term) ->
+    ok;
+send_frame(#st{port = Port}, Term) ->
+    port_command(Port, term_to_binary(Term, [{minor_version, 2}])).
+
+frame_id(<<97, I, _/binary>>) -> I;
+frame_id(<<98, I:32/signed, _/binary>>) -> I;
+frame_id(<<110, N, 0, D:N/little-unit:8, _/binary>>) -> D;
+frame_id(_) -> undefined.
+
+grace(#st{opts = Opts}) ->
+    maps:get(kill_grace_ms, Opts, 2000).
+
+%% Cancelled requests get the grace period from now on to stop.
+grace_deadline(_St) ->
+    erlang:monotonic_time(millisecond).
+
+%% The gen_server timeout: when the innermost overdue request must have stopped.
+timeout(#st{ready = false}) ->
+    ?READY_TIMEOUT_MS;
+timeout(#st{pending = Pending} = St) ->
+    case [D || #req{deadline = D} <- Pending, D =/= infinity] of
+        [] -> infinity;
+        Ds -> max(0, lists:min(Ds) + grace(St) - erlang:monotonic_time(millisecond))
+    end.
+
+kill(#st{os_pid = undefined}) ->
+    ok;
+kill(#st{os_pid = OsPid}) ->
+    _ = os:cmd("kill -9 " ++ integer_to_list(OsPid)),
+    ok.

@@ -1,0 +1,212 @@
+%% The Python codec tested through a real boundary: Erlang generates terms, a Python
+%% port helper (test/py/roundtrip_port.py) decodes and re-encodes each one with erpy,
+%% and the answer must be exactly what term_to_binary gives.
+-module(erpy_codec_SUITE).
+
+-include_lib("common_test/include/ct.hrl").
+-include_lib("stdlib/include/assert.hrl").
+
+-export([all/0, suite/0, init_per_suite/1, end_per_suite/1,
+         init_per_testcase/2, end_per_testcase/2]).
+-export([random_terms/1, every_kind/1, old_forms_and_compressed/1, hostile_input/1]).
+
+-define(REPLY_TIMEOUT, 20000).
+-define(RANDOM_TERMS, 5000).
+-define(PER_KIND, 250).
+
+all() ->
+    [random_terms, every_kind, old_forms_and_compressed, hostile_input].
+
+suite() ->
+    [{timetrap, {minutes, 5}}].
+
+init_per_suite(Config) ->
+    Root = repo_root(),
+    Python = os:getenv("ERPY_PYTHON", "/usr/bin/python3"),
+    Env = [{"PYTHONPATH", python_path(Root)}],
+    Check = open_port({spawn_executable, Python},
+                      [{args, ["-c", "import erpy"]}, {env, Env}, exit_status,
+                       stderr_to_stdout, binary]),
+    case collect_exit(Check, <<>>) of
+        {0, _} ->
+            ct:log("Python ~s, PYTHONPATH ~s", [Python, python_path(Root)]),
+            [{python, Python}, {root, Root}, {env, Env} | Config];
+        {Status, Out} ->
+            {fail, lists:flatten(io_lib:format(
+                     "~s cannot import erpy (status ~p); build it with `make native`:~n~s",
+                     [Python, Status, Out]))}
+    end.
+
+end_per_suite(_Config) ->
+    ok.
+
+init_per_testcase(_Case, Config) ->
+    Script = filename:join([?config(root, Config), "test", "py", "roundtrip_port.py"]),
+    Port = open_port({spawn_executable, ?config(python, Config)},
+                     [{args, [Script]}, {packet, 4}, binary, exit_status, use_stdio,
+                      {env, ?config(env, Config)}]),
+    [{port, Port} | Config].
+
+end_per_testcase(_Case, Config) ->
+    Port = ?config(port, Config),
+    catch port_close(Port),
+    ok.
+
+%% Test cases.
+
+random_terms(Config) ->
+    doc("Erlang generates 5,000 random terms of every kind; Python decodes and re-encodes "
+        "each one byte-identically to term_to_binary(T, [{minor_version, 2}])."),
+    Seed = erlang:unique_integer([positive]) + erlang:system_time(),
+    ct:log("seed ~p", [Seed]),
+    Terms = erpy_term_gen:terms(Seed, ?RANDOM_TERMS),
+    roundtrip_all(?config(port, Config), Terms).
+
+every_kind(Config) ->
+    doc("For each kind of term (integers, bignums, floats, unicode atoms, binaries, "
+        "bitstrings, strings, lists, improper lists, large tuples, maps over 32 keys, pids, "
+        "refs, ports, funs), 250 random terms of that kind come back byte-identical."),
+    Seed = erlang:unique_integer([positive]) + erlang:system_time(),
+    ct:log("seed ~p", [Seed]),
+    erpy_term_gen:seed(Seed),
+    Terms = [erpy_term_gen:term(Kind)
+             || Kind <- erpy_term_gen:kinds(),
+                _ <- lists:seq(1, case Kind of long_string -> 10; _ -> ?PER_KIND end)],
+    roundtrip_all(?config(port, Config), Terms).
+
+old_forms_and_compressed(Config) ->
+    doc("Compressed terms and the old forms of minor version 0 (FLOAT_EXT, Latin-1 "
+        "ATOM_EXT) decode in Python to terms that encode back to the same Erlang term."),
+    Seed = erlang:unique_integer([positive]) + erlang:system_time(),
+    ct:log("seed ~p", [Seed]),
+    Terms = erpy_term_gen:terms(Seed, 2000),
+    Port = ?config(port, Config),
+    Failures = lists:append(
+                 [[{Opts, T, Reply}
+                   || {Opts, Reply} <- [{Opts, request(Port, term_to_binary(T, Opts))}
+                                        || Opts <- [[compressed], [{compressed, 9}],
+                                                    [{minor_version, 0}],
+                                                    [{minor_version, 1}]]],
+                      not same_term(Reply, T)]
+                  || T <- Terms]),
+    report_failures(Failures),
+    ?assertEqual([], Failures).
+
+hostile_input(Config) ->
+    doc("Truncated, unknown-tag, oversized-length, deeply nested and lying compressed "
+        "input all give a DecodeError quickly, and the helper keeps answering."),
+    Port = ?config(port, Config),
+    Valid = term_to_binary([#{a => <<"b">>, 1 => 1.5}, {self(), make_ref()},
+                            "str", 1 bsl 100, fun lists:sort/1], [{minor_version, 2}]),
+    Truncated = [binary:part(Valid, 0, N) || N <- lists:seq(0, byte_size(Valid) - 1)],
+    Hostile = [<<131, 200>>,                                  % unknown tag
+               <<131, 108, 16#ffffffff:32>>,                  % 2^32-1 elements in 6 bytes
+               <<131, 109, 16#ffffffff:32, 1, 2>>,            % binary longer than input
+               <<131, 105, 16#ffffffff:32>>,                  % LARGE_TUPLE_EXT, same
+               <<131, 116, 16#ffffffff:32>>,                  % map, same
+               <<131, 111, 16#ffffffff:32, 0, 1>>,            % bignum, same
+               <<131, 80, 16#80000000:32, (zlib:compress(<<0:8000>>))/binary>>,
+               <<131, 80, 10:32, "not zlib at all">>,
+               %% Valid but 10^6 deep: lists [[[...]]] and tuples {{{...}}}.
+               iolist_to_binary([131, lists:duplicate(1000000, <<108, 1:32>>), 106,
+                                 lists:duplicate(1000000, 106)]),
+               iolist_to_binary([131, lists:duplicate(1000000, <<104, 1>>), 106]),
+               <<>>, <<131>>, <<130, 97, 1>>],
+    Results = [{Bytes, timer:tc(fun() -> request(Port, Bytes) end)}
+               || Bytes <- Truncated ++ Hostile],
+    Bad = [{abbrev(Bytes), Micros, Reply}
+           || {Bytes, {Micros, Reply}} <- Results, not is_decode_error(Reply)],
+    ct:log("slowest answer: ~b us", [lists:max([M || {_, {M, _}} <- Results])]),
+    ?assertEqual([], Bad),
+    %% Still alive and correct after all that.
+    ?assertEqual(Valid, request(Port, Valid)).
+
+%% Internal.
+
+doc(Text) ->
+    ct:comment(Text).
+
+roundtrip_all(Port, Terms) ->
+    {Sent, Failures} = lists:foldl(
+        fun(T, {N, Acc}) ->
+            Expected = term_to_binary(T, [{minor_version, 2}]),
+            case request(Port, Expected) of
+                Expected -> {N + 1, Acc};
+                Other -> {N + 1, [{T, Other} | Acc]}
+            end
+        end, {0, []}, Terms),
+    ct:log("~b terms sent, ~b answered identically", [Sent, Sent - length(Failures)]),
+    report_failures(lists:reverse(Failures)),
+    ?assertEqual(length(Terms), Sent),
+    ?assertEqual(0, length(Failures)).
+
+%% Sends one frame and waits for its answer: the helper answers every frame in order,
+%% so a missing answer is a timeout and a dead helper an exit_status, never a skip.
+request(Port, Bytes) ->
+    true = port_command(Port, Bytes),
+    receive
+        {Port, {data, Reply}} -> Reply;
+        {Port, {exit_status, Status}} -> ct:fail({python_exited, Status})
+    after ?REPLY_TIMEOUT ->
+        ct:fail({no_answer_within_ms, ?REPLY_TIMEOUT, abbrev(Bytes)})
+    end.
+
+same_term(Reply, T) ->
+    try binary_to_term(Reply) =:= T
+    catch error:badarg -> false
+    end.
+
+is_decode_error(Reply) ->
+    case catch binary_to_term(Reply) of
+        {error, <<"DecodeError">>, Message} when is_binary(Message) -> true;
+        _ -> false
+    end.
+
+report_failures([]) ->
+    ok;
+report_failures(Failures) ->
+    ct:pal("~b failures; the first ones:", [length(Failures)]),
+    [ct:pal("term ~P~n  answer ~P", [element(tuple_size(F) - 1, F), 30,
+                                      decoded(element(tuple_size(F), F)), 30])
+     || F <- lists:sublist(Failures, 10)],
+    ok.
+
+decoded(Reply) ->
+    try binary_to_term(Reply)
+    catch error:badarg -> {undecodable, abbrev(Reply)}
+    end.
+
+abbrev(Bytes) when byte_size(Bytes) > 64 ->
+    {binary:part(Bytes, 0, 64), '...', byte_size(Bytes), bytes};
+abbrev(Bytes) ->
+    Bytes.
+
+collect_exit(Port, Acc) ->
+    receive
+        {Port, {data, D}} -> collect_exit(Port, <<Acc/binary, D/binary>>);
+        {Port, {exit_status, S}} -> {S, Acc}
+    after 30000 -> {timeout, Acc}
+    end.
+
+%% The repository root: $ERPY_ROOT, else the nearest parent of this module's beam that
+%% holds python/erpy (rebar3 runs the suite from _build/test/lib/erpy/test).
+repo_root() ->
+    case os:getenv("ERPY_ROOT") of
+        Root when is_list(Root), Root =/= "" -> Root;
+        _ -> find_root(filename:dirname(filename:absname(code:which(?MODULE))))
+    end.
+
+find_root("/") ->
+    error(erpy_root_not_found);
+find_root(Dir) ->
+    case filelib:is_dir(filename:join([Dir, "python", "erpy"])) of
+        true -> Dir;
+        false -> find_root(filename:dirname(Dir))
+    end.
+
+python_path(Root) ->
+    Own = filename:join(Root, "python"),
+    case os:getenv("PYTHONPATH") of
+        Path when is_list(Path), Path =/= "" -> Own ++ ":" ++ Path;
+        _ -> Own
+    end.
