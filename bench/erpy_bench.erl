@@ -21,7 +21,7 @@
 
 -spec workloads() -> [module()].
 workloads() ->
-    [erpy_bench_w5].
+    [erpy_bench_w5, erpy_bench_port].
 
 -spec main([string()]) -> ok.
 main(_Args) ->

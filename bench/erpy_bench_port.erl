@@ -1,0 +1,303 @@
+%% Port mode: W1, W2, W3a, W3b, W4 and W6 of DESIGN.md, each beside its reference measured
+%% alternately in the same run, plus a worker's memory over many calls.
+%%
+%% The pipe floor is an open_port to `cat` with {packet, 4} echoing a frame of the same
+%% size as erpy's request. CPU time is user+sys of every process involved (the VM, the
+%% Python workers, cat), read from /proc in nanoseconds (schedstat).
+-module(erpy_bench_port).
+
+-export([rows/1]).
+
+-define(POOL, erpy_bench_port).
+
+%% API.
+
+-spec rows(erpy_bench:ctx()) -> [erpy_bench:row()].
+rows(#{root := Root} = Ctx) ->
+    true = code:add_patha(filename:join([Root, "_build", "default", "lib", "erpy", "ebin"])),
+    ok = application:load(erpy),
+    application:set_env(erpy, pools, [{default, #{mode => port, size => 1}}]),
+    {ok, _} = application:ensure_all_started(erpy),
+    Rows = [w1_w4(Ctx), w2(Ctx), w3a(Ctx), w3b(Ctx), w6(Ctx), memory(Ctx)],
+    application:stop(erpy),
+    lists:append(Rows).
+
+%% W1 (sequential add) and W4 (one callback into Erlang), each beside the pipe floor.
+w1_w4(#{pairs := Pairs}) ->
+    {ok, _} = erpy:start_pool(?POOL, #{size => 1, allowed => [{erlang, abs}]}),
+    wait_ready(?POOL),
+    Calls = 20000 div Pairs + 1,
+    Callback = fun() -> {ok, 1} = erpy:eval(<<"erlang.call('erlang', 'abs', -1)">>, #{}, #{pool => ?POOL}) end,
+    AddPool = fun() -> {ok, 3} = erpy:call(operator, add, [1, 2], #{pool => ?POOL}) end,
+    Frame = erpy_call:encode_request({call, <<"operator">>, <<"add">>, [1, 2], #{}}, 1, 5000, self()),
+    Cat = cat(),
+    Floor = fun() -> echo(Cat, Frame) end,
+    Procs = fun() -> [os:getpid(), os_pid(Cat) | worker_os_pids(?POOL)] end,
+    _ = [AddPool() || _ <- lists:seq(1, 2000)],            % warm up
+    {ErpyRuns, FloorRuns} = erpy_bench:alternate(
+        Pairs, fun() -> latencies(AddPool, Calls, Procs) end,
+               fun() -> latencies(Floor, Calls, Procs) end),
+    {CbRuns, AddRuns} = erpy_bench:alternate(
+        Pairs, fun() -> latencies(Callback, Calls div 2, Procs) end,
+               fun() -> latencies(AddPool, Calls div 2, Procs) end),
+    port_close(Cat),
+    erpy:stop_pool(?POOL),
+    W1Ratio = erpy_bench:median([median(E) / median(F) || {{E, _}, {F, _}} <- lists:zip(ErpyRuns, FloorRuns)]),
+    W4Ratio = erpy_bench:median([median(C) / median(A) || {{C, _}, {A, _}} <- lists:zip(CbRuns, AddRuns)]),
+    All = fun(Runs) -> lists:append([L || {L, _} <- Runs]) end,
+    Cpu = fun(Runs) -> lists:sum([C || {_, C} <- Runs]) / length(All(Runs)) / 1000 end,
+    [#{id => <<"W1">>,
+       workload => <<"port: latency of sequential operator.add(1, 2), us/call">>,
+       erpy => fmt("median ~.1f us, p99 ~.1f us, ~.1f us CPU/call",
+                   [median(All(ErpyRuns)), p99(All(ErpyRuns)), Cpu(ErpyRuns)]),
+       reference => fmt("pipe floor ({packet,4} echo through cat): median ~.1f us, p99 ~.1f us, ~.1f us CPU/call",
+                        [median(All(FloorRuns)), p99(All(FloorRuns)), Cpu(FloorRuns)]),
+       ratio => W1Ratio, target => <<"<= 1.5x">>, pass => W1Ratio =< 1.5,
+       notes => [fmt("~b pairs of ~b calls; ratio = erpy median / floor median per pair", [Pairs, Calls])]},
+     #{id => <<"W4">>,
+       workload => <<"port: Python calls erlang.call('erlang', 'abs', -1) once, us/round trip">>,
+       erpy => fmt("median ~.1f us, p99 ~.1f us, ~.1f us CPU/call",
+                   [median(All(CbRuns)), p99(All(CbRuns)), Cpu(CbRuns)]),
+       reference => fmt("W1 (erpy:call of operator.add): median ~.1f us", [median(All(AddRuns))]),
+       ratio => W4Ratio, target => <<"<= 2.5x">>, pass => W4Ratio =< 2.5,
+       notes => [<<"the request is erpy:eval of the callback expression (compiled once, cached)">>]}].
+
+%% W2: 4 concurrent callers x 5,000 calls against a pool of 4, beside 4 callers each
+%% echoing through its own cat.
+w2(#{pairs := Pairs}) ->
+    {ok, _} = erpy:start_pool(?POOL, #{size => 4}),
+    wait_ready(?POOL),
+    Per = 5000,
+    Frame = erpy_call:encode_request({call, <<"operator">>, <<"add">>, [1, 2], #{}}, 1, 5000, self()),
+    Echoers = [echoer(Frame) || _ <- lists:seq(1, 4)],
+    Procs = fun() -> [os:getpid() | [P || {_, P} <- Echoers] ++ worker_os_pids(?POOL)] end,
+    ErpyRun = fun() ->
+                  concurrent([fun() -> [{ok, 3} = erpy:call(operator, add, [1, 2], #{pool => ?POOL})
+                                        || _ <- lists:seq(1, Per)] end || _ <- lists:seq(1, 4)], Procs)
+              end,
+    FloorRun = fun() ->
+                   concurrent([fun() -> Ech ! {run, Per, self()}, receive {Ech, done} -> ok end end
+                               || {Ech, _} <- Echoers], Procs)
+               end,
+    _ = ErpyRun(),
+    {E, F} = erpy_bench:alternate(max(3, Pairs div 3), ErpyRun, FloorRun),
+    [exit(Echoer, kill) || {Echoer, _} <- Echoers],
+    erpy:stop_pool(?POOL),
+    Rate = fun({Ns, _}) -> 4 * Per / (Ns / 1.0e9) end,
+    CpuPer = fun(Runs) -> erpy_bench:median([C / (4 * Per) / 1000 || {_, C} <- Runs]) end,
+    Ratio = erpy_bench:median([Rate(A) / Rate(B) || {A, B} <- lists:zip(E, F)]),
+    ERate = erpy_bench:median([Rate(R) || R <- E]),
+    [#{id => <<"W2">>,
+       workload => <<"port: throughput, 4 concurrent callers x 5,000 calls (pool of 4), calls/s">>,
+       erpy => fmt("~b calls/s, ~.1f us CPU/call", [round(ERate), CpuPer(E)]),
+       reference => fmt("4 callers x own cat echo: ~b echoes/s, ~.1f us CPU/echo",
+                        [round(erpy_bench:median([Rate(R) || R <- F])), CpuPer(F)]),
+       ratio => Ratio, target => <<">= 100,000 calls/s">>, pass => ERate >= 100000,
+       notes => [<<"ratio = erpy calls/s / floor echoes/s per pair; the target is absolute">>]}].
+
+%% W3a: echo a 1 MiB binary (Python gets bytes and returns them).
+w3a(#{pairs := Pairs}) ->
+    {ok, _} = erpy:start_pool(?POOL, #{size => 1}),
+    wait_ready(?POOL),
+    Bin = crypto_bytes(1 bsl 20),
+    Frame = erpy_call:encode_request({call, <<"copy">>, <<"copy">>, [Bin], #{}}, 1, 5000, self()),
+    Cat = cat(),
+    Procs = fun() -> [os:getpid(), os_pid(Cat) | worker_os_pids(?POOL)] end,
+    Erpy = fun() -> {ok, Bin} = erpy:call(copy, copy, [Bin], #{pool => ?POOL}) end,
+    Floor = fun() -> echo(Cat, Frame) end,
+    N = 40,
+    _ = [Erpy() || _ <- lists:seq(1, 5)],
+    {E, F} = erpy_bench:alternate(Pairs, fun() -> latencies(Erpy, N, Procs) end,
+                                  fun() -> latencies(Floor, N, Procs) end),
+    port_close(Cat),
+    erpy:stop_pool(?POOL),
+    MBs = fun({L, _}) -> (1 bsl 20) / median(L) end,          % bytes/us = MB/s
+    Ratio = erpy_bench:median([MBs(A) / MBs(B) || {A, B} <- lists:zip(E, F)]),
+    ERate = erpy_bench:median([MBs(R) || R <- E]),
+    Cpu = fun(Runs) -> lists:sum([C || {_, C} <- Runs]) / (N * length(Runs)) / 1000 end,
+    [#{id => <<"W3a">>,
+       workload => <<"port: echo a 1 MiB binary, MB/s (payload / round trip)">>,
+       erpy => fmt("~.1f MB/s, ~.1f us CPU/echo", [ERate, Cpu(E)]),
+       reference => fmt("pipe floor (cat echo of the same frame): ~.1f MB/s, ~.1f us CPU/echo",
+                        [erpy_bench:median([MBs(R) || R <- F]), Cpu(F)]),
+       ratio => Ratio, target => <<">= 800 MB/s">>, pass => ERate >= 800,
+       notes => [<<"random bytes (not UTF-8), so Python sees bytes; Python echoes with copy.copy">>]}].
+
+%% W3b: echo the list of 10,000 maps.
+w3b(#{pairs := Pairs}) ->
+    {ok, _} = erpy:start_pool(?POOL, #{size => 1}),
+    wait_ready(?POOL),
+    T = erpy_bench_w5:term(),
+    Cat = cat(),
+    Procs = fun() -> [os:getpid(), os_pid(Cat) | worker_os_pids(?POOL)] end,
+    Erpy = fun() -> {ok, T} = erpy:call(copy, copy, [T], #{pool => ?POOL}) end,
+    %% The floor also pays Erlang's encode and decode: what any port bridge must do.
+    Floor = fun() ->
+                Frame = erpy_call:encode_request({call, <<"copy">>, <<"copy">>, [T], #{}}, 1, 5000, self()),
+                port_command(Cat, Frame),
+                receive {Cat, {data, Back}} -> {call, _, _, _, _, _, [T], _} = binary_to_term(Back) end
+            end,
+    N = 10,
+    _ = [Erpy() || _ <- lists:seq(1, 3)],
+    {E, F} = erpy_bench:alternate(Pairs, fun() -> latencies(Erpy, N, Procs) end,
+                                  fun() -> latencies(Floor, N, Procs) end),
+    port_close(Cat),
+    erpy:stop_pool(?POOL),
+    Ms = fun({L, _}) -> median(L) / 1000 end,
+    Ratio = erpy_bench:median([Ms(A) / Ms(B) || {A, B} <- lists:zip(E, F)]),
+    EMs = erpy_bench:median([Ms(R) || R <- E]),
+    Cpu = fun(Runs) -> lists:sum([C || {_, C} <- Runs]) / (N * length(Runs)) / 1.0e6 end,
+    [#{id => <<"W3b">>,
+       workload => <<"port: echo a list of 10,000 maps, ms per round trip">>,
+       erpy => fmt("~.2f ms, ~.2f ms CPU/echo", [EMs, Cpu(E)]),
+       reference => fmt("floor (Erlang encode, cat echo, Erlang decode): ~.2f ms, ~.2f ms CPU/echo",
+                        [erpy_bench:median([Ms(R) || R <- F]), Cpu(F)]),
+       ratio => Ratio, target => <<"<= 10 ms">>, pass => EMs =< 10,
+       notes => [<<"ratio = erpy ms / floor ms per pair">>]}].
+
+%% W6: pool start (4 workers) to first answered call, beside `erl -noshell -s init stop`.
+w6(#{pairs := Pairs}) ->
+    Erl = os:find_executable("erl"),
+    Start = fun() ->
+                T0 = erlang:monotonic_time(microsecond),
+                {ok, _} = erpy:start_pool(?POOL, #{size => 4}),
+                {ok, 3} = erpy:call(operator, add, [1, 2], #{pool => ?POOL, timeout => 30000}),
+                T1 = erlang:monotonic_time(microsecond),
+                erpy:stop_pool(?POOL),
+                (T1 - T0) / 1000
+            end,
+    ErlStart = fun() ->
+                   T0 = erlang:monotonic_time(microsecond),
+                   _ = os:cmd(Erl ++ " -noshell -s init stop"),
+                   (erlang:monotonic_time(microsecond) - T0) / 1000
+               end,
+    {E, F} = erpy_bench:alternate(max(5, Pairs div 2), Start, ErlStart),
+    Ratio = erpy_bench:median([A / B || {A, B} <- lists:zip(E, F)]),
+    EMs = erpy_bench:median(E),
+    [#{id => <<"W6">>,
+       workload => <<"port: cold start, pool of 4 started to first answered call, ms">>,
+       erpy => fmt("~.1f ms", [EMs]),
+       reference => fmt("erl -noshell -s init stop: ~.1f ms", [erpy_bench:median(F)]),
+       ratio => Ratio, target => <<"<= 100 ms">>, pass => EMs =< 100,
+       notes => [<<"Python interpreters start in parallel; the first call waits for the first ready worker">>]}].
+
+%% A worker's memory over many calls (1,000,000 unless BENCH_MEMORY_CALLS says otherwise).
+memory(_Ctx) ->
+    Calls = list_to_integer(os:getenv("BENCH_MEMORY_CALLS", "1000000")),
+    {ok, _} = erpy:start_pool(?POOL, #{size => 1}),
+    wait_ready(?POOL),
+    [OsPid] = worker_os_pids(?POOL),
+    Step = max(1, Calls div 10),
+    Samples = [begin
+                   [{ok, 3} = erpy:call(operator, add, [1, 2], #{pool => ?POOL}) || _ <- lists:seq(1, Step)],
+                   rss_kb(OsPid)
+               end || _ <- lists:seq(1, 10)],
+    [OsPid] = worker_os_pids(?POOL),                          % the same worker all along
+    erpy:stop_pool(?POOL),
+    First = hd(Samples),
+    Last = lists:last(Samples),
+    Growth = (Last - First) / max(First, 1),
+    [#{id => <<"M1">>,
+       workload => fmt("port: a worker's RSS over ~b calls, KiB", [Calls]),
+       erpy => fmt("~b KiB after ~b calls, ~b KiB after ~b", [First, Step, Last, Calls]),
+       reference => fmt("samples every ~b calls: ~w", [Step, Samples]),
+       ratio => Last / max(First, 1), target => <<"flat (< 5% growth)">>, pass => Growth < 0.05,
+       notes => [<<"ratio = last sample / first sample">>]}].
+
+%% Internal.
+
+cat() ->
+    open_port({spawn_executable, "/bin/cat"}, [{packet, 4}, binary, use_stdio]).
+
+echo(Port, Frame) ->
+    port_command(Port, Frame),
+    receive {Port, {data, _}} -> ok end.
+
+%% A process owning a cat port, echoing N frames when asked: {Pid, cat's OS pid}.
+echoer(Frame) ->
+    Self = self(),
+    Pid = spawn(fun() ->
+                        Cat = cat(),
+                        Self ! {self(), os_pid(Cat)},
+                        echo_loop(Cat, Frame)
+                end),
+    receive {Pid, OsPid} -> {Pid, OsPid} end.
+
+echo_loop(Cat, Frame) ->
+    receive
+        {run, N, From} ->
+            [echo(Cat, Frame) || _ <- lists:seq(1, N)],
+            From ! {self(), done},
+            echo_loop(Cat, Frame)
+    end.
+
+%% Runs F N times: per-call latencies in us, and the CPU ns all processes spent.
+latencies(F, N, Procs) ->
+    Pids = Procs(),
+    C0 = cpu_ns(Pids),
+    L = [begin
+             T0 = erlang:monotonic_time(nanosecond),
+             F(),
+             (erlang:monotonic_time(nanosecond) - T0) / 1000
+         end || _ <- lists:seq(1, N)],
+    {L, cpu_ns(Pids) - C0}.
+
+concurrent(Funs, Procs) ->
+    Pids = Procs(),
+    C0 = cpu_ns(Pids),
+    Self = self(),
+    T0 = erlang:monotonic_time(nanosecond),
+    Ws = [spawn_link(fun() -> F(), Self ! {done, self()} end) || F <- Funs],
+    [receive {done, W} -> ok end || W <- Ws],
+    {erlang:monotonic_time(nanosecond) - T0, cpu_ns(Pids) - C0}.
+
+%% CPU time (ns) of all threads of the given OS processes.
+cpu_ns(OsPids) ->
+    lists:sum([task_ns(P) || P <- OsPids]).
+
+task_ns(OsPid) ->
+    Dir = "/proc/" ++ to_list(OsPid) ++ "/task",
+    case file:list_dir(Dir) of
+        {ok, Tasks} ->
+            lists:sum([case file:read_file(filename:join([Dir, T, "schedstat"])) of
+                           {ok, S} -> binary_to_integer(hd(binary:split(S, <<" ">>)));
+                           _ -> 0
+                       end || T <- Tasks]);
+        _ -> 0
+    end.
+
+rss_kb(OsPid) ->
+    {ok, Status} = file:read_file("/proc/" ++ to_list(OsPid) ++ "/status"),
+    {match, [Kb]} = re:run(Status, "VmRSS:\\s*(\\d+)", [{capture, [1], binary}]),
+    binary_to_integer(Kb).
+
+os_pid(Port) ->
+    {os_pid, P} = erlang:port_info(Port, os_pid),
+    P.
+
+worker_os_pids(Pool) ->
+    #{worker_pids := Ws} = erpy_pool:info(Pool),
+    [gen_server:call(W, os_pid) || W <- Ws].
+
+wait_ready(Pool) ->
+    #{ready := R, size := S} = erpy_pool:info(Pool),
+    case R >= S of
+        true -> ok;
+        false -> timer:sleep(10), wait_ready(Pool)
+    end.
+
+crypto_bytes(N) ->
+    rand:seed(exsss, {1, 2, 3}),
+    << <<(rand:uniform(256) - 1)>> || _ <- lists:seq(1, N) >>.
+
+median(L) -> erpy_bench:median(L).
+
+p99(L) ->
+    S = lists:sort(L),
+    lists:nth(max(1, round(length(S) * 0.99)), S).
+
+to_list(P) when is_integer(P) -> integer_to_list(P);
+to_list(P) -> P.
+
+fmt(F, A) ->
+    iolist_to_binary(io_lib:format(F, A)).
