@@ -46,6 +46,8 @@ setup:
 native: setup
 	@$(CMAKE_CONFIGURE) -B _build/native -DCMAKE_BUILD_TYPE=Release
 	@cmake --build _build/native -j$(JOBS)
+	@# Port workers run the interpreter the extension was built for (erpy_config:built_python/0).
+	@command -v $(PYTHON) > priv/python.path
 
 erlang: setup
 	@$(REBAR) compile

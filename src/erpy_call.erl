@@ -13,21 +13,34 @@
 
 -spec request(erpy:pool(), tuple(), timeout()) -> {ok, term()} | {error, term()}.
 request(Pool, Req, Timeout) ->
-    case nested_worker(Pool) of
-        {ok, Worker} ->
-            send_and_wait(Worker, Pool, Req, Timeout);
-        error ->
-            case erpy_pool:lookup(Pool) of
-                {ok, Handle} -> via_pool(Handle, Req, Timeout);
-                error -> {error, {no_pool, Pool}}
-            end
-    end.
+    %% Encoded and size-checked before a slot is claimed: a refused request holds nothing.
+    with_frame(Pool, Req, Timeout,
+               fun(Frame) ->
+                       case nested_worker(Pool) of
+                           {ok, Worker} ->
+                               send_and_wait(Worker, Pool, Frame, Timeout);
+                           error ->
+                               case erpy_pool:lookup(Pool) of
+                                   {ok, Handle} -> via_pool(Handle, Frame, Timeout);
+                                   error -> {error, {no_pool, Pool}}
+                               end
+                       end
+               end).
 
 -spec request_worker(erpy:worker(), tuple(), timeout()) -> {ok, term()} | {error, term()}.
 request_worker({erpy_worker, Pool, Pid}, Req, Timeout) ->
-    send_and_wait(Pid, Pool, Req, Timeout);
+    with_frame(Pool, Req, Timeout, fun(Frame) -> send_and_wait(Pid, Pool, Frame, Timeout) end);
 request_worker(Other, _Req, _Timeout) ->
     {error, {badarg, {worker, Other}}}.
+
+with_frame(Pool, Req, Timeout, Fun) ->
+    Id = erlang:unique_integer([positive]),
+    Bin = encode_request(Req, Id, Timeout, self()),
+    Max = erpy_pool:max_message_size(Pool),
+    case byte_size(Bin) of
+        Size when Size > Max -> {error, {message_too_large, Size, Max}};
+        _ -> Fun({Id, Bin})
+    end.
 
 %% The frame Python receives: {Kind, Id, DeadlineMs, Caller, Payload...}. The deadline
 %% is wall-clock milliseconds (both sides of a port share the clock); 0 means none.
@@ -43,7 +56,7 @@ encode_request(Req, Id, Timeout, Caller) ->
 %% Internal.
 
 %% A free slot: straight to its worker. None: to the pool server, which queues it.
-via_pool(#{name := Pool, pid := PoolPid, queued := Queued} = Handle, Req, Timeout) ->
+via_pool(#{name := Pool, pid := PoolPid, queued := Queued} = Handle, Frame, Timeout) ->
     Target = case erpy_pool:claim(Handle) of
                  {ok, Slot} ->
                      case erpy_pool:worker_pid(Pool, Slot) of
@@ -55,34 +68,26 @@ via_pool(#{name := Pool, pid := PoolPid, queued := Queued} = Handle, Req, Timeou
     case Target of
         undefined ->
             counters:add(Queued, 1, 1),
-            send_and_wait(PoolPid, Pool, Req, Timeout);
+            send_and_wait(PoolPid, Pool, Frame, Timeout);
         Worker ->
-            case send_and_wait(Worker, Pool, Req, Timeout) of
+            case send_and_wait(Worker, Pool, Frame, Timeout) of
                 {error, {worker_exit, noproc}} ->
                     %% The worker had died before it got the request: nothing ran, so
                     %% the pool may place it again.
                     counters:add(Queued, 1, 1),
-                    send_and_wait(PoolPid, Pool, Req, Timeout);
+                    send_and_wait(PoolPid, Pool, Frame, Timeout);
                 Answer ->
                     Answer
             end
     end.
 
-send_and_wait(Target, Pool, Req, Timeout) ->
-    Id = erlang:unique_integer([positive]),
-    Bin = encode_request(Req, Id, Timeout, self()),
-    Max = erpy_pool:max_message_size(Pool),
-    case byte_size(Bin) of
-        Size when Size > Max ->
-            {error, {message_too_large, Size, Max}};
-        _ ->
-            %% The monitor is also the alias the worker answers to: once we demonitor,
-            %% a late answer (after a timeout) is dropped by the runtime, not queued here.
-            Mref = erlang:monitor(process, Target, [{alias, demonitor}]),
-            Deadline = deadline(Timeout),
-            Target ! {erpy_request, Mref, self(), Id, Bin, Deadline},
-            wait(Mref, Pool, Deadline)
-    end.
+send_and_wait(Target, Pool, {Id, Bin}, Timeout) ->
+    %% The monitor is also the alias the worker answers to: once we demonitor, a late
+    %% answer (after a timeout) is dropped by the runtime, not queued here.
+    Mref = erlang:monitor(process, Target, [{alias, demonitor}]),
+    Deadline = deadline(Timeout),
+    Target ! {erpy_request, Mref, self(), Id, Bin, Deadline},
+    wait(Mref, Pool, Deadline).
 
 wait(Mref, Pool, Deadline) ->
     receive
@@ -91,7 +96,15 @@ wait(Mref, Pool, Deadline) ->
             decode_reply(Reply);
         {erpy_callback, Mref, Worker, Port, CbId, Call} ->
             run_callback(Pool, Worker, Port, CbId, Call),
-            wait(Mref, Pool, Deadline);
+            case remaining(Deadline) of
+                0 ->
+                    %% The deadline passed while the callback ran here: whatever Python
+                    %% answers now comes from being interrupted.
+                    erlang:demonitor(Mref, [flush]),
+                    {error, timeout};
+                _ ->
+                    wait(Mref, Pool, Deadline)
+            end;
         {'DOWN', Mref, process, _, Why} ->
             {error, {worker_exit, Why}}
     after remaining(Deadline) ->

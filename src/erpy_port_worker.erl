@@ -191,6 +191,10 @@ reply(Alias, Frame, #st{max = Max}) when byte_size(Frame) > Max ->
 reply(Alias, Frame, _St) ->
     Alias ! {erpy_reply, Alias, Frame}.
 
+idle(#st{exiting = true} = St) ->
+    %% Python said it leaves (or is being killed): its slot stays taken until the pool
+    %% has replaced it, so no request is sent to a process on its way out.
+    {noreply, St, timeout(St)};
 idle(#st{releasing = true} = St) ->
     reset_namespace(St),
     St#st.pool_pid ! {erpy_idle, self()},

@@ -81,6 +81,7 @@ class PortWorker {
   PyRef call_function(PyObject* m, PyObject* f, PyObject* args, PyObject* kwargs);
   void reply_ok(std::int64_t id, PyObject* result);
   void reply_error(std::int64_t id, PyRef error_map);
+  void finish_reply();
   PyRef error_map_from_exception();
   PyRef error_map(const char* type, const std::string& message);
   bool read_next(ByteBuffer& frame, bool top_level);
@@ -298,9 +299,21 @@ void PortWorker::run_request(std::string_view kind, std::int64_t id, etf::Reader
     }
     ch_.read_mutex().lock();
   }
+  // Stopped by its deadline or a cancel: the KeyboardInterrupt (or ErlangTimeoutError)
+  // is ours, not the user's, so the caller is told `timeout`.
+  const bool stopped = failed && dog_.innermost_stopped();
   dog_.leave();
   stack_.pop_back();
-  if (failed) {
+  if (stopped) {
+    PyErr_Clear();
+    Channel::begin_frame(out_);
+    etf::put_version(out_);
+    etf::put_tuple_header(out_, 3);
+    etf::put_atom(out_, "error");
+    etf::put_integer(out_, id);
+    etf::put_atom(out_, "timeout");
+    finish_reply();
+  } else if (failed) {
     reply_error(id, error_map_from_exception());
   } else {
     reply_ok(id, result.get());
@@ -442,18 +455,25 @@ void PortWorker::reply_ok(std::int64_t id, PyObject* result) {
     etf::put_integer(out_, static_cast<std::int64_t>(size));
     etf::put_integer(out_, static_cast<std::int64_t>(max_));
   }
+  finish_reply();
+}
+
+// Writes the answer in out_. Before the last answer of a top-level request, a worker over
+// its memory limit says it leaves, so Erlang never hands it another request.
+void PortWorker::finish_reply() {
+  if (stack_.empty() && !exiting_ && over_memory_limit()) {
+    ByteBuffer note;
+    Channel::begin_frame(note);
+    etf::put_version(note);
+    etf::put_tuple_header(note, 2);
+    etf::put_atom(note, "exiting");
+    etf::put_atom(note, "memory_limit");
+    ch_.write_frame(note);
+    exiting_ = true;
+  }
   if (!ch_.write_frame(out_)) exiting_ = true;
-  if (stack_.empty()) {
-    if (out_.capacity() > 4 * 1024 * 1024) out_.release_memory();  // do not keep a big frame's buffer
-    if (over_memory_limit()) {
-      Channel::begin_frame(out_);
-      etf::put_version(out_);
-      etf::put_tuple_header(out_, 2);
-      etf::put_atom(out_, "exiting");
-      etf::put_atom(out_, "memory_limit");
-      ch_.write_frame(out_);
-      exiting_ = true;
-    }
+  if (stack_.empty() && out_.capacity() > 4 * 1024 * 1024) {
+    out_.release_memory();  // do not keep a big frame's buffer
   }
 }
 
@@ -474,7 +494,7 @@ void PortWorker::reply_error(std::int64_t id, PyRef error) {
     etf::put_integer(out_, id);
     etf::put_atom(out_, "unencodable_error");
   }
-  if (!ch_.write_frame(out_)) exiting_ = true;
+  finish_reply();
 }
 
 PyRef PortWorker::error_map(const char* type, const std::string& message) {

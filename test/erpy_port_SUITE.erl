@@ -1,0 +1,657 @@
+%% Port mode end to end (issue 4): the seed's contract, the API, the allow-list, nesting,
+%% output capture, limits, crashes, cancellation, queueing, recycling, crash injection
+%% under load, and venv + requirements. Every case starts its own pools with explicit
+%% options, so the cases do not depend on each other or on the default pool's size.
+-module(erpy_port_SUITE).
+
+-include_lib("common_test/include/ct.hrl").
+-include_lib("stdlib/include/assert.hrl").
+-include_lib("kernel/include/file.hrl").
+
+-export([all/0, suite/0, init_per_suite/1, end_per_suite/1,
+         init_per_testcase/2, end_per_testcase/2]).
+-export([seed_examples/1, timeout_interrupts/1, api_calls/1, checkout_state/1,
+         checkout_holder_dies/1, allow_list/1, nested_and_send/1, output_to_logger/1,
+         limits/1, crash_exit/1, crash_segfault/1, crash_hang/1, caller_dies/1,
+         queueing/1, checkout_timeout/1, recycle_after/1, max_memory/1,
+         crash_injection_under_load/1, venv_requirements/1]).
+%% Called from Python through the allow-list, and the logger handler of output_to_logger.
+-export([nested/1, twice/2, log/2]).
+
+-define(SEED_SUM, <<"result = arguments['x'] + arguments['y']">>).
+
+all() ->
+    [seed_examples, timeout_interrupts, api_calls, checkout_state, checkout_holder_dies,
+     allow_list, nested_and_send, output_to_logger, limits, crash_exit, crash_segfault,
+     crash_hang, caller_dies, queueing, checkout_timeout, recycle_after, max_memory,
+     crash_injection_under_load, venv_requirements].
+
+suite() ->
+    [{timetrap, {seconds, 60}}].
+
+init_per_suite(Config) ->
+    ok = ensure_python_path(),
+    %% The default pool reads `allowed` when it starts: the seed's lists:sort example
+    %% runs through it unchanged.
+    ok = application:load(erpy),
+    ok = application:set_env(erpy, allowed, [lists]),
+    {ok, _} = application:ensure_all_started(erpy),
+    wait_ready(default),
+    Config.
+
+end_per_suite(_Config) ->
+    application:stop(erpy),
+    application:unset_env(erpy, allowed),
+    ok.
+
+init_per_testcase(_Case, Config) ->
+    Config.
+
+end_per_testcase(_Case, _Config) ->
+    [erpy:stop_pool(P) || P <- [p_seed, p_timeout, p_api, p_one, p_allow, nest, p_log,
+                                p_limits, p_crash, p_dies, p_queue, p_recycle, p_mem,
+                                p_load, p_venv]],
+    ok.
+
+%% ---- 1. the seed's contract -------------------------------------------------------------
+
+%% The seed's examples through run/1,2 on the default pool: a sum, lists:sort from Python, a Python exception.
+seed_examples(_Config) ->
+    ?assertEqual({ok, #{status => ok, result => 30}},
+                 erpy:run(#{code => ?SEED_SUM, arguments => #{<<"x">> => 10, <<"y">> => 20}})),
+    ?assertEqual({ok, #{status => ok, result => 30}},
+                 erpy:run(#{code => ?SEED_SUM, arguments => #{<<"x">> => 10, <<"y">> => 20}},
+                          10000)),
+    ?assertEqual({ok, #{status => ok, result => [1, 5, 9]}},
+                 erpy:run(#{code => <<"result = erlang.call('lists', 'sort', [9, 1, 5])">>,
+                            arguments => #{}})),
+    {ok, #{status := error, error := #{type := <<"ZeroDivisionError">>, message := Msg,
+                                       traceback := [_ | _] = Tb}}} =
+        erpy:run(#{code => <<"result = 1 / 0">>, arguments => #{}}),
+    ?assert(is_binary(Msg)),
+    ?assert(lists:all(fun is_binary/1, Tb)),
+    %% `result` defaults to None, which is `undefined`.
+    ?assertEqual({ok, #{status => ok, result => undefined}}, erpy:run(#{code => <<"x = 1">>})),
+    ?assertEqual({error, {badarg, code}}, erpy:run(#{code => 42})).
+
+%% A run that times out returns {error, timeout} promptly and the same (interrupted, not killed) worker answers next.
+timeout_interrupts(_Config) ->
+    start(p_timeout, #{size => 1}),
+    [W] = worker_pids(p_timeout),
+    OsPid = gen_server:call(W, os_pid),
+    {T, R} = tc(fun() ->
+                              erpy:run(#{code => <<"import time\ntime.sleep(10)">>,
+                                         arguments => #{}, pool => p_timeout}, 300)
+                      end),
+    ?assertEqual({error, timeout}, R),
+    ?assert(T < 1000, {slow_timeout, T}),
+    {T2, R2} = tc(fun() -> erpy:eval(<<"__import__('os').getpid()">>, #{},
+                                           #{pool => p_timeout, timeout => 2000})
+                        end),
+    ?assertEqual({ok, OsPid}, R2),
+    ?assert(T2 < 1000, {slow_next_call, T2}),
+    ?assertEqual([W], worker_pids(p_timeout)),
+    %% A timeout while Python waits for Erlang: also interrupted, same worker.
+    start(p_timeout_cb, #{size => 1, allowed => [timer]}),
+    ?assertMatch({error, timeout},
+                 erpy:run(#{code => <<"erlang.call('timer', 'sleep', 2000)">>,
+                            pool => p_timeout_cb}, 200)),
+    ?assertMatch({ok, _}, erpy:eval(<<"1">>, #{}, #{pool => p_timeout_cb, timeout => 3000})),
+    erpy:stop_pool(p_timeout_cb).
+
+%% ---- 2. the API ------------------------------------------------------------------------
+
+%% call/3,4 with kwargs, dotted modules and Class.method, eval/1,2,3 with locals, exec/1,2.
+api_calls(_Config) ->
+    start(p_api, #{size => 2}),
+    O = #{pool => p_api},
+    ?assertEqual({ok, 3}, erpy:call(operator, add, [1, 2], O)),
+    ?assertEqual({ok, 3}, erpy:call(<<"operator">>, <<"add">>, [1, 2], O)),
+    ?assertEqual({ok, 255}, erpy:call(builtins, int, [<<"ff">>], O#{kwargs => #{base => 16}})),
+    ?assertEqual({ok, 255}, erpy:call(builtins, int, [<<"ff">>],
+                                      O#{kwargs => #{<<"base">> => 16}})),
+    ?assertEqual({ok, <<"a/b">>}, erpy:call('os.path', join, [<<"a">>, <<"b">>], O)),
+    ?assertEqual({ok, <<"ABC">>}, erpy:call(builtins, 'str.upper', [<<"abc">>], O)),
+    ?assertEqual({ok, #{<<"a">> => 0, <<"b">> => 0}},
+                 erpy:call(builtins, 'dict.fromkeys', [[<<"a">>, <<"b">>], 0], O)),
+    ?assertMatch({error, #{type := <<"ModuleNotFoundError">>}},
+                 erpy:call(no_such_python_module, f, [], O)),
+    ?assertMatch({error, #{type := <<"AttributeError">>}}, erpy:call(operator, nope, [], O)),
+    ?assertMatch({error, {badarg, _}}, erpy:call(operator, add, not_a_list, O)),
+    %% The default pool too.
+    ?assertEqual({ok, 3}, erpy:call(operator, add, [1, 2])),
+    ?assertEqual({ok, 4}, erpy:eval(<<"2 + 2">>)),
+    ?assertEqual({ok, 3}, erpy:eval(<<"x + y">>, #{x => 1, y => 2})),
+    ?assertEqual({ok, 3}, erpy:eval(<<"x + y">>, #{<<"x">> => 1, <<"y">> => 2}, O)),
+    ?assertEqual({ok, [1, 2]}, erpy:eval("sorted(v)", #{v => [2, 1]}, O)),
+    ?assertMatch({error, #{type := <<"SyntaxError">>}}, erpy:eval(<<"1 +">>, #{}, O)),
+    ?assertEqual(ok, erpy:exec(<<"x = 1\nassert x == 1">>)),
+    ?assertEqual(ok, erpy:exec(<<"import math\ny = math.sqrt(4)">>, O)),
+    ?assertMatch({error, #{type := <<"AssertionError">>}}, erpy:exec(<<"assert False">>, O)),
+    %% Without a checkout, nothing persists between requests.
+    ok = erpy:exec(<<"leftover = 1">>, O),
+    ?assertMatch({error, #{type := <<"NameError">>}}, erpy:eval(<<"leftover">>, #{}, O)),
+    %% Types cross both ways.
+    T = {a, <<"b">>, [1, 2.5], #{k => true}, -(1 bsl 70), self(), undefined},
+    ?assertEqual({ok, T}, erpy:eval(<<"t">>, #{t => T}, O)).
+
+%% A checked-out worker keeps its namespace across calls (checkout + worker option, with_worker) and clears it at checkin.
+checkout_state(_Config) ->
+    start(p_one, #{size => 1}),
+    {ok, W} = erpy:checkout(p_one, 1000),
+    ok = erpy:exec(<<"counter = 41">>, #{worker => W}),
+    ok = erpy:exec(<<"counter += 1">>, #{worker => W}),
+    ?assertEqual({ok, 42}, erpy:eval(<<"counter">>, #{}, #{worker => W})),
+    ?assertEqual({ok, #{status => ok, result => 43}},
+                 erpy:run(#{code => <<"result = counter + 1">>, worker => W})),
+    ?assertEqual({ok, 42}, erpy:call(operator, add, [40, 2], #{worker => W})),
+    ok = erpy:checkin(W),
+    %% The same (only) worker, its namespace cleared.
+    ?assertMatch({error, #{type := <<"NameError">>}}, erpy:eval(<<"counter">>, #{}, #{pool => p_one})),
+    R = erpy:with_worker(p_one, fun(W2) ->
+                                        ok = erpy:exec(<<"s = [1]">>, #{worker => W2}),
+                                        ok = erpy:exec(<<"s.append(2)">>, #{worker => W2}),
+                                        erpy:eval(<<"s">>, #{}, #{worker => W2})
+                                end),
+    ?assertEqual({ok, [1, 2]}, R),
+    {ok, W3} = erpy:checkout(p_one, 1000),
+    ?assertMatch({error, #{type := <<"NameError">>}}, erpy:eval(<<"s">>, #{}, #{worker => W3})),
+    ok = erpy:checkin(W3),
+    wait_idle(p_one),
+    ?assertEqual({ok, 1}, erpy:eval(<<"1">>, #{}, #{pool => p_one, timeout => 2000})).
+
+%% A holder that dies (idle or mid-call) gets its worker back into the pool: with a pool of 1 the next call succeeds.
+checkout_holder_dies(_Config) ->
+    start(p_one, #{size => 1}),
+    Self = self(),
+    {H, Mon} = spawn_monitor(fun() ->
+                                     {ok, W} = erpy:checkout(p_one, 1000),
+                                     ok = erpy:exec(<<"secret = 1">>, #{worker => W}),
+                                     Self ! {held, W},
+                                     receive stop -> ok end
+                             end),
+    receive {held, _} -> ok after 5000 -> ct:fail(no_checkout) end,
+    exit(H, kill),
+    receive {'DOWN', Mon, _, _, _} -> ok end,
+    ?assertMatch({error, #{type := <<"NameError">>}},
+                 erpy:eval(<<"secret">>, #{}, #{pool => p_one, timeout => 2000})),
+    %% Dies while its held worker runs a long call: interrupted, then returned.
+    [WPid] = worker_pids(p_one),
+    OsPid = gen_server:call(WPid, os_pid),
+    {H2, Mon2} = spawn_monitor(fun() ->
+                                       {ok, W} = erpy:checkout(p_one, 1000),
+                                       Self ! {held, W},
+                                       erpy:exec(<<"import time\ntime.sleep(30)">>,
+                                                 #{worker => W, timeout => infinity})
+                               end),
+    receive {held, _} -> ok after 5000 -> ct:fail(no_checkout) end,
+    timer:sleep(200),
+    exit(H2, kill),
+    receive {'DOWN', Mon2, _, _, _} -> ok end,
+    {T, R} = tc(fun() -> erpy:eval(<<"__import__('os').getpid()">>, #{},
+                                         #{pool => p_one, timeout => 3000})
+                      end),
+    ?assertEqual({ok, OsPid}, R),
+    ?assert(T < 1000, {slow, T}).
+
+%% ---- 3. the allow-list -----------------------------------------------------------------
+
+%% Only listed modules, functions and arities may be called from Python, and unknown names create no atoms.
+allow_list(_Config) ->
+    start(p_allow, #{size => 1, allowed => [lists, {erlang, abs}, {?MODULE, nested, 1}]}),
+    Run = fun(Code) -> erpy:run(#{code => Code, arguments => #{}, pool => p_allow}) end,
+    ?assertEqual({ok, #{status => ok, result => [1, 5, 9]}},
+                 Run(<<"result = erlang.call('lists', 'sort', [9, 1, 5])">>)),
+    ?assertEqual({ok, #{status => ok, result => [1, 2, 3]}},
+                 Run(<<"result = erlang.apply('lists', 'seq', [1, 3])">>)),
+    ?assertEqual({ok, #{status => ok, result => 3}},
+                 Run(<<"result = erlang.call('erlang', 'abs', -3)">>)),
+    NotAllowed = fun(Code) ->
+                         {ok, #{status := error, error := #{type := <<"ErlangError">>} = E}} = Run(Code),
+                         E
+                 end,
+    NotAllowed(<<"erlang.call('os', 'cmd', 'ls')">>),
+    NotAllowed(<<"erlang.apply('erlang', 'halt', [])">>),
+    NotAllowed(<<"erlang.apply('erlang', 'halt', [0])">>),
+    NotAllowed(<<"erlang.apply('erlang', 'abs', [1, 2])">>),
+    %% {M, F, 1}: only arity 1.
+    ?assertEqual({ok, #{status => ok, result => 42}},
+                 Run(<<"from erpy import Atom\n"
+                       "result = erlang.apply('erpy_port_SUITE', 'nested', [(Atom('p_allow'), 21)])">>)),
+    NotAllowed(<<"erlang.apply('erpy_port_SUITE', 'nested', [1, 2])">>),
+    NotAllowed(<<"erlang.apply('erpy_port_SUITE', 'twice', [1, 2])">>),
+    %% A refused call raises ErlangError, which Python can catch.
+    ?assertEqual({ok, #{status => ok, result => <<"refused">>}},
+                 Run(<<"try:\n    erlang.call('os', 'cmd', 'ls')\n"
+                       "except erlang.ErlangError:\n    result = 'refused'">>)),
+    %% Unknown names create no atom (the name is made at run time, never an atom here).
+    Name = iolist_to_binary(["erpy_no_such_mod_", integer_to_list(erlang:unique_integer([positive]))]),
+    Fun = iolist_to_binary(["erpy_no_such_fun_", integer_to_list(erlang:unique_integer([positive]))]),
+    Atoms = erlang:system_info(atom_count),
+    E1 = NotAllowed(iolist_to_binary(["erlang.call('", Name, "', 'f', 1)"])),
+    E2 = NotAllowed(iolist_to_binary(["erlang.call('lists', '", Fun, "', 1)"])),
+    E3 = NotAllowed(iolist_to_binary(["erlang.apply('", Name, "', '", Fun, "', [])"])),
+    ct:log("refusals: ~p~n~p~n~p", [E1, E2, E3]),
+    ?assertError(badarg, binary_to_existing_atom(Name, utf8)),
+    ?assertError(badarg, binary_to_existing_atom(Fun, utf8)),
+    ?assert(erlang:system_info(atom_count) - Atoms < 5),
+    %% Bad shapes are refused too.
+    NotAllowed(<<"erlang.call(1, 2, 3)">>),
+    %% After all that the worker is fine.
+    ?assertEqual({ok, 2}, erpy:eval(<<"1 + 1">>, #{}, #{pool => p_allow})).
+
+%% ---- 4. nesting, send, self ------------------------------------------------------------
+
+%% Python -> Erlang -> Python nests on a pool of 1 without deadlock; erlang.send and erlang.self reach the caller.
+nested_and_send(_Config) ->
+    start(nest, #{size => 1, allowed => [{?MODULE, nested, 1}, {?MODULE, twice, 2}, {erlang, abs}]}),
+    ?assertEqual({ok, #{status => ok, result => 10}},
+                 erpy:run(#{code => <<"result = erlang.call('erpy_port_SUITE', 'nested', 5)">>,
+                            pool => nest}, 5000)),
+    %% Two levels: Python -> nested/1 -> eval -> Python -> twice/2 -> eval -> Python.
+    ?assertEqual({ok, 4 * 7},
+                 erpy:eval(<<"erlang.apply('erpy_port_SUITE', 'twice', [7, 2])">>, #{},
+                           #{pool => nest, timeout => 5000})),
+    %% Concurrent nested callers on the one worker queue, none deadlocks.
+    Self = self(),
+    [spawn(fun() ->
+                   Self ! {nested, I, erpy:run(#{code => <<"result = erlang.call('erpy_port_SUITE', 'nested', arguments)">>,
+                                                 arguments => I, pool => nest}, 10000)}
+           end) || I <- lists:seq(1, 5)],
+    [receive {nested, I, R} -> ?assertEqual({ok, #{status => ok, result => 2 * I}}, R)
+     after 15000 -> ct:fail({deadlock, I})
+     end || I <- lists:seq(1, 5)],
+    %% self() and send.
+    Me = self(),
+    ?assertEqual({ok, Me}, erpy:eval(<<"erlang.self()">>, #{}, #{pool => nest})),
+    ?assertEqual({ok, undefined},
+                 erpy:eval(<<"erlang.send(erlang.self(), ('hello', 1, erlang.self()))">>, #{},
+                           #{pool => nest})),
+    receive {<<"hello">>, 1, Me} -> ok after 2000 -> ct:fail(no_message) end,
+    register(erpy_port_suite_target, self()),
+    ok = erpy:exec(<<"import erpy\nerlang.send(erpy.Atom('erpy_port_suite_target'), 'by name')">>,
+                   #{pool => nest}),
+    unregister(erpy_port_suite_target),
+    receive <<"by name">> -> ok after 2000 -> ct:fail(no_message_by_name) end.
+
+nested({Pool, X}) ->
+    {ok, V} = erpy:eval(<<"x * 2">>, #{x => X}, #{pool => Pool, timeout => 5000}),
+    V;
+nested(X) ->
+    nested({nest, X}).
+
+twice(X, N) ->
+    {ok, V} = erpy:eval(<<"erlang.call('erpy_port_SUITE', 'nested', x) * n">>, #{x => X, n => N},
+                        #{pool => nest, timeout => 5000}),
+    V.
+
+%% ---- 5. output -------------------------------------------------------------------------
+
+%% print() and stderr output reach the logger with pool/worker metadata and never corrupt replies.
+output_to_logger(_Config) ->
+    start(p_log, #{size => 1}),
+    [W] = worker_pids(p_log),
+    {ok, #{level := OldLevel}} = {ok, logger:get_primary_config()},
+    ok = logger:set_primary_config(level, all),
+    ok = logger:add_handler(erpy_port_suite, ?MODULE,
+                            #{config => #{pid => self()}, level => all,
+                              filters => [{erpy, {fun only_python/2, []}}]}),
+    try
+        Code = <<"import sys, os\n"
+                 "print('hello out')\n"
+                 "sys.stderr.write('hello err\\n')\n"
+                 "os.write(1, b'raw fd one\\n')\n"
+                 "for i in range(2000): print('line', i)\n"
+                 "result = 7">>,
+        ?assertEqual({ok, #{status => ok, result => 7}},
+                     erpy:run(#{code => Code, pool => p_log})),
+        Ev1 = wait_log(<<"hello out">>),
+        ?assertMatch(#{meta := #{pool := p_log, worker := W, stream := stdout, os_pid := _}}, Ev1),
+        Ev2 = wait_log(<<"hello err">>),
+        ?assertMatch(#{meta := #{pool := p_log, worker := W, stream := stderr}}, Ev2),
+        _ = wait_log(<<"raw fd one">>),
+        _ = wait_log(<<"line 1999">>),
+        %% A partial line (no newline) shows up too, and replies stay intact meanwhile.
+        {ok, undefined} = erpy:eval(<<"print('no newline', end='', flush=True)">>, #{}, #{pool => p_log}),
+        _ = wait_log(<<"no newline">>),
+        [?assertEqual({ok, I}, erpy:eval(<<"print('x' * 100000) or i">>, #{i => I}, #{pool => p_log}))
+         || I <- lists:seq(1, 20)]
+    after
+        logger:remove_handler(erpy_port_suite),
+        logger:set_primary_config(level, OldLevel)
+    end.
+
+only_python(#{meta := #{domain := [erpy, python]}} = Event, _) -> Event;
+only_python(_, _) -> stop.
+
+%% logger handler callback: forwards events to the test process.
+log(Event, #{config := #{pid := Pid}}) ->
+    Pid ! {log_event, Event}.
+
+wait_log(Text) ->
+    receive
+        {log_event, #{msg := {"~ts", [Text]}} = Ev} -> Ev
+    after 5000 ->
+        ct:fail({no_log, Text})
+    end.
+
+%% ---- 6. limits -------------------------------------------------------------------------
+
+%% max_message_size in both directions gives {message_too_large, Size, Max} and the worker stays healthy; an unencodable result is a clear error.
+limits(_Config) ->
+    Max = 100000,
+    start(p_limits, #{size => 1, max_message_size => Max, allowed => [erlang]}),
+    O = #{pool => p_limits},
+    [W] = worker_pids(p_limits),
+    OsPid = gen_server:call(W, os_pid),
+    Big = binary:copy(<<"x">>, 2 * Max),
+    ?assertMatch({error, {message_too_large, S, Max}} when S > Max, erpy:call(builtins, len, [Big], O)),
+    ?assertMatch({error, {message_too_large, S, Max}} when S > Max,
+                 erpy:run(#{code => <<"result = 1">>, arguments => Big, pool => p_limits})),
+    %% Just under the limit passes.
+    ?assertEqual({ok, Max - 100}, erpy:eval(<<"len(b)">>, #{b => binary:copy(<<"x">>, Max - 100)}, O)),
+    ?assertMatch({error, {message_too_large, S, Max}} when S > Max,
+                 erpy:eval(<<"b'x' * 200000">>, #{}, O)),
+    ?assertMatch({error, {message_too_large, S, Max}} when S > Max,
+                 erpy:run(#{code => <<"result = 'y' * 200000">>, pool => p_limits})),
+    %% A callback whose argument or answer is too large: ErlangError in Python.
+    {ok, #{status := error, error := #{type := <<"ErlangError">>}}} =
+        erpy:run(#{code => <<"erlang.call('erlang', 'byte_size', b'z' * 200000)">>, pool => p_limits}),
+    {ok, #{status := error, error := #{type := <<"ErlangError">>}}} =
+        erpy:run(#{code => <<"erlang.apply('erlang', 'make_tuple', [200000, 1])">>, pool => p_limits}),
+    %% Unencodable results.
+    ?assertMatch({error, #{type := <<"EncodeError">>, message := _}}, erpy:eval(<<"object()">>, #{}, O)),
+    ?assertMatch({ok, #{status := error, error := #{type := <<"EncodeError">>}}},
+                 erpy:run(#{code => <<"result = {1: object()}">>, pool => p_limits})),
+    ?assertMatch({error, #{type := _}}, erpy:eval(<<"float('nan')">>, #{}, O)),
+    %% Still the same, healthy worker.
+    ?assertEqual({ok, OsPid}, erpy:eval(<<"__import__('os').getpid()">>, #{}, O)),
+    ?assertEqual([W], worker_pids(p_limits)).
+
+%% ---- 7. crashes ------------------------------------------------------------------------
+
+%% os._exit fails only the request in flight with worker_exit; the pool gets back to its size, others untouched.
+crash_exit(_Config) ->
+    crash(<<"import os\nos._exit(3)">>, 5000, fun(R) -> ?assertMatch({error, {worker_exit, _}}, R) end).
+
+%% A segfault fails only the request in flight with worker_exit; the pool gets back to its size, others untouched.
+crash_segfault(_Config) ->
+    crash(<<"import ctypes\nctypes.string_at(0)">>, 5000,
+          fun(R) -> ?assertMatch({error, {worker_exit, _}}, R) end).
+
+%% A hang that swallows KeyboardInterrupt times out, is killed after kill_grace_ms and replaced; others untouched.
+crash_hang(_Config) ->
+    Code = <<"import time\nwhile True:\n    try:\n        time.sleep(1)\n"
+             "    except KeyboardInterrupt:\n        pass">>,
+    crash(Code, 300, fun(R) -> ?assertEqual({error, timeout}, R) end).
+
+crash(Code, Timeout, Check) ->
+    start(p_crash, #{size => 2, kill_grace_ms => 300}),
+    Before = worker_pids(p_crash),
+    Self = self(),
+    Bystander = spawn_link(fun() -> bystander(Self, p_crash, 0, []) end),
+    timer:sleep(50),
+    {T, R} = tc(fun() -> erpy:run(#{code => Code, pool => p_crash}, Timeout) end),
+    ct:log("crash answer after ~p ms: ~p", [T, R]),
+    Check(R),
+    ?assert(T < Timeout + 2000, {slow, T}),
+    wait_until(fun() ->
+                       #{ready := Ready, size := Size} = erpy_pool:info(p_crash),
+                       Ready =:= Size andalso worker_pids(p_crash) =/= Before
+               end, 5000),
+    ?assertEqual({ok, 2}, erpy:eval(<<"1 + 1">>, #{}, #{pool => p_crash})),
+    Bystander ! {stop, self()},
+    receive
+        {bystander, N, Bad} ->
+            ct:log("bystander made ~p calls", [N]),
+            ?assertEqual([], Bad),
+            ?assert(N > 5)
+    after 10000 -> ct:fail(bystander_stuck)
+    end.
+
+bystander(Parent, Pool, N, Bad) ->
+    receive
+        {stop, From} -> From ! {bystander, N, Bad}
+    after 10 ->
+        R = erpy:call(operator, add, [N, 1], #{pool => Pool, timeout => 5000}),
+        Bad1 = case R of {ok, V} when V =:= N + 1 -> Bad; _ -> [{N, R} | Bad] end,
+        bystander(Parent, Pool, N + 1, Bad1)
+    end.
+
+%% ---- 8. a caller dying mid-call --------------------------------------------------------
+
+%% A caller killed while Python runs gets its worker interrupted and returned: with a pool of 1 the next call succeeds within ~1 s.
+caller_dies(_Config) ->
+    start(p_dies, #{size => 1, kill_grace_ms => 5000}),
+    [W] = worker_pids(p_dies),
+    OsPid = gen_server:call(W, os_pid),
+    Self = self(),
+    {C, Mon} = spawn_monitor(fun() ->
+                                     Self ! started,
+                                     erpy:exec(<<"import time\ntime.sleep(30)">>,
+                                               #{pool => p_dies, timeout => infinity})
+                             end),
+    receive started -> ok end,
+    timer:sleep(300),
+    exit(C, kill),
+    receive {'DOWN', Mon, _, _, _} -> ok end,
+    {T, R} = tc(fun() -> erpy:eval(<<"__import__('os').getpid()">>, #{},
+                                         #{pool => p_dies, timeout => 3000})
+                      end),
+    ?assertEqual({ok, OsPid}, R),
+    ?assert(T < 1000, {slow, T}),
+    %% Also when it dies while Python waits in a callback.
+    erpy:stop_pool(p_dies),
+    start(p_dies, #{size => 1, allowed => [timer]}),
+    {C2, Mon2} = spawn_monitor(fun() ->
+                                       erpy:run(#{code => <<"erlang.call('timer', 'sleep', 30000)">>,
+                                                  pool => p_dies}, infinity)
+                               end),
+    timer:sleep(300),
+    exit(C2, kill),
+    receive {'DOWN', Mon2, _, _, _} -> ok end,
+    ?assertMatch({ok, 1}, erpy:eval(<<"1">>, #{}, #{pool => p_dies, timeout => 3000})).
+
+%% ---- 9. queueing -----------------------------------------------------------------------
+
+%% With all workers busy callers queue in order; a queued caller that times out disturbs nobody.
+queueing(_Config) ->
+    start(p_queue, #{size => 1}),
+    Self = self(),
+    Go = fun(Tag, Code, Timeout) ->
+                 spawn_link(fun() ->
+                                    R = erpy:eval(Code, #{}, #{pool => p_queue, timeout => Timeout}),
+                                    Self ! {done, Tag, R}
+                            end)
+         end,
+    Go(slow, <<"__import__('time').sleep(0.5) or 'slow'">>, 5000),
+    timer:sleep(100),
+    [begin
+         case I of
+             3 -> Go(impatient, <<"'impatient'">>, 100);
+             _ -> ok
+         end,
+         Go(I, iolist_to_binary(integer_to_list(I)), 5000),
+         timer:sleep(20)
+     end || I <- lists:seq(1, 6)],
+    Order = [receive {done, Tag, R} -> {Tag, R} after 5000 -> ct:fail(lost) end
+             || _ <- lists:seq(1, 8)],
+    ct:log("completion order: ~p", [Order]),
+    ?assertEqual([{impatient, {error, timeout}}, {slow, {ok, <<"slow">>}} |
+                  [{I, {ok, I}} || I <- lists:seq(1, 6)]], Order),
+    #{queued := 0, ready := 1} = erpy_pool:info(p_queue),
+    ?assertEqual({ok, 1}, erpy:eval(<<"1">>, #{}, #{pool => p_queue})).
+
+%% A checkout that waits longer than its timeout gets {error, timeout} and leaves the pool working.
+checkout_timeout(_Config) ->
+    start(p_queue, #{size => 1}),
+    {ok, W} = erpy:checkout(p_queue, 1000),
+    {T, R} = tc(fun() -> erpy:checkout(p_queue, 200) end),
+    ?assertEqual({error, timeout}, R),
+    ?assert(T < 700),
+    %% A request queued behind the checkout also times out.
+    ?assertEqual({error, timeout}, erpy:eval(<<"1">>, #{}, #{pool => p_queue, timeout => 200})),
+    ok = erpy:checkin(W),
+    ?assertEqual({ok, 1}, erpy:eval(<<"1">>, #{}, #{pool => p_queue, timeout => 2000})),
+    %% Checkout while a call runs: served after it.
+    Self = self(),
+    spawn_link(fun() -> Self ! {slow, erpy:eval(<<"__import__('time').sleep(0.3)">>, #{},
+                                                #{pool => p_queue})} end),
+    timer:sleep(50),
+    {ok, W2} = erpy:checkout(p_queue, 2000),
+    receive {slow, {ok, undefined}} -> ok after 0 -> ct:fail(checkout_before_call_ended) end,
+    ?assertEqual({ok, 5}, erpy:eval(<<"5">>, #{}, #{worker => W2})),
+    ok = erpy:checkin(W2),
+    wait_idle(p_queue),
+    #{queued := 0, held := 0} = erpy_pool:info(p_queue),
+    ?assertEqual({ok, 1}, erpy:eval(<<"1">>, #{}, #{pool => p_queue, timeout => 2000})).
+
+%% ---- 10. recycling and memory ----------------------------------------------------------
+
+%% recycle_after N: the OS process changes after N calls.
+recycle_after(_Config) ->
+    start(p_recycle, #{size => 1, recycle_after => 3}),
+    Pid = fun() -> {ok, P} = erpy:eval(<<"__import__('os').getpid()">>, #{},
+                                       #{pool => p_recycle, timeout => 5000}),
+                   P end,
+    [P1, P2, P3, P4, P5, P6, P7] = [Pid() || _ <- lists:seq(1, 7)],
+    ?assertEqual([P1, P1], [P2, P3]),
+    ?assertNotEqual(P1, P4),
+    ?assertEqual([P4, P4], [P5, P6]),
+    ?assertNotEqual(P4, P7).
+
+%% max_memory_mb: a worker that grows beyond it answers, then leaves; the next call gets a new worker.
+max_memory(_Config) ->
+    start(p_mem, #{size => 1, max_memory_mb => 100}),
+    O = #{pool => p_mem, timeout => 10000},
+    {ok, P1} = erpy:eval(<<"__import__('os').getpid()">>, #{}, O),
+    ?assertEqual({ok, 150},
+                 erpy:eval(<<"__import__('builtins').__dict__.setdefault('_erpy_hog', "
+                             "b'x' * (150 * 1024 * 1024)) and 150">>, #{}, O)),
+    {ok, P2} = erpy:eval(<<"__import__('os').getpid()">>, #{}, O),
+    ?assertNotEqual(P1, P2),
+    ?assertEqual({ok, 1}, erpy:eval(<<"1">>, #{}, O)),
+    wait_until(fun() -> maps:get(ready, erpy_pool:info(p_mem)) =:= 1 end, 5000).
+
+%% ---- 11. crash injection under load ----------------------------------------------------
+
+%% 4 concurrent callers x 250 calls, one in 25 kills its worker: every other answer correct, none lost.
+crash_injection_under_load(_Config) ->
+    start(p_load, #{size => 4}),
+    Self = self(),
+    Callers = 4,
+    PerCaller = 250,
+    [spawn_link(fun() -> Self ! {results, C, load_caller(C, PerCaller)} end)
+     || C <- lists:seq(1, Callers)],
+    Results = lists:append([receive {results, C, Rs} -> Rs after 50000 -> ct:fail({lost, C}) end
+                            || C <- lists:seq(1, Callers)]),
+    Total = length(Results),
+    Oks = [R || {_, ok} = R <- Results],
+    Kills = [R || {_, killed} = R <- Results],
+    Wrong = [R || {_, What} = R <- Results, What =/= ok, What =/= killed],
+    ct:log("total ~p, ok ~p, killed ~p, wrong ~p", [Total, length(Oks), length(Kills), Wrong]),
+    ?assertEqual([], Wrong),
+    ?assertEqual(Callers * PerCaller, Total),
+    ?assertEqual(Callers * (PerCaller - PerCaller div 25), length(Oks)),
+    ?assertEqual(Callers * (PerCaller div 25), length(Kills)),
+    wait_until(fun() -> maps:get(ready, erpy_pool:info(p_load)) =:= 4 end, 10000).
+
+load_caller(C, N) ->
+    [case I rem 25 of
+         0 ->
+             case erpy:exec(<<"import os\nos._exit(1)">>, #{pool => p_load, timeout => 10000}) of
+                 {error, {worker_exit, _}} -> {I, killed};
+                 Other -> {I, {kill_answer, Other}}
+             end;
+         _ ->
+             case erpy:call(operator, add, [I, C * 1000], #{pool => p_load, timeout => 10000}) of
+                 {ok, V} when V =:= I + C * 1000 -> {I, ok};
+                 Other -> {I, Other}
+             end
+     end || I <- lists:seq(1, N)].
+
+%% ---- 12. venv + requirements -----------------------------------------------------------
+
+%% A pool with venv + requirements installs a wheel the test builds, offline; a restart skips pip (stamp unchanged).
+venv_requirements(Config) ->
+    Priv = ?config(priv_dir, Config),
+    WheelDir = filename:join(Priv, "wheels"),
+    Venv = filename:join(Priv, "venv"),
+    ok = filelib:ensure_dir(filename:join(WheelDir, "x")),
+    build_wheel(WheelDir),
+    Opts = #{size => 1, venv => Venv,
+             requirements => ["--no-index", "--find-links", WheelDir, "mypkg"]},
+    {T1, {ok, _}} = tc(fun() -> erpy:start_pool(p_venv, Opts) end),
+    wait_ready(p_venv),
+    ?assertEqual({ok, 84}, erpy:call('mypkg', f, [42], #{pool => p_venv, timeout => 5000})),
+    {ok, Exe} = erpy:eval(<<"__import__('sys').executable">>, #{}, #{pool => p_venv}),
+    ?assertEqual(filename:join([Venv, "bin", "python"]), binary_to_list(Exe)),
+    Stamp = filename:join(Venv, ".erpy-requirements"),
+    {ok, #file_info{mtime = Mtime}} = file:read_file_info(Stamp, [{time, posix}]),
+    ok = erpy:stop_pool(p_venv),
+    timer:sleep(1100),  % so a rewritten stamp would have a different mtime
+    {T2, {ok, _}} = tc(fun() -> erpy:start_pool(p_venv, Opts) end),
+    wait_ready(p_venv),
+    ct:log("first start (venv + pip) ~p ms, restart ~p ms", [T1, T2]),
+    ?assertMatch({ok, #file_info{mtime = Mtime}}, file:read_file_info(Stamp, [{time, posix}])),
+    ?assert(T2 < 500, {pip_not_skipped, T2}),
+    ?assertEqual({ok, 84}, erpy:call('mypkg', f, [42], #{pool => p_venv, timeout => 5000})).
+
+build_wheel(Dir) ->
+    Files = [{"mypkg/__init__.py", <<"def f(x):\n    return x * 2\n">>},
+             {"mypkg-0.1.dist-info/METADATA",
+              <<"Metadata-Version: 2.1\nName: mypkg\nVersion: 0.1\n">>},
+             {"mypkg-0.1.dist-info/WHEEL",
+              <<"Wheel-Version: 1.0\nGenerator: erpy-test\nRoot-Is-Purelib: true\nTag: py3-none-any\n">>}],
+    Record = [[Name, ",sha256=", urlsafe_b64(crypto:hash(sha256, Data)),
+               ",", integer_to_list(byte_size(Data)), "\n"] || {Name, Data} <- Files],
+    All = Files ++ [{"mypkg-0.1.dist-info/RECORD",
+                     iolist_to_binary([Record, "mypkg-0.1.dist-info/RECORD,,\n"])}],
+    Wheel = filename:join(Dir, "mypkg-0.1-py3-none-any.whl"),
+    {ok, _} = zip:create(Wheel, All),
+    ok.
+
+%% ---- helpers ---------------------------------------------------------------------------
+
+%% Runs Fun, returns {Milliseconds, Result}.
+tc(Fun) ->
+    {Us, R} = timer:tc(Fun),
+    {Us div 1000, R}.
+
+urlsafe_b64(Bin) ->
+    B = string:trim(base64:encode_to_string(Bin), trailing, "="),
+    [case C of $+ -> $-; $/ -> $_; _ -> C end || C <- B].
+
+start(Name, Opts) ->
+    {ok, _} = erpy:start_pool(Name, Opts),
+    wait_ready(Name).
+
+wait_ready(Name) ->
+    wait_until(fun() ->
+                       #{ready := R, size := S} = erpy_pool:info(Name),
+                       R =:= S
+               end, 10000).
+
+%% Ready and not lent out or releasing: the next request can go straight to a worker.
+wait_idle(Name) ->
+    wait_until(fun() -> maps:get(held, erpy_pool:info(Name)) =:= 0 end, 5000),
+    timer:sleep(50).
+
+worker_pids(Name) ->
+    maps:get(worker_pids, erpy_pool:info(Name)).
+
+wait_until(Fun, Ms) when Ms =< 0 ->
+    ?assert(Fun());
+wait_until(Fun, Ms) ->
+    case Fun() of
+        true -> ok;
+        false -> timer:sleep(20), wait_until(Fun, Ms - 20)
+    end.
+
+ensure_python_path() ->
+    Root = filename:dirname(code:priv_dir(erpy)),
+    File = filename:join([Root, "priv", "python.path"]),
+    case filelib:is_regular(File) of
+        true -> ok;
+        false -> file:write_file(File, "/usr/bin/python3\n")
+    end.
