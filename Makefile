@@ -112,6 +112,7 @@ run-fuzzers:
 
 demo: all
 	@$(PYENV) escript examples/codec_demo.escript
+	@escript examples/port_demo.escript
 
 bench: all
 	@$(PYENV) escript bench/run_bench.escript
