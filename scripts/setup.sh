@@ -11,7 +11,7 @@ packages=(
   libgtest-dev libbenchmark-dev
   erlang-nox erlang-dev erlang-common-test erlang-eunit rebar3
   elixir
-  python3 python3-dev libpython3.11-dev python3-pytest
+  python3 python3-dev libpython3.11-dev python3-pytest python3-venv
 )
 
 # One dpkg-query for all of them: packages it does not know are simply not printed.

@@ -223,7 +223,8 @@ control({send, Dest, Msg}, St) ->
     send_to(Dest, Msg, St),
     {noreply, St, timeout(St)};
 control({log, Stream, Text}, St) ->
-    Level = case Stream of stderr -> warning; _ -> info end,
+    %% notice: shown by a default logger setup, as print() output is expected to be.
+    Level = case Stream of stderr -> warning; _ -> notice end,
     logger:log(Level, "~ts", [Text], #{domain => [erpy, python], pool => St#st.pool,
                                        worker => self(), os_pid => St#st.os_pid,
                                        stream => Stream}),

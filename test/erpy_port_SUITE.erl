@@ -14,7 +14,7 @@
          checkout_holder_dies/1, allow_list/1, nested_and_send/1, output_to_logger/1,
          limits/1, crash_exit/1, crash_segfault/1, crash_hang/1, caller_dies/1,
          queueing/1, checkout_timeout/1, recycle_after/1, max_memory/1,
-         crash_injection_under_load/1, venv_requirements/1]).
+         crash_injection_under_load/1, venv_requirements/1, protocol_version/1]).
 %% Called from Python through the allow-list, and the logger handler of output_to_logger.
 -export([nested/1, twice/2, log/2]).
 
@@ -24,7 +24,7 @@ all() ->
     [seed_examples, timeout_interrupts, api_calls, checkout_state, checkout_holder_dies,
      allow_list, nested_and_send, output_to_logger, limits, crash_exit, crash_segfault,
      crash_hang, caller_dies, queueing, checkout_timeout, recycle_after, max_memory,
-     crash_injection_under_load, venv_requirements].
+     crash_injection_under_load, venv_requirements, protocol_version].
 
 suite() ->
     [{timetrap, {seconds, 60}}].
@@ -50,7 +50,7 @@ init_per_testcase(_Case, Config) ->
 end_per_testcase(_Case, _Config) ->
     [erpy:stop_pool(P) || P <- [p_seed, p_timeout, p_api, p_one, p_allow, nest, p_log,
                                 p_limits, p_crash, p_dies, p_queue, p_recycle, p_mem,
-                                p_load, p_venv]],
+                                p_load, p_venv, p_version]],
     ok.
 
 %% ---- 1. the seed's contract -------------------------------------------------------------
@@ -220,10 +220,14 @@ allow_list(_Config) ->
                        "result = erlang.apply('erpy_port_SUITE', 'nested', [(Atom('p_allow'), 21)])">>)),
     NotAllowed(<<"erlang.apply('erpy_port_SUITE', 'nested', [1, 2])">>),
     NotAllowed(<<"erlang.apply('erpy_port_SUITE', 'twice', [1, 2])">>),
-    %% A refused call raises ErlangError, which Python can catch.
-    ?assertEqual({ok, #{status => ok, result => <<"refused">>}},
+    %% A refused call raises ErlangError, which Python can catch; args[0] is the reason.
+    ?assertEqual({ok, #{status => ok, result => {not_allowed, {os, cmd, 1}}}},
                  Run(<<"try:\n    erlang.call('os', 'cmd', 'ls')\n"
-                       "except erlang.ErlangError:\n    result = 'refused'">>)),
+                       "except erlang.ErlangError as e:\n    result = e.args[0]">>)),
+    %% An exception in an allowed function: ErlangError with class, reason, stacktrace.
+    {ok, #{status := ok, result := #{class := error, reason := badarg, stacktrace := [_ | _]}}} =
+        Run(<<"try:\n    erlang.call('erlang', 'abs', 'x')\n"
+              "except erlang.ErlangError as e:\n    result = e.args[0]">>),
     %% Unknown names create no atom (the name is made at run time, never an atom here).
     Name = iolist_to_binary(["erpy_no_such_mod_", integer_to_list(erlang:unique_integer([positive]))]),
     Fun = iolist_to_binary(["erpy_no_such_fun_", integer_to_list(erlang:unique_integer([positive]))]),
@@ -383,7 +387,11 @@ crash_segfault(_Config) ->
 crash_hang(_Config) ->
     Code = <<"import time\nwhile True:\n    try:\n        time.sleep(1)\n"
              "    except KeyboardInterrupt:\n        pass">>,
-    crash(Code, 300, fun(R) -> ?assertEqual({error, timeout}, R) end).
+    crash(Code, 300, fun(R) -> ?assertEqual({error, timeout}, R) end),
+    %% Also when it keeps printing (a stream of log frames must not postpone the kill).
+    Noisy = <<"import time\nwhile True:\n    try:\n        print('still here', flush=True)\n"
+              "        time.sleep(0.005)\n    except KeyboardInterrupt:\n        pass">>,
+    crash(Noisy, 300, fun(R) -> ?assertEqual({error, timeout}, R) end).
 
 crash(Code, Timeout, Check) ->
     start(p_crash, #{size => 2, kill_grace_ms => 300}),
@@ -407,7 +415,8 @@ crash(Code, Timeout, Check) ->
             ?assertEqual([], Bad),
             ?assert(N > 5)
     after 10000 -> ct:fail(bystander_stuck)
-    end.
+    end,
+    ok = erpy:stop_pool(p_crash).
 
 bystander(Parent, Pool, N, Bad) ->
     receive
@@ -610,6 +619,25 @@ build_wheel(Dir) ->
     Wheel = filename:join(Dir, "mypkg-0.1-py3-none-any.whl"),
     {ok, _} = zip:create(Wheel, All),
     ok.
+
+%% ---- protocol version ----------------------------------------------------------------
+
+%% A worker answering the handshake with another protocol version is refused, and restarts back off.
+protocol_version(Config) ->
+    %% priv is a link into the source tree, so its parent holds test/.
+    Fake1 = filename:join([code:priv_dir(erpy), "..", "test", "py", "old_protocol_worker.py"]),
+    true = filelib:is_regular(Fake1),
+    LogDir = filename:join(?config(priv_dir, Config), "erpy_fake_log"),
+    ok = filelib:ensure_dir(filename:join(LogDir, "x")),
+    {ok, _} = erpy:start_pool(p_version, #{size => 1, python => Fake1, pythonpath => [LogDir]}),
+    ?assertEqual({error, timeout}, erpy:eval(<<"1">>, #{}, #{pool => p_version, timeout => 1000})),
+    #{ready := 0} = erpy_pool:info(p_version),
+    {ok, Starts} = file:read_file(filename:join(LogDir, "starts")),
+    N = length(binary:matches(Starts, <<"start">>)),
+    ct:log("~p starts in about 1 s", [N]),
+    ?assert(N >= 2),
+    ?assert(N < 20),
+    ok = erpy:stop_pool(p_version).
 
 %% ---- helpers ---------------------------------------------------------------------------
 

@@ -617,8 +617,10 @@ PyRef PortWorker::callback(const char* kind, PyObject* m, PyObject* f, PyObject*
       const std::string_view status = read_kind(r);
       PyRef value = decode(r);
       if (status == "ok") return value;
-      PyObject* exc = errors_.error.get();
-      PyErr_SetObject(exc, value.get());
+      // ErlangError(reason): args[0] is Erlang's reason, also when it is a tuple
+      // (PyErr_SetObject would spread a tuple over args).
+      PyRef exc = PyRef::check(PyObject_CallOneArg(errors_.error.get(), value.get()));
+      PyErr_SetObject(errors_.error.get(), exc.get());
       throw PythonError();
     }
     // Anything else is handled as at top level (a nested request answers for itself).

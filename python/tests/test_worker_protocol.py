@@ -1,0 +1,249 @@
+"""The port worker (``python -m erpy.worker``) driven frame by frame, as Erlang would.
+
+These tests play Erlang's side of doc/protocol.md over two pipes (fds 3 and 4 of the
+worker), so they can send what the Erlang code never sends: malformed frames, unknown
+kinds, cancels for finished requests, replies to nobody.
+"""
+
+from __future__ import annotations
+
+import fcntl
+import os
+import struct
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+
+import erpy
+from erpy import Atom, Pid
+
+A = Atom
+CALLER = Pid("nonode@nohost", 80, 0, 0)
+PYTHON_DIR = Path(erpy.__file__).resolve().parent.parent
+
+
+class Worker:
+    def __init__(self, max_message_size: int = 10 * 1024 * 1024, max_memory_mb=None) -> None:
+        to_py_r, self.to_py = os.pipe()
+        self.from_py, from_py_w = os.pipe()
+        # The child sees them as fds 3 and 4; moved above 10 first so dup2 cannot clobber.
+        high_r = fcntl.fcntl(to_py_r, fcntl.F_DUPFD, 10)
+        high_w = fcntl.fcntl(from_py_w, fcntl.F_DUPFD, 10)
+        os.close(to_py_r)
+        os.close(from_py_w)
+
+        def setup() -> None:
+            os.dup2(high_r, 3)
+            os.dup2(high_w, 4)
+
+        env = dict(os.environ, PYTHONPATH=str(PYTHON_DIR), PYTHONUNBUFFERED="1")
+        self.proc = subprocess.Popen(
+            [sys.executable, "-m", "erpy.worker"], preexec_fn=setup,
+            pass_fds=(3, 4, high_r, high_w), env=env,
+            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+        os.close(high_r)
+        os.close(high_w)
+        self.logs: list[tuple] = []
+        self.send((A("init"), {A("version"): 1, A("pool"): A("test"),
+                               A("max_message_size"): max_message_size,
+                               A("max_memory_mb"): max_memory_mb, A("none"): None}))
+        ready = self.recv()
+        assert ready[0] == "ready", ready
+        self.info = ready[1]
+
+    def send_raw(self, payload: bytes) -> None:
+        os.write(self.to_py, struct.pack(">I", len(payload)) + payload)
+
+    def send(self, term) -> None:
+        self.send_raw(erpy.encode(term))
+
+    def _read(self, n: int) -> bytes:
+        out = b""
+        while len(out) < n:
+            chunk = os.read(self.from_py, n - len(out))
+            if not chunk:
+                raise EOFError
+            out += chunk
+        return out
+
+    def recv(self, skip_logs: bool = True):
+        while True:
+            (n,) = struct.unpack(">I", self._read(4))
+            term = erpy.decode(self._read(n))
+            if skip_logs and isinstance(term, tuple) and term and term[0] == "log":
+                self.logs.append(term)
+                continue
+            return term
+
+    def request(self, kind: str, rid: int, *payload, deadline_ms: int = 0):
+        self.send((A(kind), rid, deadline_ms, CALLER, *payload))
+
+    def close(self) -> int:
+        if self.to_py >= 0:
+            os.close(self.to_py)
+            self.to_py = -1
+        try:
+            return self.proc.wait(timeout=5)
+        finally:
+            if self.from_py >= 0:
+                os.close(self.from_py)
+                self.from_py = -1
+
+
+@pytest.fixture
+def worker():
+    w = Worker()
+    yield w
+    w.close()
+
+
+def test_handshake(worker):
+    assert worker.info["version"] == 1
+    assert worker.info["pid"] == worker.proc.pid
+    assert worker.info["gil"] in ("shared", "free_threaded")
+
+
+def test_call_eval_exec_run(worker):
+    worker.request("call", 1, "operator", "add", [1, 2], {})
+    assert worker.recv() == (A("ok"), 1, 3)
+    worker.request("eval", 2, "x * 2", {A("x"): 21})
+    assert worker.recv() == (A("ok"), 2, 42)
+    worker.request("exec", 3, "y = 1")
+    assert worker.recv() == (A("ok"), 3, None)
+    worker.request("run", 4, "result = arguments + 1", 41)
+    assert worker.recv() == (A("ok"), 4, 42)
+    worker.request("call", 5, "os.path", "join", ["a", "b"], {})
+    assert worker.recv() == (A("ok"), 5, "a/b")
+
+
+def test_python_error_map(worker):
+    worker.request("eval", 7, "1/0", {})
+    tag, rid, err = worker.recv()
+    assert (tag, rid) == ("error", 7)
+    assert err[A("type")] == "ZeroDivisionError"
+    assert err[A("traceback")] and all(isinstance(l, str) for l in err[A("traceback")])
+
+
+def test_bad_frames_do_not_kill_the_worker(worker):
+    worker.send_raw(b"\x83garbage")
+    worker.send_raw(b"not even a version byte")
+    worker.send((A("nosuchkind"), 9, 0, CALLER, 1, 2))
+    tag, rid, err = worker.recv()
+    assert (tag, rid) == ("error", 9)
+    assert err[A("type")] == "ValueError"
+    worker.send((A("reply"), 12345, A("ok"), 1))  # a reply to no callback: dropped
+    worker.send((A("cancel"), 999))  # a cancel for nothing: dropped
+    # A request whose payload does not decode: DecodeError for that id.
+    good = erpy.encode((A("eval"), 10, 0, CALLER, "1", {}))
+    worker.send_raw(good[:-3])
+    tag, rid, err = worker.recv()
+    assert (tag, rid) == ("error", 10) and err[A("type")] == "DecodeError"
+    worker.request("eval", 11, "1 + 1", {})
+    assert worker.recv() == (A("ok"), 11, 2)
+
+
+def test_unencodable_result(worker):
+    worker.request("eval", 1, "object()", {})
+    tag, rid, err = worker.recv()
+    assert (tag, rid) == ("error", 1) and err[A("type")] == "EncodeError"
+
+
+def test_result_too_large():
+    w = Worker(max_message_size=1000)
+    try:
+        w.request("eval", 1, "'x' * 5000", {})
+        tag, rid, (what, size, limit) = w.recv()
+        assert (tag, rid, what, limit) == ("error", 1, "message_too_large", 1000)
+        assert size > 5000
+        w.request("eval", 2, "1", {})
+        assert w.recv() == (A("ok"), 2, 1)
+    finally:
+        w.close()
+
+
+def test_deadline_interrupts_and_says_timeout(worker):
+    deadline = int(time.time() * 1000) + 200
+    t0 = time.monotonic()
+    worker.request("exec", 1, "import time\ntime.sleep(10)", deadline_ms=deadline)
+    assert worker.recv() == (A("error"), 1, A("timeout"))
+    assert time.monotonic() - t0 < 2
+    worker.request("eval", 2, "1", {})
+    assert worker.recv() == (A("ok"), 2, 1)
+
+
+def test_cancel_interrupts(worker):
+    worker.request("exec", 1, "import time\ntime.sleep(10)")
+    time.sleep(0.2)
+    worker.send((A("cancel"), 1))
+    assert worker.recv() == (A("error"), 1, A("timeout"))
+
+
+def test_user_code_catching_keyboardinterrupt_is_not_timeout(worker):
+    # Only the watchdog's interrupt means `timeout`; a KeyboardInterrupt the code raises
+    # itself is a plain Python error.
+    worker.request("exec", 1, "raise KeyboardInterrupt")
+    tag, rid, err = worker.recv()
+    assert (tag, rid) == ("error", 1) and err[A("type")] == "KeyboardInterrupt"
+
+
+def test_callback_round_trip_and_nesting(worker):
+    worker.request("run", 1, "result = erlang.call('lists', 'sort', [3, 1, 2])", None)
+    cb = worker.recv()
+    assert cb[0] == "callback" and cb[2:] == (A("call"), "lists", "sort", [3, 1, 2])
+    # While Python waits, a nested request runs on the same worker.
+    worker.request("eval", 2, "40 + 2", {})
+    assert worker.recv() == (A("ok"), 2, 42)
+    worker.send((A("reply"), cb[1], A("ok"), [1, 2, 3]))
+    assert worker.recv() == (A("ok"), 1, [1, 2, 3])
+
+
+def test_callback_error_raises_erlang_error(worker):
+    worker.request("run", 1, "try:\n    erlang.call('os', 'cmd', 'ls')\n"
+                            "except erlang.ErlangError as e:\n    result = e.args[0]", None)
+    cb = worker.recv()
+    reason = (A("not_allowed"), (A("os"), A("cmd"), 1))
+    worker.send((A("reply"), cb[1], A("error"), reason))
+    assert worker.recv() == (A("ok"), 1, reason)
+
+
+def test_send_self_and_output(worker):
+    worker.request("exec", 1, "erlang.send(erlang.self(), 'hi')\nprint('printed')")
+    frames = [worker.recv(skip_logs=False) for _ in range(2)]
+    assert (A("send"), CALLER, "hi") in frames
+    assert (A("ok"), 1, None) in frames
+    deadline = time.monotonic() + 5
+    while not any(t[2] == "printed" for t in worker.logs) and time.monotonic() < deadline:
+        worker.request("eval", 2, "1", {})
+        while worker.recv() != (A("ok"), 2, 1):
+            pass
+    assert (A("log"), A("stdout"), "printed") in worker.logs
+
+
+def test_hold_keeps_namespace_until_reset(worker):
+    worker.send((A("hold"),))
+    worker.request("exec", 1, "kept = 5")
+    assert worker.recv() == (A("ok"), 1, None)
+    worker.request("eval", 2, "kept", {})
+    assert worker.recv() == (A("ok"), 2, 5)
+    worker.send((A("reset"),))
+    worker.request("eval", 3, "kept", {})
+    tag, rid, err = worker.recv()
+    assert (tag, rid) == ("error", 3) and err[A("type")] == "NameError"
+
+
+def test_memory_limit_announced_before_the_answer():
+    w = Worker(max_memory_mb=50)
+    try:
+        w.request("exec", 1, "import builtins\nbuiltins.hog = b'x' * (80 * 1024 * 1024)")
+        assert w.recv() == (A("exiting"), A("memory_limit"))
+        assert w.recv() == (A("ok"), 1, None)
+        assert w.proc.wait(timeout=5) == 0
+    finally:
+        w.close()
+
+
+def test_exits_on_eof(worker):
+    assert worker.close() == 0
