@@ -3,7 +3,9 @@
 #include <fcntl.h>
 #include <unistd.h>
 
+#include <algorithm>
 #include <cerrno>
+#include <cstring>
 #include <stdexcept>
 #include <vector>
 
@@ -15,15 +17,40 @@ void Channel::enlarge_pipes() noexcept {
 #endif
 }
 
+Channel::Fill Channel::fill(bool interruptible) {
+  if (rpos_ == rlen_) {
+    rpos_ = rlen_ = 0;
+  } else if (rpos_ > 0 && rlen_ == rbuf_.size()) {
+    std::memmove(rbuf_.data(), rbuf_.data() + rpos_, rlen_ - rpos_);
+    rlen_ -= rpos_;
+    rpos_ = 0;
+  }
+  for (;;) {
+    const ssize_t got = ::read(in_, rbuf_.data() + rlen_, rbuf_.size() - rlen_);
+    if (got > 0) {
+      rlen_ += static_cast<std::size_t>(got);
+      return Fill::ok;
+    }
+    if (got == 0) return Fill::eof;
+    if (errno != EINTR) return Fill::eof;
+    if (interruptible) return Fill::interrupted;
+  }
+}
+
+// Reads the rest of a frame straight into its destination (big payloads skip the
+// read-ahead buffer).
 bool Channel::read_exact(std::uint8_t* p, std::size_t n) {
+  const std::size_t from_buffer = std::min(n, avail());
+  std::memcpy(p, rbuf_.data() + rpos_, from_buffer);
+  rpos_ += from_buffer;
+  p += from_buffer;
+  n -= from_buffer;
   while (n) {
     const ssize_t got = ::read(in_, p, n);
     if (got > 0) {
       p += got;
       n -= static_cast<std::size_t>(got);
-    } else if (got == 0) {
-      return false;
-    } else if (errno != EINTR) {
+    } else if (got == 0 || errno != EINTR) {
       return false;
     }
   }
@@ -31,6 +58,9 @@ bool Channel::read_exact(std::uint8_t* p, std::size_t n) {
 }
 
 bool Channel::skip_exact(std::size_t n) {
+  const std::size_t from_buffer = std::min(n, avail());
+  rpos_ += from_buffer;
+  n -= from_buffer;
   std::vector<std::uint8_t> sink(std::min<std::size_t>(n, 1 << 16));
   while (n) {
     const std::size_t k = std::min(n, sink.size());
@@ -41,27 +71,25 @@ bool Channel::skip_exact(std::size_t n) {
 }
 
 Channel::Read Channel::read_frame(ByteBuffer& out, std::size_t max, std::size_t& oversize) {
-  std::uint8_t head[4];
-  // The first byte may wait for a long time: a signal there lets the caller look at it.
-  ssize_t got;
-  do {
-    got = ::read(in_, head, 1);
-    if (got < 0 && errno == EINTR) return Read::interrupted;
-  } while (got < 0 && errno == EINTR);
-  if (got <= 0) return Read::eof;
-  if (!read_exact(head + 1, 3)) return Read::eof;
+  oversize = 0;
+  while (avail() < 4) {
+    // A signal may only interrupt the wait for a frame, never a frame half read.
+    switch (fill(avail() == 0)) {
+      case Fill::ok: break;
+      case Fill::eof: return Read::eof;
+      case Fill::interrupted: return Read::interrupted;
+    }
+  }
+  const std::uint8_t* head = rbuf_.data() + rpos_;
   const std::size_t len = (std::size_t{head[0]} << 24) | (std::size_t{head[1]} << 16) |
                           (std::size_t{head[2]} << 8) | head[3];
-  oversize = 0;
+  rpos_ += 4;
   if (len > max) {
     oversize = len;
     return skip_exact(len) ? Read::frame : Read::eof;
   }
   out.clear();
-  if (len) {
-    // Grow once to the frame's size, then read straight into the buffer.
-    if (!read_exact(out.append_uninitialized(len), len)) return Read::eof;
-  }
+  if (len && !read_exact(out.append_uninitialized(len), len)) return Read::eof;
   return Read::frame;
 }
 

@@ -5,6 +5,7 @@
 #pragma once
 #include <cstdint>
 #include <mutex>
+#include <vector>
 
 #include "py/buffer.hpp"
 
@@ -40,13 +41,25 @@ class Channel {
 
   std::mutex& read_mutex() noexcept { return read_mu_; }
   int in_fd() const noexcept { return in_; }
+  // Bytes already read from the pipe but not yet handed out (a frame may be waiting
+  // here although the pipe itself is empty).
+  bool buffered() const noexcept { return rlen_ > rpos_; }
 
  private:
+  enum class Fill { ok, eof, interrupted };
+  // Reads what the pipe has (one system call) into the read-ahead buffer.
+  Fill fill(bool interruptible);
   bool read_exact(std::uint8_t* p, std::size_t n);
   bool skip_exact(std::size_t n);
+  std::size_t avail() const noexcept { return rlen_ - rpos_; }
 
   int in_;
   int out_;
+  // Read-ahead: a small frame usually arrives with one read() instead of three.
+  static constexpr std::size_t kReadAhead = 64 * 1024;
+  std::vector<std::uint8_t> rbuf_ = std::vector<std::uint8_t>(kReadAhead);
+  std::size_t rpos_ = 0;
+  std::size_t rlen_ = 0;
   std::mutex read_mu_;
   std::mutex write_mu_;
 };

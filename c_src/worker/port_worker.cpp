@@ -69,7 +69,11 @@ class PortWorker {
  private:
   struct Request {
     std::int64_t id;
-    PyRef caller;
+    // The caller's pid, undecoded: most code never asks for erlang.self(), and making an
+    // erpy.Pid costs more than the rest of a small request. A view into the request's
+    // frame, which outlives the request.
+    etf::Bytes caller_raw;
+    PyRef caller;  // made on first use
   };
 
   bool handshake();
@@ -280,7 +284,12 @@ void PortWorker::run_request(std::string_view kind, std::int64_t id, etf::Reader
                              std::size_t arity) {
   PyRef deadline_obj = decode(r);
   const std::int64_t deadline = as_int64(deadline_obj.get());
-  stack_.push_back({id, decode(r)});
+  const std::size_t caller_start = r.pos();
+  {
+    etf::NullBuilder skip;
+    etf::decode_term(r, skip);
+  }
+  stack_.push_back({id, r.data().subspan(caller_start, r.pos() - caller_start), PyRef()});
   dog_.enter(id, deadline);
   PyRef result;
   bool failed = false;
@@ -651,7 +660,12 @@ PyRef PortWorker::self_pid() {
     PyErr_SetString(errors_.port.get(), "erlang.self() works only while Erlang runs this code");
     throw PythonError();
   }
-  return PyRef::borrow(stack_.back().caller.get());
+  Request& req = stack_.back();
+  if (!req.caller) {
+    etf::Reader r(req.caller_raw);
+    req.caller = decode(r);
+  }
+  return PyRef::borrow(req.caller.get());
 }
 
 // ---- module functions ------------------------------------------------------------------

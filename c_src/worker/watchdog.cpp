@@ -123,12 +123,14 @@ void Watchdog::read_while_busy() {
   std::unique_lock<std::mutex> reading(ch_.read_mutex(), std::try_to_lock);
   if (!reading.owns_lock()) return;
   for (;;) {
-    pollfd p{ch_.in_fd(), POLLIN, 0};
-    if (poll(&p, 1, 0) <= 0) return;
-    if (!(p.revents & POLLIN)) {
-      // Erlang closed the port while we run: nobody will read an answer.
-      if (p.revents & (POLLHUP | POLLERR)) _exit(3);
-      return;
+    if (!ch_.buffered()) {
+      pollfd p{ch_.in_fd(), POLLIN, 0};
+      if (poll(&p, 1, 0) <= 0) return;
+      if (!(p.revents & POLLIN)) {
+        // Erlang closed the port while we run: nobody will read an answer.
+        if (p.revents & (POLLHUP | POLLERR)) _exit(3);
+        return;
+      }
     }
     ByteBuffer frame;
     std::size_t oversize = 0;
