@@ -15,6 +15,9 @@
 
 -define(PROTOCOL_VERSION, 1).
 -define(READY_TIMEOUT_MS, 60000).
+%% How long an idle worker polls for the next request before it sleeps (see
+%% c_src/worker/channel.hpp): waking a sleeping process costs far more on VMs.
+-define(DEFAULT_SPIN_US, 50).
 
 -record(req, {id :: integer(), alias :: reference() | undefined, caller :: pid(),
               mon :: reference(), deadline :: integer() | infinity}).
@@ -73,6 +76,11 @@ init({Pool, PoolPid, Opts}) ->
                      pool => Pool,
                      max_message_size => maps:get(max_message_size, Opts),
                      max_memory_mb => maps:get(max_memory_mb, Opts, undefined),
+                     spin_us => maps:get(spin_us, Opts, ?DEFAULT_SPIN_US),
+                     %% At most half the CPUs' worth of workers of this VM spin at once.
+                     spin_group => list_to_binary(os:getpid()),
+                     spin_limit => maps:get(spin_limit, Opts,
+                                            max(1, erlang:system_info(logical_processors_available) div 2)),
                      none => maps:get(none, Opts, undefined)},
             port_command(Port, term_to_binary({init, Init}, [{minor_version, 2}])),
             St = #st{pool = Pool, pool_pid = PoolPid, port = Port, os_pid = OsPid, opts = Opts,

@@ -1,11 +1,19 @@
 #include "channel.hpp"
 
 #include <fcntl.h>
+#include <poll.h>
+#include <sched.h>
+#include <sys/socket.h>
+#include <sys/un.h>
 #include <unistd.h>
 
 #include <algorithm>
+#include <chrono>
 #include <cerrno>
+#include <cstddef>
+#include <cstdio>
 #include <cstring>
+#include <utility>
 #include <stdexcept>
 #include <vector>
 
@@ -17,6 +25,43 @@ void Channel::enlarge_pipes() noexcept {
 #endif
 }
 
+bool Channel::take_spin_token() noexcept {
+  if (spin_token_ >= 0) return true;
+  for (unsigned i = 0; i < spin_limit_; ++i) {
+    const int fd = socket(AF_UNIX, SOCK_DGRAM | SOCK_CLOEXEC, 0);
+    if (fd < 0) return false;
+    sockaddr_un addr{};
+    addr.sun_family = AF_UNIX;
+    // Abstract namespace (leading NUL): no file, gone with the process.
+    const int n = std::snprintf(addr.sun_path + 1, sizeof addr.sun_path - 1, "erpy-spin-%s-%u",
+                                spin_group_.c_str(), i);
+    const socklen_t len = static_cast<socklen_t>(offsetof(sockaddr_un, sun_path) + 1 + n);
+    if (bind(fd, reinterpret_cast<sockaddr*>(&addr), len) == 0) {
+      spin_token_ = fd;
+      return true;
+    }
+    close(fd);
+  }
+  return false;
+}
+
+void Channel::drop_spin_token() noexcept {
+  if (spin_token_ >= 0) close(std::exchange(spin_token_, -1));
+}
+
+// Polls the pipe for up to spin_us_ before the caller blocks on it. The token is kept
+// while requests keep coming within the window, and given up when the worker goes idle.
+void Channel::spin() noexcept {
+  if (!take_spin_token()) return;
+  const auto until = std::chrono::steady_clock::now() + std::chrono::microseconds(spin_us_);
+  do {
+    pollfd p{in_, POLLIN, 0};
+    if (poll(&p, 1, 0) != 0) return;
+    sched_yield();
+  } while (std::chrono::steady_clock::now() < until);
+  drop_spin_token();
+}
+
 Channel::Fill Channel::fill(bool interruptible) {
   if (rpos_ == rlen_) {
     rpos_ = rlen_ = 0;
@@ -25,6 +70,7 @@ Channel::Fill Channel::fill(bool interruptible) {
     rlen_ -= rpos_;
     rpos_ = 0;
   }
+  if (spin_us_ && interruptible) spin();
   for (;;) {
     const ssize_t got = ::read(in_, rbuf_.data() + rlen_, rbuf_.size() - rlen_);
     if (got > 0) {

@@ -5,6 +5,7 @@
 #pragma once
 #include <cstdint>
 #include <mutex>
+#include <string>
 #include <vector>
 
 #include "py/buffer.hpp"
@@ -39,6 +40,17 @@ class Channel {
   // Writes a frame made with begin_frame; false if Erlang is gone.
   bool write_frame(ByteBuffer& b);
 
+  // Before sleeping on an empty pipe, poll it for this long: a caller that sends its next
+  // request at once finds the worker awake (waking a sleeping process costs tens of
+  // microseconds on virtual machines). 0 turns it off.
+  // Spinning workers compete with the VM for the CPUs, so at most `limit` workers of a
+  // `group` (one VM) spin at a time; the others sleep at once.
+  void set_spin(unsigned us, std::string group, unsigned limit) {
+    spin_us_ = us;
+    spin_group_ = std::move(group);
+    spin_limit_ = limit;
+  }
+
   std::mutex& read_mutex() noexcept { return read_mu_; }
   int in_fd() const noexcept { return in_; }
   // Bytes already read from the pipe but not yet handed out (a frame may be waiting
@@ -49,6 +61,7 @@ class Channel {
   enum class Fill { ok, eof, interrupted };
   // Reads what the pipe has (one system call) into the read-ahead buffer.
   Fill fill(bool interruptible);
+  void spin() noexcept;
   bool read_exact(std::uint8_t* p, std::size_t n);
   bool skip_exact(std::size_t n);
   std::size_t avail() const noexcept { return rlen_ - rpos_; }
@@ -60,6 +73,13 @@ class Channel {
   std::vector<std::uint8_t> rbuf_ = std::vector<std::uint8_t>(kReadAhead);
   std::size_t rpos_ = 0;
   std::size_t rlen_ = 0;
+  unsigned spin_us_ = 0;
+  std::string spin_group_;
+  unsigned spin_limit_ = 1;
+  // A bound abstract Unix socket is a token: the kernel frees it when the process dies.
+  int spin_token_ = -1;
+  bool take_spin_token() noexcept;
+  void drop_spin_token() noexcept;
   std::mutex read_mu_;
   std::mutex write_mu_;
 };

@@ -4,6 +4,7 @@
 
 #include <cerrno>
 #include <cstdio>
+#include <cstdlib>
 #include <memory>
 #include <mutex>
 #include <string>
@@ -173,6 +174,14 @@ bool PortWorker::handshake() {
   };
   if (PyObject* v = get("max_message_size"); v && PyLong_Check(v)) {
     max_ = static_cast<std::size_t>(PyLong_AsUnsignedLongLong(v));
+  }
+  if (PyObject* v = get("spin_us"); v && PyLong_Check(v)) {
+    PyObject* group = get("spin_group");
+    PyObject* limit = get("spin_limit");
+    const char* g = group && PyUnicode_Check(group) ? PyUnicode_AsUTF8(group) : nullptr;
+    ch_.set_spin(static_cast<unsigned>(PyLong_AsUnsignedLong(v)),
+                 g ? g : std::to_string(getppid()),
+                 limit && PyLong_Check(limit) ? static_cast<unsigned>(PyLong_AsUnsignedLong(limit)) : 1);
   }
   if (PyObject* v = get("max_memory_mb"); v && PyLong_Check(v)) {
     max_memory_mb_ = static_cast<std::size_t>(PyLong_AsUnsignedLongLong(v));
