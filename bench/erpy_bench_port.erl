@@ -18,7 +18,10 @@ rows(#{root := Root} = Ctx) ->
     ok = application:load(erpy),
     application:set_env(erpy, pools, [{default, #{mode => port, size => 1}}]),
     {ok, _} = application:ensure_all_started(erpy),
-    Rows = [w1_w4(Ctx), w2(Ctx), w3a(Ctx), w3b(Ctx), w6(Ctx), memory(Ctx)],
+    Rows = [w1_w4(Ctx),
+            w2(Ctx, <<"W2">>, #{size => 1, pipeline => 4}, <<"pool of 1, pipeline => 4">>),
+            w2(Ctx, <<"W2'">>, #{size => 4}, <<"pool of 4, no pipelining (the defaults)">>),
+            w3a(Ctx), w3b(Ctx), w6(Ctx), memory(Ctx)],
     application:stop(erpy),
     lists:append(Rows).
 
@@ -62,10 +65,10 @@ w1_w4(#{pairs := Pairs}) ->
        ratio => W4Ratio, target => <<"<= 2.5x">>, pass => W4Ratio =< 2.5,
        notes => [<<"the request is erpy:eval of the callback expression (compiled once, cached)">>]}].
 
-%% W2: 4 concurrent callers x 5,000 calls against a pool of 4, beside 4 callers each
-%% echoing through its own cat.
-w2(#{pairs := Pairs}) ->
-    {ok, _} = erpy:start_pool(?POOL, #{size => 4}),
+%% W2: 4 concurrent callers x 5,000 calls against a pool configured by PoolOpts, beside
+%% 4 callers each echoing through its own cat.
+w2(#{pairs := Pairs}, Id, PoolOpts, Config) ->
+    {ok, _} = erpy:start_pool(?POOL, PoolOpts),
     wait_ready(?POOL),
     Per = 5000,
     Frame = erpy_call:encode_request({call, <<"operator">>, <<"add">>, [1, 2], #{}}, 1, 5000, self()),
@@ -87,8 +90,8 @@ w2(#{pairs := Pairs}) ->
     CpuPer = fun(Runs) -> erpy_bench:median([C / (4 * Per) / 1000 || {_, C} <- Runs]) end,
     Ratio = erpy_bench:median([Rate(A) / Rate(B) || {A, B} <- lists:zip(E, F)]),
     ERate = erpy_bench:median([Rate(R) || R <- E]),
-    [#{id => <<"W2">>,
-       workload => <<"port: throughput, 4 concurrent callers x 5,000 calls (pool of 4), calls/s">>,
+    [#{id => Id,
+       workload => fmt("port: throughput, 4 concurrent callers x 5,000 calls (~s), calls/s", [Config]),
        erpy => fmt("~b calls/s, ~.1f us CPU/call", [round(ERate), CpuPer(E)]),
        reference => fmt("4 callers x own cat echo: ~b echoes/s, ~.1f us CPU/echo",
                         [round(erpy_bench:median([Rate(R) || R <- F])), CpuPer(F)]),

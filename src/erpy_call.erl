@@ -18,7 +18,7 @@ request(Pool, Req, Timeout) ->
                fun(Frame) ->
                        case nested_worker(Pool) of
                            {ok, Worker} ->
-                               send_and_wait(Worker, Pool, Frame, Timeout);
+                               send_and_wait(erpy_nested, Worker, Pool, Frame, Timeout);
                            error ->
                                case erpy_pool:lookup(Pool) of
                                    {ok, Handle} -> via_pool(Handle, Frame, Timeout);
@@ -81,12 +81,16 @@ via_pool(#{name := Pool, pid := PoolPid, queued := Queued} = Handle, Frame, Time
             end
     end.
 
-send_and_wait(Target, Pool, {Id, Bin}, Timeout) ->
+send_and_wait(Target, Pool, Frame, Timeout) ->
+    send_and_wait(erpy_request, Target, Pool, Frame, Timeout).
+
+%% erpy_nested: a request made inside a callback, for the worker that waits for it.
+send_and_wait(Tag, Target, Pool, {Id, Bin}, Timeout) ->
     %% The monitor is also the alias the worker answers to: once we demonitor, a late
     %% answer (after a timeout) is dropped by the runtime, not queued here.
     Mref = erlang:monitor(process, Target, [{alias, demonitor}]),
     Deadline = deadline(Timeout),
-    Target ! {erpy_request, Mref, self(), Id, Bin, Deadline},
+    Target ! {Tag, Mref, self(), Id, Bin, Deadline},
     wait(Mref, Pool, Deadline).
 
 wait(Mref, Pool, Deadline) ->

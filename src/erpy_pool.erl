@@ -10,7 +10,7 @@
 -behaviour(gen_server).
 
 -export([start_link/3, lookup/1, max_message_size/1, info/1]).
--export([claim/1, unclaim/2, worker_pid/2, finished/3]).
+-export([claim/1, unclaim/2, retire/2, worker_pid/2, finished/3]).
 -export([request/3, request_worker/3, checkout/2, checkin/1]).
 -export([init/1, handle_call/3, handle_cast/2, handle_info/2, terminate/2]).
 
@@ -40,8 +40,10 @@
 -define(KEY(Name), {erpy_pool, Name}).
 -define(TABLE, erpy_workers).
 -define(MAX_BACKOFF_MS, 5000).
+%% A slot's value is the number of requests its worker has in flight, or UNAVAILABLE while
+%% it has no worker to take requests (starting, replaced, lent out, leaving).
 -define(FREE, 0).
--define(TAKEN, 1).
+-define(UNAVAILABLE, 16#100000).
 
 %% API.
 
@@ -69,22 +71,45 @@ info(Name) ->
     {ok, #{pid := Pid}} = lookup(Name),
     gen_server:call(Pid, info).
 
-%% Claims an idle slot: the lowest free one, so a light load keeps one Python hot.
+%% Claims a slot for one request: the lowest idle one, so a light load keeps one Python
+%% hot; with `pipeline => N` (N > 1) and no idle slot, a busy one with fewer than N
+%% requests in flight (its worker reads the next request while it answers the last).
 -spec claim(handle()) -> {ok, pos_integer()} | none.
-claim(#{slots := Slots, size := Size}) ->
-    claim(Slots, 1, Size).
+claim(#{slots := Slots, size := Size, depth := Depth}) ->
+    case claim_idle(Slots, 1, Size, 1) of
+        none when Depth > 1 -> claim_busy(Slots, 1, Size, Depth);
+        Claimed -> Claimed
+    end.
 
-claim(_Slots, I, Size) when I > Size ->
+claim_idle(_Slots, I, Size, _To) when I > Size ->
     none;
-claim(Slots, I, Size) ->
-    case atomics:compare_exchange(Slots, I, ?FREE, ?TAKEN) of
+claim_idle(Slots, I, Size, To) ->
+    case atomics:compare_exchange(Slots, I, ?FREE, To) of
         ok -> {ok, I};
-        _ -> claim(Slots, I + 1, Size)
+        _ -> claim_idle(Slots, I + 1, Size, To)
+    end.
+
+claim_busy(_Slots, I, Size, _Depth) when I > Size ->
+    none;
+claim_busy(Slots, I, Size, Depth) ->
+    case atomics:get(Slots, I) of
+        N when N >= 1, N < Depth ->
+            case atomics:compare_exchange(Slots, I, N, N + 1) of
+                ok -> {ok, I};
+                _ -> claim_busy(Slots, I + 1, Size, Depth)
+            end;
+        _ ->
+            claim_busy(Slots, I + 1, Size, Depth)
     end.
 
 -spec unclaim(handle(), pos_integer()) -> ok.
 unclaim(#{slots := Slots}, Slot) ->
-    atomics:put(Slots, Slot, ?FREE).
+    atomics:sub(Slots, Slot, 1).
+
+%% A worker that is leaving: no more requests for its slot until it is replaced.
+-spec retire(handle(), pos_integer()) -> ok.
+retire(#{slots := Slots}, Slot) ->
+    atomics:put(Slots, Slot, ?UNAVAILABLE).
 
 -spec worker_pid(atom(), pos_integer()) -> pid() | undefined.
 worker_pid(Name, Slot) ->
@@ -92,11 +117,12 @@ worker_pid(Name, Slot) ->
     catch error:badarg -> undefined
     end.
 
-%% A worker finished its work: free its slot, or hand it to the server if requests wait.
+%% A worker answered one request: one less in flight, or, if requests wait at the
+%% server, its place goes to the server (which gives it the next one).
 -spec finished(handle(), pos_integer(), pid()) -> ok.
 finished(#{slots := Slots, queued := Queued, pid := Pid}, Slot, Worker) ->
     case counters:get(Queued, 1) of
-        0 -> atomics:put(Slots, Slot, ?FREE);
+        0 -> atomics:sub(Slots, Slot, 1);
         _ -> Pid ! {erpy_idle, Worker}
     end,
     ok.
@@ -148,9 +174,10 @@ init({Name, Opts, PoolSup}) ->
     process_flag(trap_exit, true),
     Size = maps:get(size, Opts),
     Slots = atomics:new(Size, [{signed, false}]),
-    %% Every slot is taken until its worker is ready.
-    [atomics:put(Slots, I, ?TAKEN) || I <- lists:seq(1, Size)],
+    %% Every slot is unavailable until its worker is ready.
+    [atomics:put(Slots, I, ?UNAVAILABLE) || I <- lists:seq(1, Size)],
     Handle = #{pid => self(), name => Name, size => Size, slots => Slots,
+               depth => max(1, maps:get(pipeline, Opts, 1)),
                queued => counters:new(1, [write_concurrency]),
                max_message_size => maps:get(max_message_size, Opts)},
     persistent_term:put(?KEY(Name), Handle),
@@ -199,16 +226,21 @@ handle_cast(_Msg, St) ->
 handle_info({erpy_request, Alias, _Caller, _Id, _Bin, _Deadline} = Req, St) ->
     %% The caller found no free slot (and counted itself as queued).
     {noreply, dispatch({request, Alias, Req}, St)};
-handle_info({erpy_idle, Worker}, St) ->
+handle_info({erpy_idle, Worker}, #st{handle = #{slots := Slots}} = St) ->
     case maps:find(Worker, St#st.workers) of
         {ok, #{state := {held, _}}} -> {noreply, St};
+        {ok, #{state := releasing, slot := Slot}} ->
+            %% Back from a checkout: the slot is this server's until next/2 passes it on.
+            atomics:put(Slots, Slot, 1),
+            {noreply, next(Worker, St)};
         {ok, _} -> {noreply, next(Worker, St)};
         error -> {noreply, St}
     end;
-handle_info({erpy_ready, Worker}, St) ->
+handle_info({erpy_ready, Worker}, #st{handle = #{slots := Slots}} = St) ->
     case maps:find(Worker, St#st.workers) of
         {ok, #{state := starting, slot := Slot}} ->
             ets:insert(?TABLE, {{St#st.name, Slot}, Worker}),
+            atomics:put(Slots, Slot, 1),
             {noreply, next(Worker, St#st{failed_starts = 0})};
         _ ->
             {noreply, St}
@@ -257,8 +289,8 @@ schedule_start(Slot, #st{failed_starts = N} = St) ->
 worker_down(Pid, Why, #st{handle = #{slots := Slots}} = St) ->
     case maps:take(Pid, St#st.workers) of
         {#{slot := Slot, state := State} = W, Workers} ->
-            %% The slot stays taken until the replacement is ready.
-            atomics:put(Slots, Slot, ?TAKEN),
+            %% The slot stays unavailable until the replacement is ready.
+            atomics:put(Slots, Slot, ?UNAVAILABLE),
             ets:delete(?TABLE, {St#st.name, Slot}),
             %% A request this server gave the worker, if it could not answer it itself.
             case W of
@@ -278,11 +310,19 @@ worker_down(Pid, Why, #st{handle = #{slots := Slots}} = St) ->
 %% A request or checkout that found no free slot: take one if one came free meanwhile,
 %% else wait in line.
 dispatch(Item, #st{handle = Handle} = St) ->
-    case claim(Handle) of
+    Claimed = case Item of
+                  %% A checkout needs an idle worker, and nobody may pipeline onto it.
+                  {checkout, _, _, _, _} -> claim_idle(maps:get(slots, Handle), 1, St#st.size, ?UNAVAILABLE);
+                  _ -> claim(Handle)
+              end,
+    case Claimed of
         {ok, Slot} ->
             case worker_pid(St#st.name, Slot) of
-                undefined -> St#st{queue = queue:in(Item, St#st.queue)};
-                Worker -> assign(Worker, Item, uncount(1, St))
+                undefined ->
+                    unclaim(Handle, Slot),
+                    St#st{queue = queue:in(Item, St#st.queue)};
+                Worker ->
+                    assign(Worker, Item, uncount(1, St))
             end;
         none ->
             St#st{queue = queue:in(Item, St#st.queue)}
@@ -300,7 +340,7 @@ next(Worker, #st{handle = #{slots := Slots}} = St) ->
             end;
         {empty, _} ->
             #{slot := Slot} = W = maps:get(Worker, St#st.workers),
-            atomics:put(Slots, Slot, ?FREE),
+            atomics:sub(Slots, Slot, 1),
             St#st{workers = (St#st.workers)#{Worker => W#{state => idle}}}
     end.
 
@@ -308,7 +348,9 @@ assign(Worker, {request, Alias, Req}, St) ->
     Worker ! Req,
     W = maps:get(Worker, St#st.workers),
     St#st{workers = (St#st.workers)#{Worker => W#{state => busy, alias => Alias}}};
-assign(Worker, {checkout, From, Holder, _Deadline, Tag}, St) ->
+assign(Worker, {checkout, From, Holder, _Deadline, Tag}, #st{handle = #{slots := Slots}} = St) ->
+    W0 = maps:get(Worker, St#st.workers),
+    atomics:put(Slots, maps:get(slot, W0), ?UNAVAILABLE),
     Mon = erlang:monitor(process, Holder),
     gen_server:reply(From, {ok, Worker}),
     erpy_port_worker:hold(Worker, Holder),

@@ -20,7 +20,10 @@
 -define(DEFAULT_SPIN_US, 50).
 
 -record(req, {id :: integer(), alias :: reference() | undefined, caller :: pid(),
-              mon :: reference(), deadline :: integer() | infinity}).
+              mon :: reference(), deadline :: integer() | infinity,
+              %% Nested requests come from a callback of the running request; they hold
+              %% no slot of the pool.
+              nested = false :: boolean()}).
 
 -record(st, {
     pool :: atom(),
@@ -31,7 +34,9 @@
     allowed :: erpy_allow:rules(),
     max :: non_neg_integer(),
     ready = false :: boolean(),
-    %% Requests in flight, innermost (the one Python works on) first.
+    %% Requests in flight. The head is the one Python works on: nested requests are
+    %% pushed in front (Python runs them inside a callback of the head), pipelined ones
+    %% are appended (Python reads them after the head's answer).
     pending = [] :: [#req{}],
     releasing = false :: boolean(),
     held = false :: boolean(),
@@ -115,6 +120,12 @@ handle_info({erpy_request, Alias, Caller, Id, Bin, Deadline}, #st{port = Port} =
     port_command(Port, Bin),
     Req = #req{id = Id, alias = Alias, caller = Caller, deadline = Deadline,
                mon = erlang:monitor(process, Caller)},
+    St1 = St#st{pending = St#st.pending ++ [Req]},
+    {noreply, St1, timeout(St1)};
+handle_info({erpy_nested, Alias, Caller, Id, Bin, Deadline}, #st{port = Port} = St) ->
+    port_command(Port, Bin),
+    Req = #req{id = Id, alias = Alias, caller = Caller, deadline = Deadline, nested = true,
+               mon = erlang:monitor(process, Caller)},
     St1 = St#st{pending = [Req | St#st.pending]},
     {noreply, St1, timeout(St1)};
 handle_info({Port, {data, Frame}}, #st{port = Port} = St) ->
@@ -139,7 +150,8 @@ handle_info(timeout, #st{ready = false} = St) ->
     {stop, {shutdown, python_not_ready}, St};
 handle_info(timeout, St) ->
     Now = erlang:monotonic_time(millisecond),
-    case [R || R <- St#st.pending, R#req.deadline =/= infinity, R#req.deadline + grace(St) =< Now] of
+    case [R || R <- running(St#st.pending), R#req.deadline =/= infinity,
+               R#req.deadline + grace(St) =< Now] of
         [] ->
             {noreply, St, timeout(St)};
         _Overdue ->
@@ -180,17 +192,25 @@ handle_frame(Frame, St) ->
 
 answer(Id, Frame, #st{pending = Pending} = St) ->
     case lists:keytake(Id, #req.id, Pending) of
-        {value, #req{alias = Alias, mon = Mon}, Rest} ->
+        {value, #req{alias = Alias, mon = Mon, nested = Nested}, Rest} ->
             erlang:demonitor(Mon, [flush]),
             reply(Alias, Frame, St),
             St1 = St#st{pending = Rest, calls = St#st.calls + 1},
-            case Rest of
-                [] -> idle(St1);
-                _ -> {noreply, St1, timeout(St1)}
+            case {Rest, Nested} of
+                {[], _} -> idle(St1);
+                {_, false} -> {noreply, one_done(St1), timeout(St1)};
+                {_, true} -> {noreply, St1, timeout(St1)}
             end;
         false ->
             {noreply, St, timeout(St)}
     end.
+
+%% A pipelined request was answered and more are in flight: its place in the slot is free.
+one_done(#st{exiting = false, releasing = false, held = false, opts = Opts} = St) ->
+    erpy_pool:finished(maps:get(pool_handle, Opts), maps:get(slot, Opts), self()),
+    St;
+one_done(St) ->
+    St.
 
 reply(undefined, _Frame, _St) ->
     ok;
@@ -213,6 +233,7 @@ idle(#st{opts = Opts, calls = Calls} = St) ->
     case maps:get(recycle_after, Opts, infinity) of
         N when is_integer(N), Calls >= N ->
             %% Recycled: the pool starts a fresh worker in its place.
+            erpy_pool:retire(maps:get(pool_handle, Opts), maps:get(slot, Opts)),
             {stop, {shutdown, recycled}, St};
         _ ->
             erpy_pool:finished(maps:get(pool_handle, Opts), maps:get(slot, Opts), self()),
@@ -241,6 +262,7 @@ control({exiting, Why}, St) ->
     %% Python leaves on its own (memory limit): the exit status follows.
     logger:notice("erpy pool ~p: worker ~p exits: ~p", [St#st.pool, St#st.os_pid, Why],
                   #{domain => [erpy]}),
+    erpy_pool:retire(maps:get(pool_handle, St#st.opts), maps:get(slot, St#st.opts)),
     {noreply, St#st{exiting = true}, timeout(St)};
 control(Other, St) ->
     logger:error("erpy pool ~p: unexpected frame from Python: ~P", [St#st.pool, Other, 10],
@@ -321,10 +343,16 @@ grace_deadline(_St) ->
 timeout(#st{ready = false}) ->
     ?READY_TIMEOUT_MS;
 timeout(#st{pending = Pending} = St) ->
-    case [D || #req{deadline = D} <- Pending, D =/= infinity] of
+    case [D || #req{deadline = D} <- running(Pending), D =/= infinity] of
         [] -> infinity;
         Ds -> max(0, lists:min(Ds) + grace(St) - erlang:monotonic_time(millisecond))
     end.
+
+%% The requests Python has started: the nested ones and the request they nest in.
+%% Pipelined requests behind it have not started, so their deadlines cannot be overdue.
+running([#req{nested = true} = R | Rest]) -> [R | running(Rest)];
+running([R | _]) -> [R];
+running([]) -> [].
 
 kill(#st{os_pid = undefined}) ->
     ok;

@@ -14,7 +14,8 @@
          checkout_holder_dies/1, allow_list/1, nested_and_send/1, output_to_logger/1,
          limits/1, crash_exit/1, crash_segfault/1, crash_hang/1, caller_dies/1,
          queueing/1, checkout_timeout/1, recycle_after/1, max_memory/1,
-         crash_injection_under_load/1, venv_requirements/1, protocol_version/1]).
+         crash_injection_under_load/1, venv_requirements/1, protocol_version/1,
+         pipelining/1]).
 %% Called from Python through the allow-list, and the logger handler of output_to_logger.
 -export([nested/1, twice/2, log/2]).
 
@@ -24,7 +25,7 @@ all() ->
     [seed_examples, timeout_interrupts, api_calls, checkout_state, checkout_holder_dies,
      allow_list, nested_and_send, output_to_logger, limits, crash_exit, crash_segfault,
      crash_hang, caller_dies, queueing, checkout_timeout, recycle_after, max_memory,
-     crash_injection_under_load, venv_requirements, protocol_version].
+     crash_injection_under_load, venv_requirements, protocol_version, pipelining].
 
 suite() ->
     [{timetrap, {seconds, 60}}].
@@ -50,7 +51,38 @@ init_per_testcase(_Case, Config) ->
 end_per_testcase(_Case, _Config) ->
     [erpy:stop_pool(P) || P <- [p_seed, p_timeout, p_api, p_one, p_allow, nest, p_log,
                                 p_limits, p_crash, p_dies, p_queue, p_recycle, p_mem,
-                                p_load, p_venv, p_version]],
+                                p_load, p_venv, p_version, p_pipe]],
+    ok.
+
+%% ---- pipelining ------------------------------------------------------------------------
+
+%% With pipeline => 4 several callers share one worker: every answer is right, and a request stuck behind a slow one times out without running.
+pipelining(_Config) ->
+    start(p_pipe, #{size => 1, pipeline => 4}),
+    Self = self(),
+    %% 4 callers x 500 calls on one worker, all answers correct and none lost.
+    Callers = [spawn_link(fun() ->
+                                  Rs = [erpy:call(operator, add, [I, C], #{pool => p_pipe})
+                                        || I <- lists:seq(1, 500)],
+                                  Self ! {done, C, Rs}
+                          end) || C <- lists:seq(1, 4)],
+    [receive {done, C, Rs} -> ?assertEqual([{ok, I + C} || I <- lists:seq(1, 500)], Rs) end
+     || C <- lists:seq(1, 4), _ <- [Callers]],
+    %% A slow request holds the worker; one pipelined behind it times out and never runs.
+    Slow = spawn_link(fun() ->
+                              Self ! {slow, erpy:run(#{code => <<"import time; time.sleep(0.6)">>,
+                                                       pool => p_pipe}, 5000)}
+                      end),
+    timer:sleep(100),
+    ?assertEqual({error, timeout},
+                 erpy:run(#{code => <<"open('/tmp/erpy_pipe_ran', 'w').write('x')">>,
+                            pool => p_pipe}, 200)),
+    receive {slow, R} -> ?assertEqual({ok, #{status => ok, result => undefined}}, R) end,
+    _ = Slow,
+    ?assertEqual({ok, false}, erpy:eval(<<"__import__('os').path.exists('/tmp/erpy_pipe_ran')">>,
+                                       #{}, #{pool => p_pipe})),
+    %% The slot counts came back: a free worker again serves without queueing.
+    ?assertEqual({ok, 3}, erpy:call(operator, add, [1, 2], #{pool => p_pipe, timeout => 1000})),
     ok.
 
 %% ---- 1. the seed's contract -------------------------------------------------------------

@@ -3,6 +3,7 @@
 #include <unistd.h>
 
 #include <cerrno>
+#include <chrono>
 #include <cstdio>
 #include <cstdlib>
 #include <memory>
@@ -32,6 +33,11 @@ std::int64_t as_int64(PyObject* o) {
   const long long v = PyLong_AsLongLong(o);
   if (v == -1 && PyErr_Occurred()) throw PythonError();
   return v;
+}
+
+std::int64_t wall_ms() {
+  using namespace std::chrono;
+  return duration_cast<milliseconds>(system_clock::now().time_since_epoch()).count();
 }
 
 std::string_view read_kind(etf::Reader& r) {
@@ -86,6 +92,7 @@ class PortWorker {
   PyRef call_function(PyObject* m, PyObject* f, PyObject* args, PyObject* kwargs);
   void reply_ok(std::int64_t id, PyObject* result);
   void reply_error(std::int64_t id, PyRef error_map);
+  void reply_timeout(std::int64_t id);
   void finish_reply();
   PyRef error_map_from_exception();
   PyRef error_map(const char* type, const std::string& message);
@@ -298,6 +305,12 @@ void PortWorker::run_request(std::string_view kind, std::int64_t id, etf::Reader
     etf::NullBuilder skip;
     etf::decode_term(r, skip);
   }
+  // A pipelined request may have waited behind another one past its deadline, or been
+  // cancelled before it started: then it does not run at all.
+  if (dog_.take_precancelled(id) || (deadline && wall_ms() >= deadline)) {
+    reply_timeout(id);
+    return;
+  }
   stack_.push_back({id, r.data().subspan(caller_start, r.pos() - caller_start), PyRef()});
   dog_.enter(id, deadline);
   PyRef result;
@@ -324,18 +337,22 @@ void PortWorker::run_request(std::string_view kind, std::int64_t id, etf::Reader
   stack_.pop_back();
   if (stopped) {
     PyErr_Clear();
-    Channel::begin_frame(out_);
-    etf::put_version(out_);
-    etf::put_tuple_header(out_, 3);
-    etf::put_atom(out_, "error");
-    etf::put_integer(out_, id);
-    etf::put_atom(out_, "timeout");
-    finish_reply();
+    reply_timeout(id);
   } else if (failed) {
     reply_error(id, error_map_from_exception());
   } else {
     reply_ok(id, result.get());
   }
+}
+
+void PortWorker::reply_timeout(std::int64_t id) {
+  Channel::begin_frame(out_);
+  etf::put_version(out_);
+  etf::put_tuple_header(out_, 3);
+  etf::put_atom(out_, "error");
+  etf::put_integer(out_, id);
+  etf::put_atom(out_, "timeout");
+  finish_reply();
 }
 
 PyRef PortWorker::execute(std::string_view kind, etf::Reader& r, std::size_t arity) {

@@ -72,9 +72,26 @@ void Watchdog::leave() {
 
 void Watchdog::cancel(std::int64_t id) {
   std::lock_guard<std::mutex> lock(mu_);
+  bool running = false;
   for (Active& a : stack_) {
-    if (a.id == id) a.stop = true;
+    if (a.id == id) a.stop = running = true;
   }
+  if (running) return;
+  // Not started yet (pipelined behind another request), or already answered: remember
+  // it for a while; run_request skips it if it comes.
+  if (precancelled_.size() >= kMaxPrecancelled) precancelled_.erase(precancelled_.begin());
+  precancelled_.push_back(id);
+}
+
+bool Watchdog::take_precancelled(std::int64_t id) {
+  std::lock_guard<std::mutex> lock(mu_);
+  for (auto it = precancelled_.begin(); it != precancelled_.end(); ++it) {
+    if (*it == id) {
+      precancelled_.erase(it);
+      return true;
+    }
+  }
+  return false;
 }
 
 bool Watchdog::innermost_stopped() {

@@ -40,6 +40,8 @@ class Watchdog {
   void leave();
   // Erlang cancelled request `id` (the main thread read the frame itself).
   void cancel(std::int64_t id);
+  // True (once) if request `id` was cancelled before it started.
+  bool take_precancelled(std::int64_t id);
   // True if the innermost request was cancelled or timed out.
   bool innermost_stopped();
 
@@ -61,6 +63,8 @@ class Watchdog {
   std::size_t max_frame_;
   std::mutex mu_;
   std::vector<Active> stack_;
+  static constexpr std::size_t kMaxPrecancelled = 64;
+  std::vector<std::int64_t> precancelled_;
   std::deque<ByteBuffer> stash_;
   std::atomic<bool> stash_nonempty_{false};
   std::thread thread_;
