@@ -83,6 +83,12 @@ pipelining(_Config) ->
                                        #{}, #{pool => p_pipe})),
     %% The slot counts came back: a free worker again serves without queueing.
     ?assertEqual({ok, 3}, erpy:call(operator, add, [1, 2], #{pool => p_pipe, timeout => 1000})),
+    %% Large results are written from the Python object itself: bytes and text intact.
+    Raw = << <<(I rem 251), 255>> || I <- lists:seq(1, 100000) >>,
+    Text = unicode:characters_to_binary(lists:duplicate(50000, "h\x{e9}llo ")),
+    ?assertEqual({ok, Raw}, erpy:call(copy, copy, [Raw], #{pool => p_pipe})),
+    ?assertEqual({ok, Text}, erpy:call(copy, copy, [Text], #{pool => p_pipe})),
+    ?assertEqual({ok, [Text]}, erpy:call(copy, copy, [[Text]], #{pool => p_pipe})),
     ok.
 
 %% ---- 1. the seed's contract -------------------------------------------------------------

@@ -4,6 +4,7 @@
 #include <poll.h>
 #include <sched.h>
 #include <sys/socket.h>
+#include <sys/uio.h>
 #include <sys/un.h>
 #include <unistd.h>
 
@@ -139,23 +140,32 @@ Channel::Read Channel::read_frame(ByteBuffer& out, std::size_t max, std::size_t&
   return Read::frame;
 }
 
-bool Channel::write_frame(ByteBuffer& b) {
-  const std::size_t len = b.size() - 4;
+bool Channel::write_frame(ByteBuffer& b, const std::uint8_t* tail, std::size_t tail_len) {
+  const std::size_t len = b.size() - 4 + tail_len;
   std::uint8_t* p = b.data();
   p[0] = static_cast<std::uint8_t>(len >> 24);
   p[1] = static_cast<std::uint8_t>(len >> 16);
   p[2] = static_cast<std::uint8_t>(len >> 8);
   p[3] = static_cast<std::uint8_t>(len);
+  iovec iov[2] = {{p, b.size()}, {const_cast<std::uint8_t*>(tail), tail_len}};
+  int first = 0;
+  const int count = tail_len ? 2 : 1;
   std::lock_guard<std::mutex> lock(write_mu_);
-  std::size_t left = b.size();
-  while (left) {
-    const ssize_t put = ::write(out_, p, left);
+  while (first < count) {
+    const ssize_t put = ::writev(out_, iov + first, count - first);
     if (put < 0) {
       if (errno == EINTR) continue;
       return false;
     }
-    p += put;
-    left -= static_cast<std::size_t>(put);
+    auto left = static_cast<std::size_t>(put);
+    while (first < count && left >= iov[first].iov_len) {
+      left -= iov[first].iov_len;
+      ++first;
+    }
+    if (first < count) {
+      iov[first].iov_base = static_cast<std::uint8_t*>(iov[first].iov_base) + left;
+      iov[first].iov_len -= left;
+    }
   }
   return true;
 }

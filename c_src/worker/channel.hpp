@@ -38,7 +38,9 @@ class Channel {
     b.write(zero, 4);
   }
   // Writes a frame made with begin_frame; false if Erlang is gone.
-  bool write_frame(ByteBuffer& b);
+  bool write_frame(ByteBuffer& b) { return write_frame(b, nullptr, 0); }
+  // The same with `tail` bytes after the buffer's, written from where they are (writev).
+  bool write_frame(ByteBuffer& b, const std::uint8_t* tail, std::size_t tail_len);
 
   // Before sleeping on an empty pipe, poll it for this long: a caller that sends its next
   // request at once finds the worker awake (waking a sleeping process costs tens of

@@ -93,7 +93,8 @@ class PortWorker {
   void reply_ok(std::int64_t id, PyObject* result);
   void reply_error(std::int64_t id, PyRef error_map);
   void reply_timeout(std::int64_t id);
-  void finish_reply();
+  void finish_reply(etf::Bytes tail = {});
+  static etf::Bytes large_binary(PyObject* o);
   PyRef error_map_from_exception();
   PyRef error_map(const char* type, const std::string& message);
   bool read_next(ByteBuffer& frame, bool top_level);
@@ -464,6 +465,12 @@ void PortWorker::reply_ok(std::int64_t id, PyObject* result) {
   etf::put_tuple_header(out_, 3);
   etf::put_atom(out_, "ok");
   etf::put_integer(out_, id);
+  // A large bytes or str result goes from the object to the pipe, not through out_.
+  if (const etf::Bytes big = large_binary(result); !big.empty() && out_.size() - 4 + 5 + big.size() <= max_) {
+    etf::put_binary_header(out_, big.size());
+    finish_reply(big);
+    return;
+  }
   try {
     codec_.encode_append(out_, result, eopts_);
   } catch (...) {
@@ -495,7 +502,25 @@ void PortWorker::reply_ok(std::int64_t id, PyObject* result) {
 
 // Writes the answer in out_. Before the last answer of a top-level request, a worker over
 // its memory limit says it leaves, so Erlang never hands it another request.
-void PortWorker::finish_reply() {
+etf::Bytes PortWorker::large_binary(PyObject* o) {
+  constexpr Py_ssize_t kLarge = 64 * 1024;
+  if (PyBytes_CheckExact(o) && PyBytes_GET_SIZE(o) >= kLarge) {
+    return {reinterpret_cast<const std::uint8_t*>(PyBytes_AS_STRING(o)),
+            static_cast<std::size_t>(PyBytes_GET_SIZE(o))};
+  }
+  if (PyUnicode_CheckExact(o) && PyUnicode_GET_LENGTH(o) >= kLarge) {
+    Py_ssize_t n = 0;
+    const char* utf8 = PyUnicode_AsUTF8AndSize(o, &n);  // cached in the object
+    if (!utf8) {
+      PyErr_Clear();  // lone surrogates: the codec's path reports it properly
+      return {};
+    }
+    return {reinterpret_cast<const std::uint8_t*>(utf8), static_cast<std::size_t>(n)};
+  }
+  return {};
+}
+
+void PortWorker::finish_reply(etf::Bytes tail) {
   if (stack_.empty() && !exiting_ && over_memory_limit()) {
     ByteBuffer note;
     Channel::begin_frame(note);
@@ -506,7 +531,7 @@ void PortWorker::finish_reply() {
     ch_.write_frame(note);
     exiting_ = true;
   }
-  if (!ch_.write_frame(out_)) exiting_ = true;
+  if (!ch_.write_frame(out_, tail.data(), tail.size())) exiting_ = true;
   if (stack_.empty() && out_.capacity() > 4 * 1024 * 1024) {
     out_.release_memory();  // do not keep a big frame's buffer
   }
