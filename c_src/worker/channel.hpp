@@ -6,8 +6,10 @@
 #include <cstdint>
 #include <mutex>
 #include <string>
+#include <string_view>
 #include <vector>
 
+#include "etf/encode.hpp"
 #include "py/buffer.hpp"
 
 namespace erpy::worker {
@@ -36,6 +38,14 @@ class Channel {
     b.clear();
     const std::uint8_t zero[4] = {0, 0, 0, 0};
     b.write(zero, 4);
+  }
+  // begin_frame, then the start of a tagged tuple {Tag, ...} of `arity` elements (the
+  // shape of every protocol frame); the caller appends the other elements.
+  static void begin_tuple_frame(ByteBuffer& b, std::size_t arity, std::string_view tag) {
+    begin_frame(b);
+    etf::put_version(b);
+    etf::put_tuple_header(b, arity);
+    etf::put_atom(b, tag);
   }
   // Writes a frame made with begin_frame; false if Erlang is gone.
   bool write_frame(ByteBuffer& b) { return write_frame(b, nullptr, 0); }

@@ -23,10 +23,7 @@ int redirect(int target) {
 
 void send_line(Channel& ch, const char* stream, std::string_view line) {
   ByteBuffer b;
-  Channel::begin_frame(b);
-  etf::put_version(b);
-  etf::put_tuple_header(b, 3);
-  etf::put_atom(b, "log");
+  Channel::begin_tuple_frame(b, 3, "log");
   etf::put_atom(b, stream);
   etf::put_binary(b, etf::Bytes(reinterpret_cast<const std::uint8_t*>(line.data()), line.size()));
   ch.write_frame(b);

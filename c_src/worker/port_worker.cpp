@@ -71,6 +71,7 @@ class PortWorker {
 
   PyRef callback(const char* kind, PyObject* m, PyObject* f, PyObject* arg);
   void send(PyObject* dest, PyObject* msg);
+  void send_from_python(ByteBuffer& frame);
   PyRef self_pid();
 
  private:
@@ -201,10 +202,7 @@ bool PortWorker::handshake() {
   PyErr_Clear();
   dog_.set_max_frame(max_);
   out_.clear();
-  Channel::begin_frame(out_);
-  etf::put_version(out_);
-  etf::put_tuple_header(out_, 2);
-  etf::put_atom(out_, "ready");
+  Channel::begin_tuple_frame(out_, 2, "ready");
   etf::put_map_header(out_, 4);
   etf::put_atom(out_, "version");
   etf::put_integer(out_, kProtocolVersion);
@@ -347,10 +345,7 @@ void PortWorker::run_request(std::string_view kind, std::int64_t id, etf::Reader
 }
 
 void PortWorker::reply_timeout(std::int64_t id) {
-  Channel::begin_frame(out_);
-  etf::put_version(out_);
-  etf::put_tuple_header(out_, 3);
-  etf::put_atom(out_, "error");
+  Channel::begin_tuple_frame(out_, 3, "error");
   etf::put_integer(out_, id);
   etf::put_atom(out_, "timeout");
   finish_reply();
@@ -460,10 +455,7 @@ PyRef PortWorker::call_function(PyObject* m, PyObject* f, PyObject* args, PyObje
 // ---- replies -------------------------------------------------------------------------
 
 void PortWorker::reply_ok(std::int64_t id, PyObject* result) {
-  Channel::begin_frame(out_);
-  etf::put_version(out_);
-  etf::put_tuple_header(out_, 3);
-  etf::put_atom(out_, "ok");
+  Channel::begin_tuple_frame(out_, 3, "ok");
   etf::put_integer(out_, id);
   // A large bytes or str result goes from the object to the pipe, not through out_.
   if (const etf::Bytes big = large_binary(result); !big.empty() && out_.size() - 4 + 5 + big.size() <= max_) {
@@ -487,10 +479,7 @@ void PortWorker::reply_ok(std::int64_t id, PyObject* result) {
   }
   const std::size_t size = out_.size() - 4;
   if (size > max_) {
-    Channel::begin_frame(out_);
-    etf::put_version(out_);
-    etf::put_tuple_header(out_, 3);
-    etf::put_atom(out_, "error");
+    Channel::begin_tuple_frame(out_, 3, "error");
     etf::put_integer(out_, id);
     etf::put_tuple_header(out_, 3);
     etf::put_atom(out_, "message_too_large");
@@ -523,10 +512,7 @@ etf::Bytes PortWorker::large_binary(PyObject* o) {
 void PortWorker::finish_reply(etf::Bytes tail) {
   if (stack_.empty() && !exiting_ && over_memory_limit()) {
     ByteBuffer note;
-    Channel::begin_frame(note);
-    etf::put_version(note);
-    etf::put_tuple_header(note, 2);
-    etf::put_atom(note, "exiting");
+    Channel::begin_tuple_frame(note, 2, "exiting");
     etf::put_atom(note, "memory_limit");
     ch_.write_frame(note);
     exiting_ = true;
@@ -538,19 +524,13 @@ void PortWorker::finish_reply(etf::Bytes tail) {
 }
 
 void PortWorker::reply_error(std::int64_t id, PyRef error) {
-  Channel::begin_frame(out_);
-  etf::put_version(out_);
-  etf::put_tuple_header(out_, 3);
-  etf::put_atom(out_, "error");
+  Channel::begin_tuple_frame(out_, 3, "error");
   etf::put_integer(out_, id);
   try {
     codec_.encode_append(out_, error.get(), eopts_);
   } catch (...) {
     PyErr_Clear();
-    Channel::begin_frame(out_);
-    etf::put_version(out_);
-    etf::put_tuple_header(out_, 3);
-    etf::put_atom(out_, "error");
+    Channel::begin_tuple_frame(out_, 3, "error");
     etf::put_integer(out_, id);
     etf::put_atom(out_, "unencodable_error");
   }
@@ -623,23 +603,13 @@ PyRef PortWorker::callback(const char* kind, PyObject* m, PyObject* f, PyObject*
   }
   const std::int64_t cb = next_callback_++;
   ByteBuffer frame;
-  Channel::begin_frame(frame);
-  etf::put_version(frame);
-  etf::put_tuple_header(frame, 6);
-  etf::put_atom(frame, "callback");
+  Channel::begin_tuple_frame(frame, 6, "callback");
   etf::put_integer(frame, cb);
   etf::put_atom(frame, kind);
   codec_.encode_append(frame, m, eopts_);
   codec_.encode_append(frame, f, eopts_);
   codec_.encode_append(frame, arg, eopts_);
-  if (frame.size() - 4 > max_) {
-    PyErr_Format(errors_.error.get(), "message_too_large: %zu bytes, max %zu", frame.size() - 4, max_);
-    throw PythonError();
-  }
-  if (!ch_.write_frame(frame)) {
-    PyErr_SetString(errors_.port.get(), "the port to Erlang is closed");
-    throw PythonError();
-  }
+  send_from_python(frame);
   // Wait for the answer; requests that arrive meanwhile are nested calls from the
   // callback (Python -> Erlang -> Python) and run right here.
   std::unique_lock<std::mutex> reading(ch_.read_mutex());
@@ -690,12 +660,14 @@ PyRef PortWorker::callback(const char* kind, PyObject* m, PyObject* f, PyObject*
 
 void PortWorker::send(PyObject* dest, PyObject* msg) {
   ByteBuffer frame;
-  Channel::begin_frame(frame);
-  etf::put_version(frame);
-  etf::put_tuple_header(frame, 3);
-  etf::put_atom(frame, "send");
+  Channel::begin_tuple_frame(frame, 3, "send");
   codec_.encode_append(frame, dest, eopts_);
   codec_.encode_append(frame, msg, eopts_);
+  send_from_python(frame);
+}
+
+// A frame that Python code asked for (callback, send): its failures are Python errors.
+void PortWorker::send_from_python(ByteBuffer& frame) {
   if (frame.size() - 4 > max_) {
     PyErr_Format(errors_.error.get(), "message_too_large: %zu bytes, max %zu", frame.size() - 4, max_);
     throw PythonError();
