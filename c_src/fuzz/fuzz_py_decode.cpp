@@ -57,10 +57,28 @@ extern "C" int LLVMFuzzerInitialize(int*, char***) {
   return 0;
 }
 
+// The other entry point: one bare term at a reader's position (no version byte), as the
+// port worker reads the fields of a request frame one after another.
+void decode_fields(const std::uint8_t* data, std::size_t size, const erpy::py::DecodeOptions& dopts) {
+  etf::Reader r(etf::Bytes(data, size));
+  try {
+    while (!r.at_end()) {
+      PyRef field = g_codec->decode_term(r, dopts);
+      if (!field) die("decode_term returned nothing");
+    }
+  } catch (const etf::DecodeError&) {
+  } catch (const erpy::py::PythonError&) {
+    if (!PyErr_ExceptionMatches(PyExc_MemoryError)) die("decode_term raised a Python exception");
+    PyErr_Clear();
+  }
+  if (PyErr_Occurred()) die("decode_term left an exception set");
+}
+
 extern "C" int LLVMFuzzerTestOneInput(const std::uint8_t* data, std::size_t size) {
   // Half of the inputs decode with binary='bytes', chosen by a byte the decoder also sees.
   erpy::py::DecodeOptions dopts;
   dopts.binary_as_bytes = size > 1 && (data[size - 1] & 1);
+  if (size > 1) decode_fields(data + 1, size - 1, dopts);
   PyRef value;
   try {
     value = g_codec->decode(etf::Bytes(data, size), dopts);
