@@ -30,26 +30,27 @@ class Reader {
     throw DecodeError(base_ + pos, what);
   }
 
-  // The checks stay small enough to inline; building the message is out of line.
-  void need(std::size_t n, const char* what) const {
+  // The checks stay small enough to inline (and are forced inline: they run for every
+  // byte of every term); building the message is out of line.
+  [[gnu::always_inline]] void need(std::size_t n, const char* what) const {
     if (n > remaining()) [[unlikely]] truncated(n, what);
   }
 
-  std::uint8_t peek_u8(const char* what = "term") const {
+  [[gnu::always_inline]] std::uint8_t peek_u8(const char* what = "term") const {
     need(1, what);
     return data_[pos_];
   }
-  std::uint8_t u8(const char* what = "term") {
+  [[gnu::always_inline]] std::uint8_t u8(const char* what = "term") {
     need(1, what);
     return data_[pos_++];
   }
-  std::uint16_t u16(const char* what) {
+  [[gnu::always_inline]] std::uint16_t u16(const char* what) {
     need(2, what);
     const std::uint8_t* p = data_.data() + pos_;
     pos_ += 2;
     return static_cast<std::uint16_t>((p[0] << 8) | p[1]);
   }
-  std::uint32_t u32(const char* what) {
+  [[gnu::always_inline]] std::uint32_t u32(const char* what) {
     need(4, what);
     const std::uint8_t* p = data_.data() + pos_;
     pos_ += 4;
@@ -60,7 +61,7 @@ class Reader {
     const std::uint64_t hi = u32(what);
     return (hi << 32) | u32(what);
   }
-  Bytes take(std::size_t n, const char* what) {
+  [[gnu::always_inline]] Bytes take(std::size_t n, const char* what) {
     need(n, what);
     Bytes out = data_.subspan(pos_, n);
     pos_ += n;

@@ -12,9 +12,16 @@ namespace erpy::py {
 namespace {
 
 bool all_ascii(const std::uint8_t* p, std::size_t n) noexcept {
-  std::uint8_t acc = 0;
-  for (std::size_t i = 0; i < n; ++i) acc |= p[i];
-  return acc < 0x80;
+  // Eight bytes at a time: map keys and short values are most of what is checked.
+  std::uint64_t acc = 0;
+  std::size_t i = 0;
+  for (; i + 8 <= n; i += 8) {
+    std::uint64_t w;
+    std::memcpy(&w, p + i, 8);
+    acc |= w;
+  }
+  for (; i < n; ++i) acc |= p[i];
+  return (acc & 0x8080808080808080ull) == 0;
 }
 
 class PyBuilder {
@@ -42,7 +49,16 @@ class PyBuilder {
     return PyRef::check(PyNumber_Negative(mag.get()));
   }
 
-  Value floating(double d) { return PyRef::check(PyFloat_FromDouble(d)); }
+  // Floats are immutable, so a value that repeats (a default, a score, 0.0) can be one
+  // object, as CPython's small ints are.
+  Value floating(double d) {
+    std::uint64_t bits;
+    std::memcpy(&bits, &d, sizeof bits);
+    if (last_float_ && bits == last_float_bits_) return PyRef::borrow(last_float_.get());
+    last_float_ = PyRef::check(PyFloat_FromDouble(d));
+    last_float_bits_ = bits;
+    return PyRef::borrow(last_float_.get());
+  }
 
   Value atom(std::string_view utf8) { return PyRef::check(c_.atom(utf8, o_)); }
 
@@ -191,6 +207,8 @@ class PyBuilder {
 
   Codec& c_;
   const DecodeOptions& o_;
+  PyRef last_float_;
+  std::uint64_t last_float_bits_ = 0;
 };
 
 etf::DecodeOptions core_options(const DecodeOptions& o) {
