@@ -36,7 +36,24 @@ main(_Args) ->
     Facts = machine_facts(Ctx),
     Out = filename:join([Root, "bench", "RESULTS.md"]),
     ok = file:write_file(Out, results_md(Rows, Table, Facts)),
-    io:format("wrote ~s~n", [Out]).
+    io:format("wrote ~s~n", [Out]),
+    readme_table(filename:join(Root, "README.md"), Table, Facts).
+
+%% README.md carries the same table between two markers, rewritten with every run so it
+%% never drifts from bench/RESULTS.md.
+readme_table(File, Table, Facts) ->
+    {ok, Readme} = file:read_file(File),
+    case re:run(Readme, "(?s)^(.*<!-- bench:begin -->\n)(.*)(<!-- bench:end -->.*)$",
+                [{capture, [1, 3], binary}]) of
+        {match, [Before, After]} ->
+            {_, Date} = lists:keyfind("date", 1, Facts),
+            Body = [io_lib:format("Measured ~s on this project's 2-core machine (details and the "
+                                  "machine in bench/RESULTS.md):~n~n", [Date]), Table],
+            ok = file:write_file(File, [Before, Body, After]),
+            io:format("updated the table in ~s~n", [File]);
+        nomatch ->
+            io:format("~s has no bench markers; table not copied~n", [File])
+    end.
 
 %% Runs `A()` and `B()` alternately `Pairs` times (A B A B ...). Each returns a
 %% measurement; the two lists come back in run order.
