@@ -13,30 +13,33 @@
 
 -spec request(erpy:pool(), tuple(), timeout()) -> {ok, term()} | {error, term()}.
 request(Pool, Req, Timeout) ->
-    %% Encoded and size-checked before a slot is claimed: a refused request holds nothing.
-    with_frame(Pool, Req, Timeout,
-               fun(Frame) ->
-                       case nested_worker(Pool) of
-                           {ok, Worker} ->
-                               send_and_wait(erpy_nested, Worker, Pool, Frame, Timeout);
-                           error ->
-                               case erpy_pool:lookup(Pool) of
-                                   {ok, Handle} -> via_pool(Handle, Frame, Timeout);
-                                   error -> {error, {no_pool, Pool}}
+    case erpy_pool:lookup(Pool) of
+        {ok, #{max_message_size := Max} = Handle} ->
+            %% Encoded and size-checked before a slot is claimed: a refused request holds
+            %% nothing.
+            with_frame(Max, Req, Timeout,
+                       fun(Frame) ->
+                               case nested_worker(Pool) of
+                                   {ok, Worker} ->
+                                       send_and_wait(erpy_nested, Worker, Pool, Frame, Timeout);
+                                   error ->
+                                       via_pool(Handle, Frame, Timeout)
                                end
-                       end
-               end).
+                       end);
+        error ->
+            {error, {no_pool, Pool}}
+    end.
 
 -spec request_worker(erpy:worker(), tuple(), timeout()) -> {ok, term()} | {error, term()}.
 request_worker({erpy_worker, Pool, Pid}, Req, Timeout) ->
-    with_frame(Pool, Req, Timeout, fun(Frame) -> send_and_wait(Pid, Pool, Frame, Timeout) end);
+    with_frame(erpy_pool:max_message_size(Pool), Req, Timeout,
+               fun(Frame) -> send_and_wait(Pid, Pool, Frame, Timeout) end);
 request_worker(Other, _Req, _Timeout) ->
     {error, {badarg, {worker, Other}}}.
 
-with_frame(Pool, Req, Timeout, Fun) ->
+with_frame(Max, Req, Timeout, Fun) ->
     Id = erlang:unique_integer([positive]),
     Frame = encode_request(Req, Id, Timeout, self()),
-    Max = erpy_pool:max_message_size(Pool),
     case erlang:iolist_size(Frame) of
         Size when Size > Max -> {error, {message_too_large, Size, Max}};
         _ -> Fun({Id, Frame})
