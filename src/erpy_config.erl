@@ -20,7 +20,6 @@ pool_opts(Opts) when is_map(Opts) ->
                  python => Env(python, undefined),
                  venv => Env(venv, undefined),
                  requirements => Env(requirements, []),
-                 allowed => Env(allowed, []),
                  max_message_size => Env(max_message_size, 10485760),
                  timeout => Env(timeout, 5000),
                  none => Env(none, undefined)},
@@ -29,7 +28,9 @@ pool_opts(Opts) when is_map(Opts) ->
         check(is_integer(Size) andalso Size > 0, {badarg, size}),
         check(is_integer(maps:get(max_message_size, Full)), {badarg, max_message_size}),
         check(is_atom(maps:get(none, Full)), {badarg, none}),
-        _ = erpy_allow:compile(maps:get(allowed, Full)),
+        %% A pool without its own `allowed` follows the application env, also when it
+        %% changes later (erpy_port_worker reads it at each callback).
+        _ = erpy_allow:compile(Env(allowed, [])),
         {ok, Python} = interpreter(Full),
         {ok, Full#{python => Python, pythonpath => pythonpath(Full)}}
     catch

@@ -31,7 +31,8 @@
     port :: port() | undefined,
     os_pid :: non_neg_integer() | undefined,
     opts :: map(),
-    allowed :: erpy_allow:rules(),
+    %% `env`: the pool has no allow-list of its own and follows erpy's application env.
+    allowed :: erpy_allow:rules() | env,
     max :: non_neg_integer(),
     ready = false :: boolean(),
     %% Requests in flight. The head is the one Python works on: nested requests are
@@ -89,7 +90,10 @@ init({Pool, PoolPid, Opts}) ->
                      none => maps:get(none, Opts, undefined)},
             port_command(Port, term_to_binary({init, Init}, [{minor_version, 2}])),
             St = #st{pool = Pool, pool_pid = PoolPid, port = Port, os_pid = OsPid, opts = Opts,
-                     allowed = erpy_allow:compile(maps:get(allowed, Opts, [])),
+                     allowed = case maps:find(allowed, Opts) of
+                                   {ok, Allowed} -> erpy_allow:compile(Allowed);
+                                   error -> env
+                               end,
                      max = maps:get(max_message_size, Opts)},
             {ok, St, ?READY_TIMEOUT_MS}
     catch
@@ -280,7 +284,7 @@ callback(CbId, Kind, M, F, A, #st{pending = [#req{alias = Alias} | _]} = St)
         bad ->
             callback_error(CbId, {badarg, Kind}, St);
         _ ->
-            case erpy_allow:resolve(St#st.allowed, M, F, length(Args)) of
+            case erpy_allow:resolve(rules(St), M, F, length(Args)) of
                 {ok, Mod, Fun} ->
                     Alias ! {erpy_callback, Alias, self(), St#st.port, CbId, {Mod, Fun, Args}};
                 {error, NotAllowed} ->
@@ -289,6 +293,13 @@ callback(CbId, Kind, M, F, A, #st{pending = [#req{alias = Alias} | _]} = St)
     end;
 callback(CbId, _Kind, _M, _F, _A, St) ->
     callback_error(CbId, no_caller, St).
+
+rules(#st{allowed = env}) ->
+    try erpy_allow:compile(application:get_env(erpy, allowed, []))
+    catch error:_ -> erpy_allow:compile([])       % a malformed env allows nothing
+    end;
+rules(#st{allowed = Rules}) ->
+    Rules.
 
 callback_error(CbId, Reason, St) ->
     send_frame(St, {reply, CbId, error, Reason}).

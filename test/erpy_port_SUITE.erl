@@ -15,7 +15,7 @@
          limits/1, crash_exit/1, crash_segfault/1, crash_hang/1, caller_dies/1,
          queueing/1, checkout_timeout/1, recycle_after/1, max_memory/1,
          crash_injection_under_load/1, venv_requirements/1, protocol_version/1,
-         pipelining/1]).
+         pipelining/1, allow_list_follows_env/1]).
 %% Called from Python through the allow-list, and the logger handler of output_to_logger.
 -export([nested/1, twice/2, log/2]).
 
@@ -25,7 +25,8 @@ all() ->
     [seed_examples, timeout_interrupts, api_calls, checkout_state, checkout_holder_dies,
      allow_list, nested_and_send, output_to_logger, limits, crash_exit, crash_segfault,
      crash_hang, caller_dies, queueing, checkout_timeout, recycle_after, max_memory,
-     crash_injection_under_load, venv_requirements, protocol_version, pipelining].
+     crash_injection_under_load, venv_requirements, protocol_version, pipelining,
+     allow_list_follows_env].
 
 suite() ->
     [{timetrap, {seconds, 60}}].
@@ -53,6 +54,18 @@ end_per_testcase(_Case, _Config) ->
                                 p_limits, p_crash, p_dies, p_queue, p_recycle, p_mem,
                                 p_load, p_venv, p_version, p_pipe]],
     ok.
+
+%% A pool without its own allow-list follows the application env `allowed`, also when it changes while the pool runs.
+allow_list_follows_env(_Config) ->
+    Code = <<"result = erlang.call('lists', 'sort', [9, 1, 5])">>,
+    ?assertEqual({ok, #{status => ok, result => [1, 5, 9]}}, erpy:run(#{code => Code})),
+    ok = application:set_env(erpy, allowed, []),
+    try
+        {ok, #{status := error, error := #{type := <<"ErlangError">>}}} = erpy:run(#{code => Code})
+    after
+        ok = application:set_env(erpy, allowed, [lists])
+    end,
+    ?assertEqual({ok, #{status => ok, result => [1, 5, 9]}}, erpy:run(#{code => Code})).
 
 %% ---- pipelining ------------------------------------------------------------------------
 
