@@ -28,10 +28,11 @@
     handle :: handle(),
     worker_sup :: pid() | undefined,
     size :: pos_integer(),
-    %% Pid => #{slot, state}; state: starting | idle | busy | {held, Mon} | releasing
+    %% Pid => #{slot, state, aliases}; state: starting | idle | busy | {held, Mon} |
+    %% releasing. `aliases`: the callers of the last requests this server handed the
+    %% worker (as many as may be in flight), told if the worker process itself dies.
     workers = #{} :: #{pid() => map()},
-    %% Slots this server holds (claimed, worker ready, nothing to do): handed over by
-    %% workers while requests waited, or taken for a queued request that expired.
+    %% Requests and checkouts that found no slot, oldest first.
     queue = queue:new() :: queue:queue(),
     holders = #{} :: #{reference() => pid()},
     failed_starts = 0 :: non_neg_integer()
@@ -292,12 +293,10 @@ worker_down(Pid, Why, #st{handle = #{slots := Slots}} = St) ->
             %% The slot stays unavailable until the replacement is ready.
             atomics:put(Slots, Slot, ?UNAVAILABLE),
             ets:delete(?TABLE, {St#st.name, Slot}),
-            %% A request this server gave the worker, if it could not answer it itself.
-            case W of
-                #{alias := Alias} when State =:= busy ->
-                    Alias ! {erpy_reply, Alias, {error, {worker_exit, Why}}};
-                _ -> ok
-            end,
+            %% Requests this server gave the worker, if it could not answer them itself.
+            %% Aliases of answered requests are inactive: those messages are dropped.
+            [Alias ! {erpy_reply, Alias, {error, {worker_exit, Why}}}
+             || Alias <- maps:get(aliases, W, [])],
             St1 = St#st{workers = Workers},
             case State of
                 starting -> schedule_start(Slot, St1#st{failed_starts = St1#st.failed_starts + 1});
@@ -344,10 +343,11 @@ next(Worker, #st{handle = #{slots := Slots}} = St) ->
             St#st{workers = (St#st.workers)#{Worker => W#{state => idle}}}
     end.
 
-assign(Worker, {request, Alias, Req}, St) ->
+assign(Worker, {request, Alias, Req}, #st{handle = #{depth := Depth}} = St) ->
     Worker ! Req,
     W = maps:get(Worker, St#st.workers),
-    St#st{workers = (St#st.workers)#{Worker => W#{state => busy, alias => Alias}}};
+    Aliases = lists:sublist([Alias | maps:get(aliases, W, [])], Depth),
+    St#st{workers = (St#st.workers)#{Worker => W#{state => busy, aliases => Aliases}}};
 assign(Worker, {checkout, From, Holder, _Deadline, Tag}, #st{handle = #{slots := Slots}} = St) ->
     W0 = maps:get(Worker, St#st.workers),
     atomics:put(Slots, maps:get(slot, W0), ?UNAVAILABLE),
