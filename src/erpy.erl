@@ -9,6 +9,7 @@
          call/3, call/4,
          eval/1, eval/2, eval/3,
          exec/1, exec/2,
+         getattr/2, getattr/3,
          start_pool/2, stop_pool/1,
          checkout/1, checkout/2, checkin/1, with_worker/2, with_worker/3]).
 
@@ -24,8 +25,9 @@
                       | {not_allowed, {module(), atom(), arity()}}
                       | {no_pool, term()}
                       | term().
--type worker() :: erpy_pool:worker().
+-type worker() :: erpy_pool:worker() | {erpy_context, pool(), reference()}.
 -type call_opts() :: #{kwargs => map(),
+                       handle => boolean(),
                        timeout => timeout(),
                        pool => pool(),
                        worker => worker(),
@@ -62,7 +64,9 @@ run(#{code := Code} = Req, Timeout) ->
 run(_Req, _Timeout) ->
     {error, {badarg, code}}.
 
-%% @doc Calls `Module.Function(*Args)` in Python. `Module` is a dotted module name.
+%% @doc Calls `Module.Function(*Args)` in Python. `Module` is a dotted module name, or (in
+%% embedded mode) a handle: a Python object returned by a call made with `handle => true`,
+%% whose method `Function` is then called. Handles are also accepted as arguments.
 -spec call(atom() | binary(), atom() | binary(), [term()]) -> {ok, term()} | {error, error_reason()}.
 call(Module, Function, Args) ->
     call(Module, Function, Args, #{}).
@@ -70,7 +74,7 @@ call(Module, Function, Args) ->
 -spec call(atom() | binary(), atom() | binary(), [term()], call_opts()) ->
     {ok, term()} | {error, error_reason()}.
 call(Module, Function, Args, Opts) when is_list(Args), is_map(Opts) ->
-    case {name(Module), name(Function)} of
+    case {target(Module), name(Function)} of
         {{ok, M}, {ok, F}} ->
             Kwargs = maps:get(kwargs, Opts, #{}),
             request({call, M, F, Args, Kwargs}, Opts);
@@ -117,6 +121,18 @@ exec(Code, Opts) when is_map(Opts) ->
 
 %% @doc Starts a named pool. Options: mode (port), size, python, venv, requirements,
 %% allowed, max_message_size, timeout, recycle_after, max_memory_mb, none.
+%% @doc Attribute `Name` of a handle (embedded mode), or of any object `eval` can reach.
+-spec getattr(reference(), atom() | binary()) -> {ok, term()} | {error, error_reason()}.
+getattr(Object, Name) ->
+    getattr(Object, Name, #{}).
+
+-spec getattr(reference(), atom() | binary(), call_opts()) -> {ok, term()} | {error, error_reason()}.
+getattr(Object, Name, Opts) ->
+    case name(Name) of
+        {ok, N} -> eval(<<"getattr(o, n)">>, #{o => Object, n => N}, Opts);
+        error -> {error, {badarg, name}}
+    end.
+
 -spec start_pool(pool(), map()) -> {ok, pid()} | {error, term()}.
 start_pool(Name, Opts) when is_atom(Name), is_map(Opts) ->
     erpy_sup:start_pool(Name, Opts);
@@ -136,9 +152,15 @@ checkout(Pool) ->
 
 -spec checkout(pool(), timeout()) -> {ok, worker()} | {error, error_reason()}.
 checkout(Pool, Timeout) ->
-    erpy_pool:checkout(Pool, Timeout).
+    case erpy_pool:lookup(Pool) of
+        {ok, #{mode := embedded} = Handle} -> erpy_embedded:checkout(Handle, Timeout);
+        {ok, #{mode := node}} -> {error, {not_supported, {checkout, node}}};
+        _ -> erpy_pool:checkout(Pool, Timeout)
+    end.
 
 -spec checkin(worker()) -> ok.
+checkin({erpy_context, _, _} = Context) ->
+    erpy_embedded:checkin(Context);
 checkin(Worker) ->
     erpy_pool:checkin(Worker).
 
@@ -161,12 +183,25 @@ with_worker(Pool, Fun, Timeout) ->
 request(Req, Opts) ->
     Timeout = maps:get(timeout, Opts, default_timeout()),
     case maps:find(worker, Opts) of
-        {ok, Worker} -> erpy_pool:request_worker(Worker, Req, Timeout);
-        error -> erpy_pool:request(maps:get(pool, Opts, ?DEFAULT_POOL), Req, Timeout)
+        {ok, {erpy_context, _, _} = Context} ->
+            erpy_embedded:request_context(Context, Req, Timeout);
+        {ok, Worker} ->
+            erpy_pool:request_worker(Worker, Req, Timeout);
+        error ->
+            Pool = maps:get(pool, Opts, ?DEFAULT_POOL),
+            case erpy_pool:lookup(Pool) of
+                {ok, #{mode := embedded} = Handle} -> erpy_embedded:request(Handle, Req, Timeout, Opts);
+                {ok, #{mode := node}} -> erpy_node_pool:request(Pool, Req, Timeout);
+                _ -> erpy_pool:request(Pool, Req, Timeout)
+            end
     end.
 
 default_timeout() ->
     application:get_env(erpy, timeout, 5000).
+
+%% A module name, or (embedded mode) a Python object handle whose method is called.
+target(Handle) when is_reference(Handle) -> {ok, Handle};
+target(Module) -> name(Module).
 
 name(A) when is_atom(A) -> {ok, atom_to_binary(A, utf8)};
 name(B) when is_binary(B) -> {ok, B};

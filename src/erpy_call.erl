@@ -5,7 +5,7 @@
 -module(erpy_call).
 
 -export([request/3, request_worker/3]).
--export([encode_request/4]).
+-export([encode_request/4, apply_callback/3]).
 
 -define(NESTED, '$erpy_nested').
 
@@ -138,23 +138,33 @@ decode_term(Bin) ->
     end.
 
 %% Python called erlang.call/apply: the worker has checked the allow-list already.
-run_callback(Pool, Worker, Port, CbId, {M, F, Args}) ->
-    Saved = get(?NESTED),
-    put(?NESTED, [{Pool, Worker} | stack(Saved)]),
-    Reply = try apply(M, F, Args) of
-                Value -> {reply, CbId, ok, Value}
-            catch
-                Class:Reason:Stack ->
-                    {reply, CbId, error, #{class => Class, reason => Reason,
-                                           stacktrace => format_stack(Stack)}}
-            after
-                restore(Saved)
+run_callback(Pool, Worker, Port, CbId, Call) ->
+    Reply = case apply_callback(Pool, Worker, Call) of
+                {ok, Value} -> {reply, CbId, ok, Value};
+                {error, Error} -> {reply, CbId, error, Error}
             end,
     Bin = encode_callback_reply(Reply, Pool),
     %% Any process may write to a port; if Python's worker died meanwhile, the pending
     %% request fails through the worker, so a failed write needs no handling here.
     try erlang:port_command(Port, Bin) catch error:badarg -> ok end,
     ok.
+
+%% Runs an allowed callback in the calling process, with `Worker` as the target of the
+%% erpy calls it makes (so they nest instead of waiting for a second worker). Every
+%% mode's callbacks go through here.
+-spec apply_callback(erpy:pool(), term(), {module(), atom(), [term()]}) ->
+    {ok, term()} | {error, #{class := atom(), reason := term(), stacktrace := [binary()]}}.
+apply_callback(Pool, Worker, {M, F, Args}) ->
+    Saved = get(?NESTED),
+    put(?NESTED, [{Pool, Worker} | stack(Saved)]),
+    try apply(M, F, Args) of
+        Value -> {ok, Value}
+    catch
+        Class:Reason:Stack ->
+            {error, #{class => Class, reason => Reason, stacktrace => format_stack(Stack)}}
+    after
+        restore(Saved)
+    end.
 
 encode_callback_reply({reply, CbId, _, _} = Reply, Pool) ->
     Max = erpy_pool:max_message_size(Pool),

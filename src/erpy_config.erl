@@ -4,7 +4,7 @@
 
 -export([pool_opts/1, default_pools/0, python_dir/0, built_python/0]).
 
--define(MODES, [port]).
+-define(MODES, [port, embedded, node]).
 
 %% API.
 

@@ -15,6 +15,13 @@ start_link(Name, Opts) ->
 %% supervisor.
 
 -spec init({atom(), map()}) -> {ok, {supervisor:sup_flags(), [supervisor:child_spec()]}}.
+init({Name, #{mode := embedded} = Opts}) ->
+    %% Python runs in this VM: one server owns the pool's contexts.
+    {ok, {#{strategy => one_for_one, intensity => 5, period => 10},
+          [#{id => pool, start => {erpy_embedded, start_link, [Name, Opts]}, type => worker}]}};
+init({Name, #{mode := node} = Opts}) ->
+    {ok, {#{strategy => one_for_one, intensity => 5, period => 10},
+          [#{id => pool, start => {erpy_node_pool, start_link, [Name, Opts]}, type => worker}]}};
 init({Name, Opts}) ->
     Flags = #{strategy => one_for_all, intensity => 5, period => 10},
     Children = [#{id => workers,

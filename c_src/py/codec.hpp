@@ -74,6 +74,8 @@ class Codec {
   // Caches used by the decoder; public for the decoder's builder only.
   PyObject* atom(std::string_view utf8, const DecodeOptions& o);  // new reference
   PyObject* short_str(const char* p, std::size_t n);               // new reference, ASCII only
+  // A binary's Python value: str when UTF-8 (cached when short), else bytes.
+  PyRef binary(etf::Bytes b, const DecodeOptions& o);
 
  private:
   template <class S> friend class Encoder;

@@ -62,22 +62,7 @@ class PyBuilder {
 
   Value atom(std::string_view utf8) { return PyRef::check(c_.atom(utf8, o_)); }
 
-  Value binary(etf::Bytes b) {
-    const char* p = reinterpret_cast<const char*>(b.data());
-    const auto n = static_cast<Py_ssize_t>(b.size());
-    if (o_.binary_as_bytes) return PyRef::check(PyBytes_FromStringAndSize(p, n));
-    if (all_ascii(b.data(), b.size())) {
-      if (b.size() <= Codec::kMaxCachedStr) return PyRef::steal(c_.short_str(p, b.size()));
-      PyObject* s = PyUnicode_New(n, 127);
-      if (!s) throw PythonError();
-      std::memcpy(PyUnicode_1BYTE_DATA(s), p, b.size());
-      return PyRef::steal(s);
-    }
-    // Validating first keeps invalid UTF-8 (a common case: raw bytes) from costing a
-    // UnicodeDecodeError that would only be thrown away.
-    if (!etf::utf8_length(b)) return PyRef::check(PyBytes_FromStringAndSize(p, n));
-    return PyRef::check(PyUnicode_DecodeUTF8(p, n, "strict"));
-  }
+  Value binary(etf::Bytes b) { return c_.binary(b, o_); }
 
   Value bitstring(etf::Bytes b, unsigned bits) {
     // Made from NULL and filled here: with a source, a 1-byte bytes object would be
@@ -218,6 +203,23 @@ etf::DecodeOptions core_options(const DecodeOptions& o) {
 }
 
 }  // namespace
+
+PyRef Codec::binary(etf::Bytes b, const DecodeOptions& o) {
+  const char* p = reinterpret_cast<const char*>(b.data());
+  const auto n = static_cast<Py_ssize_t>(b.size());
+  if (o.binary_as_bytes) return PyRef::check(PyBytes_FromStringAndSize(p, n));
+  if (all_ascii(b.data(), b.size())) {
+    if (b.size() <= kMaxCachedStr) return PyRef::steal(short_str(p, b.size()));
+    PyObject* s = PyUnicode_New(n, 127);
+    if (!s) throw PythonError();
+    std::memcpy(PyUnicode_1BYTE_DATA(s), p, b.size());
+    return PyRef::steal(s);
+  }
+  // Validating first keeps invalid UTF-8 (a common case: raw bytes) from costing a
+  // UnicodeDecodeError that would only be thrown away.
+  if (!etf::utf8_length(b)) return PyRef::check(PyBytes_FromStringAndSize(p, n));
+  return PyRef::check(PyUnicode_DecodeUTF8(p, n, "strict"));
+}
 
 PyRef Codec::decode(etf::Bytes input, const DecodeOptions& o) {
   PyBuilder b(*this, o);

@@ -8,6 +8,7 @@
 #include <cstdlib>
 #include <memory>
 #include <mutex>
+#include <optional>
 #include <string>
 #include <vector>
 
@@ -15,6 +16,7 @@
 #include "etf/decode.hpp"
 #include "etf/encode.hpp"
 #include "output_capture.hpp"
+#include "py/runner.hpp"
 #include "watchdog.hpp"
 
 namespace erpy::worker {
@@ -27,7 +29,6 @@ using py::PythonError;
 py::Codec* g_codec = nullptr;
 
 constexpr std::size_t kDefaultMax = 10 * 1024 * 1024;
-constexpr Py_ssize_t kMaxCachedCode = 512;
 
 std::int64_t as_int64(PyObject* o) {
   const long long v = PyLong_AsLongLong(o);
@@ -89,15 +90,13 @@ class PortWorker {
   void run_request(std::string_view kind, std::int64_t id, etf::Reader& r, std::size_t arity);
   PyRef execute(std::string_view kind, etf::Reader& r, std::size_t arity);
   PyRef namespace_for_run();
-  PyRef compiled(PyObject* source, int mode);
-  PyRef call_function(PyObject* m, PyObject* f, PyObject* args, PyObject* kwargs);
   void reply_ok(std::int64_t id, PyObject* result);
   void reply_error(std::int64_t id, PyRef error_map);
   void reply_timeout(std::int64_t id);
   void finish_reply(etf::Bytes tail = {});
   static etf::Bytes large_binary(PyObject* o);
-  PyRef error_map_from_exception();
-  PyRef error_map(const char* type, const std::string& message);
+  PyRef error_map_from_exception() { return runner_->error_from_exception(); }
+  PyRef error_map(const char* type, const std::string& message) { return runner_->error(type, message); }
   bool read_next(ByteBuffer& frame, bool top_level);
   bool over_memory_limit() const;
   void load_erlang_errors();
@@ -115,11 +114,8 @@ class PortWorker {
   bool held_ = false;
   PyRef held_ns_;
   std::int64_t next_callback_ = 1;
-  PyRef code_cache_;
-  PyRef builtins_;
   PyRef erlang_module_;
-  PyRef format_exception_;
-  PyRef k_type_, k_message_, k_traceback_;
+  std::optional<py::Runner> runner_;
   ErlangErrors errors_;
   ByteBuffer out_;
   bool exiting_ = false;
@@ -129,14 +125,8 @@ class PortWorker {
 
 int PortWorker::serve() {
   ch_.enlarge_pipes();
-  builtins_ = PyRef::check(PyImport_ImportModule("builtins"));
   erlang_module_ = PyRef::check(PyImport_ImportModule("erpy.erlang"));
-  PyRef tb = PyRef::check(PyImport_ImportModule("traceback"));
-  format_exception_ = PyRef::check(PyObject_GetAttrString(tb.get(), "format_exception"));
-  code_cache_ = PyRef::check(PyDict_New());
-  k_type_ = PyRef::check(PyObject_CallOneArg(codec_.types().atom.get(), PyRef::check(PyUnicode_FromString("type")).get()));
-  k_message_ = PyRef::check(PyObject_CallOneArg(codec_.types().atom.get(), PyRef::check(PyUnicode_FromString("message")).get()));
-  k_traceback_ = PyRef::check(PyObject_CallOneArg(codec_.types().atom.get(), PyRef::check(PyUnicode_FromString("traceback")).get()));
+  runner_.emplace(codec_.types(), PyRef::borrow(erlang_module_.get()));
   load_erlang_errors();
 
   // The main thread owns the request pipe except while user code runs.
@@ -354,37 +344,22 @@ void PortWorker::reply_timeout(std::int64_t id) {
 PyRef PortWorker::execute(std::string_view kind, etf::Reader& r, std::size_t arity) {
   if (kind == "call" && arity == 8) {
     PyRef m = decode(r), f = decode(r), args = decode(r), kwargs = decode(r);
-    return call_function(m.get(), f.get(), args.get(), kwargs.get());
+    return runner_->call(m.get(), f.get(), args.get(), kwargs.get());
   }
   if (kind == "eval" && arity == 6) {
     PyRef source = decode(r), locals = decode(r);
-    PyRef code = compiled(source.get(), Py_eval_input);
     PyRef ns = namespace_for_run();
-    if (!PyDict_Check(locals.get())) {
-      PyErr_SetString(PyExc_TypeError, "eval locals must be a map");
-      throw PythonError();
-    }
-    return PyRef::check(PyEval_EvalCode(code.get(), ns.get(), locals.get()));
+    return runner_->eval(source.get(), ns.get(), locals.get());
   }
   if (kind == "exec" && arity == 5) {
     PyRef source = decode(r);
-    PyRef code = compiled(source.get(), Py_file_input);
     PyRef ns = namespace_for_run();
-    PyRef done = PyRef::check(PyEval_EvalCode(code.get(), ns.get(), ns.get()));
-    return PyRef::borrow(Py_None);
+    return runner_->exec(source.get(), ns.get());
   }
   if (kind == "run" && arity == 6) {
-    // erl_py_runner's contract: `arguments` in, `result` (default None) out.
     PyRef source = decode(r), arguments = decode(r);
-    PyRef code = compiled(source.get(), Py_file_input);
     PyRef ns = namespace_for_run();
-    if (PyDict_SetItemString(ns.get(), "arguments", arguments.get()) != 0 ||
-        PyDict_SetItemString(ns.get(), "result", Py_None) != 0) {
-      throw PythonError();
-    }
-    PyRef done = PyRef::check(PyEval_EvalCode(code.get(), ns.get(), ns.get()));
-    PyObject* result = PyDict_GetItemString(ns.get(), "result");  // borrowed
-    return PyRef::borrow(result ? result : Py_None);
+    return runner_->run(source.get(), arguments.get(), ns.get());
   }
   PyErr_Format(PyExc_ValueError, "unknown request %.*s/%zu", static_cast<int>(kind.size()), kind.data(), arity);
   throw PythonError();
@@ -393,63 +368,9 @@ PyRef PortWorker::execute(std::string_view kind, etf::Reader& r, std::size_t ari
 // A held worker keeps one namespace; otherwise every request gets a fresh one.
 PyRef PortWorker::namespace_for_run() {
   if (held_ && held_ns_) return PyRef::borrow(held_ns_.get());
-  PyRef ns = PyRef::check(PyDict_New());
-  if (PyDict_SetItemString(ns.get(), "__builtins__", builtins_.get()) != 0 ||
-      PyDict_SetItemString(ns.get(), "__name__", PyRef::check(PyUnicode_FromString("__erpy__")).get()) != 0 ||
-      PyDict_SetItemString(ns.get(), "erlang", erlang_module_.get()) != 0) {
-    throw PythonError();
-  }
+  PyRef ns = runner_->fresh_namespace();
   if (held_) held_ns_ = PyRef::borrow(ns.get());
   return ns;
-}
-
-// Compiling costs more than running a short snippet, and callers repeat their snippets.
-PyRef PortWorker::compiled(PyObject* source, int mode) {
-  if (!PyUnicode_Check(source)) {
-    PyErr_Format(PyExc_TypeError, "code must be text, not %s", Py_TYPE(source)->tp_name);
-    throw PythonError();
-  }
-  PyRef key = PyRef::check(Py_BuildValue("(Oi)", source, mode));
-  if (PyObject* hit = PyDict_GetItemWithError(code_cache_.get(), key.get())) return PyRef::borrow(hit);
-  if (PyErr_Occurred()) throw PythonError();
-  const char* text = PyUnicode_AsUTF8(source);
-  if (!text) throw PythonError();
-  PyRef code = PyRef::check(Py_CompileString(text, "<erpy>", mode));
-  if (PyDict_GET_SIZE(code_cache_.get()) >= kMaxCachedCode) PyDict_Clear(code_cache_.get());
-  if (PyDict_SetItem(code_cache_.get(), key.get(), code.get()) != 0) throw PythonError();
-  return code;
-}
-
-PyRef PortWorker::call_function(PyObject* m, PyObject* f, PyObject* args, PyObject* kwargs) {
-  if (!PyUnicode_Check(m) || !PyUnicode_Check(f)) {
-    PyErr_SetString(PyExc_TypeError, "module and function names must be text");
-    throw PythonError();
-  }
-  PyRef module = PyRef::steal(PyImport_GetModule(m));  // sys.modules first: no import machinery
-  if (!module) {
-    if (PyErr_Occurred()) throw PythonError();
-    module = PyRef::check(PyImport_Import(m));
-  }
-  // A dotted function name walks attributes: "Class.method", "sub.func".
-  PyRef target = PyRef::borrow(module.get());
-  Py_ssize_t start = 0;
-  const Py_ssize_t len = PyUnicode_GET_LENGTH(f);
-  while (start <= len) {
-    Py_ssize_t dot = PyUnicode_FindChar(f, '.', start, len, 1);
-    if (dot == -2) throw PythonError();
-    const Py_ssize_t end = dot < 0 ? len : dot;
-    PyRef part = PyRef::check(PyUnicode_Substring(f, start, end));
-    target = PyRef::check(PyObject_GetAttr(target.get(), part.get()));
-    if (dot < 0) break;
-    start = dot + 1;
-  }
-  if (!PyList_Check(args)) {
-    PyErr_SetString(PyExc_TypeError, "call arguments must be a list");
-    throw PythonError();
-  }
-  PyRef argt = PyRef::check(PyList_AsTuple(args));
-  PyObject* kw = (kwargs && PyDict_Check(kwargs) && PyDict_GET_SIZE(kwargs) > 0) ? kwargs : nullptr;
-  return PyRef::check(PyObject_Call(target.get(), argt.get(), kw));
 }
 
 // ---- replies -------------------------------------------------------------------------
@@ -535,51 +456,6 @@ void PortWorker::reply_error(std::int64_t id, PyRef error) {
     etf::put_atom(out_, "unencodable_error");
   }
   finish_reply();
-}
-
-PyRef PortWorker::error_map(const char* type, const std::string& message) {
-  PyRef m = PyRef::check(PyDict_New());
-  PyRef t = PyRef::check(PyUnicode_FromString(type));
-  PyRef msg = PyRef::check(PyUnicode_DecodeUTF8(message.data(), static_cast<Py_ssize_t>(message.size()), "replace"));
-  PyRef tb = PyRef::check(PyList_New(0));
-  if (PyDict_SetItem(m.get(), k_type_.get(), t.get()) != 0 ||
-      PyDict_SetItem(m.get(), k_message_.get(), msg.get()) != 0 ||
-      PyDict_SetItem(m.get(), k_traceback_.get(), tb.get()) != 0) {
-    throw PythonError();
-  }
-  return m;
-}
-
-// The pending Python exception as #{type, message, traceback}; clears it.
-PyRef PortWorker::error_map_from_exception() {
-  PyObject *type = nullptr, *value = nullptr, *tb = nullptr;
-  PyErr_Fetch(&type, &value, &tb);
-  PyErr_NormalizeException(&type, &value, &tb);
-  PyRef t = PyRef::steal(type), v = PyRef::steal(value), trace = PyRef::steal(tb);
-  if (trace && v) PyException_SetTraceback(v.get(), trace.get());
-  if (!t) return error_map("SystemError", "an error without an exception");
-  PyRef m = PyRef::check(PyDict_New());
-  PyRef name = PyRef::steal(PyType_GetName(reinterpret_cast<PyTypeObject*>(t.get())));
-  PyRef msg = v ? PyRef::steal(PyObject_Str(v.get())) : PyRef::check(PyUnicode_FromString(""));
-  if (!msg) {
-    PyErr_Clear();
-    msg = PyRef::check(PyUnicode_FromString("<unprintable>"));
-  }
-  PyRef lines = v ? PyRef::steal(PyObject_CallOneArg(format_exception_.get(), v.get())) : PyRef();
-  if (!lines) {
-    PyErr_Clear();
-    lines = PyRef::check(PyList_New(0));
-  }
-  if (!name) {
-    PyErr_Clear();
-    name = PyRef::check(PyUnicode_FromString("Exception"));
-  }
-  if (PyDict_SetItem(m.get(), k_type_.get(), name.get()) != 0 ||
-      PyDict_SetItem(m.get(), k_message_.get(), msg.get()) != 0 ||
-      PyDict_SetItem(m.get(), k_traceback_.get(), lines.get()) != 0) {
-    throw PythonError();
-  }
-  return m;
 }
 
 bool PortWorker::over_memory_limit() const {

@@ -14,6 +14,7 @@ Only what the pool's allow-list permits may be called; everything else raises
 
 from __future__ import annotations
 
+import sys
 from typing import Any
 
 from ._errors import ErpyError
@@ -35,23 +36,29 @@ class ErlangPortError(ErlangError):
 
 def call(module: str, function: str, arg: Any) -> Any:
     """``Module:Function(Arg)`` in Erlang; returns its result."""
-    from . import _native
-    return _native.erlang_call(module, function, arg)
+    return _backend().erlang_call(module, function, arg)
 
 
 def apply(module: str, function: str, args: list) -> Any:  # noqa: A001 - Erlang's name
     """``apply(Module, Function, Args)`` in Erlang; returns its result."""
-    from . import _native
-    return _native.erlang_apply(module, function, list(args))
+    return _backend().erlang_apply(module, function, list(args))
 
 
 def send(dest: Any, message: Any) -> None:
     """Sends ``message`` to a pid (``erpy.Pid``) or a registered name."""
-    from . import _native
-    _native.erlang_send(dest, message)
+    _backend().erlang_send(dest, message)
 
 
 def self() -> Any:  # noqa: A001 - Erlang's name
     """The pid of the Erlang process this code runs for."""
+    return _backend().erlang_self()
+
+
+def _backend() -> Any:
+    # Inside the VM (embedded mode) the NIF provides erpy._embedded; in a port worker the
+    # extension module serves the port protocol.
+    embedded = sys.modules.get("erpy._embedded")
+    if embedded is not None:
+        return embedded
     from . import _native
-    return _native.erlang_self()
+    return _native

@@ -1,0 +1,269 @@
+// erpy_nif: the NIF library of embedded mode. Registration, resource types and the
+// argument checking of each NIF; the work is in pool.cpp and runtime.cpp.
+//
+// Every NIF here is short and runs on a normal scheduler, except init/2, which waits for
+// Python to start and runs on a dirty I/O scheduler. None of them takes the GIL.
+#include <erl_nif.h>
+
+#include <string>
+
+#include "pool.hpp"
+#include "runtime.hpp"
+
+namespace erpy::nif {
+
+namespace {
+
+using py::PyRef;
+using py::PythonError;
+
+ERL_NIF_TERM atom(ErlNifEnv* env, const char* name) { return enif_make_atom(env, name); }
+
+ERL_NIF_TERM error(ErlNifEnv* env, ERL_NIF_TERM why) { return enif_make_tuple2(env, atom(env, "error"), why); }
+
+bool get_string(ErlNifEnv* env, ERL_NIF_TERM t, std::string& out) {
+  ErlNifBinary b;
+  if (!enif_inspect_iolist_as_binary(env, t, &b)) return false;
+  out.assign(reinterpret_cast<const char*>(b.data), b.size);
+  return true;
+}
+
+// ---- resource types ----------------------------------------------------------------------
+
+void job_dtor(ErlNifEnv*, void* obj) { static_cast<Job*>(obj)->~Job(); }
+
+void job_down(ErlNifEnv*, void* obj, ErlNifPid*, ErlNifMonitor*) {
+  auto* job = static_cast<Job*>(obj);
+  if (job->pool) job->pool->caller_down(job);
+}
+
+void pool_dtor(ErlNifEnv*, void* obj) {
+  auto* h = static_cast<PoolHandle*>(obj);
+  if (h->pool) h->pool->close();
+  h->~PoolHandle();
+}
+
+void context_dtor(ErlNifEnv*, void* obj) { static_cast<ContextHandle*>(obj)->~ContextHandle(); }
+
+void context_down(ErlNifEnv*, void* obj, ErlNifPid*, ErlNifMonitor*) {
+  // The holder of a checked-out context died: the context goes back, namespace cleared.
+  auto* h = static_cast<ContextHandle*>(obj);
+  if (h->pool) h->pool->release(h->index);
+}
+
+void lent_dtor(ErlNifEnv*, void* obj) {
+  // A scheduler thread: no Python here. The janitor drops the reference under the GIL.
+  auto* lent = static_cast<LentObject*>(obj);
+  if (lent->obj) Runtime::get().drop_later(lent->obj);
+}
+
+bool open_types(ErlNifEnv* env, ErlNifResourceFlags flags) {
+  ResourceTypes& t = Runtime::get().types;
+  ErlNifResourceTypeInit job_init{job_dtor, nullptr, job_down, 0, nullptr};
+  ErlNifResourceTypeInit ctx_init{context_dtor, nullptr, context_down, 0, nullptr};
+  ErlNifResourceFlags tried;
+  t.job = enif_open_resource_type_x(env, "erpy_job", &job_init, flags, &tried);
+  t.context = enif_open_resource_type_x(env, "erpy_context", &ctx_init, flags, &tried);
+  t.pool = enif_open_resource_type(env, nullptr, "erpy_pool", pool_dtor, flags, &tried);
+  t.lent = enif_open_resource_type(env, nullptr, "erpy_python_object", lent_dtor, flags, &tried);
+  return t.job && t.context && t.pool && t.lent;
+}
+
+// ---- NIFs ----------------------------------------------------------------------------------
+
+// init(PythonExecutable, PythonDir) -> ok | {error, Why}
+ERL_NIF_TERM nif_init(ErlNifEnv* env, int, const ERL_NIF_TERM argv[]) {
+  std::string exe, dir;
+  if (!get_string(env, argv[0], exe) || !get_string(env, argv[1], dir)) return enif_make_badarg(env);
+  Runtime& rt = Runtime::get();
+  const std::string err = rt.init(exe, dir);
+  if (!err.empty()) {
+    ERL_NIF_TERM msg;
+    unsigned char* p = enif_make_new_binary(env, err.size(), &msg);
+    std::copy(err.begin(), err.end(), p);
+    return error(env, enif_make_tuple2(env, atom(env, "python_init"), msg));
+  }
+  if (!exe.empty() && exe != rt.executable()) {
+    // One interpreter per VM: a second, different one cannot be started.
+    ERL_NIF_TERM running;
+    const std::string cur = rt.executable();
+    unsigned char* p = enif_make_new_binary(env, cur.size(), &running);
+    std::copy(cur.begin(), cur.end(), p);
+    return error(env, enif_make_tuple2(env, atom(env, "python_already_running"), running));
+  }
+  return atom(env, "ok");
+}
+
+// pool_new(Size, Owner, #{none := atom(), binary := str | bytes, spin_us := int}) -> Pool
+ERL_NIF_TERM nif_pool_new(ErlNifEnv* env, int, const ERL_NIF_TERM argv[]) {
+  Runtime& rt = Runtime::get();
+  if (!rt.ready()) return error(env, atom(env, "not_initialized"));
+  PoolOptions o;
+  if (!enif_get_int(env, argv[0], &o.size) || o.size < 1 || o.size > 1024) return enif_make_badarg(env);
+  if (!enif_get_local_pid(env, argv[1], &o.owner)) return enif_make_badarg(env);
+  ERL_NIF_TERM v;
+  char buf[256];
+  if (enif_get_map_value(env, argv[2], atom(env, "none"), &v)) {
+    if (enif_get_atom(env, v, buf, sizeof buf, ERL_NIF_LATIN1) <= 0) return enif_make_badarg(env);
+    o.convert.decode.none = buf;
+    o.convert.encode.none = buf;
+  }
+  if (enif_get_map_value(env, argv[2], atom(env, "binary"), &v)) {
+    o.convert.decode.binary_as_bytes = enif_is_identical(v, atom(env, "bytes"));
+  }
+  if (enif_get_map_value(env, argv[2], atom(env, "spin_us"), &v) && !enif_get_int(env, v, &o.spin_us)) {
+    return enif_make_badarg(env);
+  }
+  auto* h = static_cast<PoolHandle*>(enif_alloc_resource(rt.types.pool, sizeof(PoolHandle)));
+  new (h) PoolHandle{std::make_shared<Pool>(std::move(o))};
+  h->pool->start();
+  rt.add_pool(h->pool);
+  ERL_NIF_TERM t = enif_make_resource(env, h);
+  enif_release_resource(h);
+  return t;
+}
+
+ERL_NIF_TERM nif_pool_close(ErlNifEnv* env, int, const ERL_NIF_TERM argv[]) {
+  PoolHandle* h;
+  if (!enif_get_resource(env, argv[0], Runtime::get().types.pool, reinterpret_cast<void**>(&h))) {
+    return enif_make_badarg(env);
+  }
+  h->pool->close();
+  return atom(env, "ok");
+}
+
+ERL_NIF_TERM nif_pool_info(ErlNifEnv* env, int, const ERL_NIF_TERM argv[]) {
+  PoolHandle* h;
+  if (!enif_get_resource(env, argv[0], Runtime::get().types.pool, reinterpret_cast<void**>(&h))) {
+    return enif_make_badarg(env);
+  }
+  return h->pool->info(env);
+}
+
+// submit(PoolOrContext, Ref, Request, WantHandle) -> {ok, Job} | {error, closed}
+ERL_NIF_TERM nif_submit(ErlNifEnv* env, int, const ERL_NIF_TERM argv[]) {
+  Runtime& rt = Runtime::get();
+  std::shared_ptr<Pool> pool;
+  int context = -1;
+  PoolHandle* ph;
+  ContextHandle* ch;
+  if (enif_get_resource(env, argv[0], rt.types.pool, reinterpret_cast<void**>(&ph))) {
+    pool = ph->pool;
+  } else if (enif_get_resource(env, argv[0], rt.types.context, reinterpret_cast<void**>(&ch))) {
+    pool = ch->pool;
+    context = ch->index;
+  } else {
+    return enif_make_badarg(env);
+  }
+  if (!enif_is_tuple(env, argv[2])) return enif_make_badarg(env);
+  auto* job = static_cast<Job*>(enif_alloc_resource(rt.types.job, sizeof(Job)));
+  new (job) Job();
+  job->env = enif_alloc_env();
+  job->ref = enif_make_copy(job->env, argv[1]);
+  job->req = enif_make_copy(job->env, argv[2]);
+  job->want_handle = enif_is_identical(argv[3], atom(env, "true"));
+  job->pool = pool;
+  enif_self(env, &job->caller);
+  ERL_NIF_TERM t = enif_make_resource(env, job);
+  const bool ok = pool->submit(job, context);
+  enif_release_resource(job);
+  if (!ok) return error(env, atom(env, "closed"));
+  return enif_make_tuple2(env, atom(env, "ok"), t);
+}
+
+// cancel(Job) -> canceled (it will never answer) | sent (its answer is in the mailbox)
+ERL_NIF_TERM nif_cancel(ErlNifEnv* env, int, const ERL_NIF_TERM argv[]) {
+  Job* job;
+  if (!enif_get_resource(env, argv[0], Runtime::get().types.job, reinterpret_cast<void**>(&job))) {
+    return enif_make_badarg(env);
+  }
+  return atom(env, job->pool->cancel(job) ? "canceled" : "sent");
+}
+
+// callback_reply(Job, {ok, Value} | {error, Reason}) -> ok
+ERL_NIF_TERM nif_callback_reply(ErlNifEnv* env, int, const ERL_NIF_TERM argv[]) {
+  Job* job;
+  if (!enif_get_resource(env, argv[0], Runtime::get().types.job, reinterpret_cast<void**>(&job))) {
+    return enif_make_badarg(env);
+  }
+  job->pool->callback_reply(job, env, argv[1]);
+  return atom(env, "ok");
+}
+
+// checkin(Context) -> ok
+ERL_NIF_TERM nif_checkin(ErlNifEnv* env, int, const ERL_NIF_TERM argv[]) {
+  ContextHandle* ch;
+  if (!enif_get_resource(env, argv[0], Runtime::get().types.context, reinterpret_cast<void**>(&ch))) {
+    return enif_make_badarg(env);
+  }
+  ch->pool->release(ch->index);
+  return atom(env, "ok");
+}
+
+// python_info() -> #{version, gil, subinterpreters}: what this build of Python offers.
+ERL_NIF_TERM nif_python_info(ErlNifEnv* env, int, const ERL_NIF_TERM[]) {
+  const char* version = Py_GetVersion();  // safe before and after initialization
+  std::string v(version);
+  v = v.substr(0, v.find(' '));
+  ERL_NIF_TERM vt;
+  unsigned char* p = enif_make_new_binary(env, v.size(), &vt);
+  std::copy(v.begin(), v.end(), p);
+#ifdef Py_GIL_DISABLED
+  const char* gil = "free_threaded";
+#else
+  const char* gil = "shared";
+#endif
+  // Contexts as subinterpreters with their own GIL need 3.12+ (PEP 684); this build is
+  // compiled against the headers of the Python it runs.
+  const bool own_gil = PY_VERSION_HEX >= 0x030C0000;
+  ERL_NIF_TERM keys[] = {atom(env, "version"), atom(env, "gil"), atom(env, "own_gil_subinterpreters"),
+                         atom(env, "initialized")};
+  ERL_NIF_TERM values[] = {vt, atom(env, gil), atom(env, own_gil ? "true" : "false"),
+                           atom(env, Runtime::get().ready() ? "true" : "false")};
+  ERL_NIF_TERM out;
+  enif_make_map_from_arrays(env, keys, values, 4, &out);
+  return out;
+}
+
+// Handles: is this term a Python object lent to Erlang?
+ERL_NIF_TERM nif_is_handle(ErlNifEnv* env, int, const ERL_NIF_TERM argv[]) {
+  LentObject* lent;
+  const bool yes = enif_get_resource(env, argv[0], Runtime::get().types.lent, reinterpret_cast<void**>(&lent));
+  return atom(env, yes ? "true" : "false");
+}
+
+ErlNifFunc funcs[] = {
+    {"init", 2, nif_init, ERL_NIF_DIRTY_JOB_IO_BOUND},
+    {"pool_new", 3, nif_pool_new, 0},
+    {"pool_close", 1, nif_pool_close, 0},
+    {"pool_info", 1, nif_pool_info, 0},
+    {"submit", 4, nif_submit, 0},
+    {"cancel", 1, nif_cancel, 0},
+    {"callback_reply", 2, nif_callback_reply, 0},
+    {"checkin", 1, nif_checkin, 0},
+    {"python_info", 0, nif_python_info, 0},
+    {"is_handle", 1, nif_is_handle, 0},
+};
+
+int load(ErlNifEnv* env, void** priv, ERL_NIF_TERM) {
+  *priv = nullptr;
+  // TAKEOVER too: a module loaded again after a purge finds its types still alive.
+  return open_types(env, static_cast<ErlNifResourceFlags>(ERL_NIF_RT_CREATE | ERL_NIF_RT_TAKEOVER)) ? 0 : 1;
+}
+
+// Upgrading takes the resource types over; the runtime (and Python) carries on as it is.
+int upgrade(ErlNifEnv* env, void** priv, void**, ERL_NIF_TERM) {
+  *priv = nullptr;
+  return open_types(env, static_cast<ErlNifResourceFlags>(ERL_NIF_RT_CREATE | ERL_NIF_RT_TAKEOVER)) ? 0 : 1;
+}
+
+void unload(ErlNifEnv*, void*) {
+  // Nothing to free: the library stays mapped (RTLD_NODELETE) and Python stays up, so
+  // resources that outlive the module and the threads that serve them stay valid.
+}
+
+}  // namespace
+
+}  // namespace erpy::nif
+
+ERL_NIF_INIT(erpy_nif, erpy::nif::funcs, erpy::nif::load, nullptr, erpy::nif::upgrade, erpy::nif::unload)

@@ -1,0 +1,586 @@
+#include "pool.hpp"
+
+#include <algorithm>
+#include <chrono>
+#include <cstring>
+
+#include "etf/error.hpp"
+#include "runtime.hpp"
+
+namespace erpy::nif {
+
+using py::PyRef;
+using py::PythonError;
+using Clock = std::chrono::steady_clock;
+
+namespace {
+
+// A message environment that is freed unless it was sent.
+struct MsgEnv {
+  ErlNifEnv* env = enif_alloc_env();
+  ~MsgEnv() {
+    if (env) enif_free_env(env);
+  }
+  MsgEnv() = default;
+  MsgEnv(const MsgEnv&) = delete;
+  MsgEnv& operator=(const MsgEnv&) = delete;
+};
+
+ERL_NIF_TERM atom(ErlNifEnv* env, const char* name) { return enif_make_atom(env, name); }
+
+bool is_atom(ErlNifEnv* env, ERL_NIF_TERM t, const char* name) {
+  char buf[32];
+  return enif_get_atom(env, t, buf, sizeof buf, ERL_NIF_LATIN1) > 0 && std::strcmp(buf, name) == 0;
+}
+
+}  // namespace
+
+Pool::Pool(PoolOptions o) : o_(std::move(o)) {}
+
+Pool::~Pool() {
+  // Only reached once every context thread has ended (each holds the pool).
+  for (Job* j : queue_) enif_release_resource(j);
+}
+
+void Pool::start() {
+  auto self = shared_from_this();
+  for (int i = 0; i < o_.size; ++i) {
+    auto c = std::make_unique<Context>();
+    c->pool = this;
+    c->index = i;
+    c->handle = static_cast<ContextHandle*>(enif_alloc_resource(Runtime::get().types.context, sizeof(ContextHandle)));
+    new (c->handle) ContextHandle{self, i};
+    ctxs_.push_back(std::move(c));
+  }
+  for (auto& c : ctxs_) {
+    Context* ctx = c.get();
+    ctx->thread = std::thread([self, ctx] { self->serve(*ctx); });
+    ctx->thread.detach();
+  }
+}
+
+void Pool::close() {
+  std::vector<ContextHandle*> handles;
+  {
+    std::lock_guard<std::mutex> lock(m_);
+    if (closing_) return;
+    closing_ = true;
+    for (Job* j : queue_) {
+      j->state = JobState::Canceled;
+      enif_release_resource(j);
+    }
+    queue_.clear();
+    queued_ = 0;
+    for (auto& c : ctxs_) {
+      for (Job* j : c->running) {
+        if (j->state == JobState::Running) {
+          j->state = JobState::Canceled;
+          enif_keep_resource(j);
+          to_interrupt_.push_back(j);
+        }
+      }
+      c->wake = true;
+      c->cv.notify_one();
+      handles.push_back(std::exchange(c->handle, nullptr));
+    }
+  }
+  for (ContextHandle* h : handles) enif_release_resource(h);
+  Runtime::get().wake();
+}
+
+void Pool::wake_one_locked() {
+  if (spinning_.load(std::memory_order_acquire)) return;  // the spinner will see it
+  for (auto& c : ctxs_) {
+    if (c->idle && !c->held && !c->wake) {
+      c->wake = true;
+      c->cv.notify_one();
+      return;
+    }
+  }
+}
+
+bool Pool::submit(Job* job, int context) {
+  std::lock_guard<std::mutex> lock(m_);
+  if (closing_) return false;
+  enif_keep_resource(job);
+  if (context < 0) {
+    queue_.push_back(job);
+    queued_.fetch_add(1, std::memory_order_release);
+    wake_one_locked();
+  } else {
+    Context& c = *ctxs_[static_cast<size_t>(context)];
+    c.pinned.push_back(job);
+    c.wake = true;
+    c.cv.notify_one();
+  }
+  return true;
+}
+
+bool Pool::cancel_locked(Job* job) {
+  switch (job->state) {
+    case JobState::Done:
+      return false;
+    case JobState::Canceled:
+      return true;
+    case JobState::Queued:
+      job->state = JobState::Canceled;  // skipped when its turn comes
+      return true;
+    case JobState::Running:
+      job->state = JobState::Canceled;
+      enif_keep_resource(job);
+      to_interrupt_.push_back(job);
+      for (auto& c : ctxs_) c->cv.notify_all();  // a job waiting for Erlang gives up now
+      return true;
+  }
+  return true;
+}
+
+bool Pool::cancel(Job* job) {
+  bool canceled;
+  bool interrupt;
+  {
+    std::lock_guard<std::mutex> lock(m_);
+    interrupt = job->state == JobState::Running;
+    canceled = cancel_locked(job);
+  }
+  if (interrupt) Runtime::get().wake();
+  return canceled;
+}
+
+void Pool::caller_down(Job* job) { cancel(job); }
+
+void Pool::callback_reply(Job* job, ErlNifEnv*, ERL_NIF_TERM reply) {
+  ErlNifEnv* copy = enif_alloc_env();
+  ERL_NIF_TERM t = enif_make_copy(copy, reply);
+  std::lock_guard<std::mutex> lock(m_);
+  if (job->reply_env) enif_free_env(job->reply_env);
+  job->reply_env = copy;
+  job->reply = t;
+  for (auto& c : ctxs_) {
+    if (!c->running.empty() && c->running.back() == job) c->cv.notify_one();
+  }
+}
+
+void Pool::release(int context) {
+  std::lock_guard<std::mutex> lock(m_);
+  Context& c = *ctxs_[static_cast<size_t>(context)];
+  if (!c.held) return;
+  c.release_requested = true;
+  c.wake = true;
+  c.cv.notify_one();
+}
+
+ERL_NIF_TERM Pool::info(ErlNifEnv* env) {
+  std::lock_guard<std::mutex> lock(m_);
+  int held = 0, busy = 0;
+  for (auto& c : ctxs_) {
+    held += c->held;
+    busy += !c->running.empty();
+  }
+  ERL_NIF_TERM keys[] = {atom(env, "size"), atom(env, "queued"), atom(env, "held"), atom(env, "busy"),
+                         atom(env, "closing")};
+  ERL_NIF_TERM values[] = {enif_make_int(env, o_.size), enif_make_uint64(env, queue_.size()),
+                           enif_make_int(env, held), enif_make_int(env, busy),
+                           atom(env, closing_ ? "true" : "false")};
+  ERL_NIF_TERM out;
+  enif_make_map_from_arrays(env, keys, values, 5, &out);
+  return out;
+}
+
+// ---- the context thread ----------------------------------------------------------------
+
+Job* Pool::next_job(Context& c, std::unique_lock<std::mutex>& lock) {
+  for (;;) {
+    if (closing_) return nullptr;
+    if (c.release_requested) return nullptr;  // serve() resets the namespace, then asks again
+    if (!c.pinned.empty()) {
+      Job* j = c.pinned.front();
+      c.pinned.pop_front();
+      return j;
+    }
+    if (!c.held && !queue_.empty()) {
+      Job* j = queue_.front();
+      queue_.pop_front();
+      queued_.fetch_sub(1, std::memory_order_relaxed);
+      return j;
+    }
+    // Nothing to do: spin a little first (one context at a time), since the next request
+    // of a busy caller usually comes within microseconds and a sleep/wake pair costs more.
+    if (!c.held && o_.spin_us > 0 && !spinning_.exchange(true, std::memory_order_acq_rel)) {
+      lock.unlock();
+      const auto until = Clock::now() + std::chrono::microseconds(o_.spin_us);
+      while (Clock::now() < until && queued_.load(std::memory_order_acquire) == 0) {
+#if defined(__x86_64__)
+        __builtin_ia32_pause();
+#endif
+      }
+      lock.lock();
+      spinning_.store(false, std::memory_order_release);
+      if (!queue_.empty() || closing_ || !c.pinned.empty()) continue;
+    }
+    c.idle = true;
+    c.wake = false;
+    c.cv.wait(lock, [&] { return c.wake; });
+    c.idle = false;
+    c.wake = false;
+  }
+}
+
+void Pool::serve(Context& c) {
+  set_current_context(&c);
+  auto self = shared_from_this();  // the pool outlives its threads' loops
+  // Made on this thread, so it records this thread's id, which interrupts address.
+  c.tstate = PyThreadState_New(PyInterpreterState_Main());
+  c.thread_id = PyThread_get_thread_ident();
+  std::unique_lock<std::mutex> lock(m_);
+  for (;;) {
+    Job* job = next_job(c, lock);
+    if (!job) {
+      if (c.release_requested) {
+        lock.unlock();
+        do_release(c);
+        lock.lock();
+        continue;
+      }
+      break;  // closing
+    }
+    if (job->state == JobState::Canceled) {
+      enif_release_resource(job);
+      continue;
+    }
+    job->state = JobState::Running;
+    job->started = Clock::now();
+    c.running.push_back(job);
+    lock.unlock();
+    run_job(c, job);
+    lock.lock();
+    c.running.pop_back();
+    enif_release_resource(job);
+  }
+  lock.unlock();
+  PyEval_RestoreThread(c.tstate);
+  c.held_ns.reset();
+  PyThreadState_Clear(c.tstate);
+  PyThreadState_DeleteCurrent();
+  set_current_context(nullptr);
+}
+
+void Pool::do_release(Context& c) {
+  PyEval_RestoreThread(c.tstate);
+  c.held_ns.reset();
+  PyEval_SaveThread();
+  std::lock_guard<std::mutex> lock(m_);
+  if (c.holder_monitored) {
+    enif_demonitor_process(nullptr, c.handle ? static_cast<void*>(c.handle) : nullptr, &c.holder_monitor);
+    c.holder_monitored = false;
+  }
+  c.held = false;
+  c.release_requested = false;
+  if (!queue_.empty()) c.wake = true;
+}
+
+namespace {
+
+// The request as Python objects, and what running it returns.
+struct Request {
+  enum Kind { Call, Eval, Exec, Run, Hold, Bad } kind = Bad;
+  const ERL_NIF_TERM* elems = nullptr;
+  int arity = 0;
+};
+
+Request parse(ErlNifEnv* env, ERL_NIF_TERM req) {
+  Request r;
+  if (!enif_get_tuple(env, req, &r.arity, &r.elems) || r.arity < 1) return r;
+  if (is_atom(env, r.elems[0], "call") && r.arity == 5) r.kind = Request::Call;
+  else if (is_atom(env, r.elems[0], "eval") && r.arity == 3) r.kind = Request::Eval;
+  else if (is_atom(env, r.elems[0], "exec") && r.arity == 2) r.kind = Request::Exec;
+  else if (is_atom(env, r.elems[0], "run") && r.arity == 3) r.kind = Request::Run;
+  else if (is_atom(env, r.elems[0], "hold") && r.arity == 1) r.kind = Request::Hold;
+  return r;
+}
+
+}  // namespace
+
+void Pool::run_job(Context& c, Job* job) {
+  Runtime& rt = Runtime::get();
+  const Request req = parse(job->env, job->req);
+  MsgEnv msg;
+  ERL_NIF_TERM answer;
+
+  if (req.kind == Request::Hold) {
+    {
+      std::lock_guard<std::mutex> lock(m_);
+      c.held = true;
+      c.holder = job->caller;
+      c.holder_monitored = c.handle && enif_monitor_process(nullptr, c.handle, &job->caller, &c.holder_monitor) == 0;
+      if (!c.holder_monitored) c.release_requested = true;  // the holder is gone already
+    }
+    answer = enif_make_tuple2(msg.env, atom(msg.env, "ok"),
+                              c.handle ? enif_make_resource(msg.env, c.handle) : atom(msg.env, "undefined"));
+    finish(c, job, msg.env, answer);
+    if (job->state == JobState::Canceled) release(c.index);  // nobody took it
+    msg.env = nullptr;
+    return;
+  }
+
+  PyEval_RestoreThread(c.tstate);
+  if (c.interrupt_pending.exchange(false)) {
+    // An interrupt meant for a job that ended first must not hit this one.
+    PyThreadState_SetAsyncExc(c.thread_id, nullptr);
+    PyErr_Clear();
+  }
+  const ConvertOptions& co = o_.convert;
+  Converter& conv = rt.converter();
+  py::Runner& runner = rt.runner();
+  bool failed = false;
+  PyRef result;
+  try {
+    if (req.kind == Request::Bad) {
+      PyErr_SetString(PyExc_ValueError, "unknown request");
+      throw PythonError();
+    }
+    auto arg = [&](int i) { return conv.to_python(job->env, req.elems[i], co); };
+    auto ns = [&]() {
+      if (c.held) {
+        if (!c.held_ns) c.held_ns = runner.fresh_namespace();
+        return PyRef::borrow(c.held_ns.get());
+      }
+      return runner.fresh_namespace();
+    };
+    switch (req.kind) {
+      case Request::Call: {
+        PyRef m = arg(1), f = arg(2), a = arg(3), kw = arg(4);
+        if (PyUnicode_Check(m.get())) {
+          result = runner.call(m.get(), f.get(), a.get(), kw.get());
+        } else {
+          result = runner.call_on(m.get(), f.get(), a.get(), kw.get());  // a handle
+        }
+        break;
+      }
+      case Request::Eval: {
+        PyRef src = arg(1), locals = arg(2);
+        PyRef n = ns();
+        result = runner.eval(src.get(), n.get(), locals.get());
+        break;
+      }
+      case Request::Exec: {
+        PyRef src = arg(1);
+        PyRef n = ns();
+        result = runner.exec(src.get(), n.get());
+        break;
+      }
+      case Request::Run: {
+        PyRef src = arg(1), arguments = arg(2);
+        PyRef n = ns();
+        result = runner.run(src.get(), arguments.get(), n.get());
+        break;
+      }
+      default:
+        break;
+    }
+  } catch (const PythonError&) {
+    failed = true;
+  } catch (const etf::DecodeError& e) {
+    PyErr_Format(rt.codec().types().decode_error.get(), "%s", e.what());
+    failed = true;
+  } catch (const std::exception& e) {
+    PyErr_Format(PyExc_MemoryError, "%s", e.what());
+    failed = true;
+  }
+
+  bool canceled;
+  {
+    std::lock_guard<std::mutex> lock(m_);
+    canceled = job->state == JobState::Canceled;
+  }
+  if (canceled) {
+    // Stopped by its caller (timeout, death) or by close: whatever Python says now is ours.
+    PyErr_Clear();
+    result.reset();
+    PyEval_SaveThread();
+    return;
+  }
+  try {
+    if (failed) {
+      PyRef err = runner.error_from_exception();
+      answer = enif_make_tuple2(msg.env, atom(msg.env, "error"), conv.to_term(msg.env, err.get(), co));
+    } else if (job->want_handle) {
+      auto* lent = static_cast<LentObject*>(enif_alloc_resource(rt.types.lent, sizeof(LentObject)));
+      lent->obj = result.release();
+      answer = enif_make_tuple2(msg.env, atom(msg.env, "ok"), enif_make_resource(msg.env, lent));
+      enif_release_resource(lent);
+    } else {
+      answer = enif_make_tuple2(msg.env, atom(msg.env, "ok"), conv.to_term(msg.env, result.get(), co));
+    }
+  } catch (...) {
+    // The result has no Erlang form: say so instead.
+    py::set_python_error(rt.codec().types());
+    PyRef err;
+    try {
+      err = runner.error_from_exception();
+      answer = enif_make_tuple2(msg.env, atom(msg.env, "error"), conv.to_term(msg.env, err.get(), co));
+    } catch (...) {
+      PyErr_Clear();
+      answer = enif_make_tuple2(msg.env, atom(msg.env, "error"), atom(msg.env, "unencodable_error"));
+    }
+  }
+  result.reset();
+  PyEval_SaveThread();
+  finish(c, job, msg.env, answer);
+  msg.env = nullptr;  // finish() owns it now
+}
+
+// Sends {Ref, Answer} unless the job was canceled meanwhile; frees the env either way.
+void Pool::finish(Context&, Job* job, ErlNifEnv* msg_env, ERL_NIF_TERM answer) {
+  std::lock_guard<std::mutex> lock(m_);
+  if (job->state != JobState::Canceled) {
+    job->state = JobState::Done;
+    ERL_NIF_TERM ref = enif_make_copy(msg_env, job->ref);
+    enif_send(nullptr, &job->caller, msg_env, enif_make_tuple2(msg_env, ref, answer));
+  }
+  if (job->monitored) {
+    enif_demonitor_process(nullptr, job, &job->monitor);
+    job->monitored = false;
+  }
+  enif_free_env(msg_env);
+}
+
+// ---- Python calling Erlang ---------------------------------------------------------------
+
+PyRef Pool::erlang_callback(Context& c, const char* kind, PyObject* m, PyObject* f, PyObject* args) {
+  Runtime& rt = Runtime::get();
+  Job* job;
+  {
+    std::lock_guard<std::mutex> lock(m_);
+    job = c.running.empty() ? nullptr : c.running.back();
+  }
+  if (!job) {
+    PyErr_SetString(rt.erlang_port_error(), "no Erlang caller: this code does not run for an erpy request");
+    throw PythonError();
+  }
+  const ConvertOptions& co = o_.convert;
+  MsgEnv msg;
+  // {Ref, {callback, Context, Kind, M, F, Args}}: the caller runs it (allow-list first).
+  ERL_NIF_TERM items[] = {atom(msg.env, "callback"),
+                          c.handle ? enif_make_resource(msg.env, c.handle) : atom(msg.env, "undefined"),
+                          atom(msg.env, kind), rt.converter().to_term(msg.env, m, co),
+                          rt.converter().to_term(msg.env, f, co), rt.converter().to_term(msg.env, args, co)};
+  ERL_NIF_TERM body = enif_make_tuple_from_array(msg.env, items, 6);
+  ErlNifEnv* reply_env = nullptr;
+  ERL_NIF_TERM reply = 0;
+  bool canceled = false;
+  PyThreadState* ts = PyEval_SaveThread();
+  {
+    std::unique_lock<std::mutex> lock(m_);
+    if (job->state == JobState::Canceled) {
+      canceled = true;
+    } else {
+      ERL_NIF_TERM ref = enif_make_copy(msg.env, job->ref);
+      enif_send(nullptr, &job->caller, msg.env, enif_make_tuple2(msg.env, ref, body));
+    }
+    // Wait for the answer, running the nested requests the callback makes meanwhile.
+    while (!canceled) {
+      c.cv.wait(lock, [&] {
+        return job->reply_env || job->state == JobState::Canceled || !c.pinned.empty() || closing_;
+      });
+      if (job->reply_env) {
+        reply_env = std::exchange(job->reply_env, nullptr);
+        reply = job->reply;
+        break;
+      }
+      if (job->state == JobState::Canceled || closing_) {
+        canceled = true;
+        break;
+      }
+      Job* nested = c.pinned.front();
+      c.pinned.pop_front();
+      if (nested->state == JobState::Canceled) {
+        enif_release_resource(nested);
+        continue;
+      }
+      nested->state = JobState::Running;
+      nested->started = Clock::now();
+      c.running.push_back(nested);
+      lock.unlock();
+      run_job(c, nested);
+      lock.lock();
+      c.running.pop_back();
+      enif_release_resource(nested);
+    }
+  }
+  PyEval_RestoreThread(ts);
+  struct EnvGuard {
+    ErlNifEnv* env;
+    ~EnvGuard() {
+      if (env) enif_free_env(env);
+    }
+  } guard{reply_env};
+  if (canceled) {
+    PyErr_SetString(rt.erlang_timeout_error(), "the request was cancelled while Erlang worked");
+    throw PythonError();
+  }
+  int arity;
+  const ERL_NIF_TERM* elems;
+  if (!enif_get_tuple(reply_env, reply, &arity, &elems) || arity != 2) {
+    PyErr_SetString(rt.erlang_error(), "bad callback answer");
+    throw PythonError();
+  }
+  PyRef value = rt.converter().to_python(reply_env, elems[1], co);
+  if (is_atom(reply_env, elems[0], "ok")) return value;
+  PyErr_SetObject(rt.erlang_error(), value.get());
+  throw PythonError();
+}
+
+void Pool::log(PyObject* stream, PyObject* text) {
+  Runtime& rt = Runtime::get();
+  MsgEnv msg;
+  ERL_NIF_TERM t = enif_make_tuple3(msg.env, atom(msg.env, "erpy_log"),
+                                    rt.converter().to_term(msg.env, stream, o_.convert),
+                                    rt.converter().to_term(msg.env, text, o_.convert));
+  ErlNifPid owner = o_.owner;
+  enif_send(nullptr, &owner, msg.env, t);
+}
+
+// ---- the service thread ------------------------------------------------------------------
+
+void Pool::interrupt_canceled() {
+  std::vector<Job*> jobs;
+  std::lock_guard<std::mutex> lock(m_);
+  jobs.swap(to_interrupt_);
+  for (Job* j : jobs) {
+    for (auto& c : ctxs_) {
+      if (std::find(c->running.begin(), c->running.end(), j) != c->running.end()) {
+        // KeyboardInterrupt, as port mode: `except Exception` in user code does not stop it.
+        PyThreadState_SetAsyncExc(c->thread_id, PyExc_KeyboardInterrupt);
+        c->interrupt_pending = true;
+      }
+    }
+    enif_release_resource(j);
+  }
+}
+
+bool Pool::has_interrupts() {
+  std::lock_guard<std::mutex> lock(m_);
+  return !to_interrupt_.empty();
+}
+
+void Pool::monitor_long_jobs(std::chrono::milliseconds after) {
+  const auto now = Clock::now();
+  std::vector<Job*> dead;
+  {
+    std::lock_guard<std::mutex> lock(m_);
+    for (auto& c : ctxs_) {
+      for (Job* j : c->running) {
+        if (j->monitored || j->state != JobState::Running || now - j->started < after) continue;
+        // A caller that dies mid-call cancels it; watched only once a job runs long, so a
+        // short call pays nothing for it.
+        const int r = enif_monitor_process(nullptr, j, &j->caller, &j->monitor);
+        if (r == 0) j->monitored = true;
+        else if (r > 0) dead.push_back(j);
+      }
+    }
+    for (Job* j : dead) cancel_locked(j);
+  }
+}
+
+}  // namespace erpy::nif

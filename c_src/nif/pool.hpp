@@ -1,0 +1,140 @@
+// An embedded pool: N contexts, each a C++ thread with its own Python thread state and
+// namespace, fed from one FIFO queue of jobs (and a queue of its own while it is held or
+// while its job waits for Erlang).
+//
+// Threads and locks (doc/internals.md says it in prose):
+// - Erlang processes never run Python. Their NIFs (submit, cancel, callback_reply, checkin)
+//   only take the pool mutex for a few instructions and never the GIL.
+// - Context threads run Python. They take the GIL only around Python work, and may take
+//   the pool mutex while holding the GIL, never the other way round (order: GIL, then
+//   mutex; and no thread waits for anything while holding the mutex).
+// - The runtime's service thread injects interrupts and drops references that Erlang let
+//   go of; it follows the same order.
+#pragma once
+#include <erl_nif.h>
+
+#include <atomic>
+#include <condition_variable>
+#include <deque>
+#include <memory>
+#include <mutex>
+#include <thread>
+#include <vector>
+
+#include "convert.hpp"
+#include "py/ref.hpp"
+
+namespace erpy::nif {
+
+class Pool;
+struct Context;
+
+enum class JobState { Queued, Running, Done, Canceled };
+
+// One request from one Erlang process. Lives in a NIF resource (the caller holds it as a
+// term; the queue and the running context hold references).
+struct Job {
+  ErlNifEnv* env = nullptr;  // owns the copies of ref and req
+  ERL_NIF_TERM ref = 0, req = 0;
+  ErlNifPid caller{};
+  bool want_handle = false;
+  std::shared_ptr<Pool> pool;
+  // Guarded by the pool mutex:
+  JobState state = JobState::Queued;
+  ErlNifEnv* reply_env = nullptr;  // the answer to the callback in progress
+  ERL_NIF_TERM reply = 0;
+  bool monitored = false;
+  ErlNifMonitor monitor{};
+  std::chrono::steady_clock::time_point started{};
+
+  ~Job() {
+    if (env) enif_free_env(env);
+    if (reply_env) enif_free_env(reply_env);
+  }
+};
+
+// What an Erlang term refers to for a context (held contexts, nesting).
+struct ContextHandle {
+  std::shared_ptr<Pool> pool;
+  int index = 0;
+};
+
+struct Context {
+  Pool* pool = nullptr;
+  int index = 0;
+  std::thread thread;
+  std::condition_variable cv;
+  PyThreadState* tstate = nullptr;
+  unsigned long thread_id = 0;
+  ContextHandle* handle = nullptr;  // kept while the pool is open
+  // Guarded by the pool mutex:
+  std::deque<Job*> pinned;      // jobs for this context only (held, or nested)
+  std::vector<Job*> running;    // innermost last; more than one while nesting
+  bool held = false;
+  bool release_requested = false;
+  bool idle = false;
+  bool wake = false;
+  ErlNifPid holder{};
+  ErlNifMonitor holder_monitor{};
+  bool holder_monitored = false;
+  std::atomic<bool> interrupt_pending{false};
+  // Touched only by this context's thread, with the GIL:
+  py::PyRef held_ns;
+};
+
+struct PoolOptions {
+  int size = 1;
+  ConvertOptions convert;
+  int spin_us = 50;
+  ErlNifPid owner{};  // the pool server: Python's output goes there as log lines
+};
+
+class Pool : public std::enable_shared_from_this<Pool> {
+ public:
+  explicit Pool(PoolOptions o);
+  ~Pool();
+  void start();  // the context threads
+  void close();  // no more jobs; threads end after their current one
+
+  // From Erlang processes (no GIL).
+  bool submit(Job* job, int context);  // context -1: any; false when closed
+  // true: the job will not answer (it never will, now); false: it already answered.
+  bool cancel(Job* job);
+  void callback_reply(Job* job, ErlNifEnv* env, ERL_NIF_TERM reply);
+  void release(int context);  // checkin, or the holder died
+  void caller_down(Job* job);
+  ERL_NIF_TERM info(ErlNifEnv* env);
+
+  // From the service thread (interrupt_canceled with the GIL).
+  void interrupt_canceled();
+  bool has_interrupts();
+  void monitor_long_jobs(std::chrono::milliseconds after);
+
+  const PoolOptions& options() const noexcept { return o_; }
+  std::vector<std::unique_ptr<Context>>& contexts() noexcept { return ctxs_; }
+
+  // Python calling Erlang, from the context thread `c` with the GIL held.
+  py::PyRef erlang_callback(Context& c, const char* kind, PyObject* m, PyObject* f, PyObject* args);
+  void log(PyObject* stream, PyObject* text);
+
+ private:
+  friend struct ContextThread;
+  void serve(Context& c);
+  Job* next_job(Context& c, std::unique_lock<std::mutex>& lock);
+  void run_job(Context& c, Job* job);
+  void finish(Context& c, Job* job, ErlNifEnv* msg_env, ERL_NIF_TERM answer);
+  void do_release(Context& c);
+  void wake_one_locked();
+  bool cancel_locked(Job* job);
+
+  PoolOptions o_;
+  std::vector<std::unique_ptr<Context>> ctxs_;
+  std::mutex m_;
+  std::deque<Job*> queue_;
+  bool closing_ = false;
+  std::atomic<std::size_t> queued_{0};
+  std::atomic<bool> spinning_{false};
+  std::vector<Job*> to_interrupt_;  // canceled while running; guarded by m_
+};
+
+}  // namespace erpy::nif

@@ -1,0 +1,161 @@
+#include "runner.hpp"
+
+namespace erpy::py {
+
+namespace {
+
+PyRef make_atom(const Types& t, const char* text) {
+  PyRef s = PyRef::check(PyUnicode_FromString(text));
+  return PyRef::check(PyObject_CallOneArg(t.atom.get(), s.get()));
+}
+
+}  // namespace
+
+Runner::Runner(const Types& types, PyRef erlang_module) : erlang_module_(std::move(erlang_module)) {
+  builtins_ = PyRef::check(PyImport_ImportModule("builtins"));
+  name_ = PyRef::check(PyUnicode_FromString("__erpy__"));
+  code_cache_ = PyRef::check(PyDict_New());
+  PyRef tb = PyRef::check(PyImport_ImportModule("traceback"));
+  format_exception_ = PyRef::check(PyObject_GetAttrString(tb.get(), "format_exception"));
+  k_type_ = make_atom(types, "type");
+  k_message_ = make_atom(types, "message");
+  k_traceback_ = make_atom(types, "traceback");
+}
+
+PyRef Runner::fresh_namespace() {
+  PyRef ns = PyRef::check(PyDict_New());
+  if (PyDict_SetItemString(ns.get(), "__builtins__", builtins_.get()) != 0 ||
+      PyDict_SetItemString(ns.get(), "__name__", name_.get()) != 0 ||
+      PyDict_SetItemString(ns.get(), "erlang", erlang_module_.get()) != 0) {
+    throw PythonError();
+  }
+  return ns;
+}
+
+PyRef Runner::compiled(PyObject* source, int mode) {
+  if (!PyUnicode_Check(source)) {
+    PyErr_Format(PyExc_TypeError, "code must be text, not %s", Py_TYPE(source)->tp_name);
+    throw PythonError();
+  }
+  PyRef key = PyRef::check(Py_BuildValue("(Oi)", source, mode));
+  if (PyObject* hit = PyDict_GetItemWithError(code_cache_.get(), key.get())) return PyRef::borrow(hit);
+  if (PyErr_Occurred()) throw PythonError();
+  const char* text = PyUnicode_AsUTF8(source);
+  if (!text) throw PythonError();
+  PyRef code = PyRef::check(Py_CompileString(text, "<erpy>", mode));
+  if (PyDict_GET_SIZE(code_cache_.get()) >= kMaxCachedCode) PyDict_Clear(code_cache_.get());
+  if (PyDict_SetItem(code_cache_.get(), key.get(), code.get()) != 0) throw PythonError();
+  return code;
+}
+
+PyRef Runner::call(PyObject* m, PyObject* f, PyObject* args, PyObject* kwargs) {
+  if (!PyUnicode_Check(m) || !PyUnicode_Check(f)) {
+    PyErr_SetString(PyExc_TypeError, "module and function names must be text");
+    throw PythonError();
+  }
+  PyRef module = PyRef::steal(PyImport_GetModule(m));  // sys.modules first: no import machinery
+  if (!module) {
+    if (PyErr_Occurred()) throw PythonError();
+    module = PyRef::check(PyImport_Import(m));
+  }
+  return call_on(module.get(), f, args, kwargs);
+}
+
+PyRef Runner::call_on(PyObject* object, PyObject* f, PyObject* args, PyObject* kwargs) {
+  if (!PyUnicode_Check(f)) {
+    PyErr_SetString(PyExc_TypeError, "function names must be text");
+    throw PythonError();
+  }
+  // A dotted function name walks attributes: "Class.method", "sub.func".
+  PyRef target = PyRef::borrow(object);
+  Py_ssize_t start = 0;
+  const Py_ssize_t len = PyUnicode_GET_LENGTH(f);
+  while (start <= len) {
+    Py_ssize_t dot = PyUnicode_FindChar(f, '.', start, len, 1);
+    if (dot == -2) throw PythonError();
+    const Py_ssize_t end = dot < 0 ? len : dot;
+    PyRef part = PyRef::check(PyUnicode_Substring(f, start, end));
+    target = PyRef::check(PyObject_GetAttr(target.get(), part.get()));
+    if (dot < 0) break;
+    start = dot + 1;
+  }
+  if (!PyList_Check(args)) {
+    PyErr_SetString(PyExc_TypeError, "call arguments must be a list");
+    throw PythonError();
+  }
+  PyRef argt = PyRef::check(PyList_AsTuple(args));
+  PyObject* kw = (kwargs && PyDict_Check(kwargs) && PyDict_GET_SIZE(kwargs) > 0) ? kwargs : nullptr;
+  return PyRef::check(PyObject_Call(target.get(), argt.get(), kw));
+}
+
+PyRef Runner::eval(PyObject* source, PyObject* ns, PyObject* locals) {
+  PyRef code = compiled(source, Py_eval_input);
+  if (!PyDict_Check(locals)) {
+    PyErr_SetString(PyExc_TypeError, "eval locals must be a map");
+    throw PythonError();
+  }
+  return PyRef::check(PyEval_EvalCode(code.get(), ns, locals));
+}
+
+PyRef Runner::exec(PyObject* source, PyObject* ns) {
+  PyRef code = compiled(source, Py_file_input);
+  PyRef done = PyRef::check(PyEval_EvalCode(code.get(), ns, ns));
+  return PyRef::borrow(Py_None);
+}
+
+PyRef Runner::run(PyObject* source, PyObject* arguments, PyObject* ns) {
+  PyRef code = compiled(source, Py_file_input);
+  if (PyDict_SetItemString(ns, "arguments", arguments) != 0 ||
+      PyDict_SetItemString(ns, "result", Py_None) != 0) {
+    throw PythonError();
+  }
+  PyRef done = PyRef::check(PyEval_EvalCode(code.get(), ns, ns));
+  PyObject* result = PyDict_GetItemString(ns, "result");  // borrowed
+  return PyRef::borrow(result ? result : Py_None);
+}
+
+PyRef Runner::error(const char* type, std::string_view message) {
+  PyRef m = PyRef::check(PyDict_New());
+  PyRef t = PyRef::check(PyUnicode_FromString(type));
+  PyRef msg = PyRef::check(PyUnicode_DecodeUTF8(message.data(), static_cast<Py_ssize_t>(message.size()), "replace"));
+  PyRef tb = PyRef::check(PyList_New(0));
+  if (PyDict_SetItem(m.get(), k_type_.get(), t.get()) != 0 ||
+      PyDict_SetItem(m.get(), k_message_.get(), msg.get()) != 0 ||
+      PyDict_SetItem(m.get(), k_traceback_.get(), tb.get()) != 0) {
+    throw PythonError();
+  }
+  return m;
+}
+
+PyRef Runner::error_from_exception() {
+  PyObject *type = nullptr, *value = nullptr, *tb = nullptr;
+  PyErr_Fetch(&type, &value, &tb);
+  PyErr_NormalizeException(&type, &value, &tb);
+  PyRef t = PyRef::steal(type), v = PyRef::steal(value), trace = PyRef::steal(tb);
+  if (trace && v) PyException_SetTraceback(v.get(), trace.get());
+  if (!t) return error("SystemError", "an error without an exception");
+  PyRef m = PyRef::check(PyDict_New());
+  PyRef name = PyRef::steal(PyType_GetName(reinterpret_cast<PyTypeObject*>(t.get())));
+  PyRef msg = v ? PyRef::steal(PyObject_Str(v.get())) : PyRef::check(PyUnicode_FromString(""));
+  if (!msg) {
+    PyErr_Clear();
+    msg = PyRef::check(PyUnicode_FromString("<unprintable>"));
+  }
+  PyRef lines = v ? PyRef::steal(PyObject_CallOneArg(format_exception_.get(), v.get())) : PyRef();
+  if (!lines) {
+    PyErr_Clear();
+    lines = PyRef::check(PyList_New(0));
+  }
+  if (!name) {
+    PyErr_Clear();
+    name = PyRef::check(PyUnicode_FromString("Exception"));
+  }
+  if (PyDict_SetItem(m.get(), k_type_.get(), name.get()) != 0 ||
+      PyDict_SetItem(m.get(), k_message_.get(), msg.get()) != 0 ||
+      PyDict_SetItem(m.get(), k_traceback_.get(), lines.get()) != 0) {
+    throw PythonError();
+  }
+  return m;
+}
+
+}  // namespace erpy::py

@@ -1,0 +1,52 @@
+// What every mode does with a request once its arguments are Python objects: call a
+// function by dotted name, eval an expression, exec statements, run an erl_py_runner
+// snippet; and what it reports when Python raises: #{type, message, traceback}.
+// The port worker and the NIF both run requests through one Runner, so the two modes
+// cannot drift apart. Needs the GIL; throws PythonError with the exception left set.
+#pragma once
+#include <string>
+#include <string_view>
+
+#include "codec.hpp"
+#include "ref.hpp"
+
+namespace erpy::py {
+
+class Runner {
+ public:
+  // `erlang_module` is what snippets see as `erlang` (the module erpy.erlang).
+  Runner(const Types& types, PyRef erlang_module);
+
+  // A namespace for exec/eval/run: builtins, __name__ and `erlang`.
+  PyRef fresh_namespace();
+
+  // Module.Function(*Args, **Kwargs); Function may be dotted ("Class.method").
+  PyRef call(PyObject* module, PyObject* function, PyObject* args, PyObject* kwargs);
+  // The same with an object (a handle) in place of the module.
+  PyRef call_on(PyObject* target, PyObject* function, PyObject* args, PyObject* kwargs);
+  PyRef eval(PyObject* source, PyObject* ns, PyObject* locals);
+  // Always returns None.
+  PyRef exec(PyObject* source, PyObject* ns);
+  // erl_py_runner's contract: `arguments` in, `result` (default None) out.
+  PyRef run(PyObject* source, PyObject* arguments, PyObject* ns);
+
+  // The pending exception as #{type, message, traceback} (atom keys); clears it.
+  PyRef error_from_exception();
+  PyRef error(const char* type, std::string_view message);
+
+  const PyRef& erlang_module() const noexcept { return erlang_module_; }
+
+ private:
+  // Compiling costs more than running a short snippet, and callers repeat their snippets.
+  PyRef compiled(PyObject* source, int mode);
+  static constexpr Py_ssize_t kMaxCachedCode = 512;
+
+  PyRef erlang_module_;
+  PyRef builtins_;
+  PyRef name_;
+  PyRef code_cache_;
+  PyRef format_exception_;
+  PyRef k_type_, k_message_, k_traceback_;
+};
+
+}  // namespace erpy::py

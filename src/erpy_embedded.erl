@@ -1,0 +1,169 @@
+%% An embedded pool: Python inside this VM (c_src/nif), `size` contexts with their own
+%% namespaces, each served by a thread of its own. This server owns the pool (it closes
+%% with the server) and logs what Python prints; requests do not pass through it: the
+%% caller submits to the NIF and waits in its own process for the answer, running the
+%% callbacks Python makes into Erlang meanwhile, as in port mode.
+-module(erpy_embedded).
+-behaviour(gen_server).
+
+-export([start_link/2, request/4, request_context/3, checkout/2, checkin/1]).
+-export([init/1, handle_call/3, handle_cast/2, handle_info/2, terminate/2]).
+
+-define(KEY(Name), {erpy_pool, Name}).
+-define(NESTED, '$erpy_nested').
+
+%% API.
+
+-spec start_link(atom(), map()) -> {ok, pid()} | {error, term()}.
+start_link(Name, Opts) ->
+    gen_server:start_link(?MODULE, {Name, Opts}, []).
+
+%% A request to any free context of the pool (queued in order when all are busy), or,
+%% inside a callback of this pool's Python, to the context that waits for it.
+-spec request(map(), tuple(), timeout(), map()) -> {ok, term()} | {error, term()}.
+request(#{name := Name, pool := Pool} = Handle, Req, Timeout, Opts) ->
+    Target = case get(?NESTED) of
+                 [{Name, {erpy_context, Name, Ctx}} | _] -> Ctx;
+                 _ -> Pool
+             end,
+    submit_and_wait(Target, Handle, Req, Timeout, maps:get(handle, Opts, false) =:= true).
+
+-spec request_context({erpy_context, atom(), reference()}, tuple(), timeout()) ->
+    {ok, term()} | {error, term()}.
+request_context({erpy_context, Name, Ctx}, Req, Timeout) ->
+    case erpy_pool:lookup(Name) of
+        {ok, Handle} -> submit_and_wait(Ctx, Handle, Req, Timeout, false);
+        error -> {error, {no_pool, Name}}
+    end.
+
+-spec checkout(map(), timeout()) -> {ok, {erpy_context, atom(), reference()}} | {error, term()}.
+checkout(#{name := Name, pool := Pool} = Handle, Timeout) ->
+    case submit_and_wait(Pool, Handle, {hold}, Timeout, false) of
+        {ok, Ctx} -> {ok, {erpy_context, Name, Ctx}};
+        Error -> Error
+    end.
+
+-spec checkin({erpy_context, atom(), reference()}) -> ok.
+checkin({erpy_context, _Name, Ctx}) ->
+    erpy_nif:checkin(Ctx).
+
+%% gen_server.
+
+-spec init({atom(), map()}) -> {ok, map()} | {stop, term()}.
+init({Name, Opts}) ->
+    process_flag(trap_exit, true),
+    Python = unicode:characters_to_binary(maps:get(python, Opts)),
+    case erpy_nif:init(Python, unicode:characters_to_binary(erpy_config:python_dir())) of
+        ok ->
+            NifOpts = #{none => maps:get(none, Opts, undefined),
+                        binary => maps:get(binary, Opts, str),
+                        spin_us => maps:get(spin_us, Opts, 50)},
+            Pool = erpy_nif:pool_new(maps:get(size, Opts), self(), NifOpts),
+            Allowed = case maps:find(allowed, Opts) of
+                          {ok, A} -> erpy_allow:compile(A);
+                          error -> env
+                      end,
+            Handle = #{mode => embedded, name => Name, pid => self(), pool => Pool,
+                       size => maps:get(size, Opts), allowed => Allowed,
+                       max_message_size => maps:get(max_message_size, Opts)},
+            persistent_term:put(?KEY(Name), Handle),
+            {ok, #{name => Name, pool => Pool}};
+        {error, Why} ->
+            {stop, Why}
+    end.
+
+-spec handle_call(term(), gen_server:from(), map()) -> {reply, term(), map()}.
+handle_call(info, _From, #{pool := Pool} = St) ->
+    {reply, erpy_nif:pool_info(Pool), St};
+handle_call(_Msg, _From, St) ->
+    {reply, {error, unknown_call}, St}.
+
+-spec handle_cast(term(), map()) -> {noreply, map()}.
+handle_cast(_Msg, St) ->
+    {noreply, St}.
+
+-spec handle_info(term(), map()) -> {noreply, map()}.
+handle_info({erpy_log, Stream, Text}, #{name := Name} = St) ->
+    %% notice: shown by a default logger setup, as print() output is expected to be.
+    Level = case Stream of stderr -> warning; _ -> notice end,
+    logger:log(Level, "~ts", [Text], #{domain => [erpy, python], pool => Name, stream => Stream}),
+    {noreply, St};
+handle_info(_Msg, St) ->
+    {noreply, St}.
+
+-spec terminate(term(), map()) -> ok.
+terminate(_Why, #{name := Name, pool := Pool}) ->
+    persistent_term:erase(?KEY(Name)),
+    %% Running jobs are interrupted; their callers get {error, {no_pool, _}} or time out.
+    erpy_nif:pool_close(Pool).
+
+%% Internal.
+
+submit_and_wait(Target, #{name := Name} = Handle, Req, Timeout, WantHandle) ->
+    Ref = make_ref(),
+    case erpy_nif:submit(Target, Ref, Req, WantHandle) of
+        {ok, Job} -> wait(Ref, Job, Handle, deadline(Timeout));
+        {error, closed} -> {error, {no_pool, Name}}
+    end.
+
+wait(Ref, Job, Handle, Deadline) ->
+    receive
+        {Ref, {callback, Ctx, Kind, M, F, Args}} ->
+            erpy_nif:callback_reply(Job, callback(Handle, Ctx, Kind, M, F, Args)),
+            case remaining(Deadline) of
+                0 -> give_up(Ref, Job);
+                _ -> wait(Ref, Job, Handle, Deadline)
+            end;
+        {Ref, Answer} ->
+            Answer
+    after remaining(Deadline) ->
+        give_up(Ref, Job)
+    end.
+
+%% The deadline passed: the job is cancelled (and interrupted, if it runs), unless its
+%% answer came in the meantime, which then still counts.
+give_up(Ref, Job) ->
+    case erpy_nif:cancel(Job) of
+        canceled ->
+            flush(Ref),
+            {error, timeout};
+        sent ->
+            receive {Ref, {callback, _, _, _, _, _}} -> flush_answer(Ref);
+                    {Ref, Answer} -> Answer
+            end
+    end.
+
+flush_answer(Ref) ->
+    receive {Ref, {callback, _, _, _, _, _}} -> flush_answer(Ref);
+            {Ref, Answer} -> Answer
+    end.
+
+flush(Ref) ->
+    receive {Ref, _} -> flush(Ref)
+    after 0 -> ok
+    end.
+
+%% Python called erlang.call/apply: allow-listed here, then run in this process (so
+%% self() is the caller, and a nested erpy call goes back to the waiting context).
+callback(#{name := Name} = Handle, Ctx, _Kind, M, F, Args) when is_list(Args) ->
+    case erpy_allow:resolve(rules(Handle), M, F, length(Args)) of
+        {ok, Mod, Fun} ->
+            erpy_call:apply_callback(Name, {erpy_context, Name, Ctx}, {Mod, Fun, Args});
+        {error, NotAllowed} ->
+            {error, NotAllowed}
+    end;
+callback(_Handle, _Ctx, Kind, _M, _F, _Args) ->
+    {error, {badarg, Kind}}.
+
+rules(#{allowed := env}) ->
+    try erpy_allow:compile(application:get_env(erpy, allowed, []))
+    catch error:_ -> erpy_allow:compile([])       % a malformed env allows nothing
+    end;
+rules(#{allowed := Rules}) ->
+    Rules.
+
+deadline(infinity) -> infinity;
+deadline(Timeout) -> erlang:monotonic_time(millisecond) + Timeout.
+
+remaining(infinity) -> infinity;
+remaining(Deadline) -> max(0, Deadline - erlang:monotonic_time(millisecond)).

@@ -1,0 +1,53 @@
+%% The NIF library of embedded mode (c_src/nif). Loaded on first use; every function here
+%% is replaced by its C++ version, which never runs Python on the calling scheduler.
+-module(erpy_nif).
+
+-export([init/2, pool_new/3, pool_close/1, pool_info/1, submit/4, cancel/1,
+         callback_reply/2, checkin/1, python_info/0, is_handle/1]).
+
+-on_load(load/0).
+
+-nifs([init/2, pool_new/3, pool_close/1, pool_info/1, submit/4, cancel/1,
+       callback_reply/2, checkin/1, python_info/0, is_handle/1]).
+
+-type pool() :: reference().
+-type context() :: reference().
+-type job() :: reference().
+-export_type([pool/0, context/0, job/0]).
+
+load() ->
+    erlang:load_nif(filename:join(code:priv_dir(erpy), "erpy_nif"), 0).
+
+%% Starts the VM's Python (once; later calls check it is the same interpreter).
+-spec init(iodata(), iodata()) -> ok | {error, term()}.
+init(_Executable, _PythonDir) -> erlang:nif_error(not_loaded).
+
+-spec pool_new(pos_integer(), pid(), map()) -> pool() | {error, term()}.
+pool_new(_Size, _Owner, _Opts) -> erlang:nif_error(not_loaded).
+
+-spec pool_close(pool()) -> ok.
+pool_close(_Pool) -> erlang:nif_error(not_loaded).
+
+-spec pool_info(pool()) -> map().
+pool_info(_Pool) -> erlang:nif_error(not_loaded).
+
+%% Queues a request; the answer comes as {Ref, {ok, R} | {error, E}}, callbacks as
+%% {Ref, {callback, Context, Kind, M, F, Args}}.
+-spec submit(pool() | context(), reference(), tuple(), boolean()) -> {ok, job()} | {error, closed}.
+submit(_Target, _Ref, _Request, _WantHandle) -> erlang:nif_error(not_loaded).
+
+%% canceled: no answer will come; sent: the answer is in the caller's mailbox.
+-spec cancel(job()) -> canceled | sent.
+cancel(_Job) -> erlang:nif_error(not_loaded).
+
+-spec callback_reply(job(), {ok, term()} | {error, term()}) -> ok.
+callback_reply(_Job, _Reply) -> erlang:nif_error(not_loaded).
+
+-spec checkin(context()) -> ok.
+checkin(_Context) -> erlang:nif_error(not_loaded).
+
+-spec python_info() -> map().
+python_info() -> erlang:nif_error(not_loaded).
+
+-spec is_handle(term()) -> boolean().
+is_handle(_Term) -> erlang:nif_error(not_loaded).
