@@ -28,6 +28,7 @@ pool_opts(Opts) when is_map(Opts) ->
         check(is_integer(Size) andalso Size > 0, {badarg, size}),
         check(is_integer(maps:get(max_message_size, Full)), {badarg, max_message_size}),
         check(is_atom(maps:get(none, Full)), {badarg, none}),
+        ok = check_contexts(Full),
         %% A pool without its own `allowed` follows the application env, also when it
         %% changes later (erpy_port_worker reads it at each callback).
         _ = erpy_allow:compile(Env(allowed, [])),
@@ -64,6 +65,24 @@ built_python() ->
     end.
 
 %% Internal.
+
+%% Embedded contexts are threads sharing the interpreter (and, before 3.12, its GIL).
+%% Subinterpreters with a GIL each need Python 3.12+ (PEP 684); asked for where the
+%% interpreter cannot give them, the pool does not start.
+check_contexts(#{mode := embedded} = Opts) ->
+    case maps:get(contexts, Opts, threads) of
+        threads -> ok;
+        subinterpreters ->
+            #{version := V, own_gil_subinterpreters := Own} = erpy_nif:python_info(),
+            Why = case Own of
+                      false -> {needs_python, <<"3.12">>, V};
+                      true -> {not_implemented, V}
+                  end,
+            throw({bad, {unsupported, {contexts, subinterpreters, Why}}});
+        Other -> throw({bad, {badarg, {contexts, Other}}})
+    end;
+check_contexts(_Opts) ->
+    ok.
 
 check(true, _Why) -> ok;
 check(false, Why) -> throw({bad, Why}).

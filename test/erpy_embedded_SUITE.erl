@@ -1,0 +1,479 @@
+%% Embedded mode end to end (issue 5): CPython inside this VM through the NIF. The same
+%% API, errors and type mapping as port mode; timeouts that interrupt and leave the
+%% context usable; callbacks that nest; handles; checkout; schedulers that stay free while
+%% Python works; NIF reload; application restart.
+-module(erpy_embedded_SUITE).
+
+-include_lib("common_test/include/ct.hrl").
+-include_lib("stdlib/include/assert.hrl").
+
+-export([all/0, suite/0, init_per_suite/1, end_per_suite/1,
+         init_per_testcase/2, end_per_testcase/2]).
+-export([seed_examples/1, api_calls/1, same_mapping_as_port/1, errors/1,
+         timeout_interrupts/1, caller_dies/1, concurrent_mix/1, nested_callbacks/1,
+         allow_list/1, send_and_self/1, handles/1, handles_no_leak/1, checkout_state/1,
+         checkout_holder_dies/1, output_to_logger/1, schedulers_stay_free/1,
+         nif_reload/1, python_info/1, app_restart/1, queueing_in_order/1,
+         large_binaries/1]).
+%% Called from Python through the allow-list, and the logger handler.
+-export([nested/2, deeper/1, log/2]).
+
+-define(P, emb).
+%% What Python sees, as text: types and values, dicts in a sorted order (a map's
+%% iteration order is not part of the mapping).
+-define(CANON, <<"def c(v):\n"
+                 "    t = type(v)\n"
+                 "    if t is dict:\n"
+                 "        return '{' + ','.join(sorted(c(k) + ':' + c(w) for k, w in v.items())) + '}'\n"
+                 "    if t in (list, tuple):\n"
+                 "        return t.__name__ + '(' + ','.join(c(w) for w in v) + ')'\n"
+                 "    if t.__name__ == 'ImproperList':\n"
+                 "        return 'IL(' + c(v.elements) + '|' + c(v.tail) + ')'\n"
+                 "    return t.__name__ + ':' + repr(v)\n"
+                 "result = c(arguments)\n">>).
+
+all() ->
+    [seed_examples, api_calls, same_mapping_as_port, errors, timeout_interrupts,
+     caller_dies, concurrent_mix, nested_callbacks, allow_list, send_and_self, handles,
+     handles_no_leak, checkout_state, checkout_holder_dies, output_to_logger,
+     schedulers_stay_free, queueing_in_order, large_binaries, python_info, nif_reload,
+     app_restart].
+
+suite() ->
+    [{timetrap, {seconds, 90}}].
+
+init_per_suite(Config) ->
+    ok = application:load(erpy),
+    %% The port pool of same_mapping_as_port needs the interpreter file `make` writes.
+    Root = filename:dirname(code:priv_dir(erpy)),
+    File = filename:join([Root, "priv", "python.path"]),
+    case filelib:is_regular(File) of
+        true -> ok;
+        false -> ok = file:write_file(File, "/usr/bin/python3\n")
+    end,
+    {ok, _} = application:ensure_all_started(erpy),
+    Config.
+
+end_per_suite(_Config) ->
+    application:stop(erpy),
+    ok.
+
+init_per_testcase(_Case, Config) ->
+    {ok, _} = erpy:start_pool(?P, #{mode => embedded, size => 4,
+                                    allowed => [lists, {erlang, abs}, {?MODULE, nested, 2},
+                                                {?MODULE, deeper, 1}]}),
+    Config.
+
+end_per_testcase(_Case, _Config) ->
+    [erpy:stop_pool(P) || P <- [?P, emb_one, emb_port, emb_q]],
+    ok.
+
+opts() -> #{pool => ?P}.
+opts(More) -> maps:merge(opts(), More).
+
+%% ---- the seed's contract and the API -------------------------------------------------
+
+%% erl_py_runner's examples give the same shapes in embedded mode as in port mode.
+seed_examples(_Config) ->
+    ?assertEqual({ok, #{status => ok, result => 6}},
+                 erpy:run(#{code => <<"result = sum(arguments)">>, arguments => [1, 2, 3], pool => ?P})),
+    ?assertEqual({ok, #{status => ok, result => [1, 5, 9]}},
+                 erpy:run(#{code => <<"result = erlang.call('lists', 'sort', [9, 1, 5])">>, pool => ?P})),
+    {ok, #{status := error, error := #{type := <<"ZeroDivisionError">>, message := <<"division by zero">>,
+                                       traceback := [_ | _]}}} =
+        erpy:run(#{code => <<"result = 1 / 0">>, pool => ?P}),
+    ?assertEqual({error, timeout},
+                 erpy:run(#{code => <<"while True: pass">>, pool => ?P}, 100)),
+    ?assertEqual({ok, #{status => ok, result => undefined}}, erpy:run(#{code => <<"x = 1">>, pool => ?P})).
+
+%% call/eval/exec with kwargs, locals, dotted names; exec namespaces are fresh per call.
+api_calls(_Config) ->
+    ?assertEqual({ok, 3}, erpy:call(operator, add, [1, 2], opts())),
+    ?assertEqual({ok, <<"a/b">>}, erpy:call(<<"os.path">>, join, [<<"a">>, <<"b">>],
+                                             opts(#{kwargs => #{}}))),
+    ?assertEqual({ok, <<"1,2">>}, erpy:call(builtins, 'str.join', [<<",">>, [<<"1">>, <<"2">>]], opts())),
+    ?assertEqual({ok, [3, 2, 1]}, erpy:call(builtins, sorted, [[1, 3, 2]], opts(#{kwargs => #{reverse => true}}))),
+    ?assertEqual({ok, 42}, erpy:eval(<<"a * b">>, #{a => 6, b => 7}, opts())),
+    ?assertEqual(ok, erpy:exec(<<"y = 1">>, opts())),
+    {error, #{type := <<"NameError">>}} = erpy:eval(<<"y">>, #{}, opts()),
+    ?assertEqual({error, {badarg, module}}, erpy:call(42, f, [], opts())),
+    {error, #{type := <<"ModuleNotFoundError">>}} = erpy:call(no_such_module_xyz, f, [], opts()),
+    ?assertEqual({error, {no_pool, nope}}, erpy:call(operator, add, [1, 2], #{pool => nope})).
+
+%% Every kind of term comes back exact, and Python sees it as port mode's worker does.
+same_mapping_as_port(_Config) ->
+    {ok, _} = erpy:start_pool(emb_port, #{mode => port, size => 1}),
+    erpy_term_gen:seed(5),
+    Kinds = erpy_term_gen:kinds() -- [big_map],
+    Terms = [erpy_term_gen:term(K) || K <- Kinds, _ <- lists:seq(1, 40)],
+    wait_port_ready(emb_port),
+    lists:foreach(
+      fun(T) ->
+              ?assertEqual({ok, T}, erpy:eval(<<"x">>, #{x => T}, opts())),
+              Req = #{code => ?CANON, arguments => T},
+              ?assertEqual(erpy:run(Req#{pool => emb_port}), erpy:run(Req#{pool => ?P}))
+      end, Terms),
+    %% Big maps: same content (iteration order may differ).
+    [begin
+         M = erpy_term_gen:term(big_map),
+         ?assertEqual({ok, M}, erpy:eval(<<"x">>, #{x => M}, opts()))
+     end || _ <- lists:seq(1, 20)],
+    ?assertEqual({ok, {<<"abc">>, <<255, 0>>, 'héllo', 'ünïcødé_アトム'}},
+                 erpy:eval(<<"(x, y, z, w)">>, #{x => <<"abc">>, y => <<255, 0>>, z => 'héllo',
+                                                  w => 'ünïcødé_アトム'}, opts())),
+    ?assertEqual({ok, [<<"str">>, <<"bytes">>, <<"Atom">>, <<"Atom">>, <<"NoneType">>, <<"bool">>]},
+                 erpy:eval(<<"[type(v).__name__ for v in (x, y, z, w, n, b)]">>,
+                           #{x => <<"abc">>, y => <<255>>, z => 'héllo', w => 'ünïcødé_アトム',
+                             n => undefined, b => true}, opts())).
+
+%% Python exceptions, unencodable results and bad requests become error terms.
+errors(_Config) ->
+    {error, #{type := <<"ValueError">>, message := <<"boom">>, traceback := TB}} =
+        erpy:exec(<<"raise ValueError('boom')">>, opts()),
+    ?assert(lists:any(fun(L) -> binary:match(L, <<"ValueError: boom">>) =/= nomatch end, TB)),
+    {error, #{type := <<"EncodeError">>}} = erpy:eval(<<"object()">>, #{}, opts()),
+    {error, #{type := <<"EncodeError">>}} = erpy:eval(<<"float('nan')">>, #{}, opts()),
+    {error, #{type := <<"SyntaxError">>}} = erpy:eval(<<"1 +">>, #{}, opts()),
+    %% A map key Python cannot hash is refused clearly, not crashed on.
+    {error, #{type := <<"DecodeError">>}} = erpy:eval(<<"x">>, #{x => #{[1] => 2}}, opts()),
+    ?assertEqual({ok, 3}, erpy:call(operator, add, [1, 2], opts())).
+
+%% ---- timeouts and cancellation ---------------------------------------------------------
+
+%% A timeout interrupts running Python code (also code that catches Exception), answers {error, timeout} on time and leaves the context usable.
+timeout_interrupts(_Config) ->
+    {ok, _} = erpy:start_pool(emb_one, #{mode => embedded, size => 1}),
+    O = #{pool => emb_one, timeout => 150},
+    {T, R} = timer:tc(fun() -> erpy:exec(<<"while True: pass">>, O) end),
+    ?assertEqual({error, timeout}, R),
+    ?assert(T < 1000000, T),
+    ?assertEqual({error, timeout},
+                 erpy:exec(<<"try:\n    while True: pass\nexcept Exception:\n    pass\n">>, O)),
+    ?assertEqual({ok, 3}, erpy:call(operator, add, [1, 2], #{pool => emb_one, timeout => 2000})),
+    %% A request that waited in the queue past its deadline never runs.
+    Self = self(),
+    spawn_link(fun() -> Self ! {slow, erpy:eval(<<"__import__('time').sleep(0.3)">>, #{}, #{pool => emb_one})} end),
+    timer:sleep(50),
+    ?assertEqual({error, timeout}, erpy:exec(<<"import builtins; builtins.ran_late = True">>,
+                                             #{pool => emb_one, timeout => 50})),
+    receive {slow, S} -> ?assertEqual({ok, undefined}, S) end,
+    ?assertEqual({ok, false}, erpy:eval(<<"hasattr(__import__('builtins'), 'ran_late')">>, #{},
+                                        #{pool => emb_one})),
+    %% No late answer reaches the mailbox.
+    receive Late -> ct:fail({late_message, Late}) after 200 -> ok end.
+
+%% A caller that dies mid-call has its Python interrupted and the context freed.
+caller_dies(_Config) ->
+    {ok, _} = erpy:start_pool(emb_one, #{mode => embedded, size => 1}),
+    Pid = spawn(fun() -> erpy:exec(<<"while True: pass">>, #{pool => emb_one, timeout => infinity}) end),
+    timer:sleep(100),
+    exit(Pid, kill),
+    ?assertEqual({ok, 3}, erpy:call(operator, add, [1, 2], #{pool => emb_one, timeout => 3000})).
+
+%% 8 concurrent callers mix fast calls, slow calls, timeouts and exceptions: every answer is the right one and none is lost.
+concurrent_mix(_Config) ->
+    Self = self(),
+    N = 40,
+    Pids = [spawn_link(fun() -> Self ! {done, C, [mix(C, I) || I <- lists:seq(1, N)]} end)
+            || C <- lists:seq(1, 8)],
+    Results = [receive {done, C, Rs} -> {C, Rs} after 60000 -> ct:fail(lost) end
+               || C <- lists:seq(1, length(Pids))],
+    lists:foreach(
+      fun({C, Rs}) ->
+              lists:foreach(fun({I, R}) -> check_mix(C, I, R) end, lists:zip(lists:seq(1, N), Rs))
+      end, Results),
+    ?assertEqual({ok, 3}, erpy:call(operator, add, [1, 2], opts())).
+
+mix(C, I) ->
+    case I rem 4 of
+        0 -> erpy:call(operator, add, [C, I], opts());
+        1 -> erpy:eval(<<"__import__('time').sleep(0.02) or c * i">>, #{c => C, i => I}, opts());
+        2 when I rem 8 =:= 2 -> erpy:exec(<<"while True: pass">>, opts(#{timeout => 30}));
+        2 -> erpy:eval(<<"c / 0">>, #{c => C}, opts());
+        3 -> erpy:eval(<<"[c] * i">>, #{c => C, i => I}, opts(#{timeout => 10000}))
+    end.
+
+check_mix(C, I, R) ->
+    case I rem 4 of
+        0 -> ?assertEqual({ok, C + I}, R);
+        1 -> ?assertEqual({ok, C * I}, R);
+        2 when I rem 8 =:= 2 -> ?assertEqual({error, timeout}, R);
+        2 -> ?assertMatch({error, #{type := <<"ZeroDivisionError">>}}, R);
+        3 -> ?assertEqual({ok, lists:duplicate(I, C)}, R)
+    end.
+
+%% ---- callbacks ---------------------------------------------------------------------------
+
+%% Python -> Erlang -> Python nests on a pool of one context without deadlock, several levels deep.
+nested_callbacks(_Config) ->
+    {ok, _} = erpy:start_pool(emb_one, #{mode => embedded, size => 1,
+                                         allowed => [{?MODULE, nested, 2}, {?MODULE, deeper, 1}]}),
+    ?assertEqual({ok, 42}, erpy:eval(<<"erlang.apply('erpy_embedded_SUITE', 'nested', [emb_one, 21])">>,
+                                     #{emb_one => emb_one}, #{pool => emb_one})),
+    ?assertEqual({ok, 8}, erpy:eval(<<"erlang.call('erpy_embedded_SUITE', 'deeper', 3)">>, #{},
+                                    #{pool => emb_one})),
+    %% An Erlang exception in the callback is an ErlangError in Python.
+    {error, #{type := <<"ErlangError">>}} =
+        erpy:eval(<<"erlang.call('erpy_embedded_SUITE', 'deeper', 'x')">>, #{}, #{pool => emb_one}).
+
+nested(Pool, N) ->
+    {ok, V} = erpy:eval(<<"n * 2">>, #{n => N}, #{pool => Pool}),
+    V.
+
+%% deeper(N): Python calls deeper(N - 1) through Erlang until 0, doubling on the way back.
+deeper(0) -> 1;
+deeper(N) ->
+    {ok, V} = erpy:eval(<<"2 * erlang.call('erpy_embedded_SUITE', 'deeper', n - 1)">>, #{n => N},
+                        #{pool => emb_one}),
+    V.
+
+%% The allow-list is enforced in Erlang: anything not listed raises ErlangError with not_allowed.
+allow_list(_Config) ->
+    {ok, 1} = erpy:eval(<<"erlang.call('erlang', 'abs', -1)">>, #{}, opts()),
+    {error, #{type := <<"ErlangError">>, message := Msg}} =
+        erpy:eval(<<"erlang.call('os', 'cmd', 'ls')">>, #{}, opts()),
+    ?assertNotEqual(nomatch, binary:match(Msg, <<"not_allowed">>)),
+    {error, #{type := <<"ErlangError">>}} =
+        erpy:eval(<<"erlang.apply('no_such_module_at_all', 'f', [])">>, #{}, opts()),
+    %% Outside a request (a thread of the user's own) there is no caller: ErlangPortError.
+    Code = <<"import threading\n"
+             "out = []\n"
+             "def f():\n"
+             "    try:\n"
+             "        erlang.self()\n"
+             "    except Exception as e:\n"
+             "        out.append(type(e).__name__)\n"
+             "t = threading.Thread(target=f)\n"
+             "t.start()\n"
+             "t.join()\n"
+             "result = out[0]\n">>,
+    ?assertEqual({ok, #{status => ok, result => <<"ErlangPortError">>}},
+                 erpy:run(#{code => Code, pool => ?P})).
+
+%% erlang.send reaches pids and registered names; erlang.self() is the caller.
+send_and_self(_Config) ->
+    Me = self(),
+    ?assertEqual({ok, Me}, erpy:eval(<<"erlang.self()">>, #{}, opts())),
+    {ok, undefined} = erpy:eval(<<"erlang.send(p, ('hello', 1))">>, #{p => Me}, opts()),
+    receive {<<"hello">>, 1} -> ok after 2000 -> ct:fail(no_message) end,
+    true = register(erpy_emb_test_name, self()),
+    {ok, undefined} = erpy:eval(<<"erlang.send(__import__('erpy').Atom('erpy_emb_test_name'), 'hi')">>, #{},
+                                opts()),
+    receive <<"hi">> -> ok after 2000 -> ct:fail(no_message) end,
+    unregister(erpy_emb_test_name),
+    {error, #{type := <<"ErlangError">>}} =
+        erpy:eval(<<"erlang.send(__import__('erpy').Atom('nobody_has_this_name'), 1)">>, #{}, opts()).
+
+%% ---- handles -----------------------------------------------------------------------------
+
+%% A Python object returned as a handle can be called, passed back as an argument and read.
+handles(_Config) ->
+    {ok, H} = erpy:call(collections, 'Counter', [], opts(#{handle => true})),
+    ?assert(is_reference(H)),
+    ?assert(erpy_nif:is_handle(H)),
+    {ok, undefined} = erpy:call(H, update, [[<<"a">>, <<"b">>, <<"a">>]], opts()),
+    ?assertEqual({ok, 2}, erpy:call(H, '__getitem__', [<<"a">>], opts())),
+    ?assertEqual({ok, 2}, erpy:call(builtins, len, [H], opts())),
+    ?assertEqual({ok, [<<"a">>, 2]}, erpy:eval(<<"list(h.most_common(1)[0])">>, #{h => H}, opts())),
+    ?assertEqual({ok, <<"Counter">>}, erpy:eval(<<"type(h).__name__">>, #{h => H}, opts())),
+    {ok, Doc} = erpy:getattr(H, '__doc__', opts()),
+    ?assert(is_binary(Doc)),
+    %% A handle from one embedded pool works in another (one interpreter per VM).
+    {ok, _} = erpy:start_pool(emb_one, #{mode => embedded, size => 1}),
+    ?assertEqual({ok, 2}, erpy:call(builtins, len, [H], #{pool => emb_one})).
+
+%% 100k handles that Erlang drops are released in Python (no leak); the decref runs on a Python thread.
+handles_no_leak(_Config) ->
+    ok = erpy:exec(<<"import sys, types\n"
+                     "m = types.ModuleType('erpy_probe')\n"
+                     "class Probe:\n"
+                     "    live = 0\n"
+                     "    def __init__(self): Probe.live += 1\n"
+                     "    def __del__(self): Probe.live -= 1\n"
+                     "m.Probe = Probe\n"
+                     "sys.modules['erpy_probe'] = m\n">>, opts()),
+    Loop = fun L(0) -> ok;
+               L(K) -> {ok, _H} = erpy:call(erpy_probe, 'Probe', [], opts(#{handle => true})), L(K - 1)
+           end,
+    Pids = [spawn_monitor(fun() -> Loop(25000) end) || _ <- lists:seq(1, 4)],
+    [receive {'DOWN', M, process, _, normal} -> ok after 60000 -> ct:fail(slow) end || {_, M} <- Pids],
+    erlang:garbage_collect(),
+    ok = wait_until(fun() ->
+                            {ok, Live} = erpy:eval(<<"__import__('erpy_probe').Probe.live">>, #{}, opts()),
+                            Live < 100
+                    end, 10000),
+    {ok, Live} = erpy:eval(<<"__import__('erpy_probe').Probe.live">>, #{}, opts()),
+    ct:log("live Probe objects after 100k handles were dropped: ~p", [Live]).
+
+%% ---- contexts ----------------------------------------------------------------------------
+
+%% A checked-out context keeps its namespace across calls; checkin clears it.
+checkout_state(_Config) ->
+    {ok, W} = erpy:checkout(?P),
+    ok = erpy:exec(<<"counter = 41">>, #{worker => W}),
+    ok = erpy:exec(<<"counter += 1">>, #{worker => W}),
+    ?assertEqual({ok, 42}, erpy:eval(<<"counter">>, #{}, #{worker => W})),
+    ?assertEqual({ok, #{status => ok, result => 43}},
+                 erpy:run(#{code => <<"result = counter + 1">>, worker => W})),
+    ok = erpy:checkin(W),
+    Result = erpy:with_worker(?P, fun(W2) -> erpy:eval(<<"'counter' in globals()">>, #{}, #{worker => W2}) end),
+    ?assertEqual({ok, false}, Result),
+    %% All contexts held: a checkout waits, and times out cleanly.
+    Held = [begin {ok, X} = erpy:checkout(?P), X end || _ <- lists:seq(1, 4)],
+    ?assertEqual({error, timeout}, erpy:checkout(?P, 100)),
+    [erpy:checkin(X) || X <- Held],
+    {ok, W3} = erpy:checkout(?P, 2000),
+    erpy:checkin(W3).
+
+%% A context whose holder dies goes back to the pool with its namespace cleared.
+checkout_holder_dies(_Config) ->
+    {ok, _} = erpy:start_pool(emb_one, #{mode => embedded, size => 1}),
+    Self = self(),
+    Holder = spawn(fun() ->
+                           {ok, W} = erpy:checkout(emb_one),
+                           ok = erpy:exec(<<"secret = 1">>, #{worker => W}),
+                           Self ! held,
+                           receive stop -> ok end
+                   end),
+    receive held -> ok end,
+    ?assertEqual({error, timeout}, erpy:call(operator, add, [1, 2], #{pool => emb_one, timeout => 100})),
+    exit(Holder, kill),
+    ?assertEqual({ok, 3}, erpy:call(operator, add, [1, 2], #{pool => emb_one, timeout => 2000})),
+    {ok, W} = erpy:checkout(emb_one, 2000),
+    ?assertEqual({ok, false}, erpy:eval(<<"'secret' in globals()">>, #{}, #{worker => W})),
+    erpy:checkin(W).
+
+%% Requests wait in order when every context is busy.
+queueing_in_order(_Config) ->
+    {ok, _} = erpy:start_pool(emb_q, #{mode => embedded, size => 1}),
+    ok = erpy:exec(<<"import builtins; builtins.erpy_order = []">>, #{pool => emb_q}),
+    Self = self(),
+    spawn_link(fun() -> Self ! {first, erpy:exec(<<"__import__('time').sleep(0.2)">>, #{pool => emb_q})} end),
+    timer:sleep(50),
+    [begin
+         spawn_link(fun() -> Self ! {n, I, erpy:eval(<<"erpy_order.append(i)">>, #{i => I}, #{pool => emb_q})} end),
+         timer:sleep(5)
+     end || I <- lists:seq(1, 5)],
+    [receive {n, I, {ok, undefined}} -> ok after 5000 -> ct:fail({lost, I}) end || I <- lists:seq(1, 5)],
+    receive {first, ok} -> ok end,
+    ?assertEqual({ok, [1, 2, 3, 4, 5]}, erpy:eval(<<"erpy_order">>, #{}, #{pool => emb_q})).
+
+%% A 1 MiB binary crosses both ways intact; bytes results are lent to Erlang, not copied.
+large_binaries(_Config) ->
+    Bin = crypto:strong_rand_bytes(1 bsl 20),
+    ?assertEqual({ok, Bin}, erpy:eval(<<"x">>, #{x => Bin}, opts())),
+    {ok, Big} = erpy:eval(<<"b'\\x01' * (1 << 22)">>, #{}, opts()),
+    ?assertEqual(1 bsl 22, byte_size(Big)),
+    ?assertEqual(binary:copy(<<1>>, 1 bsl 22), Big),
+    Text = unicode:characters_to_binary(lists:duplicate(100000, $é)),
+    ?assertEqual({ok, Text}, erpy:eval(<<"x">>, #{x => Text}, opts())).
+
+%% ---- output ------------------------------------------------------------------------------
+
+%% print() and stderr reach the Erlang logger with the pool's name, not the VM's stdout.
+output_to_logger(_Config) ->
+    ok = logger:add_handler(erpy_emb_log, ?MODULE, #{config => #{pid => self()}}),
+    try
+        {ok, undefined} = erpy:eval(<<"print('hello from python')">>, #{}, opts()),
+        ok = erpy:exec(<<"import sys\nsys.stderr.write('oops\\n')">>, opts()),
+        receive {log, notice, <<"hello from python">>, #{pool := ?P, stream := stdout}} -> ok
+        after 2000 -> ct:fail(no_stdout_log) end,
+        receive {log, warning, <<"oops">>, #{pool := ?P, stream := stderr}} -> ok
+        after 2000 -> ct:fail(no_stderr_log) end
+    after
+        logger:remove_handler(erpy_emb_log)
+    end.
+
+log(#{level := Level, msg := {Fmt, Args}, meta := #{domain := [erpy, python]} = Meta},
+    #{config := #{pid := Pid}}) ->
+    Pid ! {log, Level, iolist_to_binary(io_lib:format(Fmt, Args)), Meta};
+log(_Event, _Config) ->
+    ok.
+
+%% ---- schedulers, lifecycle -----------------------------------------------------------------
+
+%% While Python spins and sleeps on every context, an Erlang ping-pong keeps its latency (measured).
+schedulers_stay_free(_Config) ->
+    Base = pingpong_latency(300),
+    Self = self(),
+    Busy = [spawn_link(fun() ->
+                               Self ! {busy, erpy:exec(<<"import time\nend = time.time() + 1.0\n"
+                                                         "while time.time() < end: pass\n">>,
+                                                       opts(#{timeout => 10000}))}
+                       end) || _ <- lists:seq(1, 3)],
+    Sleeper = spawn_link(fun() -> Self ! {busy, erpy:exec(<<"__import__('time').sleep(1.0)">>, opts())} end),
+    timer:sleep(100),
+    Loaded = pingpong_latency(300),
+    [receive {busy, ok} -> ok after 15000 -> ct:fail(busy_lost) end || _ <- [Sleeper | Busy]],
+    ct:log("Erlang ping-pong latency, median/p99 us: idle ~p, while Python runs ~p", [Base, Loaded]),
+    {BaseMed, _} = Base,
+    {LoadMed, LoadP99} = Loaded,
+    %% A scheduler blocked by Python would show as milliseconds here.
+    ?assert(LoadMed < max(10 * BaseMed, 500), {Base, Loaded}),
+    ?assert(LoadP99 < 20000, {Base, Loaded}).
+
+pingpong_latency(N) ->
+    Echo = spawn_link(fun Loop() -> receive {P, T} -> P ! {pong, T}, Loop(); stop -> ok end end),
+    Ts = [begin
+              timer:sleep(1),
+              T0 = erlang:monotonic_time(microsecond),
+              Echo ! {self(), T0},
+              receive {pong, T0} -> ok end,
+              erlang:monotonic_time(microsecond) - T0
+          end || _ <- lists:seq(1, N)],
+    Echo ! stop,
+    Sorted = lists:sort(Ts),
+    {lists:nth(N div 2, Sorted), lists:nth(N * 99 div 100, Sorted)}.
+
+%% What the interpreter offers is detected and reported: 3.11 shares one GIL, no own-GIL subinterpreters.
+python_info(_Config) ->
+    Info = erpy_nif:python_info(),
+    ct:log("~p", [Info]),
+    #{version := V, gil := Gil, own_gil_subinterpreters := Sub, initialized := true} = Info,
+    [Major, Minor | _] = [binary_to_integer(X) || X <- binary:split(V, <<".">>, [global])],
+    ?assertEqual(Sub, {Major, Minor} >= {3, 12}),
+    ?assert(lists:member(Gil, [shared, free_threaded])),
+    %% Asking for subinterpreters where the Python cannot give them is a clear error.
+    case Sub of
+        false ->
+            ?assertMatch({error, {unsupported, _}},
+                         erpy:start_pool(emb_one, #{mode => embedded, contexts => subinterpreters}));
+        true ->
+            ok
+    end.
+
+%% Loading the NIF module again (upgrade), purging and reloading keep Python and running pools usable.
+nif_reload(_Config) ->
+    {ok, 3} = erpy:call(operator, add, [1, 2], opts()),
+    {module, erpy_nif} = code:load_file(erpy_nif),      % upgrade: old and new code
+    {ok, 3} = erpy:call(operator, add, [1, 2], opts()),
+    true = code:soft_purge(erpy_nif),
+    {module, erpy_nif} = code:load_file(erpy_nif),
+    true = code:soft_purge(erpy_nif),
+    {ok, 5} = erpy:call(operator, add, [2, 3], opts()),
+    {ok, _} = erpy:start_pool(emb_one, #{mode => embedded, size => 1}),
+    {ok, 7} = erpy:call(operator, add, [3, 4], #{pool => emb_one}).
+
+%% Stopping the application closes every embedded pool; starting it again reuses the interpreter.
+app_restart(_Config) ->
+    {ok, _} = erpy:eval(<<"__import__('builtins').__dict__.setdefault('erpy_mark', 7)">>, #{}, opts()),
+    ok = application:stop(erpy),
+    {ok, _} = application:ensure_all_started(erpy),
+    {ok, _} = erpy:start_pool(emb_one, #{mode => embedded, size => 2}),
+    ?assertEqual({ok, 7}, erpy:eval(<<"__import__('builtins').erpy_mark">>, #{}, #{pool => emb_one})).
+
+%% ---- helpers -----------------------------------------------------------------------------
+
+wait_port_ready(Name) ->
+    ok = wait_until(fun() ->
+                            #{ready := R, size := S} = erpy_pool:info(Name),
+                            R =:= S
+                    end, 10000).
+
+wait_until(Fun, Timeout) when Timeout =< 0 ->
+    case Fun() of true -> ok; false -> timeout end;
+wait_until(Fun, Timeout) ->
+    case Fun() of
+        true -> ok;
+        false -> timer:sleep(50), wait_until(Fun, Timeout - 50)
+    end.
