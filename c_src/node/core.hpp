@@ -1,0 +1,253 @@
+// The node: connections to other nodes, local processes (mailboxes), monitors and links,
+// and the execution of spawn requests (erpc/rpc calls) in Python.
+//
+// Threads: one acceptor; one reader per connection (it also runs the spawn requests it
+// reads, inline: no thread hand-off on the latency path); a watchdog that gives a
+// connection a new reader when its reader has been inside Python for too long, so a slow
+// handler never stalls the node; a ticker (ticks, silent peers). Python threads call in
+// through module.cpp.
+//
+// Locks: Core::mu_ (tables), Process::mu (one mailbox), Connection::wmu (writes). The GIL
+// is never taken while one of them is held, and the GIL is released before a thread
+// waits on a socket write or a mailbox.
+#pragma once
+#include <atomic>
+#include <chrono>
+#include <condition_variable>
+#include <cstdint>
+#include <deque>
+#include <memory>
+#include <mutex>
+#include <string>
+#include <thread>
+#include <unordered_map>
+#include <vector>
+
+#include "etf/term.hpp"
+#include "py/buffer.hpp"
+#include "py/codec.hpp"
+#include "py/ref.hpp"
+#include "wire.hpp"
+
+struct iovec;
+
+namespace erpy::node {
+
+using Bytes = std::vector<std::uint8_t>;
+
+// An etf Sink appending to Bytes (etf::GrowSink's range insert trips GCC 12's
+// -Warray-bounds on constant-size writes).
+struct BytesSink {
+  Bytes& out;
+  void byte(std::uint8_t b) { out.push_back(b); }
+  void write(const void* src, std::size_t n) {
+    const auto* s = static_cast<const std::uint8_t*>(src);
+    for (std::size_t i = 0; i < n; ++i) out.push_back(s[i]);
+  }
+};
+
+// Control message operations (erts/doc "Distribution Protocol").
+enum Op : int {
+  kLink = 1, kSend = 2, kExit = 3, kUnlink = 4, kRegSend = 6, kGroupLeader = 7, kExit2 = 8,
+  kSendTT = 12, kExitTT = 13, kRegSendTT = 16, kExit2TT = 18, kMonitorP = 19,
+  kDemonitorP = 20, kMonitorPExit = 21, kSendSender = 22, kSendSenderTT = 23,
+  kPayloadExit = 24, kPayloadExitTT = 25, kPayloadExit2 = 26, kPayloadExit2TT = 27,
+  kPayloadMonitorPExit = 28, kSpawnRequest = 29, kSpawnRequestTT = 30, kSpawnReply = 31,
+  kSpawnReplyTT = 32, kAliasSend = 33, kAliasSendTT = 34, kUnlinkId = 35, kUnlinkIdAck = 36,
+};
+
+// Pids, references and reasons are kept in their canonical encoding (no version byte):
+// compared byte for byte and written back as they are.
+struct Watch {
+  std::string node;  // the other process's node
+  // Incoming monitor: the watcher's pid. Outgoing: what we monitor as we named it in
+  // MONITOR_P (a pid or a registered name), for DEMONITOR_P.
+  Bytes watcher;
+  Bytes ref;     // monitor reference
+  // Incoming: what it monitors as it named it (our pid or our registered name), the
+  // sender of MONITOR_P_EXIT. Outgoing: the object of our 'DOWN' message.
+  Bytes target;
+};
+
+struct Process {
+  std::uint32_t id = 0;
+  Bytes pid;  // encoded
+  std::string name;  // registered name, or empty
+  bool sink = false;  // a system process whose messages are dropped
+
+  std::mutex mu;
+  std::condition_variable cv;
+  std::deque<Bytes> queue;  // each message with its version byte
+  bool closed = false;
+  std::vector<Watch> monitors;      // remote processes monitoring this one
+  std::vector<Watch> out_monitors;  // monitors this process holds (node, ref, target)
+  std::vector<std::pair<std::string, Bytes>> links;  // (node, remote pid)
+};
+
+class Core;
+
+struct Connection {
+  Fd fd;
+  Peer peer;
+  std::mutex wmu;
+  std::atomic<bool> up{true};
+  std::atomic<std::int64_t> last_read{0}, last_write{0};
+
+  // Reader role: only the thread holding the current token reads.
+  std::atomic<std::uint64_t> reader_token{0};
+  std::atomic<std::int64_t> busy_since{0};  // ns, 0 when no Python job runs
+  Bytes rbuf;
+  std::size_t rpos = 0, rend = 0;
+  struct Partial {
+    Bytes data;
+    std::vector<std::string> cache;
+  };
+  std::unordered_map<std::uint64_t, Partial> fragments;  // by sequence id
+  std::vector<std::string> atom_cache = std::vector<std::string>(2048);
+
+  void send(const std::uint8_t* data, std::size_t n);
+  void sendv(struct iovec* iov, int n);
+  void shutdown() noexcept;
+};
+
+struct Options {
+  std::string name;  // name@host
+  std::string cookie;
+  std::string listen_host = "127.0.0.1";
+  int port = 0;
+  bool hidden = true;
+  int ticktime = 60;
+  int slow_ms = 5;  // a reader inside Python longer than this is replaced
+};
+
+// One frame under construction: [len:32][131 68 0][control][payload]. With
+// DFLAG_FRAGMENTS negotiated OTP expects a distribution header on every message (not the
+// pass-through 'p' form); ours has no atom cache references, and the terms after a
+// distribution header carry no version byte.
+inline constexpr bool kPayloadMagic = false;
+class Frame {
+ public:
+  explicit Frame(py::ByteBuffer& b) : b_(b), start_(b.size()) {
+    static const std::uint8_t head[7] = {0, 0, 0, 0, 131, 68, 0};
+    b_.write(head, sizeof head);
+  }
+  py::ByteBuffer& buf() { return b_; }
+  void payload() {
+    if (kPayloadMagic) b_.byte(131);
+  }
+  // Patches the length; `extra` counts bytes sent after this buffer (an iovec tail).
+  void end(std::size_t extra = 0) {
+    const std::size_t n = b_.size() - start_ - 4 + extra;
+    std::uint8_t* p = b_.data() + start_;
+    p[0] = static_cast<std::uint8_t>(n >> 24);
+    p[1] = static_cast<std::uint8_t>(n >> 16);
+    p[2] = static_cast<std::uint8_t>(n >> 8);
+    p[3] = static_cast<std::uint8_t>(n);
+  }
+
+ private:
+  py::ByteBuffer& b_;
+  std::size_t start_;
+};
+
+class Core : public std::enable_shared_from_this<Core> {
+ public:
+  Core(Options o, py::Codec& codec, PyObject* resolver, PyObject* error_formatter);
+  ~Core();
+
+  // Listens, registers at EPMD, starts the threads. Without the GIL.
+  void start();
+  // Closes everything and joins the threads. Without the GIL.
+  void stop();
+
+  const std::string& name() const { return self_.name; }
+  std::uint32_t creation() const { return self_.creation; }
+  int port() const { return port_; }
+  py::Codec& codec() { return codec_; }
+
+  std::shared_ptr<Process> new_process();
+  std::shared_ptr<Process> system_process() { return system_; }
+  bool register_name(const std::string& name, const std::shared_ptr<Process>& p);
+  void unregister_name(const std::string& name);
+  std::shared_ptr<Process> whereis(const std::string& name);
+  std::shared_ptr<Process> find(std::uint32_t id);
+  // Ends a process: DOWN to its monitors, EXIT to its links. `reason` encoded, no version.
+  void exit_process(const std::shared_ptr<Process>& p, const Bytes& reason);
+
+  Bytes make_ref();
+  Bytes encode_pid(std::uint32_t id) const;
+  bool is_local(std::string_view node) const { return node == self_.name; }
+
+  // The connection to `node`, connecting if needed (blocks: call without the GIL).
+  std::shared_ptr<Connection> connection(const std::string& node);
+  std::shared_ptr<Connection> existing(const std::string& node);
+  std::vector<std::string> nodes();
+
+  // Puts a message (version byte included) into a local process's mailbox.
+  void deliver(const std::shared_ptr<Process>& p, Bytes msg);
+  void record_out_monitor(const std::shared_ptr<Process>& p, Watch w);
+  void drop_out_monitor(const std::shared_ptr<Process>& p, const Bytes& ref);
+  void add_link(const std::shared_ptr<Process>& p, const std::string& node, const Bytes& pid);
+  void remove_link(const std::shared_ptr<Process>& p, const Bytes& pid);
+
+  // Forgets cached handler lookups (after the allow-list changed). With the GIL.
+  void clear_cache() { fn_cache_.clear(); }
+
+  // Counters for tests and benchmarks.
+  std::atomic<std::uint64_t> calls{0}, messages{0}, handovers{0};
+
+ private:
+  void acceptor();
+  void ticker();
+  void watchdog();
+  void start_reader(const std::shared_ptr<Connection>& c);
+  void reader(std::shared_ptr<Connection> c, std::uint64_t token);
+  void add_connection(const std::shared_ptr<Connection>& c);
+  void connection_down(const std::shared_ptr<Connection>& c);
+  bool next_frame(Connection& c, std::uint8_t*& data, std::size_t& len);
+  void handle_frame(const std::shared_ptr<Connection>& c, std::uint8_t* data, std::size_t len,
+                    std::uint64_t token);
+  void handle_message(const std::shared_ptr<Connection>& c, etf::Bytes msg,
+                      std::span<const std::string> cache, std::uint64_t token);
+  void handle_spawn(const std::shared_ptr<Connection>& c, const etf::Tuple& ctl,
+                    etf::Bytes payload, std::uint64_t token);
+  void handle_net_kernel(const std::shared_ptr<Connection>& c, const Bytes& from, etf::Bytes payload);
+  void send_exit_signal(const std::string& node, int op, const Bytes& from, const Bytes& to,
+                        const Bytes* ref, const Bytes& reason);
+  void wake_watchdog();
+
+  struct Job;
+  void run_job(Connection& c, Job& job);
+  PyObject* resolve(const std::string& module, const std::string& function);  // borrowed
+
+  Options opt_;
+  Self self_;
+  py::Codec& codec_;
+  py::PyRef resolver_, error_formatter_;
+  std::unordered_map<std::string, py::PyRef> fn_cache_;  // guarded by the GIL
+
+  Fd listen_fd_, epmd_fd_;
+  int port_ = 0;
+  std::mutex mu_;
+  std::unordered_map<std::string, std::shared_ptr<Connection>> conns_;
+  std::unordered_map<std::uint32_t, std::shared_ptr<Process>> procs_;
+  std::unordered_map<std::string, std::shared_ptr<Process>> names_;
+  std::shared_ptr<Process> system_;
+  std::mutex connect_mu_;
+  std::atomic<std::uint32_t> next_pid_{1};
+  std::atomic<std::uint64_t> next_ref_{1};
+  std::uint32_t ref_salt_ = 0;
+
+  std::atomic<bool> stopping_{false};
+  std::mutex threads_mu_;
+  std::vector<std::thread> threads_;
+  std::thread acceptor_, ticker_, watchdog_;
+  std::mutex wd_mu_;
+  std::condition_variable wd_cv_;
+  std::atomic<bool> wd_idle_{true};
+  std::condition_variable tick_cv_;
+};
+
+std::int64_t now_ns();
+
+}  // namespace erpy::node

@@ -1,0 +1,848 @@
+// The extension module erpy._node: the Python face of the C++ distribution core.
+//
+//   Node(name, cookie, *, resolver, error_formatter, host='127.0.0.1', port=0,
+//        hidden=True, ticktime=60, slow_ms=5)
+//     .start() .stop() .mailbox() .send(dest, msg) .connect(node) .nodes() .make_ref()
+//     .whereis(name) .unregister(name) .clear_cache() .stats()  .name .creation .port
+//   Mailbox (a local process): .pid .receive(timeout=None) .receive_many(max, timeout)
+//     .send(dest, msg) .monitor(target) .demonitor(ref) .link(pid) .unlink(pid)
+//     .spawn_request(node, module, function, args, monitor=True, link=False)
+//     .register(name) .close(reason='normal') .closed
+//
+// Every call that may wait (socket writes, connecting, an empty mailbox) releases the GIL.
+#include <chrono>
+#include <string>
+
+#include "core.hpp"
+#include "etf/decode.hpp"
+
+namespace erpy::node {
+namespace {
+
+using py::GilRelease;
+using py::PyRef;
+using py::PythonError;
+
+py::Codec* g_codec = nullptr;
+
+Bytes build_atom(std::string_view a) {
+  Bytes out;
+  BytesSink s{out};
+  etf::put_atom(s, a);
+  return out;
+}
+
+struct NodeObject {
+  PyObject_HEAD
+  std::shared_ptr<Core> core;
+};
+
+struct MailboxObject {
+  PyObject_HEAD
+  std::shared_ptr<Core> core;
+  std::shared_ptr<Process> proc;
+  PyObject* pid;  // owned
+};
+
+extern PyTypeObject NodeType;
+extern PyTypeObject MailboxType;
+
+// Raises the Python exception for the C++ exception being handled.
+void raise_current() {
+  try {
+    throw;
+  } catch (const PythonError&) {
+  } catch (const WireError& e) {
+    PyErr_SetString(PyExc_ConnectionError, e.what());
+  } catch (...) {
+    py::set_python_error(g_codec->types());
+  }
+}
+
+PyRef decode_bare(const Bytes& term) {
+  Bytes b;
+  b.reserve(term.size() + 1);
+  b.push_back(131);
+  b.insert(b.end(), term.begin(), term.end());
+  return g_codec->decode(b, py::DecodeOptions{});
+}
+
+Bytes encode_bare(PyObject* o) {
+  py::ByteBuffer b;
+  g_codec->encode_append(b, o, py::EncodeOptions{});
+  return Bytes(b.data(), b.data() + b.size());
+}
+
+std::string str_attr(PyObject* o, const char* name) {
+  PyRef a = PyRef::check(PyObject_GetAttrString(o, name));
+  Py_ssize_t n;
+  const char* s = PyUnicode_AsUTF8AndSize(a.get(), &n);
+  if (!s) throw PythonError();
+  return std::string(s, static_cast<std::size_t>(n));
+}
+
+std::string as_string(PyObject* o, const char* what) {
+  if (!PyUnicode_Check(o)) {
+    PyErr_Format(PyExc_TypeError, "%s must be a str, not %s", what, Py_TYPE(o)->tp_name);
+    throw PythonError();
+  }
+  Py_ssize_t n;
+  const char* s = PyUnicode_AsUTF8AndSize(o, &n);
+  if (!s) throw PythonError();
+  return std::string(s, static_cast<std::size_t>(n));
+}
+
+bool is_type(PyObject* o, const PyRef& t) {
+  return PyObject_TypeCheck(o, reinterpret_cast<PyTypeObject*>(t.get()));
+}
+
+// Writes a frame to `node` without the GIL (connecting if needed).
+void send_frame(Core& core, const std::string& node, const py::ByteBuffer& b) {
+  std::string error;
+  {
+    GilRelease nogil;
+    try {
+      core.connection(node)->send(b.data(), b.size());
+    } catch (const std::exception& e) {
+      error = e.what();
+    }
+  }
+  if (!error.empty()) {
+    PyErr_SetString(PyExc_ConnectionError, error.c_str());
+    throw PythonError();
+  }
+}
+
+void send_to(Core& core, Process& from, PyObject* dest, PyObject* msg) {
+  const py::Types& t = g_codec->types();
+  py::EncodeOptions eo;
+  py::ByteBuffer b;
+  std::shared_ptr<Process> target;
+  std::string node;
+  auto remote = [&](int op, auto&& write_to) {
+    Frame f(b);
+    etf::put_tuple_header(b, op == kRegSend ? 4 : 3);
+    etf::put_integer(b, op);
+    etf::put_raw(b, from.pid);
+    write_to();
+    f.payload();
+    g_codec->encode_append(b, msg, eo);
+    f.end();
+  };
+  if (is_type(dest, t.pid)) {
+    node = str_attr(dest, "node");
+    if (core.is_local(node)) {
+      PyRef id = PyRef::check(PyObject_GetAttrString(dest, "id"));
+      target = core.find(static_cast<std::uint32_t>(PyLong_AsUnsignedLong(id.get())));
+      if (!target) return;
+    } else {
+      remote(kSendSender, [&] { g_codec->encode_append(b, dest, eo); });
+    }
+  } else if (is_type(dest, t.ref)) {
+    node = str_attr(dest, "node");
+    if (core.is_local(node)) return;
+    remote(kAliasSend, [&] { g_codec->encode_append(b, dest, eo); });
+  } else if (PyTuple_Check(dest) && PyTuple_GET_SIZE(dest) == 2) {
+    const std::string name = as_string(PyTuple_GET_ITEM(dest, 0), "registered name");
+    node = as_string(PyTuple_GET_ITEM(dest, 1), "node");
+    if (core.is_local(node)) {
+      target = core.whereis(name);
+      if (!target) return;
+    } else {
+      remote(kRegSend, [&] {
+        etf::put_atom(b, "");
+        etf::put_atom(b, name);
+      });
+    }
+  } else if (PyUnicode_Check(dest)) {
+    target = core.whereis(as_string(dest, "registered name"));
+    if (!target) return;
+  } else {
+    PyErr_Format(PyExc_TypeError, "send: expected a Pid, a Ref (alias), a registered name or "
+                 "(name, node), got %s", Py_TYPE(dest)->tp_name);
+    throw PythonError();
+  }
+  if (target) {
+    b.byte(131);
+    g_codec->encode_append(b, msg, eo);
+    core.deliver(target, Bytes(b.data(), b.data() + b.size()));
+    return;
+  }
+  send_frame(core, node, b);
+}
+
+// --- Mailbox ------------------------------------------------------------------------------
+
+PyObject* new_mailbox(const std::shared_ptr<Core>& core, std::shared_ptr<Process> proc) {
+  PyRef pid = decode_bare(proc->pid);
+  auto* m = PyObject_New(MailboxObject, &MailboxType);
+  if (!m) return nullptr;
+  new (&m->core) std::shared_ptr<Core>(core);
+  new (&m->proc) std::shared_ptr<Process>(std::move(proc));
+  m->pid = pid.release();
+  return reinterpret_cast<PyObject*>(m);
+}
+
+void mailbox_dealloc(PyObject* self) {
+  auto* m = reinterpret_cast<MailboxObject*>(self);
+  if (m->proc && !m->proc->closed) {
+    static const Bytes normal = {etf::kSmallAtomUtf8, 6, 'n', 'o', 'r', 'm', 'a', 'l'};
+    GilRelease nogil;
+    m->core->exit_process(m->proc, normal);
+  }
+  Py_XDECREF(m->pid);
+  m->proc.~shared_ptr<Process>();
+  m->core.~shared_ptr<Core>();
+  PyObject_Free(self);
+}
+
+MailboxObject* mb(PyObject* self) { return reinterpret_cast<MailboxObject*>(self); }
+
+// Waits (without the GIL) until the mailbox has a message, is closed, or the deadline
+// passes; wakes every 100 ms to let Python handle signals (Ctrl-C).
+// Returns false on timeout; throws PythonError for a signal.
+bool wait_for_message(Process& p, double timeout) {
+  using clock = std::chrono::steady_clock;
+  const bool forever = timeout < 0;
+  const auto deadline = clock::now() + std::chrono::duration_cast<clock::duration>(
+                                           std::chrono::duration<double>(forever ? 0 : timeout));
+  for (;;) {
+    bool ready;
+    {
+      GilRelease nogil;
+      std::unique_lock lk(p.mu);
+      auto until = clock::now() + std::chrono::milliseconds(100);
+      if (!forever && deadline < until) until = deadline;
+      ready = p.cv.wait_until(lk, until, [&] { return !p.queue.empty() || p.closed; });
+    }
+    if (ready) return true;
+    if (PyErr_CheckSignals() != 0) throw PythonError();
+    if (!forever && clock::now() >= deadline) return false;
+  }
+}
+
+double timeout_arg(PyObject* t) {
+  if (!t || t == Py_None) return -1;
+  const double v = PyFloat_AsDouble(t);
+  if (v == -1 && PyErr_Occurred()) throw PythonError();
+  return v < 0 ? 0 : v;
+}
+
+PyObject* mailbox_receive(PyObject* self, PyObject* args, PyObject* kw) {
+  static const char* kwlist[] = {"timeout", nullptr};
+  PyObject* timeout = nullptr;
+  if (!PyArg_ParseTupleAndKeywords(args, kw, "|O", const_cast<char**>(kwlist), &timeout)) return nullptr;
+  try {
+    Process& p = *mb(self)->proc;
+    const double t = timeout_arg(timeout);
+    for (;;) {
+      {
+        std::unique_lock lk(p.mu);
+        if (!p.queue.empty()) {
+          Bytes msg = std::move(p.queue.front());
+          p.queue.pop_front();
+          lk.unlock();
+          return g_codec->decode(msg, py::DecodeOptions{}).release();
+        }
+        if (p.closed) {
+          PyErr_SetString(PyExc_EOFError, "the mailbox is closed");
+          return nullptr;
+        }
+      }
+      if (!wait_for_message(p, t)) {
+        PyErr_SetString(PyExc_TimeoutError, "no message within the timeout");
+        return nullptr;
+      }
+    }
+  } catch (...) {
+    raise_current();
+    return nullptr;
+  }
+}
+
+PyObject* mailbox_receive_many(PyObject* self, PyObject* args, PyObject* kw) {
+  static const char* kwlist[] = {"max", "timeout", nullptr};
+  Py_ssize_t max = 1024;
+  PyObject* timeout = nullptr;
+  if (!PyArg_ParseTupleAndKeywords(args, kw, "|nO", const_cast<char**>(kwlist), &max, &timeout)) return nullptr;
+  try {
+    Process& p = *mb(self)->proc;
+    std::vector<Bytes> got;
+    const double t = timeout_arg(timeout);
+    for (;;) {
+      {
+        std::lock_guard lk(p.mu);
+        while (!p.queue.empty() && static_cast<Py_ssize_t>(got.size()) < max) {
+          got.push_back(std::move(p.queue.front()));
+          p.queue.pop_front();
+        }
+        if (got.empty() && p.closed) {
+          PyErr_SetString(PyExc_EOFError, "the mailbox is closed");
+          return nullptr;
+        }
+      }
+      if (!got.empty() || !wait_for_message(p, t)) break;
+    }
+    PyRef list = PyRef::check(PyList_New(static_cast<Py_ssize_t>(got.size())));
+    for (std::size_t i = 0; i < got.size(); ++i) {
+      PyList_SET_ITEM(list.get(), static_cast<Py_ssize_t>(i), g_codec->decode(got[i], py::DecodeOptions{}).release());
+    }
+    return list.release();
+  } catch (...) {
+    raise_current();
+    return nullptr;
+  }
+}
+
+PyObject* mailbox_send(PyObject* self, PyObject* args) {
+  PyObject *dest, *msg;
+  if (!PyArg_ParseTuple(args, "OO", &dest, &msg)) return nullptr;
+  try {
+    send_to(*mb(self)->core, *mb(self)->proc, dest, msg);
+    Py_RETURN_NONE;
+  } catch (...) {
+    raise_current();
+    return nullptr;
+  }
+}
+
+// A target given as a Pid or (name, node): its node, how MONITOR_P names it, and the
+// object a 'DOWN' message names.
+struct Target {
+  std::string node;
+  Bytes to_proc, down_object;
+};
+
+Target parse_target(Core& core, PyObject* target) {
+  const py::Types& t = g_codec->types();
+  Target out;
+  if (is_type(target, t.pid)) {
+    out.node = str_attr(target, "node");
+    out.to_proc = encode_bare(target);
+    out.down_object = out.to_proc;
+  } else if (PyTuple_Check(target) && PyTuple_GET_SIZE(target) == 2) {
+    const std::string name = as_string(PyTuple_GET_ITEM(target, 0), "registered name");
+    out.node = as_string(PyTuple_GET_ITEM(target, 1), "node");
+    out.to_proc = build_atom(name);
+    out.down_object = Bytes{etf::kSmallTuple, 2};
+    out.down_object.insert(out.down_object.end(), out.to_proc.begin(), out.to_proc.end());
+    const Bytes n = build_atom(out.node);
+    out.down_object.insert(out.down_object.end(), n.begin(), n.end());
+  } else {
+    PyErr_SetString(PyExc_TypeError, "expected a Pid or (name, node)");
+    throw PythonError();
+  }
+  if (core.is_local(out.node)) {
+    PyErr_SetString(PyExc_ValueError, "monitors and links between local processes are not supported");
+    throw PythonError();
+  }
+  return out;
+}
+
+// Connects and writes; on failure delivers `on_fail` to the process instead (as Erlang
+// does: a monitor of an unreachable node fires at once with noconnection).
+void send_or_deliver(Core& core, const std::shared_ptr<Process>& p, const std::string& node,
+                     const py::ByteBuffer& b, Bytes on_fail) {
+  GilRelease nogil;
+  try {
+    core.connection(node)->send(b.data(), b.size());
+  } catch (const std::exception&) {
+    core.deliver(p, std::move(on_fail));
+  }
+}
+
+Bytes tuple_msg(std::initializer_list<Bytes> parts) {
+  Bytes out{131, etf::kSmallTuple, static_cast<std::uint8_t>(parts.size())};
+  for (const Bytes& p : parts) out.insert(out.end(), p.begin(), p.end());
+  return out;
+}
+
+PyObject* mailbox_monitor(PyObject* self, PyObject* target) {
+  try {
+    Core& core = *mb(self)->core;
+    auto& p = mb(self)->proc;
+    Target t = parse_target(core, target);
+    Bytes ref = core.make_ref();
+    core.record_out_monitor(p, Watch{t.node, t.to_proc, ref, t.down_object});
+    py::ByteBuffer b;
+    Frame f(b);
+    etf::put_tuple_header(b, 4);
+    etf::put_integer(b, kMonitorP);
+    etf::put_raw(b, p->pid);
+    etf::put_raw(b, t.to_proc);
+    etf::put_raw(b, ref);
+    f.end();
+    send_or_deliver(core, p, t.node, b,
+                    tuple_msg({build_atom("DOWN"), ref, build_atom("process"), t.down_object,
+                               build_atom("noconnection")}));
+    return decode_bare(ref).release();
+  } catch (...) {
+    raise_current();
+    return nullptr;
+  }
+}
+
+PyObject* mailbox_demonitor(PyObject* self, PyObject* ref_obj) {
+  try {
+    Core& core = *mb(self)->core;
+    auto& p = mb(self)->proc;
+    const Bytes ref = encode_bare(ref_obj);
+    Watch w;
+    bool found = false;
+    {
+      std::lock_guard lk(p->mu);
+      for (auto it = p->out_monitors.begin(); it != p->out_monitors.end(); ++it) {
+        if (it->ref == ref) {
+          w = std::move(*it);
+          p->out_monitors.erase(it);
+          found = true;
+          break;
+        }
+      }
+    }
+    if (!found) Py_RETURN_FALSE;
+    py::ByteBuffer b;
+    Frame f(b);
+    etf::put_tuple_header(b, 4);
+    etf::put_integer(b, kDemonitorP);
+    etf::put_raw(b, p->pid);
+    etf::put_raw(b, w.watcher);
+    etf::put_raw(b, ref);
+    f.end();
+    {
+      GilRelease nogil;
+      if (auto c = core.existing(w.node)) c->send(b.data(), b.size());
+    }
+    Py_RETURN_TRUE;
+  } catch (...) {
+    raise_current();
+    return nullptr;
+  }
+}
+
+PyObject* mailbox_link(PyObject* self, PyObject* target) {
+  try {
+    Core& core = *mb(self)->core;
+    auto& p = mb(self)->proc;
+    Target t = parse_target(core, target);
+    if (!is_type(target, g_codec->types().pid)) {
+      PyErr_SetString(PyExc_TypeError, "link: expected a Pid");
+      return nullptr;
+    }
+    core.add_link(p, t.node, t.to_proc);
+    py::ByteBuffer b;
+    Frame f(b);
+    etf::put_tuple_header(b, 3);
+    etf::put_integer(b, kLink);
+    etf::put_raw(b, p->pid);
+    etf::put_raw(b, t.to_proc);
+    f.end();
+    send_or_deliver(core, p, t.node, b, tuple_msg({build_atom("EXIT"), t.to_proc, build_atom("noconnection")}));
+    Py_RETURN_NONE;
+  } catch (...) {
+    raise_current();
+    return nullptr;
+  }
+}
+
+PyObject* mailbox_unlink(PyObject* self, PyObject* target) {
+  try {
+    Core& core = *mb(self)->core;
+    auto& p = mb(self)->proc;
+    Target t = parse_target(core, target);
+    core.remove_link(p, t.to_proc);
+    static std::atomic<std::uint64_t> unlink_id{1};
+    py::ByteBuffer b;
+    Frame f(b);
+    etf::put_tuple_header(b, 4);
+    etf::put_integer(b, kUnlinkId);
+    etf::put_integer(b, static_cast<std::int64_t>(unlink_id++));
+    etf::put_raw(b, p->pid);
+    etf::put_raw(b, t.to_proc);
+    f.end();
+    {
+      GilRelease nogil;
+      if (auto c = core.existing(t.node)) c->send(b.data(), b.size());
+    }
+    Py_RETURN_NONE;
+  } catch (...) {
+    raise_current();
+    return nullptr;
+  }
+}
+
+PyObject* mailbox_spawn_request(PyObject* self, PyObject* args, PyObject* kw) {
+  static const char* kwlist[] = {"node", "module", "function", "args", "monitor", "link", nullptr};
+  PyObject *node_o, *module_o, *function_o, *argv;
+  int monitor = 1, link = 0;
+  if (!PyArg_ParseTupleAndKeywords(args, kw, "OOOO!|pp", const_cast<char**>(kwlist), &node_o, &module_o,
+                                   &function_o, &PyList_Type, &argv, &monitor, &link)) {
+    return nullptr;
+  }
+  try {
+    Core& core = *mb(self)->core;
+    auto& p = mb(self)->proc;
+    const std::string node = as_string(node_o, "node");
+    const std::string module = as_string(module_o, "module");
+    const std::string function = as_string(function_o, "function");
+    Bytes req = core.make_ref();
+    py::ByteBuffer b;
+    Frame f(b);
+    etf::put_tuple_header(b, 6);
+    etf::put_integer(b, kSpawnRequest);
+    etf::put_raw(b, req);
+    etf::put_raw(b, p->pid);
+    etf::put_raw(b, p->pid);  // group leader: io requests come back to us
+    etf::put_tuple_header(b, 3);
+    etf::put_atom(b, module);
+    etf::put_atom(b, function);
+    etf::put_integer(b, PyList_GET_SIZE(argv));
+    const int nopts = monitor + link;
+    if (nopts) {
+      etf::put_list_header(b, static_cast<std::size_t>(nopts));
+      if (monitor) etf::put_atom(b, "monitor");
+      if (link) etf::put_atom(b, "link");
+    }
+    etf::put_nil(b);
+    f.payload();
+    g_codec->encode_append(b, argv, py::EncodeOptions{});
+    f.end();
+    send_or_deliver(core, p, node, b,
+                    tuple_msg({build_atom("spawn_reply"), req, build_atom("error"), build_atom("noconnection")}));
+    return decode_bare(req).release();
+  } catch (...) {
+    raise_current();
+    return nullptr;
+  }
+}
+
+PyObject* mailbox_register(PyObject* self, PyObject* name) {
+  try {
+    const std::string n = as_string(name, "name");
+    if (mb(self)->core->register_name(n, mb(self)->proc)) Py_RETURN_TRUE;
+    Py_RETURN_FALSE;
+  } catch (...) {
+    raise_current();
+    return nullptr;
+  }
+}
+
+PyObject* mailbox_close(PyObject* self, PyObject* args) {
+  PyObject* reason = nullptr;
+  if (!PyArg_ParseTuple(args, "|O", &reason)) return nullptr;
+  try {
+    Bytes r;
+    if (reason) {
+      r = encode_bare(reason);
+    } else {
+      r = build_atom("normal");
+    }
+    GilRelease nogil;
+    mb(self)->core->exit_process(mb(self)->proc, r);
+  } catch (...) {
+    raise_current();
+    return nullptr;
+  }
+  Py_RETURN_NONE;
+}
+
+PyObject* mailbox_get_pid(PyObject* self, void*) { return Py_NewRef(mb(self)->pid); }
+
+PyObject* mailbox_get_closed(PyObject* self, void*) {
+  std::lock_guard lk(mb(self)->proc->mu);
+  return PyBool_FromLong(mb(self)->proc->closed);
+}
+
+PyObject* mailbox_get_pending(PyObject* self, void*) {
+  std::lock_guard lk(mb(self)->proc->mu);
+  return PyLong_FromSize_t(mb(self)->proc->queue.size());
+}
+
+PyMethodDef mailbox_methods[] = {
+    {"receive", reinterpret_cast<PyCFunction>(reinterpret_cast<void (*)()>(mailbox_receive)),
+     METH_VARARGS | METH_KEYWORDS, "receive(timeout=None): the next message (TimeoutError, EOFError when closed)"},
+    {"receive_many", reinterpret_cast<PyCFunction>(reinterpret_cast<void (*)()>(mailbox_receive_many)),
+     METH_VARARGS | METH_KEYWORDS, "receive_many(max=1024, timeout=None): up to max messages, [] on timeout"},
+    {"send", mailbox_send, METH_VARARGS, "send(dest, msg) with this process as the sender"},
+    {"monitor", mailbox_monitor, METH_O, "monitor(pid or (name, node)) -> Ref"},
+    {"demonitor", mailbox_demonitor, METH_O, "demonitor(ref) -> bool"},
+    {"link", mailbox_link, METH_O, "link(pid)"},
+    {"unlink", mailbox_unlink, METH_O, "unlink(pid)"},
+    {"spawn_request", reinterpret_cast<PyCFunction>(reinterpret_cast<void (*)()>(mailbox_spawn_request)),
+     METH_VARARGS | METH_KEYWORDS, "spawn_request(node, module, function, args, monitor=True, link=False) -> Ref"},
+    {"register", mailbox_register, METH_O, "register(name) -> bool"},
+    {"close", mailbox_close, METH_VARARGS, "close(reason='normal'): the process ends"},
+    {nullptr, nullptr, 0, nullptr},
+};
+
+PyGetSetDef mailbox_getset[] = {
+    {"pid", mailbox_get_pid, nullptr, "this process's pid", nullptr},
+    {"closed", mailbox_get_closed, nullptr, "whether the process has ended", nullptr},
+    {"pending", mailbox_get_pending, nullptr, "messages waiting", nullptr},
+    {nullptr, nullptr, nullptr, nullptr, nullptr},
+};
+
+// --- Node ---------------------------------------------------------------------------------
+
+NodeObject* nd(PyObject* self) { return reinterpret_cast<NodeObject*>(self); }
+
+PyObject* node_new(PyTypeObject* type, PyObject* args, PyObject* kw) {
+  static const char* kwlist[] = {"name", "cookie", "resolver", "error_formatter", "host", "port",
+                                 "hidden", "ticktime", "slow_ms", nullptr};
+  const char *name, *cookie, *host = "127.0.0.1";
+  PyObject *resolver = nullptr, *formatter = nullptr;
+  int port = 0, hidden = 1, ticktime = 60, slow_ms = 5;
+  if (!PyArg_ParseTupleAndKeywords(args, kw, "ss|$OOsipii", const_cast<char**>(kwlist), &name, &cookie,
+                                   &resolver, &formatter, &host, &port, &hidden, &ticktime, &slow_ms)) {
+    return nullptr;
+  }
+  if (!resolver || !formatter || !PyCallable_Check(resolver) || !PyCallable_Check(formatter)) {
+    PyErr_SetString(PyExc_TypeError, "resolver and error_formatter must be callable");
+    return nullptr;
+  }
+  auto* self = reinterpret_cast<NodeObject*>(type->tp_alloc(type, 0));
+  if (!self) return nullptr;
+  new (&self->core) std::shared_ptr<Core>();
+  try {
+    Options o;
+    o.name = name;
+    o.cookie = cookie;
+    o.listen_host = host;
+    o.port = port;
+    o.hidden = hidden;
+    o.ticktime = ticktime < 4 ? 4 : ticktime;
+    o.slow_ms = slow_ms < 1 ? 1 : slow_ms;
+    self->core = std::make_shared<Core>(std::move(o), *g_codec, resolver, formatter);
+  } catch (...) {
+    raise_current();
+    Py_DECREF(self);
+    return nullptr;
+  }
+  return reinterpret_cast<PyObject*>(self);
+}
+
+void node_dealloc(PyObject* self) {
+  auto* n = nd(self);
+  if (n->core) {
+    std::shared_ptr<Core> core = std::move(n->core);
+    {
+      GilRelease nogil;
+      core->stop();
+    }
+    core.reset();  // its Python references go with the GIL held
+  }
+  n->core.~shared_ptr<Core>();
+  Py_TYPE(self)->tp_free(self);
+}
+
+PyObject* node_start(PyObject* self, PyObject*) {
+  std::string error;
+  {
+    GilRelease nogil;
+    try {
+      nd(self)->core->start();
+    } catch (const std::exception& e) {
+      error = e.what();
+    }
+  }
+  if (!error.empty()) {
+    PyErr_SetString(PyExc_OSError, error.c_str());
+    return nullptr;
+  }
+  Py_RETURN_NONE;
+}
+
+PyObject* node_stop(PyObject* self, PyObject*) {
+  {
+    GilRelease nogil;
+    nd(self)->core->stop();
+  }
+  Py_RETURN_NONE;
+}
+
+PyObject* node_mailbox(PyObject* self, PyObject*) {
+  try {
+    return new_mailbox(nd(self)->core, nd(self)->core->new_process());
+  } catch (...) {
+    raise_current();
+    return nullptr;
+  }
+}
+
+PyObject* node_send(PyObject* self, PyObject* args) {
+  PyObject *dest, *msg;
+  if (!PyArg_ParseTuple(args, "OO", &dest, &msg)) return nullptr;
+  try {
+    Core& core = *nd(self)->core;
+    send_to(core, *core.system_process(), dest, msg);
+    Py_RETURN_NONE;
+  } catch (...) {
+    raise_current();
+    return nullptr;
+  }
+}
+
+PyObject* node_connect(PyObject* self, PyObject* arg) {
+  try {
+    const std::string node = as_string(arg, "node");
+    std::string error;
+    {
+      GilRelease nogil;
+      try {
+        nd(self)->core->connection(node);
+      } catch (const std::exception& e) {
+        error = e.what();
+      }
+    }
+    if (!error.empty()) {
+      PyErr_SetString(PyExc_ConnectionError, error.c_str());
+      return nullptr;
+    }
+    Py_RETURN_TRUE;
+  } catch (...) {
+    raise_current();
+    return nullptr;
+  }
+}
+
+PyObject* node_nodes(PyObject* self, PyObject*) {
+  auto names = nd(self)->core->nodes();
+  PyRef list = PyRef::steal(PyList_New(0));
+  if (!list) return nullptr;
+  for (auto& n : names) {
+    PyRef s = PyRef::steal(PyUnicode_FromStringAndSize(n.data(), static_cast<Py_ssize_t>(n.size())));
+    if (!s || PyList_Append(list.get(), s.get()) != 0) return nullptr;
+  }
+  return list.release();
+}
+
+PyObject* node_make_ref(PyObject* self, PyObject*) {
+  try {
+    return decode_bare(nd(self)->core->make_ref()).release();
+  } catch (...) {
+    raise_current();
+    return nullptr;
+  }
+}
+
+PyObject* node_whereis(PyObject* self, PyObject* arg) {
+  try {
+    auto p = nd(self)->core->whereis(as_string(arg, "name"));
+    if (!p) Py_RETURN_NONE;
+    return decode_bare(p->pid).release();
+  } catch (...) {
+    raise_current();
+    return nullptr;
+  }
+}
+
+PyObject* node_unregister(PyObject* self, PyObject* arg) {
+  try {
+    nd(self)->core->unregister_name(as_string(arg, "name"));
+    Py_RETURN_NONE;
+  } catch (...) {
+    raise_current();
+    return nullptr;
+  }
+}
+
+PyObject* node_clear_cache(PyObject* self, PyObject*) {
+  nd(self)->core->clear_cache();
+  Py_RETURN_NONE;
+}
+
+PyObject* node_stats(PyObject* self, PyObject*) {
+  Core& c = *nd(self)->core;
+  return Py_BuildValue("{sKsKsK}", "calls", static_cast<unsigned long long>(c.calls.load()), "messages",
+                       static_cast<unsigned long long>(c.messages.load()), "handovers",
+                       static_cast<unsigned long long>(c.handovers.load()));
+}
+
+PyObject* node_get_name(PyObject* self, void*) {
+  const std::string& n = nd(self)->core->name();
+  return PyUnicode_FromStringAndSize(n.data(), static_cast<Py_ssize_t>(n.size()));
+}
+PyObject* node_get_creation(PyObject* self, void*) { return PyLong_FromUnsignedLong(nd(self)->core->creation()); }
+PyObject* node_get_port(PyObject* self, void*) { return PyLong_FromLong(nd(self)->core->port()); }
+
+PyMethodDef node_methods[] = {
+    {"start", node_start, METH_NOARGS, "listen, register at epmd, start the threads"},
+    {"stop", node_stop, METH_NOARGS, "close every connection and join the threads"},
+    {"mailbox", node_mailbox, METH_NOARGS, "a new local process with a mailbox"},
+    {"send", node_send, METH_VARARGS, "send(dest, msg) from the node's system process"},
+    {"connect", node_connect, METH_O, "connect(node) -> True, or ConnectionError"},
+    {"nodes", node_nodes, METH_NOARGS, "names of the connected nodes"},
+    {"make_ref", node_make_ref, METH_NOARGS, "a new reference of this node"},
+    {"whereis", node_whereis, METH_O, "whereis(name) -> Pid or None"},
+    {"unregister", node_unregister, METH_O, "unregister(name)"},
+    {"clear_cache", node_clear_cache, METH_NOARGS, "forget resolved rpc handlers"},
+    {"stats", node_stats, METH_NOARGS, "counters: calls, messages, handovers"},
+    {nullptr, nullptr, 0, nullptr},
+};
+
+PyGetSetDef node_getset[] = {
+    {"name", node_get_name, nullptr, "name@host", nullptr},
+    {"creation", node_get_creation, nullptr, "creation from epmd", nullptr},
+    {"port", node_get_port, nullptr, "the distribution port", nullptr},
+    {nullptr, nullptr, nullptr, nullptr, nullptr},
+};
+
+PyTypeObject NodeType = [] {
+  PyTypeObject t{};
+  t.ob_base.ob_base.ob_refcnt = 1;  // a static type
+  t.tp_name = "erpy._node.Node";
+  t.tp_basicsize = sizeof(NodeObject);
+  t.tp_dealloc = node_dealloc;
+  t.tp_flags = Py_TPFLAGS_DEFAULT;
+  t.tp_doc = "An Erlang node in this Python process (C++ distribution core).";
+  t.tp_methods = node_methods;
+  t.tp_getset = node_getset;
+  t.tp_new = node_new;
+  return t;
+}();
+
+PyTypeObject MailboxType = [] {
+  PyTypeObject t{};
+  t.ob_base.ob_base.ob_refcnt = 1;  // a static type
+  t.tp_name = "erpy._node.Mailbox";
+  t.tp_basicsize = sizeof(MailboxObject);
+  t.tp_dealloc = mailbox_dealloc;
+  t.tp_flags = Py_TPFLAGS_DEFAULT;
+  t.tp_doc = "A local process of an erpy node: a pid and a mailbox.";
+  t.tp_methods = mailbox_methods;
+  t.tp_getset = mailbox_getset;
+  return t;
+}();
+
+void free_module(void*) {
+  delete g_codec;
+  g_codec = nullptr;
+}
+
+PyModuleDef module_def = {
+    PyModuleDef_HEAD_INIT, "erpy._node", "erpy's Erlang distribution core (C++).", -1, nullptr,
+    nullptr, nullptr, nullptr, free_module,
+};
+
+}  // namespace
+}  // namespace erpy::node
+
+PyMODINIT_FUNC PyInit__node() {
+  using namespace erpy::node;
+  PyRef m = PyRef::steal(PyModule_Create(&module_def));
+  if (!m) return nullptr;
+  try {
+    if (PyType_Ready(&NodeType) < 0 || PyType_Ready(&MailboxType) < 0) return nullptr;
+    PyRef types = PyRef::check(PyImport_ImportModule("erpy._types"));
+    PyRef errors = PyRef::check(PyImport_ImportModule("erpy._errors"));
+    if (!g_codec) g_codec = new erpy::py::Codec(erpy::py::Types::load(types.get(), errors.get()));
+    if (PyModule_AddObjectRef(m.get(), "Node", reinterpret_cast<PyObject*>(&NodeType)) < 0) return nullptr;
+    if (PyModule_AddObjectRef(m.get(), "Mailbox", reinterpret_cast<PyObject*>(&MailboxType)) < 0) return nullptr;
+  } catch (const PythonError&) {
+    return nullptr;
+  } catch (const std::exception& e) {
+    PyErr_SetString(PyExc_ImportError, e.what());
+    return nullptr;
+  }
+  return m.release();
+}

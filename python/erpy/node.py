@@ -1,0 +1,457 @@
+"""erpy.node: this Python process as an Erlang node.
+
+Stock Erlang/OTP reaches it with no erpy code on its side (``net_adm:ping``,
+``rpc:call``, ``erpc``, ``gen_server:call``, ``!``, monitors and links); Python reaches
+Erlang nodes with :meth:`Node.rpc`, :meth:`Node.call`, :meth:`Node.send`. The distribution
+protocol (EPMD, handshake, framing, spawn requests) is C++ (``erpy._node``); this module is
+the thin Python layer: the rpc allow-list, gen_server-like handlers, the command line.
+
+    python3 -m erpy.node --name py@127.0.0.1 --cookie secret --allow operator,math
+
+See doc/node.md.
+"""
+
+from __future__ import annotations
+
+import argparse
+import importlib
+import os
+import signal
+import sys
+import threading
+import time
+import traceback
+from typing import Any, Callable, Iterable
+
+from . import _node
+from ._types import Atom, ImproperList, Pid, Ref
+from .erlang import ErlangError, ErlangTimeoutError
+
+__all__ = [
+    "Node", "GenServer", "NOREPLY", "NotAllowed", "ErlangError", "ErlangTimeoutError",
+    "format_error", "main",
+]
+
+# rpc:call(PyNode, 'erpy.service', F, A) reaches the node's own service (used by
+# erpy_node_pool); it checks the allow-list itself.
+SERVICE_MODULE = "erpy.service"
+
+
+class NotAllowed(PermissionError):
+    """An rpc into a module (or function) that the node's allow-list does not permit."""
+
+
+class _NoReply:
+    def __repr__(self) -> str:
+        return "NOREPLY"
+
+
+#: Returned by ``GenServer.handle_call`` to answer later with ``Node.reply(from_, value)``.
+NOREPLY = _NoReply()
+
+
+def format_error(exc: BaseException) -> dict:
+    """A Python exception as erpy's error map: ``#{type, message, traceback}``."""
+    lines = traceback.format_exception(type(exc), exc, exc.__traceback__)
+    return {
+        Atom("type"): type(exc).__name__,
+        Atom("message"): str(exc),
+        Atom("traceback"): [line.rstrip("\n") for line in lines],
+    }
+
+
+class GenServer:
+    """A Python process that behaves as a gen_server: subclass it and register it with
+    :meth:`Node.spawn`. The instance's attributes are its state.
+
+    ``handle_call(request, from_)`` returns the reply (or ``NOREPLY`` and answers later
+    with ``node.reply(from_, value)``); ``handle_cast(request)`` and ``handle_info(msg)``
+    return nothing. An exception ends the process: monitors get ``'DOWN'`` with the error
+    map as reason, a waiting ``gen_server:call`` exits with it. With ``trap_exit = True``
+    exit signals from linked processes arrive in ``handle_info`` as ``('EXIT', pid,
+    reason)``; otherwise a reason other than ``normal`` ends the process.
+    """
+
+    trap_exit = False
+    node: "Node"
+    pid: Pid
+
+    def init(self) -> None:
+        """Called in the process's thread before the first message."""
+
+    def handle_call(self, request: Any, from_: tuple) -> Any:
+        raise NotImplementedError(f"{type(self).__name__} has no handle_call")
+
+    def handle_cast(self, request: Any) -> None:
+        pass
+
+    def handle_info(self, msg: Any) -> None:
+        pass
+
+    def terminate(self, reason: Any) -> None:
+        pass
+
+
+class _Stop(Exception):
+    def __init__(self, reason: Any) -> None:
+        super().__init__(reason)
+        self.reason = reason
+
+
+class Node:
+    """An Erlang node in this Python process.
+
+    ``allow``: the Python modules Erlang's rpc may reach (``"operator"`` also allows
+    ``operator.*`` submodules; ``"*"`` allows every module). Nothing is reachable unless
+    listed, except functions registered with :meth:`expose`. ``allow_code``: whether
+    ``erpy.service`` may run code (``eval``/``exec``/``run``) for erpy_node_pool.
+    """
+
+    def __init__(self, name: str, cookie: str, *, host: str = "127.0.0.1", port: int = 0,
+                 allow: Iterable[str] = (), allow_code: bool = False, hidden: bool = True,
+                 ticktime: int = 60, slow_ms: int = 5) -> None:
+        if "@" not in name:
+            name = f"{name}@127.0.0.1"
+        self.allow = {a.strip() for a in allow if a and a.strip()}
+        self.allow_code = allow_code
+        self._exposed: dict[tuple[str, str], Callable] = {}
+        self._globals: dict[str, Any] = {"__name__": "__erpy_node__"}
+        self._native = _node.Node(name, cookie, resolver=self._resolve,
+                                  error_formatter=format_error, host=host, port=port,
+                                  hidden=hidden, ticktime=ticktime, slow_ms=slow_ms)
+        self._threads: list[threading.Thread] = []
+        self._started = False
+
+    # -- lifecycle --------------------------------------------------------------------
+
+    @property
+    def name(self) -> str:
+        return self._native.name
+
+    @property
+    def port(self) -> int:
+        return self._native.port
+
+    def start(self) -> "Node":
+        self._native.start()
+        self._started = True
+        return self
+
+    def stop(self) -> None:
+        if self._started:
+            self._started = False
+            self._native.stop()
+
+    def __enter__(self) -> "Node":
+        return self.start() if not self._started else self
+
+    def __exit__(self, *exc: Any) -> None:
+        self.stop()
+
+    def stats(self) -> dict:
+        return self._native.stats()
+
+    def nodes(self) -> list[str]:
+        return self._native.nodes()
+
+    # -- what Erlang may call -----------------------------------------------------------
+
+    def allowed(self, module: str) -> bool:
+        if "*" in self.allow or module in self.allow:
+            return True
+        return any(module.startswith(a + ".") for a in self.allow)
+
+    def set_allow(self, modules: Iterable[str]) -> None:
+        self.allow = set(modules)
+        self._native.clear_cache()
+
+    def expose(self, module: str, function: str | None = None, fn: Callable | None = None):
+        """Makes ``fn`` reachable as ``rpc:call(PyNode, Module, Function, Args)`` whatever
+        the allow-list says. Usable as a decorator: ``@node.expose("shop")``."""
+        def register(f: Callable) -> Callable:
+            self._exposed[(module, function or f.__name__)] = f
+            self._native.clear_cache()
+            return f
+        return register(fn) if fn is not None else register
+
+    def _resolve(self, module: str, function: str) -> Callable:
+        f = self._exposed.get((module, function))
+        if f is not None:
+            return f
+        if module == SERVICE_MODULE:
+            f = getattr(self, "_service_" + function, None)
+            if f is None:
+                raise NotAllowed(f"erpy.service has no function {function!r}")
+            return f
+        if not self.allowed(module):
+            raise NotAllowed(f"module {module!r} is not allowed on node {self.name} "
+                             "(allow it with --allow / ERPY_NODE_ALLOW)")
+        if function.startswith("_"):
+            raise NotAllowed(f"{module}.{function}: private names are not reachable")
+        mod = importlib.import_module(module)
+        f = getattr(mod, function)
+        if not callable(f):
+            raise TypeError(f"{module}.{function} is not callable")
+        return f
+
+    # erpy.service: what erpy_node_pool sends (call/eval/exec/run as the other modes).
+    def _service_call(self, module: Any, function: Any, args: list, kwargs: Any = None) -> Any:
+        module, function = _text(module), _text(function)
+        f = self._resolve(module, function)
+        kw = {_text(k): v for k, v in kwargs.items()} if kwargs else {}
+        return f(*args, **kw)
+
+    def _check_code(self) -> None:
+        if not self.allow_code:
+            raise NotAllowed(f"node {self.name} does not run code (start it with --allow-code)")
+
+    def _service_eval(self, expr: Any, local_vars: Any = None) -> Any:
+        self._check_code()
+        env = {_text(k): v for k, v in local_vars.items()} if isinstance(local_vars, dict) else {}
+        return eval(_text(expr), self._globals, env)  # noqa: S307 - allow_code says so
+
+    def _service_exec(self, code: Any) -> Any:
+        self._check_code()
+        exec(_text(code), self._globals)  # noqa: S102 - allow_code says so
+        return None
+
+    def _service_run(self, code: Any, arguments: Any = None) -> Any:
+        self._check_code()
+        from . import erlang
+        env = {"arguments": arguments, "result": None, "erlang": erlang, "__name__": "__erpy_run__"}
+        exec(_text(code), env)  # noqa: S102 - allow_code says so
+        return env.get("result")
+
+    def _service_ping(self) -> Any:
+        return Atom("pong")
+
+    # -- processes ----------------------------------------------------------------------
+
+    def mailbox(self) -> Any:
+        """A new local process: ``.pid``, ``.receive()``, ``.send()``, ``.monitor()`` ..."""
+        return self._native.mailbox()
+
+    def spawn(self, handler: GenServer, name: str | None = None) -> Pid:
+        """Runs ``handler`` (a :class:`GenServer`) as a process in a thread of its own,
+        registered under ``name`` if given; returns its pid."""
+        mb = self._native.mailbox()
+        if name is not None and not mb.register(name):
+            mb.close()
+            raise ValueError(f"the name {name!r} is already registered")
+        handler.node = self
+        handler.pid = mb.pid
+        t = threading.Thread(target=self._loop, args=(handler, mb), daemon=True,
+                             name=f"erpy-{name or mb.pid.id}")
+        self._threads.append(t)
+        t.start()
+        return mb.pid
+
+    def _loop(self, h: GenServer, mb: Any) -> None:
+        reason: Any = Atom("normal")
+        try:
+            h.init()
+            while True:
+                for msg in mb.receive_many(256):
+                    self._dispatch(h, msg)
+        except EOFError:
+            reason = Atom("killed")
+        except _Stop as s:
+            reason = s.reason
+        except BaseException as e:  # noqa: BLE001 - the process ends with the error
+            reason = format_error(e)
+        try:
+            h.terminate(reason)
+        except Exception:  # noqa: BLE001
+            pass
+        if not mb.closed:
+            mb.close(reason)
+
+    def _dispatch(self, h: GenServer, msg: Any) -> None:
+        if type(msg) is tuple and msg:
+            tag = msg[0]
+            if tag == "$gen_call" and len(msg) == 3:
+                reply = h.handle_call(msg[2], msg[1])
+                if reply is not NOREPLY:
+                    self.reply(msg[1], reply, sender=h.pid)
+                return
+            if tag == "$gen_cast" and len(msg) == 2:
+                h.handle_cast(msg[1])
+                return
+            if tag == "EXIT" and len(msg) == 3 and not h.trap_exit:
+                if msg[2] != "normal":
+                    raise _Stop(msg[2])
+                return
+        h.handle_info(msg)
+
+    def reply(self, from_: tuple, value: Any, sender: Any = None) -> None:
+        """Answers a ``gen_server:call`` whose ``From`` is ``from_``."""
+        pid, tag = from_
+        # OTP 24+: the tag [alias | Ref] asks for the reply to go to the alias.
+        if isinstance(tag, ImproperList) and tag.elements == ["alias"]:
+            dest = tag.tail
+        else:
+            dest = pid
+        self._native.send(dest, (tag, value))
+
+    # -- reaching Erlang ----------------------------------------------------------------
+
+    def ping(self, node: str) -> bool:
+        try:
+            return bool(self._native.connect(node))
+        except ConnectionError:
+            return False
+
+    def send(self, dest: Any, msg: Any) -> None:
+        """``Dest ! Msg``: dest is a Pid, a Ref (alias), a registered name of this node or
+        ``(name, node)``."""
+        self._native.send(dest, msg)
+
+    def cast(self, dest: Any, request: Any) -> None:
+        """``gen_server:cast(Dest, Request)``."""
+        self._native.send(dest, (Atom("$gen_cast"), request))
+
+    def call(self, dest: Any, request: Any, timeout: float = 5.0) -> Any:
+        """``gen_server:call(Dest, Request, Timeout)`` into Erlang; dest is a Pid or
+        ``(name, node)``. Raises ErlangError when the server is down, ErlangTimeoutError."""
+        mb = self._native.mailbox()
+        try:
+            ref = mb.monitor(dest)
+            mb.send(dest, (Atom("$gen_call"), (mb.pid, ref), request))
+            deadline = time.monotonic() + timeout
+            while True:
+                msg = self._receive(mb, deadline)
+                if type(msg) is tuple and len(msg) == 2 and msg[0] == ref:
+                    mb.demonitor(ref)
+                    return msg[1]
+                if type(msg) is tuple and len(msg) == 5 and msg[0] == "DOWN" and msg[1] == ref:
+                    raise ErlangError(msg[4])
+        finally:
+            mb.close()
+
+    def rpc(self, node: str, module: str, function: str, args: Iterable[Any] = (),
+            timeout: float = 5.0) -> Any:
+        """``erpc:call(Node, Module, Function, Args)`` into an Erlang node. An Erlang
+        exception raises ErlangError with ``(Class, Reason)``."""
+        mb = self._native.mailbox()
+        try:
+            res = self._native.make_ref()
+            req = mb.spawn_request(node, "erpc", "execute_call",
+                                   [res, Atom(module), Atom(function), list(args)])
+            deadline = time.monotonic() + timeout
+            while True:
+                msg = self._receive(mb, deadline)
+                if type(msg) is not tuple or not msg:
+                    continue
+                tag = msg[0]
+                if tag == "spawn_reply" and msg[1] == req:
+                    if msg[2] == "error":
+                        raise ErlangError(msg[3])
+                elif tag == "DOWN" and msg[1] == req:
+                    reason = msg[4]
+                    if type(reason) is tuple and len(reason) >= 3 and reason[0] == res:
+                        if reason[1] == "return":
+                            return reason[2]
+                        raise ErlangError((reason[1], reason[2]))
+                    raise ErlangError(reason)
+                elif tag == "io_request" and len(msg) == 4:
+                    # We are the group leader of the process we asked for.
+                    mb.send(msg[1], (Atom("io_reply"), msg[2], Atom("ok")))
+        finally:
+            mb.close()
+
+    @staticmethod
+    def _receive(mb: Any, deadline: float) -> Any:
+        left = deadline - time.monotonic()
+        if left <= 0:
+            raise ErlangTimeoutError("timeout")
+        try:
+            return mb.receive(left)
+        except TimeoutError:
+            raise ErlangTimeoutError("timeout") from None
+
+    def serve_forever(self, stop: threading.Event | None = None) -> None:
+        """Blocks until ``stop`` is set (or forever)."""
+        (stop or threading.Event()).wait()
+
+
+def _text(v: Any) -> str:
+    if isinstance(v, (bytes, bytearray)):
+        return bytes(v).decode()
+    return str(v)
+
+
+def _env(*names: str, default: str | None = None) -> str | None:
+    for n in names:
+        v = os.environ.get(n)
+        if v:
+            return v
+    return default
+
+
+def main(argv: list[str] | None = None) -> int:
+    p = argparse.ArgumentParser(prog="python3 -m erpy.node",
+                                description="Run this Python as an Erlang node (see doc/node.md).")
+    p.add_argument("--name", help="NAME@HOST (env ERPY_NODE_NAME, BPY_BEAM_NODE)")
+    p.add_argument("--cookie", help="the cookie (env ERPY_COOKIE, BPY_BEAM_COOKIE)")
+    p.add_argument("--listen", help="address to listen on (env ERPY_NODE_LISTEN, BPY_BEAM_HOST; "
+                                    "default 127.0.0.1)")
+    p.add_argument("--port", type=int, help="distribution port (env ERPY_NODE_PORT, BPY_BEAM_PORT; "
+                                            "default 0: any)")
+    p.add_argument("--allow", action="append", default=None,
+                   help="comma-separated Python modules rpc may reach ('*': all); repeatable "
+                        "(env ERPY_NODE_ALLOW)")
+    p.add_argument("--allow-code", action="store_true", default=None,
+                   help="let erpy.service run code (eval/exec/run) (env ERPY_NODE_ALLOW_CODE=1)")
+    p.add_argument("--load", action="append", default=[],
+                   help="import this module at start; its erpy_setup(node) is called if present")
+    p.add_argument("--ticktime", type=int, default=int(_env("ERPY_NODE_TICKTIME", default="60")))
+    p.add_argument("--exit-on-eof", action="store_true",
+                   help="stop when stdin closes (for nodes started by Erlang ports)")
+    a = p.parse_args(argv)
+
+    name = a.name or _env("ERPY_NODE_NAME", "BPY_BEAM_NODE")
+    if not name:
+        p.error("--name (or ERPY_NODE_NAME) is required")
+    if "@" not in name:
+        name = f"{name}@{_env('BPY_BEAM_HOST', default='127.0.0.1')}"
+    cookie = a.cookie or _env("ERPY_COOKIE", "BPY_BEAM_COOKIE")
+    if not cookie:
+        p.error("--cookie (or ERPY_COOKIE) is required")
+    listen = a.listen or _env("ERPY_NODE_LISTEN", "BPY_BEAM_HOST", default="127.0.0.1")
+    if listen == "localhost":
+        listen = "127.0.0.1"
+    port = a.port if a.port is not None else int(_env("ERPY_NODE_PORT", "BPY_BEAM_PORT", default="0"))
+    allow_lists = a.allow if a.allow is not None else [_env("ERPY_NODE_ALLOW", default="")]
+    allow = [m for item in allow_lists for m in item.split(",")]
+    allow_code = a.allow_code if a.allow_code is not None else _env("ERPY_NODE_ALLOW_CODE") in ("1", "true", "yes")
+
+    node = Node(name, cookie, host=listen, port=port, allow=allow, allow_code=bool(allow_code),
+                ticktime=a.ticktime)
+    node.start()
+    for mod in a.load:
+        m = importlib.import_module(mod)
+        setup = getattr(m, "erpy_setup", None)
+        if callable(setup):
+            setup(node)
+    stop = threading.Event()
+    for sig in (signal.SIGTERM, signal.SIGINT):
+        signal.signal(sig, lambda *_: stop.set())
+    if a.exit_on_eof:
+        def watch() -> None:
+            try:
+                while sys.stdin.buffer.read(4096):
+                    pass
+            finally:
+                stop.set()
+        threading.Thread(target=watch, daemon=True).start()
+    print(f"erpy.node {node.name} ready on port {node.port}", flush=True)
+    try:
+        while not stop.wait(0.5):
+            pass
+    finally:
+        node.stop()
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
