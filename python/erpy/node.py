@@ -56,7 +56,7 @@ def format_error(exc: BaseException) -> dict:
     return {
         Atom("type"): type(exc).__name__,
         Atom("message"): str(exc),
-        Atom("traceback"): [line.rstrip("\n") for line in lines],
+        Atom("traceback"): [ln for chunk in lines for ln in chunk.rstrip("\n").split("\n")],
     }
 
 

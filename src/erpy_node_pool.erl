@@ -1,0 +1,279 @@
+%% A pool of Python nodes (node mode): requests go round robin to the Python nodes that
+%% are up, as `erpc:call(Node, 'erpy.service', F, Args)`; Erlang distribution is the
+%% transport, so the nodes can be on other hosts. A node that goes down fails only the
+%% requests in flight on it ({error, {node_down, Node}}), is dropped, and rejoins when it
+%% answers again. With `start => N` the pool also runs N Python nodes on this host itself
+%% (`python3 -m erpy.node`), restarting any that exits.
+%%
+%% The local Erlang node must be distributed (`erl -name/-sname`, or net_kernel:start/1).
+-module(erpy_node_pool).
+-behaviour(gen_server).
+
+-export([start_link/2, request/3, nodes/1, stop/1]).
+-export([init/1, handle_call/3, handle_cast/2, handle_info/2, terminate/2]).
+
+-define(KEY(Pool), {?MODULE, Pool}).
+-define(RETRY_MS, 1000).
+-define(START_WAIT_MS, 15000).
+
+-type request() :: {call, binary() | atom(), binary() | atom(), [term()], map()}
+                 | {eval, binary(), map()}
+                 | {exec, binary()}
+                 | {run, binary(), term()}.
+-export_type([request/0]).
+
+%% API.
+
+%% @doc Starts the pool server of `Pool`. Options: `nodes` (Python nodes to use, default
+%% []), `start` (how many Python nodes to run on this host; default 0 when `nodes` is
+%% given, else `size`, default 2), and for started nodes `python`, `venv`,
+%% `requirements`, `pythonpath` as the other modes, plus `node_args` (extra
+%% `erpy.node` arguments).
+-spec start_link(atom(), map()) -> {ok, pid()} | {error, term()}.
+start_link(Pool, Opts) when is_atom(Pool), is_map(Opts) ->
+    gen_server:start_link(?MODULE, {Pool, Opts}, []).
+
+%% @doc Runs one request on one of the pool's nodes, in the caller's process.
+-spec request(atom(), request(), timeout()) -> {ok, term()} | {error, term()}.
+request(Pool, Req, Timeout) ->
+    case persistent_term:get(?KEY(Pool), undefined) of
+        undefined ->
+            {error, {no_pool, Pool}};
+        {Tab, Counter, Server} ->
+            case ets:lookup(Tab, up) of
+                [{up, {}}] ->
+                    {error, {no_nodes, Pool}};
+                [{up, Up}] ->
+                    I = atomics:add_get(Counter, 1, 1),
+                    Node = element(1 + (I rem tuple_size(Up)), Up),
+                    call(Node, Req, Timeout, Server)
+            end
+    end.
+
+%% @doc The pool's nodes that are up now.
+-spec nodes(atom()) -> [node()].
+nodes(Pool) ->
+    case persistent_term:get(?KEY(Pool), undefined) of
+        undefined -> [];
+        {Tab, _, _} -> [{up, Up}] = ets:lookup(Tab, up), tuple_to_list(Up)
+    end.
+
+-spec stop(atom()) -> ok.
+stop(Pool) ->
+    case persistent_term:get(?KEY(Pool), undefined) of
+        undefined -> ok;
+        {_, _, Server} -> gen_server:stop(Server)
+    end.
+
+%% gen_server.
+
+-type state() :: map().
+
+-spec init({atom(), map()}) -> {ok, state()} | {stop, term()}.
+init({Pool, Opts}) ->
+    process_flag(trap_exit, true),
+    case is_alive() of
+        false ->
+            {stop, not_distributed};
+        true ->
+            ok = net_kernel:monitor_nodes(true, [{node_type, all}]),
+            Tab = ets:new(?MODULE, [set, public, {read_concurrency, true}]),
+            ets:insert(Tab, {up, {}}),
+            persistent_term:put(?KEY(Pool), {Tab, atomics:new(1, []), self()}),
+            Given = maps:get(nodes, Opts, []),
+            Count = maps:get(start, Opts, case Given of
+                                              [] -> maps:get(size, Opts, 2);
+                                              _ -> 0
+                                          end),
+            S0 = #{pool => Pool, tab => Tab, opts => Opts, nodes => Given, up => [],
+                   ports => #{}},
+            case start_local(Count, S0) of
+                {ok, S1} ->
+                    S2 = lists:foldl(fun(N, S) -> connect(N, S) end, S1, maps:get(nodes, S1)),
+                    erlang:send_after(?RETRY_MS, self(), retry),
+                    {ok, S2};
+                {error, Why} ->
+                    persistent_term:erase(?KEY(Pool)),
+                    {stop, Why}
+            end
+    end.
+
+-spec handle_call(term(), gen_server:from(), state()) -> {reply, term(), state()}.
+handle_call(nodes, _From, S) ->
+    {reply, maps:get(up, S), S};
+handle_call(_Req, _From, S) ->
+    {reply, {error, unknown_call}, S}.
+
+-spec handle_cast(term(), state()) -> {noreply, state()}.
+handle_cast({down, Node}, S) ->
+    %% A caller saw noconnection: drop the node now rather than at the nodedown message.
+    {noreply, drop(Node, S)};
+handle_cast(_Msg, S) ->
+    {noreply, S}.
+
+-spec handle_info(term(), state()) -> {noreply, state()}.
+handle_info({nodeup, Node, _Info}, S) ->
+    case lists:member(Node, maps:get(nodes, S)) of
+        true -> {noreply, add(Node, S)};
+        false -> {noreply, S}
+    end;
+handle_info({nodedown, Node, _Info}, S) ->
+    {noreply, drop(Node, S)};
+handle_info(retry, #{nodes := Nodes, up := Up} = S) ->
+    %% Pinging a node on an unreachable host can take seconds: not in this process.
+    case Nodes -- Up of
+        [] -> ok;
+        Down -> spawn_link(fun() -> [net_adm:ping(N) || N <- Down] end)
+    end,
+    erlang:send_after(?RETRY_MS, self(), retry),
+    {noreply, S};
+handle_info({Port, {data, {_, Line}}}, #{ports := Ports, pool := Pool} = S) when is_port(Port) ->
+    case Ports of
+        #{Port := Node} ->
+            logger:notice("~ts", [Line], #{domain => [erpy, node], pool => Pool, node => Node});
+        _ -> ok
+    end,
+    {noreply, S};
+handle_info({Port, {exit_status, Status}}, #{ports := Ports, pool := Pool} = S) ->
+    case maps:take(Port, Ports) of
+        {Node, Rest} ->
+            logger:warning("erpy node pool ~p: Python node ~p exited with status ~p; restarting it",
+                           [Pool, Node, Status], #{domain => [erpy, node]}),
+            S1 = drop(Node, S#{ports := Rest}),
+            erlang:send_after(500, self(), {restart, Node}),
+            {noreply, S1};
+        error ->
+            {noreply, S}
+    end;
+handle_info({restart, Node}, S) ->
+    case spawn_node(Node, S) of
+        {ok, S1} -> {noreply, S1};
+        {error, _} ->
+            erlang:send_after(?RETRY_MS, self(), {restart, Node}),
+            {noreply, S}
+    end;
+handle_info({'EXIT', _Pid, _Reason}, S) ->
+    {noreply, S};
+handle_info(_Msg, S) ->
+    {noreply, S}.
+
+-spec terminate(term(), state()) -> ok.
+terminate(_Reason, #{pool := Pool, ports := Ports}) ->
+    persistent_term:erase(?KEY(Pool)),
+    %% Started nodes run with --exit-on-eof: closing the port ends them.
+    [catch port_close(P) || P <- maps:keys(Ports)],
+    ok.
+
+%% Internal.
+
+call(Node, Req, Timeout, Server) ->
+    case service(Req) of
+        {error, _} = Error ->
+            Error;
+        {F, Args} ->
+            try erpc:call(Node, 'erpy.service', F, Args, Timeout) of
+                Result -> {ok, Result}
+            catch
+                error:{exception, #{type := _} = PyError, _} -> {error, PyError};
+                error:{erpc, timeout} -> {error, timeout};
+                error:{erpc, noconnection} ->
+                    gen_server:cast(Server, {down, Node}),
+                    {error, {node_down, Node}};
+                error:{erpc, Reason} -> {error, Reason};
+                Class:Reason -> {error, {Class, Reason}}
+            end
+    end.
+
+service({call, M, F, Args, Kwargs}) when is_list(Args) ->
+    {call, [bin(M), bin(F), Args, case Kwargs of undefined -> #{}; _ -> Kwargs end]};
+service({eval, Expr, Locals}) -> {eval, [Expr, Locals]};
+service({exec, Code}) -> {exec, [Code]};
+service({run, Code, Arguments}) -> {run, [Code, Arguments]};
+service(Other) -> {error, {badarg, Other}}.
+
+bin(A) when is_atom(A) -> atom_to_binary(A, utf8);
+bin(B) -> B.
+
+connect(Node, S) ->
+    case net_kernel:connect_node(Node) of
+        true -> add(Node, S);
+        _ -> S
+    end.
+
+add(Node, #{up := Up} = S) ->
+    case lists:member(Node, Up) of
+        true -> S;
+        false -> publish(S#{up := Up ++ [Node]})
+    end.
+
+drop(Node, #{up := Up} = S) ->
+    publish(S#{up := lists:delete(Node, Up)}).
+
+publish(#{tab := Tab, up := Up} = S) ->
+    ets:insert(Tab, {up, list_to_tuple(Up)}),
+    S.
+
+%% Python nodes on this host.
+
+start_local(0, S) ->
+    {ok, S};
+start_local(Count, #{pool := Pool, opts := Opts} = S) ->
+    case erpy_config:pool_opts(maps:remove(nodes, Opts#{mode => node})) of
+        {ok, Full} ->
+            [_, Host] = string:split(atom_to_list(node()), "@"),
+            Names = [list_to_atom(lists:concat(["erpy_", Pool, "_", I, "_", os:getpid(), "@", Host]))
+                     || I <- lists:seq(1, Count)],
+            S1 = S#{opts := maps:merge(Opts, maps:with([python, pythonpath], Full)),
+                    nodes := maps:get(nodes, S) ++ Names},
+            start_all(Names, S1);
+        {error, _} = Error ->
+            Error
+    end.
+
+start_all([], S) ->
+    {ok, S};
+start_all([Node | Rest], S) ->
+    case spawn_node(Node, S) of
+        {ok, S1} ->
+            case wait_up(Node, erlang:monotonic_time(millisecond) + ?START_WAIT_MS) of
+                ok -> start_all(Rest, connect(Node, S1));
+                timeout -> {error, {node_start_timeout, Node}}
+            end;
+        {error, _} = Error ->
+            Error
+    end.
+
+wait_up(Node, Deadline) ->
+    case net_adm:ping(Node) of
+        pong -> ok;
+        pang ->
+            case erlang:monotonic_time(millisecond) > Deadline of
+                true -> timeout;
+                false -> timer:sleep(50), wait_up(Node, Deadline)
+            end
+    end.
+
+spawn_node(Node, #{opts := Opts, ports := Ports} = S) ->
+    [_, Host] = string:split(atom_to_list(Node), "@"),
+    Listen = case inet:getaddr(Host, inet) of
+                 {ok, Ip} -> inet:ntoa(Ip);
+                 {error, _} -> "127.0.0.1"
+             end,
+    Args = ["-m", "erpy.node", "--name", atom_to_list(Node), "--listen", Listen,
+            "--allow", "*", "--allow-code", "--exit-on-eof"]
+        ++ [to_list(A) || A <- maps:get(node_args, Opts, [])],
+    %% The cookie goes through the environment, not argv (which `ps` shows).
+    Env = [{"PYTHONPATH", maps:get(pythonpath, Opts)},
+           {"ERPY_COOKIE", atom_to_list(erlang:get_cookie())},
+           {"PYTHONUNBUFFERED", "1"}],
+    try open_port({spawn_executable, maps:get(python, Opts)},
+                  [{args, Args}, {env, Env}, {line, 4096}, exit_status, stderr_to_stdout,
+                   use_stdio, binary]) of
+        Port -> {ok, S#{ports := Ports#{Port => Node}}}
+    catch
+        error:Why -> {error, {python_start_failed, Why}}
+    end.
+
+to_list(B) when is_binary(B) -> binary_to_list(B);
+to_list(A) when is_atom(A) -> atom_to_list(A);
+to_list(L) when is_list(L) -> L.
