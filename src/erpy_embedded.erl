@@ -11,6 +11,7 @@
 
 -define(KEY(Name), {erpy_pool, Name}).
 -define(NESTED, '$erpy_nested').
+-define(SPIN, 200).
 
 %% API.
 
@@ -102,8 +103,18 @@ terminate(_Why, #{name := Name, pool := Pool}) ->
 submit_and_wait(Target, #{name := Name} = Handle, Req, Timeout, WantHandle) ->
     Ref = make_ref(),
     case erpy_nif:submit(Target, Ref, Req, WantHandle) of
-        {ok, Job} -> wait(Ref, Job, Handle, deadline(Timeout));
+        {ok, Job} -> spin(Ref, Job, Handle, deadline(Timeout), ?SPIN);
         {error, closed} -> {error, {no_pool, Name}}
+    end.
+
+%% A short call answers within microseconds, sooner than this scheduler could go to sleep
+%% and be woken by a message: poll for the answer a little (it waits in the job, so
+%% Python's thread sends nothing), then wait for it as a message.
+spin(Ref, Job, Handle, Deadline, N) ->
+    case erpy_nif:poll(Job, N =:= 0) of
+        {done, Answer} -> Answer;
+        pending -> spin(Ref, Job, Handle, Deadline, N - 1);
+        wait -> wait(Ref, Job, Handle, Deadline)
     end.
 
 wait(Ref, Job, Handle, Deadline) ->
@@ -127,10 +138,10 @@ give_up(Ref, Job) ->
         canceled ->
             flush(Ref),
             {error, timeout};
+        {done, Answer} ->
+            Answer;
         sent ->
-            receive {Ref, {callback, _, _, _, _, _}} -> flush_answer(Ref);
-                    {Ref, Answer} -> Answer
-            end
+            flush_answer(Ref)
     end.
 
 flush_answer(Ref) ->

@@ -2,12 +2,12 @@
 %% is replaced by its C++ version, which never runs Python on the calling scheduler.
 -module(erpy_nif).
 
--export([init/2, pool_new/3, pool_close/1, pool_info/1, submit/4, cancel/1,
+-export([init/2, pool_new/3, pool_close/1, pool_info/1, submit/4, cancel/1, poll/2,
          callback_reply/2, checkin/1, python_info/0, is_handle/1]).
 
 -on_load(load/0).
 
--nifs([init/2, pool_new/3, pool_close/1, pool_info/1, submit/4, cancel/1,
+-nifs([init/2, pool_new/3, pool_close/1, pool_info/1, submit/4, cancel/1, poll/2,
        callback_reply/2, checkin/1, python_info/0, is_handle/1]).
 
 -type pool() :: reference().
@@ -31,14 +31,21 @@ pool_close(_Pool) -> erlang:nif_error(not_loaded).
 -spec pool_info(pool()) -> map().
 pool_info(_Pool) -> erlang:nif_error(not_loaded).
 
-%% Queues a request; the answer comes as {Ref, {ok, R} | {error, E}}, callbacks as
+%% Queues a request. Its answer ({ok, R} | {error, E}) is polled for (poll/2), or comes
+%% as {Ref, Answer} once the caller waits; callbacks come as
 %% {Ref, {callback, Context, Kind, M, F, Args}}.
 -spec submit(pool() | context(), reference(), tuple(), boolean()) -> {ok, job()} | {error, closed}.
 submit(_Target, _Ref, _Request, _WantHandle) -> erlang:nif_error(not_loaded).
 
-%% canceled: no answer will come; sent: the answer is in the caller's mailbox.
--spec cancel(job()) -> canceled | sent.
+%% canceled: no answer will come; sent: the answer is in the caller's mailbox; or the
+%% answer itself, which was waiting to be polled.
+-spec cancel(job()) -> canceled | sent | {done, term()}.
 cancel(_Job) -> erlang:nif_error(not_loaded).
+
+%% The answer if it is there; `wait` once it will come as a message (always after
+%% poll(Job, true), and when a callback needs the caller's mailbox).
+-spec poll(job(), boolean()) -> {done, term()} | pending | wait.
+poll(_Job, _Block) -> erlang:nif_error(not_loaded).
 
 -spec callback_reply(job(), {ok, term()} | {error, term()}) -> ok.
 callback_reply(_Job, _Reply) -> erlang:nif_error(not_loaded).

@@ -171,13 +171,37 @@ ERL_NIF_TERM nif_submit(ErlNifEnv* env, int, const ERL_NIF_TERM argv[]) {
   return enif_make_tuple2(env, atom(env, "ok"), t);
 }
 
-// cancel(Job) -> canceled (it will never answer) | sent (its answer is in the mailbox)
-ERL_NIF_TERM nif_cancel(ErlNifEnv* env, int, const ERL_NIF_TERM argv[]) {
+Job* get_job(ErlNifEnv* env, ERL_NIF_TERM t) {
   Job* job;
-  if (!enif_get_resource(env, argv[0], Runtime::get().types.job, reinterpret_cast<void**>(&job))) {
-    return enif_make_badarg(env);
+  if (!enif_get_resource(env, t, Runtime::get().types.job, reinterpret_cast<void**>(&job))) return nullptr;
+  return job;
+}
+
+// cancel(Job) -> canceled (it will never answer) | sent (its answer is in the mailbox)
+//              | {done, Answer}
+ERL_NIF_TERM nif_cancel(ErlNifEnv* env, int, const ERL_NIF_TERM argv[]) {
+  Job* job = get_job(env, argv[0]);
+  if (!job) return enif_make_badarg(env);
+  ERL_NIF_TERM answer;
+  switch (job->pool->cancel(job, env, &answer)) {
+    case Pool::Outcome::Canceled: return atom(env, "canceled");
+    case Pool::Outcome::Sent: return atom(env, "sent");
+    case Pool::Outcome::Done: return enif_make_tuple2(env, atom(env, "done"), answer);
   }
-  return atom(env, job->pool->cancel(job) ? "canceled" : "sent");
+  return atom(env, "sent");
+}
+
+// poll(Job, Block) -> {done, Answer} | pending | wait (the answer will come as a message)
+ERL_NIF_TERM nif_poll(ErlNifEnv* env, int, const ERL_NIF_TERM argv[]) {
+  Job* job = get_job(env, argv[0]);
+  if (!job) return enif_make_badarg(env);
+  ERL_NIF_TERM answer;
+  switch (job->pool->poll(job, enif_is_identical(argv[1], atom(env, "true")), env, &answer)) {
+    case Pool::Poll::Done: return enif_make_tuple2(env, atom(env, "done"), answer);
+    case Pool::Poll::Pending: return atom(env, "pending");
+    case Pool::Poll::Wait: return atom(env, "wait");
+  }
+  return atom(env, "wait");
 }
 
 // callback_reply(Job, {ok, Value} | {error, Reason}) -> ok
@@ -239,6 +263,7 @@ ErlNifFunc funcs[] = {
     {"pool_info", 1, nif_pool_info, 0},
     {"submit", 4, nif_submit, 0},
     {"cancel", 1, nif_cancel, 0},
+    {"poll", 2, nif_poll, 0},
     {"callback_reply", 2, nif_callback_reply, 0},
     {"checkin", 1, nif_checkin, 0},
     {"python_info", 0, nif_python_info, 0},

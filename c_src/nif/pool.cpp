@@ -3,6 +3,7 @@
 #include <algorithm>
 #include <chrono>
 #include <cstring>
+#include <string>
 
 #include "etf/error.hpp"
 #include "runtime.hpp"
@@ -135,19 +136,48 @@ bool Pool::cancel_locked(Job* job) {
   return true;
 }
 
-bool Pool::cancel(Job* job) {
-  bool canceled;
+Pool::Outcome Pool::cancel(Job* job, ErlNifEnv* env, ERL_NIF_TERM* answer) {
+  bool interrupt;
+  {
+    std::lock_guard<std::mutex> lock(m_);
+    if (job->state == JobState::Done) {
+      if (!job->answer_env) return Outcome::Sent;
+      *answer = enif_make_copy(env, job->answer);
+      enif_free_env(std::exchange(job->answer_env, nullptr));
+      return Outcome::Done;
+    }
+    interrupt = job->state == JobState::Running;
+    cancel_locked(job);
+  }
+  if (interrupt) Runtime::get().wake();
+  return Outcome::Canceled;
+}
+
+Pool::Poll Pool::poll(Job* job, bool block, ErlNifEnv* env, ERL_NIF_TERM* answer) {
+  // Polling must not compete for the mutex with the thread that is about to answer.
+  if (!block && !job->settled.load(std::memory_order_acquire)) return Poll::Pending;
+  std::lock_guard<std::mutex> lock(m_);
+  if (job->answer_env) {
+    *answer = enif_make_copy(env, job->answer);
+    enif_free_env(std::exchange(job->answer_env, nullptr));
+    return Poll::Done;
+  }
+  if (block || job->blocking) {
+    job->blocking = true;
+    return Poll::Wait;
+  }
+  return Poll::Pending;
+}
+
+void Pool::caller_down(Job* job) {
   bool interrupt;
   {
     std::lock_guard<std::mutex> lock(m_);
     interrupt = job->state == JobState::Running;
-    canceled = cancel_locked(job);
+    cancel_locked(job);
   }
   if (interrupt) Runtime::get().wake();
-  return canceled;
 }
-
-void Pool::caller_down(Job* job) { cancel(job); }
 
 void Pool::callback_reply(Job* job, ErlNifEnv*, ERL_NIF_TERM reply) {
   ErlNifEnv* copy = enif_alloc_env();
@@ -227,6 +257,9 @@ Job* Pool::next_job(Context& c, std::unique_lock<std::mutex>& lock) {
 }
 
 void Pool::serve(Context& c) {
+  // Named, so top, perf and gdb tell context threads from the VM's schedulers.
+  const std::string name = "erpy_ctx_" + std::to_string(c.index);
+  pthread_setname_np(pthread_self(), name.c_str());
   set_current_context(&c);
   auto self = shared_from_this();  // the pool outlives its threads' loops
   // Made on this thread, so it records this thread's id, which interrupts address.
@@ -430,18 +463,27 @@ void Pool::run_job(Context& c, Job* job) {
   msg.env = nullptr;  // finish() owns it now
 }
 
-// Sends {Ref, Answer} unless the job was canceled meanwhile; frees the env either way.
+// Hands the answer over unless the job was canceled meanwhile: kept for the polling
+// caller (no message, no lock on its process), or sent as {Ref, Answer} once it blocks.
 void Pool::finish(Context&, Job* job, ErlNifEnv* msg_env, ERL_NIF_TERM answer) {
   std::lock_guard<std::mutex> lock(m_);
-  if (job->state != JobState::Canceled) {
-    job->state = JobState::Done;
-    ERL_NIF_TERM ref = enif_make_copy(msg_env, job->ref);
-    enif_send(nullptr, &job->caller, msg_env, enif_make_tuple2(msg_env, ref, answer));
-  }
   if (job->monitored) {
     enif_demonitor_process(nullptr, job, &job->monitor);
     job->monitored = false;
   }
+  if (job->state == JobState::Canceled) {
+    enif_free_env(msg_env);
+    return;
+  }
+  job->state = JobState::Done;
+  if (!job->blocking) {
+    job->answer_env = msg_env;
+    job->answer = answer;
+    job->settled.store(true, std::memory_order_release);
+    return;
+  }
+  ERL_NIF_TERM ref = enif_make_copy(msg_env, job->ref);
+  enif_send(nullptr, &job->caller, msg_env, enif_make_tuple2(msg_env, ref, answer));
   enif_free_env(msg_env);
 }
 
@@ -475,6 +517,8 @@ PyRef Pool::erlang_callback(Context& c, const char* kind, PyObject* m, PyObject*
     if (job->state == JobState::Canceled) {
       canceled = true;
     } else {
+      job->blocking = true;  // a polling caller sees Wait and goes to its mailbox
+      job->settled.store(true, std::memory_order_release);
       ERL_NIF_TERM ref = enif_make_copy(msg.env, job->ref);
       enif_send(nullptr, &job->caller, msg.env, enif_make_tuple2(msg.env, ref, body));
     }

@@ -43,6 +43,12 @@ struct Job {
   JobState state = JobState::Queued;
   ErlNifEnv* reply_env = nullptr;  // the answer to the callback in progress
   ERL_NIF_TERM reply = 0;
+  // The caller polls for a short call's answer (poll/2), which then waits here; once it
+  // blocks in `receive` (or a callback needs it there), answers come as messages.
+  ErlNifEnv* answer_env = nullptr;
+  ERL_NIF_TERM answer = 0;
+  bool blocking = false;
+  std::atomic<bool> settled{false};  // answer_env set, or blocking: poll may take the lock
   bool monitored = false;
   ErlNifMonitor monitor{};
   std::chrono::steady_clock::time_point started{};
@@ -50,6 +56,7 @@ struct Job {
   ~Job() {
     if (env) enif_free_env(env);
     if (reply_env) enif_free_env(reply_env);
+    if (answer_env) enif_free_env(answer_env);
   }
 };
 
@@ -98,8 +105,14 @@ class Pool : public std::enable_shared_from_this<Pool> {
 
   // From Erlang processes (no GIL).
   bool submit(Job* job, int context);  // context -1: any; false when closed
-  // true: the job will not answer (it never will, now); false: it already answered.
-  bool cancel(Job* job);
+  enum class Outcome { Canceled, Sent, Done };
+  // Canceled: it will never answer. Sent: the answer is in the caller's mailbox. Done: the
+  // answer is copied into `env` as *answer.
+  Outcome cancel(Job* job, ErlNifEnv* env, ERL_NIF_TERM* answer);
+  // Done (answer copied), or Pending; with `block`, or while a callback needs the caller's
+  // mailbox, Wait: from now on the answer comes as a message.
+  enum class Poll { Done, Pending, Wait };
+  Poll poll(Job* job, bool block, ErlNifEnv* env, ERL_NIF_TERM* answer);
   void callback_reply(Job* job, ErlNifEnv* env, ERL_NIF_TERM reply);
   void release(int context);  // checkin, or the holder died
   void caller_down(Job* job);
