@@ -45,8 +45,7 @@ request(Pool, Req, Timeout) ->
                     {error, {no_nodes, Pool}};
                 [{up, Up}] ->
                     I = atomics:add_get(Counter, 1, 1),
-                    Node = element(1 + (I rem tuple_size(Up)), Up),
-                    call(Node, Req, Timeout, Server)
+                    pick(Up, I, tuple_size(Up), Pool, Req, Timeout, Server)
             end
     end.
 
@@ -165,6 +164,21 @@ terminate(_Reason, #{pool := Pool, ports := Ports}) ->
     ok.
 
 %% Internal.
+
+%% Round robin over the nodes that are up. A node whose connection is already gone (the
+%% pool has not heard yet) is skipped, not called: erpc would try to reconnect, and the
+%% request, which never ran there, would fail as if it had been in flight.
+pick(_Up, _I, 0, Pool, _Req, _Timeout, _Server) ->
+    {error, {no_nodes, Pool}};
+pick(Up, I, Left, Pool, Req, Timeout, Server) ->
+    Node = element(1 + (I rem tuple_size(Up)), Up),
+    case lists:member(Node, erlang:nodes(connected)) of
+        true ->
+            call(Node, Req, Timeout, Server);
+        false ->
+            gen_server:cast(Server, {down, Node}),
+            pick(Up, I + 1, Left - 1, Pool, Req, Timeout, Server)
+    end.
 
 call(Node, Req, Timeout, Server) ->
     case service(Req) of

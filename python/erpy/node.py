@@ -91,6 +91,10 @@ class GenServer:
     def terminate(self, reason: Any) -> None:
         pass
 
+    def stop(self, reason: Any = "normal") -> None:
+        """Ends this process (from inside a handler) with ``reason``."""
+        raise _Stop(Atom(reason) if type(reason) is str else reason)
+
 
 class _Stop(Exception):
     def __init__(self, reason: Any) -> None:
@@ -454,4 +458,8 @@ def main(argv: list[str] | None = None) -> int:
 
 
 if __name__ == "__main__":
-    sys.exit(main())
+    # `python3 -m erpy.node` runs this file as __main__; run main() of the real module
+    # erpy.node instead, so handler modules that import erpy.node (GenServer, NOREPLY)
+    # share its classes.
+    from erpy.node import main as _main
+    sys.exit(_main())

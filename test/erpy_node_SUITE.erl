@@ -1,0 +1,422 @@
+%% Node mode end to end (issue 6): real Python nodes (`python3 -m erpy.node`) reached by
+%% stock OTP (net_adm, rpc, erpc, gen_server, !, monitors, links), Python reaching Erlang
+%% nodes, the node pool (erpy_node_pool) with a node killed under load, the cookie, large
+%% messages, and a Python node's memory over 100k calls. The suite makes this node
+%% distributed if it is not, and starts every Python and peer node itself.
+-module(erpy_node_SUITE).
+
+-include_lib("common_test/include/ct.hrl").
+-include_lib("stdlib/include/assert.hrl").
+
+-export([all/0, suite/0, init_per_suite/1, end_per_suite/1,
+         init_per_testcase/2, end_per_testcase/2]).
+-export([ping/1, rpc_and_erpc/1, python_errors/1, allow_list/1, gen_server_handler/1,
+         sends_and_order/1, monitors_and_links/1, python_to_erlang/1,
+         several_erlang_nodes/1, nodedown_seen_by_python/1, wrong_cookie/1,
+         large_messages/1, slow_handler_does_not_stall/1, concurrent_calls/1,
+         cli_env_fallbacks/1, pool_basics/1, pool_node_killed_under_load/1,
+         memory_flat_over_100k_calls/1]).
+
+all() ->
+    [ping, rpc_and_erpc, python_errors, allow_list, gen_server_handler, sends_and_order,
+     monitors_and_links, python_to_erlang, several_erlang_nodes, nodedown_seen_by_python,
+     wrong_cookie, large_messages, slow_handler_does_not_stall, concurrent_calls,
+     cli_env_fallbacks, pool_basics, pool_node_killed_under_load,
+     memory_flat_over_100k_calls].
+
+suite() ->
+    [{timetrap, {seconds, 60}}].
+
+init_per_suite(Config) ->
+    _ = os:cmd("epmd -daemon"),
+    case is_alive() of
+        true -> ok;
+        false -> {ok, _} = net_kernel:start(['ct_erpy@127.0.0.1', longnames])
+    end,
+    _ = application:load(erpy),
+    Py1 = start_python(py_a),
+    Py2 = start_python(py_b),
+    [{py1, Py1}, {py2, Py2} | Config].
+
+end_per_suite(Config) ->
+    [stop_python(?config(K, Config)) || K <- [py1, py2]],
+    ok.
+
+init_per_testcase(_Case, Config) ->
+    Config.
+
+end_per_testcase(_Case, _Config) ->
+    catch erpy_node_pool:stop(np_basic),
+    catch erpy_node_pool:stop(np_kill),
+    ok.
+
+%% ---- stock OTP into Python ---------------------------------------------------------------
+
+%% net_adm:ping answers pong and the Python node is a hidden node of this one.
+ping(Config) ->
+    {Node, _} = ?config(py1, Config),
+    ?assertEqual(pong, net_adm:ping(Node)),
+    ?assert(lists:member(Node, nodes(hidden))),
+    ?assertNot(lists:member(Node, nodes())).
+
+%% rpc:call, erpc:call/cast/multicall reach allowed Python modules, dotted names included.
+rpc_and_erpc(Config) ->
+    {P1, _} = ?config(py1, Config),
+    {P2, _} = ?config(py2, Config),
+    ?assertEqual(3, rpc:call(P1, operator, add, [1, 2])),
+    ?assertEqual(<<"a/b">>, rpc:call(P1, 'os.path', join, [<<"a">>, <<"b">>])),
+    ?assertEqual([1, 2, 3], erpc:call(P1, builtins, sorted, [[1, 3, 2]])),
+    ?assertEqual([{ok, 3}, {ok, 3}], erpc:multicall([P1, P2], operator, add, [1, 2])),
+    ?assertEqual({[3, 3], []}, rpc:multicall([P1, P2], operator, add, [1, 2])),
+    %% erpc:cast runs the function; it tells us so.
+    ok = erpc:cast(P1, node_handlers, notify, [self(), cast_ran]),
+    receive cast_ran -> ok after 5000 -> ct:fail(no_cast) end,
+    %% A term of every kind survives the round trip.
+    T = {1, -2, 1 bsl 70, 1.5, atom, <<"bin">>, <<255, 0>>, [1, [2]], #{<<"k">> => [v]},
+         self(), make_ref(), [a | b], true, undefined},
+    ?assertEqual(T, erpc:call(P1, node_handlers, echo, [T])).
+
+%% A Python exception reaches erpc as error({exception, #{type, message, traceback}, Stack}) and rpc as badrpc.
+python_errors(Config) ->
+    {P, _} = ?config(py1, Config),
+    try erpc:call(P, node_handlers, crash, [<<"bad thing">>]) of
+        R -> ct:fail({no_exception, R})
+    catch
+        error:{exception, #{type := <<"ValueError">>, message := <<"bad thing">>,
+                            traceback := [_ | _]}, []} -> ok
+    end,
+    ?assertMatch({badrpc, {'EXIT', {#{type := <<"ZeroDivisionError">>}, []}}},
+                 rpc:call(P, operator, truediv, [1, 0])),
+    %% The node stays usable.
+    ?assertEqual(3, rpc:call(P, operator, add, [1, 2])).
+
+%% Only allowed modules are reachable; private names never; a refusal is a NotAllowed error.
+allow_list(Config) ->
+    {P, _} = ?config(py1, Config),
+    ?assertMatch({badrpc, {'EXIT', {#{type := <<"NotAllowed">>}, _}}}, rpc:call(P, os, getcwd, [])),
+    ?assertMatch({badrpc, {'EXIT', {#{type := <<"NotAllowed">>}, _}}}, rpc:call(P, subprocess, run, [[<<"id">>]])),
+    ?assertMatch({badrpc, {'EXIT', {#{type := <<"NotAllowed">>}, _}}}, rpc:call(P, operator, '__dict__', [])),
+    %% Code execution through erpy.service is off unless --allow-code.
+    ?assertMatch({badrpc, {'EXIT', {#{type := <<"NotAllowed">>}, _}}},
+                 rpc:call(P, 'erpy.service', eval, [<<"1+1">>, #{}])).
+
+%% gen_server:call/cast reach a Python GenServer registered by name; a deferred reply works; a crash exits the caller with the error map.
+gen_server_handler(Config) ->
+    {P, _} = ?config(py1, Config),
+    S = {counter, P},
+    Base = gen_server:call(S, get),
+    ?assertEqual(Base + 5, gen_server:call(S, {add, 5})),
+    ok = gen_server:cast(S, {add, 10}),
+    ?assertEqual(Base + 15, gen_server:call(S, get)),
+    ?assertEqual(deferred, gen_server:call(S, {defer, deferred})),
+    ?assertEqual({unknown, what}, gen_server:call(S, what)),
+    Pid = gen_server:call(S, pid),
+    ?assert(is_pid(Pid)),
+    ?assertEqual(P, node(Pid)),
+    ?assertEqual(Base + 16, gen_server:call(Pid, {add, 1})),
+    %% No monitor is left behind by calls (each call demonitors).
+    {monitors, Mons} = process_info(self(), monitors),
+    ?assertEqual([], Mons).
+
+%% {Name, Node} ! Msg and Pid ! Msg reach Python mailboxes; one sender's messages arrive in order.
+sends_and_order(Config) ->
+    {P, _} = ?config(py1, Config),
+    {counter, P} ! {ping, self()},
+    Pid = receive {pong, Pp} -> Pp after 5000 -> ct:fail(no_pong) end,
+    Pid ! {ping, self()},
+    receive {pong, Pid} -> ok after 5000 -> ct:fail(no_pong_by_pid) end,
+    [] = gen_server:call({collector, P}, get),
+    N = 20000,
+    [{collector, P} ! {seq, I} || I <- lists:seq(1, N)],
+    Got = gen_server:call({collector, P}, get, 30000),
+    ?assertEqual([{seq, I} || I <- lists:seq(1, N)], Got).
+
+%% Monitors of Python processes get 'DOWN' with the exit reason, links get 'EXIT', a dead or unknown target gives noproc.
+monitors_and_links(Config) ->
+    {P, _} = ?config(py2, Config),
+    Pid = gen_server:call({counter, P}, pid),
+    Ref = erlang:monitor(process, Pid),
+    process_flag(trap_exit, true),
+    true = link(Pid),
+    ok = gen_server:cast(Pid, {stop, finished}),
+    receive {'DOWN', Ref, process, Pid, finished} -> ok after 5000 -> ct:fail(no_down) end,
+    receive {'EXIT', Pid, finished} -> ok after 5000 -> ct:fail(no_exit) end,
+    %% The process is gone: a new monitor fires at once with noproc.
+    Ref2 = erlang:monitor(process, Pid),
+    receive {'DOWN', Ref2, process, Pid, noproc} -> ok after 5000 -> ct:fail(no_noproc) end,
+    Ref3 = erlang:monitor(process, {no_such_name, P}),
+    receive {'DOWN', Ref3, process, {no_such_name, P}, noproc} -> ok after 5000 -> ct:fail(no_noproc_name) end,
+    %% A handler crash: the monitor sees the error map.
+    restart_counter(P),
+    Pid2 = gen_server:call({counter, P}, pid),
+    Ref4 = erlang:monitor(process, Pid2),
+    ?assertExit({#{type := <<"RuntimeError">>}, _}, gen_server:call(Pid2, crash)),
+    receive {'DOWN', Ref4, process, Pid2, #{type := <<"RuntimeError">>}} -> ok
+    after 5000 -> ct:fail(no_crash_down) end,
+    restart_counter(P),
+    process_flag(trap_exit, false).
+
+%% ---- Python into Erlang ------------------------------------------------------------------
+
+%% Python calls Erlang (erpc), sends to registered names and pids, and makes gen_server calls into Erlang; the nested calls come back over the same connection.
+python_to_erlang(Config) ->
+    {P, _} = ?config(py1, Config),
+    Me = node(),
+    ?assertEqual(Me, rpc:call(P, node_handlers, erlang_rpc, [Me, erlang, node, []])),
+    ?assertEqual([1, 2, 3], rpc:call(P, node_handlers, erlang_rpc, [Me, lists, sort, [[3, 1, 2]]])),
+    ?assertMatch({badrpc, {'EXIT', {#{type := <<"ErlangError">>}, _}}},
+                 rpc:call(P, node_handlers, erlang_rpc, [Me, erlang, error, [oops]])),
+    Srv = spawn_link(fun Loop() ->
+                             receive
+                                 {'$gen_call', From, Req} -> gen:reply(From, {echo, Req}), Loop();
+                                 {relay, To, M} -> To ! M, Loop()
+                             end
+                     end),
+    register(erpy_test_srv, Srv),
+    ?assertEqual({echo, hello}, rpc:call(P, node_handlers, erlang_call, [erpy_test_srv, Me, hello])),
+    ok = rpc:call(P, node_handlers, erlang_send, [{erpy_test_srv, Me}, {relay, self(), via_name}]),
+    receive via_name -> ok after 5000 -> ct:fail(no_send_by_name) end,
+    ok = rpc:call(P, node_handlers, erlang_send, [self(), via_pid]),
+    receive via_pid -> ok after 5000 -> ct:fail(no_send_by_pid) end,
+    unregister(erpy_test_srv),
+    unlink(Srv),
+    exit(Srv, kill).
+
+%% One Python node talks to several Erlang nodes, each over its own connection.
+several_erlang_nodes(Config) ->
+    {P, _} = ?config(py1, Config),
+    {ok, Peer1, N1} = start_peer(erpy_peer_a),
+    {ok, Peer2, N2} = start_peer(erpy_peer_b),
+    try
+        ?assertEqual(N1, rpc:call(P, node_handlers, erlang_rpc, [N1, erlang, node, []])),
+        ?assertEqual(N2, rpc:call(P, node_handlers, erlang_rpc, [N2, erlang, node, []])),
+        %% And they reach the Python node themselves.
+        ?assertEqual(3, erpc:call(N1, rpc, call, [P, operator, add, [1, 2]])),
+        ?assertEqual(3, erpc:call(N2, erpc, call, [P, operator, add, [1, 2]]))
+    after
+        peer:stop(Peer1),
+        peer:stop(Peer2)
+    end.
+
+%% A Python process monitoring a process of an Erlang node that stops gets 'DOWN' with noconnection.
+nodedown_seen_by_python(Config) ->
+    {P, _} = ?config(py2, Config),
+    {ok, Peer, N} = start_peer(erpy_peer_c),
+    Remote = erpc:call(N, erlang, whereis, [init]),
+    Self = self(),
+    spawn_link(fun() -> Self ! {down, rpc:call(P, node_handlers, monitor_and_wait, [Remote, 10.0], 15000)} end),
+    timer:sleep(300),
+    peer:stop(Peer),
+    receive {down, R} -> ?assertEqual(noconnection, R) after 15000 -> ct:fail(no_nodedown) end.
+
+%% ---- security, size, concurrency -----------------------------------------------------------
+
+%% A Python node with another cookie is refused: ping gives pang, rpc nodedown.
+wrong_cookie(_Config) ->
+    {Node, Port} = start_python(py_badcookie, #{cookie => "not_the_cookie"}),
+    try
+        ?assertEqual(pang, net_adm:ping(Node)),
+        ?assertEqual({badrpc, nodedown}, rpc:call(Node, operator, add, [1, 2]))
+    after
+        stop_python({Node, Port})
+    end.
+
+%% Messages far over the fragmentation threshold go both ways intact.
+large_messages(Config) ->
+    {P, _} = ?config(py1, Config),
+    Big = crypto:strong_rand_bytes(8 * 1024 * 1024),
+    ?assertEqual(Big, erpc:call(P, node_handlers, echo, [Big], 30000)),
+    Maps = [#{<<"id">> => I, <<"name">> => <<"item">>, <<"score">> => 1.5} || I <- lists:seq(1, 100000)],
+    ?assertEqual(Maps, erpc:call(P, node_handlers, echo, [Maps], 30000)),
+    ok = rpc:call(P, node_handlers, erlang_send, [self(), {big, Big}]),
+    receive {big, B} -> ?assertEqual(Big, B) after 10000 -> ct:fail(no_big_message) end.
+
+%% A handler that sleeps does not stall the node: other calls go on meanwhile.
+slow_handler_does_not_stall(Config) ->
+    {P, _} = ?config(py2, Config),
+    Self = self(),
+    spawn_link(fun() -> Self ! {slow, rpc:call(P, node_handlers, sleep, [1.5], 5000)} end),
+    timer:sleep(100),
+    {Us, R} = timer:tc(fun() -> rpc:call(P, operator, add, [1, 2]) end),
+    ?assertEqual(3, R),
+    ?assert(Us < 500000),
+    receive {slow, slept} -> ok after 5000 -> ct:fail(no_slow_answer) end.
+
+%% Many calls in flight from many callers: every answer is the right one.
+concurrent_calls(Config) ->
+    {P, _} = ?config(py1, Config),
+    Self = self(),
+    Callers = [spawn_link(fun() ->
+                                  Rs = [erpc:call(P, operator, add, [C, I]) || I <- lists:seq(1, 2000)],
+                                  Self ! {done, C, Rs}
+                          end) || C <- lists:seq(1, 8)],
+    [receive {done, C, Rs} -> ?assertEqual([C + I || I <- lists:seq(1, 2000)], Rs) end
+     || C <- lists:seq(1, length(Callers))].
+
+%% The node starts from the seed's BPY_BEAM_* environment variables alone (no flags).
+cli_env_fallbacks(_Config) ->
+    Node = list_to_atom("py_env@127.0.0.1"),
+    Env = [{"BPY_BEAM_NODE", "py_env"}, {"BPY_BEAM_COOKIE", atom_to_list(erlang:get_cookie())},
+           {"BPY_BEAM_HOST", "127.0.0.1"}, {"ERPY_NODE_ALLOW", "operator"}],
+    Port = open_python(["-m", "erpy.node", "--exit-on-eof"], Env),
+    try
+        ok = wait_pong(Node, 100),
+        ?assertEqual(7, rpc:call(Node, operator, add, [3, 4]))
+    after
+        stop_python({Node, Port})
+    end.
+
+%% ---- node pool ---------------------------------------------------------------------------
+
+%% erpy_node_pool: call, eval, exec, run and errors over two Python nodes it starts itself, spread over both.
+pool_basics(_Config) ->
+    {ok, _} = erpy_node_pool:start_link(np_basic, #{start => 2, pythonpath => [test_py_dir()]}),
+    ?assertEqual(2, length(erpy_node_pool:nodes(np_basic))),
+    ?assertEqual({ok, 3}, erpy_node_pool:request(np_basic, {call, <<"operator">>, <<"add">>, [1, 2], #{}}, 5000)),
+    ?assertEqual({ok, [3, 2, 1]},
+                 erpy_node_pool:request(np_basic, {call, builtins, sorted, [[1, 3, 2]], #{reverse => true}}, 5000)),
+    ?assertEqual({ok, 42}, erpy_node_pool:request(np_basic, {eval, <<"x * 2">>, #{x => 21}}, 5000)),
+    ?assertEqual({ok, undefined}, erpy_node_pool:request(np_basic, {exec, <<"y = 1">>}, 5000)),
+    ?assertEqual({ok, 8}, erpy_node_pool:request(np_basic, {run, <<"result = arguments * 2">>, 4}, 5000)),
+    ?assertMatch({error, #{type := <<"ZeroDivisionError">>, message := _, traceback := [_ | _]}},
+                 erpy_node_pool:request(np_basic, {eval, <<"1 / 0">>, #{}}, 5000)),
+    ?assertEqual({error, timeout},
+                 erpy_node_pool:request(np_basic, {exec, <<"import time; time.sleep(1)">>}, 100)),
+    Pids = lists:usort([element(2, erpy_node_pool:request(np_basic, {eval, <<"__import__('os').getpid()">>, #{}}, 5000))
+                        || _ <- lists:seq(1, 10)]),
+    ?assertEqual(2, length(Pids)),
+    ?assertEqual({error, {no_pool, nope}}, erpy_node_pool:request(nope, {exec, <<>>}, 100)),
+    ok = erpy_node_pool:stop(np_basic).
+
+%% A node killed under load fails only its in-flight calls ({node_down, Node}), is dropped, and rejoins when back.
+pool_node_killed_under_load(_Config) ->
+    {ok, _} = erpy_node_pool:start_link(np_kill, #{start => 2}),
+    [N1, N2] = erpy_node_pool:nodes(np_kill),
+    OsPid = erpc:call(N1, 'erpy.service', eval, [<<"__import__('os').getpid()">>, #{}]),
+    Self = self(),
+    Callers = [spawn_link(fun() ->
+                                  Rs = [erpy_node_pool:request(np_kill, {call, <<"operator">>, <<"add">>, [I, 1], #{}}, 5000)
+                                        || I <- lists:seq(1, 1500)],
+                                  Self ! {done, Rs}
+                          end) || _ <- lists:seq(1, 4)],
+    timer:sleep(200),
+    _ = os:cmd("kill -9 " ++ integer_to_list(OsPid)),
+    Results = lists:append([receive {done, Rs} -> Rs after 30000 -> ct:fail(caller_stuck) end || _ <- Callers]),
+    Errors = [E || {error, _} = E <- Results],
+    ct:pal("~p calls, errors: ~p", [length(Results), Errors]),
+    %% Only in-flight calls fail (at most one per caller), only with node_down of N1.
+    ?assert(length(Errors) =< 4),
+    [?assertEqual({error, {node_down, N1}}, E) || E <- Errors],
+    ?assertEqual(length(Results) - length(Errors), length([ok || {ok, _} <- Results])),
+    %% The pool restarts its node, which rejoins.
+    ok = wait_until(fun() -> lists:sort(erpy_node_pool:nodes(np_kill)) =:= lists:sort([N1, N2]) end, 200),
+    ?assertEqual({ok, 2}, erpc_pool_call(np_kill)),
+    ok = erpy_node_pool:stop(np_kill).
+
+%% ---- memory --------------------------------------------------------------------------------
+
+%% A Python node's RSS stays flat over 100k rpc calls (after a warm-up).
+memory_flat_over_100k_calls(Config) ->
+    {P, _} = ?config(py2, Config),
+    Run = fun(N) ->
+                  Self = self(),
+                  Ps = [spawn_link(fun() ->
+                                           [3 = erpc:call(P, operator, add, [1, 2]) || _ <- lists:seq(1, N div 4)],
+                                           Self ! done
+                                   end) || _ <- lists:seq(1, 4)],
+                  [receive done -> ok end || _ <- Ps]
+          end,
+    Run(20000),
+    Before = rpc:call(P, node_handlers, rss_kb, []),
+    Run(100000),
+    After = rpc:call(P, node_handlers, rss_kb, []),
+    ct:pal("Python node RSS: ~p KiB before, ~p KiB after 100k calls", [Before, After]),
+    ?assert(After - Before < max(1024, Before div 20)).
+
+%% ---- helpers -------------------------------------------------------------------------------
+
+erpc_pool_call(Pool) ->
+    erpy_node_pool:request(Pool, {call, <<"operator">>, <<"add">>, [1, 1], #{}}, 5000).
+
+restart_counter(P) ->
+    ok = rpc:call(P, node_handlers, respawn_counter, []).
+
+root() ->
+    case os:getenv("ERPY_ROOT") of
+        false -> filename:dirname(filename:dirname(code:which(?MODULE)));
+        R -> R
+    end.
+
+test_py_dir() -> filename:join(root(), "test/py").
+
+python() ->
+    case os:getenv("ERPY_PYTHON") of
+        false -> "/usr/bin/python3";
+        P -> P
+    end.
+
+%% The port (and so the Python node, started with --exit-on-eof) belongs to a process of
+%% its own: init_per_suite's process ends before the cases run.
+open_python(Args, Env) ->
+    Path = filename:join(root(), "python") ++ ":" ++ test_py_dir(),
+    Self = self(),
+    Holder = spawn(fun() ->
+                           Port = open_port({spawn_executable, python()},
+                                            [{args, Args}, {env, [{"PYTHONPATH", Path} | Env]},
+                                             exit_status, use_stdio, stderr_to_stdout, {line, 4096}]),
+                           Self ! {self(), started},
+                           hold(Port)
+                   end),
+    receive {Holder, started} -> Holder end.
+
+hold(Port) ->
+    receive
+        stop -> catch port_close(Port);
+        {Port, {data, {_, Line}}} -> ct:log("python: ~ts", [Line]), hold(Port);
+        {Port, {exit_status, S}} -> ct:log("python exited: ~p", [S])
+    end.
+
+start_python(Name) ->
+    start_python(Name, #{}).
+
+start_python(Name, Opts) ->
+    Node = list_to_atom(atom_to_list(Name) ++ "@127.0.0.1"),
+    Cookie = maps:get(cookie, Opts, atom_to_list(erlang:get_cookie())),
+    Port = open_python(["-m", "erpy.node", "--name", atom_to_list(Node),
+                        "--allow", "operator,os.path,builtins,node_handlers",
+                        "--load", "node_handlers", "--exit-on-eof"],
+                       [{"ERPY_COOKIE", Cookie}]),
+    case maps:get(cookie, Opts, undefined) of
+        undefined -> ok = wait_pong(Node, 200);
+        _ -> ok = wait_registered(Name, 200)
+    end,
+    {Node, Port}.
+
+stop_python({Node, Holder}) ->
+    Holder ! stop,
+    wait_until(fun() -> not lists:member(Node, nodes(hidden)) end, 100).
+
+wait_pong(_Node, 0) -> timeout;
+wait_pong(Node, N) ->
+    case net_adm:ping(Node) of
+        pong -> ok;
+        pang -> timer:sleep(50), wait_pong(Node, N - 1)
+    end.
+
+wait_registered(Name, N) ->
+    wait_until(fun() ->
+                       {ok, Names} = erl_epmd:names("127.0.0.1"),
+                       lists:keymember(atom_to_list(Name), 1, Names)
+               end, N).
+
+wait_until(_F, 0) -> timeout;
+wait_until(F, N) ->
+    case F() of
+        true -> ok;
+        _ -> timer:sleep(50), wait_until(F, N - 1)
+    end.
+
+start_peer(Name) ->
+    {ok, Peer, Node} = peer:start_link(#{name => Name, host => "127.0.0.1", longnames => true,
+                                         args => ["-setcookie", atom_to_list(erlang:get_cookie())]}),
+    {ok, Peer, Node}.
