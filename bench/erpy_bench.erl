@@ -21,7 +21,7 @@
 
 -spec workloads() -> [module()].
 workloads() ->
-    [erpy_bench_w5, erpy_bench_port].
+    [erpy_bench_w5, erpy_bench_port, erpy_bench_embedded].
 
 -spec main([string()]) -> ok.
 main(_Args) ->
@@ -30,14 +30,21 @@ main(_Args) ->
             python => os:getenv("ERPY_PYTHON", "/usr/bin/python3"),
             pairs => list_to_integer(os:getenv("BENCH_PAIRS", "15")),
             seconds => list_to_float(os:getenv("BENCH_SECONDS", "0.3"))},
-    Rows = lists:append([Mod:rows(Ctx) || Mod <- workloads()]),
-    Table = table(Rows),
-    io:put_chars(["\n", Table, "\n"]),
-    Facts = machine_facts(Ctx),
-    Out = filename:join([Root, "bench", "RESULTS.md"]),
-    ok = file:write_file(Out, results_md(Rows, Table, Facts)),
-    io:format("wrote ~s~n", [Out]),
-    readme_table(filename:join(Root, "README.md"), Table, Facts).
+    case os:getenv("BENCH_ONLY") of
+        false ->
+            Rows = lists:append([Mod:rows(Ctx) || Mod <- workloads()]),
+            Table = table(Rows),
+            io:put_chars(["\n", Table, "\n"]),
+            Facts = machine_facts(Ctx),
+            Out = filename:join([Root, "bench", "RESULTS.md"]),
+            ok = file:write_file(Out, results_md(Rows, Table, Facts)),
+            io:format("wrote ~s~n", [Out]),
+            readme_table(filename:join(Root, "README.md"), Table, Facts);
+        Only ->
+            %% A partial run (BENCH_ONLY=erpy_bench_embedded,...) prints its rows only.
+            Mods = [list_to_atom(M) || M <- string:lexemes(Only, ", ")],
+            io:put_chars(["\n", table(lists:append([Mod:rows(Ctx) || Mod <- Mods])), "\n"])
+    end.
 
 %% README.md carries the same table between two markers, rewritten with every run so it
 %% never drifts from bench/RESULTS.md.

@@ -7,6 +7,9 @@
 -module(erpy_bench_port).
 
 -export([rows/1]).
+%% Shared with the other modes' workload modules.
+-export([cat/0, echo/2, echoer/1, latencies/3, concurrent/2, cpu_ns/1, crypto_bytes/1,
+         p99/1, fmt/2, os_pid/1, wait_ready/1]).
 
 -define(POOL, erpy_bench_port).
 

@@ -3,7 +3,8 @@
 %% `make bench`: compiles the bench/*.erl modules and runs every workload
 %% (erpy_bench:workloads/0), printing a table and rewriting bench/RESULTS.md.
 %% Environment: ERPY_ROOT, ERPY_PYTHON (set by the Makefile), BENCH_PAIRS (default 15),
-%% BENCH_SECONDS (time per measured run, default 0.3).
+%% BENCH_SECONDS (time per measured run, default 0.3), BENCH_ONLY (comma-separated workload
+%% modules: run just those and print their rows, without rewriting RESULTS.md).
 -mode(compile).
 
 main(Args) ->

@@ -12,16 +12,19 @@ namespace erpy::py {
 namespace {
 
 bool all_ascii(const std::uint8_t* p, std::size_t n) noexcept {
-  // Eight bytes at a time: map keys and short values are most of what is checked.
+  // Eight bytes at a time: map keys and short values are most of what is checked. Long
+  // input stops at the first 256-byte block with a high bit (raw bytes fail at once).
+  constexpr std::uint64_t kHigh = 0x8080808080808080ull;
   std::uint64_t acc = 0;
   std::size_t i = 0;
   for (; i + 8 <= n; i += 8) {
     std::uint64_t w;
     std::memcpy(&w, p + i, 8);
     acc |= w;
+    if ((i & 255) == 248 && (acc & kHigh)) return false;
   }
   for (; i < n; ++i) acc |= p[i];
-  return (acc & 0x8080808080808080ull) == 0;
+  return (acc & kHigh) == 0;
 }
 
 class PyBuilder {

@@ -1,0 +1,205 @@
+%% Embedded mode: W1, W2, W3a, W3b, W4 and W6 of DESIGN.md, each beside the pipe floor
+%% (an open_port to `cat` with {packet, 4}) measured alternately in the same run, with
+%% port mode's figure of the same workload in the notes.
+%%
+%% CPU time is user+sys of every thread of the VM (Python runs inside it) and of cat.
+-module(erpy_bench_embedded).
+
+-export([rows/1]).
+
+-define(POOL, erpy_bench_emb).
+-define(PORT_POOL, erpy_bench_emb_port).
+
+-import(erpy_bench_port, [cat/0, echo/2, echoer/1, latencies/3, concurrent/2, crypto_bytes/1,
+                          p99/1, fmt/2, os_pid/1, wait_ready/1]).
+
+%% API.
+
+-spec rows(erpy_bench:ctx()) -> [erpy_bench:row()].
+rows(#{root := Root} = Ctx) ->
+    true = code:add_patha(filename:join([Root, "_build", "default", "lib", "erpy", "ebin"])),
+    _ = application:load(erpy),
+    {ok, _} = application:ensure_all_started(erpy),
+    {ok, _} = erpy:start_pool(?PORT_POOL, #{mode => port, size => 1, allowed => [{erlang, abs}]}),
+    wait_ready(?PORT_POOL),
+    Rows = [w6(Ctx), w1_w4(Ctx), w2(Ctx), w3a(Ctx), w3b(Ctx)],
+    erpy:stop_pool(?PORT_POOL),
+    application:stop(erpy),
+    lists:append(Rows).
+
+%% W1 (sequential add) beside the pipe floor, and W4 (one callback) beside W1.
+w1_w4(#{pairs := Pairs}) ->
+    start(#{size => 1, allowed => [{erlang, abs}]}),
+    Calls = 20000 div Pairs + 1,
+    Add = fun() -> {ok, 3} = erpy:call(operator, add, [1, 2], #{pool => ?POOL}) end,
+    PortAdd = fun() -> {ok, 3} = erpy:call(operator, add, [1, 2], #{pool => ?PORT_POOL}) end,
+    Empty = fun() -> {ok, undefined} = erpy:eval(<<"None">>, #{}, #{pool => ?POOL}) end,
+    Callback = fun() -> {ok, 1} = erpy:eval(<<"erlang.call('erlang', 'abs', -1)">>, #{}, #{pool => ?POOL}) end,
+    Frame = erpy_call:encode_request({call, <<"operator">>, <<"add">>, [1, 2], #{}}, 1, 5000, self()),
+    Cat = cat(),
+    Procs = fun() -> [os:getpid(), os_pid(Cat)] end,
+    Floor = fun() -> echo(Cat, Frame) end,
+    _ = [Add() || _ <- lists:seq(1, 5000)],
+    {Runs, FloorRuns} = erpy_bench:alternate(
+        Pairs, fun() -> latencies(Add, Calls, Procs) end, fun() -> latencies(Floor, Calls, Procs) end),
+    {PortRuns, EmptyRuns} = erpy_bench:alternate(
+        max(3, Pairs div 3), fun() -> latencies(PortAdd, Calls, Procs) end,
+                             fun() -> latencies(Empty, Calls, Procs) end),
+    {CbRuns, AddRuns} = erpy_bench:alternate(
+        Pairs, fun() -> latencies(Callback, Calls div 2, Procs) end,
+               fun() -> latencies(Add, Calls div 2, Procs) end),
+    {ok, PyNs} = erpy:eval(<<"__import__('timeit').timeit('add(1, 2)', setup='from operator import add', "
+                             "number=200000) / 200000 * 1e9">>, #{}, #{pool => ?POOL}),
+    port_close(Cat),
+    erpy:stop_pool(?POOL),
+    Med = fun(Rs) -> median(lists:append([L || {L, _} <- Rs])) end,
+    P99 = fun(Rs) -> p99(lists:append([L || {L, _} <- Rs])) end,
+    Cpu = fun(Rs) -> lists:sum([C || {_, C} <- Rs]) / length(lists:append([L || {L, _} <- Rs])) / 1000 end,
+    W1Ratio = erpy_bench:median([median(E) / median(F) || {{E, _}, {F, _}} <- lists:zip(Runs, FloorRuns)]),
+    W4Ratio = erpy_bench:median([median(C) / median(A) || {{C, _}, {A, _}} <- lists:zip(CbRuns, AddRuns)]),
+    [#{id => <<"W1">>,
+       workload => <<"embedded: latency of sequential operator.add(1, 2), us/call">>,
+       erpy => fmt("median ~.2f us, p99 ~.1f us, ~.1f us CPU/call", [Med(Runs), P99(Runs), Cpu(Runs)]),
+       reference => fmt("pipe floor (cat echo): median ~.1f us, p99 ~.1f us, ~.1f us CPU/echo",
+                        [Med(FloorRuns), P99(FloorRuns), Cpu(FloorRuns)]),
+       ratio => W1Ratio, target => <<"<= 0.4x">>, pass => W1Ratio =< 0.4,
+       notes => [fmt("~b pairs of ~b calls; ratio = erpy median / floor median per pair", [Pairs, Calls]),
+                 fmt("same run: port mode ~.1f us; embedded empty eval (None) ~.2f us; "
+                     "Python's own operator.add(1, 2) ~.1f ns",
+                     [Med(PortRuns), Med(EmptyRuns), PyNs])]},
+     #{id => <<"W4">>,
+       workload => <<"embedded: Python calls erlang.call('erlang', 'abs', -1) once, us/round trip">>,
+       erpy => fmt("median ~.2f us, p99 ~.1f us, ~.1f us CPU/call", [Med(CbRuns), P99(CbRuns), Cpu(CbRuns)]),
+       reference => fmt("W1 (embedded operator.add): median ~.2f us", [Med(AddRuns)]),
+       ratio => W4Ratio, target => <<"<= 2.5x">>, pass => W4Ratio =< 2.5,
+       notes => [<<"the request is erpy:eval of the callback expression (compiled once, cached)">>]}].
+
+%% W2: 4 concurrent callers x 5,000 calls on a pool of 4 contexts.
+w2(#{pairs := Pairs}) ->
+    start(#{size => 4}),
+    Per = 5000,
+    Frame = erpy_call:encode_request({call, <<"operator">>, <<"add">>, [1, 2], #{}}, 1, 5000, self()),
+    Echoers = [echoer(Frame) || _ <- lists:seq(1, 4)],
+    Procs = fun() -> [os:getpid() | [P || {_, P} <- Echoers]] end,
+    Run = fun() ->
+              concurrent([fun() -> [{ok, 3} = erpy:call(operator, add, [1, 2], #{pool => ?POOL})
+                                    || _ <- lists:seq(1, Per)] end || _ <- lists:seq(1, 4)], Procs)
+          end,
+    FloorRun = fun() ->
+                   concurrent([fun() -> Ech ! {run, Per, self()}, receive {Ech, done} -> ok end end
+                               || {Ech, _} <- Echoers], Procs)
+               end,
+    _ = Run(),
+    {E, F} = erpy_bench:alternate(max(3, Pairs div 3), Run, FloorRun),
+    [exit(Echoer, kill) || {Echoer, _} <- Echoers],
+    erpy:stop_pool(?POOL),
+    Rate = fun({Ns, _}) -> 4 * Per / (Ns / 1.0e9) end,
+    CpuPer = fun(Runs) -> erpy_bench:median([C / (4 * Per) / 1000 || {_, C} <- Runs]) end,
+    Ratio = erpy_bench:median([Rate(A) / Rate(B) || {A, B} <- lists:zip(E, F)]),
+    ERate = erpy_bench:median([Rate(R) || R <- E]),
+    [#{id => <<"W2">>,
+       workload => <<"embedded: throughput, 4 concurrent callers x 5,000 calls (pool of 4), calls/s">>,
+       erpy => fmt("~b calls/s, ~.1f us CPU/call", [round(ERate), CpuPer(E)]),
+       reference => fmt("4 callers x own cat echo: ~b echoes/s, ~.1f us CPU/echo",
+                        [round(erpy_bench:median([Rate(R) || R <- F])), CpuPer(F)]),
+       ratio => Ratio, target => <<">= 200,000 calls/s">>, pass => ERate >= 200000,
+       notes => [<<"ratio = erpy calls/s / floor echoes/s per pair; the target is absolute">>]}].
+
+%% W3a: echo a 1 MiB binary (random bytes: Python gets bytes and returns them).
+w3a(#{pairs := Pairs}) ->
+    start(#{size => 1}),
+    Bin = crypto_bytes(1 bsl 20),
+    Frame = erpy_call:encode_request({call, <<"copy">>, <<"copy">>, [Bin], #{}}, 1, 5000, self()),
+    Cat = cat(),
+    Procs = fun() -> [os:getpid(), os_pid(Cat)] end,
+    Erpy = fun() -> {ok, Bin} = erpy:call(copy, copy, [Bin], #{pool => ?POOL}) end,
+    Port = fun() -> {ok, Bin} = erpy:call(copy, copy, [Bin], #{pool => ?PORT_POOL}) end,
+    Floor = fun() -> echo(Cat, Frame) end,
+    N = 40,
+    _ = [Erpy() || _ <- lists:seq(1, 5)],
+    {E, F} = erpy_bench:alternate(Pairs, fun() -> latencies(Erpy, N, Procs) end,
+                                  fun() -> latencies(Floor, N, Procs) end),
+    {P, _} = latencies(Port, N, Procs),
+    port_close(Cat),
+    erpy:stop_pool(?POOL),
+    MBs = fun({L, _}) -> (1 bsl 20) / median(L) end,
+    Ratio = erpy_bench:median([MBs(A) / MBs(B) || {A, B} <- lists:zip(E, F)]),
+    ERate = erpy_bench:median([MBs(R) || R <- E]),
+    Cpu = fun(Runs) -> lists:sum([C || {_, C} <- Runs]) / (N * length(Runs)) / 1000 end,
+    [#{id => <<"W3a">>,
+       workload => <<"embedded: echo a 1 MiB binary, MB/s (payload / round trip)">>,
+       erpy => fmt("~.1f MB/s, ~.1f us CPU/echo", [ERate, Cpu(E)]),
+       reference => fmt("pipe floor (cat echo of the same frame): ~.1f MB/s, ~.1f us CPU/echo",
+                        [erpy_bench:median([MBs(R) || R <- F]), Cpu(F)]),
+       ratio => Ratio, target => <<">= 3,000 MB/s">>, pass => ERate >= 3000,
+       notes => [fmt("same run: port mode ~.1f MB/s. The binary is copied once into Python's bytes; "
+                     "the bytes result is lent to Erlang without a copy", [(1 bsl 20) / median(P)])]}].
+
+%% W3b: echo the list of 10,000 maps.
+w3b(#{pairs := Pairs}) ->
+    start(#{size => 1}),
+    T = erpy_bench_w5:term(),
+    Cat = cat(),
+    Procs = fun() -> [os:getpid(), os_pid(Cat)] end,
+    Erpy = fun() -> {ok, T} = erpy:call(copy, copy, [T], #{pool => ?POOL}) end,
+    Floor = fun() ->
+                Frame = erpy_call:encode_request({call, <<"copy">>, <<"copy">>, [T], #{}}, 1, 5000, self()),
+                port_command(Cat, Frame),
+                receive {Cat, {data, Back}} -> {call, _, _, _, _, _, [T], _} = binary_to_term(Back) end
+            end,
+    N = 10,
+    _ = [Erpy() || _ <- lists:seq(1, 3)],
+    {E, F} = erpy_bench:alternate(Pairs, fun() -> latencies(Erpy, N, Procs) end,
+                                  fun() -> latencies(Floor, N, Procs) end),
+    port_close(Cat),
+    erpy:stop_pool(?POOL),
+    Ms = fun({L, _}) -> median(L) / 1000 end,
+    Ratio = erpy_bench:median([Ms(A) / Ms(B) || {A, B} <- lists:zip(E, F)]),
+    EMs = erpy_bench:median([Ms(R) || R <- E]),
+    Cpu = fun(Runs) -> lists:sum([C || {_, C} <- Runs]) / (N * length(Runs)) / 1.0e6 end,
+    [#{id => <<"W3b">>,
+       workload => <<"embedded: echo a list of 10,000 maps, ms per round trip">>,
+       erpy => fmt("~.2f ms, ~.2f ms CPU/echo", [EMs, Cpu(E)]),
+       reference => fmt("floor (Erlang encode, cat echo, Erlang decode): ~.2f ms, ~.2f ms CPU/echo",
+                        [erpy_bench:median([Ms(R) || R <- F]), Cpu(F)]),
+       ratio => Ratio, target => <<"<= 5 ms">>, pass => EMs =< 5,
+       notes => [<<"ratio = erpy ms / floor ms per pair; terms convert straight to objects, no ETF">>]}].
+
+%% W6: a fresh VM starts an embedded pool of 4 (Python itself starts here) and answers one
+%% call, beside `erl -noshell -s init stop`.
+w6(#{pairs := Pairs, root := Root}) ->
+    Erl = os:find_executable("erl"),
+    Ebin = filename:join([Root, "_build", "default", "lib", "erpy", "ebin"]),
+    Eval = "application:ensure_all_started(erpy), "
+           "T0 = erlang:monotonic_time(microsecond), "
+           "{ok, _} = erpy:start_pool(w6, #{mode => embedded, size => 4}), "
+           "{ok, 3} = erpy:call(operator, add, [1, 2], #{pool => w6}), "
+           "io:format(\"~nW6=~p~n\", [erlang:monotonic_time(microsecond) - T0]), halt().",
+    Start = fun() ->
+                Out = os:cmd(Erl ++ " -noshell -pa " ++ Ebin ++ " -eval '" ++ Eval ++ "'"),
+                {match, [Us]} = re:run(Out, "W6=(\\d+)", [{capture, [1], list}]),
+                list_to_integer(Us) / 1000
+            end,
+    ErlStart = fun() ->
+                   T0 = erlang:monotonic_time(microsecond),
+                   _ = os:cmd(Erl ++ " -noshell -s init stop"),
+                   (erlang:monotonic_time(microsecond) - T0) / 1000
+               end,
+    {E, F} = erpy_bench:alternate(max(5, Pairs div 2), Start, ErlStart),
+    Ratio = erpy_bench:median([A / B || {A, B} <- lists:zip(E, F)]),
+    EMs = erpy_bench:median(E),
+    [#{id => <<"W6">>,
+       workload => <<"embedded: cold start in a fresh VM, pool of 4 started (Python initialized) "
+                     "to first answered call, ms">>,
+       erpy => fmt("~.1f ms", [EMs]),
+       reference => fmt("erl -noshell -s init stop: ~.1f ms", [erpy_bench:median(F)]),
+       ratio => Ratio, target => <<"<= 100 ms">>, pass => EMs =< 100,
+       notes => [<<"measured inside the new VM from start_pool to the answer">>]}].
+
+%% Internal.
+
+start(Opts) ->
+    {ok, _} = erpy:start_pool(?POOL, Opts#{mode => embedded}),
+    ok.
+
+median(L) -> erpy_bench:median(L).
