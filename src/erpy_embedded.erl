@@ -114,21 +114,26 @@ spin(Ref, Job, Handle, Deadline, N) ->
     case erpy_nif:poll(Job, N =:= 0) of
         {done, Answer} -> Answer;
         pending -> spin(Ref, Job, Handle, Deadline, N - 1);
-        wait -> wait(Ref, Job, Handle, Deadline)
+        wait -> wait(Ref, Job, Handle, Deadline);
+        {callback, Ctx, Kind, M, F, Args} -> callback(Ref, Job, Handle, Deadline, Ctx, Kind, M, F, Args)
     end.
 
 wait(Ref, Job, Handle, Deadline) ->
     receive
         {Ref, {callback, Ctx, Kind, M, F, Args}} ->
-            erpy_nif:callback_reply(Job, callback(Handle, Ctx, Kind, M, F, Args)),
-            case remaining(Deadline) of
-                0 -> give_up(Ref, Job);
-                _ -> wait(Ref, Job, Handle, Deadline)
-            end;
+            callback(Ref, Job, Handle, Deadline, Ctx, Kind, M, F, Args);
         {Ref, Answer} ->
             Answer
     after remaining(Deadline) ->
         give_up(Ref, Job)
+    end.
+
+%% Runs a callback for Python, answers it, and goes back to polling for what follows.
+callback(Ref, Job, Handle, Deadline, Ctx, Kind, M, F, Args) ->
+    erpy_nif:callback_reply(Job, run_callback(Handle, Ctx, Kind, M, F, Args)),
+    case remaining(Deadline) of
+        0 -> give_up(Ref, Job);
+        _ -> spin(Ref, Job, Handle, Deadline, ?SPIN)
     end.
 
 %% The deadline passed: the job is cancelled (and interrupted, if it runs), unless its
@@ -156,14 +161,14 @@ flush(Ref) ->
 
 %% Python called erlang.call/apply: allow-listed here, then run in this process (so
 %% self() is the caller, and a nested erpy call goes back to the waiting context).
-callback(#{name := Name} = Handle, Ctx, _Kind, M, F, Args) when is_list(Args) ->
+run_callback(#{name := Name} = Handle, Ctx, _Kind, M, F, Args) when is_list(Args) ->
     case erpy_allow:resolve(rules(Handle), M, F, length(Args)) of
         {ok, Mod, Fun} ->
             erpy_call:apply_callback(Name, {erpy_context, Name, Ctx}, {Mod, Fun, Args});
         {error, NotAllowed} ->
             {error, NotAllowed}
     end;
-callback(_Handle, _Ctx, Kind, _M, _F, _Args) ->
+run_callback(_Handle, _Ctx, Kind, _M, _F, _Args) ->
     {error, {badarg, Kind}}.
 
 rules(#{allowed := env}) ->

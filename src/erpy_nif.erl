@@ -42,9 +42,10 @@ submit(_Target, _Ref, _Request, _WantHandle) -> erlang:nif_error(not_loaded).
 -spec cancel(job()) -> canceled | sent | {done, term()}.
 cancel(_Job) -> erlang:nif_error(not_loaded).
 
-%% The answer if it is there; `wait` once it will come as a message (always after
-%% poll(Job, true), and when a callback needs the caller's mailbox).
--spec poll(job(), boolean()) -> {done, term()} | pending | wait.
+%% The answer if it is there, or a callback Python makes; `wait` once they come as
+%% messages (always after poll(Job, true)).
+-spec poll(job(), boolean()) ->
+    {done, term()} | {callback, context(), call | apply, term(), term(), [term()]} | pending | wait.
 poll(_Job, _Block) -> erlang:nif_error(not_loaded).
 
 -spec callback_reply(job(), {ok, term()} | {error, term()}) -> ok.

@@ -191,7 +191,8 @@ ERL_NIF_TERM nif_cancel(ErlNifEnv* env, int, const ERL_NIF_TERM argv[]) {
   return atom(env, "sent");
 }
 
-// poll(Job, Block) -> {done, Answer} | pending | wait (the answer will come as a message)
+// poll(Job, Block) -> {done, Answer} | {callback, Ctx, Kind, M, F, Args} | pending
+//                   | wait (the answer will come as a message)
 ERL_NIF_TERM nif_poll(ErlNifEnv* env, int, const ERL_NIF_TERM argv[]) {
   Job* job = get_job(env, argv[0]);
   if (!job) return enif_make_badarg(env);
@@ -200,6 +201,7 @@ ERL_NIF_TERM nif_poll(ErlNifEnv* env, int, const ERL_NIF_TERM argv[]) {
     case Pool::Poll::Done: return enif_make_tuple2(env, atom(env, "done"), answer);
     case Pool::Poll::Pending: return atom(env, "pending");
     case Pool::Poll::Wait: return atom(env, "wait");
+    case Pool::Poll::Callback: return answer;
   }
   return atom(env, "wait");
 }

@@ -157,6 +157,12 @@ Pool::Poll Pool::poll(Job* job, bool block, ErlNifEnv* env, ERL_NIF_TERM* answer
   // Polling must not compete for the mutex with the thread that is about to answer.
   if (!block && !job->settled.load(std::memory_order_acquire)) return Poll::Pending;
   std::lock_guard<std::mutex> lock(m_);
+  if (job->callback_env) {
+    *answer = enif_make_copy(env, job->callback);
+    enif_free_env(std::exchange(job->callback_env, nullptr));
+    job->settled.store(false, std::memory_order_relaxed);
+    return Poll::Callback;
+  }
   if (job->answer_env) {
     *answer = enif_make_copy(env, job->answer);
     enif_free_env(std::exchange(job->answer_env, nullptr));
@@ -186,6 +192,10 @@ void Pool::callback_reply(Job* job, ErlNifEnv*, ERL_NIF_TERM reply) {
   if (job->reply_env) enif_free_env(job->reply_env);
   job->reply_env = copy;
   job->reply = t;
+  // The caller polls again for what follows (usually the answer, soon).
+  job->blocking = false;
+  job->settled.store(false, std::memory_order_relaxed);
+  job->reply_ready.store(true, std::memory_order_release);
   for (auto& c : ctxs_) {
     if (!c->running.empty() && c->running.back() == job) c->cv.notify_one();
   }
@@ -219,6 +229,23 @@ ERL_NIF_TERM Pool::info(ErlNifEnv* env) {
 
 // ---- the context thread ----------------------------------------------------------------
 
+// Busy-waits up to spin_us for `ready`, reading the clock only now and then (on these
+// virtual machines a clock read costs more than the check).
+template <class Ready>
+void Pool::spin_until(Ready ready) const {
+  if (o_.spin_us <= 0) return;
+  const auto until = Clock::now() + std::chrono::microseconds(o_.spin_us);
+  for (;;) {
+    for (int i = 0; i < 64; ++i) {
+      if (ready()) return;
+#if defined(__x86_64__)
+      __builtin_ia32_pause();
+#endif
+    }
+    if (Clock::now() >= until) return;
+  }
+}
+
 Job* Pool::next_job(Context& c, std::unique_lock<std::mutex>& lock) {
   for (;;) {
     if (closing_) return nullptr;
@@ -238,12 +265,7 @@ Job* Pool::next_job(Context& c, std::unique_lock<std::mutex>& lock) {
     // of a busy caller usually comes within microseconds and a sleep/wake pair costs more.
     if (!c.held && o_.spin_us > 0 && !spinning_.exchange(true, std::memory_order_acq_rel)) {
       lock.unlock();
-      const auto until = Clock::now() + std::chrono::microseconds(o_.spin_us);
-      while (Clock::now() < until && queued_.load(std::memory_order_acquire) == 0) {
-#if defined(__x86_64__)
-        __builtin_ia32_pause();
-#endif
-      }
+      spin_until([this] { return queued_.load(std::memory_order_acquire) != 0; });
       lock.lock();
       spinning_.store(false, std::memory_order_release);
       if (!queue_.empty() || closing_ || !c.pinned.empty()) continue;
@@ -517,12 +539,21 @@ PyRef Pool::erlang_callback(Context& c, const char* kind, PyObject* m, PyObject*
     if (job->state == JobState::Canceled) {
       canceled = true;
     } else {
-      job->blocking = true;  // a polling caller sees Wait and goes to its mailbox
-      job->settled.store(true, std::memory_order_release);
-      ERL_NIF_TERM ref = enif_make_copy(msg.env, job->ref);
-      enif_send(nullptr, &job->caller, msg.env, enif_make_tuple2(msg.env, ref, body));
+      if (job->blocking) {
+        ERL_NIF_TERM ref = enif_make_copy(msg.env, job->ref);
+        enif_send(nullptr, &job->caller, msg.env, enif_make_tuple2(msg.env, ref, body));
+      } else {
+        // The caller is polling: it takes the callback from the job, no message needed.
+        job->callback_env = std::exchange(msg.env, nullptr);
+        job->callback = body;
+        job->settled.store(true, std::memory_order_release);
+      }
     }
-    // Wait for the answer, running the nested requests the callback makes meanwhile.
+    // Wait for the answer, running the nested requests the callback makes meanwhile. A
+    // callback into Erlang usually answers within microseconds: spin for it first.
+    lock.unlock();
+    spin_until([job] { return job->reply_ready.load(std::memory_order_acquire); });
+    lock.lock();
     while (!canceled) {
       c.cv.wait(lock, [&] {
         return job->reply_env || job->state == JobState::Canceled || !c.pinned.empty() || closing_;
@@ -530,6 +561,7 @@ PyRef Pool::erlang_callback(Context& c, const char* kind, PyObject* m, PyObject*
       if (job->reply_env) {
         reply_env = std::exchange(job->reply_env, nullptr);
         reply = job->reply;
+        job->reply_ready.store(false, std::memory_order_relaxed);
         break;
       }
       if (job->state == JobState::Canceled || closing_) {

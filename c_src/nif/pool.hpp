@@ -47,8 +47,11 @@ struct Job {
   // blocks in `receive` (or a callback needs it there), answers come as messages.
   ErlNifEnv* answer_env = nullptr;
   ERL_NIF_TERM answer = 0;
+  ErlNifEnv* callback_env = nullptr;  // a callback for the polling caller
+  ERL_NIF_TERM callback = 0;
   bool blocking = false;
   std::atomic<bool> settled{false};  // answer_env set, or blocking: poll may take the lock
+  std::atomic<bool> reply_ready{false};  // reply_env set: the context may stop spinning
   bool monitored = false;
   ErlNifMonitor monitor{};
   std::chrono::steady_clock::time_point started{};
@@ -57,6 +60,7 @@ struct Job {
     if (env) enif_free_env(env);
     if (reply_env) enif_free_env(reply_env);
     if (answer_env) enif_free_env(answer_env);
+    if (callback_env) enif_free_env(callback_env);
   }
 };
 
@@ -109,9 +113,9 @@ class Pool : public std::enable_shared_from_this<Pool> {
   // Canceled: it will never answer. Sent: the answer is in the caller's mailbox. Done: the
   // answer is copied into `env` as *answer.
   Outcome cancel(Job* job, ErlNifEnv* env, ERL_NIF_TERM* answer);
-  // Done (answer copied), or Pending; with `block`, or while a callback needs the caller's
-  // mailbox, Wait: from now on the answer comes as a message.
-  enum class Poll { Done, Pending, Wait };
+  // Done (answer copied), Callback (the callback request copied), or Pending; with
+  // `block`, Wait: from now on the answer (and callbacks) come as messages.
+  enum class Poll { Done, Pending, Wait, Callback };
   Poll poll(Job* job, bool block, ErlNifEnv* env, ERL_NIF_TERM* answer);
   void callback_reply(Job* job, ErlNifEnv* env, ERL_NIF_TERM reply);
   void release(int context);  // checkin, or the holder died
@@ -133,6 +137,8 @@ class Pool : public std::enable_shared_from_this<Pool> {
  private:
   friend struct ContextThread;
   void serve(Context& c);
+  template <class Ready>
+  void spin_until(Ready ready) const;
   Job* next_job(Context& c, std::unique_lock<std::mutex>& lock);
   void run_job(Context& c, Job* job);
   void finish(Context& c, Job* job, ErlNifEnv* msg_env, ERL_NIF_TERM answer);
