@@ -104,6 +104,7 @@ bool Pool::submit(Job* job, int context) {
   std::lock_guard<std::mutex> lock(m_);
   if (closing_) return false;
   enif_keep_resource(job);
+  inflight_.fetch_add(1, std::memory_order_relaxed);
   if (context < 0) {
     queue_.push_back(job);
     queued_.fetch_add(1, std::memory_order_release);
@@ -154,8 +155,13 @@ Pool::Outcome Pool::cancel(Job* job, ErlNifEnv* env, ERL_NIF_TERM* answer) {
 }
 
 Pool::Poll Pool::poll(Job* job, bool block, ErlNifEnv* env, ERL_NIF_TERM* answer) {
-  // Polling must not compete for the mutex with the thread that is about to answer.
-  if (!block && !job->settled.load(std::memory_order_acquire)) return Poll::Pending;
+  // Polling must not compete for the mutex with the thread that is about to answer. And
+  // it pays only while this is the one request in flight: with several, the CPUs are
+  // better spent on the other callers and on Python than on spinning here.
+  if (!block && !job->settled.load(std::memory_order_acquire)) {
+    if (inflight_.load(std::memory_order_relaxed) <= 1) return Poll::Pending;
+    block = true;
+  }
   std::lock_guard<std::mutex> lock(m_);
   if (job->callback_env) {
     *answer = enif_make_copy(env, job->callback);
@@ -263,7 +269,8 @@ Job* Pool::next_job(Context& c, std::unique_lock<std::mutex>& lock) {
     }
     // Nothing to do: spin a little first (one context at a time), since the next request
     // of a busy caller usually comes within microseconds and a sleep/wake pair costs more.
-    if (!c.held && o_.spin_us > 0 && !spinning_.exchange(true, std::memory_order_acq_rel)) {
+    if (!c.held && o_.spin_us > 0 && inflight_.load(std::memory_order_relaxed) == 0 &&
+        !spinning_.exchange(true, std::memory_order_acq_rel)) {
       lock.unlock();
       spin_until([this] { return queued_.load(std::memory_order_acquire) != 0; });
       lock.lock();
@@ -300,6 +307,7 @@ void Pool::serve(Context& c) {
       break;  // closing
     }
     if (job->state == JobState::Canceled) {
+      inflight_.fetch_sub(1, std::memory_order_relaxed);
       enif_release_resource(job);
       continue;
     }
@@ -310,6 +318,7 @@ void Pool::serve(Context& c) {
     run_job(c, job);
     lock.lock();
     c.running.pop_back();
+    inflight_.fetch_sub(1, std::memory_order_relaxed);
     enif_release_resource(job);
   }
   lock.unlock();
@@ -488,22 +497,26 @@ void Pool::run_job(Context& c, Job* job) {
 // Hands the answer over unless the job was canceled meanwhile: kept for the polling
 // caller (no message, no lock on its process), or sent as {Ref, Answer} once it blocks.
 void Pool::finish(Context&, Job* job, ErlNifEnv* msg_env, ERL_NIF_TERM answer) {
-  std::lock_guard<std::mutex> lock(m_);
-  if (job->monitored) {
-    enif_demonitor_process(nullptr, job, &job->monitor);
-    job->monitored = false;
+  {
+    std::lock_guard<std::mutex> lock(m_);
+    if (job->monitored) {
+      enif_demonitor_process(nullptr, job, &job->monitor);
+      job->monitored = false;
+    }
+    if (job->state == JobState::Canceled) {
+      enif_free_env(msg_env);
+      return;
+    }
+    job->state = JobState::Done;
+    if (!job->blocking) {
+      job->answer_env = msg_env;
+      job->answer = answer;
+      job->settled.store(true, std::memory_order_release);
+      return;
+    }
   }
-  if (job->state == JobState::Canceled) {
-    enif_free_env(msg_env);
-    return;
-  }
-  job->state = JobState::Done;
-  if (!job->blocking) {
-    job->answer_env = msg_env;
-    job->answer = answer;
-    job->settled.store(true, std::memory_order_release);
-    return;
-  }
+  // Sent outside the lock: a send locks the receiving process, and submitters wait for m_.
+  // A cancel that comes now finds Done and waits for this message.
   ERL_NIF_TERM ref = enif_make_copy(msg_env, job->ref);
   enif_send(nullptr, &job->caller, msg_env, enif_make_tuple2(msg_env, ref, answer));
   enif_free_env(msg_env);
@@ -571,6 +584,7 @@ PyRef Pool::erlang_callback(Context& c, const char* kind, PyObject* m, PyObject*
       Job* nested = c.pinned.front();
       c.pinned.pop_front();
       if (nested->state == JobState::Canceled) {
+        inflight_.fetch_sub(1, std::memory_order_relaxed);
         enif_release_resource(nested);
         continue;
       }
@@ -581,6 +595,7 @@ PyRef Pool::erlang_callback(Context& c, const char* kind, PyObject* m, PyObject*
       run_job(c, nested);
       lock.lock();
       c.running.pop_back();
+      inflight_.fetch_sub(1, std::memory_order_relaxed);
       enif_release_resource(nested);
     }
   }
