@@ -10,7 +10,8 @@
 -export([all/0, suite/0, init_per_suite/1, end_per_suite/1,
          init_per_testcase/2, end_per_testcase/2]).
 -export([seed_examples/1, api_calls/1, same_mapping_as_port/1, errors/1,
-         timeout_interrupts/1, caller_dies/1, concurrent_mix/1, nested_callbacks/1,
+         timeout_interrupts/1, caller_dies/1, concurrent_mix/1, concurrent_timeouts/1,
+         nested_callbacks/1,
          allow_list/1, send_and_self/1, handles/1, handles_no_leak/1, checkout_state/1,
          checkout_holder_dies/1, output_to_logger/1, schedulers_stay_free/1,
          nif_reload/1, python_info/1, app_restart/1, queueing_in_order/1,
@@ -34,7 +35,8 @@
 
 all() ->
     [seed_examples, api_calls, same_mapping_as_port, errors, timeout_interrupts,
-     caller_dies, concurrent_mix, nested_callbacks, allow_list, send_and_self, handles,
+     caller_dies, concurrent_mix, concurrent_timeouts, nested_callbacks, allow_list, send_and_self,
+     handles,
      handles_no_leak, checkout_state, checkout_holder_dies, output_to_logger,
      schedulers_stay_free, queueing_in_order, large_binaries, python_info, nif_reload,
      app_restart].
@@ -184,6 +186,19 @@ concurrent_mix(_Config) ->
       end, Results),
     ?assertEqual({ok, 3}, erpy:call(operator, add, [1, 2], opts())).
 
+%% Many calls timing out at once on every context are all interrupted: afterwards no context is still busy.
+concurrent_timeouts(_Config) ->
+    Self = self(),
+    Ps = [spawn_link(fun() ->
+                             Rs = [erpy:exec(<<"while True: pass">>, opts(#{timeout => 30}))
+                                   || _ <- lists:seq(1, 10)],
+                             Self ! {done, Rs}
+                     end) || _ <- lists:seq(1, 8)],
+    [receive {done, Rs} -> ?assertEqual(lists:duplicate(10, {error, timeout}), Rs) end || _ <- Ps],
+    {ok, #{pool := Pool}} = erpy_pool:lookup(?P),
+    ok = wait_until(fun() -> maps:get(busy, erpy_nif:pool_info(Pool)) =:= 0 end, 3000),
+    ?assertEqual({ok, 3}, erpy:call(operator, add, [1, 2], opts(#{timeout => 1000}))).
+
 mix(C, I) ->
     case I rem 4 of
         0 -> erpy:call(operator, add, [C, I], opts());
@@ -296,7 +311,8 @@ handles_no_leak(_Config) ->
                L(K) -> {ok, _H} = erpy:call(erpy_probe, 'Probe', [], opts(#{handle => true})), L(K - 1)
            end,
     Pids = [spawn_monitor(fun() -> Loop(25000) end) || _ <- lists:seq(1, 4)],
-    [receive {'DOWN', M, process, _, normal} -> ok after 60000 -> ct:fail(slow) end || {_, M} <- Pids],
+    [receive {'DOWN', M, process, _, Why} -> ?assertEqual(normal, Why) after 60000 -> ct:fail(slow) end
+     || {_, M} <- Pids],
     erlang:garbage_collect(),
     ok = wait_until(fun() ->
                             {ok, Live} = erpy:eval(<<"__import__('erpy_probe').Probe.live">>, #{}, opts()),

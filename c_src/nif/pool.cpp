@@ -635,19 +635,26 @@ void Pool::log(PyObject* stream, PyObject* text) {
 // ---- the service thread ------------------------------------------------------------------
 
 void Pool::interrupt_canceled() {
-  std::vector<Job*> jobs;
   std::lock_guard<std::mutex> lock(m_);
-  jobs.swap(to_interrupt_);
-  for (Job* j : jobs) {
+  std::vector<Job*> still;
+  for (Job* j : to_interrupt_) {
+    bool running = false;
     for (auto& c : ctxs_) {
       if (std::find(c->running.begin(), c->running.end(), j) != c->running.end()) {
         // KeyboardInterrupt, as port mode: `except Exception` in user code does not stop it.
         PyThreadState_SetAsyncExc(c->thread_id, PyExc_KeyboardInterrupt);
         c->interrupt_pending = true;
+        running = true;
       }
     }
-    enif_release_resource(j);
+    // Sent again at every tick until the job has stopped: before 3.12 the signal for
+    // asynchronous exceptions is one flag per interpreter, so the first thread to take its
+    // exception clears it for the others, whose exceptions then wait unseen (seen with
+    // several contexts timing out at once).
+    if (running) still.push_back(j);
+    else enif_release_resource(j);
   }
+  to_interrupt_.swap(still);
 }
 
 bool Pool::has_interrupts() {
