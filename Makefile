@@ -113,6 +113,7 @@ run-fuzzers:
 demo: all
 	@$(PYENV) escript examples/codec_demo.escript
 	@escript examples/port_demo.escript
+	@$(PYENV) escript examples/embedded_demo.escript
 
 bench: all
 	@$(PYENV) escript bench/run_bench.escript
