@@ -31,7 +31,11 @@ def _sink(mb):
     n = 0
     count = Atom("count")
     while True:
-        for m in mb.receive_many(4096):
+        try:
+            batch = mb.receive_many(4096)
+        except EOFError:  # the node stopped
+            return
+        for m in batch:
             if type(m) is tuple and m[0] == count:
                 mb.send(m[1], (count, n))
             else:
@@ -43,4 +47,4 @@ def erpy_setup(node):
     NODE = node
     mb = node.mailbox()
     mb.register("bench_sink")
-    threading.Thread(target=_sink, args=(mb,), daemon=True).start()
+    threading.Thread(target=_sink, args=(mb,)).start()

@@ -181,12 +181,20 @@ void Core::stop() {
   join(acceptor_);
   join(ticker_);
   join(watchdog_);
-  std::vector<std::thread> readers;
-  {
-    std::lock_guard lk(threads_mu_);
-    readers.swap(threads_);
+  for (;;) {
+    // Readers may still start handshake or reader threads until they see stopping_.
+    std::vector<std::thread> readers;
+    {
+      std::lock_guard lk(threads_mu_);
+      readers.swap(threads_);
+    }
+    if (readers.empty()) break;
+    {
+      std::lock_guard lk(mu_);
+      for (auto& [_, c] : conns_) c->shutdown();
+    }
+    for (auto& t : readers) join(t);
   }
-  for (auto& t : readers) join(t);
   epmd_fd_.reset();
   listen_fd_.reset();
   std::lock_guard lk(mu_);
@@ -248,7 +256,7 @@ std::shared_ptr<Process> Core::find(std::uint32_t id) {
   return it == procs_.end() ? nullptr : it->second;
 }
 
-void Core::deliver(const std::shared_ptr<Process>& p, Bytes msg) {
+void Core::deliver(const std::shared_ptr<Process>& p, Bytes msg, Connection* batch) {
   if (p->sink) return;
   {
     std::lock_guard lk(p->mu);
@@ -256,7 +264,23 @@ void Core::deliver(const std::shared_ptr<Process>& p, Bytes msg) {
     p->queue.push_back(std::move(msg));
   }
   messages.fetch_add(1, std::memory_order_relaxed);
-  p->cv.notify_one();
+  if (!batch) {
+    p->cv.notify_one();
+  } else if (batch->wake.empty() || batch->wake.back() != p) {
+    batch->wake.push_back(p);
+  }
+}
+
+void Core::flush_wake(Connection& c) {
+  for (auto& p : c.wake) p->cv.notify_all();
+  c.wake.clear();
+}
+
+bool Connection::has_frame() const {
+  if (rend - rpos < 4) return false;
+  const std::uint8_t* h = rbuf.get() + rpos;
+  const std::size_t len = (std::size_t{h[0]} << 24) | (std::size_t{h[1]} << 16) | (std::size_t{h[2]} << 8) | h[3];
+  return rend - rpos >= 4 + len;
 }
 
 void Core::record_out_monitor(const std::shared_ptr<Process>& p, Watch w) {
@@ -418,6 +442,7 @@ void Core::acceptor() {
     c->fd = Fd(fd);
     // The handshake runs on the connection's own thread, so a slow peer blocks no one.
     std::lock_guard lk(threads_mu_);
+    if (stopping_.load()) return;
     threads_.emplace_back([self = shared_from_this(), c] {
       try {
         c->peer = handshake_accept(c->fd.get(), self->self_);
@@ -547,16 +572,25 @@ void Core::connection_down(const std::shared_ptr<Connection>& c) {
 // --- Core: reading ------------------------------------------------------------------------
 
 bool Core::next_frame(Connection& c, std::uint8_t*& data, std::size_t& len) {
+  constexpr std::size_t kInitial = 256 * 1024;
   auto fill = [&](std::size_t need) {
     if (c.rend - c.rpos >= need) return;
-    if (c.rbuf.size() - c.rpos < need) {
-      std::memmove(c.rbuf.data(), c.rbuf.data() + c.rpos, c.rend - c.rpos);
-      c.rend -= c.rpos;
+    if (c.rcap - c.rpos < need) {
+      const std::size_t have = c.rend - c.rpos;
+      if (c.rcap >= need) {
+        std::memmove(c.rbuf.get(), c.rbuf.get() + c.rpos, have);
+      } else {
+        const std::size_t cap = std::max(kInitial, need + (need >> 2));
+        std::unique_ptr<std::uint8_t[]> fresh(new std::uint8_t[cap]);
+        if (have) std::memcpy(fresh.get(), c.rbuf.get() + c.rpos, have);
+        c.rbuf = std::move(fresh);
+        c.rcap = cap;
+      }
+      c.rend = have;
       c.rpos = 0;
-      if (c.rbuf.size() < need) c.rbuf.resize(need + (need >> 2));
     }
     while (c.rend - c.rpos < need) {
-      const ssize_t r = ::recv(c.fd.get(), c.rbuf.data() + c.rend, c.rbuf.size() - c.rend, 0);
+      const ssize_t r = ::recv(c.fd.get(), c.rbuf.get() + c.rend, c.rcap - c.rend, 0);
       if (r == 0) throw WireError("connection closed");
       if (r < 0) {
         if (errno == EINTR) continue;
@@ -566,18 +600,16 @@ bool Core::next_frame(Connection& c, std::uint8_t*& data, std::size_t& len) {
       c.last_read.store(now_ns(), std::memory_order_relaxed);
     }
   };
-  if (c.rbuf.empty()) c.rbuf.resize(256 * 1024);
-  if (c.rpos == c.rend && c.rbuf.size() > 4 * 1024 * 1024) {
+  if (c.rpos == c.rend && c.rcap > 4 * 1024 * 1024) {
     // After a large message, give the memory back.
-    Bytes fresh(256 * 1024);
-    c.rbuf.swap(fresh);
-    c.rpos = c.rend = 0;
+    c.rbuf.reset();
+    c.rcap = c.rpos = c.rend = 0;
   }
   fill(4);
-  const std::uint8_t* h = c.rbuf.data() + c.rpos;
+  const std::uint8_t* h = c.rbuf.get() + c.rpos;
   len = (std::size_t{h[0]} << 24) | (std::size_t{h[1]} << 16) | (std::size_t{h[2]} << 8) | h[3];
   fill(4 + len);
-  data = c.rbuf.data() + c.rpos + 4;
+  data = c.rbuf.get() + c.rpos + 4;
   c.rpos += 4 + len;
   return true;
 }
@@ -587,11 +619,13 @@ void Core::reader(std::shared_ptr<Connection> c, std::uint64_t token) {
     while (c->reader_token.load() == token && !stopping_.load()) {
       std::uint8_t* data;
       std::size_t len;
+      if (!c->wake.empty() && !c->has_frame()) flush_wake(*c);
       next_frame(*c, data, len);
       if (len == 0) continue;  // a tick
       handle_frame(c, data, len, token);
     }
   } catch (const std::exception& e) {
+    flush_wake(*c);
     if (c->reader_token.load() != token) return;
     if (!stopping_.load() && std::strcmp(e.what(), "connection closed") != 0) {
       std::fprintf(stderr, "erpy.node %s: connection to %s lost: %s\n", self_.name.c_str(),
@@ -629,7 +663,7 @@ std::vector<std::string> read_atom_refs(etf::Reader& r, std::vector<std::string>
 void Core::handle_frame(const std::shared_ptr<Connection>& c, std::uint8_t* data, std::size_t len,
                         std::uint64_t token) {
   if (data[0] == 112) {
-    handle_message(c, etf::Bytes(data + 1, len - 1), {}, token);
+    handle_message(c, etf::Bytes(data + 1, len - 1), {}, token, nullptr);
     return;
   }
   etf::Reader r(etf::Bytes(data, len));
@@ -637,14 +671,14 @@ void Core::handle_frame(const std::shared_ptr<Connection>& c, std::uint8_t* data
   const std::uint8_t kind = r.u8("header");
   if (kind == etf::kDistHeader) {
     auto refs = read_atom_refs(r, c->atom_cache);
-    handle_message(c, r.data().subspan(r.pos()), refs, token);
+    handle_message(c, r.data().subspan(r.pos()), refs, token, nullptr);
   } else if (kind == etf::kDistFragHeader) {
     const std::uint64_t seq = r.u64("sequence id");
     const std::uint64_t frag = r.u64("fragment id");
     auto refs = read_atom_refs(r, c->atom_cache);
     etf::Bytes rest = r.data().subspan(r.pos());
     if (frag <= 1) {
-      handle_message(c, rest, refs, token);
+      handle_message(c, rest, refs, token, nullptr);
     } else {
       auto& part = c->fragments[seq];
       part.data.assign(rest.begin(), rest.end());
@@ -660,7 +694,7 @@ void Core::handle_frame(const std::shared_ptr<Connection>& c, std::uint8_t* data
     if (frag <= 1) {
       Connection::Partial whole = std::move(it->second);
       c->fragments.erase(it);
-      handle_message(c, whole.data, whole.cache, token);
+      handle_message(c, whole.data, whole.cache, token, &whole.data);
     }
   } else {
     throw WireError("unknown distribution header " + std::to_string(kind));
@@ -668,7 +702,7 @@ void Core::handle_frame(const std::shared_ptr<Connection>& c, std::uint8_t* data
 }
 
 void Core::handle_message(const std::shared_ptr<Connection>& c, etf::Bytes msg,
-                          std::span<const std::string> cache, std::uint64_t token) {
+                          std::span<const std::string> cache, std::uint64_t token, Bytes* owner) {
   etf::Reader r(msg);
   if (r.peek_u8() == 131) r.u8();
   etf::TermBuilder tb;
@@ -712,7 +746,7 @@ void Core::handle_message(const std::shared_ptr<Connection>& c, etf::Bytes msg,
     case kSendSender:
     case kSendSenderTT: {
       need(3);
-      if (auto p = local(it[2])) deliver(p, payload_msg());
+      if (auto p = local(it[2])) deliver(p, payload_msg(), c.get());
       break;
     }
     case kRegSend:
@@ -723,7 +757,7 @@ void Core::handle_message(const std::shared_ptr<Connection>& c, etf::Bytes msg,
       if (*name == "net_kernel") {
         handle_net_kernel(c, enc(it[1]), payload);
       } else if (auto p = whereis(*name)) {
-        deliver(p, payload_msg());
+        deliver(p, payload_msg(), c.get());
       }
       break;
     }
@@ -846,7 +880,7 @@ void Core::handle_message(const std::shared_ptr<Connection>& c, etf::Bytes msg,
     case kSpawnRequest:
     case kSpawnRequestTT:
       need(6);
-      handle_spawn(c, *ctl, payload, token);
+      handle_spawn(c, *ctl, payload, token, owner);
       break;
     case kSpawnReply:
     case kSpawnReplyTT: {
@@ -912,7 +946,10 @@ struct Core::Job {
   bool monitor = false, link = false;
   Bytes res;  // erpc's result reference (kCall)
   std::string module, function;
-  Bytes args;  // the argument list, version byte first
+  etf::Bytes args;  // the argument list (no version byte), in `args_copy` or `args_owner`
+  Bytes args_copy;
+  std::unique_ptr<std::uint8_t[]> args_rbuf;  // a read buffer taken over
+  Bytes args_owner;                           // a reassembled message taken over
   const char* error = nullptr;  // a spawn error to reply instead (badarg, notsup)
 };
 
@@ -937,7 +974,7 @@ std::string read_atom(etf::Reader& r) {
 }  // namespace
 
 void Core::handle_spawn(const std::shared_ptr<Connection>& c, const etf::Tuple& ctl,
-                        etf::Bytes payload, std::uint64_t token) {
+                        etf::Bytes payload, std::uint64_t token, Bytes* owner) {
   const auto& it = ctl.items;
   Job j;
   j.req = enc(it[1]);
@@ -960,10 +997,22 @@ void Core::handle_spawn(const std::shared_ptr<Connection>& c, const etf::Tuple& 
     const std::int64_t arity = int_of(mfa->items[2]);
     etf::Reader r(payload);
     if (r.peek_u8() == 131) r.u8();
+    // The job must own its arguments: a new reader may reuse the read buffer while it
+    // runs. Large ones are not copied: the job takes the buffer that holds them.
     auto args_from = [&](etf::Bytes span) {
-      j.args.reserve(span.size() + 1);
-      j.args.push_back(131);
-      j.args.insert(j.args.end(), span.begin(), span.end());
+      const std::uint8_t* rb = c->rbuf.get();
+      if (span.size() >= 64 * 1024 && owner) {
+        j.args_owner = std::move(*owner);
+        j.args = span;
+      } else if (span.size() >= 64 * 1024 && rb && span.data() >= rb &&
+                 span.data() + span.size() <= rb + c->rend && c->rpos == c->rend) {
+        j.args_rbuf = std::move(c->rbuf);
+        c->rcap = c->rpos = c->rend = 0;
+        j.args = span;
+      } else {
+        j.args_copy.assign(span.begin(), span.end());
+        j.args = j.args_copy;
+      }
     };
     if (m == "erpc" && ((f == "execute_call" && arity == 4) || (f == "execute_cast" && arity == 3))) {
       if (r.u8("argument list") != etf::kList || r.u32("list length") != static_cast<std::uint32_t>(arity)) {
@@ -1002,6 +1051,7 @@ void Core::handle_spawn(const std::shared_ptr<Connection>& c, const etf::Tuple& 
     return;
   }
   calls.fetch_add(1, std::memory_order_relaxed);
+  flush_wake(*c);
   c->busy_since.store(now_ns());
   wake_watchdog();
   run_job(*c, j);
@@ -1051,7 +1101,8 @@ void Core::run_job(Connection& c, Job& j) {
     py::DecodeOptions dopt;
     try {
       PyObject* fn = resolve(j.module, j.function);
-      PyRef args = codec_.decode(j.args, dopt);
+      etf::Reader ar(j.args);
+      PyRef args = codec_.decode_term(ar, dopt);
       if (!PyList_Check(args.get())) throw WireError("arguments are not a list");
       PyRef result = PyRef::check(PyObject_Vectorcall(fn, &PyList_GET_ITEM(args.get(), 0),
                                                       static_cast<std::size_t>(PyList_GET_SIZE(args.get())), nullptr));

@@ -96,8 +96,14 @@ struct Connection {
   // Reader role: only the thread holding the current token reads.
   std::atomic<std::uint64_t> reader_token{0};
   std::atomic<std::int64_t> busy_since{0};  // ns, 0 when no Python job runs
-  Bytes rbuf;
-  std::size_t rpos = 0, rend = 0;
+  // The read buffer, never zero-filled: a large message is read straight into it, and a
+  // spawn request may take it over whole (its arguments are then not copied).
+  std::unique_ptr<std::uint8_t[]> rbuf;
+  std::size_t rcap = 0, rpos = 0, rend = 0;
+  // Processes given messages from the bytes read so far; woken once per read, not per
+  // message (a burst of sends costs one wake-up).
+  std::vector<std::shared_ptr<Process>> wake;
+  bool has_frame() const;
   struct Partial {
     Bytes data;
     std::vector<std::string> cache;
@@ -183,8 +189,9 @@ class Core : public std::enable_shared_from_this<Core> {
   std::shared_ptr<Connection> existing(const std::string& node);
   std::vector<std::string> nodes();
 
-  // Puts a message (version byte included) into a local process's mailbox.
-  void deliver(const std::shared_ptr<Process>& p, Bytes msg);
+  // Puts a message (version byte included) into a local process's mailbox. With `batch`
+  // the wake-up waits for batch->wake to be flushed.
+  void deliver(const std::shared_ptr<Process>& p, Bytes msg, Connection* batch = nullptr);
   void record_out_monitor(const std::shared_ptr<Process>& p, Watch w);
   void drop_out_monitor(const std::shared_ptr<Process>& p, const Bytes& ref);
   void add_link(const std::shared_ptr<Process>& p, const std::string& node, const Bytes& pid);
@@ -207,10 +214,12 @@ class Core : public std::enable_shared_from_this<Core> {
   bool next_frame(Connection& c, std::uint8_t*& data, std::size_t& len);
   void handle_frame(const std::shared_ptr<Connection>& c, std::uint8_t* data, std::size_t len,
                     std::uint64_t token);
+  // `owner`: a buffer holding `msg` that a spawn request may take over, or null.
   void handle_message(const std::shared_ptr<Connection>& c, etf::Bytes msg,
-                      std::span<const std::string> cache, std::uint64_t token);
+                      std::span<const std::string> cache, std::uint64_t token, Bytes* owner);
   void handle_spawn(const std::shared_ptr<Connection>& c, const etf::Tuple& ctl,
-                    etf::Bytes payload, std::uint64_t token);
+                    etf::Bytes payload, std::uint64_t token, Bytes* owner);
+  static void flush_wake(Connection& c);
   void handle_net_kernel(const std::shared_ptr<Connection>& c, const Bytes& from, etf::Bytes payload);
   void send_exit_signal(const std::string& node, int op, const Bytes& from, const Bytes& to,
                         const Bytes* ref, const Bytes& reason);

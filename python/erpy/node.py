@@ -14,6 +14,7 @@ See doc/node.md.
 from __future__ import annotations
 
 import argparse
+import atexit
 import importlib
 import os
 import signal
@@ -21,6 +22,7 @@ import sys
 import threading
 import time
 import traceback
+import weakref
 from typing import Any, Callable, Iterable
 
 from . import _node
@@ -35,6 +37,23 @@ __all__ = [
 # rpc:call(PyNode, 'erpy.service', F, A) reaches the node's own service (used by
 # erpy_node_pool); it checks the allow-list itself.
 SERVICE_MODULE = "erpy.service"
+
+
+# Nodes still running when the interpreter exits are stopped first, before Python joins
+# its non-daemon threads (the GenServer threads, which end when their node stops): no
+# thread may wait for the GIL in C++ code while Python finalizes.
+_RUNNING: "weakref.WeakSet[Node]" = weakref.WeakSet()
+
+
+def _stop_all() -> None:
+    for node in list(_RUNNING):
+        node.stop()
+
+
+_register_early = getattr(threading, "_register_atexit", None)
+if _register_early is not None:
+    _register_early(_stop_all)
+atexit.register(_stop_all)
 
 
 class NotAllowed(PermissionError):
@@ -139,11 +158,13 @@ class Node:
     def start(self) -> "Node":
         self._native.start()
         self._started = True
+        _RUNNING.add(self)
         return self
 
     def stop(self) -> None:
         if self._started:
             self._started = False
+            _RUNNING.discard(self)
             self._native.stop()
 
     def __enter__(self) -> "Node":
@@ -244,7 +265,7 @@ class Node:
             raise ValueError(f"the name {name!r} is already registered")
         handler.node = self
         handler.pid = mb.pid
-        t = threading.Thread(target=self._loop, args=(handler, mb), daemon=True,
+        t = threading.Thread(target=self._loop, args=(handler, mb), daemon=False,
                              name=f"erpy-{name or mb.pid.id}")
         self._threads.append(t)
         t.start()
