@@ -45,7 +45,7 @@ suite() ->
     [{timetrap, {seconds, 90}}].
 
 init_per_suite(Config) ->
-    ok = application:load(erpy),
+    _ = application:load(erpy),  % another suite of this run may have loaded it
     %% The port pool of same_mapping_as_port needs the interpreter file `make` writes.
     Root = filename:dirname(code:priv_dir(erpy)),
     File = filename:join([Root, "priv", "python.path"]),
@@ -58,6 +58,7 @@ init_per_suite(Config) ->
 
 end_per_suite(_Config) ->
     application:stop(erpy),
+    application:unload(erpy),
     ok.
 
 init_per_testcase(_Case, Config) ->

@@ -35,7 +35,8 @@ init_per_suite(Config) ->
     ok = ensure_python_path(),
     %% The default pool reads `allowed` when it starts: the seed's lists:sort example
     %% runs through it unchanged.
-    ok = application:load(erpy),
+    _ = application:stop(erpy),  % another suite of this run may have left it running
+    _ = application:load(erpy),
     ok = application:set_env(erpy, allowed, [lists]),
     {ok, _} = application:ensure_all_started(erpy),
     wait_ready(default),

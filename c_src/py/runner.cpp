@@ -15,8 +15,6 @@ Runner::Runner(const Types& types, PyRef erlang_module) : erlang_module_(std::mo
   builtins_ = PyRef::check(PyImport_ImportModule("builtins"));
   name_ = PyRef::check(PyUnicode_FromString("__erpy__"));
   code_cache_ = PyRef::check(PyDict_New());
-  PyRef tb = PyRef::check(PyImport_ImportModule("traceback"));
-  format_exception_ = PyRef::check(PyObject_GetAttrString(tb.get(), "format_exception"));
   k_type_ = make_atom(types, "type");
   k_message_ = make_atom(types, "message");
   k_traceback_ = make_atom(types, "traceback");
@@ -141,7 +139,14 @@ PyRef Runner::error_from_exception() {
     PyErr_Clear();
     msg = PyRef::check(PyUnicode_FromString("<unprintable>"));
   }
-  PyRef lines = v ? PyRef::steal(PyObject_CallOneArg(format_exception_.get(), v.get())) : PyRef();
+  if (!format_exception_) {
+    // Imported on the first error, not at start: traceback pulls in re, tokenize, ...
+    PyRef tb = PyRef::steal(PyImport_ImportModule("traceback"));
+    if (tb) format_exception_ = PyRef::steal(PyObject_GetAttrString(tb.get(), "format_exception"));
+    if (!format_exception_) PyErr_Clear();
+  }
+  PyRef lines = (v && format_exception_) ? PyRef::steal(PyObject_CallOneArg(format_exception_.get(), v.get()))
+                                         : PyRef();
   if (!lines) {
     PyErr_Clear();
     lines = PyRef::check(PyList_New(0));

@@ -7,7 +7,11 @@ definition of each.
 
 from __future__ import annotations
 
-from typing import Any, Callable
+# typing costs a third of erpy's import time and annotations are strings here, so it
+# is only imported for type checkers.
+TYPE_CHECKING = False
+if TYPE_CHECKING:
+    from typing import Any, Callable
 
 __all__ = [
     "Atom", "BitBinary", "ImproperList", "Pid", "Port", "Ref", "Fun",

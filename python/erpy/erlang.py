@@ -15,7 +15,9 @@ Only what the pool's allow-list permits may be called; everything else raises
 from __future__ import annotations
 
 import sys
-from typing import Any
+TYPE_CHECKING = False
+if TYPE_CHECKING:
+    from typing import Any
 
 from ._errors import ErpyError
 
