@@ -132,6 +132,7 @@ Core::Core(Options o, py::Codec& codec, PyObject* resolver, PyObject* error_form
   self_.cookie = opt_.cookie;
   split_node(self_.name);  // validates
   ref_salt_ = static_cast<std::uint32_t>(now_ns());
+  spin_ns_ = static_cast<std::int64_t>(opt_.spin_us) * 1000;
 }
 
 Core::~Core() {
@@ -589,10 +590,23 @@ bool Core::next_frame(Connection& c, std::uint8_t*& data, std::size_t& len) {
       c.rend = have;
       c.rpos = 0;
     }
+    // Waking a thread blocked in recv costs 5 to 60 us on these machines (DESIGN.md):
+    // poll the socket for spin_us after the last data before sleeping in recv, so a
+    // burst of messages or back-to-back calls is read without that wake-up.
+    std::int64_t spin_until = -1;
     while (c.rend - c.rpos < need) {
-      const ssize_t r = ::recv(c.fd.get(), c.rbuf.get() + c.rend, c.rcap - c.rend, 0);
+      int flags = 0;
+      if (spin_ns_ > 0) {
+        if (spin_until < 0) spin_until = now_ns() + spin_ns_;
+        if (now_ns() < spin_until) flags = MSG_DONTWAIT;
+      }
+      const ssize_t r = ::recv(c.fd.get(), c.rbuf.get() + c.rend, c.rcap - c.rend, flags);
       if (r == 0) throw WireError("connection closed");
       if (r < 0) {
+        if (errno == EAGAIN || errno == EWOULDBLOCK) {
+          __builtin_ia32_pause();
+          continue;
+        }
         if (errno == EINTR) continue;
         throw WireError(std::string("recv: ") + std::strerror(errno));
       }

@@ -124,6 +124,7 @@ struct Options {
   bool hidden = true;
   int ticktime = 60;
   int slow_ms = 5;  // a reader inside Python longer than this is replaced
+  int spin_us = 0;  // a reader polls its socket this long before sleeping in recv (0: off)
 };
 
 // One frame under construction: [len:32][131 68 0][control][payload]. With
@@ -246,6 +247,7 @@ class Core : public std::enable_shared_from_this<Core> {
   std::atomic<std::uint32_t> next_pid_{1};
   std::atomic<std::uint64_t> next_ref_{1};
   std::uint32_t ref_salt_ = 0;
+  std::int64_t spin_ns_ = 0;
 
   std::atomic<bool> stopping_{false};
   std::mutex threads_mu_;

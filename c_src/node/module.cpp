@@ -588,12 +588,13 @@ NodeObject* nd(PyObject* self) { return reinterpret_cast<NodeObject*>(self); }
 
 PyObject* node_new(PyTypeObject* type, PyObject* args, PyObject* kw) {
   static const char* kwlist[] = {"name", "cookie", "resolver", "error_formatter", "host", "port",
-                                 "hidden", "ticktime", "slow_ms", nullptr};
+                                 "hidden", "ticktime", "slow_ms", "spin_us", nullptr};
   const char *name, *cookie, *host = "127.0.0.1";
   PyObject *resolver = nullptr, *formatter = nullptr;
-  int port = 0, hidden = 1, ticktime = 60, slow_ms = 5;
-  if (!PyArg_ParseTupleAndKeywords(args, kw, "ss|$OOsipii", const_cast<char**>(kwlist), &name, &cookie,
-                                   &resolver, &formatter, &host, &port, &hidden, &ticktime, &slow_ms)) {
+  int port = 0, hidden = 1, ticktime = 60, slow_ms = 5, spin_us = 0;
+  if (!PyArg_ParseTupleAndKeywords(args, kw, "ss|$OOsipiii", const_cast<char**>(kwlist), &name, &cookie,
+                                   &resolver, &formatter, &host, &port, &hidden, &ticktime, &slow_ms,
+                                   &spin_us)) {
     return nullptr;
   }
   if (!resolver || !formatter || !PyCallable_Check(resolver) || !PyCallable_Check(formatter)) {
@@ -612,6 +613,7 @@ PyObject* node_new(PyTypeObject* type, PyObject* args, PyObject* kw) {
     o.hidden = hidden;
     o.ticktime = ticktime < 4 ? 4 : ticktime;
     o.slow_ms = slow_ms < 1 ? 1 : slow_ms;
+    o.spin_us = spin_us < 0 ? 0 : spin_us;
     self->core = std::make_shared<Core>(std::move(o), *g_codec, resolver, formatter);
   } catch (...) {
     raise_current();

@@ -132,7 +132,7 @@ class Node:
 
     def __init__(self, name: str, cookie: str, *, host: str = "127.0.0.1", port: int = 0,
                  allow: Iterable[str] = (), allow_code: bool = False, hidden: bool = True,
-                 ticktime: int = 60, slow_ms: int = 5) -> None:
+                 ticktime: int = 60, slow_ms: int = 5, spin_us: int = 0) -> None:
         if "@" not in name:
             name = f"{name}@127.0.0.1"
         self.allow = {a.strip() for a in allow if a and a.strip()}
@@ -141,7 +141,8 @@ class Node:
         self._globals: dict[str, Any] = {"__name__": "__erpy_node__"}
         self._native = _node.Node(name, cookie, resolver=self._resolve,
                                   error_formatter=format_error, host=host, port=port,
-                                  hidden=hidden, ticktime=ticktime, slow_ms=slow_ms)
+                                  hidden=hidden, ticktime=ticktime, slow_ms=slow_ms,
+                                  spin_us=spin_us)
         self._threads: list[threading.Thread] = []
         self._started = False
 
@@ -430,6 +431,8 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--load", action="append", default=[],
                    help="import this module at start; its erpy_setup(node) is called if present")
     p.add_argument("--ticktime", type=int, default=int(_env("ERPY_NODE_TICKTIME", default="60")))
+    p.add_argument("--spin-us", type=int, default=int(_env("ERPY_NODE_SPIN_US", default="0")),
+                   help="poll a connection this long after data before sleeping (0: off)")
     p.add_argument("--exit-on-eof", action="store_true",
                    help="stop when stdin closes (for nodes started by Erlang ports)")
     a = p.parse_args(argv)
@@ -451,7 +454,7 @@ def main(argv: list[str] | None = None) -> int:
     allow_code = a.allow_code if a.allow_code is not None else _env("ERPY_NODE_ALLOW_CODE") in ("1", "true", "yes")
 
     node = Node(name, cookie, host=listen, port=port, allow=allow, allow_code=bool(allow_code),
-                ticktime=a.ticktime)
+                ticktime=a.ticktime, spin_us=a.spin_us)
     node.start()
     for mod in a.load:
         m = importlib.import_module(mod)

@@ -1,0 +1,228 @@
+"""erpy.node from the Python side: the node object, mailboxes, the allow-list, error maps,
+and Python reaching a real Erlang node (started here with `erl -name`), a wrong cookie
+included. The Erlang -> Python direction is covered by test/erpy_node_SUITE.erl."""
+
+from __future__ import annotations
+
+import os
+import shutil
+import subprocess
+import sys
+import time
+import uuid
+
+import pytest
+
+from erpy import Atom, ImproperList, Pid, Ref
+from erpy.node import ErlangError, ErlangTimeoutError, GenServer, Node, NotAllowed, format_error
+
+COOKIE = "erpy_pytest_cookie"
+
+
+def unique(prefix: str) -> str:
+    return f"{prefix}_{uuid.uuid4().hex[:8]}@127.0.0.1"
+
+
+@pytest.fixture(scope="module")
+def epmd() -> None:
+    if shutil.which("epmd") is None:
+        pytest.skip("epmd is not installed (erlang-base)")
+    subprocess.run(["epmd", "-daemon"], check=False)
+
+
+@pytest.fixture
+def node(epmd):
+    n = Node(unique("pyt"), COOKIE, allow=["operator"]).start()
+    yield n
+    n.stop()
+
+
+# An Erlang node with a registered echo gen_server-like process `srv` and a registered
+# process `relay` that forwards {To, Msg} as Msg to To.
+ERL_PROGRAM = """
+register(srv, spawn(fun Loop() ->
+    receive {'$gen_call', From, Req} -> gen:reply(From, {echo, Req}), Loop() end end)),
+register(relay, spawn(fun Loop() -> receive {To, M} -> To ! M, Loop() end end)),
+receive stop -> ok after 60000 -> ok end,
+halt().
+"""
+
+
+@pytest.fixture(scope="module")
+def erlang_node(epmd):
+    erl = shutil.which("erl")
+    if erl is None:
+        pytest.skip("erl is not installed")
+    name = unique("erl")
+    proc = subprocess.Popen([erl, "-noshell", "-name", name, "-setcookie", COOKIE,
+                             "-eval", ERL_PROGRAM], stdin=subprocess.DEVNULL)
+    probe = Node(unique("probe"), COOKIE).start()
+    try:
+        deadline = time.monotonic() + 20
+        while not probe.ping(name):
+            if time.monotonic() > deadline:
+                pytest.fail("the Erlang node did not come up")
+            time.sleep(0.1)
+    finally:
+        probe.stop()
+    yield name
+    proc.kill()
+    proc.wait()
+
+
+def test_format_error_is_erpy_error_map():
+    try:
+        1 / 0
+    except ZeroDivisionError as e:
+        m = format_error(e)
+    assert m["type"] == "ZeroDivisionError"
+    assert m["message"] == "division by zero"
+    assert m["traceback"][0].startswith("Traceback") and all("\n" not in line for line in m["traceback"])
+
+
+def test_allow_list_resolution(node):
+    import operator
+    assert node._resolve("operator", "add") is operator.add
+    with pytest.raises(NotAllowed):
+        node._resolve("os", "system")
+    with pytest.raises(NotAllowed):
+        node._resolve("operator", "__dict__")
+    node.set_allow(["os.path"])
+    assert node._resolve("os.path", "join")("a", "b") == "a/b"
+    with pytest.raises(NotAllowed):
+        node._resolve("os", "getcwd")
+    assert node.allowed("os.path.sub")  # submodules of an allowed module
+    node.expose("shop", "price", lambda item: 3)
+    assert node._resolve("shop", "price")("x") == 3
+
+
+def test_service_code_needs_allow_code(node):
+    with pytest.raises(NotAllowed):
+        node._service_eval("1 + 1")
+    node.allow_code = True
+    assert node._service_eval("x * 2", {"x": 21}) == 42
+    node._service_exec("y = 5")
+    assert node._service_eval("y") == 5
+    assert node._service_run("result = arguments + 1", 1) == 2
+
+
+def test_node_registers_at_epmd_and_unregisters(epmd):
+    name = unique("reg")
+    n = Node(name, COOKIE).start()
+    alive = name.split("@")[0]
+    assert alive in subprocess.run(["epmd", "-names"], capture_output=True, text=True).stdout
+    n.stop()
+    time.sleep(0.2)
+    assert alive not in subprocess.run(["epmd", "-names"], capture_output=True, text=True).stdout
+
+
+def test_local_mailboxes(node):
+    a, b = node.mailbox(), node.mailbox()
+    assert isinstance(a.pid, Pid) and a.pid.node == node.name
+    a.send(b.pid, ("hello", [1, 2.5, b"\xff"], {"k": None}))
+    assert b.receive(1.0) == ("hello", [1, 2.5, b"\xff"], {"k": None})
+    assert b.register("bee")
+    node.send("bee", 1)
+    node.send(("bee", node.name), 2)
+    assert b.receive_many(10, 1.0) == [1, 2]
+    with pytest.raises(TimeoutError):
+        b.receive(0.05)
+    assert b.receive_many(10, 0.05) == []
+    b.close()
+    assert b.closed
+    with pytest.raises(EOFError):
+        b.receive(0.1)
+    node.send("bee", 3)  # a dead name: dropped, as in Erlang
+    assert node._native.whereis("bee") is None
+
+
+def test_genserver_locally(node):
+    class Adder(GenServer):
+        def init(self):
+            self.total = 0
+
+        def handle_call(self, request, from_):
+            self.total += request
+            return self.total
+
+    pid = node.spawn(Adder(), "adder")
+    mb = node.mailbox()
+    ref = node._native.make_ref()
+    mb.send(pid, (Atom("$gen_call"), (mb.pid, ref), 5))
+    assert mb.receive(2.0) == (ref, 5)
+    # The OTP 24+ alias form of the tag is answered to the alias (a Ref).
+    tag = ImproperList([Atom("alias")], ref)
+    mb.send("adder", (Atom("$gen_call"), (mb.pid, tag), 1))
+    # A local alias is not a process: the reply is dropped, the server keeps its state.
+    mb.send(pid, (Atom("$gen_call"), (mb.pid, ref), 0))
+    assert mb.receive(2.0) == (ref, 6)
+
+
+def test_python_to_erlang(node, erlang_node):
+    assert node.ping(erlang_node)
+    assert erlang_node in node.nodes()
+    assert node.rpc(erlang_node, "erlang", "abs", [-3]) == 3
+    assert node.rpc(erlang_node, "lists", "sort", [[3, 1, 2]]) == [1, 2, 3]
+    with pytest.raises(ErlangError) as e:
+        node.rpc(erlang_node, "erlang", "error", [Atom("oops")])
+    assert e.value.args[0] == ("error", "oops")
+    with pytest.raises(ErlangTimeoutError):
+        node.rpc(erlang_node, "timer", "sleep", [2000], timeout=0.2)
+    assert node.call(("srv", erlang_node), "hi") == ("echo", "hi")
+    mb = node.mailbox()
+    mb.send(("relay", erlang_node), (mb.pid, "back"))
+    assert mb.receive(5.0) == "back"
+    big = os.urandom(3 * 1024 * 1024)
+    mb.send(("relay", erlang_node), (mb.pid, big))
+    assert mb.receive(10.0) == big
+    with pytest.raises(ErlangError):
+        node.call(("no_such_server", erlang_node), "hi", timeout=2.0)
+
+
+def test_monitor_of_erlang_process(node, erlang_node):
+    pid = node.rpc(erlang_node, "erlang", "whereis", [Atom("relay")])
+    assert isinstance(pid, Pid)
+    mb = node.mailbox()
+    ref = mb.monitor(pid)
+    assert isinstance(ref, Ref)
+    node.rpc(erlang_node, "erlang", "exit", [pid, Atom("kill")])
+    msg = mb.receive(5.0)
+    assert msg[:3] == ("DOWN", ref, "process") and msg[4] == "killed"
+
+
+def test_wrong_cookie_is_refused(erlang_node):
+    n = Node(unique("bad"), "not-the-cookie").start()
+    try:
+        assert not n.ping(erlang_node)
+        with pytest.raises(ErlangError):
+            n.rpc(erlang_node, "erlang", "node", [], timeout=2.0)
+    finally:
+        n.stop()
+
+
+def test_unknown_node_fails_fast(node):
+    with pytest.raises(ErlangError):
+        node.rpc("nobody_here@127.0.0.1", "erlang", "node", [], timeout=2.0)
+    mb = node.mailbox()
+    ref = mb.monitor(("x", "nobody_here@127.0.0.1"))
+    msg = mb.receive(2.0)
+    assert msg[0] == "DOWN" and msg[1] == ref and msg[4] == "noconnection"
+
+
+def test_command_line_env_fallbacks(epmd, erlang_node):
+    env = dict(os.environ, BPY_BEAM_NODE=unique("cli").split("@")[0], BPY_BEAM_COOKIE=COOKIE,
+               PYTHONPATH=os.pathsep.join([os.path.dirname(os.path.dirname(__file__))]))
+    proc = subprocess.Popen([sys.executable, "-m", "erpy.node", "--exit-on-eof"],
+                            stdin=subprocess.PIPE, stdout=subprocess.PIPE, env=env, text=True)
+    try:
+        line = proc.stdout.readline()
+        assert "ready" in line, line
+        name = line.split()[1]
+        probe = Node(unique("probe"), COOKIE).start()
+        try:
+            assert probe.ping(name)
+        finally:
+            probe.stop()
+    finally:
+        proc.stdin.close()
+        assert proc.wait(10) == 0
