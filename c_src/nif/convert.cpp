@@ -1,5 +1,7 @@
 #include "convert.hpp"
 
+#include "atoms.hpp"
+
 #include <cmath>
 #include <cstring>
 #include <string>
@@ -148,8 +150,8 @@ ERL_NIF_TERM Converter::to_term(ErlNifEnv* env, PyObject* obj, const ConvertOpti
   if (depth > o.encode.max_depth) throw etf::EncodeError("object nested too deeply");
   PyTypeObject* type = Py_TYPE(obj);
   if (obj == Py_None) return enif_make_atom_len(env, o.encode.none.data(), o.encode.none.size());
-  if (obj == Py_True) return enif_make_atom(env, "true");
-  if (obj == Py_False) return enif_make_atom(env, "false");
+  if (obj == Py_True) return atoms.true_;
+  if (obj == Py_False) return atoms.false_;
   if (type == &PyLong_Type) {
     int overflow = 0;
     const long long v = PyLong_AsLongLongAndOverflow(obj, &overflow);

@@ -8,6 +8,7 @@
 #include <string>
 
 #include "pool.hpp"
+#include "atoms.hpp"
 #include "runtime.hpp"
 
 namespace erpy::nif {
@@ -19,7 +20,7 @@ using py::PythonError;
 
 ERL_NIF_TERM atom(ErlNifEnv* env, const char* name) { return enif_make_atom(env, name); }
 
-ERL_NIF_TERM error(ErlNifEnv* env, ERL_NIF_TERM why) { return enif_make_tuple2(env, atom(env, "error"), why); }
+ERL_NIF_TERM error(ErlNifEnv* env, ERL_NIF_TERM why) { return enif_make_tuple2(env, atoms.error, why); }
 
 bool get_string(ErlNifEnv* env, ERL_NIF_TERM t, std::string& out) {
   ErlNifBinary b;
@@ -81,7 +82,7 @@ ERL_NIF_TERM nif_init(ErlNifEnv* env, int, const ERL_NIF_TERM argv[]) {
     ERL_NIF_TERM msg;
     unsigned char* p = enif_make_new_binary(env, err.size(), &msg);
     std::copy(err.begin(), err.end(), p);
-    return error(env, enif_make_tuple2(env, atom(env, "python_init"), msg));
+    return error(env, enif_make_tuple2(env, atoms.python_init, msg));
   }
   if (!exe.empty() && exe != rt.executable()) {
     // One interpreter per VM: a second, different one cannot be started.
@@ -89,29 +90,29 @@ ERL_NIF_TERM nif_init(ErlNifEnv* env, int, const ERL_NIF_TERM argv[]) {
     const std::string cur = rt.executable();
     unsigned char* p = enif_make_new_binary(env, cur.size(), &running);
     std::copy(cur.begin(), cur.end(), p);
-    return error(env, enif_make_tuple2(env, atom(env, "python_already_running"), running));
+    return error(env, enif_make_tuple2(env, atoms.python_already_running, running));
   }
-  return atom(env, "ok");
+  return atoms.ok;
 }
 
 // pool_new(Size, Owner, #{none := atom(), binary := str | bytes, spin_us := int}) -> Pool
 ERL_NIF_TERM nif_pool_new(ErlNifEnv* env, int, const ERL_NIF_TERM argv[]) {
   Runtime& rt = Runtime::get();
-  if (!rt.ready()) return error(env, atom(env, "not_initialized"));
+  if (!rt.ready()) return error(env, atoms.not_initialized);
   PoolOptions o;
   if (!enif_get_int(env, argv[0], &o.size) || o.size < 1 || o.size > 1024) return enif_make_badarg(env);
   if (!enif_get_local_pid(env, argv[1], &o.owner)) return enif_make_badarg(env);
   ERL_NIF_TERM v;
   char buf[256];
-  if (enif_get_map_value(env, argv[2], atom(env, "none"), &v)) {
+  if (enif_get_map_value(env, argv[2], atoms.none, &v)) {
     if (enif_get_atom(env, v, buf, sizeof buf, ERL_NIF_LATIN1) <= 0) return enif_make_badarg(env);
     o.convert.decode.none = buf;
     o.convert.encode.none = buf;
   }
-  if (enif_get_map_value(env, argv[2], atom(env, "binary"), &v)) {
-    o.convert.decode.binary_as_bytes = enif_is_identical(v, atom(env, "bytes"));
+  if (enif_get_map_value(env, argv[2], atoms.binary, &v)) {
+    o.convert.decode.binary_as_bytes = enif_is_identical(v, atoms.bytes);
   }
-  if (enif_get_map_value(env, argv[2], atom(env, "spin_us"), &v) && !enif_get_int(env, v, &o.spin_us)) {
+  if (enif_get_map_value(env, argv[2], atoms.spin_us, &v) && !enif_get_int(env, v, &o.spin_us)) {
     return enif_make_badarg(env);
   }
   auto* h = static_cast<PoolHandle*>(enif_alloc_resource(rt.types.pool, sizeof(PoolHandle)));
@@ -129,7 +130,7 @@ ERL_NIF_TERM nif_pool_close(ErlNifEnv* env, int, const ERL_NIF_TERM argv[]) {
     return enif_make_badarg(env);
   }
   h->pool->close();
-  return atom(env, "ok");
+  return atoms.ok;
 }
 
 ERL_NIF_TERM nif_pool_info(ErlNifEnv* env, int, const ERL_NIF_TERM argv[]) {
@@ -161,14 +162,14 @@ ERL_NIF_TERM nif_submit(ErlNifEnv* env, int, const ERL_NIF_TERM argv[]) {
   job->env = enif_alloc_env();
   job->ref = enif_make_copy(job->env, argv[1]);
   job->req = enif_make_copy(job->env, argv[2]);
-  job->want_handle = enif_is_identical(argv[3], atom(env, "true"));
+  job->want_handle = enif_is_identical(argv[3], atoms.true_);
   job->pool = pool;
   enif_self(env, &job->caller);
   ERL_NIF_TERM t = enif_make_resource(env, job);
   const bool ok = pool->submit(job, context);
   enif_release_resource(job);
-  if (!ok) return error(env, atom(env, "closed"));
-  return enif_make_tuple2(env, atom(env, "ok"), t);
+  if (!ok) return error(env, atoms.closed);
+  return enif_make_tuple2(env, atoms.ok, t);
 }
 
 Job* get_job(ErlNifEnv* env, ERL_NIF_TERM t) {
@@ -184,11 +185,11 @@ ERL_NIF_TERM nif_cancel(ErlNifEnv* env, int, const ERL_NIF_TERM argv[]) {
   if (!job) return enif_make_badarg(env);
   ERL_NIF_TERM answer;
   switch (job->pool->cancel(job, env, &answer)) {
-    case Pool::Outcome::Canceled: return atom(env, "canceled");
-    case Pool::Outcome::Sent: return atom(env, "sent");
-    case Pool::Outcome::Done: return enif_make_tuple2(env, atom(env, "done"), answer);
+    case Pool::Outcome::Canceled: return atoms.canceled;
+    case Pool::Outcome::Sent: return atoms.sent;
+    case Pool::Outcome::Done: return enif_make_tuple2(env, atoms.done, answer);
   }
-  return atom(env, "sent");
+  return atoms.sent;
 }
 
 // poll(Job, Block) -> {done, Answer} | {callback, Ctx, Kind, M, F, Args} | pending
@@ -197,13 +198,13 @@ ERL_NIF_TERM nif_poll(ErlNifEnv* env, int, const ERL_NIF_TERM argv[]) {
   Job* job = get_job(env, argv[0]);
   if (!job) return enif_make_badarg(env);
   ERL_NIF_TERM answer;
-  switch (job->pool->poll(job, enif_is_identical(argv[1], atom(env, "true")), env, &answer)) {
-    case Pool::Poll::Done: return enif_make_tuple2(env, atom(env, "done"), answer);
-    case Pool::Poll::Pending: return atom(env, "pending");
-    case Pool::Poll::Wait: return atom(env, "wait");
+  switch (job->pool->poll(job, enif_is_identical(argv[1], atoms.true_), env, &answer)) {
+    case Pool::Poll::Done: return enif_make_tuple2(env, atoms.done, answer);
+    case Pool::Poll::Pending: return atoms.pending;
+    case Pool::Poll::Wait: return atoms.wait;
     case Pool::Poll::Callback: return answer;
   }
-  return atom(env, "wait");
+  return atoms.wait;
 }
 
 // callback_reply(Job, {ok, Value} | {error, Reason}) -> ok
@@ -213,7 +214,7 @@ ERL_NIF_TERM nif_callback_reply(ErlNifEnv* env, int, const ERL_NIF_TERM argv[]) 
     return enif_make_badarg(env);
   }
   job->pool->callback_reply(job, env, argv[1]);
-  return atom(env, "ok");
+  return atoms.ok;
 }
 
 // checkin(Context) -> ok
@@ -223,7 +224,7 @@ ERL_NIF_TERM nif_checkin(ErlNifEnv* env, int, const ERL_NIF_TERM argv[]) {
     return enif_make_badarg(env);
   }
   ch->pool->release(ch->index);
-  return atom(env, "ok");
+  return atoms.ok;
 }
 
 // python_info() -> #{version, gil, subinterpreters}: what this build of Python offers.
@@ -242,8 +243,8 @@ ERL_NIF_TERM nif_python_info(ErlNifEnv* env, int, const ERL_NIF_TERM[]) {
   // Contexts as subinterpreters with their own GIL need 3.12+ (PEP 684); this build is
   // compiled against the headers of the Python it runs.
   const bool own_gil = PY_VERSION_HEX >= 0x030C0000;
-  ERL_NIF_TERM keys[] = {atom(env, "version"), atom(env, "gil"), atom(env, "own_gil_subinterpreters"),
-                         atom(env, "initialized")};
+  ERL_NIF_TERM keys[] = {atoms.version, atoms.gil, atoms.own_gil_subinterpreters,
+                         atoms.initialized};
   ERL_NIF_TERM values[] = {vt, atom(env, gil), atom(env, own_gil ? "true" : "false"),
                            atom(env, Runtime::get().ready() ? "true" : "false")};
   ERL_NIF_TERM out;
@@ -274,6 +275,7 @@ ErlNifFunc funcs[] = {
 
 int load(ErlNifEnv* env, void** priv, ERL_NIF_TERM) {
   *priv = nullptr;
+  atoms.init(env);
   // TAKEOVER too: a module loaded again after a purge finds its types still alive.
   return open_types(env, static_cast<ErlNifResourceFlags>(ERL_NIF_RT_CREATE | ERL_NIF_RT_TAKEOVER)) ? 0 : 1;
 }
@@ -281,6 +283,7 @@ int load(ErlNifEnv* env, void** priv, ERL_NIF_TERM) {
 // Upgrading takes the resource types over; the runtime (and Python) carries on as it is.
 int upgrade(ErlNifEnv* env, void** priv, void**, ERL_NIF_TERM) {
   *priv = nullptr;
+  atoms.init(env);
   return open_types(env, static_cast<ErlNifResourceFlags>(ERL_NIF_RT_CREATE | ERL_NIF_RT_TAKEOVER)) ? 0 : 1;
 }
 

@@ -6,6 +6,7 @@
 #include <string>
 
 #include "etf/error.hpp"
+#include "atoms.hpp"
 #include "runtime.hpp"
 
 namespace erpy::nif {
@@ -27,12 +28,6 @@ struct MsgEnv {
   MsgEnv& operator=(const MsgEnv&) = delete;
 };
 
-ERL_NIF_TERM atom(ErlNifEnv* env, const char* name) { return enif_make_atom(env, name); }
-
-bool is_atom(ErlNifEnv* env, ERL_NIF_TERM t, const char* name) {
-  char buf[32];
-  return enif_get_atom(env, t, buf, sizeof buf, ERL_NIF_LATIN1) > 0 && std::strcmp(buf, name) == 0;
-}
 
 }  // namespace
 
@@ -223,11 +218,11 @@ ERL_NIF_TERM Pool::info(ErlNifEnv* env) {
     held += c->held;
     busy += !c->running.empty();
   }
-  ERL_NIF_TERM keys[] = {atom(env, "size"), atom(env, "queued"), atom(env, "held"), atom(env, "busy"),
-                         atom(env, "closing")};
+  ERL_NIF_TERM keys[] = {atoms.size, atoms.queued, atoms.held, atoms.busy,
+                         atoms.closing};
   ERL_NIF_TERM values[] = {enif_make_int(env, o_.size), enif_make_uint64(env, queue_.size()),
                            enif_make_int(env, held), enif_make_int(env, busy),
-                           atom(env, closing_ ? "true" : "false")};
+                           closing_ ? atoms.true_ : atoms.false_};
   ERL_NIF_TERM out;
   enif_make_map_from_arrays(env, keys, values, 5, &out);
   return out;
@@ -269,7 +264,7 @@ Job* Pool::next_job(Context& c, std::unique_lock<std::mutex>& lock) {
     }
     // Nothing to do: spin a little first (one context at a time), since the next request
     // of a busy caller usually comes within microseconds and a sleep/wake pair costs more.
-    if (!c.held && o_.spin_us > 0 && inflight_.load(std::memory_order_relaxed) == 0 &&
+    if (!c.held && o_.spin_us > 0 &&
         !spinning_.exchange(true, std::memory_order_acq_rel)) {
       lock.unlock();
       spin_until([this] { return queued_.load(std::memory_order_acquire) != 0; });
@@ -355,11 +350,12 @@ struct Request {
 Request parse(ErlNifEnv* env, ERL_NIF_TERM req) {
   Request r;
   if (!enif_get_tuple(env, req, &r.arity, &r.elems) || r.arity < 1) return r;
-  if (is_atom(env, r.elems[0], "call") && r.arity == 5) r.kind = Request::Call;
-  else if (is_atom(env, r.elems[0], "eval") && r.arity == 3) r.kind = Request::Eval;
-  else if (is_atom(env, r.elems[0], "exec") && r.arity == 2) r.kind = Request::Exec;
-  else if (is_atom(env, r.elems[0], "run") && r.arity == 3) r.kind = Request::Run;
-  else if (is_atom(env, r.elems[0], "hold") && r.arity == 1) r.kind = Request::Hold;
+  const ERL_NIF_TERM k = r.elems[0];
+  if (k == atoms.call && r.arity == 5) r.kind = Request::Call;
+  else if (k == atoms.eval && r.arity == 3) r.kind = Request::Eval;
+  else if (k == atoms.exec && r.arity == 2) r.kind = Request::Exec;
+  else if (k == atoms.run && r.arity == 3) r.kind = Request::Run;
+  else if (k == atoms.hold && r.arity == 1) r.kind = Request::Hold;
   return r;
 }
 
@@ -379,8 +375,8 @@ void Pool::run_job(Context& c, Job* job) {
       c.holder_monitored = c.handle && enif_monitor_process(nullptr, c.handle, &job->caller, &c.holder_monitor) == 0;
       if (!c.holder_monitored) c.release_requested = true;  // the holder is gone already
     }
-    answer = enif_make_tuple2(msg.env, atom(msg.env, "ok"),
-                              c.handle ? enif_make_resource(msg.env, c.handle) : atom(msg.env, "undefined"));
+    answer = enif_make_tuple2(msg.env, atoms.ok,
+                              c.handle ? enif_make_resource(msg.env, c.handle) : atoms.undefined);
     finish(c, job, msg.env, answer);
     if (job->state == JobState::Canceled) release(c.index);  // nobody took it
     msg.env = nullptr;
@@ -467,14 +463,14 @@ void Pool::run_job(Context& c, Job* job) {
   try {
     if (failed) {
       PyRef err = runner.error_from_exception();
-      answer = enif_make_tuple2(msg.env, atom(msg.env, "error"), conv.to_term(msg.env, err.get(), co));
+      answer = enif_make_tuple2(msg.env, atoms.error, conv.to_term(msg.env, err.get(), co));
     } else if (job->want_handle) {
       auto* lent = static_cast<LentObject*>(enif_alloc_resource(rt.types.lent, sizeof(LentObject)));
       lent->obj = result.release();
-      answer = enif_make_tuple2(msg.env, atom(msg.env, "ok"), enif_make_resource(msg.env, lent));
+      answer = enif_make_tuple2(msg.env, atoms.ok, enif_make_resource(msg.env, lent));
       enif_release_resource(lent);
     } else {
-      answer = enif_make_tuple2(msg.env, atom(msg.env, "ok"), conv.to_term(msg.env, result.get(), co));
+      answer = enif_make_tuple2(msg.env, atoms.ok, conv.to_term(msg.env, result.get(), co));
     }
   } catch (...) {
     // The result has no Erlang form: say so instead.
@@ -482,10 +478,10 @@ void Pool::run_job(Context& c, Job* job) {
     PyRef err;
     try {
       err = runner.error_from_exception();
-      answer = enif_make_tuple2(msg.env, atom(msg.env, "error"), conv.to_term(msg.env, err.get(), co));
+      answer = enif_make_tuple2(msg.env, atoms.error, conv.to_term(msg.env, err.get(), co));
     } catch (...) {
       PyErr_Clear();
-      answer = enif_make_tuple2(msg.env, atom(msg.env, "error"), atom(msg.env, "unencodable_error"));
+      answer = enif_make_tuple2(msg.env, atoms.error, atoms.unencodable_error);
     }
   }
   result.reset();
@@ -538,9 +534,9 @@ PyRef Pool::erlang_callback(Context& c, const char* kind, PyObject* m, PyObject*
   const ConvertOptions& co = o_.convert;
   MsgEnv msg;
   // {Ref, {callback, Context, Kind, M, F, Args}}: the caller runs it (allow-list first).
-  ERL_NIF_TERM items[] = {atom(msg.env, "callback"),
-                          c.handle ? enif_make_resource(msg.env, c.handle) : atom(msg.env, "undefined"),
-                          atom(msg.env, kind), rt.converter().to_term(msg.env, m, co),
+  ERL_NIF_TERM items[] = {atoms.callback,
+                          c.handle ? enif_make_resource(msg.env, c.handle) : atoms.undefined,
+                          enif_make_atom(msg.env, kind), rt.converter().to_term(msg.env, m, co),
                           rt.converter().to_term(msg.env, f, co), rt.converter().to_term(msg.env, args, co)};
   ERL_NIF_TERM body = enif_make_tuple_from_array(msg.env, items, 6);
   ErlNifEnv* reply_env = nullptr;
@@ -617,7 +613,7 @@ PyRef Pool::erlang_callback(Context& c, const char* kind, PyObject* m, PyObject*
     throw PythonError();
   }
   PyRef value = rt.converter().to_python(reply_env, elems[1], co);
-  if (is_atom(reply_env, elems[0], "ok")) return value;
+  if (elems[0] == atoms.ok) return value;
   PyErr_SetObject(rt.erlang_error(), value.get());
   throw PythonError();
 }
@@ -625,7 +621,7 @@ PyRef Pool::erlang_callback(Context& c, const char* kind, PyObject* m, PyObject*
 void Pool::log(PyObject* stream, PyObject* text) {
   Runtime& rt = Runtime::get();
   MsgEnv msg;
-  ERL_NIF_TERM t = enif_make_tuple3(msg.env, atom(msg.env, "erpy_log"),
+  ERL_NIF_TERM t = enif_make_tuple3(msg.env, atoms.erpy_log,
                                     rt.converter().to_term(msg.env, stream, o_.convert),
                                     rt.converter().to_term(msg.env, text, o_.convert));
   ErlNifPid owner = o_.owner;
