@@ -13,6 +13,7 @@
 -export([init/1, handle_call/3, handle_cast/2, handle_info/2, terminate/2]).
 
 -define(KEY(Pool), {?MODULE, Pool}).
+-define(ERPY_KEY(Pool), {erpy_pool, Pool}).
 -define(RETRY_MS, 1000).
 -define(START_WAIT_MS, 15000).
 
@@ -79,6 +80,10 @@ init({Pool, Opts}) ->
             Tab = ets:new(?MODULE, [set, public, {read_concurrency, true}]),
             ets:insert(Tab, {up, {}}),
             persistent_term:put(?KEY(Pool), {Tab, atomics:new(1, []), self()}),
+            %% erpy's dispatch (erpy_pool:lookup/1) finds node pools by this handle.
+            persistent_term:put(?ERPY_KEY(Pool),
+                                #{mode => node, name => Pool, pid => self(),
+                                  max_message_size => maps:get(max_message_size, Opts, 10485760)}),
             Given = maps:get(nodes, Opts, []),
             Count = maps:get(start, Opts, case Given of
                                               [] -> maps:get(size, Opts, 2);
@@ -93,6 +98,7 @@ init({Pool, Opts}) ->
                     {ok, S2};
                 {error, Why} ->
                     persistent_term:erase(?KEY(Pool)),
+                    persistent_term:erase(?ERPY_KEY(Pool)),
                     {stop, Why}
             end
     end.
@@ -159,6 +165,7 @@ handle_info(_Msg, S) ->
 -spec terminate(term(), state()) -> ok.
 terminate(_Reason, #{pool := Pool, ports := Ports}) ->
     persistent_term:erase(?KEY(Pool)),
+    persistent_term:erase(?ERPY_KEY(Pool)),
     %% Started nodes run with --exit-on-eof: closing the port ends them.
     [catch port_close(P) || P <- maps:keys(Ports)],
     ok.

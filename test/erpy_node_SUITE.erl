@@ -15,13 +15,13 @@
          several_erlang_nodes/1, nodedown_seen_by_python/1, wrong_cookie/1,
          large_messages/1, slow_handler_does_not_stall/1, concurrent_calls/1,
          cli_env_fallbacks/1, pool_basics/1, pool_node_killed_under_load/1,
-         memory_flat_over_100k_calls/1]).
+         pool_through_erpy_api/1, memory_flat_over_100k_calls/1]).
 
 all() ->
     [ping, rpc_and_erpc, python_errors, allow_list, gen_server_handler, sends_and_order,
      monitors_and_links, python_to_erlang, several_erlang_nodes, nodedown_seen_by_python,
      wrong_cookie, large_messages, slow_handler_does_not_stall, concurrent_calls,
-     cli_env_fallbacks, pool_basics, pool_node_killed_under_load,
+     cli_env_fallbacks, pool_basics, pool_node_killed_under_load, pool_through_erpy_api,
      memory_flat_over_100k_calls].
 
 suite() ->
@@ -312,6 +312,26 @@ pool_node_killed_under_load(_Config) ->
     ok = wait_until(fun() -> lists:sort(erpy_node_pool:nodes(np_kill)) =:= lists:sort([N1, N2]) end, 200),
     ?assertEqual({ok, 2}, erpc_pool_call(np_kill)),
     ok = erpy_node_pool:stop(np_kill).
+
+%% erpy:start_pool(P, #{mode => node}) gives the API of the other modes: call, eval, run, errors, stop.
+pool_through_erpy_api(_Config) ->
+    {ok, _} = application:ensure_all_started(erpy),
+    try
+        {ok, _} = erpy:start_pool(np_api, #{mode => node, start => 1}),
+        ?assertEqual({ok, 3}, erpy:call(operator, add, [1, 2], #{pool => np_api})),
+        ?assertEqual({ok, <<"a/b">>}, erpy:call('os.path', join, [<<"a">>, <<"b">>], #{pool => np_api})),
+        ?assertEqual({ok, 42}, erpy:eval(<<"x * 2">>, #{x => 21}, #{pool => np_api})),
+        ?assertEqual({ok, #{status => ok, result => 30}},
+                     erpy:run(#{code => <<"result = arguments['x'] + arguments['y']">>,
+                                arguments => #{<<"x">> => 10, <<"y">> => 20}, pool => np_api})),
+        ?assertMatch({ok, #{status := error, error := #{type := <<"ZeroDivisionError">>}}},
+                     erpy:run(#{code => <<"result = 1 / 0">>, pool => np_api})),
+        ?assertEqual({error, timeout}, erpy:run(#{code => <<"import time; time.sleep(1)">>, pool => np_api}, 100)),
+        ok = erpy:stop_pool(np_api),
+        ?assertMatch({error, _}, erpy:call(operator, add, [1, 2], #{pool => np_api}))
+    after
+        application:stop(erpy)
+    end.
 
 %% ---- memory --------------------------------------------------------------------------------
 
