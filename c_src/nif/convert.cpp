@@ -3,8 +3,10 @@
 #include "atoms.hpp"
 
 #include <cmath>
+#include <cstdint>
 #include <cstring>
 #include <string>
+#include <utility>
 #include <vector>
 
 #include "etf/error.hpp"
@@ -147,6 +149,12 @@ ERL_NIF_TERM Converter::term_via_etf(ErlNifEnv* env, PyObject* obj, const Conver
 }
 
 ERL_NIF_TERM Converter::to_term(ErlNifEnv* env, PyObject* obj, const ConvertOptions& o, std::size_t depth) {
+  StrTerms strs;
+  return term(env, obj, o, depth, strs);
+}
+
+ERL_NIF_TERM Converter::term(ErlNifEnv* env, PyObject* obj, const ConvertOptions& o, std::size_t depth,
+                             StrTerms& strs) {
   if (depth > o.encode.max_depth) throw etf::EncodeError("object nested too deeply");
   PyTypeObject* type = Py_TYPE(obj);
   if (obj == Py_None) return enif_make_atom_len(env, o.encode.none.data(), o.encode.none.size());
@@ -167,6 +175,9 @@ ERL_NIF_TERM Converter::to_term(ErlNifEnv* env, PyObject* obj, const ConvertOpti
     return enif_make_double(env, d);
   }
   if (type == &PyUnicode_Type) {
+    const bool cacheable = PyUnicode_GET_LENGTH(obj) <= 32;
+    const std::size_t slot = (reinterpret_cast<std::uintptr_t>(obj) >> 4) % StrTerms::kSlots;
+    if (cacheable && strs.obj[slot] == obj) return strs.term[slot];
     Py_ssize_t n;
     const char* p = PyUnicode_AsUTF8AndSize(obj, &n);
     if (!p) throw PythonError();
@@ -174,6 +185,11 @@ ERL_NIF_TERM Converter::to_term(ErlNifEnv* env, PyObject* obj, const ConvertOpti
     unsigned char* dst = enif_make_new_binary(env, static_cast<size_t>(n), &out);
     if (!dst) throw std::bad_alloc();
     std::memcpy(dst, p, static_cast<size_t>(n));
+    if (cacheable) {
+      Py_INCREF(obj);
+      Py_XDECREF(std::exchange(strs.obj[slot], obj));
+      strs.term[slot] = out;
+    }
     return out;
   }
   if (type == &PyBytes_Type) {
@@ -191,14 +207,14 @@ ERL_NIF_TERM Converter::to_term(ErlNifEnv* env, PyObject* obj, const ConvertOpti
     for (Py_ssize_t i = 0; i < n; ++i) {
       // The list may change while we walk it (a custom encoder runs Python code).
       if (i >= PyList_GET_SIZE(obj)) throw etf::EncodeError("list changed size while being encoded");
-      items[static_cast<size_t>(i)] = to_term(env, PyList_GET_ITEM(obj, i), o, depth + 1);
+      items[static_cast<size_t>(i)] = term(env, PyList_GET_ITEM(obj, i), o, depth + 1, strs);
     }
     return enif_make_list_from_array(env, items.data(), static_cast<unsigned>(n));
   }
   if (type == &PyTuple_Type) {
     const Py_ssize_t n = PyTuple_GET_SIZE(obj);
     std::vector<ERL_NIF_TERM> items(static_cast<size_t>(n));
-    for (Py_ssize_t i = 0; i < n; ++i) items[static_cast<size_t>(i)] = to_term(env, PyTuple_GET_ITEM(obj, i), o, depth + 1);
+    for (Py_ssize_t i = 0; i < n; ++i) items[static_cast<size_t>(i)] = term(env, PyTuple_GET_ITEM(obj, i), o, depth + 1, strs);
     return enif_make_tuple_from_array(env, items.data(), static_cast<unsigned>(n));
   }
   if (type == &PyDict_Type) {
@@ -210,8 +226,8 @@ ERL_NIF_TERM Converter::to_term(ErlNifEnv* env, PyObject* obj, const ConvertOpti
     while (PyDict_Next(obj, &pos, &k, &v)) {
       // Borrowed: hold them while Python code (custom encoders) may run.
       PyRef key = PyRef::borrow(k), value = PyRef::borrow(v);
-      keys.push_back(to_term(env, key.get(), o, depth + 1));
-      values.push_back(to_term(env, value.get(), o, depth + 1));
+      keys.push_back(term(env, key.get(), o, depth + 1, strs));
+      values.push_back(term(env, value.get(), o, depth + 1, strs));
     }
     ERL_NIF_TERM out;
     if (!enif_make_map_from_arrays(env, keys.data(), values.data(), keys.size(), &out)) {

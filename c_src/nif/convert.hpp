@@ -32,6 +32,21 @@ class Converter {
   py::Codec& codec() noexcept { return codec_; }
 
  private:
+  // Short str objects already made into binaries during one to_term call: map keys and
+  // repeated values are usually the same objects (the decoder's str cache), and a term
+  // may appear many times in one environment.
+  struct StrTerms {
+    static constexpr std::size_t kSlots = 256;
+    PyObject* obj[kSlots] = {};  // strong references: an address cannot be reused meanwhile
+    ERL_NIF_TERM term[kSlots] = {};
+    StrTerms() = default;
+    StrTerms(const StrTerms&) = delete;
+    StrTerms& operator=(const StrTerms&) = delete;
+    ~StrTerms() {
+      for (PyObject* o : obj) Py_XDECREF(o);
+    }
+  };
+  ERL_NIF_TERM term(ErlNifEnv* env, PyObject* obj, const ConvertOptions& o, std::size_t depth, StrTerms& strs);
   py::PyRef via_etf(ErlNifEnv* env, ERL_NIF_TERM t, const ConvertOptions& o);
   ERL_NIF_TERM term_via_etf(ErlNifEnv* env, PyObject* obj, const ConvertOptions& o);
   ERL_NIF_TERM lend_bytes(ErlNifEnv* env, PyObject* bytes);
