@@ -158,7 +158,7 @@ messages(#{pairs := Pairs}, #{py := Py, erl := Erl, procs := Procs}) ->
     Rate = fun(Runs) -> round(erpy_bench:median([R || {R, _, _} <- Runs])) end,
     RecvUs = fun(Runs) -> erpy_bench:median([C / N / 1000 || {_, _, C} <- Runs]) end,
     CpuPer = fun(Runs) -> erpy_bench:median([C / N / 1000 || {_, C, _} <- Runs]) end,
-    [#{id => <<"M">>,
+    [#{id => <<"MSG">>,
        workload => <<"node: Erlang -> Python messages ({bench_sink, PyNode} ! {msg, I}, 200,000 from one sender), "
                      "messages per CPU second of the receiving node">>,
        erpy => fmt("~b msg/s capacity (~.2f us Python-node CPU/msg); end to end ~b msg/s, ~.2f us CPU/msg all processes",

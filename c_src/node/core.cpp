@@ -184,7 +184,7 @@ void Core::stop() {
   join(watchdog_);
   for (;;) {
     // Readers may still start handshake or reader threads until they see stopping_.
-    std::vector<std::thread> readers;
+    std::vector<Worker> readers;
     {
       std::lock_guard lk(threads_mu_);
       readers.swap(threads_);
@@ -194,7 +194,7 @@ void Core::stop() {
       std::lock_guard lk(mu_);
       for (auto& [_, c] : conns_) c->shutdown();
     }
-    for (auto& t : readers) join(t);
+    for (auto& w : readers) join(w.thread);
   }
   epmd_fd_.reset();
   listen_fd_.reset();
@@ -421,11 +421,25 @@ void Core::add_connection(const std::shared_ptr<Connection>& c) {
   start_reader(c);
 }
 
+template <class F> void Core::spawn_locked(F&& f) {
+  std::erase_if(threads_, [](Worker& w) {
+    if (!w.done->load()) return false;
+    w.thread.join();  // it has returned already
+    return true;
+  });
+  auto done = std::make_shared<std::atomic<bool>>(false);
+  threads_.push_back(Worker{std::thread([f = std::forward<F>(f), done]() mutable {
+                              f();
+                              done->store(true);
+                            }),
+                            done});
+}
+
 void Core::start_reader(const std::shared_ptr<Connection>& c) {
   const std::uint64_t token = c->reader_token.load();
   std::lock_guard lk(threads_mu_);
   if (stopping_.load()) return;
-  threads_.emplace_back([self = shared_from_this(), c, token] { self->reader(c, token); });
+  spawn_locked([self = shared_from_this(), c, token] { self->reader(c, token); });
 }
 
 void Core::acceptor() {
@@ -444,7 +458,7 @@ void Core::acceptor() {
     // The handshake runs on the connection's own thread, so a slow peer blocks no one.
     std::lock_guard lk(threads_mu_);
     if (stopping_.load()) return;
-    threads_.emplace_back([self = shared_from_this(), c] {
+    spawn_locked([self = shared_from_this(), c] {
       try {
         c->peer = handshake_accept(c->fd.get(), self->self_);
       } catch (const std::exception& e) {
@@ -574,6 +588,7 @@ void Core::connection_down(const std::shared_ptr<Connection>& c) {
 
 bool Core::next_frame(Connection& c, std::uint8_t*& data, std::size_t& len) {
   constexpr std::size_t kInitial = 256 * 1024;
+  constexpr std::size_t kMaxFrame = std::size_t{1} << 30;
   auto fill = [&](std::size_t need) {
     if (c.rend - c.rpos >= need) return;
     if (c.rcap - c.rpos < need) {
@@ -622,6 +637,9 @@ bool Core::next_frame(Connection& c, std::uint8_t*& data, std::size_t& len) {
   fill(4);
   const std::uint8_t* h = c.rbuf.get() + c.rpos;
   len = (std::size_t{h[0]} << 24) | (std::size_t{h[1]} << 16) | (std::size_t{h[2]} << 8) | h[3];
+  // A length field cannot make us allocate without bound (the peer knows the cookie, but a
+  // bug there must not take this node down).
+  if (len > kMaxFrame) throw WireError("distribution frame of " + std::to_string(len) + " bytes");
   fill(4 + len);
   data = c.rbuf.get() + c.rpos + 4;
   c.rpos += 4 + len;

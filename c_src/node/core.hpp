@@ -250,8 +250,16 @@ class Core : public std::enable_shared_from_this<Core> {
   std::int64_t spin_ns_ = 0;
 
   std::atomic<bool> stopping_{false};
+  // Reader and handshake threads. A reader replaced by the watchdog, or whose connection
+  // closed, ends; finished threads are joined when the next one starts (a finished but
+  // unjoined thread keeps its stack).
+  struct Worker {
+    std::thread thread;
+    std::shared_ptr<std::atomic<bool>> done;
+  };
   std::mutex threads_mu_;
-  std::vector<std::thread> threads_;
+  std::vector<Worker> threads_;
+  template <class F> void spawn_locked(F&& f);  // threads_mu_ held
   std::thread acceptor_, ticker_, watchdog_;
   std::mutex wd_mu_;
   std::condition_variable wd_cv_;
