@@ -33,6 +33,7 @@ pool_opts(Opts) when is_map(Opts) ->
         %% changes later (erpy_port_worker reads it at each callback).
         _ = erpy_allow:compile(Env(allowed, [])),
         {ok, Python} = interpreter(Full),
+        ok = start_embedded_python(Full#{python => Python}),
         {ok, Full#{python => Python, pythonpath => pythonpath(Full)}}
     catch
         throw:{bad, Why} -> {error, Why};
@@ -82,6 +83,17 @@ check_contexts(#{mode := embedded} = Opts) ->
         Other -> throw({bad, {badarg, {contexts, Other}}})
     end;
 check_contexts(_Opts) ->
+    ok.
+
+%% The VM's one Python starts with the first embedded pool (here, so that a failure is the
+%% start_pool/2 caller's clear error, not a crashed pool server).
+start_embedded_python(#{mode := embedded, python := Python}) ->
+    case erpy_nif:init(unicode:characters_to_binary(Python),
+                       unicode:characters_to_binary(python_dir())) of
+        ok -> ok;
+        {error, Why} -> throw({bad, Why})
+    end;
+start_embedded_python(_Opts) ->
     ok.
 
 check(true, _Why) -> ok;

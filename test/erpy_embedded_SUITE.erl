@@ -443,13 +443,18 @@ pingpong_latency(N) ->
     {lists:nth(N div 2, Sorted), lists:nth(N * 99 div 100, Sorted)}.
 
 %% What the interpreter offers is detected and reported: 3.11 shares one GIL, no own-GIL subinterpreters.
-python_info(_Config) ->
+python_info(Config) ->
     Info = erpy_nif:python_info(),
     ct:log("~p", [Info]),
     #{version := V, gil := Gil, own_gil_subinterpreters := Sub, initialized := true} = Info,
     [Major, Minor | _] = [binary_to_integer(X) || X <- binary:split(V, <<".">>, [global])],
     ?assertEqual(Sub, {Major, Minor} >= {3, 12}),
     ?assert(lists:member(Gil, [shared, free_threaded])),
+    %% One interpreter per VM: a pool asking for another one is refused clearly.
+    Other = filename:join(?config(priv_dir, Config), "python3"),
+    ok = file:make_symlink(os:find_executable("python3", "/usr/bin"), Other),
+    ?assertMatch({error, {python_already_running, _}},
+                 erpy:start_pool(emb_one, #{mode => embedded, python => Other})),
     %% Asking for subinterpreters where the Python cannot give them is a clear error.
     case Sub of
         false ->
