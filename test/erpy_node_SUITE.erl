@@ -14,6 +14,7 @@
          sends_and_order/1, monitors_and_links/1, python_to_erlang/1,
          several_erlang_nodes/1, nodedown_seen_by_python/1, wrong_cookie/1,
          large_messages/1, slow_handler_does_not_stall/1, concurrent_calls/1,
+         calls_in_parallel/1,
          cli_env_fallbacks/1, pool_basics/1, pool_node_killed_under_load/1,
          pool_through_erpy_api/1, memory_flat_over_100k_calls/1]).
 
@@ -21,6 +22,7 @@ all() ->
     [ping, rpc_and_erpc, python_errors, allow_list, gen_server_handler, sends_and_order,
      monitors_and_links, python_to_erlang, several_erlang_nodes, nodedown_seen_by_python,
      wrong_cookie, large_messages, slow_handler_does_not_stall, concurrent_calls,
+     calls_in_parallel,
      cli_env_fallbacks, pool_basics, pool_node_killed_under_load, pool_through_erpy_api,
      memory_flat_over_100k_calls].
 
@@ -252,6 +254,19 @@ concurrent_calls(Config) ->
                           end) || C <- lists:seq(1, 8)],
     [receive {done, C, Rs} -> ?assertEqual([C + I || I <- lists:seq(1, 2000)], Rs) end
      || C <- lists:seq(1, length(Callers))].
+
+%% Calls that release the GIL (here time.sleep) run in parallel: 24 calls of 0.2 s from one node take far less than 24 x 0.2 s.
+calls_in_parallel(Config) ->
+    {P, _} = ?config(py2, Config),
+    Self = self(),
+    {Us, _} = timer:tc(fun() ->
+                               [spawn_link(fun() -> Self ! {slept, rpc:call(P, node_handlers, sleep, [0.2])} end)
+                                || _ <- lists:seq(1, 24)],
+                               [receive {slept, R} -> ?assertEqual(slept, R) after 10000 -> ct:fail(stuck) end
+                                || _ <- lists:seq(1, 24)]
+                       end),
+    ct:pal("24 calls of 0.2 s took ~p ms", [Us div 1000]),
+    ?assert(Us < 2000000).
 
 %% The node starts from the seed's BPY_BEAM_* environment variables alone (no flags).
 cli_env_fallbacks(_Config) ->

@@ -173,6 +173,10 @@ void Core::stop() {
   }
   wd_cv_.notify_all();
   tick_cv_.notify_all();
+  {
+    std::lock_guard lk(jobs_mu_);
+  }
+  jobs_cv_.notify_all();
   const auto self_id = std::this_thread::get_id();
   auto join = [&](std::thread& t) {
     if (t.joinable()) {
@@ -1084,10 +1088,54 @@ void Core::handle_spawn(const std::shared_ptr<Connection>& c, const etf::Tuple& 
   }
   calls.fetch_add(1, std::memory_order_relaxed);
   flush_wake(*c);
+  // More requests already read and waiting: let a worker run this one so they run in
+  // parallel as far as the GIL allows (handlers doing I/O or native work release it).
+  // Alone, the reader runs it itself: no thread hand-off on the latency path.
+  if (c->has_frame() && dispatch(c, j)) return;
   c->busy_since.store(now_ns());
   wake_watchdog();
   run_job(*c, j);
   if (c->reader_token.load() == token) c->busy_since.store(0);
+}
+
+Core::Queued::Queued(std::shared_ptr<Connection> c, std::unique_ptr<Job> j)
+    : conn(std::move(c)), job(std::move(j)) {}
+Core::Queued::Queued(Queued&&) noexcept = default;
+Core::Queued::~Queued() = default;
+
+bool Core::dispatch(const std::shared_ptr<Connection>& c, Job& j) {
+  std::unique_lock lk(jobs_mu_);
+  if (idle_workers_ == 0) {
+    if (workers_ >= opt_.workers || stopping_.load()) return false;
+    ++workers_;
+    lk.unlock();
+    {
+      std::lock_guard tl(threads_mu_);
+      if (!stopping_.load()) spawn_locked([self = shared_from_this()] { self->worker(); });
+    }
+    lk.lock();
+  }
+  jobs_.emplace_back(c, std::make_unique<Job>(std::move(j)));
+  lk.unlock();
+  jobs_cv_.notify_one();
+  return true;
+}
+
+void Core::worker() {
+  std::unique_lock lk(jobs_mu_);
+  for (;;) {
+    ++idle_workers_;
+    jobs_cv_.wait(lk, [&] { return !jobs_.empty() || stopping_.load(); });
+    --idle_workers_;
+    if (stopping_.load()) return;
+    Queued q = std::move(jobs_.front());
+    jobs_.pop_front();
+    lk.unlock();
+    run_job(*q.conn, *q.job);
+    q.job.reset();  // drop the arguments before sleeping
+    q.conn.reset();
+    lk.lock();
+  }
 }
 
 PyObject* Core::resolve(const std::string& module, const std::string& function) {

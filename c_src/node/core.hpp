@@ -125,6 +125,7 @@ struct Options {
   int ticktime = 60;
   int slow_ms = 5;  // a reader inside Python longer than this is replaced
   int spin_us = 0;  // a reader polls its socket this long before sleeping in recv (0: off)
+  int workers = 8;  // threads that run calls arriving while others are waiting to be read
 };
 
 // One frame under construction: [len:32][131 68 0][control][payload]. With
@@ -228,6 +229,20 @@ class Core : public std::enable_shared_from_this<Core> {
 
   struct Job;
   void run_job(Connection& c, Job& job);
+  // Hands a job to a worker thread; false if there is none to take it.
+  bool dispatch(const std::shared_ptr<Connection>& c, Job& job);
+  void worker();
+  struct Queued {
+    std::shared_ptr<Connection> conn;
+    std::unique_ptr<Job> job;
+    ~Queued();
+    Queued(std::shared_ptr<Connection> c, std::unique_ptr<Job> j);
+    Queued(Queued&&) noexcept;
+  };
+  std::mutex jobs_mu_;
+  std::condition_variable jobs_cv_;
+  std::deque<Queued> jobs_;
+  int idle_workers_ = 0, workers_ = 0;
   PyObject* resolve(const std::string& module, const std::string& function);  // borrowed
 
   Options opt_;
