@@ -64,12 +64,19 @@ golden: setup
 test-cpp: native golden
 	@ERPY_GOLDEN_FILE=$(GOLDEN) ctest --test-dir _build/native --output-on-failure
 
-test-asan: setup golden
+# Also the NIF: built with the sanitizers into _build/asan/nif and loaded by a VM with
+# libasan preloaded (leak checking off there: the VM and Python keep memory until exit).
+ASAN_PRELOAD = $(shell gcc -print-file-name=libasan.so):$(shell gcc -print-file-name=libubsan.so)
+
+test-asan: setup golden erlang
 	@$(CMAKE_CONFIGURE) -B _build/asan -DCMAKE_BUILD_TYPE=Debug -DERPY_SANITIZE=ON
 	@cmake --build _build/asan -j$(JOBS)
 	@ERPY_GOLDEN_FILE=$(GOLDEN) ASAN_OPTIONS=detect_leaks=1 \
 	  UBSAN_OPTIONS=halt_on_error=1:print_stacktrace=1 \
 	  ctest --test-dir _build/asan --output-on-failure
+	@ERPY_NIF_DIR=$(ROOT)/_build/asan/nif LD_PRELOAD=$(ASAN_PRELOAD) \
+	  ASAN_OPTIONS=detect_leaks=0:abort_on_error=1 UBSAN_OPTIONS=halt_on_error=1:print_stacktrace=1 \
+	  $(PYENV) escript test/asan/embedded_smoke.escript
 
 test-py: native
 	@$(PYENV) $(PYTHON) -m pytest -q -p no:cacheprovider python/tests

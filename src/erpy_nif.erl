@@ -15,8 +15,14 @@
 -type job() :: reference().
 -export_type([pool/0, context/0, job/0]).
 
+%% ERPY_NIF_DIR (the sanitizer test build) overrides priv/.
 load() ->
-    erlang:load_nif(filename:join(code:priv_dir(erpy), "erpy_nif"), 0).
+    Dir = case os:getenv("ERPY_NIF_DIR") of
+              false -> code:priv_dir(erpy);
+              "" -> code:priv_dir(erpy);
+              D -> D
+          end,
+    erlang:load_nif(filename:join(Dir, "erpy_nif"), 0).
 
 %% Starts the VM's Python (once; later calls check it is the same interpreter).
 -spec init(iodata(), iodata()) -> ok | {error, term()}.

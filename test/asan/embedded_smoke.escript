@@ -1,0 +1,51 @@
+#!/usr/bin/env escript
+%%! -noshell
+%% `make test-asan`, embedded part: the NIF built with AddressSanitizer and
+%% UndefinedBehaviorSanitizer (ERPY_NIF_DIR, libasan preloaded by the Makefile) runs a
+%% short workout of every path: conversions of every kind of term, errors, timeouts and
+%% interrupts, callbacks and nesting, handles and their release, checkout, pool close.
+%% Any sanitizer report aborts the VM, which fails this step.
+-module(embedded_smoke).
+-mode(compile).
+-export([main/1]).
+-export([nested/1]).
+
+main(_) ->
+    Root = os:getenv("ERPY_ROOT"),
+    true = code:add_patha(filename:join([Root, "_build", "default", "lib", "erpy", "ebin"])),
+    ok = application:load(erpy),
+    ok = application:set_env(erpy, pools, [{default, #{mode => embedded, size => 2}}]),
+    {ok, _} = application:ensure_all_started(erpy),
+    {ok, _} = erpy:start_pool(one, #{mode => embedded, size => 1, allowed => [{?MODULE, nested, 1}]}),
+    %% Every kind of term, both ways (the generator is the property tests').
+    {ok, Gen, Beam} = compile:file(filename:join([Root, "test", "erpy_term_gen.erl"]), [binary]),
+    {module, Gen} = code:load_binary(Gen, "erpy_term_gen.erl", Beam),
+    erpy_term_gen:seed(11),
+    [{ok, T} = erpy:eval(<<"x">>, #{x => T}) || K <- erpy_term_gen:kinds(), _ <- lists:seq(1, 30),
+                                               T <- [erpy_term_gen:term(K)]],
+    {ok, B} = erpy:eval(<<"bytes(range(256)) * 4096">>, #{}),
+    1048576 = byte_size(B),
+    {ok, B} = erpy:call(copy, copy, [B]),
+    {error, #{type := <<"ZeroDivisionError">>}} = erpy:eval(<<"1/0">>, #{}),
+    {error, #{type := <<"EncodeError">>}} = erpy:eval(<<"object()">>, #{}),
+    {error, #{type := <<"DecodeError">>}} = erpy:eval(<<"x">>, #{x => #{[1] => 2}}),
+    Self = self(),
+    [spawn(fun() -> Self ! {t, erpy:exec(<<"while True: pass">>, #{timeout => 20})} end) || _ <- lists:seq(1, 6)],
+    [receive {t, {error, timeout}} -> ok end || _ <- lists:seq(1, 6)],
+    {ok, 8} = erpy:eval(<<"erlang.call('embedded_smoke', 'nested', 3)">>, #{}, #{pool => one}),
+    [begin {ok, H} = erpy:call(collections, 'OrderedDict', [], #{handle => true}),
+           {ok, 0} = erpy:call(builtins, len, [H]) end || _ <- lists:seq(1, 2000)],
+    erlang:garbage_collect(),
+    {ok, W} = erpy:checkout(default),
+    ok = erpy:exec(<<"v = [1] * 1000">>, #{worker => W}),
+    {ok, 1000} = erpy:eval(<<"len(v)">>, #{}, #{worker => W}),
+    ok = erpy:checkin(W),
+    ok = erpy:stop_pool(one),
+    timer:sleep(100),
+    ok = application:stop(erpy),
+    io:format("embedded smoke test under ASan/UBSan: ok~n").
+
+nested(0) -> 1;
+nested(N) ->
+    {ok, V} = erpy:eval(<<"2 * erlang.call('embedded_smoke', 'nested', n - 1)">>, #{n => N}, #{pool => one}),
+    V.
