@@ -16,6 +16,7 @@ from __future__ import annotations
 import argparse
 import atexit
 import importlib
+import logging
 import os
 import signal
 import sys
@@ -37,6 +38,8 @@ __all__ = [
 # rpc:call(PyNode, 'erpy.service', F, A) reaches the node's own service (used by
 # erpy_node_pool); it checks the allow-list itself.
 SERVICE_MODULE = "erpy.service"
+
+log = logging.getLogger("erpy.node")
 
 
 # Nodes still running when the interpreter exits are stopped first, before Python joins
@@ -284,6 +287,7 @@ class Node:
         except _Stop as s:
             reason = s.reason
         except BaseException as e:  # noqa: BLE001 - the process ends with the error
+            log.warning("process %r (%s) crashed", mb.pid, type(h).__name__, exc_info=True)
             reason = format_error(e)
         try:
             h.terminate(reason)
