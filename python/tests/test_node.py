@@ -169,6 +169,9 @@ def test_python_to_erlang(node, erlang_node):
     with pytest.raises(ErlangTimeoutError):
         node.rpc(erlang_node, "timer", "sleep", [2000], timeout=0.2)
     assert node.call(("srv", erlang_node), "hi") == ("echo", "hi")
+    # Output of the Erlang code goes to its group leader, the calling Python process,
+    # which answers it (the call does not hang).
+    assert node.rpc(erlang_node, "io", "format", ["hello from Erlang~n"], timeout=5) == "ok"
     mb = node.mailbox()
     mb.send(("relay", erlang_node), (mb.pid, "back"))
     assert mb.receive(5.0) == "back"
