@@ -655,7 +655,15 @@ void Core::reader(std::shared_ptr<Connection> c, std::uint64_t token) {
     while (c->reader_token.load() == token && !stopping_.load()) {
       std::uint8_t* data;
       std::size_t len;
-      if (!c->wake.empty() && !c->has_frame()) flush_wake(*c);
+      if (!c->has_frame()) {
+        if (!c->wake.empty()) flush_wake(*c);
+        // Messages are streaming in (this read held several): let the next read gather
+        // more of them. A lone message or call never waits here.
+        if (c->batch_messages >= 2 && opt_.coalesce_us > 0) {
+          std::this_thread::sleep_for(std::chrono::microseconds(opt_.coalesce_us));
+        }
+        c->batch_messages = 0;
+      }
       next_frame(*c, data, len);
       if (len == 0) continue;  // a tick
       handle_frame(c, data, len, token);
@@ -783,6 +791,7 @@ void Core::handle_message(const std::shared_ptr<Connection>& c, etf::Bytes msg,
     case kSendSenderTT: {
       need(3);
       if (auto p = local(it[2])) deliver(p, payload_msg(), c.get());
+      ++c->batch_messages;
       break;
     }
     case kRegSend:
@@ -794,6 +803,7 @@ void Core::handle_message(const std::shared_ptr<Connection>& c, etf::Bytes msg,
         handle_net_kernel(c, enc(it[1]), payload);
       } else if (auto p = whereis(*name)) {
         deliver(p, payload_msg(), c.get());
+        ++c->batch_messages;
       }
       break;
     }

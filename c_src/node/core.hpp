@@ -103,6 +103,7 @@ struct Connection {
   // Processes given messages from the bytes read so far; woken once per read, not per
   // message (a burst of sends costs one wake-up).
   std::vector<std::shared_ptr<Process>> wake;
+  int batch_messages = 0;  // messages delivered from the bytes of the current read
   bool has_frame() const;
   struct Partial {
     Bytes data;
@@ -126,6 +127,9 @@ struct Options {
   int slow_ms = 5;  // a reader inside Python longer than this is replaced
   int spin_us = 0;  // a reader polls its socket this long before sleeping in recv (0: off)
   int workers = 8;  // threads that run calls arriving while others are waiting to be read
+  // When one read brought several messages (a stream), wait this long before the next
+  // read so that it brings many: one wake-up per batch instead of per message.
+  int coalesce_us = 200;
 };
 
 // One frame under construction: [len:32][131 68 0][control][payload]. With

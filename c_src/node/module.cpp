@@ -588,13 +588,13 @@ NodeObject* nd(PyObject* self) { return reinterpret_cast<NodeObject*>(self); }
 
 PyObject* node_new(PyTypeObject* type, PyObject* args, PyObject* kw) {
   static const char* kwlist[] = {"name", "cookie", "resolver", "error_formatter", "host", "port",
-                                 "hidden", "ticktime", "slow_ms", "spin_us", nullptr};
+                                 "hidden", "ticktime", "slow_ms", "spin_us", "coalesce_us", nullptr};
   const char *name, *cookie, *host = "127.0.0.1";
   PyObject *resolver = nullptr, *formatter = nullptr;
-  int port = 0, hidden = 1, ticktime = 60, slow_ms = 5, spin_us = 0;
-  if (!PyArg_ParseTupleAndKeywords(args, kw, "ss|$OOsipiii", const_cast<char**>(kwlist), &name, &cookie,
+  int port = 0, hidden = 1, ticktime = 60, slow_ms = 5, spin_us = 0, coalesce_us = 200;
+  if (!PyArg_ParseTupleAndKeywords(args, kw, "ss|$OOsipiiii", const_cast<char**>(kwlist), &name, &cookie,
                                    &resolver, &formatter, &host, &port, &hidden, &ticktime, &slow_ms,
-                                   &spin_us)) {
+                                   &spin_us, &coalesce_us)) {
     return nullptr;
   }
   if (!resolver || !formatter || !PyCallable_Check(resolver) || !PyCallable_Check(formatter)) {
@@ -614,6 +614,7 @@ PyObject* node_new(PyTypeObject* type, PyObject* args, PyObject* kw) {
     o.ticktime = ticktime < 4 ? 4 : ticktime;
     o.slow_ms = slow_ms < 1 ? 1 : slow_ms;
     o.spin_us = spin_us < 0 ? 0 : spin_us;
+    o.coalesce_us = coalesce_us < 0 ? 0 : coalesce_us;
     self->core = std::make_shared<Core>(std::move(o), *g_codec, resolver, formatter);
   } catch (...) {
     raise_current();

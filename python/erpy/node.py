@@ -135,7 +135,8 @@ class Node:
 
     def __init__(self, name: str, cookie: str, *, host: str = "127.0.0.1", port: int = 0,
                  allow: Iterable[str] = (), allow_code: bool = False, hidden: bool = True,
-                 ticktime: int = 60, slow_ms: int = 5, spin_us: int = 0) -> None:
+                 ticktime: int = 60, slow_ms: int = 5, spin_us: int = 0,
+                 coalesce_us: int = 200) -> None:
         if "@" not in name:
             name = f"{name}@127.0.0.1"
         self.allow = {a.strip() for a in allow if a and a.strip()}
@@ -145,7 +146,7 @@ class Node:
         self._native = _node.Node(name, cookie, resolver=self._resolve,
                                   error_formatter=format_error, host=host, port=port,
                                   hidden=hidden, ticktime=ticktime, slow_ms=slow_ms,
-                                  spin_us=spin_us)
+                                  spin_us=spin_us, coalesce_us=coalesce_us)
         self._threads: list[threading.Thread] = []
         self._started = False
 
@@ -437,6 +438,8 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--ticktime", type=int, default=int(_env("ERPY_NODE_TICKTIME", default="60")))
     p.add_argument("--spin-us", type=int, default=int(_env("ERPY_NODE_SPIN_US", default="0")),
                    help="poll a connection this long after data before sleeping (0: off)")
+    p.add_argument("--coalesce-us", type=int, default=int(_env("ERPY_NODE_COALESCE_US", default="200")),
+                   help="when messages stream in, wait this long between reads (0: off)")
     p.add_argument("--exit-on-eof", action="store_true",
                    help="stop when stdin closes (for nodes started by Erlang ports)")
     a = p.parse_args(argv)
@@ -458,7 +461,7 @@ def main(argv: list[str] | None = None) -> int:
     allow_code = a.allow_code if a.allow_code is not None else _env("ERPY_NODE_ALLOW_CODE") in ("1", "true", "yes")
 
     node = Node(name, cookie, host=listen, port=port, allow=allow, allow_code=bool(allow_code),
-                ticktime=a.ticktime, spin_us=a.spin_us)
+                ticktime=a.ticktime, spin_us=a.spin_us, coalesce_us=a.coalesce_us)
     node.start()
     for mod in a.load:
         m = importlib.import_module(mod)
