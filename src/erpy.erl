@@ -189,9 +189,11 @@ request(Req, Opts) ->
             erpy_pool:request_worker(Worker, Req, Timeout);
         error ->
             Pool = maps:get(pool, Opts, ?DEFAULT_POOL),
-            case erpy_pool:lookup(Pool) of
-                {ok, #{mode := embedded} = Handle} -> erpy_embedded:request(Handle, Req, Timeout, Opts);
-                {ok, #{mode := node}} -> erpy_node_pool:request(Pool, Req, Timeout);
+            case {erpy_pool:lookup(Pool), maps:get(handle, Opts, false)} of
+                {{ok, #{mode := embedded} = Handle}, _} -> erpy_embedded:request(Handle, Req, Timeout, Opts);
+                %% Handles are Python objects living in this VM: embedded mode only.
+                {_, true} -> {error, {not_supported, {handle, Pool}}};
+                {{ok, #{mode := node}}, _} -> erpy_node_pool:request(Pool, Req, Timeout);
                 _ -> erpy_pool:request(Pool, Req, Timeout)
             end
     end.

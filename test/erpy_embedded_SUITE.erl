@@ -294,6 +294,9 @@ handles(_Config) ->
     ?assertEqual({ok, <<"Counter">>}, erpy:eval(<<"type(h).__name__">>, #{h => H}, opts())),
     {ok, Doc} = erpy:getattr(H, '__doc__', opts()),
     ?assert(is_binary(Doc)),
+    %% Port pools have no handles: a clear error.
+    ?assertEqual({error, {not_supported, {handle, default}}},
+                 erpy:call(collections, 'Counter', [], #{pool => default, handle => true})),
     %% A handle from one embedded pool works in another (one interpreter per VM).
     {ok, _} = erpy:start_pool(emb_one, #{mode => embedded, size => 1}),
     ?assertEqual({ok, 2}, erpy:call(builtins, len, [H], #{pool => emb_one})).
