@@ -96,20 +96,24 @@ void Pool::wake_one_locked() {
 }
 
 bool Pool::submit(Job* job, int context) {
-  std::lock_guard<std::mutex> lock(m_);
-  if (closing_) return false;
-  enif_keep_resource(job);
-  inflight_.fetch_add(1, std::memory_order_relaxed);
-  if (context < 0) {
+  {
+    std::lock_guard<std::mutex> lock(m_);
+    if (closing_) return false;
+    enif_keep_resource(job);
+    inflight_.fetch_add(1, std::memory_order_relaxed);
+    if (context >= 0) {
+      Context& c = *ctxs_[static_cast<size_t>(context)];
+      c.pinned.push_back(job);
+      c.wake = true;
+      c.cv.notify_one();
+      return true;
+    }
     queue_.push_back(job);
-    queued_.fetch_add(1, std::memory_order_release);
     wake_one_locked();
-  } else {
-    Context& c = *ctxs_[static_cast<size_t>(context)];
-    c.pinned.push_back(job);
-    c.wake = true;
-    c.cv.notify_one();
   }
+  // Told to a spinning context only now that the mutex is free, so that it does not go to
+  // sleep on the mutex we still held (a futex wait and wake, tens of microseconds here).
+  queued_.fetch_add(1, std::memory_order_release);
   return true;
 }
 
@@ -267,7 +271,7 @@ Job* Pool::next_job(Context& c, std::unique_lock<std::mutex>& lock) {
     if (!c.held && o_.spin_us > 0 &&
         !spinning_.exchange(true, std::memory_order_acq_rel)) {
       lock.unlock();
-      spin_until([this] { return queued_.load(std::memory_order_acquire) != 0; });
+      spin_until([this] { return queued_.load(std::memory_order_acquire) > 0; });
       lock.lock();
       spinning_.store(false, std::memory_order_release);
       if (!queue_.empty() || closing_ || !c.pinned.empty()) continue;
@@ -493,6 +497,7 @@ void Pool::run_job(Context& c, Job* job) {
 // Hands the answer over unless the job was canceled meanwhile: kept for the polling
 // caller (no message, no lock on its process), or sent as {Ref, Answer} once it blocks.
 void Pool::finish(Context&, Job* job, ErlNifEnv* msg_env, ERL_NIF_TERM answer) {
+  bool stored;
   {
     std::lock_guard<std::mutex> lock(m_);
     if (job->monitored) {
@@ -504,12 +509,16 @@ void Pool::finish(Context&, Job* job, ErlNifEnv* msg_env, ERL_NIF_TERM answer) {
       return;
     }
     job->state = JobState::Done;
-    if (!job->blocking) {
+    stored = !job->blocking;
+    if (stored) {
       job->answer_env = msg_env;
       job->answer = answer;
-      job->settled.store(true, std::memory_order_release);
-      return;
     }
+  }
+  if (stored) {
+    // The polling caller sees it only now that the mutex is free (see submit).
+    job->settled.store(true, std::memory_order_release);
+    return;
   }
   // Sent outside the lock: a send locks the receiving process, and submitters wait for m_.
   // A cancel that comes now finds Done and waits for this message.

@@ -151,7 +151,7 @@ class Pool : public std::enable_shared_from_this<Pool> {
   std::mutex m_;
   std::deque<Job*> queue_;
   bool closing_ = false;
-  std::atomic<std::size_t> queued_{0};
+  std::atomic<long> queued_{0};  // a hint for spinners (may lag the queue a little)
   std::atomic<int> inflight_{0};  // submitted, not yet finished
   std::atomic<bool> spinning_{false};
   std::vector<Job*> to_interrupt_;  // canceled while running; guarded by m_
