@@ -42,6 +42,32 @@ std::string latin1_to_utf8(const char* p, unsigned n) {
   return out;
 }
 
+// Terms of one container: inline for the small ones (most maps and tuples), so a list of
+// 10,000 small maps does not cost 20,000 heap allocations.
+class TermBuffer {
+ public:
+  explicit TermBuffer(std::size_t n) {
+    if (n > kInline) heap_.reserve(n);
+  }
+  void push_back(ERL_NIF_TERM t) {
+    if (heap_.empty() && n_ < kInline) {
+      inline_[n_++] = t;
+      return;
+    }
+    if (heap_.empty()) heap_.assign(inline_, inline_ + n_);
+    heap_.push_back(t);
+    ++n_;
+  }
+  ERL_NIF_TERM* data() noexcept { return heap_.empty() ? inline_ : heap_.data(); }
+  std::size_t size() const noexcept { return n_; }
+
+ private:
+  static constexpr std::size_t kInline = 16;
+  ERL_NIF_TERM inline_[kInline];
+  std::vector<ERL_NIF_TERM> heap_;
+  std::size_t n_ = 0;
+};
+
 }  // namespace
 
 PyRef Converter::via_etf(ErlNifEnv* env, ERL_NIF_TERM t, const ConvertOptions& o) {
@@ -213,14 +239,13 @@ ERL_NIF_TERM Converter::term(ErlNifEnv* env, PyObject* obj, const ConvertOptions
   }
   if (type == &PyTuple_Type) {
     const Py_ssize_t n = PyTuple_GET_SIZE(obj);
-    std::vector<ERL_NIF_TERM> items(static_cast<size_t>(n));
-    for (Py_ssize_t i = 0; i < n; ++i) items[static_cast<size_t>(i)] = term(env, PyTuple_GET_ITEM(obj, i), o, depth + 1, strs);
+    TermBuffer items(static_cast<size_t>(n));
+    for (Py_ssize_t i = 0; i < n; ++i) items.push_back(term(env, PyTuple_GET_ITEM(obj, i), o, depth + 1, strs));
     return enif_make_tuple_from_array(env, items.data(), static_cast<unsigned>(n));
   }
   if (type == &PyDict_Type) {
-    std::vector<ERL_NIF_TERM> keys, values;
-    keys.reserve(static_cast<size_t>(PyDict_GET_SIZE(obj)));
-    values.reserve(keys.capacity());
+    const auto n = static_cast<size_t>(PyDict_GET_SIZE(obj));
+    TermBuffer keys(n), values(n);
     Py_ssize_t pos = 0;
     PyObject *k, *v;
     while (PyDict_Next(obj, &pos, &k, &v)) {
