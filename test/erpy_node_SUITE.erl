@@ -12,7 +12,8 @@
          init_per_testcase/2, end_per_testcase/2]).
 -export([ping/1, rpc_and_erpc/1, python_errors/1, allow_list/1, gen_server_handler/1,
          sends_and_order/1, monitors_and_links/1, python_to_erlang/1,
-         several_erlang_nodes/1, nodedown_seen_by_python/1, wrong_cookie/1,
+         several_erlang_nodes/1, nodedown_seen_by_python/1, silent_node_dropped_by_ticks/1,
+         wrong_cookie/1,
          large_messages/1, slow_handler_does_not_stall/1, concurrent_calls/1,
          calls_in_parallel/1,
          cli_env_fallbacks/1, pool_basics/1, pool_node_killed_under_load/1,
@@ -21,7 +22,7 @@
 all() ->
     [ping, rpc_and_erpc, python_errors, allow_list, gen_server_handler, sends_and_order,
      monitors_and_links, python_to_erlang, several_erlang_nodes, nodedown_seen_by_python,
-     wrong_cookie, large_messages, slow_handler_does_not_stall, concurrent_calls,
+     silent_node_dropped_by_ticks, wrong_cookie, large_messages, slow_handler_does_not_stall, concurrent_calls,
      calls_in_parallel,
      cli_env_fallbacks, pool_basics, pool_node_killed_under_load, pool_through_erpy_api,
      memory_flat_over_100k_calls].
@@ -210,6 +211,35 @@ nodedown_seen_by_python(Config) ->
     timer:sleep(300),
     peer:stop(Peer),
     receive {down, R} -> ?assertEqual(noconnection, R) after 15000 -> ct:fail(no_nodedown) end.
+
+%% An Erlang node that stops answering (SIGSTOP: no ticks, no close) is dropped by the Python node after its ticktime, and monitors over that connection fire with noconnection.
+silent_node_dropped_by_ticks(_Config) ->
+    {Py, Holder} = start_python(py_ticks, #{args => ["--ticktime", "4"]}),
+    {ok, Peer, N} = peer:start_link(#{name => erpy_peer_t, host => "127.0.0.1", longnames => true,
+                                      args => ["-setcookie", atom_to_list(erlang:get_cookie()),
+                                               "-kernel", "net_ticktime", "4"]}),
+    OsPid = erpc:call(N, os, getpid, []),
+    Remote = erpc:call(N, erlang, whereis, [init]),
+    Self = self(),
+    %% This node ticks every 15 s (net_ticktime 60): traffic keeps its own connection to
+    %% the Python node (ticktime 4) alive meanwhile.
+    Keep = spawn_link(fun Loop() -> {nobody, Py} ! keepalive, timer:sleep(300), Loop() end),
+    try
+        spawn_link(fun() -> Self ! {down, rpc:call(Py, node_handlers, monitor_and_wait, [Remote, 20.0], 25000)} end),
+        timer:sleep(500),
+        _ = os:cmd("kill -STOP " ++ OsPid),
+        T0 = erlang:monotonic_time(millisecond),
+        receive {down, R} -> ?assertEqual(noconnection, R) after 20000 -> ct:fail(not_dropped) end,
+        Ms = erlang:monotonic_time(millisecond) - T0,
+        ct:pal("silent node dropped after ~p ms", [Ms]),
+        ?assert(Ms >= 2000 andalso Ms < 12000)
+    after
+        unlink(Keep),
+        exit(Keep, kill),
+        _ = os:cmd("kill -CONT " ++ OsPid),
+        catch peer:stop(Peer),
+        stop_python({Py, Holder})
+    end.
 
 %% ---- security, size, concurrency -----------------------------------------------------------
 
@@ -419,7 +449,7 @@ start_python(Name, Opts) ->
     Cookie = maps:get(cookie, Opts, atom_to_list(erlang:get_cookie())),
     Port = open_python(["-m", "erpy.node", "--name", atom_to_list(Node),
                         "--allow", "operator,os.path,builtins,node_handlers",
-                        "--load", "node_handlers", "--exit-on-eof"],
+                        "--load", "node_handlers", "--exit-on-eof" | maps:get(args, Opts, [])],
                        [{"ERPY_COOKIE", Cookie}]),
     case maps:get(cookie, Opts, undefined) of
         undefined -> ok = wait_pong(Node, 200);
