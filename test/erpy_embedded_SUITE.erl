@@ -11,6 +11,7 @@
          init_per_testcase/2, end_per_testcase/2]).
 -export([seed_examples/1, api_calls/1, same_mapping_as_port/1, errors/1,
          timeout_interrupts/1, caller_dies/1, concurrent_mix/1, concurrent_timeouts/1,
+         long_calls_watched/1,
          nested_callbacks/1,
          allow_list/1, send_and_self/1, handles/1, handles_no_leak/1, checkout_state/1,
          checkout_holder_dies/1, output_to_logger/1, schedulers_stay_free/1,
@@ -35,7 +36,7 @@
 
 all() ->
     [seed_examples, api_calls, same_mapping_as_port, errors, timeout_interrupts,
-     caller_dies, concurrent_mix, concurrent_timeouts, nested_callbacks, allow_list, send_and_self,
+     caller_dies, concurrent_mix, concurrent_timeouts, long_calls_watched, nested_callbacks, allow_list, send_and_self,
      handles,
      handles_no_leak, checkout_state, checkout_holder_dies, output_to_logger,
      schedulers_stay_free, queueing_in_order, large_binaries, python_info, nif_reload,
@@ -199,6 +200,22 @@ concurrent_timeouts(_Config) ->
     {ok, #{pool := Pool}} = erpy_pool:lookup(?P),
     ok = wait_until(fun() -> maps:get(busy, erpy_nif:pool_info(Pool)) =:= 0 end, 3000),
     ?assertEqual({ok, 3}, erpy:call(operator, add, [1, 2], opts(#{timeout => 1000}))).
+
+%% Calls long enough to have their callers watched finish normally, and those callers may exit afterwards (their monitors end quietly).
+long_calls_watched(_Config) ->
+    Self = self(),
+    Ps = [spawn(fun() ->
+                        Rs = [erpy:eval(<<"__import__('time').sleep(0.04) or i">>, #{i => I}, opts())
+                              || I <- lists:seq(1, 8)],
+                        Self ! {done, self(), Rs}
+                end) || _ <- lists:seq(1, 4)],
+    [receive {done, P, Rs} -> ?assertEqual([{ok, I} || I <- lists:seq(1, 8)], Rs) end || P <- Ps],
+    timer:sleep(100),
+    ?assertEqual({ok, 3}, erpy:call(operator, add, [1, 2], opts())),
+    %% The same with held contexts given back.
+    [begin {ok, W} = erpy:checkout(?P), ok = erpy:exec(<<"__import__('time').sleep(0.03)">>, #{worker => W}),
+           ok = erpy:checkin(W) end || _ <- lists:seq(1, 3)],
+    ?assertEqual({ok, 3}, erpy:call(operator, add, [1, 2], opts())).
 
 mix(C, I) ->
     case I rem 4 of

@@ -46,10 +46,10 @@ void pool_dtor(ErlNifEnv*, void* obj) {
 
 void context_dtor(ErlNifEnv*, void* obj) { static_cast<ContextHandle*>(obj)->~ContextHandle(); }
 
-void context_down(ErlNifEnv*, void* obj, ErlNifPid*, ErlNifMonitor*) {
+void context_down(ErlNifEnv*, void* obj, ErlNifPid* pid, ErlNifMonitor*) {
   // The holder of a checked-out context died: the context goes back, namespace cleared.
   auto* h = static_cast<ContextHandle*>(obj);
-  if (h->pool) h->pool->release(h->index);
+  if (h->pool) h->pool->release(h->index, nullptr, pid);
 }
 
 void lent_dtor(ErlNifEnv*, void* obj) {
@@ -223,7 +223,7 @@ ERL_NIF_TERM nif_checkin(ErlNifEnv* env, int, const ERL_NIF_TERM argv[]) {
   if (!enif_get_resource(env, argv[0], Runtime::get().types.context, reinterpret_cast<void**>(&ch))) {
     return enif_make_badarg(env);
   }
-  ch->pool->release(ch->index);
+  ch->pool->release(ch->index, env, nullptr);
   return atoms.ok;
 }
 

@@ -206,10 +206,18 @@ void Pool::callback_reply(Job* job, ErlNifEnv*, ERL_NIF_TERM reply) {
   }
 }
 
-void Pool::release(int context) {
+void Pool::release(int context, ErlNifEnv* env, const ErlNifPid* holder) {
   std::lock_guard<std::mutex> lock(m_);
   Context& c = *ctxs_[static_cast<size_t>(context)];
   if (!c.held) return;
+  // A monitor from an earlier hold may fire late: only the current holder counts.
+  if (holder && enif_compare_pids(holder, &c.holder) != 0) return;
+  if (env && c.holder_monitored && c.handle) {
+    // Only from a scheduler thread: enif_demonitor_process crashes on our own threads
+    // (found under load; a monitor that is never removed ends with its resource).
+    enif_demonitor_process(env, c.handle, &c.holder_monitor);
+  }
+  c.holder_monitored = false;
   c.release_requested = true;
   c.wake = true;
   c.cv.notify_one();
@@ -333,10 +341,6 @@ void Pool::do_release(Context& c) {
   c.held_ns.reset();
   PyEval_SaveThread();
   std::lock_guard<std::mutex> lock(m_);
-  if (c.holder_monitored) {
-    enif_demonitor_process(nullptr, c.handle ? static_cast<void*>(c.handle) : nullptr, &c.holder_monitor);
-    c.holder_monitored = false;
-  }
   c.held = false;
   c.release_requested = false;
   if (!queue_.empty()) c.wake = true;
@@ -382,7 +386,7 @@ void Pool::run_job(Context& c, Job* job) {
     answer = enif_make_tuple2(msg.env, atoms.ok,
                               c.handle ? enif_make_resource(msg.env, c.handle) : atoms.undefined);
     finish(c, job, msg.env, answer);
-    if (job->state == JobState::Canceled) release(c.index);  // nobody took it
+    if (job->state == JobState::Canceled) release(c.index, nullptr, nullptr);  // nobody took it
     msg.env = nullptr;
     return;
   }
@@ -500,10 +504,8 @@ void Pool::finish(Context&, Job* job, ErlNifEnv* msg_env, ERL_NIF_TERM answer) {
   bool stored;
   {
     std::lock_guard<std::mutex> lock(m_);
-    if (job->monitored) {
-      enif_demonitor_process(nullptr, job, &job->monitor);
-      job->monitored = false;
-    }
+    // A caller monitor (long jobs) stays: it cannot be removed from this thread, its DOWN
+    // finds the job done, and it ends with the job's resource.
     if (job->state == JobState::Canceled) {
       enif_free_env(msg_env);
       return;

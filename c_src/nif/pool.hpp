@@ -118,7 +118,9 @@ class Pool : public std::enable_shared_from_this<Pool> {
   enum class Poll { Done, Pending, Wait, Callback };
   Poll poll(Job* job, bool block, ErlNifEnv* env, ERL_NIF_TERM* answer);
   void callback_reply(Job* job, ErlNifEnv* env, ERL_NIF_TERM reply);
-  void release(int context);  // checkin, or the holder died
+  // Checkin (`env`: the caller's, to remove the holder monitor) or the holder died
+  // (`holder`: its pid, which must still be the holder's).
+  void release(int context, ErlNifEnv* env, const ErlNifPid* holder);
   void caller_down(Job* job);
   ERL_NIF_TERM info(ErlNifEnv* env);
 
