@@ -13,6 +13,7 @@
 -export([ping/1, rpc_and_erpc/1, python_errors/1, allow_list/1, gen_server_handler/1,
          sends_and_order/1, monitors_and_links/1, python_to_erlang/1,
          several_erlang_nodes/1, nodedown_seen_by_python/1, silent_node_dropped_by_ticks/1,
+         idle_connection_kept_by_ticks/1,
          wrong_cookie/1,
          large_messages/1, slow_handler_does_not_stall/1, concurrent_calls/1,
          calls_in_parallel/1,
@@ -22,7 +23,7 @@
 all() ->
     [ping, rpc_and_erpc, python_errors, allow_list, gen_server_handler, sends_and_order,
      monitors_and_links, python_to_erlang, several_erlang_nodes, nodedown_seen_by_python,
-     silent_node_dropped_by_ticks, wrong_cookie, large_messages, slow_handler_does_not_stall, concurrent_calls,
+     silent_node_dropped_by_ticks, idle_connection_kept_by_ticks, wrong_cookie, large_messages, slow_handler_does_not_stall, concurrent_calls,
      calls_in_parallel,
      cli_env_fallbacks, pool_basics, pool_node_killed_under_load, pool_through_erpy_api,
      memory_flat_over_100k_calls].
@@ -237,6 +238,25 @@ silent_node_dropped_by_ticks(_Config) ->
         unlink(Keep),
         exit(Keep, kill),
         _ = os:cmd("kill -CONT " ++ OsPid),
+        catch peer:stop(Peer),
+        stop_python({Py, Holder})
+    end.
+
+%% An idle connection stays up across several ticktimes: the Python node ticks, so an Erlang node with net_ticktime 4 keeps it for 10 s of silence.
+idle_connection_kept_by_ticks(_Config) ->
+    {Py, Holder} = start_python(py_idle, #{args => ["--ticktime", "4"]}),
+    %% Controlled over stdio, not distribution: this node (net_ticktime 60) and the peer
+    %% (4) would not keep a connection between themselves.
+    {ok, Peer, _N} = peer:start_link(#{name => erpy_peer_i, host => "127.0.0.1", longnames => true,
+                                       connection => standard_io,
+                                       args => ["-setcookie", atom_to_list(erlang:get_cookie()),
+                                                "-kernel", "net_ticktime", "4"]}),
+    try
+        ?assertEqual(pong, peer:call(Peer, net_adm, ping, [Py])),
+        timer:sleep(10000),
+        ?assert(lists:member(Py, peer:call(Peer, erlang, nodes, [hidden]))),
+        ?assertEqual(3, peer:call(Peer, rpc, call, [Py, operator, add, [1, 2]]))
+    after
         catch peer:stop(Peer),
         stop_python({Py, Holder})
     end.
