@@ -10,8 +10,8 @@
 -define(POOL, erpy_bench_emb).
 -define(PORT_POOL, erpy_bench_emb_port).
 
--import(erpy_bench_port, [cat/0, echo/2, echoer/1, latencies/3, concurrent/2, crypto_bytes/1,
-                          p99/1, fmt/2, os_pid/1, wait_ready/1]).
+-import(erpy_bench_port, [cat/0, echo/2, echoer/1, latencies/3, concurrent/2, p99/1, fmt/2,
+                          os_pid/1, wait_ready/1]).
 
 %% API.
 
@@ -106,64 +106,23 @@ w2(#{pairs := Pairs}) ->
        notes => [<<"ratio = erpy calls/s / floor echoes/s per pair; the target is absolute">>]}].
 
 %% W3a: echo a 1 MiB binary (random bytes: Python gets bytes and returns them).
-w3a(#{pairs := Pairs}) ->
+w3a(Ctx) ->
     start(#{size => 1}),
-    Bin = crypto_bytes(1 bsl 20),
-    Frame = erpy_call:encode_request({call, <<"copy">>, <<"copy">>, [Bin], #{}}, 1, 5000, self()),
-    Cat = cat(),
-    Procs = fun() -> [os:getpid(), os_pid(Cat)] end,
-    Erpy = fun() -> {ok, Bin} = erpy:call(copy, copy, [Bin], #{pool => ?POOL}) end,
-    Port = fun() -> {ok, Bin} = erpy:call(copy, copy, [Bin], #{pool => ?PORT_POOL}) end,
-    Floor = fun() -> echo(Cat, Frame) end,
-    N = 40,
-    _ = [Erpy() || _ <- lists:seq(1, 5)],
-    {E, F} = erpy_bench:alternate(Pairs, fun() -> latencies(Erpy, N, Procs) end,
-                                  fun() -> latencies(Floor, N, Procs) end),
-    {P, _} = latencies(Port, N, Procs),
-    port_close(Cat),
+    Rows = erpy_bench_port:echo_binary(
+             Ctx, <<"embedded">>, ?POOL, fun() -> [] end, 3000,
+             [<<"the binary is copied once into Python's bytes; the bytes result is lent to "
+                "Erlang without a copy">>]),
     erpy:stop_pool(?POOL),
-    MBs = fun({L, _}) -> (1 bsl 20) / median(L) end,
-    Ratio = erpy_bench:median([MBs(A) / MBs(B) || {A, B} <- lists:zip(E, F)]),
-    ERate = erpy_bench:median([MBs(R) || R <- E]),
-    Cpu = fun(Runs) -> lists:sum([C || {_, C} <- Runs]) / (N * length(Runs)) / 1000 end,
-    [#{id => <<"W3a">>,
-       workload => <<"embedded: echo a 1 MiB binary, MB/s (payload / round trip)">>,
-       erpy => fmt("~.1f MB/s, ~.1f us CPU/echo", [ERate, Cpu(E)]),
-       reference => fmt("pipe floor (cat echo of the same frame): ~.1f MB/s, ~.1f us CPU/echo",
-                        [erpy_bench:median([MBs(R) || R <- F]), Cpu(F)]),
-       ratio => Ratio, target => <<">= 3,000 MB/s">>, pass => ERate >= 3000,
-       notes => [fmt("same run: port mode ~.1f MB/s. The binary is copied once into Python's bytes; "
-                     "the bytes result is lent to Erlang without a copy", [(1 bsl 20) / median(P)])]}].
+    Rows.
 
 %% W3b: echo the list of 10,000 maps.
-w3b(#{pairs := Pairs}) ->
+w3b(Ctx) ->
     start(#{size => 1}),
-    T = erpy_bench_w5:term(),
-    Cat = cat(),
-    Procs = fun() -> [os:getpid(), os_pid(Cat)] end,
-    Erpy = fun() -> {ok, T} = erpy:call(copy, copy, [T], #{pool => ?POOL}) end,
-    Floor = fun() ->
-                Frame = erpy_call:encode_request({call, <<"copy">>, <<"copy">>, [T], #{}}, 1, 5000, self()),
-                port_command(Cat, Frame),
-                receive {Cat, {data, Back}} -> {call, _, _, _, _, _, [T], _} = binary_to_term(Back) end
-            end,
-    N = 10,
-    _ = [Erpy() || _ <- lists:seq(1, 3)],
-    {E, F} = erpy_bench:alternate(Pairs, fun() -> latencies(Erpy, N, Procs) end,
-                                  fun() -> latencies(Floor, N, Procs) end),
-    port_close(Cat),
+    Rows = erpy_bench_port:echo_maps(
+             Ctx, <<"embedded">>, ?POOL, fun() -> [] end, 5,
+             [<<"ratio = erpy ms / floor ms per pair; terms convert straight to objects, no ETF">>]),
     erpy:stop_pool(?POOL),
-    Ms = fun({L, _}) -> median(L) / 1000 end,
-    Ratio = erpy_bench:median([Ms(A) / Ms(B) || {A, B} <- lists:zip(E, F)]),
-    EMs = erpy_bench:median([Ms(R) || R <- E]),
-    Cpu = fun(Runs) -> lists:sum([C || {_, C} <- Runs]) / (N * length(Runs)) / 1.0e6 end,
-    [#{id => <<"W3b">>,
-       workload => <<"embedded: echo a list of 10,000 maps, ms per round trip">>,
-       erpy => fmt("~.2f ms, ~.2f ms CPU/echo", [EMs, Cpu(E)]),
-       reference => fmt("floor (Erlang encode, cat echo, Erlang decode): ~.2f ms, ~.2f ms CPU/echo",
-                        [erpy_bench:median([Ms(R) || R <- F]), Cpu(F)]),
-       ratio => Ratio, target => <<"<= 5 ms">>, pass => EMs =< 5,
-       notes => [<<"ratio = erpy ms / floor ms per pair; terms convert straight to objects, no ETF">>]}].
+    Rows.
 
 %% W6: a fresh VM starts an embedded pool of 4 (Python itself starts here) and answers one
 %% call, beside `erl -noshell -s init stop`.
