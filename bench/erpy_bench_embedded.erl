@@ -45,6 +45,11 @@ w1_w4(#{pairs := Pairs}) ->
     {PortRuns, EmptyRuns} = erpy_bench:alternate(
         max(3, Pairs div 3), fun() -> latencies(PortAdd, Calls, Procs) end,
                              fun() -> latencies(Empty, Calls, Procs) end),
+    %% The alternative thread model: a NIF that does nothing, on a dirty scheduler.
+    Dirty = fun() -> 1 = erpy_nif:dirty_noop(1) end,
+    {DirtyRuns, _} = erpy_bench:alternate(
+        max(3, Pairs div 3), fun() -> latencies(Dirty, Calls, Procs) end,
+                             fun() -> latencies(Add, Calls, Procs) end),
     {CbRuns, AddRuns} = erpy_bench:alternate(
         Pairs, fun() -> latencies(Callback, Calls div 2, Procs) end,
                fun() -> latencies(Add, Calls div 2, Procs) end),
@@ -65,8 +70,9 @@ w1_w4(#{pairs := Pairs}) ->
        ratio => W1Ratio, target => <<"<= 0.4x">>, pass => W1Ratio =< 0.4,
        notes => [fmt("~b pairs of ~b calls; ratio = erpy median / floor median per pair", [Pairs, Calls]),
                  fmt("same run: port mode ~.1f us; embedded empty eval (None) ~.2f us; "
-                     "Python's own operator.add(1, 2) ~.1f ns",
-                     [Med(PortRuns), Med(EmptyRuns), PyNs])]},
+                     "Python's own operator.add(1, 2) ~.1f ns; a dirty-scheduler NIF that does "
+                     "nothing (the thread model not chosen) ~.2f us",
+                     [Med(PortRuns), Med(EmptyRuns), PyNs, Med(DirtyRuns)])]},
      #{id => <<"W4">>,
        workload => <<"embedded: Python calls erlang.call('erlang', 'abs', -1) once, us/round trip">>,
        erpy => fmt("median ~.2f us, p99 ~.1f us, ~.1f us CPU/call", [Med(CbRuns), P99(CbRuns), Cpu(CbRuns)]),
@@ -91,6 +97,11 @@ w2(#{pairs := Pairs}) ->
                end,
     _ = Run(),
     {E, F} = erpy_bench:alternate(max(3, Pairs div 3), Run, FloorRun),
+    DirtyRun = fun() ->
+                   concurrent([fun() -> [1 = erpy_nif:dirty_noop(1) || _ <- lists:seq(1, Per)] end
+                               || _ <- lists:seq(1, 4)], Procs)
+               end,
+    D = [DirtyRun() || _ <- lists:seq(1, 3)],
     [exit(Echoer, kill) || {Echoer, _} <- Echoers],
     erpy:stop_pool(?POOL),
     Rate = fun({Ns, _}) -> 4 * Per / (Ns / 1.0e9) end,
@@ -103,7 +114,9 @@ w2(#{pairs := Pairs}) ->
        reference => fmt("4 callers x own cat echo: ~b echoes/s, ~.1f us CPU/echo",
                         [round(erpy_bench:median([Rate(R) || R <- F])), CpuPer(F)]),
        ratio => Ratio, target => <<">= 200,000 calls/s">>, pass => ERate >= 200000,
-       notes => [<<"ratio = erpy calls/s / floor echoes/s per pair; the target is absolute">>]}].
+       notes => [<<"ratio = erpy calls/s / floor echoes/s per pair; the target is absolute">>,
+                 fmt("same run: 4 callers of a dirty-scheduler NIF that does nothing: ~b calls/s",
+                     [round(erpy_bench:median([Rate(R) || R <- D]))])]}].
 
 %% W3a: echo a 1 MiB binary (random bytes: Python gets bytes and returns them).
 w3a(Ctx) ->

@@ -3,12 +3,12 @@
 -module(erpy_nif).
 
 -export([init/2, pool_new/3, pool_close/1, pool_info/1, submit/4, cancel/1, poll/2,
-         callback_reply/2, checkin/1, python_info/0, is_handle/1]).
+         callback_reply/2, checkin/1, python_info/0, is_handle/1, dirty_noop/1]).
 
 -on_load(load/0).
 
 -nifs([init/2, pool_new/3, pool_close/1, pool_info/1, submit/4, cancel/1, poll/2,
-       callback_reply/2, checkin/1, python_info/0, is_handle/1]).
+       callback_reply/2, checkin/1, python_info/0, is_handle/1, dirty_noop/1]).
 
 -type pool() :: reference().
 -type context() :: reference().
@@ -65,3 +65,8 @@ python_info() -> erlang:nif_error(not_loaded).
 
 -spec is_handle(term()) -> boolean().
 is_handle(_Term) -> erlang:nif_error(not_loaded).
+
+%% Returns its argument, from a dirty CPU scheduler: what a round trip to a dirty
+%% scheduler costs (make bench measures it beside an embedded call).
+-spec dirty_noop(T) -> T.
+dirty_noop(_Term) -> erlang:nif_error(not_loaded).

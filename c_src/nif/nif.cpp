@@ -259,7 +259,13 @@ ERL_NIF_TERM nif_is_handle(ErlNifEnv* env, int, const ERL_NIF_TERM argv[]) {
   return atom(env, yes ? "true" : "false");
 }
 
+// dirty_noop(T) -> T on a dirty CPU scheduler: the cost of the round trip to a dirty
+// scheduler and back, measured by make bench beside an embedded call, which is how the
+// thread model was chosen (doc/internals.md).
+ERL_NIF_TERM nif_dirty_noop(ErlNifEnv*, int, const ERL_NIF_TERM argv[]) { return argv[0]; }
+
 ErlNifFunc funcs[] = {
+    {"dirty_noop", 1, nif_dirty_noop, ERL_NIF_DIRTY_JOB_CPU_BOUND},
     {"init", 2, nif_init, ERL_NIF_DIRTY_JOB_IO_BOUND},
     {"pool_new", 3, nif_pool_new, 0},
     {"pool_close", 1, nif_pool_close, 0},
