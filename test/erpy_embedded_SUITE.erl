@@ -11,7 +11,7 @@
          init_per_testcase/2, end_per_testcase/2]).
 -export([seed_examples/1, api_calls/1, same_mapping_as_port/1, errors/1,
          timeout_interrupts/1, caller_dies/1, concurrent_mix/1, concurrent_timeouts/1,
-         long_calls_watched/1,
+         long_calls_watched/1, stop_pool_in_flight/1,
          nested_callbacks/1,
          allow_list/1, send_and_self/1, handles/1, handles_no_leak/1, checkout_state/1,
          checkout_holder_dies/1, output_to_logger/1, schedulers_stay_free/1,
@@ -36,7 +36,8 @@
 
 all() ->
     [seed_examples, api_calls, same_mapping_as_port, errors, timeout_interrupts,
-     caller_dies, concurrent_mix, concurrent_timeouts, long_calls_watched, nested_callbacks, allow_list, send_and_self,
+     caller_dies, concurrent_mix, concurrent_timeouts, long_calls_watched, stop_pool_in_flight,
+     nested_callbacks, allow_list, send_and_self,
      handles,
      handles_no_leak, checkout_state, checkout_holder_dies, output_to_logger,
      schedulers_stay_free, queueing_in_order, large_binaries, python_info, nif_reload,
@@ -216,6 +217,21 @@ long_calls_watched(_Config) ->
     [begin {ok, W} = erpy:checkout(?P), ok = erpy:exec(<<"__import__('time').sleep(0.03)">>, #{worker => W}),
            ok = erpy:checkin(W) end || _ <- lists:seq(1, 3)],
     ?assertEqual({ok, 3}, erpy:call(operator, add, [1, 2], opts())).
+
+%% Stopping a pool answers its running and waiting requests {error, pool_closed} at once.
+stop_pool_in_flight(_Config) ->
+    {ok, _} = erpy:start_pool(emb_one, #{mode => embedded, size => 1}),
+    Self = self(),
+    Slow = spawn_link(fun() -> Self ! {slow, erpy:exec(<<"while True: pass">>, #{pool => emb_one, timeout => 30000})} end),
+    timer:sleep(50),
+    Queued = [spawn_link(fun() -> Self ! {queued, erpy:call(operator, add, [1, 2], #{pool => emb_one, timeout => 30000})} end)
+              || _ <- lists:seq(1, 3)],
+    timer:sleep(50),
+    {T, ok} = timer:tc(fun() -> erpy:stop_pool(emb_one) end),
+    [receive {queued, R} -> ?assertEqual({error, pool_closed}, R) after 5000 -> ct:fail(queued_lost) end
+     || _ <- Queued],
+    receive {slow, R} -> ?assertEqual({error, pool_closed}, R) after 5000 -> ct:fail({slow_lost, Slow}) end,
+    ct:log("stop_pool took ~p us", [T]).
 
 mix(C, I) ->
     case I rem 4 of

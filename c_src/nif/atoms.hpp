@@ -31,6 +31,7 @@ struct Atoms {
   ERL_NIF_TERM ok = 0;
   ERL_NIF_TERM own_gil_subinterpreters = 0;
   ERL_NIF_TERM pending = 0;
+  ERL_NIF_TERM pool_closed = 0;
   ERL_NIF_TERM python_already_running = 0;
   ERL_NIF_TERM python_init = 0;
   ERL_NIF_TERM queued = 0;
@@ -70,6 +71,7 @@ struct Atoms {
     ok = enif_make_atom(env, "ok");
     own_gil_subinterpreters = enif_make_atom(env, "own_gil_subinterpreters");
     pending = enif_make_atom(env, "pending");
+    pool_closed = enif_make_atom(env, "pool_closed");
     python_already_running = enif_make_atom(env, "python_already_running");
     python_init = enif_make_atom(env, "python_init");
     queued = enif_make_atom(env, "queued");

@@ -38,9 +38,9 @@ void job_down(ErlNifEnv*, void* obj, ErlNifPid*, ErlNifMonitor*) {
   if (job->pool) job->pool->caller_down(job);
 }
 
-void pool_dtor(ErlNifEnv*, void* obj) {
+void pool_dtor(ErlNifEnv* env, void* obj) {
   auto* h = static_cast<PoolHandle*>(obj);
-  if (h->pool) h->pool->close();
+  if (h->pool) h->pool->close(env);
   h->~PoolHandle();
 }
 
@@ -129,7 +129,7 @@ ERL_NIF_TERM nif_pool_close(ErlNifEnv* env, int, const ERL_NIF_TERM argv[]) {
   if (!enif_get_resource(env, argv[0], Runtime::get().types.pool, reinterpret_cast<void**>(&h))) {
     return enif_make_badarg(env);
   }
-  h->pool->close();
+  h->pool->close(env);
   return atoms.ok;
 }
 

@@ -55,33 +55,53 @@ void Pool::start() {
   }
 }
 
-void Pool::close() {
+void Pool::close(ErlNifEnv* env) {
   std::vector<ContextHandle*> handles;
   {
     std::lock_guard<std::mutex> lock(m_);
     if (closing_) return;
     closing_ = true;
-    for (Job* j : queue_) {
-      j->state = JobState::Canceled;
-      enif_release_resource(j);
-    }
+    // Requests that will not run now are answered at once, not left to time out.
+    for (Job* j : queue_) answer_closed_locked(env, j);
     queue_.clear();
     queued_ = 0;
     for (auto& c : ctxs_) {
+      for (Job* j : c->pinned) answer_closed_locked(env, j);
+      c->pinned.clear();
+      // Running ones are interrupted, and answer pool_closed when they stop (run_job).
       for (Job* j : c->running) {
         if (j->state == JobState::Running) {
-          j->state = JobState::Canceled;
           enif_keep_resource(j);
           to_interrupt_.push_back(j);
         }
       }
       c->wake = true;
-      c->cv.notify_one();
+      c->cv.notify_all();
       handles.push_back(std::exchange(c->handle, nullptr));
     }
   }
   for (ContextHandle* h : handles) enif_release_resource(h);
   Runtime::get().wake();
+}
+
+// {error, pool_closed} for a job that will not run; drops the queue's reference.
+void Pool::answer_closed_locked(ErlNifEnv* env, Job* j) {
+  inflight_.fetch_sub(1, std::memory_order_relaxed);
+  if (j->state == JobState::Queued) {
+    j->state = JobState::Done;
+    ErlNifEnv* msg = enif_alloc_env();
+    ERL_NIF_TERM answer = enif_make_tuple2(msg, atoms.error, atoms.pool_closed);
+    if (!j->blocking) {
+      j->answer_env = msg;
+      j->answer = answer;
+      j->settled.store(true, std::memory_order_release);
+    } else {
+      ERL_NIF_TERM ref = enif_make_copy(msg, j->ref);
+      enif_send(env, &j->caller, msg, enif_make_tuple2(msg, ref, answer));
+      enif_free_env(msg);
+    }
+  }
+  enif_release_resource(j);
 }
 
 void Pool::wake_one_locked() {
@@ -456,10 +476,20 @@ void Pool::run_job(Context& c, Job* job) {
     failed = true;
   }
 
-  bool canceled;
+  bool canceled, closing;
   {
     std::lock_guard<std::mutex> lock(m_);
     canceled = job->state == JobState::Canceled;
+    closing = closing_;
+  }
+  if (closing && !canceled) {
+    // The pool closed while this ran (and interrupted it): that is the answer.
+    PyErr_Clear();
+    result.reset();
+    PyEval_SaveThread();
+    finish(c, job, msg.env, enif_make_tuple2(msg.env, atoms.error, atoms.pool_closed));
+    msg.env = nullptr;
+    return;
   }
   if (canceled) {
     // Stopped by its caller (timeout, death) or by close: whatever Python says now is ours.

@@ -105,7 +105,9 @@ class Pool : public std::enable_shared_from_this<Pool> {
   explicit Pool(PoolOptions o);
   ~Pool();
   void start();  // the context threads
-  void close();  // no more jobs; threads end after their current one
+  // No more jobs: waiting ones answer {error, pool_closed}, running ones are interrupted
+  // and answer the same; threads end after that. `env`: the calling NIF's, or null.
+  void close(ErlNifEnv* env);
 
   // From Erlang processes (no GIL).
   bool submit(Job* job, int context);  // context -1: any; false when closed
@@ -147,6 +149,7 @@ class Pool : public std::enable_shared_from_this<Pool> {
   void do_release(Context& c);
   void wake_one_locked();
   bool cancel_locked(Job* job);
+  void answer_closed_locked(ErlNifEnv* env, Job* job);
 
   PoolOptions o_;
   std::vector<std::unique_ptr<Context>> ctxs_;
