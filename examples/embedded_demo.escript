@@ -20,6 +20,7 @@ main(_) ->
     io:format("embedded pool started (Python initialized in this VM) and answered in ~.1f ms~n~n",
               [(erlang:monotonic_time(microsecond) - T0) / 1000]),
     {ok, _} = erpy:call(operator, add, [1, 2], #{pool => default, timeout => 10000}),
+    Mib = crypto:strong_rand_bytes(1 bsl 20),
     Requests =
         [{"erpy:call(operator, add, [1, 2])",
           fun(P) -> erpy:call(operator, add, [1, 2], #{pool => P}) end},
@@ -31,8 +32,8 @@ main(_) ->
           fun(P) -> erpy:eval(<<"1 / 0">>, #{}, #{pool => P}) end},
          {"erpy:run(#{code => <<\"while True: pass\">>}, 200)",
           fun(P) -> erpy:run(#{code => <<"while True: pass">>, pool => P}, 200) end},
-         {"erpy:call(copy, copy, [<<1 MiB>>])  (size of the answer)",
-          fun(P) -> case erpy:call(copy, copy, [binary:copy(<<7>>, 1 bsl 20)], #{pool => P}) of
+         {"erpy:call(copy, copy, [<<1 MiB of random bytes>>])  (size of the answer)",
+          fun(P) -> case erpy:call(copy, copy, [Mib], #{pool => P}) of
                         {ok, B} -> {ok, byte_size(B)};
                         E -> E
                     end end}],
