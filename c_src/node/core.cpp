@@ -1,5 +1,6 @@
 #include "core.hpp"
 
+#include <algorithm>
 #include <cerrno>
 #include <cstring>
 #include <optional>
@@ -539,6 +540,10 @@ void Core::watchdog() {
       for (auto& [_, c] : conns_) cs.push_back(c);
     }
     const std::int64_t now = now_ns();
+    lk.unlock();
+    const bool jobs = tend_jobs(now);
+    lk.lock();
+    if (jobs) last_busy = now;
     for (auto& c : cs) {
       const std::int64_t b = c->busy_since.load();
       if (!b) continue;
@@ -568,6 +573,17 @@ void Core::connection_down(const std::shared_ptr<Connection>& c) {
   const std::string& node = c->peer.name;
   const Bytes down = enc_atom("DOWN"), process = enc_atom("process"), exit = enc_atom("EXIT"),
               noconn = enc_atom("noconnection");
+  {
+    // Calls whose caller was on that node: nobody can get their result any more.
+    std::vector<std::uint32_t> ids;
+    {
+      std::lock_guard lk(run_mu_);
+      for (auto& [id, r] : running_) {
+        if (r->conn == c.get() && (r->monitor || r->link)) ids.push_back(id);
+      }
+    }
+    for (std::uint32_t id : ids) cancel_job(id, nullptr, &noconn);
+  }
   for (auto& p : ps) {
     std::vector<Bytes> msgs;
     {
@@ -852,7 +868,8 @@ void Core::handle_message(const std::shared_ptr<Connection>& c, etf::Bytes msg,
     case kPayloadExit2TT: {
       need(3);
       auto p = local(it[2]);
-      if (!p) break;
+      const auto* pid = std::get_if<etf::Pid>(&it[2].v);
+      if (!p && !(pid && pid->node == self_.name)) break;
       const Bytes from = enc(it[1]);
       Bytes reason;
       if (op == kExit || op == kExit2) {
@@ -863,6 +880,15 @@ void Core::handle_message(const std::shared_ptr<Connection>& c, etf::Bytes msg,
         reason = enc(it[4]);
       } else {
         reason = payload_term();
+      }
+      if (!p) {
+        // To a call in progress: a linked caller died, or exit(Pid, Reason). Any reason
+        // but normal ends it (kill ends it as killed).
+        if (reason != enc_atom("normal")) {
+          const Bytes why = reason == enc_atom("kill") ? enc_atom("killed") : reason;
+          cancel_job(pid->id, nullptr, &why);
+        }
+        break;
       }
       if (op == kExit || op == kExitTT || op == kPayloadExit || op == kPayloadExitTT) remove_link(p, from);
       const Bytes exit = enc_atom("EXIT");
@@ -890,6 +916,10 @@ void Core::handle_message(const std::shared_ptr<Connection>& c, etf::Bytes msg,
         const Bytes ref = enc(it[3]);
         std::lock_guard lk(p->mu);
         std::erase_if(p->monitors, [&](const Watch& w) { return w.ref == ref; });
+      } else if (const auto* pid = std::get_if<etf::Pid>(&it[2].v); pid && pid->node == self_.name) {
+        // A call's caller timed out or died: its node takes the monitor back.
+        const Bytes ref = enc(it[3]);
+        cancel_job(pid->id, &ref, nullptr);
       }
       break;
     }
@@ -1165,6 +1195,12 @@ PyObject* Core::resolve(const std::string& module, const std::string& function) 
   return raw;
 }
 
+namespace {
+thread_local std::size_t t_result_limit = 0;
+}  // namespace
+
+void Core::set_result_limit(std::size_t max) { t_result_limit = max; }
+
 void Core::run_job(Connection& c, Job& j) {
   const std::uint32_t id = next_pid_++;
   const Bytes pid = encode_pid(id);
@@ -1182,26 +1218,75 @@ void Core::run_job(Connection& c, Job& j) {
     f.end();
   }
   const bool wanted = j.monitor || j.link;
+  auto run = std::make_shared<Running>();
+  run->conn = &c;
+  run->reply.assign(head.data(), head.data() + head.size());
+  run->req = j.req;
+  run->monitor = j.monitor;
+  run->link = j.link;
+  run->started = now_ns();
+  {
+    std::lock_guard lk(run_mu_);
+    running_.emplace(id, run);
+    if (!cancelled_reqs_.empty() && std::find(cancelled_reqs_.begin(), cancelled_reqs_.end(), j.req) != cancelled_reqs_.end()) {
+      run->cancelled.store(true);  // cancelled while it waited for a worker
+    }
+  }
+  wake_watchdog();
   {
     ensure_thread_state();
     GilHold gil;
+    run->tid = PyThread_get_thread_ident();
+    t_result_limit = 0;
     const std::size_t base = kPayloadMagic ? 1 : 0;
     if (kPayloadMagic) reason.byte(131);
     py::EncodeOptions eo;
     py::DecodeOptions dopt;
+    // Python is done with the call: no interrupt may reach this thread after it (one
+    // sent but not yet raised is withdrawn).
+    auto py_done = [&] {
+      if (run->py_done) return;
+      run->py_done = true;
+      PyObject *t, *v, *tb;
+      PyErr_Fetch(&t, &v, &tb);
+      PyThreadState_SetAsyncExc(run->tid, nullptr);
+      PyErr_Restore(t, v, tb);
+    };
     try {
-      PyObject* fn = resolve(j.module, j.function);
-      etf::Reader ar(j.args);
-      PyRef args = codec_.decode_term(ar, dopt);
-      if (!PyList_Check(args.get())) throw WireError("arguments are not a list");
-      PyRef result = PyRef::check(PyObject_Vectorcall(fn, &PyList_GET_ITEM(args.get(), 0),
-                                                      static_cast<std::size_t>(PyList_GET_SIZE(args.get())), nullptr));
+      PyObject* fn;
+      PyRef args;
+      try {
+        fn = resolve(j.module, j.function);
+        etf::Reader ar(j.args);
+        args = codec_.decode_term(ar, dopt);
+        if (!PyList_Check(args.get())) throw WireError("arguments are not a list");
+      } catch (...) {
+        py_done();
+        throw;
+      }
+      PyObject* raw = PyObject_Vectorcall(fn, &PyList_GET_ITEM(args.get(), 0),
+                                          static_cast<std::size_t>(PyList_GET_SIZE(args.get())), nullptr);
+      py_done();
+      PyRef result = PyRef::check(raw);
       if (wanted) {
         if (j.kind == Job::kCall) {
           etf::put_tuple_header(reason, 3);
           etf::put_raw(reason, j.res);
           etf::put_atom(reason, "return");
+          const std::size_t mark = reason.size();
           codec_.encode_append(reason, result.get(), eo);
+          const std::size_t size = reason.size() - mark + 1;  // as erlang:external_size/1
+          if (t_result_limit && size > t_result_limit) {
+            reason.truncate(base);
+            etf::put_tuple_header(reason, 4);
+            etf::put_raw(reason, j.res);
+            etf::put_atom(reason, "error");
+            etf::put_tuple_header(reason, 3);
+            etf::put_atom(reason, "message_too_large");
+            etf::put_integer(reason, static_cast<std::int64_t>(size));
+            etf::put_integer(reason, static_cast<std::int64_t>(t_result_limit));
+            etf::put_nil(reason);
+          }
         } else {
           etf::put_atom(reason, "normal");
         }
@@ -1234,11 +1319,21 @@ void Core::run_job(Connection& c, Job& j) {
       }
       etf::put_nil(reason);
     }
+    t_result_limit = 0;
   }
-  // SPAWN_REPLY, then the exit: 'DOWN' to the monitor and/or the exit signal to the link,
-  // in one write.
+  std::unique_lock rl(run->mu);
+  run->finished = true;
+  if (run->cancelled.load() && !run->cancel_reason.empty()) {
+    // Killed by an exit signal: the process ends with its reason, as an Erlang one would.
+    reason.clear();
+    if (kPayloadMagic) reason.byte(131);
+    reason.write(run->cancel_reason.data(), run->cancel_reason.size());
+  }
+  // SPAWN_REPLY (unless sent early), then the exit: 'DOWN' to the monitor and/or the exit
+  // signal to the link, in one write.
   iovec iov[5];
   int n = 0;
+  const std::size_t skip = run->replied ? head.size() : 0;
   std::size_t cut = head.size();
   if (j.monitor) {
     Frame f(head);
@@ -1259,15 +1354,101 @@ void Core::run_job(Connection& c, Job& j) {
     f.end(reason.size());
   }
   // `reason` is each exit frame's payload.
-  iov[n++] = {head.data(), j.monitor ? cut2 : cut};
+  if ((j.monitor ? cut2 : cut) > skip) iov[n++] = {head.data() + skip, (j.monitor ? cut2 : cut) - skip};
   if (j.monitor) iov[n++] = {reason.data(), reason.size()};
   if (j.link) {
     iov[n++] = {head.data() + cut2, head.size() - cut2};
     iov[n++] = {reason.data(), reason.size()};
   }
-  c.sendv(iov, n);
+  if (n > 0) c.sendv(iov, n);
+  rl.unlock();
+  {
+    std::lock_guard lk(run_mu_);
+    running_.erase(id);
+  }
   if (reason.capacity() > (std::size_t{4} << 20)) reason.release_memory();
   if (head.capacity() > (std::size_t{1} << 20)) head.release_memory();
+}
+
+bool Core::cancel_job(std::uint32_t id, const Bytes* ref, const Bytes* reason) {
+  std::shared_ptr<Running> r;
+  {
+    std::lock_guard lk(run_mu_);
+    auto it = running_.find(id);
+    if (it == running_.end()) return false;
+    r = it->second;
+  }
+  {
+    std::lock_guard lk(r->mu);
+    if (r->finished) return true;
+    // The caller's monitor going away means nobody waits. (Its node may name it by the
+    // request id, or, for a request it abandoned before our reply, by a new reference:
+    // no one else can monitor a call, MONITOR_P on it answers noproc.)
+    if (ref && !r->monitor) return true;
+    if (reason) r->cancel_reason = *reason;
+    r->cancelled.store(true);
+  }
+  {
+    // The watchdog interrupts it (and again until it stops).
+    std::lock_guard lk(wd_mu_);
+    wd_idle_ = false;
+  }
+  wd_cv_.notify_all();
+  return true;
+}
+
+void Core::cancel_request(const Bytes& req) {
+  std::uint32_t id = 0;
+  {
+    std::lock_guard lk(run_mu_);
+    for (auto& [i, r] : running_) {
+      if (r->req == req) id = i;
+    }
+    if (!id) {
+      // Not running (yet, or any more): remember it a while for a job still queued.
+      cancelled_reqs_.push_back(req);
+      if (cancelled_reqs_.size() > 64) cancelled_reqs_.pop_front();
+      return;
+    }
+  }
+  cancel_job(id, nullptr, nullptr);
+}
+
+bool Core::tend_jobs(std::int64_t now) {
+  const std::int64_t slow = static_cast<std::int64_t>(opt_.slow_ms) * 1'000'000;
+  std::vector<std::shared_ptr<Running>> rs;
+  bool attention = false;
+  {
+    std::lock_guard lk(run_mu_);
+    for (auto& [_, r] : running_) {
+      if (r->cancelled.load() || !r->replied) {
+        rs.push_back(r);
+        attention = true;
+      }
+    }
+  }
+  std::vector<std::shared_ptr<Running>> kill;
+  for (auto& r : rs) {
+    if (r->cancelled.load()) {
+      kill.push_back(r);
+      continue;
+    }
+    if (now - r->started < slow) continue;
+    std::lock_guard lk(r->mu);
+    if (r->finished || r->replied) continue;
+    r->replied = true;
+    r->conn->send(r->reply.data(), r->reply.size());
+  }
+  if (!kill.empty()) {
+    // Before 3.12 one thread taking its async exception can clear the signal for the
+    // others, so a cancelled call gets its KeyboardInterrupt on every round until it stops.
+    ensure_thread_state();
+    GilHold gil;
+    for (auto& r : kill) {
+      if (!r->py_done && r->tid) PyThreadState_SetAsyncExc(r->tid, PyExc_KeyboardInterrupt);
+    }
+  }
+  return attention;
 }
 
 }  // namespace erpy::node

@@ -206,6 +206,17 @@ class Core : public std::enable_shared_from_this<Core> {
   // Forgets cached handler lookups (after the allow-list changed). With the GIL.
   void clear_cache() { fn_cache_.clear(); }
 
+  // From inside a call Erlang made (erpy.service): the largest result, in bytes of
+  // external format, this call may return; a larger one is refused with
+  // {message_too_large, Size, Max}. 0: no limit. Applies to the calling thread's current
+  // call only.
+  static void set_result_limit(std::size_t max);
+
+  // Interrupts the call started by spawn request `req` (encoded, no version byte): for a
+  // caller whose node abandoned the request before our SPAWN_REPLY reached it, so that it
+  // will never send DEMONITOR_P (erpy_node_pool tells us itself).
+  void cancel_request(const Bytes& req);
+
   // Counters for tests and benchmarks.
   std::atomic<std::uint64_t> calls{0}, messages{0}, handovers{0};
 
@@ -232,7 +243,33 @@ class Core : public std::enable_shared_from_this<Core> {
   void wake_watchdog();
 
   struct Job;
+  // A call in progress (a spawned "process" of ours). Its SPAWN_REPLY goes out with its
+  // exit unless the call is slow: then the watchdog sends it early, so that the caller's
+  // node can tell us when the caller gives up (DEMONITOR_P on a timeout or the caller's
+  // death, an exit signal through a link) and the call is interrupted (KeyboardInterrupt
+  // in its thread, re-sent until it stops).
+  struct Running {
+    Connection* conn = nullptr;   // valid while the job is in running_
+    Bytes reply;                  // the SPAWN_REPLY frame
+    Bytes req;                    // the spawn request id: the caller's monitor reference
+    bool monitor = false, link = false;
+    std::int64_t started = 0;
+    std::mutex mu;                // guards replied/finished and the writes of this job
+    bool replied = false, finished = false;
+    std::atomic<bool> cancelled{false};
+    Bytes cancel_reason;          // an exit signal's reason, under mu; empty for a demonitor
+    // Under the GIL: the Python thread running the call, and whether Python is done.
+    unsigned long tid = 0;
+    bool py_done = false;
+  };
   void run_job(Connection& c, Job& job);
+  // The caller gave up on job `id` (demonitor with `ref`, or an exit signal `reason`).
+  bool cancel_job(std::uint32_t id, const Bytes* ref, const Bytes* reason);
+  // Watchdog: early replies for slow jobs, interrupts for cancelled ones. Without locks.
+  bool tend_jobs(std::int64_t now);
+  std::mutex run_mu_;
+  std::unordered_map<std::uint32_t, std::shared_ptr<Running>> running_;
+  std::deque<Bytes> cancelled_reqs_;  // under run_mu_
   // Hands a job to a worker thread; false if there is none to take it.
   bool dispatch(const std::shared_ptr<Connection>& c, Job& job);
   void worker();

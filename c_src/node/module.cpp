@@ -754,6 +754,26 @@ PyObject* node_clear_cache(PyObject* self, PyObject*) {
   Py_RETURN_NONE;
 }
 
+PyObject* node_cancel_request(PyObject* self, PyObject* arg) {
+  try {
+    const Bytes req = encode_bare(arg);
+    Core* core = nd(self)->core.get();
+    GilRelease nogil;
+    core->cancel_request(req);
+  } catch (...) {
+    raise_current();
+    return nullptr;
+  }
+  Py_RETURN_NONE;
+}
+
+PyObject* node_set_result_limit(PyObject*, PyObject* arg) {
+  const unsigned long long n = PyLong_AsUnsignedLongLong(arg);
+  if (n == static_cast<unsigned long long>(-1) && PyErr_Occurred()) return nullptr;
+  Core::set_result_limit(static_cast<std::size_t>(n));
+  Py_RETURN_NONE;
+}
+
 PyObject* node_stats(PyObject* self, PyObject*) {
   Core& c = *nd(self)->core;
   return Py_BuildValue("{sKsKsK}", "calls", static_cast<unsigned long long>(c.calls.load()), "messages",
@@ -780,6 +800,10 @@ PyMethodDef node_methods[] = {
     {"unregister", node_unregister, METH_O, "unregister(name)"},
     {"clear_cache", node_clear_cache, METH_NOARGS, "forget resolved rpc handlers"},
     {"stats", node_stats, METH_NOARGS, "counters: calls, messages, handovers"},
+    {"cancel_request", node_cancel_request, METH_O,
+     "cancel_request(req_id): interrupt the call started by this spawn request"},
+    {"set_result_limit", node_set_result_limit, METH_O,
+     "set_result_limit(max): the current call's result may not exceed max bytes (0: no limit)"},
     {nullptr, nullptr, 0, nullptr},
 };
 
