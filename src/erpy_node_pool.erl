@@ -9,7 +9,8 @@
 -module(erpy_node_pool).
 -behaviour(gen_server).
 
--export([start_link/2, request/3, nodes/1, stop/1]).
+-export([start_link/2, request/3, nodes/1, stop/1,
+         checkout/2, checkin/1, request_worker/3]).
 -export([init/1, handle_call/3, handle_cast/2, handle_info/2, terminate/2]).
 
 -define(KEY(Pool), {?MODULE, Pool}).
@@ -21,7 +22,8 @@
                  | {eval, binary(), map()}
                  | {exec, binary()}
                  | {run, binary(), term()}.
--export_type([request/0]).
+-type worker() :: {erpy_node_worker, atom(), node(), pos_integer()}.
+-export_type([request/0, worker/0]).
 
 %% API.
 
@@ -34,35 +36,80 @@
 start_link(Pool, Opts) when is_atom(Pool), is_map(Opts) ->
     gen_server:start_link(?MODULE, {Pool, Opts}, []).
 
-%% @doc Runs one request on one of the pool's nodes, in the caller's process.
+%% @doc Runs one request on one of the pool's nodes, in the caller's process. A request
+%% larger than the pool's `max_message_size` (erlang:external_size/1) is not sent, a
+%% result larger than it is refused by the Python node: {error, {message_too_large,
+%% Size, Max}}. A caller that gives up (timeout) or dies interrupts the Python call.
 -spec request(atom(), request(), timeout()) -> {ok, term()} | {error, term()}.
 request(Pool, Req, Timeout) ->
     case persistent_term:get(?KEY(Pool), undefined) of
         undefined ->
             {error, {no_pool, Pool}};
-        {Tab, Counter, Server} ->
-            case ets:lookup(Tab, up) of
-                [{up, {}}] ->
-                    {error, {no_nodes, Pool}};
-                [{up, Up}] ->
-                    I = atomics:add_get(Counter, 1, 1),
-                    pick(Up, I, tuple_size(Up), Pool, Req, Timeout, Server)
+        {Tab, Counter, Server, Max} ->
+            case pick(Tab, Counter, Server) of
+                none -> {error, {no_nodes, Pool}};
+                Node -> call(Node, Req, Timeout, Server, Max, undefined)
             end
     end.
+
+%% @doc Holds a worker of the pool: a namespace on one of its Python nodes, where exec
+%% state persists across request_worker/3 calls until checkin/1 or the holder's death
+%% (the pool monitors the holder). The node is chosen round robin.
+-spec checkout(atom(), timeout()) -> {ok, worker()} | {error, term()}.
+checkout(Pool, Timeout) ->
+    case persistent_term:get(?KEY(Pool), undefined) of
+        undefined ->
+            {error, {no_pool, Pool}};
+        {Tab, Counter, Server, _Max} ->
+            case pick(Tab, Counter, Server) of
+                none ->
+                    {error, {no_nodes, Pool}};
+                Node ->
+                    case erpc_call(Node, session_open, [], Timeout, Server) of
+                        {ok, Session} ->
+                            ok = gen_server:call(Server, {hold, self(), Node, Session}),
+                            {ok, {erpy_node_worker, Pool, Node, Session}};
+                        Error ->
+                            Error
+                    end
+            end
+    end.
+
+%% @doc Gives a held worker back: its namespace is dropped.
+-spec checkin(worker()) -> ok.
+checkin({erpy_node_worker, Pool, Node, Session}) ->
+    case persistent_term:get(?KEY(Pool), undefined) of
+        undefined -> ok;
+        {_, _, Server, _} ->
+            ok = gen_server:call(Server, {release, Node, Session}),
+            %% Synchronous: the namespace is gone when checkin returns.
+            _ = erpc_call(Node, session_close, [Session], 5000, Server),
+            ok
+    end.
+
+%% @doc Runs one request in a held worker's namespace.
+-spec request_worker(worker(), request(), timeout()) -> {ok, term()} | {error, term()}.
+request_worker({erpy_node_worker, Pool, Node, Session}, Req, Timeout) ->
+    case persistent_term:get(?KEY(Pool), undefined) of
+        undefined -> {error, {no_pool, Pool}};
+        {_, _, Server, Max} -> call(Node, Req, Timeout, Server, Max, Session)
+    end;
+request_worker(Other, _Req, _Timeout) ->
+    {error, {badarg, {worker, Other}}}.
 
 %% @doc The pool's nodes that are up now.
 -spec nodes(atom()) -> [node()].
 nodes(Pool) ->
     case persistent_term:get(?KEY(Pool), undefined) of
         undefined -> [];
-        {Tab, _, _} -> [{up, Up}] = ets:lookup(Tab, up), tuple_to_list(Up)
+        {Tab, _, _, _} -> [{up, Up}] = ets:lookup(Tab, up), tuple_to_list(Up)
     end.
 
 -spec stop(atom()) -> ok.
 stop(Pool) ->
     case persistent_term:get(?KEY(Pool), undefined) of
         undefined -> ok;
-        {_, _, Server} -> gen_server:stop(Server)
+        {_, _, Server, _} -> gen_server:stop(Server)
     end.
 
 %% gen_server.
@@ -79,18 +126,20 @@ init({Pool, Opts}) ->
             ok = net_kernel:monitor_nodes(true, [{node_type, all}]),
             Tab = ets:new(?MODULE, [set, public, {read_concurrency, true}]),
             ets:insert(Tab, {up, {}}),
-            persistent_term:put(?KEY(Pool), {Tab, atomics:new(1, []), self()}),
+            Max = maps:get(max_message_size, Opts,
+                           application:get_env(erpy, max_message_size, 10485760)),
+            persistent_term:put(?KEY(Pool), {Tab, atomics:new(1, []), self(), Max}),
             %% erpy's dispatch (erpy_pool:lookup/1) finds node pools by this handle.
             persistent_term:put(?ERPY_KEY(Pool),
                                 #{mode => node, name => Pool, pid => self(),
-                                  max_message_size => maps:get(max_message_size, Opts, 10485760)}),
+                                  max_message_size => Max}),
             Given = maps:get(nodes, Opts, []),
             Count = maps:get(start, Opts, case Given of
                                               [] -> maps:get(size, Opts, 2);
                                               _ -> 0
                                           end),
             S0 = #{pool => Pool, tab => Tab, opts => Opts, nodes => Given, up => [],
-                   ports => #{}},
+                   ports => #{}, held => #{}},
             case start_local(Count, S0) of
                 {ok, S1} ->
                     S2 = lists:foldl(fun(N, S) -> connect(N, S) end, S1, maps:get(nodes, S1)),
@@ -106,6 +155,17 @@ init({Pool, Opts}) ->
 -spec handle_call(term(), gen_server:from(), state()) -> {reply, term(), state()}.
 handle_call(nodes, _From, S) ->
     {reply, maps:get(up, S), S};
+handle_call({hold, Holder, Node, Session}, _From, #{held := Held} = S) ->
+    Ref = erlang:monitor(process, Holder),
+    {reply, ok, S#{held := Held#{Ref => {Node, Session}}}};
+handle_call({release, Node, Session}, _From, #{held := Held} = S) ->
+    case [R || {R, {N, Se}} <- maps:to_list(Held), N =:= Node, Se =:= Session] of
+        [Ref] ->
+            erlang:demonitor(Ref, [flush]),
+            {reply, ok, S#{held := maps:remove(Ref, Held)}};
+        [] ->
+            {reply, ok, S}
+    end;
 handle_call(_Req, _From, S) ->
     {reply, {error, unknown_call}, S}.
 
@@ -157,6 +217,15 @@ handle_info({restart, Node}, S) ->
             erlang:send_after(?RETRY_MS, self(), {restart, Node}),
             {noreply, S}
     end;
+handle_info({'DOWN', Ref, process, _, _}, #{held := Held} = S) ->
+    %% A holder died without checkin: its namespace goes.
+    case maps:take(Ref, Held) of
+        {{Node, Session}, Rest} ->
+            close_session(Node, Session),
+            {noreply, S#{held := Rest}};
+        error ->
+            {noreply, S}
+    end;
 handle_info({'EXIT', _Pid, _Reason}, S) ->
     {noreply, S};
 handle_info(_Msg, S) ->
@@ -175,35 +244,93 @@ terminate(_Reason, #{pool := Pool, ports := Ports}) ->
 %% Round robin over the nodes that are up. A node whose connection is already gone (the
 %% pool has not heard yet) is skipped, not called: erpc would try to reconnect, and the
 %% request, which never ran there, would fail as if it had been in flight.
-pick(_Up, _I, 0, Pool, _Req, _Timeout, _Server) ->
-    {error, {no_nodes, Pool}};
-pick(Up, I, Left, Pool, Req, Timeout, Server) ->
+pick(Tab, Counter, Server) ->
+    case ets:lookup(Tab, up) of
+        [{up, {}}] -> none;
+        [{up, Up}] -> pick(Up, atomics:add_get(Counter, 1, 1), tuple_size(Up), Server)
+    end.
+
+pick(_Up, _I, 0, _Server) ->
+    none;
+pick(Up, I, Left, Server) ->
     Node = element(1 + (I rem tuple_size(Up)), Up),
     case lists:member(Node, erlang:nodes(connected)) of
         true ->
-            call(Node, Req, Timeout, Server);
+            Node;
         false ->
             gen_server:cast(Server, {down, Node}),
-            pick(Up, I + 1, Left - 1, Pool, Req, Timeout, Server)
+            pick(Up, I + 1, Left - 1, Server)
     end.
 
-call(Node, Req, Timeout, Server) ->
+call(Node, Req, Timeout, Server, Max, Session) ->
     case service(Req) of
         {error, _} = Error ->
             Error;
         {F, Args} ->
-            try erpc:call(Node, 'erpy.service', F, Args, Timeout) of
-                Result -> {ok, Result}
-            catch
-                error:{exception, #{type := _} = PyError, _} -> {error, PyError};
-                error:{erpc, timeout} -> {error, timeout};
-                error:{erpc, noconnection} ->
-                    gen_server:cast(Server, {down, Node}),
-                    {error, {node_down, Node}};
-                error:{erpc, Reason} -> {error, Reason};
-                Class:Reason -> {error, {Class, Reason}}
+            case erlang:external_size(Req) of
+                Size when Size > Max ->
+                    {error, {message_too_large, Size, Max}};
+                _ ->
+                    erpc_call(Node, F, Args ++ [Max, Session], Timeout, Server)
             end
     end.
+
+erpc_call(Node, F, Args, Timeout, Server) ->
+    try execute(Node, F, Args, Timeout) of
+        Result -> {ok, Result}
+    catch
+        error:{exception, {message_too_large, _, _} = TooLarge, _} -> {error, TooLarge};
+        error:{exception, #{type := <<"SessionClosed">>}, _} -> {error, {worker_exit, session_closed}};
+        error:{exception, #{type := _} = PyError, _} -> {error, PyError};
+        error:{erpc, timeout} -> {error, timeout};
+        error:{erpc, noconnection} ->
+            gen_server:cast(Server, {down, Node}),
+            {error, {node_down, Node}};
+        error:{erpc, Reason} -> {error, Reason};
+        Class:Reason -> {error, {Class, Reason}}
+    end.
+
+%% erpc:call(Node, 'erpy.service', F, Args, Timeout), inlined for one case erpc leaves
+%% out: when the timeout comes before the node's spawn reply, erpc abandons the request
+%% and our node never tells the Python node (it does, with a DEMONITOR_P, once it has
+%% the reply), so we tell it ourselves and it interrupts the call.
+execute(Node, F, Args, Timeout) ->
+    Res = make_ref(),
+    ReqId = spawn_request(Node, erpc, execute_call, [Res, 'erpy.service', F, Args],
+                          [{reply, error_only}, monitor]),
+    receive
+        {spawn_reply, ReqId, error, Reason} -> error({erpc, Reason});
+        {'DOWN', ReqId, process, _, Reason} -> result(Res, Reason)
+    after Timeout ->
+        case spawn_request_abandon(ReqId) of
+            true ->
+                ok = erpc:cast(Node, 'erpy.service', cancel, [ReqId]),
+                error({erpc, timeout});
+            false ->
+                case erlang:demonitor(ReqId, [info]) of
+                    true ->
+                        error({erpc, timeout});
+                    false ->
+                        receive
+                            {spawn_reply, ReqId, error, Reason} -> error({erpc, Reason});
+                            {'DOWN', ReqId, process, _, Reason} -> result(Res, Reason)
+                        after 0 -> error({erpc, timeout})
+                        end
+                end
+        end
+    end.
+
+result(Res, {Res, return, Value}) -> Value;
+result(Res, {Res, throw, Value}) -> throw(Value);
+result(Res, {Res, exit, Reason}) -> exit({exception, Reason});
+result(Res, {Res, error, Reason, Stack}) -> error({exception, Reason, Stack});
+result(Res, {Res, error, {erpc, _} = Reason}) -> error(Reason);
+result(_Res, noconnection) -> error({erpc, noconnection});
+result(_Res, Reason) -> exit({signal, Reason}).
+
+close_session(Node, Session) ->
+    catch erpc:cast(Node, 'erpy.service', session_close, [Session]),
+    ok.
 
 service({call, M, F, Args, Kwargs}) when is_list(Args) ->
     {call, [bin(M), bin(F), Args, case Kwargs of undefined -> #{}; _ -> Kwargs end]};
@@ -227,8 +354,11 @@ add(Node, #{up := Up} = S) ->
         false -> publish(S#{up := Up ++ [Node]})
     end.
 
-drop(Node, #{up := Up} = S) ->
-    publish(S#{up := lists:delete(Node, Up)}).
+drop(Node, #{up := Up, held := Held} = S) ->
+    %% Held workers on it lose their namespace with it (requests get node_down).
+    Gone = maps:filter(fun(_, {N, _}) -> N =:= Node end, Held),
+    [erlang:demonitor(R, [flush]) || R <- maps:keys(Gone)],
+    publish(S#{up := lists:delete(Node, Up), held := maps:without(maps:keys(Gone), Held)}).
 
 publish(#{tab := Tab, up := Up} = S) ->
     ets:insert(Tab, {up, list_to_tuple(Up)}),

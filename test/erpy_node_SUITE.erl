@@ -18,7 +18,9 @@
          large_messages/1, slow_handler_does_not_stall/1, concurrent_calls/1,
          calls_in_parallel/1,
          cli_env_fallbacks/1, pool_basics/1, pool_node_killed_under_load/1,
-         pool_through_erpy_api/1, memory_flat_over_100k_calls/1]).
+         pool_through_erpy_api/1, pool_caller_gives_up_interrupts_python/1,
+         pool_max_message_size/1, pool_checkout/1,
+         memory_flat_over_100k_calls/1]).
 
 all() ->
     [ping, rpc_and_erpc, python_errors, allow_list, gen_server_handler, sends_and_order,
@@ -26,6 +28,7 @@ all() ->
      silent_node_dropped_by_ticks, idle_connection_kept_by_ticks, wrong_cookie, large_messages, slow_handler_does_not_stall, concurrent_calls,
      calls_in_parallel,
      cli_env_fallbacks, pool_basics, pool_node_killed_under_load, pool_through_erpy_api,
+     pool_caller_gives_up_interrupts_python, pool_max_message_size, pool_checkout,
      memory_flat_over_100k_calls].
 
 suite() ->
@@ -396,6 +399,125 @@ pool_through_erpy_api(_Config) ->
         ?assertMatch({error, _}, erpy:call(operator, add, [1, 2], #{pool => np_api}))
     after
         application:stop(erpy)
+    end.
+
+%% A caller that gives up (timeout, or death) interrupts its Python call: a busy loop
+%% stops (its counter stands still) and the same node answers the next call promptly.
+pool_caller_gives_up_interrupts_python(_Config) ->
+    {ok, _} = application:ensure_all_started(erpy),
+    try
+        {ok, _} = erpy:start_pool(np_int, #{mode => node, start => 1}),
+        Opts = #{pool => np_int},
+        Count = fun() -> {ok, N} = erpy:eval(<<"getattr(__import__('sys'), 'erpy_n', 0)">>, #{}, Opts), N end,
+        Loop = <<"import sys\nsys.erpy_n = 0\nwhile True: sys.erpy_n += 1">>,
+        Stopped = fun() ->
+                          T0 = erlang:monotonic_time(millisecond),
+                          {ok, 3} = erpy:call(operator, add, [1, 2], Opts),
+                          Took = erlang:monotonic_time(millisecond) - T0,
+                          A = Count(),
+                          timer:sleep(100),
+                          ?assert(A > 0),
+                          ?assertEqual(A, Count()),
+                          Took
+                  end,
+        %% Timeout: erpc takes its monitor back, the Python node interrupts the call.
+        ?assertEqual({error, timeout}, erpy:exec(Loop, Opts#{timeout => 200})),
+        Took = Stopped(),
+        ct:pal("call after the interrupted one: ~p ms", [Took]),
+        ?assert(Took < 100),
+        %% Also when the timeout comes before the Python node told the caller the call's pid.
+        ?assertEqual({error, timeout}, erpy:exec(Loop, Opts#{timeout => 1})),
+        timer:sleep(50),
+        _ = Stopped(),
+        %% The caller dies while the call runs.
+        Caller = spawn(fun() -> erpy:exec(Loop, Opts#{timeout => 10000}) end),
+        timer:sleep(200),
+        exit(Caller, kill),
+        timer:sleep(50),
+        _ = Stopped(),
+        %% A handler that swallows KeyboardInterrupt is interrupted again until it stops.
+        Stubborn = <<"import sys\nsys.erpy_n = 0\nwhile True:\n  try:\n    while True: sys.erpy_n += 1\n"
+                     "  except KeyboardInterrupt:\n    pass">>,
+        ?assertEqual({error, timeout}, erpy:exec(Stubborn, Opts#{timeout => 200})),
+        timer:sleep(200),
+        _ = Stopped(),
+        ok = erpy:stop_pool(np_int)
+    after
+        application:stop(erpy)
+    end.
+
+%% max_message_size: a larger request is not sent, a larger result is refused by the
+%% Python node, both as {error, {message_too_large, Size, Max}}; the limit is the pool's.
+pool_max_message_size(_Config) ->
+    {ok, _} = erpy_node_pool:start_link(np_size, #{start => 1, max_message_size => 1000}),
+    try
+        Big = binary:copy(<<"x">>, 2000),
+        Req = {call, <<"builtins">>, <<"len">>, [Big], #{}},
+        Size = erlang:external_size(Req),
+        ?assertEqual({error, {message_too_large, Size, 1000}}, erpy_node_pool:request(np_size, Req, 5000)),
+        %% Just under the limit goes through.
+        ?assertEqual({ok, 500}, erpy_node_pool:request(np_size, {call, builtins, len, [binary:copy(<<"x">>, 500)], #{}}, 5000)),
+        %% Results: measured as Erlang would (external_size of the result).
+        Result = binary:copy(<<"y">>, 3000),
+        RSize = erlang:external_size(Result),
+        ?assertEqual({error, {message_too_large, RSize, 1000}},
+                     erpy_node_pool:request(np_size, {eval, <<"'y' * 3000">>, #{}}, 5000)),
+        ?assertEqual({error, {message_too_large, RSize, 1000}},
+                     erpy_node_pool:request(np_size, {run, <<"result = 'y' * 3000">>, undefined}, 5000)),
+        ?assertEqual({ok, binary:copy(<<"y">>, 900)},
+                     erpy_node_pool:request(np_size, {eval, <<"'y' * 900">>, #{}}, 5000)),
+        %% The default is DESIGN.md's 10 MiB.
+        {ok, _} = erpy_node_pool:start_link(np_size2, #{nodes => erpy_node_pool:nodes(np_size)}),
+        #{max_message_size := 10485760} = persistent_term:get({erpy_pool, np_size2}),
+        Over = {eval, <<"len(b)">>, #{b => binary:copy(<<0>>, 10485760)}},
+        ?assertMatch({error, {message_too_large, _, 10485760}}, erpy_node_pool:request(np_size2, Over, 5000)),
+        ok = erpy_node_pool:stop(np_size2)
+    after
+        erpy_node_pool:stop(np_size)
+    end.
+
+%% checkout/checkin: a held worker is a namespace on one node, kept across requests,
+%% separate from other holders, cleared at checkin and when the holder dies.
+pool_checkout(_Config) ->
+    {ok, _} = erpy_node_pool:start_link(np_co, #{start => 1}),
+    try
+        {ok, W} = erpy_node_pool:checkout(np_co, 5000),
+        {erpy_node_worker, np_co, Node, _} = W,
+        [Node] = erpy_node_pool:nodes(np_co),
+        {ok, W2} = erpy_node_pool:checkout(np_co, 5000),
+        ?assertEqual({ok, undefined}, erpy_node_pool:request_worker(W, {exec, <<"x = 41\ndef f(a): return a + x">>}, 5000)),
+        ?assertEqual({ok, 42}, erpy_node_pool:request_worker(W, {eval, <<"f(1)">>, #{}}, 5000)),
+        ?assertEqual({ok, 43}, erpy_node_pool:request_worker(W, {run, <<"result = f(arguments)">>, 2}, 5000)),
+        ?assertEqual({ok, 41}, erpy_node_pool:request_worker(W, {eval, <<"x">>, #{}}, 5000)),
+        ?assertEqual({ok, 3}, erpy_node_pool:request_worker(W, {call, operator, add, [1, 2], #{}}, 5000)),
+        %% Another holder does not see it, nor does a plain request.
+        ?assertMatch({error, #{type := <<"NameError">>}}, erpy_node_pool:request_worker(W2, {eval, <<"x">>, #{}}, 5000)),
+        ?assertMatch({error, #{type := <<"NameError">>}}, erpy_node_pool:request(np_co, {eval, <<"f(1)">>, #{}}, 5000)),
+        %% A held worker's timeout interrupts its call and keeps its namespace.
+        ?assertEqual({error, timeout}, erpy_node_pool:request_worker(W, {exec, <<"while True: pass">>}, 100)),
+        ?assertEqual({ok, 41}, erpy_node_pool:request_worker(W, {eval, <<"x">>, #{}}, 5000)),
+        %% Checkin clears it.
+        ok = erpy_node_pool:checkin(W),
+        ?assertEqual({error, {worker_exit, session_closed}}, erpy_node_pool:request_worker(W, {eval, <<"x">>, #{}}, 5000)),
+        ok = erpy_node_pool:checkin(W2),
+        %% A holder that dies without checkin: its namespace goes too.
+        Self = self(),
+        Holder = spawn(fun() ->
+                               {ok, W3} = erpy_node_pool:checkout(np_co, 5000),
+                               {ok, _} = erpy_node_pool:request_worker(W3, {exec, <<"y = 1">>}, 5000),
+                               Self ! {held, W3},
+                               receive never -> ok end
+                       end),
+        W3 = receive {held, Held} -> Held after 5000 -> ct:fail(no_holder) end,
+        ?assertEqual({ok, 1}, erpy_node_pool:request_worker(W3, {eval, <<"y">>, #{}}, 5000)),
+        exit(Holder, kill),
+        ok = wait_until(fun() ->
+                                erpy_node_pool:request_worker(W3, {eval, <<"y">>, #{}}, 5000)
+                                    =:= {error, {worker_exit, session_closed}}
+                        end, 40),
+        ?assertEqual({error, {no_pool, nope}}, erpy_node_pool:checkout(nope, 100))
+    after
+        erpy_node_pool:stop(np_co)
     end.
 
 %% ---- memory --------------------------------------------------------------------------------

@@ -16,6 +16,7 @@ from __future__ import annotations
 import argparse
 import atexit
 import importlib
+import itertools
 import logging
 import os
 import signal
@@ -61,6 +62,11 @@ atexit.register(_stop_all)
 
 class NotAllowed(PermissionError):
     """An rpc into a module (or function) that the node's allow-list does not permit."""
+
+
+class SessionClosed(LookupError):
+    """A request for a held worker whose namespace is gone (checked in, or the node
+    restarted)."""
 
 
 class _NoReply:
@@ -143,6 +149,9 @@ class Node:
         self.allow_code = allow_code
         self._exposed: dict[tuple[str, str], Callable] = {}
         self._globals: dict[str, Any] = {"__name__": "__erpy_node__"}
+        # Namespaces of held workers (erpy_node_pool:checkout/2), by session id.
+        self._sessions: dict[int, dict[str, Any]] = {}
+        self._session_ids = itertools.count(1)
         self._native = _node.Node(name, cookie, resolver=self._resolve,
                                   error_formatter=format_error, host=host, port=port,
                                   hidden=hidden, ticktime=ticktime, slow_ms=slow_ms,
@@ -225,7 +234,14 @@ class Node:
         return f
 
     # erpy.service: what erpy_node_pool sends (call/eval/exec/run as the other modes).
-    def _service_call(self, module: Any, function: Any, args: list, kwargs: Any = None) -> Any:
+    # `max_size`: the pool's max_message_size, the largest result (bytes of external
+    # format) the call may return, else {message_too_large, Size, Max}; 0: no limit.
+    # `session`: the namespace of a held worker (session_open/0), None for none.
+    def _service_call(self, module: Any, function: Any, args: list, kwargs: Any = None,
+                      max_size: int = 0, session: Any = None) -> Any:
+        self._native.set_result_limit(max_size or 0)
+        if session is not None:
+            self._session(session)
         module, function = _text(module), _text(function)
         f = self._resolve(module, function)
         kw = {_text(k): v for k, v in kwargs.items()} if kwargs else {}
@@ -235,22 +251,55 @@ class Node:
         if not self.allow_code:
             raise NotAllowed(f"node {self.name} does not run code (start it with --allow-code)")
 
-    def _service_eval(self, expr: Any, local_vars: Any = None) -> Any:
-        self._check_code()
-        env = {_text(k): v for k, v in local_vars.items()} if isinstance(local_vars, dict) else {}
-        return eval(_text(expr), self._globals, env)  # noqa: S307 - allow_code says so
+    def _session(self, session: Any) -> dict:
+        if session is None:
+            return self._globals
+        ns = self._sessions.get(session)
+        if ns is None:
+            raise SessionClosed(f"worker session {session!r} is closed on node {self.name}")
+        return ns
 
-    def _service_exec(self, code: Any) -> Any:
+    def _service_eval(self, expr: Any, local_vars: Any = None, max_size: int = 0,
+                      session: Any = None) -> Any:
         self._check_code()
-        exec(_text(code), self._globals)  # noqa: S102 - allow_code says so
+        self._native.set_result_limit(max_size or 0)
+        env = {_text(k): v for k, v in local_vars.items()} if isinstance(local_vars, dict) else {}
+        return eval(_text(expr), self._session(session), env)  # noqa: S307 - allow_code says so
+
+    def _service_exec(self, code: Any, max_size: int = 0, session: Any = None) -> Any:
+        self._check_code()
+        exec(_text(code), self._session(session))  # noqa: S102 - allow_code says so
         return None
 
-    def _service_run(self, code: Any, arguments: Any = None) -> Any:
+    def _service_run(self, code: Any, arguments: Any = None, max_size: int = 0,
+                     session: Any = None) -> Any:
         self._check_code()
+        self._native.set_result_limit(max_size or 0)
         from . import erlang
-        env = {"arguments": arguments, "result": None, "erlang": erlang, "__name__": "__erpy_run__"}
+        if session is None:
+            env = {"__name__": "__erpy_run__"}
+        else:
+            env = self._session(session)
+        env.update(arguments=arguments, result=None, erlang=erlang)
         exec(_text(code), env)  # noqa: S102 - allow_code says so
         return env.get("result")
+
+    def _service_session_open(self) -> int:
+        """A namespace kept on this node for one holder (a checked-out worker)."""
+        self._check_code()
+        sid = next(self._session_ids)
+        self._sessions[sid] = {"__name__": "__erpy_session__"}
+        return sid
+
+    def _service_session_close(self, session: Any) -> Any:
+        self._sessions.pop(session, None)
+        return Atom("ok")
+
+    def _service_cancel(self, req: Any) -> Any:
+        """Interrupts the call of spawn request `req` (its caller gave up before our
+        spawn reply reached its node, which then cannot tell us)."""
+        self._native.cancel_request(req)
+        return None
 
     def _service_ping(self) -> Any:
         return Atom("pong")
