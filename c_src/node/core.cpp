@@ -1333,7 +1333,7 @@ void Core::run_job(Connection& c, Job& j) {
   // signal to the link, in one write.
   iovec iov[5];
   int n = 0;
-  const std::size_t skip = run->replied ? head.size() : 0;
+  const std::size_t skip = run->replied.load() ? head.size() : 0;
   std::size_t cut = head.size();
   if (j.monitor) {
     Frame f(head);
@@ -1421,7 +1421,7 @@ bool Core::tend_jobs(std::int64_t now) {
   {
     std::lock_guard lk(run_mu_);
     for (auto& [_, r] : running_) {
-      if (r->cancelled.load() || !r->replied) {
+      if (r->cancelled.load() || !r->replied.load()) {
         rs.push_back(r);
         attention = true;
       }
@@ -1435,8 +1435,8 @@ bool Core::tend_jobs(std::int64_t now) {
     }
     if (now - r->started < slow) continue;
     std::lock_guard lk(r->mu);
-    if (r->finished || r->replied) continue;
-    r->replied = true;
+    if (r->finished || r->replied.load()) continue;
+    r->replied.store(true);
     r->conn->send(r->reply.data(), r->reply.size());
   }
   if (!kill.empty()) {

@@ -254,8 +254,9 @@ class Core : public std::enable_shared_from_this<Core> {
     Bytes req;                    // the spawn request id: the caller's monitor reference
     bool monitor = false, link = false;
     std::int64_t started = 0;
-    std::mutex mu;                // guards replied/finished and the writes of this job
-    bool replied = false, finished = false;
+    std::mutex mu;                // serializes the writes of this job; guards finished
+    std::atomic<bool> replied{false};  // written under mu
+    bool finished = false;
     std::atomic<bool> cancelled{false};
     Bytes cancel_reason;          // an exit signal's reason, under mu; empty for a demonitor
     // Under the GIL: the Python thread running the call, and whether Python is done.
