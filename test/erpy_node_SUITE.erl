@@ -401,7 +401,8 @@ pool_through_erpy_api(_Config) ->
         application:stop(erpy)
     end.
 
-%% A caller that gives up (timeout, or death) interrupts its Python call: a busy loop
+%% A caller that gives up (timeout, death, exit/2, a linked spawner's death) interrupts its
+%% Python call: a busy loop
 %% stops (its counter stands still) and the same node answers the next call promptly.
 pool_caller_gives_up_interrupts_python(_Config) ->
     {ok, _} = application:ensure_all_started(erpy),
@@ -437,6 +438,16 @@ pool_caller_gives_up_interrupts_python(_Config) ->
         timer:sleep(200),
         exit(Caller, kill),
         timer:sleep(50),
+        _ = Stopped(),
+        %% Stock spawn on the Python node: exit(Pid, kill), and a linked spawner's death.
+        [Node] = erpy_node_pool:nodes(np_int),
+        Pid = spawn(Node, 'erpy.service', exec, [Loop]),
+        timer:sleep(100),
+        exit(Pid, kill),
+        _ = Stopped(),
+        Linker = spawn(fun() -> spawn_link(Node, 'erpy.service', exec, [Loop]), receive never -> ok end end),
+        timer:sleep(100),
+        exit(Linker, die),
         _ = Stopped(),
         %% A handler that swallows KeyboardInterrupt is interrupted again until it stops.
         Stubborn = <<"import sys\nsys.erpy_n = 0\nwhile True:\n  try:\n    while True: sys.erpy_n += 1\n"
