@@ -106,6 +106,28 @@ def test_service_code_needs_allow_code(node):
     assert node._service_run("result = arguments + 1", 1) == 2
 
 
+def test_service_sessions_keep_a_namespace_each(node):
+    from erpy.node import SessionClosed
+    node.allow_code = True
+    a, b = node._service_session_open(), node._service_session_open()
+    assert a != b
+    node._service_exec("x = 41\ndef f(v): return v + x", 0, a)
+    assert node._service_eval("f(1)", {}, 0, a) == 42
+    assert node._service_run("result = f(arguments)", 2, 0, a) == 43
+    with pytest.raises(NameError):
+        node._service_eval("x", {}, 0, b)
+    with pytest.raises(NameError):
+        node._service_eval("f(1)")  # the node's shared namespace does not see it
+    assert node._service_session_close(a) == "ok"
+    with pytest.raises(SessionClosed):
+        node._service_eval("x", {}, 0, a)
+    with pytest.raises(SessionClosed):
+        node._service_call("operator", "add", [1, 2], {}, 0, a)
+    assert node._service_call("operator", "add", [1, 2], {}, 100, b) == 3
+    # Cancelling a request that is not running is harmless.
+    node._service_cancel(node._native.make_ref())
+
+
 def test_node_registers_at_epmd_and_unregisters(epmd):
     name = unique("reg")
     n = Node(name, COOKIE).start()
