@@ -402,8 +402,8 @@ pool_through_erpy_api(_Config) ->
     end.
 
 %% A caller that gives up (timeout, death, exit/2, a linked spawner's death) interrupts its
-%% Python call: a busy loop
-%% stops (its counter stands still) and the same node answers the next call promptly.
+%% Python call: a busy loop stops (its counter stands still) and the same node answers the
+%% next call promptly.
 pool_caller_gives_up_interrupts_python(_Config) ->
     {ok, _} = application:ensure_all_started(erpy),
     try
