@@ -13,6 +13,7 @@
 -export([start_link/3, hold/2, release/1, protocol_version/0]).
 -export([init/1, handle_call/3, handle_cast/2, handle_info/2, terminate/2]).
 
+-define(WATCH_MS, 50).
 -define(PROTOCOL_VERSION, 1).
 -define(READY_TIMEOUT_MS, 60000).
 %% How long an idle worker polls for the next request before it sleeps (see
@@ -20,7 +21,11 @@
 -define(DEFAULT_SPIN_US, 50).
 
 -record(req, {id :: integer(), alias :: reference() | undefined, caller :: pid(),
-              mon :: reference(), deadline :: integer() | infinity,
+              %% The caller is monitored only once its request has waited ?WATCH_MS:
+              %% most requests are answered sooner, and a monitor per call cost more
+              %% than the call's own bookkeeping here.
+              mon :: reference() | undefined, since :: integer(),
+              deadline :: integer() | infinity,
               %% Nested requests come from a callback of the running request; they hold
               %% no slot of the pool.
               nested = false :: boolean()}).
@@ -39,6 +44,7 @@
     %% pushed in front (Python runs them inside a callback of the head), pipelined ones
     %% are appended (Python reads them after the head's answer).
     pending = [] :: [#req{}],
+    watch :: reference() | undefined,
     releasing = false :: boolean(),
     held = false :: boolean(),
     calls = 0 :: non_neg_integer(),
@@ -122,15 +128,25 @@ handle_cast(_Msg, St) ->
 -spec handle_info(term(), #st{}) -> {noreply, #st{}} | {noreply, #st{}, timeout()} | {stop, term(), #st{}}.
 handle_info({erpy_request, Alias, Caller, Id, Bin, Deadline}, #st{port = Port} = St) ->
     port_command(Port, Bin),
-    Req = #req{id = Id, alias = Alias, caller = Caller, deadline = Deadline,
-               mon = erlang:monitor(process, Caller)},
-    St1 = St#st{pending = St#st.pending ++ [Req]},
+    Req = #req{id = Id, alias = Alias, caller = Caller, deadline = Deadline, since = now_ms()},
+    St1 = watch(St#st{pending = St#st.pending ++ [Req]}),
     {noreply, St1, timeout(St1)};
 handle_info({erpy_nested, Alias, Caller, Id, Bin, Deadline}, #st{port = Port} = St) ->
     port_command(Port, Bin),
     Req = #req{id = Id, alias = Alias, caller = Caller, deadline = Deadline, nested = true,
-               mon = erlang:monitor(process, Caller)},
-    St1 = St#st{pending = [Req | St#st.pending]},
+               since = now_ms()},
+    St1 = watch(St#st{pending = [Req | St#st.pending]}),
+    {noreply, St1, timeout(St1)};
+handle_info({timeout, Timer, watch}, #st{watch = Timer, pending = Pending} = St) ->
+    %% Callers of requests that have waited a while get monitored now (a dead one gives its
+    %% DOWN at once), so a caller that dies mid-call still gets its request interrupted.
+    Old = now_ms() - ?WATCH_MS,
+    Pending1 = [case R of
+                    #req{mon = undefined, since = Since, caller = C} when Since =< Old ->
+                        R#req{mon = erlang:monitor(process, C)};
+                    _ -> R
+                end || R <- Pending],
+    St1 = watch(St#st{pending = Pending1, watch = undefined}),
     {noreply, St1, timeout(St1)};
 handle_info({Port, {data, Frame}}, #st{port = Port} = St) ->
     handle_frame(Frame, St);
@@ -197,7 +213,7 @@ handle_frame(Frame, St) ->
 answer(Id, Frame, #st{pending = Pending} = St) ->
     case lists:keytake(Id, #req.id, Pending) of
         {value, #req{alias = Alias, mon = Mon, nested = Nested}, Rest} ->
-            erlang:demonitor(Mon, [flush]),
+            Mon =:= undefined orelse erlang:demonitor(Mon, [flush]),
             reply(Alias, Frame, St),
             St1 = St#st{pending = Rest, calls = St#st.calls + 1},
             case {Rest, Nested} of
@@ -348,6 +364,15 @@ grace(#st{opts = Opts}) ->
 
 %% Cancelled requests get the grace period from now on to stop.
 grace_deadline(_St) ->
+    erlang:monotonic_time(millisecond).
+
+%% One timer while requests are pending, for watching their callers (see #req.mon).
+watch(#st{watch = undefined, pending = [_ | _]} = St) ->
+    St#st{watch = erlang:start_timer(?WATCH_MS, self(), watch)};
+watch(St) ->
+    St.
+
+now_ms() ->
     erlang:monotonic_time(millisecond).
 
 %% The gen_server timeout: when the innermost overdue request must have stopped.
