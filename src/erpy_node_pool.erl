@@ -65,7 +65,9 @@ checkout(Pool, Timeout) ->
                 none ->
                     {error, {no_nodes, Pool}};
                 Node ->
-                    case erpc_call(Node, session_open, [], Timeout, Server) of
+                    %% The Python node monitors the holder too: the session goes
+                    %% with it even if this pool is gone.
+                    case erpc_call(Node, session_open, [self()], Timeout, Server) of
                         {ok, Session} ->
                             ok = gen_server:call(Server, {hold, self(), Node, Session}),
                             {ok, {erpy_node_worker, Pool, Node, Session}};

@@ -529,6 +529,17 @@ pool_checkout(_Config) ->
                                 erpy_node_pool:request_worker(W3, {eval, <<"y">>, #{}}, 5000)
                                     =:= {error, {worker_exit, session_closed}}
                         end, 40),
+        %% The Python node watches the holder itself (for a pool that died with it).
+        Holder2 = spawn(fun() -> receive never -> ok end end),
+        Sid = erpc:call(Node, 'erpy.service', session_open, [Holder2]),
+        undefined = erpc:call(Node, 'erpy.service', exec, [<<"z = 1">>, 0, Sid]),
+        exit(Holder2, kill),
+        ok = wait_until(fun() ->
+                                try erpc:call(Node, 'erpy.service', eval, [<<"z">>, #{}, 0, Sid]) of
+                                    _ -> false
+                                catch error:{exception, #{type := <<"SessionClosed">>}, _} -> true
+                                end
+                        end, 40),
         ?assertEqual({error, {no_pool, nope}}, erpy_node_pool:checkout(nope, 100))
     after
         erpy_node_pool:stop(np_co)

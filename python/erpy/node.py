@@ -152,6 +152,12 @@ class Node:
         # Namespaces of held workers (erpy_node_pool:checkout/2), by session id.
         self._sessions: dict[int, dict[str, Any]] = {}
         self._session_ids = itertools.count(1)
+        # Holders of sessions, monitored by one process of ours: a session goes when its
+        # holder dies or its node goes away, even if the pool that opened it is gone too.
+        self._session_lock = threading.Lock()
+        self._session_mb: Any = None
+        self._session_refs: dict[Ref, int] = {}
+        self._session_monitors: dict[int, Ref] = {}
         self._native = _node.Node(name, cookie, resolver=self._resolve,
                                   error_formatter=format_error, host=host, port=port,
                                   hidden=hidden, ticktime=ticktime, slow_ms=slow_ms,
@@ -284,16 +290,49 @@ class Node:
         exec(_text(code), env)  # noqa: S102 - allow_code says so
         return env.get("result")
 
-    def _service_session_open(self) -> int:
-        """A namespace kept on this node for one holder (a checked-out worker)."""
+    def _service_session_open(self, holder: Any = None) -> int:
+        """A namespace kept on this node for one holder (a checked-out worker); it goes
+        at session_close or when the holder (a pid) dies."""
         self._check_code()
         sid = next(self._session_ids)
         self._sessions[sid] = {"__name__": "__erpy_session__"}
+        if isinstance(holder, Pid):
+            with self._session_lock:
+                if self._session_mb is None:
+                    self._session_mb = self._native.mailbox()
+                    t = threading.Thread(target=self._session_reaper, args=(self._session_mb,),
+                                         daemon=False, name="erpy-sessions")
+                    self._threads.append(t)
+                    t.start()
+                ref = self._session_mb.monitor(holder)
+                self._session_refs[ref] = sid
+                self._session_monitors[sid] = ref
         return sid
 
     def _service_session_close(self, session: Any) -> Any:
         self._sessions.pop(session, None)
+        with self._session_lock:
+            ref = self._session_monitors.pop(session, None)
+            if ref is not None:
+                self._session_refs.pop(ref, None)
+                try:
+                    self._session_mb.demonitor(ref)
+                except Exception:  # noqa: BLE001 - the holder's node may be gone
+                    pass
         return Atom("ok")
+
+    def _session_reaper(self, mb: Any) -> None:
+        while True:
+            try:
+                msg = mb.receive()
+            except EOFError:  # the node stopped
+                return
+            if type(msg) is tuple and len(msg) == 5 and msg[0] == "DOWN":
+                with self._session_lock:
+                    sid = self._session_refs.pop(msg[1], None)
+                    if sid is not None:
+                        self._session_monitors.pop(sid, None)
+                        self._sessions.pop(sid, None)
 
     def _service_cancel(self, req: Any) -> Any:
         """Interrupts the call of spawn request `req` (its caller gave up before our
