@@ -106,6 +106,17 @@ void Pool::answer_closed_locked(ErlNifEnv* env, Job* j) {
 
 void Pool::wake_one_locked() {
   if (spinning_.load(std::memory_order_acquire)) return;  // the spinner will see it
+  // A context that started its job less than kBusyHandoff ago will most likely take this
+  // one next, with the GIL it already has: waking another costs a thread wake-up and a GIL
+  // handoff (both slow here). If that job turns out long, the service thread wakes an idle
+  // context at its next tick (kick_stalled).
+  const auto now = Clock::now();
+  for (auto& c : ctxs_) {
+    if (!c->held && c->in_callback == 0 && c->running.size() == 1 &&
+        now - c->running.back()->started < kBusyHandoff) {
+      return;
+    }
+  }
   for (auto& c : ctxs_) {
     if (c->idle && !c->held && !c->wake) {
       c->wake = true;
@@ -586,6 +597,7 @@ PyRef Pool::erlang_callback(Context& c, const char* kind, PyObject* m, PyObject*
   PyThreadState* ts = PyEval_SaveThread();
   {
     std::unique_lock<std::mutex> lock(m_);
+    ++c.in_callback;  // nested callbacks count too
     if (job->state == JobState::Canceled) {
       canceled = true;
     } else {
@@ -635,6 +647,7 @@ PyRef Pool::erlang_callback(Context& c, const char* kind, PyObject* m, PyObject*
       inflight_.fetch_sub(1, std::memory_order_relaxed);
       enif_release_resource(nested);
     }
+    --c.in_callback;
   }
   PyEval_RestoreThread(ts);
   struct EnvGuard {
@@ -692,6 +705,18 @@ void Pool::interrupt_canceled() {
     else enif_release_resource(j);
   }
   to_interrupt_.swap(still);
+}
+
+void Pool::kick_stalled() {
+  std::lock_guard<std::mutex> lock(m_);
+  if (queue_.empty() || closing_ || spinning_.load(std::memory_order_acquire)) return;
+  for (auto& c : ctxs_) {
+    if (c->idle && !c->held && !c->wake) {
+      c->wake = true;
+      c->cv.notify_one();
+      return;
+    }
+  }
 }
 
 bool Pool::has_interrupts() {

@@ -84,6 +84,7 @@ struct Context {
   bool held = false;
   bool release_requested = false;
   bool idle = false;
+  int in_callback = 0;  // waiting for Erlang (nested calls count)
   bool wake = false;
   ErlNifPid holder{};
   ErlNifMonitor holder_monitor{};
@@ -129,6 +130,7 @@ class Pool : public std::enable_shared_from_this<Pool> {
   // From the service thread (interrupt_canceled with the GIL).
   void interrupt_canceled();
   bool has_interrupts();
+  void kick_stalled();  // queued work and idle contexts: wake one (see wake_one_locked)
   void monitor_long_jobs(std::chrono::milliseconds after);
 
   const PoolOptions& options() const noexcept { return o_; }
@@ -151,6 +153,7 @@ class Pool : public std::enable_shared_from_this<Pool> {
   bool cancel_locked(Job* job);
   void answer_closed_locked(ErlNifEnv* env, Job* job);
 
+  static constexpr std::chrono::microseconds kBusyHandoff{500};
   PoolOptions o_;
   std::vector<std::unique_ptr<Context>> ctxs_;
   std::mutex m_;

@@ -153,6 +153,7 @@ void Runtime::service(std::string executable, std::string python_dir) {
     // Watching callers needs no Python; interrupts and dropped references do.
     bool interrupts = false;
     for (auto& p : pools) {
+      p->kick_stalled();
       p->monitor_long_jobs(std::chrono::milliseconds(20));
       interrupts = interrupts || p->has_interrupts();
     }
