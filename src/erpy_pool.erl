@@ -35,12 +35,15 @@
     %% Requests and checkouts that found no slot, oldest first.
     queue = queue:new() :: queue:queue(),
     holders = #{} :: #{reference() => pid()},
+    %% Slots whose workers start once the first one is ready.
+    deferred = [] :: [pos_integer()],
     failed_starts = 0 :: non_neg_integer()
 }).
 
 -define(KEY(Name), {erpy_pool, Name}).
 -define(TABLE, erpy_workers).
 -define(MAX_BACKOFF_MS, 5000).
+-define(DEFER_MS, 1000).
 %% A slot's value is the number of requests its worker has in flight, or UNAVAILABLE while
 %% it has no worker to take requests (starting, replaced, lent out, leaving).
 -define(FREE, 0).
@@ -242,7 +245,7 @@ handle_info({erpy_ready, Worker}, #st{handle = #{slots := Slots}} = St) ->
         {ok, #{state := starting, slot := Slot}} ->
             ets:insert(?TABLE, {{St#st.name, Slot}, Worker}),
             atomics:put(Slots, Slot, 1),
-            {noreply, next(Worker, St#st{failed_starts = 0})};
+            {noreply, next(Worker, start_deferred(St#st{failed_starts = 0}))};
         _ ->
             {noreply, St}
     end;
@@ -256,8 +259,14 @@ handle_info({'DOWN', Mon, process, Pid, Why}, St) ->
     end;
 handle_info({start_workers, PoolSup}, St) ->
     [WorkerSup] = [Pid || {workers, Pid, _, _} <- supervisor:which_children(PoolSup)],
-    St1 = St#st{worker_sup = WorkerSup},
-    {noreply, lists:foldl(fun(Slot, S) -> start_worker(Slot, S) end, St1, lists:seq(1, St#st.size))};
+    %% The first worker starts alone and the others once it is ready (or after
+    %% ?DEFER_MS): Pythons starting together share the CPUs, so the pool would answer its
+    %% first call later.
+    erlang:send_after(?DEFER_MS, self(), start_deferred),
+    St1 = St#st{worker_sup = WorkerSup, deferred = lists:seq(2, St#st.size)},
+    {noreply, start_worker(1, St1)};
+handle_info(start_deferred, St) ->
+    {noreply, start_deferred(St)};
 handle_info({start_worker, Slot}, St) ->
     {noreply, start_worker(Slot, St)};
 handle_info(_Msg, St) ->
@@ -281,6 +290,9 @@ start_worker(Slot, #st{worker_sup = Sup, name = Name, opts = Opts} = St) ->
                            #{domain => [erpy]}),
             schedule_start(Slot, St#st{failed_starts = St#st.failed_starts + 1})
     end.
+
+start_deferred(#st{deferred = Slots} = St) ->
+    lists:foldl(fun(Slot, S) -> start_worker(Slot, S) end, St#st{deferred = []}, Slots).
 
 schedule_start(Slot, #st{failed_starts = N} = St) ->
     Delay = min(?MAX_BACKOFF_MS, 10 bsl min(N, 10)),
