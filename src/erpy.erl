@@ -25,7 +25,7 @@
                       | {not_allowed, {module(), atom(), arity()}}
                       | {no_pool, term()}
                       | term().
--type worker() :: erpy_pool:worker() | {erpy_context, pool(), reference()}.
+-type worker() :: erpy_pool:worker() | {erpy_context, pool(), reference()} | erpy_node_pool:worker().
 -type call_opts() :: #{kwargs => map(),
                        handle => boolean(),
                        timeout => timeout(),
@@ -154,13 +154,15 @@ checkout(Pool) ->
 checkout(Pool, Timeout) ->
     case erpy_pool:lookup(Pool) of
         {ok, #{mode := embedded} = Handle} -> erpy_embedded:checkout(Handle, Timeout);
-        {ok, #{mode := node}} -> {error, {not_supported, {checkout, node}}};
+        {ok, #{mode := node}} -> erpy_node_pool:checkout(Pool, Timeout);
         _ -> erpy_pool:checkout(Pool, Timeout)
     end.
 
 -spec checkin(worker()) -> ok.
 checkin({erpy_context, _, _} = Context) ->
     erpy_embedded:checkin(Context);
+checkin({erpy_node_worker, _, _, _} = Worker) ->
+    erpy_node_pool:checkin(Worker);
 checkin(Worker) ->
     erpy_pool:checkin(Worker).
 
@@ -185,6 +187,8 @@ request(Req, Opts) ->
     case maps:find(worker, Opts) of
         {ok, {erpy_context, _, _} = Context} ->
             erpy_embedded:request_context(Context, Req, Timeout);
+        {ok, {erpy_node_worker, _, _, _} = Worker} ->
+            erpy_node_pool:request_worker(Worker, Req, Timeout);
         {ok, Worker} ->
             erpy_pool:request_worker(Worker, Req, Timeout);
         error ->

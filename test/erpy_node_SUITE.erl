@@ -575,7 +575,8 @@ restart_counter(P) ->
 
 root() ->
     case os:getenv("ERPY_ROOT") of
-        false -> filename:dirname(filename:dirname(code:which(?MODULE)));
+        %% Run without the Makefile (plain `rebar3 ct`): the checkout this suite came from.
+        false -> filename:dirname(filename:dirname(proplists:get_value(source, module_info(compile))));
         R -> R
     end.
 

@@ -148,7 +148,6 @@ class Node:
         self.allow = {a.strip() for a in allow if a and a.strip()}
         self.allow_code = allow_code
         self._exposed: dict[tuple[str, str], Callable] = {}
-        self._globals: dict[str, Any] = {"__name__": "__erpy_node__"}
         # Namespaces of held workers (erpy_node_pool:checkout/2), by session id.
         self._sessions: dict[int, dict[str, Any]] = {}
         self._session_ids = itertools.count(1)
@@ -259,7 +258,10 @@ class Node:
 
     def _session(self, session: Any) -> dict:
         if session is None:
-            return self._globals
+            # Without a held worker every exec/eval gets a fresh namespace, as in the
+            # other modes (DESIGN.md); state across calls needs a checkout.
+            from . import erlang
+            return {"__name__": "__erpy__", "erlang": erlang}
         ns = self._sessions.get(session)
         if ns is None:
             raise SessionClosed(f"worker session {session!r} is closed on node {self.name}")
@@ -572,6 +574,11 @@ def main(argv: list[str] | None = None) -> int:
         while not stop.wait(0.5):
             pass
     finally:
+        # A handler that never returns (one that swallows every interrupt) must not keep
+        # the process alive once it was told to stop: stop() gets two seconds.
+        deadline = threading.Timer(2.0, lambda: os._exit(0))
+        deadline.daemon = True
+        deadline.start()
         node.stop()
     return 0
 

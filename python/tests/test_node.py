@@ -102,7 +102,9 @@ def test_service_code_needs_allow_code(node):
     node.allow_code = True
     assert node._service_eval("x * 2", {"x": 21}) == 42
     node._service_exec("y = 5")
-    assert node._service_eval("y") == 5
+    # Without a session every call has a fresh namespace, as in the other modes.
+    with pytest.raises(NameError):
+        node._service_eval("y")
     assert node._service_run("result = arguments + 1", 1) == 2
 
 
