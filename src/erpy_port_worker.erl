@@ -146,8 +146,15 @@ handle_info({timeout, Timer, watch}, #st{watch = Timer, pending = Pending} = St)
                         R#req{mon = erlang:monitor(process, C)};
                     _ -> R
                 end || R <- Pending],
-    St1 = watch(St#st{pending = Pending1, watch = undefined}),
-    {noreply, St1, timeout(St1)};
+    St1 = St#st{pending = Pending1, watch = undefined},
+    %% The same tick enforces deadlines: a request still running its grace period after
+    %% its deadline means Python ignored the interrupt (stuck in C code, or catching it).
+    St2 = case overdue(St1) of
+              true -> kill(St1), St1#st{exiting = true};
+              false -> St1
+          end,
+    St3 = watch(St2),
+    {noreply, St3, timeout(St3)};
 handle_info({Port, {data, Frame}}, #st{port = Port} = St) ->
     handle_frame(Frame, St);
 handle_info({'DOWN', Mon, process, _Pid, _Why}, St) ->
@@ -169,16 +176,7 @@ handle_info({'EXIT', _From, Why}, St) ->
 handle_info(timeout, #st{ready = false} = St) ->
     {stop, {shutdown, python_not_ready}, St};
 handle_info(timeout, St) ->
-    Now = erlang:monotonic_time(millisecond),
-    case [R || R <- running(St#st.pending), R#req.deadline =/= infinity,
-               R#req.deadline + grace(St) =< Now] of
-        [] ->
-            {noreply, St, timeout(St)};
-        _Overdue ->
-            %% Python ignored the interrupt (stuck in C code, or catching it): kill it.
-            kill(St),
-            {noreply, St#st{exiting = true}, timeout(St)}
-    end;
+    {noreply, St, timeout(St)};
 handle_info(_Msg, St) ->
     {noreply, St, timeout(St)}.
 
@@ -366,7 +364,8 @@ grace(#st{opts = Opts}) ->
 grace_deadline(_St) ->
     erlang:monotonic_time(millisecond).
 
-%% One timer while requests are pending, for watching their callers (see #req.mon).
+%% One timer while requests are pending, every ?WATCH_MS: it watches their callers (see
+%% #req.mon) and their deadlines.
 watch(#st{watch = undefined, pending = [_ | _]} = St) ->
     St#st{watch = erlang:start_timer(?WATCH_MS, self(), watch)};
 watch(St) ->
@@ -375,14 +374,17 @@ watch(St) ->
 now_ms() ->
     erlang:monotonic_time(millisecond).
 
-%% The gen_server timeout: when the innermost overdue request must have stopped.
+%% The gen_server timeout only guards the start; deadlines are checked by the watch timer
+%% (a receive timeout set at every message cost a timer per message).
 timeout(#st{ready = false}) ->
     ?READY_TIMEOUT_MS;
-timeout(#st{pending = Pending} = St) ->
-    case [D || #req{deadline = D} <- running(Pending), D =/= infinity] of
-        [] -> infinity;
-        Ds -> max(0, lists:min(Ds) + grace(St) - erlang:monotonic_time(millisecond))
-    end.
+timeout(_St) ->
+    infinity.
+
+overdue(#st{pending = Pending} = St) ->
+    Now = now_ms(),
+    lists:any(fun(#req{deadline = D}) -> D =/= infinity andalso D + grace(St) =< Now end,
+              running(Pending)).
 
 %% The requests Python has started: the nested ones and the request they nest in.
 %% Pipelined requests behind it have not started, so their deadlines cannot be overdue.
