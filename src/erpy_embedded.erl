@@ -109,11 +109,12 @@ submit_and_wait(Target, #{name := Name} = Handle, Req, Timeout, WantHandle) ->
 
 %% A short call answers within microseconds, sooner than this scheduler could go to sleep
 %% and be woken by a message: poll for the answer a little (it waits in the job, so
-%% Python's thread sends nothing), then wait for it as a message.
+%% Python's thread sends nothing), yielding between polls so that the other processes of
+%% this scheduler (other callers, say) run meanwhile; then wait for it as a message.
 spin(Ref, Job, Handle, Deadline, N) ->
     case erpy_nif:poll(Job, N =:= 0) of
         {done, Answer} -> Answer;
-        pending -> spin(Ref, Job, Handle, Deadline, N - 1);
+        pending -> erlang:yield(), spin(Ref, Job, Handle, Deadline, N - 1);
         wait -> wait(Ref, Job, Handle, Deadline);
         {callback, Ctx, Kind, M, F, Args} -> callback(Ref, Job, Handle, Deadline, Ctx, Kind, M, F, Args)
     end.

@@ -185,13 +185,8 @@ Pool::Outcome Pool::cancel(Job* job, ErlNifEnv* env, ERL_NIF_TERM* answer) {
 }
 
 Pool::Poll Pool::poll(Job* job, bool block, ErlNifEnv* env, ERL_NIF_TERM* answer) {
-  // Polling must not compete for the mutex with the thread that is about to answer. And
-  // it pays only while this is the one request in flight: with several, the CPUs are
-  // better spent on the other callers and on Python than on spinning here.
-  if (!block && !job->settled.load(std::memory_order_acquire)) {
-    if (inflight_.load(std::memory_order_relaxed) <= 1) return Poll::Pending;
-    block = true;
-  }
+  // Polling must not compete for the mutex with the thread that is about to answer.
+  if (!block && !job->settled.load(std::memory_order_acquire)) return Poll::Pending;
   std::lock_guard<std::mutex> lock(m_);
   if (job->callback_env) {
     *answer = enif_make_copy(env, job->callback);
