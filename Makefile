@@ -121,6 +121,7 @@ demo: all
 	@$(PYENV) escript examples/codec_demo.escript
 	@escript examples/port_demo.escript
 	@$(PYENV) escript examples/embedded_demo.escript
+	@$(PYENV) escript examples/node_demo.escript
 
 bench: all
 	@$(PYENV) escript bench/run_bench.escript
