@@ -88,18 +88,10 @@ void Pool::close(ErlNifEnv* env) {
 void Pool::answer_closed_locked(ErlNifEnv* env, Job* j) {
   inflight_.fetch_sub(1, std::memory_order_relaxed);
   if (j->state == JobState::Queued) {
-    j->state = JobState::Done;
     ErlNifEnv* msg = enif_alloc_env();
     ERL_NIF_TERM answer = enif_make_tuple2(msg, atoms.error, atoms.pool_closed);
-    if (!j->blocking) {
-      j->answer_env = msg;
-      j->answer = answer;
-      j->settled.store(true, std::memory_order_release);
-    } else {
-      ERL_NIF_TERM ref = enif_make_copy(msg, j->ref);
-      enif_send(env, &j->caller, msg, enif_make_tuple2(msg, ref, answer));
-      enif_free_env(msg);
-    }
+    if (keep_answer_locked(j, msg, answer)) j->settled.store(true, std::memory_order_release);
+    else send_answer(env, j, msg, answer);
   }
   enif_release_resource(j);
 }
@@ -318,6 +310,22 @@ Job* Pool::next_job(Context& c, std::unique_lock<std::mutex>& lock) {
   }
 }
 
+// A job taken off a queue (`lock` held, and held again on return): skipped if it was
+// cancelled meanwhile, else run without the lock; either way it leaves the pool's count.
+void Pool::run_taken(Context& c, Job* job, std::unique_lock<std::mutex>& lock) {
+  if (job->state != JobState::Canceled) {
+    job->state = JobState::Running;
+    job->started = Clock::now();
+    c.running.push_back(job);
+    lock.unlock();
+    run_job(c, job);
+    lock.lock();
+    c.running.pop_back();
+  }
+  inflight_.fetch_sub(1, std::memory_order_relaxed);
+  enif_release_resource(job);
+}
+
 void Pool::serve(Context& c) {
   // Named, so top, perf and gdb tell context threads from the VM's schedulers.
   const std::string name = "erpy_ctx_" + std::to_string(c.index);
@@ -339,20 +347,7 @@ void Pool::serve(Context& c) {
       }
       break;  // closing
     }
-    if (job->state == JobState::Canceled) {
-      inflight_.fetch_sub(1, std::memory_order_relaxed);
-      enif_release_resource(job);
-      continue;
-    }
-    job->state = JobState::Running;
-    job->started = Clock::now();
-    c.running.push_back(job);
-    lock.unlock();
-    run_job(c, job);
-    lock.lock();
-    c.running.pop_back();
-    inflight_.fetch_sub(1, std::memory_order_relaxed);
-    enif_release_resource(job);
+    run_taken(c, job, lock);
   }
   lock.unlock();
   PyEval_RestoreThread(c.tstate);
@@ -537,7 +532,7 @@ void Pool::run_job(Context& c, Job* job) {
 // Hands the answer over unless the job was canceled meanwhile: kept for the polling
 // caller (no message, no lock on its process), or sent as {Ref, Answer} once it blocks.
 void Pool::finish(Context&, Job* job, ErlNifEnv* msg_env, ERL_NIF_TERM answer) {
-  bool stored;
+  bool kept;
   {
     std::lock_guard<std::mutex> lock(m_);
     // A caller monitor (long jobs) stays: it cannot be removed from this thread, its DOWN
@@ -546,22 +541,29 @@ void Pool::finish(Context&, Job* job, ErlNifEnv* msg_env, ERL_NIF_TERM answer) {
       enif_free_env(msg_env);
       return;
     }
-    job->state = JobState::Done;
-    stored = !job->blocking;
-    if (stored) {
-      job->answer_env = msg_env;
-      job->answer = answer;
-    }
+    kept = keep_answer_locked(job, msg_env, answer);
   }
-  if (stored) {
-    // The polling caller sees it only now that the mutex is free (see submit).
-    job->settled.store(true, std::memory_order_release);
-    return;
-  }
-  // Sent outside the lock: a send locks the receiving process, and submitters wait for m_.
-  // A cancel that comes now finds Done and waits for this message.
+  // Both after the mutex is released: a polling caller that sees `settled` then finds the
+  // mutex free (see submit), and a send locks the receiving process while submitters wait
+  // for m_. A cancel that comes in between finds Done and waits for the message.
+  if (kept) job->settled.store(true, std::memory_order_release);
+  else send_answer(nullptr, job, msg_env, answer);
+}
+
+// Marks the job done with its answer. Kept in the job for a caller that polls (true), or
+// not (false: the caller blocks, and `msg_env` is still to be sent with send_answer).
+bool Pool::keep_answer_locked(Job* job, ErlNifEnv* msg_env, ERL_NIF_TERM answer) {
+  job->state = JobState::Done;
+  if (job->blocking) return false;
+  job->answer_env = msg_env;
+  job->answer = answer;
+  return true;
+}
+
+// {Ref, Answer} to the caller; frees `msg_env`. `env`: the calling NIF's, or null.
+void Pool::send_answer(ErlNifEnv* env, Job* job, ErlNifEnv* msg_env, ERL_NIF_TERM answer) {
   ERL_NIF_TERM ref = enif_make_copy(msg_env, job->ref);
-  enif_send(nullptr, &job->caller, msg_env, enif_make_tuple2(msg_env, ref, answer));
+  enif_send(env, &job->caller, msg_env, enif_make_tuple2(msg_env, ref, answer));
   enif_free_env(msg_env);
 }
 
@@ -627,20 +629,7 @@ PyRef Pool::erlang_callback(Context& c, const char* kind, PyObject* m, PyObject*
       }
       Job* nested = c.pinned.front();
       c.pinned.pop_front();
-      if (nested->state == JobState::Canceled) {
-        inflight_.fetch_sub(1, std::memory_order_relaxed);
-        enif_release_resource(nested);
-        continue;
-      }
-      nested->state = JobState::Running;
-      nested->started = Clock::now();
-      c.running.push_back(nested);
-      lock.unlock();
-      run_job(c, nested);
-      lock.lock();
-      c.running.pop_back();
-      inflight_.fetch_sub(1, std::memory_order_relaxed);
-      enif_release_resource(nested);
+      run_taken(c, nested, lock);
     }
     --c.in_callback;
   }

@@ -146,8 +146,11 @@ class Pool : public std::enable_shared_from_this<Pool> {
   template <class Ready>
   void spin_until(Ready ready) const;
   Job* next_job(Context& c, std::unique_lock<std::mutex>& lock);
+  void run_taken(Context& c, Job* job, std::unique_lock<std::mutex>& lock);
   void run_job(Context& c, Job* job);
   void finish(Context& c, Job* job, ErlNifEnv* msg_env, ERL_NIF_TERM answer);
+  bool keep_answer_locked(Job* job, ErlNifEnv* msg_env, ERL_NIF_TERM answer);
+  static void send_answer(ErlNifEnv* env, Job* job, ErlNifEnv* msg_env, ERL_NIF_TERM answer);
   void do_release(Context& c);
   void wake_one_locked();
   bool cancel_locked(Job* job);
