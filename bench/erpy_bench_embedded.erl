@@ -10,8 +10,7 @@
 -define(POOL, erpy_bench_emb).
 -define(PORT_POOL, erpy_bench_emb_port).
 
--import(erpy_bench_port, [cat/0, echo/2, echoer/1, latencies/3, concurrent/2, p99/1, fmt/2,
-                          os_pid/1, wait_ready/1]).
+-import(erpy_bench_port, [cat/0, echo/2, latencies/3, p99/1, fmt/2, os_pid/1, wait_ready/1]).
 
 %% API.
 
@@ -80,43 +79,16 @@ w1_w4(#{pairs := Pairs}) ->
        ratio => W4Ratio, target => <<"<= 2.5x">>, pass => W4Ratio =< 2.5,
        notes => [<<"the request is erpy:eval of the callback expression (compiled once, cached)">>]}].
 
-%% W2: 4 concurrent callers x 5,000 calls on a pool of 4 contexts.
-w2(#{pairs := Pairs}) ->
+%% W2: 4 concurrent callers x 5,000 calls on a pool of 4 contexts, and the same with the
+%% thread model not chosen (an empty dirty-scheduler NIF) in the notes.
+w2(Ctx) ->
     start(#{size => 4}),
-    Per = 5000,
-    Frame = erpy_call:encode_request({call, <<"operator">>, <<"add">>, [1, 2], #{}}, 1, 5000, self()),
-    Echoers = [echoer(Frame) || _ <- lists:seq(1, 4)],
-    Procs = fun() -> [os:getpid() | [P || {_, P} <- Echoers]] end,
-    Run = fun() ->
-              concurrent([fun() -> [{ok, 3} = erpy:call(operator, add, [1, 2], #{pool => ?POOL})
-                                    || _ <- lists:seq(1, Per)] end || _ <- lists:seq(1, 4)], Procs)
-          end,
-    FloorRun = fun() ->
-                   concurrent([fun() -> Ech ! {run, Per, self()}, receive {Ech, done} -> ok end end
-                               || {Ech, _} <- Echoers], Procs)
-               end,
-    _ = Run(),
-    {E, F} = erpy_bench:alternate(max(3, Pairs div 3), Run, FloorRun),
-    DirtyRun = fun() ->
-                   concurrent([fun() -> [1 = erpy_nif:dirty_noop(1) || _ <- lists:seq(1, Per)] end
-                               || _ <- lists:seq(1, 4)], Procs)
-               end,
-    D = [DirtyRun() || _ <- lists:seq(1, 3)],
-    [exit(Echoer, kill) || {Echoer, _} <- Echoers],
+    Rows = erpy_bench_port:throughput(
+             Ctx, <<"W2">>, <<"embedded: throughput, 4 concurrent callers x 5,000 calls (pool of 4), calls/s">>,
+             ?POOL, fun() -> [] end, 200000,
+             [{"a dirty-scheduler NIF that does nothing", fun() -> 1 = erpy_nif:dirty_noop(1) end}]),
     erpy:stop_pool(?POOL),
-    Rate = fun({Ns, _}) -> 4 * Per / (Ns / 1.0e9) end,
-    CpuPer = fun(Runs) -> erpy_bench:median([C / (4 * Per) / 1000 || {_, C} <- Runs]) end,
-    Ratio = erpy_bench:median([Rate(A) / Rate(B) || {A, B} <- lists:zip(E, F)]),
-    ERate = erpy_bench:median([Rate(R) || R <- E]),
-    [#{id => <<"W2">>,
-       workload => <<"embedded: throughput, 4 concurrent callers x 5,000 calls (pool of 4), calls/s">>,
-       erpy => fmt("~b calls/s, ~.1f us CPU/call", [round(ERate), CpuPer(E)]),
-       reference => fmt("4 callers x own cat echo: ~b echoes/s, ~.1f us CPU/echo",
-                        [round(erpy_bench:median([Rate(R) || R <- F])), CpuPer(F)]),
-       ratio => Ratio, target => <<">= 200,000 calls/s">>, pass => ERate >= 200000,
-       notes => [<<"ratio = erpy calls/s / floor echoes/s per pair; the target is absolute">>,
-                 fmt("same run: 4 callers of a dirty-scheduler NIF that does nothing: ~b calls/s",
-                     [round(erpy_bench:median([Rate(R) || R <- D]))])]}].
+    Rows.
 
 %% W3a: echo a 1 MiB binary (random bytes: Python gets bytes and returns them).
 w3a(Ctx) ->
