@@ -14,8 +14,15 @@
 compile(Entries) when is_list(Entries) ->
     lists:foldl(fun add/2, #{}, Entries).
 
--spec resolve(rules(), atom() | binary(), atom() | binary(), arity()) ->
+%% `env`: the rules of the application env `allowed` as they are now (a pool without its
+%% own allow-list follows it, also when it changes; a malformed env allows nothing).
+-spec resolve(rules() | env, atom() | binary(), atom() | binary(), arity()) ->
     {ok, module(), atom()} | {error, {not_allowed, {term(), term(), arity()}}}.
+resolve(env, M, F, Arity) ->
+    Rules = try compile(application:get_env(erpy, allowed, []))
+            catch error:_ -> compile([])
+            end,
+    resolve(Rules, M, F, Arity);
 resolve(Rules, M, F, Arity) ->
     case {existing_atom(M), existing_atom(F)} of
         {{ok, Mod}, {ok, Fun}} ->

@@ -163,7 +163,7 @@ flush(Ref) ->
 %% Python called erlang.call/apply: allow-listed here, then run in this process (so
 %% self() is the caller, and a nested erpy call goes back to the waiting context).
 run_callback(#{name := Name} = Handle, Ctx, _Kind, M, F, Args) when is_list(Args) ->
-    case erpy_allow:resolve(rules(Handle), M, F, length(Args)) of
+    case erpy_allow:resolve(maps:get(allowed, Handle), M, F, length(Args)) of
         {ok, Mod, Fun} ->
             erpy_call:apply_callback(Name, {erpy_context, Name, Ctx}, {Mod, Fun, Args});
         {error, NotAllowed} ->
@@ -171,13 +171,6 @@ run_callback(#{name := Name} = Handle, Ctx, _Kind, M, F, Args) when is_list(Args
     end;
 run_callback(_Handle, _Ctx, Kind, _M, _F, _Args) ->
     {error, {badarg, Kind}}.
-
-rules(#{allowed := env}) ->
-    try erpy_allow:compile(application:get_env(erpy, allowed, []))
-    catch error:_ -> erpy_allow:compile([])       % a malformed env allows nothing
-    end;
-rules(#{allowed := Rules}) ->
-    Rules.
 
 deadline(infinity) -> infinity;
 deadline(Timeout) -> erlang:monotonic_time(millisecond) + Timeout.

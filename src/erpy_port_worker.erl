@@ -298,7 +298,7 @@ callback(CbId, Kind, M, F, A, #st{pending = [#req{alias = Alias} | _]} = St)
         bad ->
             callback_error(CbId, {badarg, Kind}, St);
         _ ->
-            case erpy_allow:resolve(rules(St), M, F, length(Args)) of
+            case erpy_allow:resolve(St#st.allowed, M, F, length(Args)) of
                 {ok, Mod, Fun} ->
                     Alias ! {erpy_callback, Alias, self(), St#st.port, CbId, {Mod, Fun, Args}};
                 {error, NotAllowed} ->
@@ -307,13 +307,6 @@ callback(CbId, Kind, M, F, A, #st{pending = [#req{alias = Alias} | _]} = St)
     end;
 callback(CbId, _Kind, _M, _F, _A, St) ->
     callback_error(CbId, no_caller, St).
-
-rules(#st{allowed = env}) ->
-    try erpy_allow:compile(application:get_env(erpy, allowed, []))
-    catch error:_ -> erpy_allow:compile([])       % a malformed env allows nothing
-    end;
-rules(#st{allowed = Rules}) ->
-    Rules.
 
 callback_error(CbId, Reason, St) ->
     send_frame(St, {reply, CbId, error, Reason}).
