@@ -111,7 +111,7 @@ w3b(Ctx) ->
 
 %% W6: a fresh VM starts an embedded pool of 4 (Python itself starts here) and answers one
 %% call, beside `erl -noshell -s init stop`.
-w6(#{pairs := Pairs, root := Root}) ->
+w6(#{root := Root} = Ctx) ->
     Erl = os:find_executable("erl"),
     Ebin = filename:join([Root, "_build", "default", "lib", "erpy", "ebin"]),
     %% The application's default (port) pool is left to finish starting first, so its
@@ -127,21 +127,10 @@ w6(#{pairs := Pairs, root := Root}) ->
                 {match, [Us]} = re:run(Out, "W6=(\\d+)", [{capture, [1], list}]),
                 list_to_integer(Us) / 1000
             end,
-    ErlStart = fun() ->
-                   T0 = erlang:monotonic_time(microsecond),
-                   _ = os:cmd(Erl ++ " -noshell -s init stop"),
-                   (erlang:monotonic_time(microsecond) - T0) / 1000
-               end,
-    {E, F} = erpy_bench:alternate(max(5, Pairs div 2), Start, ErlStart),
-    Ratio = erpy_bench:median([A / B || {A, B} <- lists:zip(E, F)]),
-    EMs = erpy_bench:median(E),
-    [#{id => <<"W6">>,
-       workload => <<"embedded: cold start in a fresh VM, pool of 4 started (Python initialized) "
-                     "to first answered call, ms">>,
-       erpy => fmt("~.1f ms", [EMs]),
-       reference => fmt("erl -noshell -s init stop: ~.1f ms", [erpy_bench:median(F)]),
-       ratio => Ratio, target => <<"<= 100 ms">>, pass => EMs =< 100,
-       notes => [<<"measured inside the new VM from start_pool to the answer">>]}].
+    erpy_bench_port:cold_start(
+      Ctx, <<"embedded: cold start in a fresh VM, pool of 4 started (Python initialized) "
+             "to first answered call, ms">>, Start,
+      [<<"measured inside the new VM from start_pool to the answer">>]).
 
 %% Internal.
 

@@ -8,7 +8,7 @@
 
 -export([rows/1]).
 %% Shared with the other modes' workload modules.
--export([throughput/7, echo_binary/6, echo_maps/6]).
+-export([throughput/7, echo_binary/6, echo_maps/6, cold_start/4]).
 -export([cat/0, echo/2, echoer/1, latencies/3, concurrent/2, cpu_ns/1, crypto_bytes/1,
          p99/1, fmt/2, os_pid/1, wait_ready/1]).
 
@@ -203,8 +203,7 @@ echo_maps(#{pairs := Pairs}, Mode, Pool, Procs0, Target, Notes) ->
        notes => Notes}].
 
 %% W6: pool start (4 workers) to first answered call, beside `erl -noshell -s init stop`.
-w6(#{pairs := Pairs}) ->
-    Erl = os:find_executable("erl"),
+w6(Ctx) ->
     Start = fun() ->
                 T0 = erlang:monotonic_time(microsecond),
                 {ok, _} = erpy:start_pool(?POOL, #{size => 4}),
@@ -213,6 +212,14 @@ w6(#{pairs := Pairs}) ->
                 erpy:stop_pool(?POOL),
                 (T1 - T0) / 1000
             end,
+    cold_start(Ctx, <<"port: cold start, pool of 4 started to first answered call, ms">>, Start,
+               [<<"the first worker starts alone, the others once it is ready">>]).
+
+%% W6 of any mode: `Start()` (ms from pool start to the first answer) beside the start of
+%% an empty VM, `erl -noshell -s init stop`.
+-spec cold_start(erpy_bench:ctx(), binary(), fun(() -> number()), [binary()]) -> [erpy_bench:row()].
+cold_start(#{pairs := Pairs}, Workload, Start, Notes) ->
+    Erl = os:find_executable("erl"),
     ErlStart = fun() ->
                    T0 = erlang:monotonic_time(microsecond),
                    _ = os:cmd(Erl ++ " -noshell -s init stop"),
@@ -222,11 +229,11 @@ w6(#{pairs := Pairs}) ->
     Ratio = erpy_bench:median([A / B || {A, B} <- lists:zip(E, F)]),
     EMs = erpy_bench:median(E),
     [#{id => <<"W6">>,
-       workload => <<"port: cold start, pool of 4 started to first answered call, ms">>,
+       workload => Workload,
        erpy => fmt("~.1f ms", [EMs]),
        reference => fmt("erl -noshell -s init stop: ~.1f ms", [erpy_bench:median(F)]),
        ratio => Ratio, target => <<"<= 100 ms">>, pass => EMs =< 100,
-       notes => [<<"Python interpreters start in parallel; the first call waits for the first ready worker">>]}].
+       notes => Notes}].
 
 %% A worker's memory over many calls (1,000,000 unless BENCH_MEMORY_CALLS says otherwise).
 memory(_Ctx) ->
