@@ -19,7 +19,10 @@ import importlib
 import itertools
 import logging
 import os
+import shutil
 import signal
+import socket
+import subprocess
 import sys
 import threading
 import time
@@ -33,7 +36,7 @@ from .erlang import ErlangError, ErlangTimeoutError
 
 __all__ = [
     "Node", "GenServer", "NOREPLY", "NotAllowed", "ErlangError", "ErlangTimeoutError",
-    "format_error", "main",
+    "format_error", "ensure_epmd", "main",
 ]
 
 # rpc:call(PyNode, 'erpy.service', F, A) reaches the node's own service (used by
@@ -130,6 +133,45 @@ class _Stop(Exception):
         self.reason = reason
 
 
+EPMD_PORT = 4369
+
+
+def _epmd_answers(timeout: float = 0.5) -> bool:
+    try:
+        with socket.create_connection(("127.0.0.1", EPMD_PORT), timeout=timeout):
+            return True
+    except OSError:
+        return False
+
+
+def ensure_epmd(wait_s: float = 5.0) -> None:
+    """Start ``epmd -daemon`` if no epmd answers on 127.0.0.1:4369, as ``erl -name`` does,
+    and wait until it listens (``epmd -daemon`` returns before it does). Raises OSError
+    with the reason if there is no epmd to start or it never answers."""
+    if _epmd_answers():
+        return
+    epmd = shutil.which("epmd")
+    if epmd is None:
+        erl = shutil.which("erl")
+        if erl is not None:  # Debian keeps epmd beside erts, not always on PATH
+            import glob
+            root = os.path.dirname(os.path.dirname(os.path.realpath(erl)))
+            found = sorted(glob.glob(os.path.join(root, "erts-*", "bin", "epmd")))
+            epmd = found[-1] if found else None
+    if epmd is None:
+        raise OSError("no epmd answers on 127.0.0.1:4369 and none is installed to start "
+                      "(apt-get install -y erlang-base)")
+    subprocess.run([epmd, "-daemon"], check=False, stdin=subprocess.DEVNULL,
+                   stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    deadline = time.monotonic() + wait_s
+    while time.monotonic() < deadline:
+        if _epmd_answers():
+            return
+        time.sleep(0.02)
+    raise OSError(f"started {epmd} -daemon but nothing answered on 127.0.0.1:4369 "
+                  f"within {wait_s:g} s")
+
+
 class Node:
     """An Erlang node in this Python process.
 
@@ -137,12 +179,13 @@ class Node:
     ``operator.*`` submodules; ``"*"`` allows every module). Nothing is reachable unless
     listed, except functions registered with :meth:`expose`. ``allow_code``: whether
     ``erpy.service`` may run code (``eval``/``exec``/``run``) for erpy_node_pool.
+    ``start_epmd``: start epmd if none runs, as ``erl -name`` does (False: fail instead).
     """
 
     def __init__(self, name: str, cookie: str, *, host: str = "127.0.0.1", port: int = 0,
                  allow: Iterable[str] = (), allow_code: bool = False, hidden: bool = True,
                  ticktime: int = 60, slow_ms: int = 5, spin_us: int = 0,
-                 coalesce_us: int = 200) -> None:
+                 coalesce_us: int = 200, start_epmd: bool = True) -> None:
         if "@" not in name:
             name = f"{name}@127.0.0.1"
         self.allow = {a.strip() for a in allow if a and a.strip()}
@@ -163,6 +206,7 @@ class Node:
                                   spin_us=spin_us, coalesce_us=coalesce_us)
         self._threads: list[threading.Thread] = []
         self._started = False
+        self._start_epmd = start_epmd
 
     # -- lifecycle --------------------------------------------------------------------
 
@@ -175,6 +219,8 @@ class Node:
         return self._native.port
 
     def start(self) -> "Node":
+        if self._start_epmd:
+            ensure_epmd()
         self._native.start()
         self._started = True
         _RUNNING.add(self)
@@ -530,6 +576,8 @@ def main(argv: list[str] | None = None) -> int:
                    help="poll a connection this long after data before sleeping (0: off)")
     p.add_argument("--coalesce-us", type=int, default=int(_env("ERPY_NODE_COALESCE_US", default="200")),
                    help="when messages stream in, wait this long between reads (0: off)")
+    p.add_argument("--no-start-epmd", dest="start_epmd", action="store_false",
+                   help="fail if no epmd runs instead of starting one (as erl -start_epmd false)")
     p.add_argument("--exit-on-eof", action="store_true",
                    help="stop when stdin closes (for nodes started by Erlang ports)")
     a = p.parse_args(argv)
@@ -551,7 +599,8 @@ def main(argv: list[str] | None = None) -> int:
     allow_code = a.allow_code if a.allow_code is not None else _env("ERPY_NODE_ALLOW_CODE") in ("1", "true", "yes")
 
     node = Node(name, cookie, host=listen, port=port, allow=allow, allow_code=bool(allow_code),
-                ticktime=a.ticktime, spin_us=a.spin_us, coalesce_us=a.coalesce_us)
+                ticktime=a.ticktime, spin_us=a.spin_us, coalesce_us=a.coalesce_us,
+                start_epmd=a.start_epmd)
     node.start()
     for mod in a.load:
         m = importlib.import_module(mod)

@@ -14,7 +14,9 @@ import uuid
 import pytest
 
 from erpy import Atom, ImproperList, Pid, Ref
-from erpy.node import ErlangError, ErlangTimeoutError, GenServer, Node, NotAllowed, format_error
+from erpy import node as node_module
+from erpy.node import (ErlangError, ErlangTimeoutError, GenServer, Node, NotAllowed,
+                        ensure_epmd, format_error)
 
 COOKIE = "erpy_pytest_cookie"
 
@@ -25,9 +27,9 @@ def unique(prefix: str) -> str:
 
 @pytest.fixture(scope="module")
 def epmd() -> None:
-    if shutil.which("epmd") is None:
+    if shutil.which("epmd") is None and shutil.which("erl") is None:
         pytest.skip("epmd is not installed (erlang-base)")
-    subprocess.run(["epmd", "-daemon"], check=False)
+    ensure_epmd()
 
 
 @pytest.fixture
@@ -253,3 +255,27 @@ def test_command_line_env_fallbacks(epmd, erlang_node):
     finally:
         proc.stdin.close()
         assert proc.wait(10) == 0
+
+
+def test_ensure_epmd_starts_one_and_waits_until_it_answers(monkeypatch):
+    # `epmd -daemon` returns before epmd listens: ensure_epmd waits for it to answer.
+    calls: list[list[str]] = []
+    answers = iter([False, False, False, True])
+    monkeypatch.setattr(node_module, "_epmd_answers", lambda timeout=0.5: next(answers))
+    monkeypatch.setattr(node_module.subprocess, "run",
+                        lambda argv, **kw: calls.append(list(argv)))
+    ensure_epmd()
+    assert len(calls) == 1 and calls[0][0].endswith("epmd") and calls[0][1:] == ["-daemon"]
+
+
+def test_ensure_epmd_says_why_when_epmd_never_answers(monkeypatch):
+    monkeypatch.setattr(node_module, "_epmd_answers", lambda timeout=0.5: False)
+    monkeypatch.setattr(node_module.subprocess, "run", lambda argv, **kw: None)
+    with pytest.raises(OSError, match="nothing answered on 127.0.0.1:4369"):
+        ensure_epmd(wait_s=0.1)
+
+
+def test_ensure_epmd_does_nothing_when_epmd_runs(epmd, monkeypatch):
+    monkeypatch.setattr(node_module.subprocess, "run",
+                        lambda argv, **kw: pytest.fail("epmd started twice"))
+    ensure_epmd()
