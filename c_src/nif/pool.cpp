@@ -7,6 +7,7 @@
 
 #include "etf/error.hpp"
 #include "atoms.hpp"
+#include "env_cache.hpp"
 #include "runtime.hpp"
 
 namespace erpy::nif {
@@ -14,22 +15,6 @@ namespace erpy::nif {
 using py::PyRef;
 using py::PythonError;
 using Clock = std::chrono::steady_clock;
-
-namespace {
-
-// A message environment that is freed unless it was sent.
-struct MsgEnv {
-  ErlNifEnv* env = enif_alloc_env();
-  ~MsgEnv() {
-    if (env) enif_free_env(env);
-  }
-  MsgEnv() = default;
-  MsgEnv(const MsgEnv&) = delete;
-  MsgEnv& operator=(const MsgEnv&) = delete;
-};
-
-
-}  // namespace
 
 Pool::Pool(PoolOptions o) : o_(std::move(o)) {}
 
@@ -58,7 +43,7 @@ void Pool::start() {
 void Pool::close(ErlNifEnv* env) {
   std::vector<ContextHandle*> handles;
   {
-    std::lock_guard<std::mutex> lock(m_);
+    std::lock_guard<PoolMutex> lock(m_);
     if (closing_) return;
     closing_ = true;
     // Requests that will not run now are answered at once, not left to time out.
@@ -120,7 +105,7 @@ void Pool::wake_one_locked() {
 
 bool Pool::submit(Job* job, int context) {
   {
-    std::lock_guard<std::mutex> lock(m_);
+    std::lock_guard<PoolMutex> lock(m_);
     if (closing_) return false;
     enif_keep_resource(job);
     inflight_.fetch_add(1, std::memory_order_relaxed);
@@ -162,11 +147,11 @@ bool Pool::cancel_locked(Job* job) {
 Pool::Outcome Pool::cancel(Job* job, ErlNifEnv* env, ERL_NIF_TERM* answer) {
   bool interrupt;
   {
-    std::lock_guard<std::mutex> lock(m_);
+    std::lock_guard<PoolMutex> lock(m_);
     if (job->state == JobState::Done) {
       if (!job->answer_env) return Outcome::Sent;
       *answer = enif_make_copy(env, job->answer);
-      enif_free_env(std::exchange(job->answer_env, nullptr));
+      EnvCache::global().give(std::exchange(job->answer_env, nullptr));
       return Outcome::Done;
     }
     interrupt = job->state == JobState::Running;
@@ -179,16 +164,16 @@ Pool::Outcome Pool::cancel(Job* job, ErlNifEnv* env, ERL_NIF_TERM* answer) {
 Pool::Poll Pool::poll(Job* job, bool block, ErlNifEnv* env, ERL_NIF_TERM* answer) {
   // Polling must not compete for the mutex with the thread that is about to answer.
   if (!block && !job->settled.load(std::memory_order_acquire)) return Poll::Pending;
-  std::lock_guard<std::mutex> lock(m_);
+  std::lock_guard<PoolMutex> lock(m_);
   if (job->callback_env) {
     *answer = enif_make_copy(env, job->callback);
-    enif_free_env(std::exchange(job->callback_env, nullptr));
+    EnvCache::global().give(std::exchange(job->callback_env, nullptr));
     job->settled.store(false, std::memory_order_relaxed);
     return Poll::Callback;
   }
   if (job->answer_env) {
     *answer = enif_make_copy(env, job->answer);
-    enif_free_env(std::exchange(job->answer_env, nullptr));
+    EnvCache::global().give(std::exchange(job->answer_env, nullptr));
     return Poll::Done;
   }
   if (block || job->blocking) {
@@ -201,7 +186,7 @@ Pool::Poll Pool::poll(Job* job, bool block, ErlNifEnv* env, ERL_NIF_TERM* answer
 void Pool::caller_down(Job* job) {
   bool interrupt;
   {
-    std::lock_guard<std::mutex> lock(m_);
+    std::lock_guard<PoolMutex> lock(m_);
     interrupt = job->state == JobState::Running;
     cancel_locked(job);
   }
@@ -211,7 +196,7 @@ void Pool::caller_down(Job* job) {
 void Pool::callback_reply(Job* job, ErlNifEnv*, ERL_NIF_TERM reply) {
   ErlNifEnv* copy = enif_alloc_env();
   ERL_NIF_TERM t = enif_make_copy(copy, reply);
-  std::lock_guard<std::mutex> lock(m_);
+  std::lock_guard<PoolMutex> lock(m_);
   if (job->reply_env) enif_free_env(job->reply_env);
   job->reply_env = copy;
   job->reply = t;
@@ -225,7 +210,7 @@ void Pool::callback_reply(Job* job, ErlNifEnv*, ERL_NIF_TERM reply) {
 }
 
 void Pool::release(int context, ErlNifEnv* env, const ErlNifPid* holder) {
-  std::lock_guard<std::mutex> lock(m_);
+  std::lock_guard<PoolMutex> lock(m_);
   Context& c = *ctxs_[static_cast<size_t>(context)];
   if (!c.held) return;
   // A monitor from an earlier hold may fire late: only the current holder counts.
@@ -242,7 +227,7 @@ void Pool::release(int context, ErlNifEnv* env, const ErlNifPid* holder) {
 }
 
 ERL_NIF_TERM Pool::info(ErlNifEnv* env) {
-  std::lock_guard<std::mutex> lock(m_);
+  std::lock_guard<PoolMutex> lock(m_);
   int held = 0, busy = 0;
   for (auto& c : ctxs_) {
     held += c->held;
@@ -277,7 +262,7 @@ void Pool::spin_until(Ready ready) const {
   }
 }
 
-Job* Pool::next_job(Context& c, std::unique_lock<std::mutex>& lock) {
+Job* Pool::next_job(Context& c, std::unique_lock<PoolMutex>& lock) {
   for (;;) {
     if (closing_) return nullptr;
     if (c.release_requested) return nullptr;  // serve() resets the namespace, then asks again
@@ -312,7 +297,7 @@ Job* Pool::next_job(Context& c, std::unique_lock<std::mutex>& lock) {
 
 // A job taken off a queue (`lock` held, and held again on return): skipped if it was
 // cancelled meanwhile, else run without the lock; either way it leaves the pool's count.
-void Pool::run_taken(Context& c, Job* job, std::unique_lock<std::mutex>& lock) {
+void Pool::run_taken(Context& c, Job* job, std::unique_lock<PoolMutex>& lock) {
   if (job->state != JobState::Canceled) {
     job->state = JobState::Running;
     job->started = Clock::now();
@@ -335,7 +320,7 @@ void Pool::serve(Context& c) {
   // Made on this thread, so it records this thread's id, which interrupts address.
   c.tstate = PyThreadState_New(PyInterpreterState_Main());
   c.thread_id = PyThread_get_thread_ident();
-  std::unique_lock<std::mutex> lock(m_);
+  std::unique_lock<PoolMutex> lock(m_);
   for (;;) {
     Job* job = next_job(c, lock);
     if (!job) {
@@ -361,7 +346,7 @@ void Pool::do_release(Context& c) {
   PyEval_RestoreThread(c.tstate);
   c.held_ns.reset();
   PyEval_SaveThread();
-  std::lock_guard<std::mutex> lock(m_);
+  std::lock_guard<PoolMutex> lock(m_);
   c.held = false;
   c.release_requested = false;
   if (!queue_.empty()) c.wake = true;
@@ -398,7 +383,7 @@ void Pool::run_job(Context& c, Job* job) {
 
   if (req.kind == Request::Hold) {
     {
-      std::lock_guard<std::mutex> lock(m_);
+      std::lock_guard<PoolMutex> lock(m_);
       c.held = true;
       c.holder = job->caller;
       c.holder_monitored = c.handle && enif_monitor_process(nullptr, c.handle, &job->caller, &c.holder_monitor) == 0;
@@ -479,7 +464,7 @@ void Pool::run_job(Context& c, Job* job) {
 
   bool canceled, closing;
   {
-    std::lock_guard<std::mutex> lock(m_);
+    std::lock_guard<PoolMutex> lock(m_);
     canceled = job->state == JobState::Canceled;
     closing = closing_;
   }
@@ -534,11 +519,11 @@ void Pool::run_job(Context& c, Job* job) {
 void Pool::finish(Context&, Job* job, ErlNifEnv* msg_env, ERL_NIF_TERM answer) {
   bool kept;
   {
-    std::lock_guard<std::mutex> lock(m_);
+    std::lock_guard<PoolMutex> lock(m_);
     // A caller monitor (long jobs) stays: it cannot be removed from this thread, its DOWN
     // finds the job done, and it ends with the job's resource.
     if (job->state == JobState::Canceled) {
-      enif_free_env(msg_env);
+      EnvCache::global().give(msg_env);
       return;
     }
     kept = keep_answer_locked(job, msg_env, answer);
@@ -564,7 +549,7 @@ bool Pool::keep_answer_locked(Job* job, ErlNifEnv* msg_env, ERL_NIF_TERM answer)
 void Pool::send_answer(ErlNifEnv* env, Job* job, ErlNifEnv* msg_env, ERL_NIF_TERM answer) {
   ERL_NIF_TERM ref = enif_make_copy(msg_env, job->ref);
   enif_send(env, &job->caller, msg_env, enif_make_tuple2(msg_env, ref, answer));
-  enif_free_env(msg_env);
+  EnvCache::global().give(msg_env);  // enif_send cleared it
 }
 
 // ---- Python calling Erlang ---------------------------------------------------------------
@@ -573,7 +558,7 @@ PyRef Pool::erlang_callback(Context& c, const char* kind, PyObject* m, PyObject*
   Runtime& rt = Runtime::get();
   Job* job;
   {
-    std::lock_guard<std::mutex> lock(m_);
+    std::lock_guard<PoolMutex> lock(m_);
     job = c.running.empty() ? nullptr : c.running.back();
   }
   if (!job) {
@@ -593,7 +578,7 @@ PyRef Pool::erlang_callback(Context& c, const char* kind, PyObject* m, PyObject*
   bool canceled = false;
   PyThreadState* ts = PyEval_SaveThread();
   {
-    std::unique_lock<std::mutex> lock(m_);
+    std::unique_lock<PoolMutex> lock(m_);
     ++c.in_callback;  // nested callbacks count too
     if (job->state == JobState::Canceled) {
       canceled = true;
@@ -669,7 +654,7 @@ void Pool::log(PyObject* stream, PyObject* text) {
 // ---- the service thread ------------------------------------------------------------------
 
 void Pool::interrupt_canceled() {
-  std::lock_guard<std::mutex> lock(m_);
+  std::lock_guard<PoolMutex> lock(m_);
   std::vector<Job*> still;
   for (Job* j : to_interrupt_) {
     bool running = false;
@@ -692,7 +677,7 @@ void Pool::interrupt_canceled() {
 }
 
 void Pool::kick_stalled() {
-  std::lock_guard<std::mutex> lock(m_);
+  std::lock_guard<PoolMutex> lock(m_);
   if (queue_.empty() || closing_ || spinning_.load(std::memory_order_acquire)) return;
   for (auto& c : ctxs_) {
     if (c->idle && !c->held && !c->wake) {
@@ -704,7 +689,7 @@ void Pool::kick_stalled() {
 }
 
 bool Pool::has_interrupts() {
-  std::lock_guard<std::mutex> lock(m_);
+  std::lock_guard<PoolMutex> lock(m_);
   return !to_interrupt_.empty();
 }
 
@@ -712,7 +697,7 @@ void Pool::monitor_long_jobs(std::chrono::milliseconds after) {
   const auto now = Clock::now();
   std::vector<Job*> dead;
   {
-    std::lock_guard<std::mutex> lock(m_);
+    std::lock_guard<PoolMutex> lock(m_);
     for (auto& c : ctxs_) {
       for (Job* j : c->running) {
         if (j->monitored || j->state != JobState::Running || now - j->started < after) continue;

@@ -22,11 +22,14 @@
 #include <vector>
 
 #include "convert.hpp"
+#include "env_cache.hpp"
+#include "spin_mutex.hpp"
 #include "py/ref.hpp"
 
 namespace erpy::nif {
 
 class Pool;
+using PoolMutex = SpinMutex;  // see spin_mutex.hpp
 struct Context;
 
 enum class JobState { Queued, Running, Done, Canceled };
@@ -59,8 +62,8 @@ struct Job {
   ~Job() {
     if (env) enif_free_env(env);
     if (reply_env) enif_free_env(reply_env);
-    if (answer_env) enif_free_env(answer_env);
-    if (callback_env) enif_free_env(callback_env);
+    EnvCache::global().give(answer_env);  // made by a context thread (env_cache.hpp)
+    EnvCache::global().give(callback_env);
   }
 };
 
@@ -74,7 +77,7 @@ struct Context {
   Pool* pool = nullptr;
   int index = 0;
   std::thread thread;
-  std::condition_variable cv;
+  std::condition_variable_any cv;
   PyThreadState* tstate = nullptr;
   unsigned long thread_id = 0;
   ContextHandle* handle = nullptr;  // kept while the pool is open
@@ -145,8 +148,8 @@ class Pool : public std::enable_shared_from_this<Pool> {
   void serve(Context& c);
   template <class Ready>
   void spin_until(Ready ready) const;
-  Job* next_job(Context& c, std::unique_lock<std::mutex>& lock);
-  void run_taken(Context& c, Job* job, std::unique_lock<std::mutex>& lock);
+  Job* next_job(Context& c, std::unique_lock<PoolMutex>& lock);
+  void run_taken(Context& c, Job* job, std::unique_lock<PoolMutex>& lock);
   void run_job(Context& c, Job* job);
   void finish(Context& c, Job* job, ErlNifEnv* msg_env, ERL_NIF_TERM answer);
   bool keep_answer_locked(Job* job, ErlNifEnv* msg_env, ERL_NIF_TERM answer);
@@ -159,7 +162,7 @@ class Pool : public std::enable_shared_from_this<Pool> {
   static constexpr std::chrono::microseconds kBusyHandoff{500};
   PoolOptions o_;
   std::vector<std::unique_ptr<Context>> ctxs_;
-  std::mutex m_;
+  PoolMutex m_;
   std::deque<Job*> queue_;
   bool closing_ = false;
   std::atomic<long> queued_{0};  // a hint for spinners (may lag the queue a little)
