@@ -34,7 +34,7 @@ class SpinMutex {
   void unlock() noexcept { locked_.store(false, std::memory_order_release); }
 
  private:
-  static constexpr int kSpinsBeforeYield = 2000;
+  static constexpr int kSpinsBeforeYield = 100;
   std::atomic<bool> locked_{false};
 };
 
