@@ -58,7 +58,8 @@ init({Name, Opts}) ->
         ok ->
             NifOpts = #{none => maps:get(none, Opts, undefined),
                         binary => maps:get(binary, Opts, str),
-                        spin_us => maps:get(spin_us, Opts, 50)},
+                        spin_us => maps:get(spin_us, Opts, 50),
+                        kill_grace_ms => maps:get(kill_grace_ms, Opts, 2000)},
             Pool = erpy_nif:pool_new(maps:get(size, Opts), self(), NifOpts),
             Allowed = case maps:find(allowed, Opts) of
                           {ok, A} -> erpy_allow:compile(A);

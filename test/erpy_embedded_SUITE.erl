@@ -10,7 +10,7 @@
 -export([all/0, suite/0, init_per_suite/1, end_per_suite/1,
          init_per_testcase/2, end_per_testcase/2]).
 -export([seed_examples/1, api_calls/1, same_mapping_as_port/1, errors/1,
-         timeout_interrupts/1, caller_dies/1, concurrent_mix/1, concurrent_timeouts/1,
+         timeout_interrupts/1, stuck_in_c_replaced/1, caller_dies/1, concurrent_mix/1, concurrent_timeouts/1,
          long_calls_watched/1, stop_pool_in_flight/1,
          nested_callbacks/1,
          allow_list/1, send_and_self/1, handles/1, handles_no_leak/1, checkout_state/1,
@@ -36,7 +36,7 @@
 
 all() ->
     [seed_examples, api_calls, same_mapping_as_port, errors, timeout_interrupts,
-     caller_dies, concurrent_mix, concurrent_timeouts, long_calls_watched, stop_pool_in_flight,
+     stuck_in_c_replaced, caller_dies, concurrent_mix, concurrent_timeouts, long_calls_watched, stop_pool_in_flight,
      nested_callbacks, allow_list, send_and_self,
      handles,
      handles_no_leak, checkout_state, checkout_holder_dies, output_to_logger,
@@ -166,6 +166,43 @@ timeout_interrupts(_Config) ->
                                         #{pool => emb_one})),
     %% No late answer reaches the mailbox.
     receive Late -> ct:fail({late_message, Late}) after 200 -> ok end.
+
+%% A call blocked in a C function that releases the GIL (time.sleep here, a read in life)
+%% cannot take an interrupt until it returns: kill_grace_ms after its timeout the context
+%% gets a fresh thread, so the pool keeps serving; the old thread ends when the call
+%% returns. A held context keeps its thread (its namespace is its holder's).
+stuck_in_c_replaced(_Config) ->
+    {ok, _} = erpy:start_pool(emb_one, #{mode => embedded, size => 1, kill_grace_ms => 200}),
+    {ok, #{pool := Pool}} = erpy_pool:lookup(emb_one),
+    Threads = length(context_threads()),
+    ?assertEqual({error, timeout}, erpy:call(time, sleep, [3], #{pool => emb_one, timeout => 100})),
+    %% Queued behind the stuck call, answered once the context is replaced (not after 3 s).
+    {T, R} = timer:tc(fun() -> erpy:call(operator, add, [1, 2], #{pool => emb_one, timeout => 2500}) end),
+    ?assertEqual({ok, 3}, R),
+    ?assert(T < 2000000, T),
+    ?assertMatch(#{replaced := 1, stuck := 1, size := 1}, erpy_nif:pool_info(Pool)),
+    %% Its state is gone with the thread's call, the new one works as any context.
+    ?assertEqual({ok, 5}, erpy:eval(<<"2 + 3">>, #{}, #{pool => emb_one})),
+    %% The old thread ends once time.sleep returns (and takes the interrupt then).
+    ok = wait_until(fun() -> maps:get(stuck, erpy_nif:pool_info(Pool)) =:= 0 end, 6000),
+    ?assertEqual(Threads, length(context_threads())),
+    %% Held: not replaced, the holder's call times out and the context stays with it.
+    {ok, W} = erpy:checkout(emb_one),
+    ?assertEqual({error, timeout}, erpy:call(time, sleep, [1], #{worker => W, timeout => 100})),
+    timer:sleep(500),
+    ?assertMatch(#{replaced := 1, held := 1}, erpy_nif:pool_info(Pool)),
+    ?assertEqual({ok, 3}, erpy:call(operator, add, [1, 2], #{worker => W, timeout => 3000})),
+    ok = erpy:checkin(W),
+    receive Late -> ct:fail({late_message, Late}) after 100 -> ok end.
+
+context_threads() ->
+    Dir = "/proc/" ++ os:getpid() ++ "/task",
+    {ok, Tasks} = file:list_dir(Dir),
+    [T || T <- Tasks,
+          case file:read_file(filename:join([Dir, T, "comm"])) of
+              {ok, <<"erpy_ctx_", _/binary>>} -> true;
+              _ -> false
+          end].
 
 %% A caller that dies mid-call has its Python interrupted and the context freed.
 caller_dies(_Config) ->

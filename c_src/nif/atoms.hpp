@@ -16,6 +16,9 @@ struct Atoms {
   ERL_NIF_TERM canceled = 0;
   ERL_NIF_TERM closed = 0;
   ERL_NIF_TERM closing = 0;
+  ERL_NIF_TERM replaced = 0;
+  ERL_NIF_TERM stuck = 0;
+  ERL_NIF_TERM kill_grace_ms = 0;
   ERL_NIF_TERM done = 0;
   ERL_NIF_TERM erpy_log = 0;
   ERL_NIF_TERM error = 0;
@@ -56,6 +59,9 @@ struct Atoms {
     canceled = enif_make_atom(env, "canceled");
     closed = enif_make_atom(env, "closed");
     closing = enif_make_atom(env, "closing");
+    replaced = enif_make_atom(env, "replaced");
+    stuck = enif_make_atom(env, "stuck");
+    kill_grace_ms = enif_make_atom(env, "kill_grace_ms");
     done = enif_make_atom(env, "done");
     erpy_log = enif_make_atom(env, "erpy_log");
     error = enif_make_atom(env, "error");

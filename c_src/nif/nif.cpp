@@ -95,7 +95,8 @@ ERL_NIF_TERM nif_init(ErlNifEnv* env, int, const ERL_NIF_TERM argv[]) {
   return atoms.ok;
 }
 
-// pool_new(Size, Owner, #{none := atom(), binary := str | bytes, spin_us := int}) -> Pool
+// pool_new(Size, Owner, #{none := atom(), binary := str | bytes, spin_us := int,
+//                         kill_grace_ms := int}) -> Pool
 ERL_NIF_TERM nif_pool_new(ErlNifEnv* env, int, const ERL_NIF_TERM argv[]) {
   Runtime& rt = Runtime::get();
   if (!rt.ready()) return error(env, atoms.not_initialized);
@@ -113,6 +114,9 @@ ERL_NIF_TERM nif_pool_new(ErlNifEnv* env, int, const ERL_NIF_TERM argv[]) {
     o.convert.decode.binary_as_bytes = enif_is_identical(v, atoms.bytes);
   }
   if (enif_get_map_value(env, argv[2], atoms.spin_us, &v) && !enif_get_int(env, v, &o.spin_us)) {
+    return enif_make_badarg(env);
+  }
+  if (enif_get_map_value(env, argv[2], atoms.kill_grace_ms, &v) && !enif_get_int(env, v, &o.kill_grace_ms)) {
     return enif_make_badarg(env);
   }
   auto* h = static_cast<PoolHandle*>(enif_alloc_resource(rt.types.pool, sizeof(PoolHandle)));

@@ -33,11 +33,13 @@ void Pool::start() {
     new (c->handle) ContextHandle{self, i};
     ctxs_.push_back(std::move(c));
   }
-  for (auto& c : ctxs_) {
-    Context* ctx = c.get();
-    ctx->thread = std::thread([self, ctx] { self->serve(*ctx); });
-    ctx->thread.detach();
-  }
+  for (auto& c : ctxs_) start_thread(c.get());
+}
+
+void Pool::start_thread(Context* ctx) {
+  auto self = shared_from_this();
+  ctx->thread = std::thread([self, ctx] { self->serve(*ctx); });
+  ctx->thread.detach();
 }
 
 void Pool::close(ErlNifEnv* env) {
@@ -136,6 +138,7 @@ bool Pool::cancel_locked(Job* job) {
       return true;
     case JobState::Running:
       job->state = JobState::Canceled;
+      job->canceled_at = Clock::now();
       enif_keep_resource(job);
       to_interrupt_.push_back(job);
       for (auto& c : ctxs_) c->cv.notify_all();  // a job waiting for Erlang gives up now
@@ -234,12 +237,13 @@ ERL_NIF_TERM Pool::info(ErlNifEnv* env) {
     busy += !c->running.empty();
   }
   ERL_NIF_TERM keys[] = {atoms.size, atoms.queued, atoms.held, atoms.busy,
-                         atoms.closing};
+                         atoms.closing, atoms.replaced, atoms.stuck};
   ERL_NIF_TERM values[] = {enif_make_int(env, o_.size), enif_make_uint64(env, queue_.size()),
                            enif_make_int(env, held), enif_make_int(env, busy),
-                           closing_ ? atoms.true_ : atoms.false_};
+                           closing_ ? atoms.true_ : atoms.false_, enif_make_long(env, replaced_),
+                           enif_make_uint64(env, retired_.size())};
   ERL_NIF_TERM out;
-  enif_make_map_from_arrays(env, keys, values, 5, &out);
+  enif_make_map_from_arrays(env, keys, values, 7, &out);
   return out;
 }
 
@@ -264,7 +268,7 @@ void Pool::spin_until(Ready ready) const {
 
 Job* Pool::next_job(Context& c, std::unique_lock<PoolMutex>& lock) {
   for (;;) {
-    if (closing_) return nullptr;
+    if (closing_ || c.retired) return nullptr;
     if (c.release_requested) return nullptr;  // serve() resets the namespace, then asks again
     if (!c.pinned.empty()) {
       Job* j = c.pinned.front();
@@ -340,6 +344,60 @@ void Pool::serve(Context& c) {
   PyThreadState_Clear(c.tstate);
   PyThreadState_DeleteCurrent();
   set_current_context(nullptr);
+  if (c.retired) retire(&c);  // `c` is gone after this
+}
+
+// The end of a replaced context's thread: its job has returned at last.
+void Pool::retire(Context* c) {
+  std::unique_ptr<Context> gone;
+  std::lock_guard<PoolMutex> lock(m_);
+  for (auto& r : retired_) {
+    if (r.get() == c) {
+      gone = std::move(r);
+      r = std::move(retired_.back());
+      retired_.pop_back();
+      break;
+    }
+  }
+}
+
+// A context whose job was cancelled kill_grace_ms ago and still runs it is blocked where
+// an interrupt cannot reach (a C function that releases the GIL: time.sleep, a read; the
+// exception waits for it to return). Its place goes to a fresh thread, so the pool keeps
+// its size; the old thread ends when the call returns (still interrupted then). Held
+// contexts are left alone (their namespace is their holder's), as are jobs waiting for
+// Erlang (a cancel stops those at once).
+void Pool::replace_stuck() {
+  if (o_.kill_grace_ms <= 0) return;
+  const auto now = Clock::now();
+  const auto grace = std::chrono::milliseconds(o_.kill_grace_ms);
+  std::vector<Context*> fresh;
+  {
+    std::lock_guard<PoolMutex> lock(m_);
+    if (closing_) return;
+    // Code that swallows every interrupt never ends: past this many such threads the
+    // pool stops replacing (and shrinks), rather than gathering threads without bound.
+    const size_t max_stuck = static_cast<size_t>(std::max(4, o_.size));
+    for (Job* j : to_interrupt_) {
+      if (retired_.size() >= max_stuck) break;
+      if (j->state != JobState::Canceled || now - j->canceled_at < grace) continue;
+      for (auto& slot : ctxs_) {
+        Context& c = *slot;
+        if (c.held || c.in_callback > 0 || c.running.empty() || c.running.back() != j) continue;
+        auto repl = std::make_unique<Context>();
+        repl->pool = this;
+        repl->index = c.index;
+        repl->handle = std::exchange(c.handle, nullptr);
+        repl->pinned.swap(c.pinned);
+        c.retired = true;
+        fresh.push_back(repl.get());
+        retired_.push_back(std::exchange(slot, std::move(repl)));
+        ++replaced_;
+        break;
+      }
+    }
+  }
+  for (Context* c : fresh) start_thread(c);
 }
 
 void Pool::do_release(Context& c) {
@@ -658,14 +716,16 @@ void Pool::interrupt_canceled() {
   std::vector<Job*> still;
   for (Job* j : to_interrupt_) {
     bool running = false;
-    for (auto& c : ctxs_) {
-      if (std::find(c->running.begin(), c->running.end(), j) != c->running.end()) {
+    auto interrupt = [&](Context& c) {
+      if (std::find(c.running.begin(), c.running.end(), j) != c.running.end()) {
         // KeyboardInterrupt, as port mode: `except Exception` in user code does not stop it.
-        PyThreadState_SetAsyncExc(c->thread_id, PyExc_KeyboardInterrupt);
-        c->interrupt_pending = true;
+        PyThreadState_SetAsyncExc(c.thread_id, PyExc_KeyboardInterrupt);
+        c.interrupt_pending = true;
         running = true;
       }
-    }
+    };
+    for (auto& c : ctxs_) interrupt(*c);
+    for (auto& c : retired_) interrupt(*c);
     // Sent again at every tick until the job has stopped: before 3.12 the signal for
     // asynchronous exceptions is one flag per interpreter, so the first thread to take its
     // exception clears it for the others, whose exceptions then wait unseen (seen with

@@ -58,6 +58,7 @@ struct Job {
   bool monitored = false;
   ErlNifMonitor monitor{};
   std::chrono::steady_clock::time_point started{};
+  std::chrono::steady_clock::time_point canceled_at{};  // when a running job was cancelled
 
   ~Job() {
     if (env) enif_free_env(env);
@@ -89,6 +90,7 @@ struct Context {
   bool idle = false;
   int in_callback = 0;  // waiting for Erlang (nested calls count)
   bool wake = false;
+  bool retired = false;  // replaced while stuck: its thread ends once its job returns
   ErlNifPid holder{};
   ErlNifMonitor holder_monitor{};
   bool holder_monitored = false;
@@ -101,6 +103,9 @@ struct PoolOptions {
   int size = 1;
   ConvertOptions convert;
   int spin_us = 50;
+  // A context whose job was interrupted but has not stopped this long after (blocked in a
+  // C function: time.sleep, a read) is replaced by a fresh thread.
+  int kill_grace_ms = 2000;
   ErlNifPid owner{};  // the pool server: Python's output goes there as log lines
 };
 
@@ -132,6 +137,7 @@ class Pool : public std::enable_shared_from_this<Pool> {
 
   // From the service thread (interrupt_canceled with the GIL).
   void interrupt_canceled();
+  void replace_stuck();  // see PoolOptions::kill_grace_ms
   bool has_interrupts();
   void kick_stalled();  // queued work and idle contexts: wake one (see wake_one_locked)
   void monitor_long_jobs(std::chrono::milliseconds after);
@@ -155,6 +161,8 @@ class Pool : public std::enable_shared_from_this<Pool> {
   bool keep_answer_locked(Job* job, ErlNifEnv* msg_env, ERL_NIF_TERM answer);
   static void send_answer(ErlNifEnv* env, Job* job, ErlNifEnv* msg_env, ERL_NIF_TERM answer);
   void do_release(Context& c);
+  void start_thread(Context* c);
+  void retire(Context* c);
   void wake_one_locked();
   bool cancel_locked(Job* job);
   void answer_closed_locked(ErlNifEnv* env, Job* job);
@@ -169,6 +177,9 @@ class Pool : public std::enable_shared_from_this<Pool> {
   std::atomic<int> inflight_{0};  // submitted, not yet finished
   std::atomic<bool> spinning_{false};
   std::vector<Job*> to_interrupt_;  // canceled while running; guarded by m_
+  // Contexts replaced while stuck, until their threads end; guarded by m_.
+  std::vector<std::unique_ptr<Context>> retired_;
+  long replaced_ = 0;  // contexts replaced so far; guarded by m_
 };
 
 }  // namespace erpy::nif

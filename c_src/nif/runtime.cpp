@@ -162,6 +162,7 @@ void Runtime::service(std::string executable, std::string python_dir) {
       for (PyObject* o : drops) Py_DECREF(o);
       for (auto& p : pools) p->interrupt_canceled();
       main_state = PyEval_SaveThread();
+      for (auto& p : pools) p->replace_stuck();
     }
     pools.clear();  // a pool's last reference may go here: no GIL needed for that
     lock.lock();

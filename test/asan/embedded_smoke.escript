@@ -3,7 +3,7 @@
 %% `make test-asan`, embedded part: the NIF built with AddressSanitizer and
 %% UndefinedBehaviorSanitizer (ERPY_NIF_DIR, libasan preloaded by the Makefile) runs a
 %% short workout of every path: conversions of every kind of term, errors, timeouts and
-%% interrupts, callbacks and nesting, handles and their release, checkout, pool close.
+%% interrupts, a stuck context replaced, callbacks and nesting, handles and their release, checkout, pool close.
 %% Any sanitizer report aborts the VM, which fails this step.
 -module(embedded_smoke).
 -mode(compile).
@@ -33,6 +33,14 @@ main(_) ->
     [spawn(fun() -> Self ! {t, erpy:exec(<<"while True: pass">>, #{timeout => 20})} end) || _ <- lists:seq(1, 6)],
     [receive {t, {error, timeout}} -> ok end || _ <- lists:seq(1, 6)],
     {ok, 8} = erpy:eval(<<"erlang.call('embedded_smoke', 'nested', 3)">>, #{}, #{pool => one}),
+    %% A context stuck in time.sleep is replaced; its thread ends after the sleep.
+    {ok, _} = erpy:start_pool(stuck, #{mode => embedded, size => 1, kill_grace_ms => 50}),
+    {error, timeout} = erpy:call(time, sleep, [0.6], #{pool => stuck, timeout => 20}),
+    {ok, 3} = erpy:call(operator, add, [1, 2], #{pool => stuck, timeout => 2000}),
+    timer:sleep(800),
+    {ok, #{pool := StuckPool}} = erpy_pool:lookup(stuck),
+    #{replaced := 1, stuck := 0} = erpy_nif:pool_info(StuckPool),
+    ok = erpy:stop_pool(stuck),
     [begin {ok, H} = erpy:call(collections, 'OrderedDict', [], #{handle => true}),
            {ok, 0} = erpy:call(builtins, len, [H]) end || _ <- lists:seq(1, 2000)],
     erlang:garbage_collect(),
