@@ -6,6 +6,7 @@
 -module(erpy_bench_embedded).
 
 -export([rows/1]).
+-export([w2_in_this_vm/0]).  % run in a fresh VM by one_scheduler_w2/1
 
 -define(POOL, erpy_bench_emb).
 -define(PORT_POOL, erpy_bench_emb_port).
@@ -88,7 +89,47 @@ w2(Ctx) ->
              ?POOL, fun() -> [] end, 200000,
              [{"a dirty-scheduler NIF that does nothing", fun() -> 1 = erpy_nif:dirty_noop(1) end}]),
     erpy:stop_pool(?POOL),
-    Rows.
+    OneScheduler = one_scheduler_w2(Ctx),
+    [R#{notes := Notes ++ [OneScheduler]} || #{notes := Notes} = R <- Rows].
+
+%% W2 again in a fresh VM started with one scheduler (+S 1), which leaves the second of
+%% this machine's two cores to the context thread: the figure shows what sharing two
+%% cores among two schedulers and Python's thread costs (the CPU is the limit here, see
+%% doc/internals.md).
+one_scheduler_w2(#{root := Root}) ->
+    Dir = filename:join([Root, "_build", "bench"]),
+    ok = filelib:ensure_dir(filename:join(Dir, "x")),
+    Src = filename:join([Root, "bench", atom_to_list(?MODULE) ++ ".erl"]),
+    {ok, ?MODULE, Beam} = compile:file(Src, [binary]),
+    ok = file:write_file(filename:join(Dir, atom_to_list(?MODULE) ++ ".beam"), Beam),
+    Ebin = filename:join([Root, "_build", "default", "lib", "erpy", "ebin"]),
+    Out = os:cmd(os:find_executable("erl") ++ " +S 1 -noshell -pa " ++ Ebin ++ " -pa " ++ Dir ++
+                 " -run " ++ atom_to_list(?MODULE) ++ " w2_in_this_vm"),
+    case re:run(Out, "W2=(\\d+)", [{capture, [1], list}]) of
+        {match, [Rate]} ->
+            fmt("the same 4 callers in a fresh VM with one scheduler (+S 1, the second core "
+                "left to Python's thread): ~s calls/s (median of 5)", [Rate]);
+        nomatch ->
+            fmt("the +S 1 run failed: ~s", [Out])
+    end.
+
+%% Run by one_scheduler_w2/1 in the VM it starts.
+-spec w2_in_this_vm() -> no_return().
+w2_in_this_vm() ->
+    {ok, _} = application:ensure_all_started(erpy),
+    {ok, _} = erpy:start_pool(?POOL, #{mode => embedded, size => 4}),
+    Call = fun() -> {ok, 3} = erpy:call(operator, add, [1, 2], #{pool => ?POOL}) end,
+    Run = fun() ->
+              Self = self(),
+              T0 = erlang:monotonic_time(nanosecond),
+              Ws = [spawn_link(fun() -> [Call() || _ <- lists:seq(1, 5000)], Self ! {done, self()} end)
+                    || _ <- lists:seq(1, 4)],
+              [receive {done, W} -> ok end || W <- Ws],
+              20000 / ((erlang:monotonic_time(nanosecond) - T0) / 1.0e9)
+          end,
+    _ = Run(),
+    io:format("~nW2=~b~n", [round(median([Run() || _ <- lists:seq(1, 5)]))]),
+    halt().
 
 %% W3a: echo a 1 MiB binary (random bytes: Python gets bytes and returns them).
 w3a(Ctx) ->
