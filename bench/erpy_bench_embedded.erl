@@ -128,7 +128,8 @@ w2_in_this_vm() ->
               20000 / ((erlang:monotonic_time(nanosecond) - T0) / 1.0e9)
           end,
     _ = Run(),
-    io:format("~nW2=~b~n", [round(median([Run() || _ <- lists:seq(1, 5)]))]),
+    Rates = lists:sort([Run() || _ <- lists:seq(1, 5)]),
+    io:format("~nW2=~b~n", [round(lists:nth(3, Rates))]),
     halt().
 
 %% W3a: echo a 1 MiB binary (random bytes: Python gets bytes and returns them).
