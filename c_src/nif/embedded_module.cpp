@@ -50,13 +50,9 @@ PyObject* erlang_call(PyObject*, PyObject* args) {
 PyObject* erlang_apply(PyObject*, PyObject* args) {
   PyObject *m, *f, *a;
   if (!PyArg_ParseTuple(args, "OOO:apply", &m, &f, &a)) return nullptr;
-  if (!PyList_Check(a) && !PyTuple_Check(a)) {
-    PyErr_SetString(PyExc_TypeError, "apply(): arguments must be a list");
-    return nullptr;
-  }
   return guarded([&] {
+    PyRef list = py::apply_arguments(a);
     Context* c = context_or_raise("erlang.apply");
-    PyRef list = PyRef::check(PySequence_List(a));
     return c->pool->erlang_callback(*c, "apply", m, f, list.get()).release();
   });
 }

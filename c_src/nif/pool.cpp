@@ -542,10 +542,14 @@ void Pool::run_job(Context& c, Job* job) {
     PyEval_SaveThread();
     return;
   }
+  // {error, #{type, message, traceback}} of the pending exception, which it clears.
+  auto error_answer = [&] {
+    PyRef err = runner.error_from_exception();
+    return enif_make_tuple2(msg.env, atoms.error, conv.to_term(msg.env, err.get(), co));
+  };
   try {
     if (failed) {
-      PyRef err = runner.error_from_exception();
-      answer = enif_make_tuple2(msg.env, atoms.error, conv.to_term(msg.env, err.get(), co));
+      answer = error_answer();
     } else if (job->want_handle) {
       auto* lent = static_cast<LentObject*>(enif_alloc_resource(rt.types.lent, sizeof(LentObject)));
       lent->obj = result.release();
@@ -557,10 +561,8 @@ void Pool::run_job(Context& c, Job* job) {
   } catch (...) {
     // The result has no Erlang form: say so instead.
     py::set_python_error(rt.codec().types());
-    PyRef err;
     try {
-      err = runner.error_from_exception();
-      answer = enif_make_tuple2(msg.env, atoms.error, conv.to_term(msg.env, err.get(), co));
+      answer = error_answer();
     } catch (...) {
       PyErr_Clear();
       answer = enif_make_tuple2(msg.env, atoms.error, atoms.unencodable_error);

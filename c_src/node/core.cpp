@@ -351,16 +351,19 @@ void Core::exit_process(const std::shared_ptr<Process>& p, const Bytes& reason) 
     // Our monitors of remote processes end with us: tell their nodes.
     auto c = existing(m.node);
     if (!c) continue;
-    py::ByteBuffer b;
-    Frame f(b);
-    etf::put_tuple_header(b, 4);
-    etf::put_integer(b, kDemonitorP);
-    etf::put_raw(b, p->pid);
-    etf::put_raw(b, m.watcher);
-    etf::put_raw(b, m.ref);
-    f.end();
+    py::ByteBuffer b = control_frame(kDemonitorP, {&p->pid, &m.watcher, &m.ref});
     c->send(b.data(), b.size());
   }
+}
+
+py::ByteBuffer control_frame(int op, std::initializer_list<const Bytes*> parts) {
+  py::ByteBuffer b;
+  Frame f(b);
+  etf::put_tuple_header(b, parts.size() + 1);
+  etf::put_integer(b, op);
+  for (const Bytes* part : parts) etf::put_raw(b, *part);
+  f.end();
+  return b;
 }
 
 void Core::send_exit_signal(const std::string& node, int op, const Bytes& from, const Bytes& to,

@@ -162,6 +162,10 @@ class Frame {
   std::size_t start_;
 };
 
+// A control message with no payload: {Op, Parts...}, each part an encoded term
+// (MONITOR_P, DEMONITOR_P, LINK).
+py::ByteBuffer control_frame(int op, std::initializer_list<const Bytes*> parts);
+
 class Core : public std::enable_shared_from_this<Core> {
  public:
   Core(Options o, py::Codec& codec, PyObject* resolver, PyObject* error_formatter);

@@ -364,14 +364,7 @@ PyObject* mailbox_monitor(PyObject* self, PyObject* target) {
     Target t = parse_target(core, target);
     Bytes ref = core.make_ref();
     core.record_out_monitor(p, Watch{t.node, t.to_proc, ref, t.down_object});
-    py::ByteBuffer b;
-    Frame f(b);
-    etf::put_tuple_header(b, 4);
-    etf::put_integer(b, kMonitorP);
-    etf::put_raw(b, p->pid);
-    etf::put_raw(b, t.to_proc);
-    etf::put_raw(b, ref);
-    f.end();
+    py::ByteBuffer b = control_frame(kMonitorP, {&p->pid, &t.to_proc, &ref});
     send_or_deliver(core, p, t.node, b,
                     tuple_msg({build_atom("DOWN"), ref, build_atom("process"), t.down_object,
                                build_atom("noconnection")}));
@@ -401,14 +394,7 @@ PyObject* mailbox_demonitor(PyObject* self, PyObject* ref_obj) {
       }
     }
     if (!found) Py_RETURN_FALSE;
-    py::ByteBuffer b;
-    Frame f(b);
-    etf::put_tuple_header(b, 4);
-    etf::put_integer(b, kDemonitorP);
-    etf::put_raw(b, p->pid);
-    etf::put_raw(b, w.watcher);
-    etf::put_raw(b, ref);
-    f.end();
+    py::ByteBuffer b = control_frame(kDemonitorP, {&p->pid, &w.watcher, &ref});
     {
       GilRelease nogil;
       if (auto c = core.existing(w.node)) c->send(b.data(), b.size());
@@ -430,13 +416,7 @@ PyObject* mailbox_link(PyObject* self, PyObject* target) {
       return nullptr;
     }
     core.add_link(p, t.node, t.to_proc);
-    py::ByteBuffer b;
-    Frame f(b);
-    etf::put_tuple_header(b, 3);
-    etf::put_integer(b, kLink);
-    etf::put_raw(b, p->pid);
-    etf::put_raw(b, t.to_proc);
-    f.end();
+    py::ByteBuffer b = control_frame(kLink, {&p->pid, &t.to_proc});
     send_or_deliver(core, p, t.node, b, tuple_msg({build_atom("EXIT"), t.to_proc, build_atom("noconnection")}));
     Py_RETURN_NONE;
   } catch (...) {

@@ -11,6 +11,14 @@ PyRef make_atom(const Types& t, const char* text) {
 
 }  // namespace
 
+PyRef apply_arguments(PyObject* args) {
+  if (!PyList_Check(args) && !PyTuple_Check(args)) {
+    PyErr_SetString(PyExc_TypeError, "apply(): arguments must be a list");
+    throw PythonError();
+  }
+  return PyRef::check(PySequence_List(args));
+}
+
 Runner::Runner(const Types& types, PyRef erlang_module) : erlang_module_(std::move(erlang_module)) {
   builtins_ = PyRef::check(PyImport_ImportModule("builtins"));
   name_ = PyRef::check(PyUnicode_FromString("__erpy__"));

@@ -12,6 +12,10 @@
 
 namespace erpy::py {
 
+// The argument list of `erlang.apply(m, f, args)` as a list: a list or tuple is taken,
+// anything else raises TypeError (PythonError thrown). Every mode checks it so.
+PyRef apply_arguments(PyObject* args);
+
 class Runner {
  public:
   // `erlang_module` is what snippets see as `erlang` (the module erpy.erlang).

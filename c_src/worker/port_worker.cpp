@@ -628,12 +628,8 @@ PyObject* erlang_call(PyObject*, PyObject* args) {
 PyObject* erlang_apply(PyObject*, PyObject* args) {
   PyObject *m, *f, *a;
   if (!PyArg_ParseTuple(args, "OOO:apply", &m, &f, &a)) return nullptr;
-  if (!PyList_Check(a) && !PyTuple_Check(a)) {
-    PyErr_SetString(PyExc_TypeError, "apply(): arguments must be a list");
-    return nullptr;
-  }
   return guarded([&] {
-    PyRef list = PyRef::check(PySequence_List(a));
+    PyRef list = py::apply_arguments(a);
     return current("erlang.apply")->callback("apply", m, f, list.get()).release();
   });
 }

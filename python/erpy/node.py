@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import argparse
 import atexit
+import glob
 import importlib
 import itertools
 import logging
@@ -154,7 +155,6 @@ def ensure_epmd(wait_s: float = 5.0) -> None:
     if epmd is None:
         erl = shutil.which("erl")
         if erl is not None:  # Debian keeps epmd beside erts, not always on PATH
-            import glob
             root = os.path.dirname(os.path.dirname(os.path.realpath(erl)))
             found = sorted(glob.glob(os.path.join(root, "erts-*", "bin", "epmd")))
             epmd = found[-1] if found else None
