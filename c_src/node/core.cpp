@@ -283,7 +283,7 @@ void Core::flush_wake(Connection& c) {
 }
 
 bool Connection::has_frame() const {
-  if (rend - rpos < 4) return false;
+  if (skip || rend - rpos < 4) return false;
   const std::uint8_t* h = rbuf.get() + rpos;
   const std::size_t len = (std::size_t{h[0]} << 24) | (std::size_t{h[1]} << 16) | (std::size_t{h[2]} << 8) | h[3];
   return rend - rpos >= 4 + len;
@@ -409,6 +409,7 @@ std::shared_ptr<Connection> Core::connection(const std::string& node) {
   const int port = epmd_port_please(host, alive, 5000);
   if (port < 0) throw WireError("node " + node + " is not registered at " + host + "'s epmd");
   auto c = std::make_shared<Connection>();
+  c->frames.set_limits(opt_.in);
   c->fd = connect_tcp(host, port, 5000);
   c->peer = handshake_connect(c->fd.get(), self_, node);
   add_connection(c);
@@ -462,6 +463,7 @@ void Core::acceptor() {
     int one = 1;
     setsockopt(fd, IPPROTO_TCP, TCP_NODELAY, &one, sizeof one);
     auto c = std::make_shared<Connection>();
+    c->frames.set_limits(opt_.in);
     c->fd = Fd(fd);
     // The handshake runs on the connection's own thread, so a slow peer blocks no one.
     std::lock_guard lk(threads_mu_);
@@ -609,9 +611,25 @@ void Core::connection_down(const std::shared_ptr<Connection>& c) {
 
 // --- Core: reading ------------------------------------------------------------------------
 
-bool Core::next_frame(Connection& c, std::uint8_t*& data, std::size_t& len) {
+void Core::next_frame(Connection& c, std::uint8_t*& data, std::size_t& len, std::size_t& full) {
   constexpr std::size_t kInitial = 256 * 1024;
-  constexpr std::size_t kMaxFrame = std::size_t{1} << 30;
+  auto ensure_buffer = [&] {
+    if (c.rcap) return;
+    c.rbuf.reset(new std::uint8_t[kInitial]);
+    c.rcap = kInitial;
+    c.rpos = c.rend = 0;
+  };
+  auto receive = [&](std::size_t room, int flags) {
+    const ssize_t r = ::recv(c.fd.get(), c.rbuf.get() + c.rend, room, flags);
+    if (r == 0) throw WireError("connection closed");
+    if (r < 0) {
+      if (errno == EAGAIN || errno == EWOULDBLOCK || errno == EINTR) return false;
+      throw WireError(std::string("recv: ") + std::strerror(errno));
+    }
+    c.rend += static_cast<std::size_t>(r);
+    c.last_read.store(now_ns(), std::memory_order_relaxed);
+    return true;
+  };
   auto fill = [&](std::size_t need) {
     if (c.rend - c.rpos >= need) return;
     if (c.rcap - c.rpos < need) {
@@ -638,20 +656,19 @@ bool Core::next_frame(Connection& c, std::uint8_t*& data, std::size_t& len) {
         if (spin_until < 0) spin_until = now_ns() + spin_ns_;
         if (now_ns() < spin_until) flags = MSG_DONTWAIT;
       }
-      const ssize_t r = ::recv(c.fd.get(), c.rbuf.get() + c.rend, c.rcap - c.rend, flags);
-      if (r == 0) throw WireError("connection closed");
-      if (r < 0) {
-        if (errno == EAGAIN || errno == EWOULDBLOCK) {
-          __builtin_ia32_pause();
-          continue;
-        }
-        if (errno == EINTR) continue;
-        throw WireError(std::string("recv: ") + std::strerror(errno));
-      }
-      c.rend += static_cast<std::size_t>(r);
-      c.last_read.store(now_ns(), std::memory_order_relaxed);
+      if (!receive(c.rcap - c.rend, flags) && flags) __builtin_ia32_pause();
     }
   };
+  // The rest of a refused frame: read into the buffer and dropped, never held whole.
+  while (c.skip > 0) {
+    const std::size_t buffered = std::min(c.skip, c.rend - c.rpos);
+    c.rpos += buffered;
+    c.skip -= buffered;
+    if (c.skip == 0) break;
+    ensure_buffer();
+    c.rpos = c.rend = 0;
+    receive(std::min(c.skip, c.rcap), 0);
+  }
   if (c.rpos == c.rend && c.rcap > 4 * 1024 * 1024) {
     // After a large message, give the memory back.
     c.rbuf.reset();
@@ -659,14 +676,14 @@ bool Core::next_frame(Connection& c, std::uint8_t*& data, std::size_t& len) {
   }
   fill(4);
   const std::uint8_t* h = c.rbuf.get() + c.rpos;
-  len = (std::size_t{h[0]} << 24) | (std::size_t{h[1]} << 16) | (std::size_t{h[2]} << 8) | h[3];
-  // A length field cannot make us allocate without bound (the peer knows the cookie, but a
-  // bug there must not take this node down).
-  if (len > kMaxFrame) throw WireError("distribution frame of " + std::to_string(len) + " bytes");
+  full = (std::size_t{h[0]} << 24) | (std::size_t{h[1]} << 16) | (std::size_t{h[2]} << 8) | h[3];
+  // A length field cannot make us allocate more than max_message_size: of a larger frame
+  // only the start is read (for its control message), the rest is skipped.
+  len = std::min(full, full > opt_.in.max_message ? kRefusedHead : full);
   fill(4 + len);
   data = c.rbuf.get() + c.rpos + 4;
   c.rpos += 4 + len;
-  return true;
+  c.skip = full - len;
 }
 
 void Core::reader(std::shared_ptr<Connection> c, std::uint64_t token) {
@@ -683,84 +700,25 @@ void Core::reader(std::shared_ptr<Connection> c, std::uint64_t token) {
         }
         c->batch_messages = 0;
       }
-      next_frame(*c, data, len);
-      if (len == 0) continue;  // a tick
-      handle_frame(c, data, len, token);
+      std::size_t full;
+      next_frame(*c, data, len, full);
+      if (full == 0) continue;  // a tick
+      Incoming in = c->frames.feed({data, len}, full);
+      if (in.kind == Incoming::kMessage) {
+        handle_message(c, in.data, in.atoms, token, in.owned.empty() ? nullptr : &in.owned);
+      } else if (in.kind == Incoming::kRefused) {
+        handle_refused(c, in);
+      }
     }
   } catch (const std::exception& e) {
     flush_wake(*c);
     if (c->reader_token.load() != token) return;
+    c->frames.clear();  // unfinished fragmented messages go with the connection
     if (!stopping_.load() && std::strcmp(e.what(), "connection closed") != 0) {
       std::fprintf(stderr, "erpy.node %s: connection to %s lost: %s\n", self_.name.c_str(),
                    c->peer.name.c_str(), e.what());
     }
     connection_down(c);
-  }
-}
-
-namespace {
-
-// The atom cache part of a distribution header (DFLAG_DIST_HDR_ATOM_CACHE). erpy does not
-// ask for it, but a peer may still send headers with zero references.
-std::vector<std::string> read_atom_refs(etf::Reader& r, std::vector<std::string>& cache) {
-  const std::size_t n = r.u8("atom cache refs");
-  std::vector<std::string> out;
-  if (n == 0) return out;
-  etf::Bytes flags = r.take(n / 2 + 1, "atom cache flags");
-  const bool long_atoms = (flags[n / 2] >> (4 * (n % 2))) & 1;
-  for (std::size_t i = 0; i < n; ++i) {
-    const std::uint8_t f = (flags[i / 2] >> (4 * (i % 2))) & 0xF;
-    const std::size_t idx = std::size_t{f & 7u} * 256 + r.u8("atom cache index");
-    if (f & 8) {
-      const std::size_t len = long_atoms ? r.u16("atom length") : r.u8("atom length");
-      etf::Bytes text = r.take(len, "atom text");
-      cache[idx].assign(reinterpret_cast<const char*>(text.data()), text.size());
-    }
-    out.push_back(cache[idx]);
-  }
-  return out;
-}
-
-}  // namespace
-
-void Core::handle_frame(const std::shared_ptr<Connection>& c, std::uint8_t* data, std::size_t len,
-                        std::uint64_t token) {
-  if (data[0] == 112) {
-    handle_message(c, etf::Bytes(data + 1, len - 1), {}, token, nullptr);
-    return;
-  }
-  etf::Reader r(etf::Bytes(data, len));
-  if (r.u8("magic") != 131) throw WireError("bad distribution message");
-  const std::uint8_t kind = r.u8("header");
-  if (kind == etf::kDistHeader) {
-    auto refs = read_atom_refs(r, c->atom_cache);
-    handle_message(c, r.data().subspan(r.pos()), refs, token, nullptr);
-  } else if (kind == etf::kDistFragHeader) {
-    const std::uint64_t seq = r.u64("sequence id");
-    const std::uint64_t frag = r.u64("fragment id");
-    auto refs = read_atom_refs(r, c->atom_cache);
-    etf::Bytes rest = r.data().subspan(r.pos());
-    if (frag <= 1) {
-      handle_message(c, rest, refs, token, nullptr);
-    } else {
-      auto& part = c->fragments[seq];
-      part.data.assign(rest.begin(), rest.end());
-      part.cache = std::move(refs);
-    }
-  } else if (kind == 70) {  // DIST_FRAG_CONT
-    const std::uint64_t seq = r.u64("sequence id");
-    const std::uint64_t frag = r.u64("fragment id");
-    auto it = c->fragments.find(seq);
-    if (it == c->fragments.end()) throw WireError("fragment of an unknown message");
-    etf::Bytes rest = r.data().subspan(r.pos());
-    it->second.data.insert(it->second.data.end(), rest.begin(), rest.end());
-    if (frag <= 1) {
-      Connection::Partial whole = std::move(it->second);
-      c->fragments.erase(it);
-      handle_message(c, whole.data, whole.cache, token, &whole.data);
-    }
-  } else {
-    throw WireError("unknown distribution header " + std::to_string(kind));
   }
 }
 
@@ -1137,8 +1095,165 @@ void Core::handle_spawn(const std::shared_ptr<Connection>& c, const etf::Tuple& 
   if (c->has_frame() && dispatch(c, j)) return;
   c->busy_since.store(now_ns());
   wake_watchdog();
+  inline_conn_ = c.get();
+  inline_token_ = token;
   run_job(*c, j);
+  inline_conn_ = nullptr;
   if (c->reader_token.load() == token) c->busy_since.store(0);
+}
+
+thread_local Core::Running* Core::current_run_ = nullptr;
+thread_local Connection* Core::inline_conn_ = nullptr;
+thread_local std::uint64_t Core::inline_token_ = 0;
+
+void Core::yield_reader() {
+  Connection* c = inline_conn_;
+  if (!c) return;
+  inline_conn_ = nullptr;
+  std::shared_ptr<Connection> conn;
+  {
+    // As the watchdog does (under the same lock, so that only one of us hands over).
+    std::lock_guard lk(wd_mu_);
+    if (c->reader_token.load() != inline_token_ || !c->busy_since.load()) return;
+    c->busy_since.store(0);
+    c->reader_token.fetch_add(1);
+    std::lock_guard ml(mu_);
+    auto it = conns_.find(c->peer.name);
+    if (it != conns_.end() && it->second.get() == c) conn = it->second;
+  }
+  handovers.fetch_add(1, std::memory_order_relaxed);
+  if (conn) start_reader(conn);
+}
+
+Core::WaitScope::WaitScope(const std::shared_ptr<Process>& p) {
+  if (Running* r = current_run_) {
+    std::lock_guard lk(r->mu);
+    r->waiting = p;
+  }
+}
+
+Core::WaitScope::~WaitScope() {
+  if (Running* r = current_run_) {
+    std::lock_guard lk(r->mu);
+    r->waiting.reset();
+  }
+}
+
+bool Core::WaitScope::cancelled() const {
+  const Running* r = current_run_;
+  return r && r->cancelled.load();
+}
+
+void Core::end_spawn(Connection& c, const Bytes& req, const Bytes& from, bool monitor, bool link,
+                     const Bytes& reason) {
+  const Bytes pid = encode_pid(next_pid_++);
+  py::ByteBuffer b;
+  {
+    Frame f(b);
+    etf::put_tuple_header(b, 5);
+    etf::put_integer(b, kSpawnReply);
+    etf::put_raw(b, req);
+    etf::put_raw(b, from);
+    etf::put_integer(b, (link ? 1 : 0) | (monitor ? 2 : 0));
+    etf::put_raw(b, pid);
+    f.end();
+  }
+  if (monitor) {
+    Frame f(b);
+    etf::put_tuple_header(b, 4);
+    etf::put_integer(b, kPayloadMonitorPExit);
+    etf::put_raw(b, pid);
+    etf::put_raw(b, from);
+    etf::put_raw(b, req);
+    f.payload();
+    etf::put_raw(b, reason);
+    f.end();
+  }
+  if (link) {
+    Frame f(b);
+    etf::put_tuple_header(b, 3);
+    etf::put_integer(b, kPayloadExit);
+    etf::put_raw(b, pid);
+    etf::put_raw(b, from);
+    f.payload();
+    etf::put_raw(b, reason);
+    f.end();
+  }
+  c.send(b.data(), b.size());
+}
+
+void Core::handle_refused(const std::shared_ptr<Connection>& c, const Incoming& in) {
+  refused.fetch_add(1, std::memory_order_relaxed);
+  const InLimits& lim = c->frames.limits();
+  Bytes why;
+  {
+    BytesSink s{why};
+    etf::put_tuple_header(s, 3);
+    if (in.why == Incoming::kTooLarge) {
+      etf::put_atom(s, "message_too_large");
+      etf::put_integer(s, static_cast<std::int64_t>(in.size));
+      etf::put_integer(s, static_cast<std::int64_t>(lim.max_message));
+      std::fprintf(stderr, "erpy.node %s: refused a message of %zu bytes or more from %s (max_message_size %zu)\n",
+                   self_.name.c_str(), in.size, c->peer.name.c_str(), lim.max_message);
+    } else {
+      etf::put_atom(s, "fragment_limit");
+      etf::put_integer(s, static_cast<std::int64_t>(lim.max_pending));
+      etf::put_integer(s, static_cast<std::int64_t>(lim.max_pending_bytes));
+      std::fprintf(stderr,
+                   "erpy.node %s: refused a fragmented message from %s: the connection's unfinished "
+                   "ones are at their limit (%zu messages, %zu bytes)\n",
+                   self_.name.c_str(), c->peer.name.c_str(), lim.max_pending, lim.max_pending_bytes);
+    }
+  }
+  // A spawn request (an rpc) is answered all the same: its caller must not wait forever.
+  // The call's process ends at once with the reason, inside erpc's result tuple when the
+  // start of the payload holds it ({Res, error, Why, []}: erpc raises it as an error).
+  try {
+    etf::Reader r(in.data);
+    if (r.peek_u8() == 131) r.u8();
+    etf::TermBuilder tb;
+    etf::DecodeOptions o;
+    o.atom_cache = in.atoms;
+    etf::Term ctl_term = etf::decode_term(r, tb, o);
+    const auto* ctl = std::get_if<etf::Tuple>(&ctl_term.v);
+    if (!ctl || ctl->items.size() < 6) return;
+    const auto& it = ctl->items;
+    const std::int64_t op = int_of(it[0]);
+    if (op != kSpawnRequest && op != kSpawnRequestTT) return;
+    bool monitor = false, link = false;
+    if (const auto* opts = std::get_if<etf::List>(&it[5].v)) {
+      for (const auto& opt : opts->items) {
+        if (const std::string* a = atom_of(opt)) {
+          monitor = monitor || *a == "monitor";
+          link = link || *a == "link";
+        }
+      }
+    }
+    Bytes reason = why;
+    const auto* mfa = std::get_if<etf::Tuple>(&it[4].v);
+    if (mfa && mfa->items.size() == 3 && atom_of(mfa->items[0]) && *atom_of(mfa->items[0]) == "erpc" &&
+        atom_of(mfa->items[1]) && *atom_of(mfa->items[1]) == "execute_call") {
+      try {
+        if (r.peek_u8() == 131) r.u8();
+        if (r.u8("argument list") != etf::kList) throw WireError("bad argument list");
+        r.u32("list length");
+        etf::TermBuilder rb;
+        const Bytes res = enc(etf::decode_term(r, rb));
+        reason = build([&](auto& s) {
+          etf::put_tuple_header(s, 4);
+          etf::put_raw(s, res);
+          etf::put_atom(s, "error");
+          etf::put_raw(s, why);
+          etf::put_nil(s);
+        });
+      } catch (const std::exception&) {
+        // Not there: the plain reason.
+      }
+    }
+    end_spawn(*c, enc(it[1]), enc(it[2]), monitor, link, reason);
+  } catch (const std::exception&) {
+    // Its start holds no whole control message: nothing to answer.
+  }
 }
 
 Core::Queued::Queued(std::shared_ptr<Connection> c, std::unique_ptr<Job> j)
@@ -1200,9 +1315,39 @@ PyObject* Core::resolve(const std::string& module, const std::string& function) 
 
 namespace {
 thread_local std::size_t t_result_limit = 0;
+thread_local bool t_result_binary = false;
+
+// Appends `value` as a binary holding its external format (version byte first); returns
+// the binary's size, as erlang:external_size/1 of the value would be.
+std::size_t put_etf_binary(py::ByteBuffer& b, py::Codec& codec, PyObject* value, const py::EncodeOptions& eo) {
+  const std::size_t head = b.size();
+  static const std::uint8_t binary_ext[5] = {etf::kBinary, 0, 0, 0, 0};
+  b.write(binary_ext, sizeof binary_ext);
+  const std::size_t mark = b.size();
+  b.byte(131);
+  codec.encode_append(b, value, eo);
+  const std::size_t n = b.size() - mark;
+  if (n > 0xFFFFFFFFu) throw etf::EncodeError("a result over 4 GiB");
+  std::uint8_t* p = b.data() + head + 1;
+  p[0] = static_cast<std::uint8_t>(n >> 24);
+  p[1] = static_cast<std::uint8_t>(n >> 16);
+  p[2] = static_cast<std::uint8_t>(n >> 8);
+  p[3] = static_cast<std::uint8_t>(n);
+  return n;
+}
+
+void put_too_large(py::ByteBuffer& b, std::size_t size, std::size_t max) {
+  etf::put_tuple_header(b, 3);
+  etf::put_atom(b, "message_too_large");
+  etf::put_integer(b, static_cast<std::int64_t>(size));
+  etf::put_integer(b, static_cast<std::int64_t>(max));
+}
 }  // namespace
 
-void Core::set_result_limit(std::size_t max) { t_result_limit = max; }
+void Core::set_result_limit(std::size_t max, bool binary) {
+  t_result_limit = max;
+  t_result_binary = binary;
+}
 
 void Core::run_job(Connection& c, Job& j) {
   const std::uint32_t id = next_pid_++;
@@ -1241,6 +1386,8 @@ void Core::run_job(Connection& c, Job& j) {
     GilHold gil;
     run->tid = PyThread_get_thread_ident();
     t_result_limit = 0;
+    t_result_binary = false;
+    current_run_ = run.get();
     const std::size_t base = kPayloadMagic ? 1 : 0;
     if (kPayloadMagic) reason.byte(131);
     py::EncodeOptions eo;
@@ -1276,18 +1423,20 @@ void Core::run_job(Connection& c, Job& j) {
           etf::put_tuple_header(reason, 3);
           etf::put_raw(reason, j.res);
           etf::put_atom(reason, "return");
-          const std::size_t mark = reason.size();
-          codec_.encode_append(reason, result.get(), eo);
-          const std::size_t size = reason.size() - mark + 1;  // as erlang:external_size/1
+          std::size_t size;
+          if (t_result_binary) {
+            size = put_etf_binary(reason, codec_, result.get(), eo);
+          } else {
+            const std::size_t mark = reason.size();
+            codec_.encode_append(reason, result.get(), eo);
+            size = reason.size() - mark + 1;  // as erlang:external_size/1
+          }
           if (t_result_limit && size > t_result_limit) {
             reason.truncate(base);
             etf::put_tuple_header(reason, 4);
             etf::put_raw(reason, j.res);
             etf::put_atom(reason, "error");
-            etf::put_tuple_header(reason, 3);
-            etf::put_atom(reason, "message_too_large");
-            etf::put_integer(reason, static_cast<std::int64_t>(size));
-            etf::put_integer(reason, static_cast<std::int64_t>(t_result_limit));
+            put_too_large(reason, size, t_result_limit);
             etf::put_nil(reason);
           }
         } else {
@@ -1314,7 +1463,16 @@ void Core::run_job(Connection& c, Job& j) {
       const std::size_t mark = reason.size();
       try {
         if (!map) throw PythonError();
-        codec_.encode_append(reason, map.get(), eo);
+        if (t_result_binary && j.kind == Job::kCall) {
+          // The error map too: its message and traceback are Python's to choose.
+          const std::size_t size = put_etf_binary(reason, codec_, map.get(), eo);
+          if (t_result_limit && size > t_result_limit) {
+            reason.truncate(mark);
+            put_too_large(reason, size, t_result_limit);
+          }
+        } else {
+          codec_.encode_append(reason, map.get(), eo);
+        }
       } catch (...) {
         PyErr_Clear();
         reason.truncate(mark);
@@ -1323,6 +1481,8 @@ void Core::run_job(Connection& c, Job& j) {
       etf::put_nil(reason);
     }
     t_result_limit = 0;
+    t_result_binary = false;
+    current_run_ = nullptr;
   }
   std::unique_lock rl(run->mu);
   run->finished = true;
@@ -1375,6 +1535,7 @@ void Core::run_job(Connection& c, Job& j) {
 
 bool Core::cancel_job(std::uint32_t id, const Bytes* ref, const Bytes* reason) {
   std::shared_ptr<Running> r;
+  std::shared_ptr<Process> waiting;
   {
     std::lock_guard lk(run_mu_);
     auto it = running_.find(id);
@@ -1390,6 +1551,12 @@ bool Core::cancel_job(std::uint32_t id, const Bytes* ref, const Bytes* reason) {
     if (ref && !r->monitor) return true;
     if (reason) r->cancel_reason = *reason;
     r->cancelled.store(true);
+    waiting = r->waiting;
+  }
+  if (waiting) {
+    // Its thread waits in a mailbox (a callback into Erlang): wake it to see the cancel.
+    { std::lock_guard pl(waiting->mu); }
+    waiting->cv.notify_all();
   }
   {
     // The watchdog interrupts it (and again until it stops).

@@ -105,12 +105,8 @@ struct Connection {
   std::vector<std::shared_ptr<Process>> wake;
   int batch_messages = 0;  // messages delivered from the bytes of the current read
   bool has_frame() const;
-  struct Partial {
-    Bytes data;
-    std::vector<std::string> cache;
-  };
-  std::unordered_map<std::uint64_t, Partial> fragments;  // by sequence id
-  std::vector<std::string> atom_cache = std::vector<std::string>(2048);
+  Reassembler frames;   // headers, fragments, inbound limits
+  std::size_t skip = 0;  // bytes of a refused frame still to be read and dropped
 
   void send(const std::uint8_t* data, std::size_t n);
   void sendv(struct iovec* iov, int n);
@@ -130,6 +126,7 @@ struct Options {
   // When one read brought several messages (a stream), wait this long before the next
   // read so that it brings many: one wake-up per batch instead of per message.
   int coalesce_us = 200;
+  InLimits in;  // what one connection may make us hold (max_message_size ...)
 };
 
 // One frame under construction: [len:32][131 68 0][control][payload]. With
@@ -212,9 +209,28 @@ class Core : public std::enable_shared_from_this<Core> {
 
   // From inside a call Erlang made (erpy.service): the largest result, in bytes of
   // external format, this call may return; a larger one is refused with
-  // {message_too_large, Size, Max}. 0: no limit. Applies to the calling thread's current
-  // call only.
-  static void set_result_limit(std::size_t max);
+  // {message_too_large, Size, Max}. 0: no limit. With `binary` the result (or the error
+  // map) goes back as its ETF in a binary, so that the caller decodes it under its own
+  // rules (no atoms are made by the distribution layer). Applies to the calling thread's
+  // current call only.
+  static void set_result_limit(std::size_t max, bool binary = false);
+
+  // The calling thread is about to wait for a message (a mailbox receive, with the GIL
+  // released). If it is a connection's reader running a call inline, another thread
+  // takes over reading now, so the answer it waits for can be read.
+  void yield_reader();
+
+  // While a call's thread waits in a mailbox (`p`): the call's cancellation (its caller
+  // gave up) wakes it. cancelled() tells whether the call running on this thread was
+  // cancelled; false outside calls.
+  class WaitScope {
+   public:
+    explicit WaitScope(const std::shared_ptr<Process>& p);
+    ~WaitScope();
+    WaitScope(const WaitScope&) = delete;
+    WaitScope& operator=(const WaitScope&) = delete;
+    bool cancelled() const;
+  };
 
   // Interrupts the call started by spawn request `req` (encoded, no version byte): for a
   // caller whose node abandoned the request before our SPAWN_REPLY reached it, so that it
@@ -222,7 +238,7 @@ class Core : public std::enable_shared_from_this<Core> {
   void cancel_request(const Bytes& req);
 
   // Counters for tests and benchmarks.
-  std::atomic<std::uint64_t> calls{0}, messages{0}, handovers{0};
+  std::atomic<std::uint64_t> calls{0}, messages{0}, handovers{0}, refused{0};
 
  private:
   void acceptor();
@@ -232,9 +248,13 @@ class Core : public std::enable_shared_from_this<Core> {
   void reader(std::shared_ptr<Connection> c, std::uint64_t token);
   void add_connection(const std::shared_ptr<Connection>& c);
   void connection_down(const std::shared_ptr<Connection>& c);
-  bool next_frame(Connection& c, std::uint8_t*& data, std::size_t& len);
-  void handle_frame(const std::shared_ptr<Connection>& c, std::uint8_t* data, std::size_t len,
-                    std::uint64_t token);
+  // The next frame, or its start when it is over the limit (`full`: its length).
+  void next_frame(Connection& c, std::uint8_t*& data, std::size_t& len, std::size_t& full);
+  // A message refused by the connection's limits: logged, and a spawn request answered.
+  void handle_refused(const std::shared_ptr<Connection>& c, const Incoming& in);
+  // Answers spawn request `req` with a process that ends at once with `reason`.
+  void end_spawn(Connection& c, const Bytes& req, const Bytes& from, bool monitor, bool link,
+                 const Bytes& reason);
   // `owner`: a buffer holding `msg` that a spawn request may take over, or null.
   void handle_message(const std::shared_ptr<Connection>& c, etf::Bytes msg,
                       std::span<const std::string> cache, std::uint64_t token, Bytes* owner);
@@ -266,7 +286,12 @@ class Core : public std::enable_shared_from_this<Core> {
     // Under the GIL: the Python thread running the call, and whether Python is done.
     unsigned long tid = 0;
     bool py_done = false;
+    std::shared_ptr<Process> waiting;  // a mailbox its thread waits in (WaitScope), under mu
   };
+  static thread_local Running* current_run_;  // the call run_job runs on this thread
+  // The connection this thread reads and runs a call of inline (yield_reader).
+  static thread_local Connection* inline_conn_;
+  static thread_local std::uint64_t inline_token_;
   void run_job(Connection& c, Job& job);
   // The caller gave up on job `id` (demonitor with `ref`, or an exit signal `reason`).
   bool cancel_job(std::uint32_t id, const Bytes* ref, const Bytes* reason);

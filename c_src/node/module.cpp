@@ -1,7 +1,8 @@
 // The extension module erpy._node: the Python face of the C++ distribution core.
 //
 //   Node(name, cookie, *, resolver, error_formatter, host='127.0.0.1', port=0,
-//        hidden=True, ticktime=60, slow_ms=5)
+//        hidden=True, ticktime=60, slow_ms=5, spin_us=0, coalesce_us=200,
+//        max_message_size=64 MiB, max_fragments=1024, max_fragment_bytes=256 MiB)
 //     .start() .stop() .mailbox() .send(dest, msg) .connect(node) .nodes() .make_ref()
 //     .whereis(name) .unregister(name) .clear_cache() .stats()  .name .creation .port
 //   Mailbox (a local process): .pid .receive(timeout=None) .receive_many(max, timeout)
@@ -199,21 +200,31 @@ void mailbox_dealloc(PyObject* self) {
 MailboxObject* mb(PyObject* self) { return reinterpret_cast<MailboxObject*>(self); }
 
 // Waits (without the GIL) until the mailbox has a message, is closed, or the deadline
-// passes; wakes every 100 ms to let Python handle signals (Ctrl-C).
-// Returns false on timeout; throws PythonError for a signal.
-bool wait_for_message(Process& p, double timeout) {
+// passes; wakes every 100 ms to let Python handle signals (Ctrl-C). Inside a call Erlang
+// made, the wait does not hold up the connection (another thread reads it meanwhile) and
+// ends with KeyboardInterrupt when the caller gives up, as the call's Python code would.
+// Returns false on timeout; throws PythonError for a signal or a cancel.
+bool wait_for_message(Core& core, const std::shared_ptr<Process>& proc, double timeout) {
   using clock = std::chrono::steady_clock;
+  Process& p = *proc;
   const bool forever = timeout < 0;
   const auto deadline = clock::now() + std::chrono::duration_cast<clock::duration>(
                                            std::chrono::duration<double>(forever ? 0 : timeout));
   for (;;) {
-    bool ready;
+    bool ready, cancelled;
     {
       GilRelease nogil;
+      core.yield_reader();
+      Core::WaitScope scope(proc);
       std::unique_lock lk(p.mu);
       auto until = clock::now() + std::chrono::milliseconds(100);
       if (!forever && deadline < until) until = deadline;
-      ready = p.cv.wait_until(lk, until, [&] { return !p.queue.empty() || p.closed; });
+      ready = p.cv.wait_until(lk, until, [&] { return !p.queue.empty() || p.closed || scope.cancelled(); });
+      cancelled = scope.cancelled();
+    }
+    if (cancelled) {
+      PyErr_SetString(PyExc_KeyboardInterrupt, "the Erlang caller gave up on this call");
+      throw PythonError();
     }
     if (ready) return true;
     if (PyErr_CheckSignals() != 0) throw PythonError();
@@ -249,7 +260,7 @@ PyObject* mailbox_receive(PyObject* self, PyObject* args, PyObject* kw) {
           return nullptr;
         }
       }
-      if (!wait_for_message(p, t)) {
+      if (!wait_for_message(*mb(self)->core, mb(self)->proc, t)) {
         PyErr_SetString(PyExc_TimeoutError, "no message within the timeout");
         return nullptr;
       }
@@ -281,7 +292,7 @@ PyObject* mailbox_receive_many(PyObject* self, PyObject* args, PyObject* kw) {
           return nullptr;
         }
       }
-      if (!got.empty() || !wait_for_message(p, t)) break;
+      if (!got.empty() || !wait_for_message(*mb(self)->core, mb(self)->proc, t)) break;
     }
     PyRef list = PyRef::check(PyList_New(static_cast<Py_ssize_t>(got.size())));
     for (std::size_t i = 0; i < got.size(); ++i) {
@@ -568,13 +579,25 @@ NodeObject* nd(PyObject* self) { return reinterpret_cast<NodeObject*>(self); }
 
 PyObject* node_new(PyTypeObject* type, PyObject* args, PyObject* kw) {
   static const char* kwlist[] = {"name", "cookie", "resolver", "error_formatter", "host", "port",
-                                 "hidden", "ticktime", "slow_ms", "spin_us", "coalesce_us", nullptr};
+                                 "hidden", "ticktime", "slow_ms", "spin_us", "coalesce_us",
+                                 "max_message_size", "max_fragments", "max_fragment_bytes", nullptr};
   const char *name, *cookie, *host = "127.0.0.1";
   PyObject *resolver = nullptr, *formatter = nullptr;
   int port = 0, hidden = 1, ticktime = 60, slow_ms = 5, spin_us = 0, coalesce_us = 200;
-  if (!PyArg_ParseTupleAndKeywords(args, kw, "ss|$OOsipiiii", const_cast<char**>(kwlist), &name, &cookie,
+  // 0: the default (InLimits; the fragment bytes default to twice the message limit, at
+  // least 256 MiB).
+  unsigned long long max_message = 0, max_fragments = 0, max_fragment_bytes = 0;
+  if (!PyArg_ParseTupleAndKeywords(args, kw, "ss|$OOsipiiiiKKK", const_cast<char**>(kwlist), &name, &cookie,
                                    &resolver, &formatter, &host, &port, &hidden, &ticktime, &slow_ms,
-                                   &spin_us, &coalesce_us)) {
+                                   &spin_us, &coalesce_us, &max_message, &max_fragments,
+                                   &max_fragment_bytes)) {
+    return nullptr;
+  }
+  // Frames carry a 32-bit length; a limit over 1 GiB is no limit worth having.
+  constexpr unsigned long long kMinMessage = 1024, kMaxMessage = 1ull << 30;
+  if ((max_message && (max_message < kMinMessage || max_message > kMaxMessage))) {
+    PyErr_Format(PyExc_ValueError, "max_message_size must be between %llu and %llu bytes", kMinMessage,
+                 kMaxMessage);
     return nullptr;
   }
   if (!resolver || !formatter || !PyCallable_Check(resolver) || !PyCallable_Check(formatter)) {
@@ -595,6 +618,10 @@ PyObject* node_new(PyTypeObject* type, PyObject* args, PyObject* kw) {
     o.slow_ms = slow_ms < 1 ? 1 : slow_ms;
     o.spin_us = spin_us < 0 ? 0 : spin_us;
     o.coalesce_us = coalesce_us < 0 ? 0 : coalesce_us;
+    if (max_message) o.in.max_message = static_cast<std::size_t>(max_message);
+    if (max_fragments) o.in.max_pending = static_cast<std::size_t>(max_fragments);
+    o.in.max_pending_bytes = max_fragment_bytes ? static_cast<std::size_t>(max_fragment_bytes)
+                                                : std::max(o.in.max_pending_bytes, 2 * o.in.max_message);
     self->core = std::make_shared<Core>(std::move(o), *g_codec, resolver, formatter);
   } catch (...) {
     raise_current();
@@ -747,18 +774,20 @@ PyObject* node_cancel_request(PyObject* self, PyObject* arg) {
   Py_RETURN_NONE;
 }
 
-PyObject* node_set_result_limit(PyObject*, PyObject* arg) {
-  const unsigned long long n = PyLong_AsUnsignedLongLong(arg);
-  if (n == static_cast<unsigned long long>(-1) && PyErr_Occurred()) return nullptr;
-  Core::set_result_limit(static_cast<std::size_t>(n));
+PyObject* node_set_result_limit(PyObject*, PyObject* args) {
+  unsigned long long n;
+  int binary = 0;
+  if (!PyArg_ParseTuple(args, "K|p:set_result_limit", &n, &binary)) return nullptr;
+  Core::set_result_limit(static_cast<std::size_t>(n), binary != 0);
   Py_RETURN_NONE;
 }
 
 PyObject* node_stats(PyObject* self, PyObject*) {
   Core& c = *nd(self)->core;
-  return Py_BuildValue("{sKsKsK}", "calls", static_cast<unsigned long long>(c.calls.load()), "messages",
+  return Py_BuildValue("{sKsKsKsK}", "calls", static_cast<unsigned long long>(c.calls.load()), "messages",
                        static_cast<unsigned long long>(c.messages.load()), "handovers",
-                       static_cast<unsigned long long>(c.handovers.load()));
+                       static_cast<unsigned long long>(c.handovers.load()), "refused",
+                       static_cast<unsigned long long>(c.refused.load()));
 }
 
 PyObject* node_get_name(PyObject* self, void*) {
@@ -782,8 +811,9 @@ PyMethodDef node_methods[] = {
     {"stats", node_stats, METH_NOARGS, "counters: calls, messages, handovers"},
     {"cancel_request", node_cancel_request, METH_O,
      "cancel_request(req_id): interrupt the call started by this spawn request"},
-    {"set_result_limit", node_set_result_limit, METH_O,
-     "set_result_limit(max): the current call's result may not exceed max bytes (0: no limit)"},
+    {"set_result_limit", node_set_result_limit, METH_VARARGS,
+     "set_result_limit(max, binary=False): the current call's result may not exceed max bytes "
+     "(0: no limit); with binary it goes back as its ETF in a binary (errors too)"},
     {nullptr, nullptr, 0, nullptr},
 };
 

@@ -14,6 +14,8 @@
 #include <unistd.h>
 #include <vector>
 
+#include "etf/reader.hpp"
+#include "etf/tags.hpp"
 #include "md5.hpp"
 
 namespace erpy::node {
@@ -321,6 +323,139 @@ Peer handshake_connect(int fd, const Self& self, const std::string& peer_name) {
     throw WireError("handshake with " + peer_name + ": the other node has another cookie");
   }
   return peer;
+}
+
+}  // namespace erpy::node
+
+// --- Incoming frames ------------------------------------------------------------------------
+
+namespace erpy::node {
+
+namespace {
+
+constexpr std::uint8_t kPassThrough = 112, kFragCont = 70;
+
+// The atom cache part of a distribution header (DFLAG_DIST_HDR_ATOM_CACHE). erpy does not
+// ask for it, but a peer may still send headers with zero references.
+std::vector<std::string> read_atom_refs(etf::Reader& r, std::vector<std::string>& cache) {
+  const std::size_t n = r.u8("atom cache refs");
+  std::vector<std::string> out;
+  if (n == 0) return out;
+  etf::Bytes flags = r.take(n / 2 + 1, "atom cache flags");
+  const bool long_atoms = (flags[n / 2] >> (4 * (n % 2))) & 1;
+  for (std::size_t i = 0; i < n; ++i) {
+    const std::uint8_t f = (flags[i / 2] >> (4 * (i % 2))) & 0xF;
+    const std::size_t idx = std::size_t{f & 7u} * 256 + r.u8("atom cache index");
+    if (f & 8) {
+      const std::size_t len = long_atoms ? r.u16("atom length") : r.u8("atom length");
+      etf::Bytes text = r.take(len, "atom text");
+      cache[idx].assign(reinterpret_cast<const char*>(text.data()), text.size());
+    }
+    out.push_back(cache[idx]);
+  }
+  return out;
+}
+
+// Keeps the first kRefusedHead bytes of `b` and frees the rest.
+void keep_head(Bytes& b) {
+  if (b.size() <= kRefusedHead) return;
+  Bytes head(b.begin(), b.begin() + kRefusedHead);
+  b.swap(head);
+}
+
+}  // namespace
+
+Incoming Reassembler::refuse(Incoming in, Incoming::Why why, std::size_t size) {
+  in.kind = Incoming::kRefused;
+  in.why = why;
+  in.size = size;
+  if (in.data.size() > kRefusedHead) in.data = in.data.first(kRefusedHead);
+  return in;
+}
+
+Incoming Reassembler::drop(std::unordered_map<std::uint64_t, Partial>::iterator it, Incoming::Why why,
+                           std::size_t size) {
+  Incoming in;
+  bytes_ -= it->second.data.size();
+  in.owned = std::move(it->second.data);
+  in.atoms = std::move(it->second.atoms);
+  partial_.erase(it);
+  keep_head(in.owned);
+  in.data = in.owned;
+  return refuse(std::move(in), why, size);
+}
+
+void Reassembler::clear() {
+  partial_.clear();
+  bytes_ = 0;
+}
+
+Incoming Reassembler::feed(std::span<const std::uint8_t> frame, std::size_t full) {
+  Incoming in;
+  if (frame.empty()) return in;  // a tick
+  const bool cut = full > frame.size();
+  const bool too_large = cut || full > lim_.max_message;
+  if (frame[0] == kPassThrough) {
+    in.data = frame.subspan(1);
+    if (too_large) return refuse(std::move(in), Incoming::kTooLarge, full);
+    in.kind = Incoming::kMessage;
+    return in;
+  }
+  etf::Reader r(frame);
+  if (r.u8("magic") != 131) throw WireError("bad distribution message");
+  const std::uint8_t kind = r.u8("header");
+  if (kind == etf::kDistHeader) {
+    in.atoms = read_atom_refs(r, atom_cache_);
+    in.data = frame.subspan(r.pos());
+    if (too_large) return refuse(std::move(in), Incoming::kTooLarge, full);
+    in.kind = Incoming::kMessage;
+    return in;
+  }
+  if (kind == etf::kDistFragHeader) {
+    const std::uint64_t seq = r.u64("sequence id");
+    const std::uint64_t frag = r.u64("fragment id");
+    in.atoms = read_atom_refs(r, atom_cache_);
+    in.data = frame.subspan(r.pos());
+    const std::size_t size = full - r.pos();
+    if (too_large) return refuse(std::move(in), Incoming::kTooLarge, full);
+    if (frag <= 1) {  // the whole message in one fragment
+      in.kind = Incoming::kMessage;
+      return in;
+    }
+    if (partial_.count(seq)) throw WireError("fragmented message " + std::to_string(seq) + " begun twice");
+    // Refused here, the sequence is never recorded: its other fragments are skipped.
+    if (partial_.size() >= lim_.max_pending || bytes_ + size > lim_.max_pending_bytes) {
+      return refuse(std::move(in), Incoming::kPendingLimit, size);
+    }
+    Partial& p = partial_[seq];
+    p.data.assign(in.data.begin(), in.data.end());
+    p.atoms = std::move(in.atoms);
+    bytes_ += size;
+    return Incoming{};
+  }
+  if (kind == kFragCont) {
+    const std::uint64_t seq = r.u64("sequence id");
+    const std::uint64_t frag = r.u64("fragment id");
+    auto it = partial_.find(seq);
+    // A fragment of a message refused earlier (or never begun): skipped.
+    if (it == partial_.end()) return in;
+    const std::size_t add = full - r.pos();
+    const std::size_t size = it->second.data.size() + add;
+    if (cut || size > lim_.max_message) return drop(it, Incoming::kTooLarge, size);
+    if (bytes_ + add > lim_.max_pending_bytes) return drop(it, Incoming::kPendingLimit, size);
+    etf::Bytes rest = frame.subspan(r.pos());
+    it->second.data.insert(it->second.data.end(), rest.begin(), rest.end());
+    bytes_ += add;
+    if (frag > 1) return in;
+    bytes_ -= it->second.data.size();
+    in.owned = std::move(it->second.data);
+    in.atoms = std::move(it->second.atoms);
+    partial_.erase(it);
+    in.data = in.owned;
+    in.kind = Incoming::kMessage;
+    return in;
+  }
+  throw WireError("unknown distribution header " + std::to_string(kind));
 }
 
 }  // namespace erpy::node

@@ -5,10 +5,13 @@
 // Facts from OTP's "Distribution Protocol" chapter (erts/doc) and kernel's dist_util.erl.
 #pragma once
 #include <cstdint>
+#include <span>
 #include <stdexcept>
 #include <string>
 #include <string_view>
+#include <unordered_map>
 #include <utility>
+#include <vector>
 
 namespace erpy::node {
 
@@ -115,5 +118,64 @@ struct Self {
 Peer handshake_accept(int fd, const Self& self);
 // The connecting side.
 Peer handshake_connect(int fd, const Self& self, const std::string& peer_name);
+
+using Bytes = std::vector<std::uint8_t>;
+
+// What one connection may make this node hold for the messages it receives.
+struct InLimits {
+  // One message: a frame, or the fragments of a fragmented message together (bytes after
+  // the distribution headers; a frame counts whole).
+  std::size_t max_message = std::size_t{64} << 20;
+  // Fragmented messages begun and not finished, and their bytes together.
+  std::size_t max_pending = 1024;
+  std::size_t max_pending_bytes = std::size_t{256} << 20;
+};
+
+// Of a refused message only its start is kept: enough for the control message (to answer
+// a spawn request), never the whole.
+inline constexpr std::size_t kRefusedHead = 64 * 1024;
+
+// What one frame amounts to.
+struct Incoming {
+  enum Kind { kNothing, kMessage, kRefused } kind = kNothing;
+  enum Why { kTooLarge, kPendingLimit } why = kTooLarge;
+  // kMessage: the message (control message, then payload); kRefused: its start. A span of
+  // the frame, or of `owned` (a reassembled message, or what is left of a refused one).
+  std::span<const std::uint8_t> data;
+  Bytes owned;
+  std::vector<std::string> atoms;  // the atom cache references of its header
+  std::size_t size = 0;            // kRefused: its size in bytes (so far, if fragmented)
+};
+
+// Distribution headers and fragmented messages (DIST_FRAG_HEADER/CONT, OTP 22+) of one
+// connection, within InLimits: a message over max_message, or a fragmented one that would
+// take the connection over max_pending or max_pending_bytes, is refused and its bytes
+// freed (the rest of its fragments are skipped as they come). Malformed frames throw
+// WireError or etf::DecodeError: the connection is closed.
+class Reassembler {
+ public:
+  void set_limits(const InLimits& l) { lim_ = l; }
+  const InLimits& limits() const { return lim_; }
+  // `frame`: a frame's bytes after its length. `full`: the frame's length when only its
+  // start was read (a frame over max_message is not read whole), else frame.size().
+  Incoming feed(std::span<const std::uint8_t> frame, std::size_t full);
+  std::size_t pending() const { return partial_.size(); }
+  std::size_t pending_bytes() const { return bytes_; }
+  void clear();
+
+ private:
+  struct Partial {
+    Bytes data;
+    std::vector<std::string> atoms;
+  };
+  Incoming refuse(Incoming in, Incoming::Why why, std::size_t size);
+  Incoming drop(std::unordered_map<std::uint64_t, Partial>::iterator it, Incoming::Why why,
+                std::size_t size);
+
+  InLimits lim_;
+  std::unordered_map<std::uint64_t, Partial> partial_;  // by sequence id
+  std::size_t bytes_ = 0;
+  std::vector<std::string> atom_cache_ = std::vector<std::string>(2048);
+};
 
 }  // namespace erpy::node

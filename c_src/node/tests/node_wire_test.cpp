@@ -1,9 +1,11 @@
-// The node's protocol pieces without Python: MD5 (RFC 1321 vectors) and the OTP 23+
+// The node's protocol pieces without Python: MD5 (RFC 1321 vectors), the OTP 23+
 // handshake between the accepting and the connecting side over a socket pair, with the
-// same cookie and with different ones.
+// same cookie and with different ones, and incoming frames within the inbound limits
+// (crafted messages, fragmented ones, hostile sizes and counts).
 #include <gtest/gtest.h>
 #include <sys/socket.h>
 
+#include <algorithm>
 #include <cstdio>
 #include <future>
 #include <string>
@@ -101,6 +103,203 @@ TEST(NodeWire, SplitNode) {
   EXPECT_EQ(erpy::node::split_node("a@b").second, "b");
   EXPECT_THROW(erpy::node::split_node("nohost"), erpy::node::WireError);
   EXPECT_THROW(erpy::node::split_node("@h"), erpy::node::WireError);
+}
+
+// ---- incoming frames and their limits -------------------------------------------------------
+
+using erpy::node::Bytes;
+using erpy::node::Incoming;
+using erpy::node::InLimits;
+using erpy::node::Reassembler;
+
+// Byte by byte: GCC 12's -Warray-bounds misreads range inserts after small initializers.
+void append(Bytes& b, const Bytes& more) {
+  for (std::uint8_t c : more) b.push_back(c);
+}
+
+void put64(Bytes& b, std::uint64_t v) {
+  for (int i = 7; i >= 0; --i) b.push_back(static_cast<std::uint8_t>(v >> (8 * i)));
+}
+
+// A control message {2, '', Pid} stands in for any: the reassembler never looks inside.
+Bytes body(std::size_t payload) {
+  Bytes b = {104, 1, 97, 2};
+  for (std::size_t i = 0; i < payload; ++i) b.push_back(0xAB);
+  return b;
+}
+
+Bytes whole(const Bytes& msg) {
+  Bytes f = {131, 68, 0};
+  append(f, msg);
+  return f;
+}
+
+Bytes frag_header(std::uint64_t seq, std::uint64_t frag, const Bytes& part) {
+  Bytes f = {131, 69};
+  put64(f, seq);
+  put64(f, frag);
+  f.push_back(0);  // no atom cache references
+  append(f, part);
+  return f;
+}
+
+Bytes frag_cont(std::uint64_t seq, std::uint64_t frag, const Bytes& part) {
+  Bytes f = {131, 70};
+  put64(f, seq);
+  put64(f, frag);
+  append(f, part);
+  return f;
+}
+
+Incoming feed(Reassembler& r, const Bytes& frame) { return r.feed(frame, frame.size()); }
+
+// `msg` cut in `n` fragments of one sequence.
+std::vector<Bytes> fragments(std::uint64_t seq, const Bytes& msg, std::size_t n) {
+  std::vector<Bytes> out;
+  const std::size_t step = (msg.size() + n - 1) / n;
+  for (std::size_t i = 0; i < n; ++i) {
+    const std::size_t from = std::min(msg.size(), i * step), to = std::min(msg.size(), from + step);
+    Bytes part(msg.begin() + static_cast<std::ptrdiff_t>(from), msg.begin() + static_cast<std::ptrdiff_t>(to));
+    out.push_back(i == 0 ? frag_header(seq, n, part) : frag_cont(seq, n - i, part));
+  }
+  return out;
+}
+
+Reassembler limited(std::size_t max_message, std::size_t max_pending = 1024,
+                    std::size_t max_pending_bytes = std::size_t{1} << 30) {
+  Reassembler r;
+  InLimits l;
+  l.max_message = max_message;
+  l.max_pending = max_pending;
+  l.max_pending_bytes = max_pending_bytes;
+  r.set_limits(l);
+  return r;
+}
+
+TEST(NodeFrames, WholeMessagesAndTicksPassThrough) {
+  Reassembler r = limited(1000);
+  const Bytes msg = body(100), frame = whole(msg);
+  Incoming in = feed(r, frame);  // a view of the frame
+  ASSERT_EQ(in.kind, Incoming::kMessage);
+  EXPECT_EQ(Bytes(in.data.begin(), in.data.end()), msg);
+  EXPECT_EQ(r.feed({}, 0).kind, Incoming::kNothing);
+}
+
+TEST(NodeFrames, FragmentsAreReassembledAndFreed) {
+  Reassembler r = limited(1 << 20);
+  const Bytes msg = body(10000);
+  auto frames = fragments(7, msg, 4);
+  for (std::size_t i = 0; i + 1 < frames.size(); ++i) {
+    EXPECT_EQ(feed(r, frames[i]).kind, Incoming::kNothing);
+    EXPECT_EQ(r.pending(), 1u);
+  }
+  EXPECT_GT(r.pending_bytes(), 0u);
+  Incoming in = feed(r, frames.back());
+  ASSERT_EQ(in.kind, Incoming::kMessage);
+  EXPECT_EQ(Bytes(in.data.begin(), in.data.end()), msg);
+  EXPECT_EQ(r.pending(), 0u);
+  EXPECT_EQ(r.pending_bytes(), 0u);
+}
+
+TEST(NodeFrames, AFrameOverTheLimitIsRefusedFromItsStart) {
+  Reassembler r = limited(4096);
+  // Only the start of a 100 MB frame was read: it is refused with its real size, and
+  // what it hands back for an answer is bounded.
+  const Bytes start = whole(body(erpy::node::kRefusedHead + 100));
+  Incoming in = r.feed(start, 100'000'000);
+  ASSERT_EQ(in.kind, Incoming::kRefused);
+  EXPECT_EQ(in.why, Incoming::kTooLarge);
+  EXPECT_EQ(in.size, 100'000'000u);
+  EXPECT_LE(in.data.size(), erpy::node::kRefusedHead);
+  EXPECT_EQ(in.data[0], 104);  // the control message is there
+  // A whole frame just over the limit is refused too; the next message goes through.
+  EXPECT_EQ(feed(r, whole(body(4100))).kind, Incoming::kRefused);
+  EXPECT_EQ(feed(r, whole(body(10))).kind, Incoming::kMessage);
+}
+
+TEST(NodeFrames, FragmentsOverTheLimitAreDroppedAndTheRestSkipped) {
+  Reassembler r = limited(10000);
+  auto frames = fragments(1, body(40000), 8);
+  Incoming in;
+  std::size_t i = 0;
+  for (; i < frames.size(); ++i) {
+    in = feed(r, frames[i]);
+    if (in.kind != Incoming::kNothing) break;
+  }
+  ASSERT_EQ(in.kind, Incoming::kRefused);
+  EXPECT_EQ(in.why, Incoming::kTooLarge);
+  EXPECT_GT(in.size, 10000u);
+  EXPECT_EQ(in.data[0], 104);  // the message's start, for an answer
+  EXPECT_LE(in.data.size(), erpy::node::kRefusedHead);
+  EXPECT_LT(i, frames.size() - 1);
+  EXPECT_EQ(r.pending(), 0u);
+  EXPECT_EQ(r.pending_bytes(), 0u);
+  for (++i; i < frames.size(); ++i) EXPECT_EQ(feed(r, frames[i]).kind, Incoming::kNothing);
+  // The connection goes on.
+  auto next = fragments(2, body(5000), 3);
+  EXPECT_EQ(feed(r, next[0]).kind, Incoming::kNothing);
+  EXPECT_EQ(feed(r, next[1]).kind, Incoming::kNothing);
+  EXPECT_EQ(feed(r, next[2]).kind, Incoming::kMessage);
+}
+
+TEST(NodeFrames, UnfinishedSequencesAreCappedInNumber) {
+  Reassembler r = limited(1 << 20, 3);
+  std::vector<std::vector<Bytes>> seqs;
+  for (std::uint64_t s = 0; s < 5; ++s) seqs.push_back(fragments(100 + s, body(300), 3));
+  for (std::size_t s = 0; s < 3; ++s) EXPECT_EQ(feed(r, seqs[s][0]).kind, Incoming::kNothing);
+  // A fourth and fifth begun while three are unfinished: refused, nothing kept of them.
+  for (std::size_t s = 3; s < 5; ++s) {
+    Incoming in = feed(r, seqs[s][0]);
+    ASSERT_EQ(in.kind, Incoming::kRefused);
+    EXPECT_EQ(in.why, Incoming::kPendingLimit);
+    EXPECT_EQ(r.pending(), 3u);
+    for (std::size_t k = 1; k < 3; ++k) EXPECT_EQ(feed(r, seqs[s][k]).kind, Incoming::kNothing);
+  }
+  // The three finish.
+  for (std::size_t s = 0; s < 3; ++s) {
+    EXPECT_EQ(feed(r, seqs[s][1]).kind, Incoming::kNothing);
+    EXPECT_EQ(feed(r, seqs[s][2]).kind, Incoming::kMessage);
+  }
+  EXPECT_EQ(r.pending(), 0u);
+}
+
+TEST(NodeFrames, UnfinishedSequencesAreCappedInBytes) {
+  Reassembler r = limited(1 << 20, 1024, 5000);
+  auto a = fragments(1, body(6000), 3);  // fragments of about 2000 bytes
+  auto b = fragments(2, body(3000), 3);  // of about 1000
+  EXPECT_EQ(feed(r, a[0]).kind, Incoming::kNothing);
+  EXPECT_EQ(feed(r, b[0]).kind, Incoming::kNothing);
+  // a's second fragment would take the pending bytes over 5000: a is dropped, b goes on.
+  Incoming in = feed(r, a[1]);
+  ASSERT_EQ(in.kind, Incoming::kRefused);
+  EXPECT_EQ(in.why, Incoming::kPendingLimit);
+  EXPECT_EQ(r.pending(), 1u);
+  EXPECT_LE(r.pending_bytes(), 5000u);
+  EXPECT_EQ(feed(r, a[2]).kind, Incoming::kNothing);
+  EXPECT_EQ(feed(r, b[1]).kind, Incoming::kNothing);
+  EXPECT_EQ(feed(r, b[2]).kind, Incoming::kMessage);
+  EXPECT_EQ(r.pending_bytes(), 0u);
+}
+
+TEST(NodeFrames, ClearFreesEverything) {
+  Reassembler r = limited(1 << 20);
+  for (std::uint64_t s = 0; s < 10; ++s) feed(r, fragments(s, body(3000), 3)[0]);
+  EXPECT_EQ(r.pending(), 10u);
+  r.clear();
+  EXPECT_EQ(r.pending(), 0u);
+  EXPECT_EQ(r.pending_bytes(), 0u);
+}
+
+TEST(NodeFrames, MalformedFramesThrow) {
+  Reassembler r = limited(1 << 20);
+  EXPECT_THROW(feed(r, Bytes{131, 99, 0}), erpy::node::WireError);
+  EXPECT_THROW(feed(r, Bytes{130, 68, 0}), erpy::node::WireError);
+  EXPECT_THROW(feed(r, Bytes{131, 69, 0, 0}), std::exception);  // truncated sequence id
+  auto a = fragments(5, body(300), 3);
+  feed(r, a[0]);
+  EXPECT_THROW(feed(r, a[0]), erpy::node::WireError);  // the same sequence begun twice
+  // A continuation of nothing is skipped, not an error (a refused message's rest).
+  EXPECT_EQ(feed(r, frag_cont(99, 1, body(10))).kind, Incoming::kNothing);
 }
 
 }  // namespace
