@@ -39,16 +39,20 @@ start_link(Pool, Opts) when is_atom(Pool), is_map(Opts) ->
 %% @doc Runs one request on one of the pool's nodes, in the caller's process. A request
 %% larger than the pool's `max_message_size` (erlang:external_size/1) is not sent, a
 %% result larger than it is refused by the Python node: {error, {message_too_large,
-%% Size, Max}}. A caller that gives up (timeout) or dies interrupts the Python call.
+%% Size, Max}}. The result comes back as its external format in a binary and is decoded
+%% here under the pool's policy (erpy_policy: no new atoms, size, funs). Python's
+%% erlang.call/apply/send in the request's code come to this process, which runs them
+%% under the same policy. A caller that gives up (timeout) or dies interrupts the
+%% Python call.
 -spec request(atom(), request(), timeout()) -> {ok, term()} | {error, term()}.
 request(Pool, Req, Timeout) ->
     case persistent_term:get(?KEY(Pool), undefined) of
         undefined ->
             {error, {no_pool, Pool}};
-        {Tab, Counter, Server, Max} ->
+        {Tab, Counter, Server, Max, Policy} ->
             case pick(Tab, Counter, Server) of
                 none -> {error, {no_nodes, Pool}};
-                Node -> call(Node, Req, Timeout, Server, Max, undefined)
+                Node -> call(Pool, Node, Req, Timeout, Server, Max, Policy, undefined)
             end
     end.
 
@@ -60,14 +64,14 @@ checkout(Pool, Timeout) ->
     case persistent_term:get(?KEY(Pool), undefined) of
         undefined ->
             {error, {no_pool, Pool}};
-        {Tab, Counter, Server, _Max} ->
+        {Tab, Counter, Server, _Max, _Policy} ->
             case pick(Tab, Counter, Server) of
                 none ->
                     {error, {no_nodes, Pool}};
                 Node ->
                     %% The Python node monitors the holder too: the session goes
                     %% with it even if this pool is gone.
-                    case erpc_call(Node, session_open, [self()], Timeout, Server) of
+                    case erpc_call(Node, session_open, [self()], Timeout, Server, undefined) of
                         {ok, Session} ->
                             ok = gen_server:call(Server, {hold, self(), Node, Session}),
                             {ok, {erpy_node_worker, Pool, Node, Session}};
@@ -82,19 +86,19 @@ checkout(Pool, Timeout) ->
 checkin({erpy_node_worker, Pool, Node, Session}) ->
     case persistent_term:get(?KEY(Pool), undefined) of
         undefined -> ok;
-        {_, _, Server, _} ->
+        {_, _, Server, _, _} ->
             ok = gen_server:call(Server, {release, Node, Session}),
             %% Synchronous: the namespace is gone when checkin returns.
-            _ = erpc_call(Node, session_close, [Session], 5000, Server),
+            _ = erpc_call(Node, session_close, [Session], 5000, Server, undefined),
             ok
     end.
 
 %% @doc Runs one request in a held worker's namespace.
 -spec request_worker(worker(), request(), timeout()) -> {ok, term()} | {error, term()}.
-request_worker({erpy_node_worker, Pool, Node, Session}, Req, Timeout) ->
+request_worker({erpy_node_worker, Pool, Node, _Session} = Worker, Req, Timeout) ->
     case persistent_term:get(?KEY(Pool), undefined) of
         undefined -> {error, {no_pool, Pool}};
-        {_, _, Server, Max} -> call(Node, Req, Timeout, Server, Max, Session)
+        {_, _, Server, Max, Policy} -> call(Pool, Node, Req, Timeout, Server, Max, Policy, Worker)
     end;
 request_worker(Other, _Req, _Timeout) ->
     {error, {badarg, {worker, Other}}}.
@@ -104,14 +108,14 @@ request_worker(Other, _Req, _Timeout) ->
 nodes(Pool) ->
     case persistent_term:get(?KEY(Pool), undefined) of
         undefined -> [];
-        {Tab, _, _, _} -> [{up, Up}] = ets:lookup(Tab, up), tuple_to_list(Up)
+        {Tab, _, _, _, _} -> [{up, Up}] = ets:lookup(Tab, up), tuple_to_list(Up)
     end.
 
 -spec stop(atom()) -> ok.
 stop(Pool) ->
     case persistent_term:get(?KEY(Pool), undefined) of
         undefined -> ok;
-        {_, _, Server, _} -> gen_server:stop(Server)
+        {_, _, Server, _, _} -> gen_server:stop(Server)
     end.
 
 %% gen_server.
@@ -130,18 +134,19 @@ init({Pool, Opts}) ->
             ets:insert(Tab, {up, {}}),
             Max = maps:get(max_message_size, Opts,
                            application:get_env(erpy, max_message_size, 10485760)),
-            persistent_term:put(?KEY(Pool), {Tab, atomics:new(1, []), self(), Max}),
+            Policy = erpy_policy:new(Pool, Opts#{max_message_size => Max}),
+            persistent_term:put(?KEY(Pool), {Tab, atomics:new(1, []), self(), Max, Policy}),
             %% erpy's dispatch (erpy_pool:lookup/1) finds node pools by this handle.
             persistent_term:put(?ERPY_KEY(Pool),
                                 #{mode => node, name => Pool, pid => self(),
-                                  max_message_size => Max}),
+                                  max_message_size => Max, policy => Policy}),
             Given = maps:get(nodes, Opts, []),
             Count = maps:get(start, Opts, case Given of
                                               [] -> maps:get(size, Opts, 2);
                                               _ -> 0
                                           end),
             S0 = #{pool => Pool, tab => Tab, opts => Opts, nodes => Given, up => [],
-                   ports => #{}, held => #{}},
+                   ports => #{}, held => #{}, max => Max},
             case start_local(Count, S0) of
                 {ok, S1} ->
                     S2 = lists:foldl(fun(N, S) -> connect(N, S) end, S1, maps:get(nodes, S1)),
@@ -264,7 +269,7 @@ pick(Up, I, Left, Server) ->
             pick(Up, I + 1, Left - 1, Server)
     end.
 
-call(Node, Req, Timeout, Server, Max, Session) ->
+call(Pool, Node, Req, Timeout, Server, Max, Policy, Worker) ->
     case service(Req) of
         {error, _} = Error ->
             Error;
@@ -273,15 +278,50 @@ call(Node, Req, Timeout, Server, Max, Session) ->
                 Size when Size > Max ->
                     {error, {message_too_large, Size, Max}};
                 _ ->
-                    erpc_call(Node, F, Args ++ [Max, Session], Timeout, Server)
+                    Session = case Worker of
+                                  {erpy_node_worker, _, _, S} -> S;
+                                  undefined -> undefined
+                              end,
+                    Ctx = erpy_policy:request_ctx(Policy, self(), Req),
+                    %% Python's callbacks come to this alias; once it is gone, a late one
+                    %% (after a timeout) is dropped by the runtime, not left here.
+                    Alias = alias([explicit_unalias]),
+                    Cb = #{ctx => Ctx, pool => Pool, worker => Worker, node => Node,
+                           alias => Alias, max => Max},
+                    try erpc_call(Node, F, Args ++ [Max, Session, {self(), Alias}], Timeout, Server, Cb) of
+                        {ok, Bin} -> decode_result(Ctx, Bin);
+                        {python_error, Bin} -> decode_error(Ctx, Bin);
+                        Error -> Error
+                    after
+                        unalias(Alias),
+                        flush_callbacks(Alias),
+                        erpy_policy:done(Ctx)
+                    end
             end
     end.
 
-erpc_call(Node, F, Args, Timeout, Server) ->
-    try execute(Node, F, Args, Timeout) of
+%% The result and the error map come as their external format in a binary: decoded under
+%% the pool's policy, so nothing Python returns makes an atom or passes the size limit.
+decode_result(Ctx, Bin) when is_binary(Bin) ->
+    erpy_policy:decode(Ctx, Bin);
+decode_result(_Ctx, _Other) ->
+    {error, {undecodable, <<"the Python node answered with a term, not its external format">>}}.
+
+decode_error(Ctx, Bin) ->
+    case erpy_policy:decode(Ctx, Bin) of
+        {ok, #{type := <<"SessionClosed">>}} -> {error, {worker_exit, session_closed}};
+        {ok, PyError} -> {error, PyError};
+        {error, _} = Error -> Error
+    end.
+
+%% {ok, Value} | {python_error, Bin} (binary results) | {error, Reason}.
+erpc_call(Node, F, Args, Timeout, Server, Cb) ->
+    try execute(Node, F, Args, Timeout, Cb) of
         Result -> {ok, Result}
     catch
+        error:{exception, Bin, _} when is_binary(Bin), Cb =/= undefined -> {python_error, Bin};
         error:{exception, {message_too_large, _, _} = TooLarge, _} -> {error, TooLarge};
+        error:{exception, {fragment_limit, _, _} = Limit, _} -> {error, Limit};
         error:{exception, #{type := <<"SessionClosed">>}, _} -> {error, {worker_exit, session_closed}};
         error:{exception, #{type := _} = PyError, _} -> {error, PyError};
         error:{erpc, timeout} -> {error, timeout};
@@ -292,35 +332,97 @@ erpc_call(Node, F, Args, Timeout, Server) ->
         Class:Reason -> {error, {Class, Reason}}
     end.
 
-%% erpc:call(Node, 'erpy.service', F, Args, Timeout), inlined for one case erpc leaves
-%% out: when the timeout comes before the node's spawn reply, erpc abandons the request
-%% and our node never tells the Python node (it does, with a DEMONITOR_P, once it has
-%% the reply), so we tell it ourselves and it interrupts the call.
-execute(Node, F, Args, Timeout) ->
+%% erpc:call(Node, 'erpy.service', F, Args, Timeout), inlined for two things erpc leaves
+%% out: Python's callbacks, answered while we wait (`Cb`), and a timeout that comes
+%% before the node's spawn reply: erpc abandons the request and our node never tells the
+%% Python node (it does, with a DEMONITOR_P, once it has the reply), so we tell it
+%% ourselves and it interrupts the call.
+execute(Node, F, Args, Timeout, Cb) ->
     Res = make_ref(),
     ReqId = spawn_request(Node, erpc, execute_call, [Res, 'erpy.service', F, Args],
                           [{reply, error_only}, monitor]),
+    wait(Node, ReqId, Res, Cb, deadline(Timeout)).
+
+wait(Node, ReqId, Res, Cb, Deadline) ->
+    Alias = case Cb of
+                #{alias := A} -> A;
+                undefined -> undefined
+            end,
     receive
         {spawn_reply, ReqId, error, Reason} -> error({erpc, Reason});
-        {'DOWN', ReqId, process, _, Reason} -> result(Res, Reason)
-    after Timeout ->
-        case spawn_request_abandon(ReqId) of
-            true ->
-                ok = erpc:cast(Node, 'erpy.service', cancel, [ReqId]),
-                error({erpc, timeout});
-            false ->
-                case erlang:demonitor(ReqId, [info]) of
-                    true ->
-                        error({erpc, timeout});
-                    false ->
-                        receive
-                            {spawn_reply, ReqId, error, Reason} -> error({erpc, Reason});
-                            {'DOWN', ReqId, process, _, Reason} -> result(Res, Reason)
-                        after 0 -> error({erpc, timeout})
-                        end
-                end
-        end
+        {'DOWN', ReqId, process, _, Reason} -> result(Res, Reason);
+        {erpy_node_callback, Alias, ReplyTo, CbId, Kind, M, F, ArgsBin} when Alias =/= undefined ->
+            answer(Cb, ReplyTo, CbId, Kind, M, F, ArgsBin),
+            case remaining(Deadline) of
+                0 -> give_up(Node, ReqId, Res);
+                _ -> wait(Node, ReqId, Res, Cb, Deadline)
+            end
+    after remaining(Deadline) ->
+        give_up(Node, ReqId, Res)
     end.
+
+give_up(Node, ReqId, Res) ->
+    case spawn_request_abandon(ReqId) of
+        true ->
+            ok = erpc:cast(Node, 'erpy.service', cancel, [ReqId]),
+            error({erpc, timeout});
+        false ->
+            case erlang:demonitor(ReqId, [info]) of
+                true ->
+                    error({erpc, timeout});
+                false ->
+                    receive
+                        {spawn_reply, ReqId, error, Reason} -> error({erpc, Reason});
+                        {'DOWN', ReqId, process, _, Reason} -> result(Res, Reason)
+                    after 0 -> error({erpc, timeout})
+                    end
+            end
+    end.
+
+%% One callback from Python, run here (the caller's process) under the pool's policy and
+%% answered to the Python mailbox that waits for it. For send, ArgsBin holds [Dest, Msg].
+answer(#{node := Node, max := Max} = Cb, ReplyTo, CbId, Kind, M, F, ArgsBin)
+  when is_pid(ReplyTo), node(ReplyTo) =:= Node, is_binary(ArgsBin) ->
+    {Status, Value} = case run_callback(Cb, Kind, M, F, ArgsBin) of
+                          {ok, V} -> {ok, V};
+                          {error, R} -> {error, R}
+                      end,
+    %% The answer obeys the pool's size limit too (the Python node would refuse it).
+    Reply = case erlang:external_size(Value) of
+                Size when Size > Max -> {erpy_callback_reply, CbId, error, {message_too_large, Size, Max}};
+                _ -> {erpy_callback_reply, CbId, Status, Value}
+            end,
+    ReplyTo ! Reply,
+    ok;
+answer(_Cb, _ReplyTo, _CbId, _Kind, _M, _F, _ArgsBin) ->
+    %% Not from the node running the request: nobody to answer.
+    ok.
+
+run_callback(#{ctx := Ctx, pool := Pool, worker := Worker}, send, _M, _F, ArgsBin) ->
+    case erpy_policy:decode(Ctx, ArgsBin) of
+        {ok, [Dest, Msg]} -> erpy_policy:run_callback(Ctx, Pool, Worker, send, Dest, undefined, {check, [Msg]});
+        {ok, _} -> {error, {badarg, send}};
+        {error, _} = Error -> Error
+    end;
+run_callback(#{ctx := Ctx, pool := Pool, worker := Worker}, Kind, M, F, ArgsBin)
+  when Kind =:= call; Kind =:= apply ->
+    erpy_policy:callback(Ctx, Pool, Worker, Kind, M, F, ArgsBin);
+run_callback(_Cb, Kind, _M, _F, _ArgsBin) ->
+    {error, {badarg, Kind}}.
+
+%% Callbacks that reached the alias before it went inactive: no one will answer them
+%% (the Python call has ended or is being interrupted).
+flush_callbacks(Alias) ->
+    receive
+        {erpy_node_callback, Alias, _, _, _, _, _, _} -> flush_callbacks(Alias)
+    after 0 -> ok
+    end.
+
+deadline(infinity) -> infinity;
+deadline(Timeout) -> erlang:monotonic_time(millisecond) + Timeout.
+
+remaining(infinity) -> infinity;
+remaining(Deadline) -> max(0, Deadline - erlang:monotonic_time(millisecond)).
 
 result(Res, {Res, return, Value}) -> Value;
 result(Res, {Res, throw, Value}) -> throw(Value);
@@ -413,7 +515,8 @@ spawn_node(Node, #{opts := Opts, ports := Ports} = S) ->
                  {error, _} -> "127.0.0.1"
              end,
     Args = ["-m", "erpy.node", "--name", atom_to_list(Node), "--listen", Listen,
-            "--allow", "*", "--allow-code", "--exit-on-eof"]
+            "--allow", "*", "--allow-code", "--exit-on-eof",
+            "--max-message-size", integer_to_list(node_limit(maps:get(max, S)))]
         ++ [to_list(A) || A <- maps:get(node_args, Opts, [])],
     %% The cookie goes through the environment, not argv (which `ps` shows).
     Env = [{"PYTHONPATH", maps:get(pythonpath, Opts)},
@@ -426,6 +529,10 @@ spawn_node(Node, #{opts := Opts, ports := Ports} = S) ->
     catch
         error:Why -> {error, {python_start_failed, Why}}
     end.
+
+%% A started node takes what the pool may send it: requests up to max_message_size, with
+%% room for erpc's wrapping and the control message.
+node_limit(Max) -> min(max(Max + 65536, 1024), 1 bsl 30).
 
 to_list(B) when is_binary(B) -> binary_to_list(B);
 to_list(A) when is_atom(A) -> atom_to_list(A);

@@ -20,6 +20,8 @@
          cli_env_fallbacks/1, pool_basics/1, pool_node_killed_under_load/1,
          pool_through_erpy_api/1, pool_caller_gives_up_interrupts_python/1,
          pool_max_message_size/1, pool_checkout/1,
+         inbound_message_limit/1, pool_results_make_no_atoms/1, pool_callbacks/1,
+         pool_callback_wait_interrupted/1,
          memory_flat_over_100k_calls/1]).
 
 all() ->
@@ -29,6 +31,8 @@ all() ->
      calls_in_parallel,
      cli_env_fallbacks, pool_basics, pool_node_killed_under_load, pool_through_erpy_api,
      pool_caller_gives_up_interrupts_python, pool_max_message_size, pool_checkout,
+     inbound_message_limit, pool_results_make_no_atoms, pool_callbacks,
+     pool_callback_wait_interrupted,
      memory_flat_over_100k_calls].
 
 suite() ->
@@ -543,6 +547,151 @@ pool_checkout(_Config) ->
         ?assertEqual({error, {no_pool, nope}}, erpy_node_pool:checkout(nope, 100))
     after
         erpy_node_pool:stop(np_co)
+    end.
+
+%% ---- limits and policy (issue 10) -----------------------------------------------------------
+
+%% A Python node refuses a message over its --max-message-size (OTP sends it in fragments):
+%% an rpc gets {message_too_large, Size, Max} at once, a plain message is dropped, the
+%% connection and the node stay up, and a message under the limit goes through.
+inbound_message_limit(_Config) ->
+    {Py, Holder} = start_python(py_limit, #{args => ["--max-message-size", "1000000"]}),
+    try
+        Big = binary:copy(<<"x">>, 2000000),
+        try erpc:call(Py, node_handlers, echo, [Big], 10000) of
+            R -> ct:fail({not_refused, byte_size(R)})
+        catch
+            error:{exception, {message_too_large, Size, 1000000}, []} -> ?assert(Size > 1000000)
+        end,
+        %% A monitored spawn of it ends at once with the reason too.
+        {Pid, Ref} = spawn_monitor(Py, node_handlers, echo, [Big]),
+        receive {'DOWN', Ref, process, Pid, Why} ->
+                ?assertMatch({message_too_large, _, 1000000}, Why)
+        after 10000 -> ct:fail(no_down)
+        end,
+        %% A plain message over the limit is dropped; the ones around it arrive.
+        {collector, Py} ! before,
+        {collector, Py} ! {big, Big},
+        {collector, Py} ! 'after',
+        ?assertEqual([before, 'after'], gen_server:call({collector, Py}, get, 10000)),
+        %% Same connection, still up: under the limit goes through.
+        ?assert(lists:member(Py, nodes(hidden))),
+        Ok = binary:copy(<<"y">>, 500000),
+        ?assertEqual(Ok, erpc:call(Py, node_handlers, echo, [Ok], 10000)),
+        #{refused := 3} = erpc:call(Py, node_handlers, stats, [])
+    after
+        stop_python({Py, Holder})
+    end.
+
+%% Results (and Python errors) of a node pool come back as ETF in a binary, decoded here
+%% under the pool's policy: an atom this VM does not know is refused, not made; a result
+%% or an error map over max_message_size is refused by the Python node.
+pool_results_make_no_atoms(_Config) ->
+    {ok, _} = erpy_node_pool:start_link(np_atoms, #{start => 1, max_message_size => 100000}),
+    try
+        Name = <<"erpy_never_made_", (integer_to_binary(erlang:unique_integer([positive])))/binary>>,
+        Expr = <<"[1, (__import__('erpy').Atom('", Name/binary, "'), 2)]">>,
+        ?assertEqual({error, {unknown_atom, Name}}, erpy_node_pool:request(np_atoms, {eval, Expr, #{}}, 5000)),
+        ?assertError(badarg, binary_to_existing_atom(Name, utf8)),
+        ?assertEqual({error, {unknown_atom, Name}},
+                     erpy_node_pool:request(np_atoms, {run, <<"result = {__import__('erpy').Atom('", Name/binary, "'): 1}">>, undefined}, 5000)),
+        ?assertError(badarg, binary_to_existing_atom(Name, utf8)),
+        %% Known atoms, and every other kind of term, come back as before.
+        ?assertEqual({ok, {ok, [1, 2.5, <<"s">>]}},
+                     erpy_node_pool:request(np_atoms, {eval, <<"(__import__('erpy').Atom('ok'), [1, 2.5, 's'])">>, #{}}, 5000)),
+        %% Errors are decoded the same way.
+        ?assertMatch({error, #{type := <<"ValueError">>, message := <<"bad">>, traceback := [_ | _]}},
+                     erpy_node_pool:request(np_atoms, {exec, <<"raise ValueError('bad')">>}, 5000)),
+        ?assertMatch({error, {message_too_large, _, 100000}},
+                     erpy_node_pool:request(np_atoms, {eval, <<"'z' * 200000">>, #{}}, 5000)),
+        ?assertMatch({error, {message_too_large, _, 100000}},
+                     erpy_node_pool:request(np_atoms, {exec, <<"raise ValueError('z' * 200000)">>}, 5000)),
+        %% A stock erpc caller of erpy.service still gets plain terms.
+        [Node] = erpy_node_pool:nodes(np_atoms),
+        ?assertEqual(3, erpc:call(Node, 'erpy.service', eval, [<<"1 + 2">>, #{}]))
+    after
+        erpy_node_pool:stop(np_atoms)
+    end.
+
+%% erlang.call/apply/send/self in code a node pool runs reach the caller's process and
+%% obey the pool's policy: the allow-list, send_allowed, and nested requests.
+pool_callbacks(_Config) ->
+    {ok, _} = erpy_node_pool:start_link(np_cb, #{start => 1,
+                                                 allowed => [{lists, sort}, {erlang, node},
+                                                             {erpy_node_pool, request}],
+                                                 send_allowed => [erpy_cb_listed]}),
+    try
+        Run = fun(Code) -> erpy_node_pool:request(np_cb, {run, Code, undefined}, 5000) end,
+        ?assertEqual({ok, [1, 2, 3]}, Run(<<"result = erlang.call('lists', 'sort', [3, 1, 2])">>)),
+        ?assertEqual({ok, node()}, Run(<<"result = erlang.apply('erlang', 'node', [])">>)),
+        ?assertEqual({ok, self()}, Run(<<"result = erlang.self()">>)),
+        %% Refused by the allow-list: ErlangError(Reason) in Python.
+        ?assertEqual({ok, {not_allowed, {os, cmd, 1}}},
+                     Run(<<"try:\n    erlang.call('os', 'cmd', 'id')\nexcept erlang.ErlangError as e:\n"
+                           "    result = e.args[0]">>)),
+        ?assertMatch({error, #{type := <<"ErlangError">>}}, Run(<<"erlang.call('os', 'cmd', 'id')">>)),
+        %% A name that is no atom here is refused without making one.
+        Unknown = <<"erpy_cb_unknown_", (integer_to_binary(erlang:unique_integer([positive])))/binary>>,
+        ?assertMatch({ok, {not_allowed, _}},
+                     Run(<<"try:\n    erlang.call('", Unknown/binary, "', 'f', 1)\nexcept erlang.ErlangError as e:\n"
+                           "    result = e.args[0]">>)),
+        ?assertError(badarg, binary_to_existing_atom(Unknown, utf8)),
+        %% send: to the caller, and to a listed name; an unlisted one is refused.
+        ?assertEqual({ok, undefined}, Run(<<"erlang.send(erlang.self(), (__import__('erpy').Atom('hello'), 1))">>)),
+        receive {hello, 1} -> ok after 5000 -> ct:fail(no_send_to_caller) end,
+        true = register(erpy_cb_listed, self()),
+        ?assertEqual({ok, undefined}, Run(<<"erlang.send('erpy_cb_listed', 2)">>)),
+        receive 2 -> ok after 5000 -> ct:fail(no_send_to_listed) end,
+        unregister(erpy_cb_listed),
+        Target = spawn(fun() -> receive _ -> exit(got_it) after 5000 -> ok end end),
+        true = register(erpy_cb_unlisted, Target),
+        ?assertEqual({ok, {not_allowed, {send, erpy_cb_unlisted}}},
+                     Run(<<"try:\n    erlang.send('erpy_cb_unlisted', 3)\nexcept erlang.ErlangError as e:\n"
+                           "    result = e.args[0]">>)),
+        ?assert(is_process_alive(Target)),
+        exit(Target, kill),
+        %% Many callbacks in one request, and a nested request to the same node from one.
+        ?assertEqual({ok, 100}, Run(<<"result = sum(len(erlang.call('lists', 'sort', [2, 1])) // 2 for _ in range(100))">>)),
+        ?assertEqual({ok, {ok, 2}},
+                     Run(<<"from erpy import Atom\n"
+                           "result = erlang.apply('erpy_node_pool', 'request', [Atom('np_cb'), (Atom('eval'), '1 + 1', {}), 5000])">>)),
+        %% Held workers too.
+        {ok, W} = erpy_node_pool:checkout(np_cb, 5000),
+        ?assertEqual({ok, [a, b]}, erpy_node_pool:request_worker(W, {eval, <<"erlang.call('lists', 'sort', [__import__('erpy').Atom('b'), __import__('erpy').Atom('a')])">>, #{}}, 5000)),
+        ok = erpy_node_pool:checkin(W),
+        %% No callback message is left behind.
+        {messages, []} = process_info(self(), messages)
+    after
+        erpy_node_pool:stop(np_cb)
+    end.
+
+%% A Python call waiting for a callback's answer is interrupted when its caller gives up:
+%% a stock erpc caller that never answers (its timeout), and a pool request whose
+%% callback outlives the request's timeout. The waiting call monitors its caller from a
+%% mailbox of its own; the monitor goes when the call has ended.
+pool_callback_wait_interrupted(_Config) ->
+    {ok, _} = erpy_node_pool:start_link(np_cbi, #{start => 1, allowed => [{timer, sleep}]}),
+    try
+        [Node] = erpy_node_pool:nodes(np_cbi),
+        Watchers = fun(Pid) ->
+                           {monitored_by, By} = process_info(Pid, monitored_by),
+                           [W || W <- By, is_pid(W), node(W) =:= Node]
+                   end,
+        Wait = <<"erlang.call('timer', 'sleep', 1000)">>,
+        Silent = spawn(fun() -> receive never -> ok end end),
+        Self = self(),
+        spawn_link(fun() -> timer:sleep(150), Self ! {watched, Watchers(Silent)} end),
+        ?assertError({erpc, timeout},
+                     erpc:call(Node, 'erpy.service', exec, [Wait, 0, undefined, {Silent, make_ref()}], 300)),
+        receive {watched, W1} -> ?assertMatch([_], W1) after 5000 -> ct:fail(no_watch) end,
+        ok = wait_until(fun() -> Watchers(Silent) =:= [] end, 100),
+        exit(Silent, kill),
+        %% The pool caller runs the callback (1 s) past the request's timeout (200 ms).
+        ?assertEqual({error, timeout}, erpy_node_pool:request(np_cbi, {exec, Wait}, 200)),
+        ok = wait_until(fun() -> Watchers(self()) =:= [] end, 100),
+        ?assertEqual({ok, 3}, erpy_node_pool:request(np_cbi, {call, operator, add, [1, 2], #{}}, 5000))
+    after
+        erpy_node_pool:stop(np_cbi)
     end.
 
 %% ---- memory --------------------------------------------------------------------------------

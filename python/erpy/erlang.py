@@ -56,7 +56,15 @@ def self() -> Any:  # noqa: A001 - Erlang's name
     return _backend().erlang_self()
 
 
+# Set by erpy.node: returns the backend for code a node pool runs (its caller), or None.
+_node_backend: Any = None
+
+
 def _backend() -> Any:
+    if _node_backend is not None:
+        caller = _node_backend()
+        if caller is not None:
+            return caller
     # Inside the VM (embedded mode) the NIF provides erpy._embedded; in a port worker the
     # extension module serves the port protocol.
     embedded = sys.modules.get("erpy._embedded")

@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import argparse
 import atexit
+import contextlib
 import glob
 import importlib
 import itertools
@@ -32,6 +33,7 @@ import weakref
 from typing import Any, Callable, Iterable
 
 from . import _node
+from . import erlang as _erlang
 from ._types import Atom, ImproperList, Pid, Ref
 from .erlang import ErlangError, ErlangTimeoutError
 
@@ -45,6 +47,10 @@ __all__ = [
 SERVICE_MODULE = "erpy.service"
 
 log = logging.getLogger("erpy.node")
+
+#: The default of ``max_message_size``: the largest message (or fragmented message, its
+#: fragments together) a connection may send this node; a larger one is refused.
+DEFAULT_MAX_MESSAGE_SIZE = 64 * 1024 * 1024
 
 
 # Nodes still running when the interpreter exits are stopped first, before Python joins
@@ -71,6 +77,93 @@ class NotAllowed(PermissionError):
 class SessionClosed(LookupError):
     """A request for a held worker whose namespace is gone (checked in, or the node
     restarted)."""
+
+
+# The Erlang caller of the erpy.service call running on this thread (node pools), if any.
+_current = threading.local()
+
+
+class _Caller:
+    """The Erlang process an ``erpy.service`` call runs for (a node pool's caller): the
+    backend of :mod:`erpy.erlang` for the call's code. ``erlang.call``/``apply``/``send``
+    become a message to that process, ``{erpy_node_callback, Tag, ReplyTo, CbId, Kind, M,
+    F, ArgsBin}``, which checks them against its pool's policy, runs them and answers
+    ``{erpy_callback_reply, CbId, ok | error, Value}``. M and F go as binaries and every
+    other term Python chose inside ArgsBin (for send ``[Dest, Msg]``, M and F undefined),
+    so the caller decodes them under its own rules: nothing in the message itself can
+    make an atom. The thread waits without holding the connection (another thread reads
+    it), and a cancel of the call (the caller's timeout) ends the wait."""
+
+    def __init__(self, node: "Node", pid: Pid, tag: Any) -> None:
+        self._node = node
+        self.pid = pid
+        self._tag = tag
+        self._ids = itertools.count(1)
+        self._mb: Any = None
+        self._monitor: Any = None
+
+    def close(self) -> None:
+        if self._mb is not None:
+            self._mb.close()
+            self._mb = None
+
+    def erlang_call(self, module: Any, function: Any, arg: Any) -> Any:
+        return self._callback("call", module, function, [arg])
+
+    def erlang_apply(self, module: Any, function: Any, args: Any) -> Any:
+        if not isinstance(args, (list, tuple)):
+            raise TypeError("apply(): arguments must be a list")
+        return self._callback("apply", module, function, list(args))
+
+    def erlang_send(self, dest: Any, message: Any) -> None:
+        self._callback("send", None, None, [dest, message])
+
+    def erlang_self(self) -> Pid:
+        return self.pid
+
+    def _callback(self, kind: str, module: Any, function: Any, args: list) -> Any:
+        from . import encode
+        payload = encode(args)
+        mb = self._mailbox()
+        cb = next(self._ids)
+        undefined = Atom("undefined")
+        mb.send(self.pid, (Atom("erpy_node_callback"), self._tag, mb.pid, cb, Atom(kind),
+                           undefined if module is None else _callback_name(module, "module"),
+                           undefined if function is None else _callback_name(function, "function"),
+                           payload))
+        while True:
+            msg = mb.receive()
+            if type(msg) is not tuple:
+                continue
+            if len(msg) == 4 and msg[0] == "erpy_callback_reply" and msg[1] == cb:
+                if msg[2] == "ok":
+                    return msg[3]
+                raise ErlangError(msg[3])
+            if len(msg) == 5 and msg[0] == "DOWN" and msg[1] == self._monitor:
+                raise ErlangError(Atom("noproc"))
+
+    def _mailbox(self) -> Any:
+        if self._mb is None:
+            self._mb = self._node._native.mailbox()
+            # A caller that dies ends the wait even if nobody cancels the call.
+            self._monitor = self._mb.monitor(self.pid)
+        return self._mb
+
+
+def _callback_name(name: Any, what: str) -> str:
+    if isinstance(name, (bytes, bytearray)):
+        return bytes(name).decode()
+    if isinstance(name, str):
+        return str(name)  # a plain str: it travels as a binary, never as a new atom
+    raise TypeError(f"erlang callback: the {what} must be a str, not {type(name).__name__}")
+
+
+def _caller_backend() -> Any:
+    return getattr(_current, "caller", None)
+
+
+# erpy.erlang asks this first: inside a node pool's request it is the caller.
+_erlang._node_backend = _caller_backend
 
 
 class _NoReply:
@@ -180,12 +273,21 @@ class Node:
     listed, except functions registered with :meth:`expose`. ``allow_code``: whether
     ``erpy.service`` may run code (``eval``/``exec``/``run``) for erpy_node_pool.
     ``start_epmd``: start epmd if none runs, as ``erl -name`` does (False: fail instead).
+
+    Inbound limits, per connection: ``max_message_size`` bytes for one message (a frame,
+    or a fragmented message's fragments together); a larger one is refused (logged, its
+    bytes skipped unread; an rpc gets ``{message_too_large, Size, Max}``).
+    ``max_fragments`` fragmented messages unfinished at once and ``max_fragment_bytes``
+    (default: twice ``max_message_size``, at least 256 MiB) of them together; a message
+    beyond either is refused (an rpc gets ``{fragment_limit, MaxFragments, MaxBytes}``).
     """
 
     def __init__(self, name: str, cookie: str, *, host: str = "127.0.0.1", port: int = 0,
                  allow: Iterable[str] = (), allow_code: bool = False, hidden: bool = True,
                  ticktime: int = 60, slow_ms: int = 5, spin_us: int = 0,
-                 coalesce_us: int = 200, start_epmd: bool = True) -> None:
+                 coalesce_us: int = 200, start_epmd: bool = True,
+                 max_message_size: int = DEFAULT_MAX_MESSAGE_SIZE, max_fragments: int = 1024,
+                 max_fragment_bytes: int | None = None) -> None:
         if "@" not in name:
             name = f"{name}@127.0.0.1"
         self.allow = {a.strip() for a in allow if a and a.strip()}
@@ -203,7 +305,9 @@ class Node:
         self._native = _node.Node(name, cookie, resolver=self._resolve,
                                   error_formatter=format_error, host=host, port=port,
                                   hidden=hidden, ticktime=ticktime, slow_ms=slow_ms,
-                                  spin_us=spin_us, coalesce_us=coalesce_us)
+                                  spin_us=spin_us, coalesce_us=coalesce_us,
+                                  max_message_size=max_message_size, max_fragments=max_fragments,
+                                  max_fragment_bytes=max_fragment_bytes or 0)
         self._threads: list[threading.Thread] = []
         self._started = False
         self._start_epmd = start_epmd
@@ -288,15 +392,36 @@ class Node:
     # `max_size`: the pool's max_message_size, the largest result (bytes of external
     # format) the call may return, else {message_too_large, Size, Max}; 0: no limit.
     # `session`: the namespace of a held worker (session_open/0), None for none.
+    # `caller`: {CallerPid, Tag} from a node pool: the result (or the error map) goes back
+    # as its ETF in a binary, for the caller to decode under its pool's policy, and
+    # erpy.erlang's callbacks in the code go to that process (_Caller). None (a stock
+    # erpc caller): plain terms, no callbacks.
+    @contextlib.contextmanager
+    def _serving(self, max_size: Any, caller: Any):
+        # First: an error raised by what follows goes back as the caller expects too.
+        self._native.set_result_limit(max_size or 0, caller is not None)
+        if caller is None:
+            yield
+            return
+        if not (type(caller) is tuple and len(caller) == 2 and isinstance(caller[0], Pid)):
+            raise TypeError(f"erpy.service: caller must be (Pid, Tag), not {caller!r}")
+        previous = getattr(_current, "caller", None)
+        _current.caller = c = _Caller(self, caller[0], caller[1])
+        try:
+            yield
+        finally:
+            _current.caller = previous
+            c.close()
+
     def _service_call(self, module: Any, function: Any, args: list, kwargs: Any = None,
-                      max_size: int = 0, session: Any = None) -> Any:
-        self._native.set_result_limit(max_size or 0)
-        if session is not None:
-            self._session(session)
-        module, function = _text(module), _text(function)
-        f = self._resolve(module, function)
-        kw = {_text(k): v for k, v in kwargs.items()} if kwargs else {}
-        return f(*args, **kw)
+                      max_size: int = 0, session: Any = None, caller: Any = None) -> Any:
+        with self._serving(max_size, caller):
+            if session is not None:
+                self._session(session)
+            module, function = _text(module), _text(function)
+            f = self._resolve(module, function)
+            kw = {_text(k): v for k, v in kwargs.items()} if kwargs else {}
+            return f(*args, **kw)
 
     def _check_code(self) -> None:
         if not self.allow_code:
@@ -306,44 +431,44 @@ class Node:
         if session is None:
             # Without a held worker every exec/eval gets a fresh namespace, as in the
             # other modes (DESIGN.md); state across calls needs a checkout.
-            from . import erlang
-            return {"__name__": "__erpy__", "erlang": erlang}
+            return {"__name__": "__erpy__", "erlang": _erlang}
         ns = self._sessions.get(session)
         if ns is None:
             raise SessionClosed(f"worker session {session!r} is closed on node {self.name}")
         return ns
 
     def _service_eval(self, expr: Any, local_vars: Any = None, max_size: int = 0,
-                      session: Any = None) -> Any:
-        self._check_code()
-        self._native.set_result_limit(max_size or 0)
-        env = {_text(k): v for k, v in local_vars.items()} if isinstance(local_vars, dict) else {}
-        return eval(_text(expr), self._session(session), env)  # noqa: S307 - allow_code says so
+                      session: Any = None, caller: Any = None) -> Any:
+        with self._serving(max_size, caller):
+            self._check_code()
+            env = {_text(k): v for k, v in local_vars.items()} if isinstance(local_vars, dict) else {}
+            return eval(_text(expr), self._session(session), env)  # noqa: S307 - allow_code says so
 
-    def _service_exec(self, code: Any, max_size: int = 0, session: Any = None) -> Any:
-        self._check_code()
-        exec(_text(code), self._session(session))  # noqa: S102 - allow_code says so
-        return None
+    def _service_exec(self, code: Any, max_size: int = 0, session: Any = None,
+                      caller: Any = None) -> Any:
+        with self._serving(max_size, caller):
+            self._check_code()
+            exec(_text(code), self._session(session))  # noqa: S102 - allow_code says so
+            return None
 
     def _service_run(self, code: Any, arguments: Any = None, max_size: int = 0,
-                     session: Any = None) -> Any:
-        self._check_code()
-        self._native.set_result_limit(max_size or 0)
-        from . import erlang
-        if session is None:
-            env = {"__name__": "__erpy_run__"}
-        else:
-            env = self._session(session)
-        env.update(arguments=arguments, result=None, erlang=erlang)
-        exec(_text(code), env)  # noqa: S102 - allow_code says so
-        return env.get("result")
+                     session: Any = None, caller: Any = None) -> Any:
+        with self._serving(max_size, caller):
+            self._check_code()
+            if session is None:
+                env = {"__name__": "__erpy_run__"}
+            else:
+                env = self._session(session)
+            env.update(arguments=arguments, result=None, erlang=_erlang)
+            exec(_text(code), env)  # noqa: S102 - allow_code says so
+            return env.get("result")
 
     def _service_session_open(self, holder: Any = None) -> int:
         """A namespace kept on this node for one holder (a checked-out worker); it goes
         at session_close or when the holder (a pid) dies."""
         self._check_code()
         sid = next(self._session_ids)
-        self._sessions[sid] = {"__name__": "__erpy_session__"}
+        self._sessions[sid] = {"__name__": "__erpy_session__", "erlang": _erlang}
         if isinstance(holder, Pid):
             with self._session_lock:
                 if self._session_mb is None:
@@ -576,6 +701,10 @@ def main(argv: list[str] | None = None) -> int:
                    help="poll a connection this long after data before sleeping (0: off)")
     p.add_argument("--coalesce-us", type=int, default=int(_env("ERPY_NODE_COALESCE_US", default="200")),
                    help="when messages stream in, wait this long between reads (0: off)")
+    p.add_argument("--max-message-size", type=int,
+                   default=int(_env("ERPY_NODE_MAX_MESSAGE_SIZE", default=str(DEFAULT_MAX_MESSAGE_SIZE))),
+                   help="largest message (bytes) a connection may send this node; larger ones "
+                        "are refused (env ERPY_NODE_MAX_MESSAGE_SIZE; default 64 MiB)")
     p.add_argument("--no-start-epmd", dest="start_epmd", action="store_false",
                    help="fail if no epmd runs instead of starting one (as erl -start_epmd false)")
     p.add_argument("--exit-on-eof", action="store_true",
@@ -600,7 +729,7 @@ def main(argv: list[str] | None = None) -> int:
 
     node = Node(name, cookie, host=listen, port=port, allow=allow, allow_code=bool(allow_code),
                 ticktime=a.ticktime, spin_us=a.spin_us, coalesce_us=a.coalesce_us,
-                start_epmd=a.start_epmd)
+                start_epmd=a.start_epmd, max_message_size=a.max_message_size)
     node.start()
     for mod in a.load:
         m = importlib.import_module(mod)

@@ -59,6 +59,10 @@ def erlang_send(dest, msg):
     return Atom("ok")
 
 
+def stats():
+    return {Atom(k): v for k, v in NODE.stats().items()}
+
+
 def monitor_and_wait(pid, timeout):
     mb = NODE.mailbox()
     try:
