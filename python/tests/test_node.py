@@ -279,3 +279,51 @@ def test_ensure_epmd_does_nothing_when_epmd_runs(epmd, monkeypatch):
     monkeypatch.setattr(node_module.subprocess, "run",
                         lambda argv, **kw: pytest.fail("epmd started twice"))
     ensure_epmd()
+
+
+def test_max_message_size_must_be_sensible(epmd):
+    with pytest.raises(ValueError, match="max_message_size"):
+        Node(unique("tiny"), COOKIE, max_message_size=10)
+    with pytest.raises(ValueError, match="max_message_size"):
+        Node(unique("huge"), COOKIE, max_message_size=1 << 31)
+
+
+def test_inbound_messages_over_the_limit_are_refused(node):
+    # erpy's node sends a large message as one frame (no fragments): the receiving node
+    # reads its start, skips the rest unread, and the connection goes on.
+    small = Node(unique("small"), COOKIE, allow=["operator"], max_message_size=100_000).start()
+    try:
+        inbox = small.mailbox()
+        assert inbox.register("inbox")
+        dest = ("inbox", small.name)
+        node.send(dest, "before")
+        node.send(dest, b"x" * 300_000)
+        node.send(dest, "after")
+        assert inbox.receive(5.0) == "before"
+        assert inbox.receive(5.0) == "after"
+        assert small.stats()["refused"] == 1
+        # An rpc over the limit is answered at once, as erpc expects, with the reason.
+        with pytest.raises(ErlangError) as e:
+            node.rpc(small.name, "operator", "add", [b"y" * 150_000, b"z"], timeout=5.0)
+        kind, (tag, size, limit) = e.value.args[0]
+        assert (kind, tag, limit) == ("error", "message_too_large", 100_000) and size > 100_000
+        assert node.rpc(small.name, "operator", "add", [1, 2], timeout=5.0) == 3
+        assert small.name in node.nodes()
+        assert small.stats()["refused"] == 2
+    finally:
+        small.stop()
+
+
+def test_service_code_sees_its_caller_through_erpy_erlang(node):
+    from erpy import erlang
+    node.allow_code = True
+    caller, tag = node.mailbox().pid, node._native.make_ref()
+    assert node._service_run("result = erlang.self()", None, 0, None, (caller, tag)) == caller
+    assert node._service_eval("erlang.self()", {}, 0, None, (caller, tag)) == caller
+    # Only for the request's own code: outside it there is no Erlang caller.
+    with pytest.raises(erlang.ErlangPortError):
+        erlang.self()
+    with pytest.raises(erlang.ErlangPortError):
+        node._service_eval("erlang.self()")
+    with pytest.raises(TypeError, match="caller"):
+        node._service_eval("1", {}, 0, None, "not a caller")
