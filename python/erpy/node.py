@@ -86,8 +86,8 @@ _current = threading.local()
 class _Caller:
     """The Erlang process an ``erpy.service`` call runs for (a node pool's caller): the
     backend of :mod:`erpy.erlang` for the call's code. ``erlang.call``/``apply``/``send``
-    become a message to that process, ``{erpy_node_callback, Tag, ReplyTo, CbId, Kind, M,
-    F, ArgsBin}``, which checks them against its pool's policy, runs them and answers
+    become a message to that process's alias, ``{erpy_node_callback, Alias, ReplyTo, CbId,
+    Kind, M, F, ArgsBin}``, which checks them against its pool's policy, runs them and answers
     ``{erpy_callback_reply, CbId, ok | error, Value}``. M and F go as binaries and every
     other term Python chose inside ArgsBin (for send ``[Dest, Msg]``, M and F undefined),
     so the caller decodes them under its own rules: nothing in the message itself can
@@ -392,7 +392,7 @@ class Node:
     # `max_size`: the pool's max_message_size, the largest result (bytes of external
     # format) the call may return, else {message_too_large, Size, Max}; 0: no limit.
     # `session`: the namespace of a held worker (session_open/0), None for none.
-    # `caller`: {CallerPid, Tag} from a node pool: the result (or the error map) goes back
+    # `caller`: {CallerPid, Alias} from a node pool (callbacks go to the alias): the result (or the error map) goes back
     # as its ETF in a binary, for the caller to decode under its pool's policy, and
     # erpy.erlang's callbacks in the code go to that process (_Caller). None (a stock
     # erpc caller): plain terms, no callbacks.
@@ -403,8 +403,9 @@ class Node:
         if caller is None:
             yield
             return
-        if not (type(caller) is tuple and len(caller) == 2 and isinstance(caller[0], Pid)):
-            raise TypeError(f"erpy.service: caller must be (Pid, Tag), not {caller!r}")
+        if not (type(caller) is tuple and len(caller) == 2 and isinstance(caller[0], Pid)
+                and isinstance(caller[1], (Ref, Pid))):
+            raise TypeError(f"erpy.service: caller must be (Pid, Alias), not {caller!r}")
         previous = getattr(_current, "caller", None)
         _current.caller = c = _Caller(self, caller[0], caller[1])
         try:
