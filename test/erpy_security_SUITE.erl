@@ -12,7 +12,7 @@
          forged_pid_refused/1, forged_pid_in_callback_args_refused/1,
          export_fun_checked/1, local_fun_refused/1, apply_forms_checked/1,
          new_atoms_refused/1, new_atoms_budget/1, undecodable_answer/1,
-         no_stray_messages/1]).
+         no_stray_messages/1, crash_injection_soak/1]).
 %% Called from Python.
 -export([echo/1, make_pid/0]).
 
@@ -23,11 +23,12 @@ groups() ->
     Cases = [send_by_name_refused, send_allowed_names, send_to_given_pids,
              forged_pid_refused, forged_pid_in_callback_args_refused,
              export_fun_checked, local_fun_refused, apply_forms_checked,
-             new_atoms_refused, new_atoms_budget, undecodable_answer, no_stray_messages],
+             new_atoms_refused, new_atoms_budget, undecodable_answer, no_stray_messages,
+             crash_injection_soak],
     [{port, [], Cases}, {embedded, [], Cases}].
 
 suite() ->
-    [{timetrap, {seconds, 60}}].
+    [{timetrap, {seconds, 120}}].
 
 init_per_suite(Config) ->
     _ = application:load(erpy),
@@ -274,6 +275,23 @@ no_stray_messages(Config) ->
         receive Stray -> ct:fail({late_stray, Stray}) after 0 -> ok end
     after
         erpy:stop_pool(Pool)
+    end.
+
+%% 8 callers, mixed values / exceptions / timeouts / crashes: nothing wrong, lost or stray,
+%% and the pool is back to full size. (`make bench` runs it for 2 minutes per mode.)
+crash_injection_soak(Config) ->
+    Mode = ?config(mode, Config),
+    Seconds = list_to_integer(os:getenv("ERPY_SOAK_SECONDS", "15")),
+    ok = start(sec_soak, #{mode => Mode, size => 4, allowed => [], kill_grace_ms => 300}),
+    try
+        R = erpy_soak:run(sec_soak, Mode, 8, Seconds),
+        ct:pal("soak ~p: ~p", [Mode, R]),
+        ?assertMatch(#{wrong := 0, lost := 0, stray := 0, full_size := true}, R),
+        #{calls := Calls, ok := Ok, exceptions := Ex, timeouts := To, crashes := Cr} = R,
+        ?assert(Ok > 0 andalso Ex > 0 andalso To > 0 andalso Cr > 0),
+        ?assertEqual(Calls, Ok + Ex + To + Cr)
+    after
+        erpy:stop_pool(sec_soak)
     end.
 
 %% Helpers.
