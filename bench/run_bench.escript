@@ -12,5 +12,6 @@ main(Args) ->
     [begin
          {ok, Mod, Beam} = compile:file(Src, [binary, report, warnings_as_errors]),
          {module, Mod} = code:load_binary(Mod, Src, Beam)
-     end || Src <- filelib:wildcard(filename:join(BenchDir, "*.erl"))],
+     end || Src <- filelib:wildcard(filename:join(BenchDir, "*.erl"))
+                ++ [filename:join([BenchDir, "..", "test", "erpy_soak.erl"])]],
     erpy_bench:main(Args).

@@ -14,16 +14,16 @@
 -spec request(erpy:pool(), tuple(), timeout()) -> {ok, term()} | {error, term()}.
 request(Pool, Req, Timeout) ->
     case erpy_pool:lookup(Pool) of
-        {ok, #{max_message_size := Max} = Handle} ->
+        {ok, #{max_message_size := Max, policy := Policy} = Handle} ->
             %% Encoded and size-checked before a slot is claimed: a refused request holds
             %% nothing.
-            with_frame(Max, Req, Timeout,
-                       fun(Frame) ->
+            with_frame(Max, Policy, Req, Timeout,
+                       fun(Frame, Ctx) ->
                                case nested_worker(Pool) of
                                    {ok, Worker} ->
-                                       send_and_wait(erpy_nested, Worker, Pool, Frame, Timeout);
+                                       send_and_wait(erpy_nested, Worker, Pool, Ctx, Frame, Timeout);
                                    error ->
-                                       via_pool(Handle, Frame, Timeout)
+                                       via_pool(Handle, Ctx, Frame, Timeout)
                                end
                        end);
         error ->
@@ -32,17 +32,27 @@ request(Pool, Req, Timeout) ->
 
 -spec request_worker(erpy:worker(), tuple(), timeout()) -> {ok, term()} | {error, term()}.
 request_worker({erpy_worker, Pool, Pid}, Req, Timeout) ->
-    with_frame(erpy_pool:max_message_size(Pool), Req, Timeout,
-               fun(Frame) -> send_and_wait(Pid, Pool, Frame, Timeout) end);
+    case erpy_pool:lookup(Pool) of
+        {ok, #{max_message_size := Max, policy := Policy}} ->
+            with_frame(Max, Policy, Req, Timeout,
+                       fun(Frame, Ctx) -> send_and_wait(Pid, Pool, Ctx, Frame, Timeout) end);
+        error ->
+            {error, {no_pool, Pool}}
+    end;
 request_worker(Other, _Req, _Timeout) ->
     {error, {badarg, {worker, Other}}}.
 
-with_frame(Max, Req, Timeout, Fun) ->
+with_frame(Max, Policy, Req, Timeout, Fun) ->
     Id = erlang:unique_integer([positive]),
     Frame = encode_request(Req, Id, Timeout, self()),
     case erlang:iolist_size(Frame) of
-        Size when Size > Max -> {error, {message_too_large, Size, Max}};
-        _ -> Fun({Id, Frame})
+        Size when Size > Max ->
+            {error, {message_too_large, Size, Max}};
+        _ ->
+            Ctx = erpy_policy:request_ctx(Policy, self(), Req),
+            try Fun({Id, Frame}, Ctx)
+            after erpy_policy:done(Ctx)
+            end
     end.
 
 %% The frame Python receives: {Kind, Id, DeadlineMs, Caller, Payload...}. The deadline
@@ -61,7 +71,7 @@ encode_request(Req, Id, Timeout, Caller) ->
 %% Internal.
 
 %% A free slot: straight to its worker. None: to the pool server, which queues it.
-via_pool(#{name := Pool, pid := PoolPid, queued := Queued} = Handle, Frame, Timeout) ->
+via_pool(#{name := Pool, pid := PoolPid, queued := Queued} = Handle, Ctx, Frame, Timeout) ->
     Target = case erpy_pool:claim(Handle) of
                  {ok, Slot} ->
                      case erpy_pool:worker_pid(Pool, Slot) of
@@ -73,38 +83,43 @@ via_pool(#{name := Pool, pid := PoolPid, queued := Queued} = Handle, Frame, Time
     case Target of
         undefined ->
             counters:add(Queued, 1, 1),
-            send_and_wait(PoolPid, Pool, Frame, Timeout);
+            send_and_wait(PoolPid, Pool, Ctx, Frame, Timeout);
         Worker ->
-            case send_and_wait(Worker, Pool, Frame, Timeout) of
+            case send_and_wait(Worker, Pool, Ctx, Frame, Timeout) of
                 {error, {worker_exit, noproc}} ->
                     %% The worker had died before it got the request: nothing ran, so
                     %% the pool may place it again.
                     counters:add(Queued, 1, 1),
-                    send_and_wait(PoolPid, Pool, Frame, Timeout);
+                    send_and_wait(PoolPid, Pool, Ctx, Frame, Timeout);
                 Answer ->
                     Answer
             end
     end.
 
-send_and_wait(Target, Pool, Frame, Timeout) ->
-    send_and_wait(erpy_request, Target, Pool, Frame, Timeout).
+send_and_wait(Target, Pool, Ctx, Frame, Timeout) ->
+    send_and_wait(erpy_request, Target, Pool, Ctx, Frame, Timeout).
 
 %% erpy_nested: a request made inside a callback, for the worker that waits for it.
-send_and_wait(Tag, Target, Pool, {Id, Bin}, Timeout) ->
+send_and_wait(Tag, Target, Pool, Ctx, {Id, Bin}, Timeout) ->
     %% The monitor is also the alias the worker answers to: once we demonitor, a late
     %% answer (after a timeout) is dropped by the runtime, not queued here.
     Mref = erlang:monitor(process, Target, [{alias, demonitor}]),
     Deadline = deadline(Timeout),
     Target ! {Tag, Mref, self(), Id, Bin, Deadline},
-    wait(Mref, Pool, Deadline).
+    Answer = wait(Mref, Pool, Ctx, Deadline),
+    %% Whatever else was sent to the alias before it went inactive (a crashing worker's
+    %% answer and its pool's, a callback that raced the deadline) is dropped here, so no
+    %% stray message outlives the call.
+    flush(Mref),
+    Answer.
 
-wait(Mref, Pool, Deadline) ->
+wait(Mref, Pool, Ctx, Deadline) ->
     receive
         {erpy_reply, Mref, Reply} ->
             erlang:demonitor(Mref, [flush]),
-            decode_reply(Reply);
-        {erpy_callback, Mref, Worker, Port, CbId, Call} ->
-            run_callback(Pool, Worker, Port, CbId, Call),
+            decode_reply(Ctx, Reply);
+        {erpy_callback, Mref, Worker, Port, CbId, Frame} ->
+            run_callback(Pool, Ctx, Worker, Port, CbId, Frame),
             case remaining(Deadline) of
                 0 ->
                     %% The deadline passed while the callback ran here: whatever Python
@@ -112,7 +127,7 @@ wait(Mref, Pool, Deadline) ->
                     erlang:demonitor(Mref, [flush]),
                     {error, timeout};
                 _ ->
-                    wait(Mref, Pool, Deadline)
+                    wait(Mref, Pool, Ctx, Deadline)
             end;
         {'DOWN', Mref, process, _, Why} ->
             {error, {worker_exit, Why}}
@@ -120,28 +135,48 @@ wait(Mref, Pool, Deadline) ->
         erlang:demonitor(Mref, [flush]),
         %% An answer that arrived just now still counts.
         receive
-            {erpy_reply, Mref, Reply} -> decode_reply(Reply)
+            {erpy_reply, Mref, Reply} -> decode_reply(Ctx, Reply)
         after 0 ->
             {error, timeout}
         end
     end.
 
-decode_reply({error, _} = Error) ->
-    Error;
-decode_reply(Bin) when is_binary(Bin) ->
-    decode_term(Bin).
-
-decode_term(Bin) ->
-    case binary_to_term(Bin) of
-        {ok, _Id, Result} -> {ok, Result};
-        {error, _Id, Reason} -> {error, Reason}
+flush(Mref) ->
+    receive
+        {erpy_reply, Mref, _} -> flush(Mref);
+        {erpy_callback, Mref, _, _, _, _} -> flush(Mref)
+    after 0 ->
+        ok
     end.
 
-%% Python called erlang.call/apply: the worker has checked the allow-list already.
-run_callback(Pool, Worker, Port, CbId, Call) ->
-    Reply = case apply_callback(Pool, Worker, Call) of
+decode_reply(_Ctx, {error, _} = Error) ->
+    Error;
+decode_reply(Ctx, Bin) when is_binary(Bin) ->
+    case erpy_policy:decode(Ctx, Bin) of
+        {ok, {ok, _Id, Result}} -> {ok, Result};
+        {ok, {error, _Id, Reason}} -> {error, Reason};
+        {ok, _Other} -> {error, {undecodable, <<"not an answer">>}};
+        {error, _} = Error -> Error
+    end.
+
+%% Python called erlang.call/apply/send: the frame {callback, CbId, Kind, M, F, A} comes
+%% undecoded from the worker; the policy decodes and checks it here.
+run_callback(Pool, Ctx, Worker, Port, CbId, Frame) ->
+    Result = case erpy_policy:decode(Ctx, Frame) of
+                 {ok, {callback, CbId, call, M, F, A}} ->
+                     erpy_policy:run_callback(Ctx, Pool, Worker, call, M, F, {check, [A]});
+                 {ok, {callback, CbId, Kind, M, F, A}} when is_list(A) ->
+                     erpy_policy:run_callback(Ctx, Pool, Worker, Kind, M, F, {check, A});
+                 {ok, {callback, CbId, Kind, _, _, _}} ->
+                     {error, {badarg, Kind}};
+                 {ok, _} ->
+                     {error, {badarg, callback}};
+                 {error, _} = Error ->
+                     Error
+             end,
+    Reply = case Result of
                 {ok, Value} -> {reply, CbId, ok, Value};
-                {error, Error} -> {reply, CbId, error, Error}
+                {error, Error1} -> {reply, CbId, error, Error1}
             end,
     Bin = encode_callback_reply(Reply, Pool),
     %% Any process may write to a port; if Python's worker died meanwhile, the pending

@@ -32,6 +32,7 @@ pool_opts(Opts) when is_map(Opts) ->
         %% A pool without its own `allowed` follows the application env, also when it
         %% changes later (erpy_port_worker reads it at each callback).
         _ = erpy_allow:compile(Env(allowed, [])),
+        ok = check_policy(Env(send_allowed, []), Env(new_atoms, 0)),
         {ok, Python} = interpreter(Full),
         ok = start_embedded_python(Full#{python => Python}),
         {ok, Full#{python => Python, pythonpath => pythonpath(Full)}}
@@ -95,6 +96,17 @@ start_embedded_python(#{mode := embedded, python := Python}) ->
     end;
 start_embedded_python(_Opts) ->
     ok.
+
+%% `send_allowed`: registered names, {Name, Node} and pids Python may send to besides the
+%% caller and the pids of its request; `new_atoms`: how many atoms Python may create.
+check_policy(Send, NewAtoms) ->
+    check(is_list(Send) andalso lists:all(fun send_target/1, Send), {badarg, {send_allowed, Send}}),
+    check(is_integer(NewAtoms) andalso NewAtoms >= 0, {badarg, {new_atoms, NewAtoms}}).
+
+send_target(Name) when is_atom(Name) -> true;
+send_target({Name, Node}) when is_atom(Name), is_atom(Node) -> true;
+send_target(Pid) when is_pid(Pid) -> true;
+send_target(_) -> false.
 
 check(true, _Why) -> ok;
 check(false, Why) -> throw({bad, Why}).

@@ -61,12 +61,8 @@ init({Name, Opts}) ->
                         spin_us => maps:get(spin_us, Opts, 50),
                         kill_grace_ms => maps:get(kill_grace_ms, Opts, 2000)},
             Pool = erpy_nif:pool_new(maps:get(size, Opts), self(), NifOpts),
-            Allowed = case maps:find(allowed, Opts) of
-                          {ok, A} -> erpy_allow:compile(A);
-                          error -> env
-                      end,
             Handle = #{mode => embedded, name => Name, pid => self(), pool => Pool,
-                       size => maps:get(size, Opts), allowed => Allowed,
+                       size => maps:get(size, Opts), policy => erpy_policy:new(Name, Opts),
                        max_message_size => maps:get(max_message_size, Opts)},
             persistent_term:put(?KEY(Name), Handle),
             {ok, #{name => Name, pool => Pool}};
@@ -101,12 +97,27 @@ terminate(_Why, #{name := Name, pool := Pool}) ->
 
 %% Internal.
 
-submit_and_wait(Target, #{name := Name} = Handle, Req, Timeout, WantHandle) ->
+submit_and_wait(Target, #{name := Name, policy := Policy} = Handle, Req, Timeout, WantHandle) ->
     Ref = make_ref(),
     case erpy_nif:submit(Target, Ref, Req, WantHandle) of
-        {ok, Job} -> spin(Ref, Job, Handle, deadline(Timeout), ?SPIN);
-        {error, closed} -> {error, {no_pool, Name}}
+        {ok, Job} ->
+            Ctx = erpy_policy:request_ctx(Policy, self(), Req),
+            try answer(Ctx, spin(Ref, Job, Handle#{ctx => Ctx}, deadline(Timeout), ?SPIN))
+            after erpy_policy:done(Ctx)
+            end;
+        {error, closed} ->
+            {error, {no_pool, Name}}
     end.
+
+%% The NIF flags a result that holds funs, pids, references or ports (ok_check): the
+%% policy checks its funs before the caller gets it.
+answer(Ctx, {ok_check, Result}) ->
+    case erpy_policy:check_result(Ctx, Result) of
+        ok -> {ok, Result};
+        Error -> Error
+    end;
+answer(_Ctx, Answer) ->
+    Answer.
 
 %% A short call answers within microseconds, sooner than this scheduler could go to sleep
 %% and be woken by a message: poll for the answer a little (it waits in the job, so
@@ -117,13 +128,14 @@ spin(Ref, Job, Handle, Deadline, N) ->
         {done, Answer} -> Answer;
         pending -> erlang:yield(), spin(Ref, Job, Handle, Deadline, N - 1);
         wait -> wait(Ref, Job, Handle, Deadline);
-        {callback, Ctx, Kind, M, F, Args} -> callback(Ref, Job, Handle, Deadline, Ctx, Kind, M, F, Args)
+        {Tag, Ctx, Kind, M, F, Args} when Tag =:= callback; Tag =:= callback_check ->
+            callback(Ref, Job, Handle, Deadline, Tag, {Ctx, Kind, M, F, Args})
     end.
 
 wait(Ref, Job, Handle, Deadline) ->
     receive
-        {Ref, {callback, Ctx, Kind, M, F, Args}} ->
-            callback(Ref, Job, Handle, Deadline, Ctx, Kind, M, F, Args);
+        {Ref, {Tag, Ctx, Kind, M, F, Args}} when Tag =:= callback; Tag =:= callback_check ->
+            callback(Ref, Job, Handle, Deadline, Tag, {Ctx, Kind, M, F, Args});
         {Ref, Answer} ->
             Answer
     after remaining(Deadline) ->
@@ -131,8 +143,8 @@ wait(Ref, Job, Handle, Deadline) ->
     end.
 
 %% Runs a callback for Python, answers it, and goes back to polling for what follows.
-callback(Ref, Job, Handle, Deadline, Ctx, Kind, M, F, Args) ->
-    erpy_nif:callback_reply(Job, run_callback(Handle, Ctx, Kind, M, F, Args)),
+callback(Ref, Job, Handle, Deadline, Tag, Call) ->
+    erpy_nif:callback_reply(Job, run_callback(Handle, Tag, Call)),
     case remaining(Deadline) of
         0 -> give_up(Ref, Job);
         _ -> spin(Ref, Job, Handle, Deadline, ?SPIN)
@@ -152,7 +164,8 @@ give_up(Ref, Job) ->
     end.
 
 flush_answer(Ref) ->
-    receive {Ref, {callback, _, _, _, _, _}} -> flush_answer(Ref);
+    receive {Ref, {Tag, _, _, _, _, _}} when Tag =:= callback; Tag =:= callback_check ->
+                flush_answer(Ref);
             {Ref, Answer} -> Answer
     end.
 
@@ -161,17 +174,15 @@ flush(Ref) ->
     after 0 -> ok
     end.
 
-%% Python called erlang.call/apply: allow-listed here, then run in this process (so
-%% self() is the caller, and a nested erpy call goes back to the waiting context).
-run_callback(#{name := Name} = Handle, Ctx, _Kind, M, F, Args) when is_list(Args) ->
-    case erpy_allow:resolve(maps:get(allowed, Handle), M, F, length(Args)) of
-        {ok, Mod, Fun} ->
-            erpy_call:apply_callback(Name, {erpy_context, Name, Ctx}, {Mod, Fun, Args});
-        {error, NotAllowed} ->
-            {error, NotAllowed}
-    end;
-run_callback(_Handle, _Ctx, Kind, _M, _F, _Args) ->
-    {error, {badarg, Kind}}.
+%% Python called erlang.call/apply/send: checked by the pool's policy, then run in this
+%% process (so self() is the caller, and a nested erpy call goes back to the waiting
+%% context). `callback_check`: the NIF saw funs, pids, references or ports in it.
+run_callback(#{name := Name, ctx := Ctx}, Tag, {PyCtx, Kind, M, F, Args}) ->
+    Mode = case Tag of
+               callback -> trusted;
+               callback_check -> check
+           end,
+    erpy_policy:run_callback(Ctx, Name, {erpy_context, Name, PyCtx}, Kind, M, F, {Mode, Args}).
 
 deadline(infinity) -> infinity;
 deadline(Timeout) -> erlang:monotonic_time(millisecond) + Timeout.

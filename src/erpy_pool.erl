@@ -20,7 +20,7 @@
 %% What callers need to claim a slot without asking the server.
 -type handle() :: #{pid := pid(), name := atom(), size := pos_integer(),
                     slots := atomics:atomics_ref(), queued := counters:counters_ref(),
-                    max_message_size := non_neg_integer()}.
+                    max_message_size := non_neg_integer(), policy := erpy_policy:policy()}.
 
 -record(st, {
     name :: atom(),
@@ -183,7 +183,8 @@ init({Name, Opts, PoolSup}) ->
     Handle = #{pid => self(), name => Name, size => Size, slots => Slots,
                depth => max(1, maps:get(pipeline, Opts, 1)),
                queued => counters:new(1, [write_concurrency]),
-               max_message_size => maps:get(max_message_size, Opts)},
+               max_message_size => maps:get(max_message_size, Opts),
+               policy => erpy_policy:new(Name, Opts)},
     persistent_term:put(?KEY(Name), Handle),
     %% The supervisor is still starting us: ask it for our sibling once it is done.
     self() ! {start_workers, PoolSup},

@@ -3,8 +3,8 @@
 %%
 %% The worker writes the callers' pre-encoded requests to the port and forwards Python's
 %% answers to them without decoding them (it only peeks at the frame's head). Callback
-%% requests from Python are checked against the allow-list here, on the Erlang side, then
-%% run by the caller. A request whose caller died or timed out is interrupted in Python;
+%% requests from Python go to the caller undecoded, where the pool's policy decodes,
+%% checks and runs them (erpy_policy). A request whose caller died or timed out is interrupted in Python;
 %% if Python does not stop within the grace period the OS process is killed, and the pool
 %% starts a new worker.
 -module(erpy_port_worker).
@@ -36,8 +36,6 @@
     port :: port() | undefined,
     os_pid :: non_neg_integer() | undefined,
     opts :: map(),
-    %% `env`: the pool has no allow-list of its own and follows erpy's application env.
-    allowed :: erpy_allow:rules() | env,
     max :: non_neg_integer(),
     ready = false :: boolean(),
     %% Requests in flight. The head is the one Python works on: nested requests are
@@ -96,10 +94,6 @@ init({Pool, PoolPid, Opts}) ->
                      none => maps:get(none, Opts, undefined)},
             port_command(Port, term_to_binary({init, Init}, [{minor_version, 2}])),
             St = #st{pool = Pool, pool_pid = PoolPid, port = Port, os_pid = OsPid, opts = Opts,
-                     allowed = case maps:find(allowed, Opts) of
-                                   {ok, Allowed} -> erpy_allow:compile(Allowed);
-                                   error -> env
-                               end,
                      max = maps:get(max_message_size, Opts)},
             {ok, St, ?READY_TIMEOUT_MS}
     catch
@@ -198,8 +192,14 @@ handle_frame(<<131, 104, 3, 119, 2, "ok", Rest/binary>> = Frame, St) ->
     answer(frame_id(Rest), Frame, St);
 handle_frame(<<131, 104, 3, 119, 5, "error", Rest/binary>> = Frame, St) ->
     answer(frame_id(Rest), Frame, St);
+handle_frame(<<131, 104, 6, 119, 8, "callback", Rest/binary>> = Frame, St) ->
+    %% Python calls back (erlang.call/apply/send): the caller decodes and checks it under
+    %% the pool's policy (erpy_policy); nothing from Python is decoded here but its id.
+    callback(frame_id(Rest), Frame, St),
+    {noreply, St, timeout(St)};
 handle_frame(Frame, St) ->
-    try binary_to_term(Frame) of
+    %% Control frames name only atoms erpy has: [safe] refuses any other.
+    try binary_to_term(Frame, [safe]) of
         Term -> control(Term, St)
     catch
         error:badarg ->
@@ -263,12 +263,6 @@ control({ready, #{version := ?PROTOCOL_VERSION}}, #st{ready = false} = St) ->
     {noreply, St#st{ready = true}, timeout(St#st{ready = true})};
 control({ready, #{version := V}}, #st{ready = false} = St) ->
     {stop, {shutdown, {protocol_version, V, ?PROTOCOL_VERSION}}, St};
-control({callback, CbId, Kind, M, F, A}, St) ->
-    callback(CbId, Kind, M, F, A, St),
-    {noreply, St, timeout(St)};
-control({send, Dest, Msg}, St) ->
-    send_to(Dest, Msg, St),
-    {noreply, St, timeout(St)};
 control({log, Stream, Text}, St) ->
     %% notice: shown by a default logger setup, as print() output is expected to be.
     Level = case Stream of stderr -> warning; _ -> notice end,
@@ -276,8 +270,9 @@ control({log, Stream, Text}, St) ->
                                        worker => self(), os_pid => St#st.os_pid,
                                        stream => Stream}),
     {noreply, St, timeout(St)};
-control({exiting, Why}, St) ->
-    %% Python leaves on its own (memory limit): the exit status follows.
+control({exiting, Why}, St) when Why =:= memory_limit ->
+    %% Python leaves on its own (memory limit): the exit status follows. (Control frames
+    %% are decoded with [safe]: the atoms they may name are written here.)
     logger:notice("erpy pool ~p: worker ~p exits: ~p", [St#st.pool, St#st.os_pid, Why],
                   #{domain => [erpy]}),
     erpy_pool:retire(maps:get(pool_handle, St#st.opts), maps:get(slot, St#st.opts)),
@@ -287,47 +282,12 @@ control(Other, St) ->
                  #{domain => [erpy]}),
     {noreply, St, timeout(St)}.
 
-callback(CbId, Kind, M, F, A, #st{pending = [#req{alias = Alias} | _]} = St)
-  when Alias =/= undefined ->
-    Args = case Kind of
-               call -> [A];
-               apply when is_list(A) -> A;
-               _ -> bad
-           end,
-    case Args of
-        bad ->
-            callback_error(CbId, {badarg, Kind}, St);
-        _ ->
-            case erpy_allow:resolve(St#st.allowed, M, F, length(Args)) of
-                {ok, Mod, Fun} ->
-                    Alias ! {erpy_callback, Alias, self(), St#st.port, CbId, {Mod, Fun, Args}};
-                {error, NotAllowed} ->
-                    callback_error(CbId, NotAllowed, St)
-            end
-    end;
-callback(CbId, _Kind, _M, _F, _A, St) ->
-    callback_error(CbId, no_caller, St).
-
-callback_error(CbId, Reason, St) ->
-    send_frame(St, {reply, CbId, error, Reason}).
-
-send_to(Dest, Msg, _St) when is_pid(Dest) ->
-    Dest ! Msg,
-    ok;
-send_to(Dest, Msg, St) when is_atom(Dest) ->
-    try Dest ! Msg catch error:badarg -> no_such_name(Dest, St) end,
-    ok;
-send_to(Dest, Msg, St) when is_binary(Dest) ->
-    try binary_to_existing_atom(Dest, utf8) of
-        Name -> send_to(Name, Msg, St)
-    catch error:badarg -> no_such_name(Dest, St)
-    end;
-send_to(Dest, _Msg, St) ->
-    no_such_name(Dest, St).
-
-no_such_name(Dest, St) ->
-    logger:warning("erpy pool ~p: Python sent to ~p, which is not a process", [St#st.pool, Dest],
-                   #{domain => [erpy]}).
+callback(undefined, _Frame, St) ->
+    logger:error("erpy pool ~p: callback frame without an id", [St#st.pool], #{domain => [erpy]});
+callback(CbId, Frame, #st{pending = [#req{alias = Alias} | _]} = St) when Alias =/= undefined ->
+    Alias ! {erpy_callback, Alias, self(), St#st.port, CbId, Frame};
+callback(CbId, _Frame, St) ->
+    send_frame(St, {reply, CbId, error, no_caller}).
 
 fail_pending(Reason, #st{pending = Pending} = St) ->
     [A ! {erpy_reply, A, {error, Reason}} || #req{alias = A} <- Pending, A =/= undefined],

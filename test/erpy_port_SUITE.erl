@@ -300,7 +300,8 @@ allow_list(_Config) ->
 
 %% Python -> Erlang -> Python nests on a pool of 1 without deadlock; erlang.send and erlang.self reach the caller.
 nested_and_send(_Config) ->
-    start(nest, #{size => 1, allowed => [{?MODULE, nested, 1}, {?MODULE, twice, 2}, {erlang, abs}]}),
+    start(nest, #{size => 1, allowed => [{?MODULE, nested, 1}, {?MODULE, twice, 2}, {erlang, abs}],
+                  send_allowed => [erpy_port_suite_target]}),
     ?assertEqual({ok, #{status => ok, result => 10}},
                  erpy:run(#{code => <<"result = erlang.call('erpy_port_SUITE', 'nested', 5)">>,
                             pool => nest}, 5000)),

@@ -71,7 +71,6 @@ class PortWorker {
   int serve();
 
   PyRef callback(const char* kind, PyObject* m, PyObject* f, PyObject* arg);
-  void send(PyObject* dest, PyObject* msg);
   void send_from_python(ByteBuffer& frame);
   PyRef self_pid();
 
@@ -534,15 +533,7 @@ PyRef PortWorker::callback(const char* kind, PyObject* m, PyObject* f, PyObject*
   }
 }
 
-void PortWorker::send(PyObject* dest, PyObject* msg) {
-  ByteBuffer frame;
-  Channel::begin_tuple_frame(frame, 3, "send");
-  codec_.encode_append(frame, dest, eopts_);
-  codec_.encode_append(frame, msg, eopts_);
-  send_from_python(frame);
-}
-
-// A frame that Python code asked for (callback, send): its failures are Python errors.
+// A frame that Python code asked for (a callback): its failures are Python errors.
 void PortWorker::send_from_python(ByteBuffer& frame) {
   if (frame.size() - 4 > max_) {
     PyErr_Format(errors_.error.get(), "message_too_large: %zu bytes, max %zu", frame.size() - 4, max_);
@@ -637,8 +628,13 @@ PyObject* erlang_apply(PyObject*, PyObject* args) {
 PyObject* erlang_send(PyObject*, PyObject* args) {
   PyObject *dest, *msg;
   if (!PyArg_ParseTuple(args, "OO:send", &dest, &msg)) return nullptr;
+  // A callback like the others: Erlang checks the destination against the pool's
+  // policy and answers, so a refusal is an ErlangError here.
   return guarded([&]() -> PyObject* {
-    current("erlang.send")->send(dest, msg);
+    PyRef list = PyRef::check(PyList_New(1));
+    Py_INCREF(msg);
+    PyList_SET_ITEM(list.get(), 0, msg);
+    (void)current("erlang.send")->callback("send", dest, Py_None, list.get());
     Py_RETURN_NONE;
   });
 }

@@ -1,0 +1,371 @@
+%% The pool's policy: what Python code run by a pool may do to the VM, checked in one
+%% place for every mode. Python is untrusted by default; it gets exactly this:
+%%
+%% - calls (`erlang.call/apply`): what the allow-list permits (erpy_allow), also when the
+%%   call is an apply/spawn/rpc form that names another function (checked as that one);
+%% - messages (`erlang.send`): the calling process, pids and references Erlang handed to
+%%   Python in this request (its arguments, and the results of its callbacks so far), and
+%%   what the pool's `send_allowed` lists (registered names, `{Name, Node}`, pids);
+%% - pids and references in callback arguments: the same set as messages may reach;
+%% - funs (in results, callback arguments and messages): an external `fun M:F/A` that the
+%%   allow-list permits, or a fun Erlang itself handed to Python in this request;
+%% - atoms: none that do not exist yet, unless the pool's `new_atoms` budget allows (and
+%%   never when the VM's atom table is within 5% of its limit);
+%% - sizes: `max_message_size` on every term that comes in; a compressed term is refused
+%%   if it claims to inflate beyond it.
+%%
+%% A term from Python that Erlang cannot decode is an error value, never an exception.
+%% Every refusal is `{error, Reason}`; a callback's refusal is raised in Python as
+%% `erlang.ErlangError(Reason)`.
+-module(erpy_policy).
+
+-export([new/2, request_ctx/3, done/1, decode/2, check_result/2,
+         callback/7, run_callback/7, protocol_atoms/0]).
+-export_type([policy/0, ctx/0, reason/0]).
+
+-record(policy, {pool :: atom(),
+                 allowed :: erpy_allow:rules() | env,
+                 send_allowed :: [send_target()],
+                 atoms :: atomics:atomics_ref(),
+                 max :: non_neg_integer(),
+                 %% ?FUN_TAGS compiled once (an uncompiled pattern costs ~1 us per match).
+                 fun_tags :: binary:cp()}).
+
+-opaque policy() :: #policy{}.
+-opaque ctx() :: #{policy := policy(), caller := pid(), given := term(), key := reference()}.
+-type send_target() :: atom() | {atom(), node()} | pid().
+-type reason() :: {not_allowed, {module(), atom(), arity()}}
+                | {not_allowed, {send, term()}}
+                | {not_allowed, {'fun', module(), atom() | local, arity()}}
+                | {not_allowed, {pid | reference | port, term()}}
+                | {unknown_atom, binary()}
+                | {message_too_large, non_neg_integer(), non_neg_integer()}
+                | {undecodable, binary()}
+                | {noproc, term()}
+                | {badarg, term()}.
+
+%% The fun tags of the external term format: a binary without any of these bytes holds
+%% no fun, so most results are never walked.
+-define(FUN_TAGS, [<<112>>, <<113>>, <<117>>]).
+-define(GIVEN(Key), {'$erpy_given', Key}).
+
+%% API.
+
+%% The policy of pool `Pool` from its options (`allowed`, `send_allowed`, `new_atoms`,
+%% `max_message_size`).
+-spec new(atom(), map()) -> policy().
+new(Pool, Opts) ->
+    Atoms = atomics:new(1, [{signed, true}]),
+    atomics:put(Atoms, 1, maps:get(new_atoms, Opts, application:get_env(erpy, new_atoms, 0))),
+    #policy{pool = Pool,
+            allowed = case maps:find(allowed, Opts) of
+                          {ok, Allowed} -> erpy_allow:compile(Allowed);
+                          error -> env
+                      end,
+            send_allowed = maps:get(send_allowed, Opts, application:get_env(erpy, send_allowed, [])),
+            atoms = Atoms,
+            max = maps:get(max_message_size, Opts,
+                           application:get_env(erpy, max_message_size, 10485760)),
+            fun_tags = binary:compile_pattern(?FUN_TAGS)}.
+
+%% What one request may reach: made in the caller's process, before the request is sent.
+%% `Given` is what Erlang hands to Python (the request, with its arguments).
+-spec request_ctx(policy(), pid(), term()) -> ctx().
+request_ctx(Policy, Caller, Given) ->
+    #{policy => Policy, caller => Caller, given => Given, key => make_ref()}.
+
+%% The request is over: forget what its callbacks handed to Python.
+-spec done(ctx()) -> ok.
+done(#{key := Key}) ->
+    _ = erase(?GIVEN(Key)),
+    ok.
+
+%% A term Python sent (ETF): safe atoms, size limit, funs checked. Never raises.
+-spec decode(ctx(), binary()) -> {ok, term()} | {error, reason()}.
+decode(#{policy := #policy{max = Max}}, Bin) when byte_size(Bin) > Max ->
+    {error, {message_too_large, byte_size(Bin), Max}};
+decode(#{policy := #policy{max = Max}}, <<131, 80, Size:32, _/binary>>) when Size > Max ->
+    %% binary_to_term would inflate it first: refused on its claim.
+    {error, {message_too_large, Size, Max}};
+decode(#{policy := #policy{fun_tags = FunTags}} = Ctx, Bin) when is_binary(Bin) ->
+    try binary_to_term(Bin, [safe]) of
+        Term ->
+            case binary:match(Bin, FunTags) of
+                nomatch -> {ok, Term};
+                _ -> checked(check_funs(Ctx, Term), Term)
+            end
+    catch
+        error:badarg -> decode_unsafe(Ctx, Bin)
+    end;
+decode(_Ctx, _Other) ->
+    {error, {undecodable, <<"not a binary">>}}.
+
+%% A result built by the NIF that holds funs (embedded mode flags those).
+-spec check_result(ctx(), term()) -> ok | {error, reason()}.
+check_result(Ctx, Term) ->
+    check_funs(Ctx, Term).
+
+%% Python called back: `Kind` is call, apply or send; `Args` is the argument list (for
+%% send, `[Message]` with `M` the destination), as a term or as its ETF from Python.
+%% Checked here, then run in this (the caller's) process with `Worker` as the target of
+%% nested erpy calls. `Checked`: whether `Args`/`M` may hold funs, pids, references or
+%% ports (false when the producer knows they hold none).
+-spec callback(ctx(), erpy:pool(), term(), atom(), term(), term(), binary() | list()) ->
+    {ok, term()} | {error, term()}.
+callback(Ctx, Pool, Worker, Kind, M, F, ArgsBin) when is_binary(ArgsBin) ->
+    case decode_args(Ctx, ArgsBin) of
+        {ok, Args} -> run_callback(Ctx, Pool, Worker, Kind, M, F, {check, Args});
+        {error, _} = Error -> Error
+    end;
+callback(Ctx, Pool, Worker, Kind, M, F, Args) ->
+    run_callback(Ctx, Pool, Worker, Kind, M, F, {check, Args}).
+
+%% As callback/7 with decoded arguments: `{check, Args}` walks them for funs, pids and
+%% references; `{trusted, Args}` when the producer saw none (embedded mode flags them).
+-spec run_callback(ctx(), erpy:pool(), term(), atom(), term(), term(),
+                   {check | trusted, term()}) -> {ok, term()} | {error, term()}.
+run_callback(Ctx, Pool, Worker, Kind, M, F, {Mode, Args}) when is_list(Args) ->
+    try
+        ok = walk_if(Mode, Ctx, [M | Args]),
+        Result = case Kind of
+                     send when length(Args) =:= 1 -> send(Ctx, M, hd(Args));
+                     send -> {error, {badarg, send}};
+                     call when length(Args) =:= 1 -> apply_checked(Ctx, Pool, Worker, M, F, Args);
+                     apply -> apply_checked(Ctx, Pool, Worker, M, F, Args);
+                     _ -> {error, {badarg, Kind}}
+                 end,
+        case Result of
+            {ok, Value} -> remember(Ctx, Value);
+            _ -> ok
+        end,
+        Result
+    catch
+        throw:{refused, Why} -> {error, Why}
+    end;
+run_callback(_Ctx, _Pool, _Worker, Kind, _M, _F, _Args) ->
+    {error, {badarg, Kind}}.
+
+%% The atoms erpy's own Python side names in answers and control frames. They exist
+%% because this module names them, so binary_to_term(_, [safe]) accepts those frames.
+-spec protocol_atoms() -> [atom()].
+protocol_atoms() ->
+    [ok, error, ready, version, python, pid, gil, free_threaded, shared, timeout,
+     message_too_large, memory_limit, unencodable_error, exiting, log, stdout, stderr,
+     callback, reply, type, message, traceback, undefined, nil, true, false].
+
+%% Internal: decoding.
+
+checked(ok, Term) -> {ok, Term};
+checked({error, _} = Error, _Term) -> Error.
+
+decode_args(Ctx, Bin) ->
+    case decode(Ctx, Bin) of
+        {ok, Args} when is_list(Args) -> {ok, Args};
+        {ok, _} -> {error, {badarg, arguments}};
+        Error -> Error
+    end.
+
+%% binary_to_term(_, [safe]) refused it: new atoms (allowed up to the pool's budget), or a
+%% term this VM cannot hold at all.
+decode_unsafe(#{policy := #policy{atoms = Budget}} = Ctx, Bin) ->
+    case erpy_etf_atoms:unknown(Bin) of
+        {ok, []} ->
+            {error, {undecodable, <<"not a term this VM accepts from Python">>}};
+        {ok, [First | _] = Unknown} ->
+            N = length(Unknown),
+            case take_atoms(Budget, N) of
+                true ->
+                    try binary_to_term(Bin) of
+                        Term -> checked(check_funs(Ctx, Term), Term)
+                    catch
+                        error:badarg -> {error, {undecodable, <<"malformed term">>}}
+                    end;
+                false ->
+                    {error, {unknown_atom, First}}
+            end;
+        {error, Why} ->
+            {error, {undecodable, Why}}
+    end.
+
+take_atoms(Budget, N) ->
+    Limit = erlang:system_info(atom_limit),
+    Room = erlang:system_info(atom_count) + N < Limit - Limit div 20,
+    case Room andalso atomics:sub_get(Budget, 1, N) of
+        false -> false;
+        Left when Left >= 0 -> true;
+        _ -> atomics:add(Budget, 1, N), false
+    end.
+
+%% Internal: funs, pids, references.
+
+walk_if(trusted, _Ctx, _Term) -> ok;
+walk_if(check, Ctx, Term) -> walk(Ctx, Term, all).
+
+check_funs(Ctx, Term) ->
+    try walk(Ctx, Term, funs)
+    catch throw:{refused, Why} -> {error, Why}
+    end.
+
+%% Throws {refused, Why} at the first thing Python may not hand to Erlang.
+walk(Ctx, T, What) when is_list(T) -> walk_list(Ctx, T, What);
+walk(Ctx, T, What) when is_tuple(T) -> walk_tuple(Ctx, T, tuple_size(T), What);
+walk(Ctx, T, What) when is_map(T) ->
+    maps:fold(fun(K, V, ok) -> walk(Ctx, K, What), walk(Ctx, V, What) end, ok, T);
+walk(Ctx, T, _What) when is_function(T) -> check_fun(Ctx, T);
+walk(Ctx, T, all) when is_pid(T); is_reference(T); is_port(T) -> check_given(Ctx, T);
+walk(_Ctx, _T, _What) -> ok.
+
+walk_list(Ctx, [H | T], What) -> walk(Ctx, H, What), walk_list(Ctx, T, What);
+walk_list(_Ctx, [], _What) -> ok;
+walk_list(Ctx, Tail, What) -> walk(Ctx, Tail, What).
+
+walk_tuple(_Ctx, _T, 0, _What) -> ok;
+walk_tuple(Ctx, T, I, What) -> walk(Ctx, element(I, T), What), walk_tuple(Ctx, T, I - 1, What).
+
+check_fun(#{policy := #policy{allowed = Allowed}} = Ctx, Fun) ->
+    case erlang:fun_info(Fun, type) of
+        {type, external} ->
+            {module, M} = erlang:fun_info(Fun, module),
+            {name, F} = erlang:fun_info(Fun, name),
+            {arity, A} = erlang:fun_info(Fun, arity),
+            case erpy_allow:resolve(Allowed, M, F, A) of
+                {ok, _, _} -> ok;
+                {error, _} -> throw({refused, {not_allowed, {'fun', M, F, A}}})
+            end;
+        {type, local} ->
+            case given(Ctx, Fun) of
+                true -> ok;
+                false ->
+                    {module, M} = erlang:fun_info(Fun, module),
+                    {arity, A} = erlang:fun_info(Fun, arity),
+                    throw({refused, {not_allowed, {'fun', M, local, A}}})
+            end
+    end.
+
+check_given(#{caller := Caller}, Caller) ->
+    ok;
+check_given(#{policy := #policy{send_allowed = Listed}} = Ctx, T) ->
+    case lists:member(T, Listed) orelse given(Ctx, T) of
+        true -> ok;
+        false -> throw({refused, {not_allowed, {kind(T), T}}})
+    end.
+
+kind(T) when is_pid(T) -> pid;
+kind(T) when is_reference(T) -> reference;
+kind(T) when is_port(T) -> port.
+
+%% Did Erlang hand `X` to Python in this request (its arguments, or a callback result)?
+given(#{given := Given, key := Key}, X) ->
+    contains(Given, X) orelse lists:any(fun(T) -> contains(T, X) end, get_given(Key)).
+
+get_given(Key) ->
+    case get(?GIVEN(Key)) of
+        undefined -> [];
+        L -> L
+    end.
+
+%% Callback results Python may use later in the request (pids, references, funs only).
+remember(#{key := Key}, Value) ->
+    case has_handles(Value) of
+        true -> put(?GIVEN(Key), [Value | get_given(Key)]);
+        false -> ok
+    end.
+
+has_handles(T) when is_pid(T); is_reference(T); is_port(T); is_function(T) -> true;
+has_handles(T) when is_list(T) -> lists:any(fun has_handles/1, proper(T));
+has_handles(T) when is_tuple(T) -> has_handles(tuple_to_list(T));
+has_handles(T) when is_map(T) -> has_handles(maps:to_list(T));
+has_handles(_) -> false.
+
+proper([H | T]) when is_list(T) -> [H | proper(T)];
+proper([H | T]) -> [H, T];
+proper([]) -> [].
+
+contains(X, X) -> true;
+contains(T, X) when is_list(T) -> lists:any(fun(E) -> contains(E, X) end, proper(T));
+contains(T, X) when is_tuple(T) -> contains(tuple_to_list(T), X);
+contains(T, X) when is_map(T) -> contains(maps:to_list(T), X);
+contains(_, _) -> false.
+
+%% Internal: messages.
+
+send(Ctx, Dest, Msg) when is_pid(Dest); is_reference(Dest) ->
+    check_given(Ctx, Dest),
+    erlang:send(Dest, Msg),
+    {ok, ok};
+send(Ctx, Name, Msg) when is_binary(Name) ->
+    case existing_atom(Name) of
+        {ok, Atom} -> send(Ctx, Atom, Msg);
+        error -> {error, {not_allowed, {send, Name}}}
+    end;
+send(#{policy := #policy{send_allowed = Listed}}, Dest, Msg)
+  when is_atom(Dest); is_tuple(Dest), tuple_size(Dest) =:= 2 ->
+    case lists:member(Dest, Listed) of
+        false ->
+            {error, {not_allowed, {send, Dest}}};
+        true ->
+            try erlang:send(Dest, Msg) of
+                _ -> {ok, ok}
+            catch error:badarg -> {error, {noproc, Dest}}
+            end
+    end;
+send(_Ctx, Dest, _Msg) ->
+    {error, {badarg, {send, Dest}}}.
+
+existing_atom(B) ->
+    try {ok, binary_to_existing_atom(B, utf8)} catch error:badarg -> error end.
+
+%% Internal: calls.
+
+apply_checked(#{policy := #policy{allowed = Allowed}} = Ctx, Pool, Worker, M, F, Args) ->
+    case erpy_allow:resolve(Allowed, M, F, length(Args)) of
+        {ok, Mod, Fun} ->
+            Args1 = check_inner(Ctx, Allowed, Mod, Fun, Args),
+            erpy_call:apply_callback(Pool, Worker, {Mod, Fun, Args1});
+        {error, _} = NotAllowed ->
+            NotAllowed
+    end.
+
+%% Functions that run another function named by their arguments: the allow-list is asked
+%% about that one too, so allowing `{erlang, apply}` does not allow `os:cmd` through it.
+%% (Funs among the arguments were checked by walk/3.) Returns the arguments with the inner
+%% module and function as the atoms the allow-list resolved (Python may name them as str).
+check_inner(Ctx, Allowed, Mod, Fun, Args) ->
+    case inner(Mod, Fun, Args) of
+        none ->
+            Args;
+        {Before, [M, F, A | After]} when is_list(A) ->
+            case erpy_allow:resolve(Allowed, M, F, length(A)) of
+                {ok, M1, F1} -> Before ++ [M1, F1, check_inner(Ctx, Allowed, M1, F1, A) | After];
+                {error, Why} -> throw({refused, Why})
+            end;
+        {_, [M, F, A | _]} ->
+            throw({refused, {not_allowed, {M, F, A}}})
+    end.
+
+%% {Arguments before the module, [Module, Function, Args | the rest]} for the forms that
+%% name a function to run.
+inner(Mod, Fun, Args) ->
+    case skip(Mod, Fun, Args) of
+        N when is_integer(N), length(Args) >= N + 3 -> lists:split(N, Args);
+        _ -> none
+    end.
+
+%% How many arguments come before {M, F, A}.
+skip(erlang, apply, [_, _, _]) -> 0;
+skip(erlang, S, [_, _, _]) when S =:= spawn; S =:= spawn_link; S =:= spawn_monitor -> 0;
+skip(erlang, S, [_, _, _, _]) when S =:= spawn; S =:= spawn_link; S =:= spawn_monitor -> 1;
+skip(erlang, spawn_opt, [_, _, _, _]) -> 0;
+skip(erlang, spawn_opt, [_, _, _, _, _]) -> 1;
+skip(erlang, spawn_request, [_, _, _]) -> 0;
+skip(erlang, spawn_request, [_, _, A, _]) when is_list(A) -> 0;
+skip(erlang, spawn_request, [_, _, _ | _]) -> 1;
+skip(proc_lib, S, [_, _, A | _]) when is_list(A), S =/= stop -> 0;
+skip(proc_lib, S, [_, _, _, _ | _]) when S =/= stop -> 1;
+skip(rpc, multicall, [_, _, A | _]) when is_list(A) -> 0;
+skip(rpc, _, [_, _, _, _ | _]) -> 1;
+skip(erpc, _, [_, _, _, _ | _]) -> 1;
+skip(timer, tc, [_, _, _]) -> 0;
+skip(timer, S, [_, _, _, _]) when S =:= apply_after; S =:= apply_interval;
+                                 S =:= apply_repeatedly -> 1;
+skip(_, _, _) -> none.
