@@ -650,6 +650,25 @@ pool_callbacks(_Config) ->
                            "    result = e.args[0]">>)),
         ?assert(is_process_alive(Target)),
         exit(Target, kill),
+        %% The attack of issue 10: a $gen_call to rex would run os:cmd as the VM's user.
+        ?assertMatch({error, #{type := <<"ErlangError">>}},
+                     Run(<<"import erpy
+"
+                           "erlang.send(erpy.Atom('rex'), (erpy.Atom('$gen_call'), (erlang.self(), erpy.Ref('nonode@nohost', 0, (1, 2, 3))),"
+                           " (erpy.Atom('call'), erpy.Atom('os'), erpy.Atom('cmd'), ['touch /tmp/erpy_node_pwned'], erpy.Atom('user'))))">>)),
+        ?assertNot(filelib:is_regular("/tmp/erpy_node_pwned")),
+        %% A pid Erlang did not hand to this request (rebuilt from bytes) reaches nothing.
+        Victim = spawn(fun() -> receive M -> exit({reached, M}) after 10000 -> ok end end),
+        ?assertMatch({ok, {not_allowed, {pid, Victim}}},
+                     erpy_node_pool:request(np_cb, {run, <<"import erpy
+try:
+    erlang.send(erpy.decode(arguments), 'x')
+"
+                                                          "except erlang.ErlangError as e:
+    result = e.args[0]">>,
+                                                    term_to_binary(Victim)}, 5000)),
+        ?assert(is_process_alive(Victim)),
+        exit(Victim, kill),
         %% Many callbacks in one request, and a nested request to the same node from one.
         ?assertEqual({ok, 100}, Run(<<"result = sum(len(erlang.call('lists', 'sort', [2, 1])) // 2 for _ in range(100))">>)),
         ?assertEqual({ok, {ok, 2}},
