@@ -240,6 +240,7 @@ def test_unknown_node_fails_fast(node):
 
 def test_command_line_env_fallbacks(epmd, erlang_node):
     env = dict(os.environ, BPY_BEAM_NODE=unique("cli").split("@")[0], BPY_BEAM_COOKIE=COOKIE,
+               ERPY_NODE_MAX_MESSAGE_SIZE="50000",
                PYTHONPATH=os.pathsep.join([os.path.dirname(os.path.dirname(__file__))]))
     proc = subprocess.Popen([sys.executable, "-m", "erpy.node", "--exit-on-eof"],
                             stdin=subprocess.PIPE, stdout=subprocess.PIPE, env=env, text=True)
@@ -250,6 +251,9 @@ def test_command_line_env_fallbacks(epmd, erlang_node):
         probe = Node(unique("probe"), COOKIE).start()
         try:
             assert probe.ping(name)
+            with pytest.raises(ErlangError) as e:  # the limit came from the environment
+                probe.rpc(name, "operator", "add", [b"x" * 60000, b""])
+            assert e.value.args[0][1][0] == "message_too_large" and e.value.args[0][1][2] == 50000
         finally:
             probe.stop()
     finally:
