@@ -238,7 +238,9 @@ terminate(_Why, #st{port = Port, pending = Pending} = St) ->
     %% on its way out nor the processes its code started.
     catch port_close(Port),
     case Pending of
-        [] -> _ = spawn(fun() -> timer:sleep(grace(St)), kill(St) end), ok;
+        %% Later, only where a reused pid can be told apart (kill/1).
+        [] when St#st.started =/= undefined -> _ = spawn(fun() -> timer:sleep(grace(St)), kill(St) end);
+        [] -> ok;
         _ -> kill(St)
     end,
     ok.
@@ -468,7 +470,7 @@ proc_stat(OsPid) ->
     case file:open("/proc/" ++ integer_to_list(OsPid) ++ "/stat", [read, raw, binary]) of
         {ok, Fd} ->
             Read = file:read(Fd, 1024),
-            ok = file:close(Fd),
+            _ = file:close(Fd),
             case Read of
                 {ok, Stat} -> parse_stat(Stat);
                 _ -> gone

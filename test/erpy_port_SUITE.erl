@@ -20,7 +20,7 @@
          multiprocessing_fork_pool/1, background_child_then_crash/1,
          child_holding_pipe_then_crash/1, timeouts_with_sigint_ignored/1,
          rlimits_cpu/1, rlimits_as/1, rlimits_nofile/1, rlimits_fsize_nproc_core/1,
-         rlimits_badarg/1]).
+         rlimits_badarg/1, children_end_with_their_worker/1]).
 %% Run in the peer VM of timeouts_with_sigint_ignored.
 -export([sigint_probe/1]).
 %% Called from Python through the allow-list, and the logger handler of output_to_logger.
@@ -36,7 +36,8 @@ all() ->
      allow_list_follows_env,
      fork_child_cannot_use_protocol, exec_child_has_no_protocol_fds, multiprocessing_fork_pool,
      background_child_then_crash, child_holding_pipe_then_crash, timeouts_with_sigint_ignored,
-     rlimits_cpu, rlimits_as, rlimits_nofile, rlimits_fsize_nproc_core, rlimits_badarg].
+     rlimits_cpu, rlimits_as, rlimits_nofile, rlimits_fsize_nproc_core, rlimits_badarg,
+     children_end_with_their_worker].
 
 suite() ->
     [{timetrap, {seconds, 60}}].
@@ -1012,3 +1013,33 @@ rlimits_badarg(_Config) ->
     %% infinity: as high as the worker may set it (its hard limit).
     start(p_bad, #{size => 1, rlimits => #{core => infinity}}),
     erpy:stop_pool(p_bad).
+
+%% What a worker's code started ends with the worker: when the pool stops (after kill_grace_ms), and when a hung request gets its worker killed.
+children_end_with_their_worker(Config) ->
+    Dir = ?config(priv_dir, Config),
+    Spawn = fun(Pool, Name) ->
+                    File = filename:join(Dir, Name),
+                    ok = erpy:exec(iolist_to_binary(
+                                          ["import subprocess\n",
+                                           "p = subprocess.Popen(['sleep', '30'])\n",
+                                           "open('", File, "', 'w').write(str(p.pid))"]),
+                                        #{pool => Pool, timeout => 5000}),
+                    {ok, Pid} = file:read_file(File),
+                    ChildPid = binary_to_list(Pid),
+                    ?assert(child_alive(ChildPid)),
+                    ChildPid
+            end,
+    start(p_children, #{size => 1, kill_grace_ms => 300}),
+    Idle = Spawn(p_children, "idle_child"),
+    ok = erpy:stop_pool(p_children),
+    wait_until(fun() -> not child_alive(Idle) end, 3000),
+    start(p_children, #{size => 1, kill_grace_ms => 300}),
+    try
+        Busy = Spawn(p_children, "busy_child"),
+        Hang = <<"import time\nwhile True:\n    try:\n        time.sleep(1)\n"
+                 "    except KeyboardInterrupt:\n        pass">>,
+        ?assertEqual({error, timeout}, erpy:exec(Hang, #{pool => p_children, timeout => 200})),
+        wait_until(fun() -> not child_alive(Busy) end, 3000)
+    after
+        erpy:stop_pool(p_children)
+    end.

@@ -163,6 +163,7 @@ int PortWorker::serve() {
   }
   fflush(stdout);
   fflush(stderr);
+  process::end_group();
   return 0;
 }
 

@@ -1,13 +1,17 @@
 #include "process.hpp"
 
+#include <dirent.h>
 #include <fcntl.h>
 #include <pthread.h>
+#include <signal.h>
 #include <sys/resource.h>
 #include <unistd.h>
 
 #include <array>
 #include <atomic>
 #include <cerrno>
+#include <cstdio>
+#include <cstdlib>
 #include <cstring>
 #include <mutex>
 
@@ -89,6 +93,29 @@ void close_in_children(const int* fd) noexcept {
 }
 
 bool forked_child() noexcept { return g_forked.load(std::memory_order_relaxed); }
+
+void end_group() noexcept {
+  const pid_t self = getpid();
+  if (getpgrp() != self) return;  // not our group: never the launcher's
+  // A member may fork while we look: rounds until one finds nobody (killed processes
+  // fork no more).
+  for (int round = 0; round < 5; ++round) {
+    DIR* proc = opendir("/proc");
+    if (!proc) return;
+    bool found = false;
+    while (const dirent* e = readdir(proc)) {
+      char* end = nullptr;
+      const long pid = std::strtol(e->d_name, &end, 10);
+      if (*end != '\0' || pid <= 0 || pid == self) continue;
+      if (getpgid(static_cast<pid_t>(pid)) == self) {
+        kill(static_cast<pid_t>(pid), SIGKILL);
+        found = true;
+      }
+    }
+    closedir(proc);
+    if (!found) return;
+  }
+}
 
 std::string set_limits(const std::vector<Limit>& limits) {
   for (const Limit& l : limits) {

@@ -31,6 +31,10 @@ void close_in_children(const int* fd) noexcept;
 // True in a child forked from the worker (it may not use the protocol).
 bool forked_child() noexcept;
 
+// Kills (SIGKILL) the other processes of the worker's process group, if it leads one: what
+// its code started ends with it, also when the VM itself is gone (Linux /proc).
+void end_group() noexcept;
+
 // One limit of the pool's `rlimits` option: `name` is the option's key (as, cpu, nofile,
 // nproc, fsize, core); no value means unlimited.
 struct Limit {

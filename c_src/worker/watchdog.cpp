@@ -10,6 +10,7 @@
 #include <csignal>
 
 #include "etf/term.hpp"
+#include "process.hpp"
 
 namespace erpy::worker {
 namespace {
@@ -60,6 +61,12 @@ void install_python_interrupt() {
 std::int64_t now_ms() {
   using namespace std::chrono;
   return duration_cast<milliseconds>(system_clock::now().time_since_epoch()).count();
+}
+
+// Erlang is gone while user code runs: nobody will read an answer.
+[[noreturn]] void exit_now() {
+  process::end_group();
+  _exit(3);
 }
 
 bool is_cancel(const etf::Term& t, std::int64_t& id) {
@@ -182,13 +189,13 @@ void Watchdog::read_while_busy() {
       if (poll(&p, 1, 0) <= 0) return;
       if (!(p.revents & POLLIN)) {
         // Erlang closed the port while we run: nobody will read an answer.
-        if (p.revents & (POLLHUP | POLLERR)) _exit(3);
+        if (p.revents & (POLLHUP | POLLERR)) exit_now();
         return;
       }
     }
     ByteBuffer frame;
     std::size_t oversize = 0;
-    if (ch_.read_frame(frame, max_frame_, oversize) == Channel::Read::eof) _exit(3);
+    if (ch_.read_frame(frame, max_frame_, oversize) == Channel::Read::eof) exit_now();
     if (oversize) continue;
     std::int64_t id = 0;
     bool cancel_frame = false;

@@ -187,3 +187,26 @@ def test_rlimit_that_cannot_be_set_stops_the_worker():
         assert w.proc.wait(timeout=5) == 4
     finally:
         w.close()
+
+
+def process_alive(pid: int) -> bool:
+    try:
+        with open(f"/proc/{pid}/stat") as f:
+            return f.read().rsplit(")", 1)[1].split()[0] not in ("Z", "X")
+    except FileNotFoundError:
+        return False
+
+
+def test_children_end_with_the_worker():
+    # Also when Erlang is gone without a word (the VM died): EOF on the request pipe.
+    w = Worker()
+    try:
+        w.request("run", 1, "import subprocess\nresult = subprocess.Popen(['sleep', '30']).pid", None)
+        tag, rid, child = w.recv()
+        assert (tag, rid) == ("ok", 1) and process_alive(child)
+    finally:
+        assert w.close() == 0
+    deadline = time.monotonic() + 5
+    while process_alive(child) and time.monotonic() < deadline:
+        time.sleep(0.02)
+    assert not process_alive(child)
