@@ -903,7 +903,9 @@ timeouts_with_sigint_ignored(_Config) ->
              ?assertMatch(#{timeout := {error, timeout}, after_timeout := {ok, _}, same := true}, R),
              ?assert(maps:get(ms, R) < 1500, {slow, Mode, R})
          end || Mode <- [port, embedded, node]],
-        ?assertEqual(true, peer:call(Peer, ?MODULE, sigint_probe, [sigint_ignored_in_worker]))
+        ?assertEqual(true, peer:call(Peer, ?MODULE, sigint_probe, [sigint_ignored_in_worker])),
+        %% The pools' Pythons leave before the peer does (a node's would complain).
+        ok = peer:call(Peer, application, stop, [erpy], 30000)
     after
         peer:stop(Peer)
     end.
