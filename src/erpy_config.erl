@@ -5,6 +5,7 @@
 -export([pool_opts/1, default_pools/0, python_dir/0, built_python/0]).
 
 -define(MODES, [port, embedded, node]).
+-define(RLIMITS, [as, cpu, nofile, nproc, fsize, core]).
 
 %% API.
 
@@ -29,6 +30,7 @@ pool_opts(Opts) when is_map(Opts) ->
         check(is_integer(maps:get(max_message_size, Full)), {badarg, max_message_size}),
         check(is_atom(maps:get(none, Full)), {badarg, none}),
         ok = check_contexts(Full),
+        ok = check_rlimits(Full),
         %% A pool without its own `allowed` follows the application env, also when it
         %% changes later (erpy_port_worker reads it at each callback).
         _ = erpy_allow:compile(Env(allowed, [])),
@@ -84,6 +86,25 @@ check_contexts(#{mode := embedded} = Opts) ->
         Other -> throw({bad, {badarg, {contexts, Other}}})
     end;
 check_contexts(_Opts) ->
+    ok.
+
+%% rlimits => #{as | cpu | nofile | nproc | fsize | core => non_neg_integer() | infinity}:
+%% each port worker sets them on itself (c_src/worker/process.hpp). Other modes run
+%% Python in the VM or a shared node, where they cannot apply.
+check_rlimits(#{rlimits := Limits}) when not is_map(Limits) ->
+    throw({bad, {badarg, {rlimits, Limits}}});
+check_rlimits(#{rlimits := Limits, mode := Mode}) when Mode =/= port, map_size(Limits) > 0 ->
+    throw({bad, {badarg, {rlimits, {mode, Mode}}}});
+check_rlimits(#{rlimits := Limits}) ->
+    Good = fun(K, V) ->
+                   lists:member(K, ?RLIMITS) andalso
+                       (V =:= infinity orelse (is_integer(V) andalso V >= 0 andalso V < 1 bsl 63))
+           end,
+    case [KV || {K, V} = KV <- lists:sort(maps:to_list(Limits)), not Good(K, V)] of
+        [] -> ok;
+        [Bad | _] -> throw({bad, {badarg, {rlimits, Bad}}})
+    end;
+check_rlimits(_Opts) ->
     ok.
 
 %% The VM's one Python starts with the first embedded pool (here, so that a failure is the

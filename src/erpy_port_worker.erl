@@ -7,6 +7,11 @@
 %% checks and runs them (erpy_policy). A request whose caller died or timed out is interrupted in Python;
 %% if Python does not stop within the grace period the OS process is killed, and the pool
 %% starts a new worker.
+%%
+%% The worker leads its own process group (c_src/worker/process.hpp), and its death is
+%% seen by its OS pid as well as by the port closing: a process its code started may hold
+%% a copy of a pipe, which would keep the port open. Whenever the worker dies or is
+%% killed, its process group is killed too.
 -module(erpy_port_worker).
 -behaviour(gen_server).
 
@@ -19,6 +24,10 @@
 %% How long an idle worker polls for the next request before it sleeps (see
 %% c_src/worker/channel.hpp): waking a sleeping process costs far more on VMs.
 -define(DEFAULT_SPIN_US, 50).
+%% How often the worker's OS process is looked at (/proc), and how long a dead one's pipe
+%% may stay open once its process group is killed.
+-define(ALIVE_MS, 250).
+-define(GONE_MS, 1000).
 
 -record(req, {id :: integer(), alias :: reference() | undefined, caller :: pid(),
               %% The caller is monitored only once its request has waited ?WATCH_MS:
@@ -35,6 +44,13 @@
     pool_pid :: pid(),
     port :: port() | undefined,
     os_pid :: non_neg_integer() | undefined,
+    %% The OS process's start time (/proc/Pid/stat), which tells it from a later process
+    %% with the same pid; undefined where there is no /proc.
+    started :: non_neg_integer() | undefined,
+    alive :: reference() | undefined,
+    born :: integer(),
+    %% Set once the OS process was found dead: the pipe gets this long to close.
+    gone :: reference() | undefined,
     opts :: map(),
     max :: non_neg_integer(),
     ready = false :: boolean(),
@@ -91,9 +107,16 @@ init({Pool, PoolPid, Opts}) ->
                      spin_group => list_to_binary(os:getpid()),
                      spin_limit => maps:get(spin_limit, Opts,
                                             max(1, erlang:system_info(logical_processors_available) div 2)),
-                     none => maps:get(none, Opts, undefined)},
+                     none => maps:get(none, Opts, undefined),
+                     %% Set by the worker on itself before it runs any request.
+                     rlimits => maps:get(rlimits, Opts, #{})},
             port_command(Port, term_to_binary({init, Init}, [{minor_version, 2}])),
+            Started = case proc_stat(OsPid) of
+                          {_State, Start} -> Start;
+                          gone -> undefined
+                      end,
             St = #st{pool = Pool, pool_pid = PoolPid, port = Port, os_pid = OsPid, opts = Opts,
+                     started = Started, alive = alive_timer(Started), born = now_ms(),
                      max = maps:get(max_message_size, Opts)},
             {ok, St, ?READY_TIMEOUT_MS}
     catch
@@ -162,9 +185,35 @@ handle_info({'DOWN', Mon, process, _Pid, _Why}, St) ->
     St1 = St#st{pending = Pending},
     {noreply, St1, timeout(St1)};
 handle_info({Port, {exit_status, Status}}, #st{port = Port} = St) ->
-    {stop, {shutdown, {python_exit, Status}}, fail_pending({worker_exit, {exit_status, Status}}, St#st{port = undefined})};
+    St1 = fail_pending({worker_exit, {exit_status, Status}}, St#st{port = undefined}),
+    kill(St1),  % what its code started and left behind
+    {stop, {shutdown, {python_exit, Status}}, St1};
 handle_info({'EXIT', Port, Why}, #st{port = Port} = St) ->
-    {stop, {shutdown, {port_exit, Why}}, fail_pending({worker_exit, Why}, St#st{port = undefined})};
+    St1 = fail_pending({worker_exit, Why}, St#st{port = undefined}),
+    kill(St1),
+    {stop, {shutdown, {port_exit, Why}}, St1};
+handle_info({timeout, Timer, alive}, #st{alive = Timer} = St) ->
+    %% These ticks keep the gen_server timeout from firing: the start's limit is kept here.
+    StartOver = not St#st.ready andalso now_ms() >= St#st.born + ?READY_TIMEOUT_MS,
+    case os_process_alive(St) of
+        true when StartOver ->
+            {stop, {shutdown, python_not_ready}, St};
+        true ->
+            {noreply, St#st{alive = alive_timer(St#st.started)}, timeout(St)};
+        false ->
+            %% Dead, yet the port is open: a process it started holds a pipe. Killing the
+            %% group closes it, and exit_status follows; no request goes to it meanwhile.
+            kill(St),
+            erpy_pool:retire(maps:get(pool_handle, St#st.opts), maps:get(slot, St#st.opts)),
+            St1 = St#st{alive = undefined, exiting = true,
+                        gone = erlang:start_timer(?GONE_MS, self(), gone)},
+            {noreply, St1, timeout(St1)}
+    end;
+handle_info({timeout, Timer, gone}, #st{gone = Timer} = St) ->
+    %% Something outside its process group still holds the pipe: the port cannot tell us
+    %% more, so the worker is given up on now.
+    {stop, {shutdown, {python_gone, St#st.os_pid}},
+     fail_pending({worker_exit, os_process_gone}, St)};
 handle_info({'EXIT', _From, Why}, St) ->
     {stop, Why, St};
 handle_info(timeout, #st{ready = false} = St) ->
@@ -179,8 +228,12 @@ terminate(_Why, #st{port = undefined}) ->
     ok;
 terminate(_Why, #st{port = Port, pending = Pending} = St) ->
     %% An idle Python exits on EOF; a busy one may never read again, so it is killed.
+    %% After the grace period nothing of the worker may be left: neither a Python stuck
+    %% on its way out nor the processes its code started.
     catch port_close(Port),
     case Pending of
+        %% Later, only where a reused pid can be told apart (kill/1).
+        [] when St#st.started =/= undefined -> _ = spawn(fun() -> timer:sleep(grace(St)), kill(St) end);
         [] -> ok;
         _ -> kill(St)
     end,
@@ -345,8 +398,60 @@ running([#req{nested = true} = R | Rest]) -> [R | running(Rest)];
 running([R | _]) -> [R];
 running([]) -> [].
 
+%% Kills the worker and its process group (the worker leads it: see the module doc).
+%% POSIX keeps a pid from reuse while a group of that id exists, so once the worker is
+%% gone the group is still only its own; a pid reused by now is left alone.
 kill(#st{os_pid = undefined}) ->
     ok;
-kill(#st{os_pid = OsPid}) ->
-    _ = os:cmd("kill -9 " ++ integer_to_list(OsPid)),
-    ok.
+kill(#st{os_pid = OsPid, started = Started}) ->
+    case proc_stat(OsPid) of
+        {_, Start} when Started =/= undefined, Start =/= Started ->
+            ok;
+        _ ->
+            P = integer_to_list(OsPid),
+            _ = os:cmd("kill -KILL -" ++ P ++ " " ++ P ++ " 2>/dev/null"),
+            ok
+    end.
+
+alive_timer(undefined) ->
+    undefined;
+alive_timer(_Started) ->
+    erlang:start_timer(?ALIVE_MS, self(), alive).
+
+os_process_alive(#st{os_pid = OsPid, started = Started}) ->
+    case proc_stat(OsPid) of
+        {State, Started} -> State =/= $Z andalso State =/= $X;
+        _ -> false
+    end.
+
+%% {State, StartTime} of a process from /proc/Pid/stat, or gone. A raw file: no round
+%% trip through the file server.
+proc_stat(OsPid) ->
+    case file:open("/proc/" ++ integer_to_list(OsPid) ++ "/stat", [read, raw, binary]) of
+        {ok, Fd} ->
+            Read = file:read(Fd, 1024),
+            _ = file:close(Fd),
+            case Read of
+                {ok, Stat} -> parse_stat(Stat);
+                _ -> gone
+            end;
+        {error, _} ->
+            gone
+    end.
+
+%% "Pid (comm) State Ppid ... StartTime ...": the command may hold spaces and
+%% parentheses, so fields are counted from the last ')'; StartTime is field 22.
+parse_stat(Stat) ->
+    case binary:matches(Stat, <<")">>) of
+        [] ->
+            gone;
+        Ms ->
+            {Pos, 1} = lists:last(Ms),
+            Rest = binary:part(Stat, Pos + 1, byte_size(Stat) - Pos - 1),
+            case string:lexemes(Rest, " \n") of
+                [<<State, _/binary>> | Fields] when length(Fields) >= 19 ->
+                    {State, binary_to_integer(lists:nth(19, Fields))};
+                _ ->
+                    gone
+            end
+    end.

@@ -16,6 +16,13 @@
          queueing/1, checkout_timeout/1, recycle_after/1, max_memory/1,
          crash_injection_under_load/1, venv_requirements/1, protocol_version/1,
          pipelining/1, allow_list_follows_env/1]).
+-export([fork_child_cannot_use_protocol/1, exec_child_has_no_protocol_fds/1,
+         multiprocessing_fork_pool/1, background_child_then_crash/1,
+         child_holding_pipe_then_crash/1, timeouts_with_sigint_ignored/1,
+         rlimits_cpu/1, rlimits_as/1, rlimits_nofile/1, rlimits_fsize_nproc_core/1,
+         rlimits_badarg/1, children_end_with_their_worker/1]).
+%% Run in the peer VM of timeouts_with_sigint_ignored.
+-export([sigint_probe/1]).
 %% Called from Python through the allow-list, and the logger handler of output_to_logger.
 -export([nested/1, twice/2, log/2]).
 
@@ -26,7 +33,11 @@ all() ->
      allow_list, nested_and_send, output_to_logger, limits, crash_exit, crash_segfault,
      crash_hang, caller_dies, queueing, checkout_timeout, recycle_after, max_memory,
      crash_injection_under_load, venv_requirements, protocol_version, pipelining,
-     allow_list_follows_env].
+     allow_list_follows_env,
+     fork_child_cannot_use_protocol, exec_child_has_no_protocol_fds, multiprocessing_fork_pool,
+     background_child_then_crash, child_holding_pipe_then_crash, timeouts_with_sigint_ignored,
+     rlimits_cpu, rlimits_as, rlimits_nofile, rlimits_fsize_nproc_core, rlimits_badarg,
+     children_end_with_their_worker].
 
 suite() ->
     [{timetrap, {seconds, 60}}].
@@ -735,4 +746,303 @@ ensure_python_path() ->
     case filelib:is_regular(File) of
         true -> ok;
         false -> file:write_file(File, "/usr/bin/python3\n")
+    end.
+
+%% ---- 13. the worker's process: its pipes, its children, its signals, its limits -------
+
+%% A child forked without exec (os.fork) finds /dev/null on fds 3 and 4: garbage it writes and reads it tries change nothing, and erlang.* raise there.
+fork_child_cannot_use_protocol(_Config) ->
+    start(p_fork, #{size => 1}),
+    O = #{pool => p_fork, timeout => 5000},
+    try
+        {ok, OsPid} = erpy:eval(<<"__import__('os').getpid()">>, #{}, O),
+        Code = <<"import os\n"
+                 "pid = os.fork()\n"
+                 "if pid == 0:\n"
+                 "    status = 0\n"
+                 "    try:\n"
+                 "        os.write(4, b'\\x00\\x00\\x00\\x07garbage' * 10)\n"
+                 "        if os.read(3, 100) != b'':\n"
+                 "            status |= 1\n"
+                 "        try:\n"
+                 "            erlang.call('lists', 'sort', [2, 1])\n"
+                 "            status |= 2\n"
+                 "        except erlang.ErlangPortError:\n"
+                 "            pass\n"
+                 "    except BaseException:\n"
+                 "        status |= 4\n"
+                 "    os._exit(status)\n"
+                 "result = os.waitstatus_to_exitcode(os.waitpid(pid, 0)[1])">>,
+        ?assertEqual({ok, #{status => ok, result => 0}}, erpy:run(#{code => Code, pool => p_fork}, 5000)),
+        [?assertEqual({ok, I * 2}, erpy:call(operator, mul, [I, 2], O)) || I <- lists:seq(1, 20)],
+        ?assertEqual({ok, OsPid}, erpy:eval(<<"__import__('os').getpid()">>, #{}, O))
+    after
+        erpy:stop_pool(p_fork)
+    end.
+
+%% Exec'd children (subprocess with close_fds=False, os.system) do not even have fds 3 and 4: the protocol is untouched.
+exec_child_has_no_protocol_fds(_Config) ->
+    start(p_exec, #{size => 1}),
+    O = #{pool => p_exec, timeout => 5000},
+    try
+        {ok, OsPid} = erpy:eval(<<"__import__('os').getpid()">>, #{}, O),
+        Code = <<"import subprocess, sys\n"
+                 "probe = 'import os\\nfor fd in (3, 4):\\n    try:\\n        os.fstat(fd)\\n        print(fd)\\n"
+                 "    except OSError:\\n        pass'\n"
+                 "p = subprocess.run([sys.executable, '-c', probe], close_fds=False, capture_output=True, text=True)\n"
+                 "result = p.stdout.split()">>,
+        ?assertEqual({ok, #{status => ok, result => []}}, erpy:run(#{code => Code, pool => p_exec}, 5000)),
+        %% Would write garbage into the answers and swallow the next requests if it could.
+        {ok, Status} = erpy:eval(<<"__import__('os').system('printf garbage >&4; cat <&3')">>, #{}, O),
+        ?assertNotEqual(0, Status),
+        [?assertEqual({ok, I + 1}, erpy:call(operator, add, [I, 1], O)) || I <- lists:seq(1, 20)],
+        ?assertEqual({ok, OsPid}, erpy:eval(<<"__import__('os').getpid()">>, #{}, O))
+    after
+        erpy:stop_pool(p_exec)
+    end.
+
+%% A multiprocessing pool with the fork start method works inside a worker and leaves the protocol intact.
+multiprocessing_fork_pool(_Config) ->
+    start(p_mp, #{size => 1}),
+    O = #{pool => p_mp, timeout => 20000},
+    try
+        {ok, OsPid} = erpy:eval(<<"__import__('os').getpid()">>, #{}, O),
+        Code = <<"import multiprocessing, operator\n"
+                 "with multiprocessing.get_context('fork').Pool(3) as p:\n"
+                 "    result = sum(p.map(operator.neg, range(1000)))\n"
+                 "    print('from the pool', flush=True)">>,
+        [?assertEqual({ok, #{status => ok, result => -499500}},
+                      erpy:run(#{code => Code, pool => p_mp}, 20000)) || _ <- lists:seq(1, 3)],
+        [?assertEqual({ok, I + 1}, erpy:call(operator, add, [I, 1], O)) || I <- lists:seq(1, 20)],
+        ?assertEqual({ok, OsPid}, erpy:eval(<<"__import__('os').getpid()">>, #{}, O))
+    after
+        erpy:stop_pool(p_mp)
+    end.
+
+%% os.system('sleep 20 &') then a crash (os._exit, a segfault): the caller hears worker_exit at once, the pool is full again within ~1-2 s, and the sleep is gone with the worker's process group.
+background_child_then_crash(Config) ->
+    Dir = ?config(priv_dir, Config),
+    Crashes = [<<"import os\nos._exit(1)">>, <<"import ctypes\nctypes.string_at(0)">>],
+    lists:foreach(
+      fun({N, Crash}) ->
+              File = filename:join(Dir, "bg_child_" ++ integer_to_list(N)),
+              Code = iolist_to_binary(
+                       ["import os\n",
+                        "os.system('sleep 20 & echo $! > ", File, "')\n",
+                        Crash]),
+              crash_with_child(p_bgchild, Code, File)
+      end, lists:zip(lists:seq(1, length(Crashes)), Crashes)).
+
+%% A child that holds a copy of the worker's pipe keeps the port open after the worker dies: the dead worker is seen by its OS pid all the same, in its group or out of it.
+child_holding_pipe_then_crash(Config) ->
+    Dir = ?config(priv_dir, Config),
+    lists:foreach(
+      fun(NewSession) ->
+              File = filename:join(Dir, "holder_" ++ atom_to_list(NewSession)),
+              Code = iolist_to_binary(
+                       ["import os, subprocess\n",
+                        "fds = [os.dup(3), os.dup(4), os.dup(1)]\n",
+                        "p = subprocess.Popen(['sleep', '20'], pass_fds=fds, start_new_session=",
+                        case NewSession of true -> "True"; false -> "False" end, ")\n",
+                        "open('", File, "', 'w').write(str(p.pid))\n",
+                        "os._exit(1)"]),
+              crash_with_child(p_holder, Code, File)
+      end, [false, true]).
+
+%% Starts a pool of 2, runs Code (which leaves a child whose pid is in File, then crashes
+%% the worker) and checks the pool's recovery. A child that left the worker's process
+%% group (its own session) survives the worker; the test ends it.
+crash_with_child(Pool, Code, File) ->
+    start(Pool, #{size => 2}),
+    try
+        Before = worker_pids(Pool),
+        {T, R} = tc(fun() -> erpy:run(#{code => Code, pool => Pool}, 15000) end),
+        ct:log("crash answer after ~p ms: ~p", [T, R]),
+        ?assertMatch({error, {worker_exit, _}}, R),
+        ?assert(T < 2500, {slow_crash_answer, T}),
+        {T2, R2} = tc(fun() -> erpy:eval(<<"1 + 1">>, #{}, #{pool => Pool, timeout => 5000}) end),
+        ?assertEqual({ok, 2}, R2),
+        ?assert(T2 < 2000, {slow_next_call, T2}),
+        wait_until(fun() ->
+                           #{ready := Ready, size := Size} = erpy_pool:info(Pool),
+                           Ready =:= Size andalso length(worker_pids(Pool) -- Before) =:= 1
+                   end, 3000),
+        [?assertEqual({ok, I + 1}, erpy:call(operator, add, [I, 1], #{pool => Pool, timeout => 2000}))
+         || I <- lists:seq(1, 10)],
+        {ok, PidText} = file:read_file(File),
+        ChildPid = string:trim(binary_to_list(PidText)),
+        Sid = string:trim(os:cmd("ps -o sid= -p " ++ ChildPid)),
+        case Sid of
+            ChildPid -> os:cmd("kill -KILL " ++ ChildPid);  % its own session: out of reach
+            _ -> wait_until(fun() -> not child_alive(ChildPid) end, 2000)
+        end
+    after
+        erpy:stop_pool(Pool)
+    end.
+
+%% Gone, or a zombie nobody reaped yet.
+child_alive(Pid) ->
+    case string:trim(os:cmd("ps -o stat= -p " ++ Pid)) of
+        "" -> false;
+        [$Z | _] -> false;
+        _ -> true
+    end.
+
+%% In a VM started with SIGINT ignored (inherited by its port programs), a timed-out call is still interrupted in place: port mode (same OS pid), embedded mode (same context thread) and node mode (same Python node).
+timeouts_with_sigint_ignored(_Config) ->
+    _ = os:cmd("epmd -daemon"),
+    Paths = [filename:dirname(code:which(M)) || M <- [erpy, ?MODULE]],
+    Host = "127.0.0.1",
+    {ok, Peer, _Node} = peer:start_link(#{name => peer:random_name(sigint), host => Host, longnames => true,
+                                          connection => standard_io,
+                                          exec => {"/bin/sh", ["-c", "trap '' INT; exec erl +Bi \"$@\"", "sh"]},
+                                          args => lists:append([["-pa", P] || P <- Paths])}),
+    try
+        [begin
+             R = peer:call(Peer, ?MODULE, sigint_probe, [Mode], 30000),
+             ct:log("~p: ~p", [Mode, R]),
+             ?assertMatch(#{timeout := {error, timeout}, after_timeout := {ok, _}, same := true}, R),
+             ?assert(maps:get(ms, R) < 1500, {slow, Mode, R})
+         end || Mode <- [port, embedded, node]],
+        ?assertEqual(true, peer:call(Peer, ?MODULE, sigint_probe, [sigint_ignored_in_worker])),
+        %% The pools' Pythons leave before the peer does (a node's would complain).
+        ok = peer:call(Peer, application, stop, [erpy], 30000)
+    after
+        peer:stop(Peer)
+    end.
+
+sigint_probe(sigint_ignored_in_worker) ->
+    %% The condition under test really holds: the port worker inherited SIG_IGN for SIGINT.
+    {ok, Ign} = erpy:eval(<<"__import__('signal').getsignal(2) == __import__('signal').SIG_IGN">>, #{},
+                          #{pool => p_sigint}),
+    Ign;
+sigint_probe(Mode) ->
+    {ok, _} = application:ensure_all_started(erpy),
+    {Pool, Opts, Id, Work} =
+        case Mode of
+            port -> {p_sigint, #{size => 1, kill_grace_ms => 10000},
+                     <<"__import__('os').getpid()">>, <<"import time\ntime.sleep(20)">>};
+            embedded -> {p_sigint_emb, #{mode => embedded, size => 1},
+                         <<"__import__('threading').get_ident()">>, <<"while True: pass">>};
+            node -> {p_sigint_node, #{mode => node, start => 1},
+                     <<"__import__('os').getpid()">>, <<"while True: pass">>}
+        end,
+    {ok, _} = erpy:start_pool(Pool, Opts),
+    O = #{pool => Pool, timeout => 10000},
+    {ok, Before} = wait_answer(fun() -> erpy:eval(Id, #{}, O) end, 100),
+    T0 = erlang:monotonic_time(millisecond),
+    Timeout = erpy:exec(Work, O#{timeout => 300}),
+    After = erpy:eval(Id, #{}, O),
+    #{timeout => Timeout, after_timeout => After, same => After =:= {ok, Before},
+      ms => erlang:monotonic_time(millisecond) - T0}.
+
+wait_answer(Fun, 0) ->
+    Fun();
+wait_answer(Fun, N) ->
+    case Fun() of
+        {ok, _} = Ok -> Ok;
+        _ -> timer:sleep(100), wait_answer(Fun, N - 1)
+    end.
+
+%% rlimits => #{cpu => Seconds}: a worker over its CPU time dies, its caller gets worker_exit, and the pool replaces it.
+rlimits_cpu(_Config) ->
+    start(p_cpu, #{size => 1, rlimits => #{cpu => 1}}),
+    try
+        [W] = worker_pids(p_cpu),
+        ?assertEqual({ok, [1, 1]}, erpy:eval(<<"list(__import__('resource').getrlimit(__import__('resource').RLIMIT_CPU))">>,
+                                             #{}, #{pool => p_cpu})),
+        R = erpy:exec(<<"while True: pass">>, #{pool => p_cpu, timeout => 20000}),
+        ct:log("over the CPU limit: ~p", [R]),
+        ?assertMatch({error, {worker_exit, _}}, R),
+        wait_until(fun() -> maps:get(ready, erpy_pool:info(p_cpu)) =:= 1 andalso worker_pids(p_cpu) =/= [W] end, 5000),
+        ?assertEqual({ok, 2}, erpy:eval(<<"1 + 1">>, #{}, #{pool => p_cpu}))
+    after
+        erpy:stop_pool(p_cpu)
+    end.
+
+%% rlimits => #{as => Bytes}: an allocation beyond it is a MemoryError in Python, and the same worker goes on.
+rlimits_as(_Config) ->
+    start(p_as, #{size => 1, rlimits => #{as => 1 bsl 30}}),
+    O = #{pool => p_as, timeout => 10000},
+    try
+        {ok, OsPid} = erpy:eval(<<"__import__('os').getpid()">>, #{}, O),
+        ?assertMatch({error, #{type := <<"MemoryError">>}}, erpy:eval(<<"len(b'x' * (2 << 30))">>, #{}, O)),
+        ?assertEqual({ok, 1 bsl 20}, erpy:eval(<<"len(b'x' * (1 << 20))">>, #{}, O)),
+        ?assertEqual({ok, OsPid}, erpy:eval(<<"__import__('os').getpid()">>, #{}, O))
+    after
+        erpy:stop_pool(p_as)
+    end.
+
+%% rlimits => #{nofile => N}: opening more files is an OSError (EMFILE) in Python; the worker goes on.
+rlimits_nofile(_Config) ->
+    start(p_nofile, #{size => 1, rlimits => #{nofile => 32}}),
+    O = #{pool => p_nofile, timeout => 10000},
+    try
+        {error, #{type := <<"OSError">>, message := Msg}} =
+            erpy:exec(<<"fs = [open('/dev/null') for _ in range(100)]">>, O),
+        ?assertNotEqual(nomatch, string:find(Msg, <<"Too many open files">>)),
+        ?assertEqual({ok, 3}, erpy:call(operator, add, [1, 2], O))
+    after
+        erpy:stop_pool(p_nofile)
+    end.
+
+%% rlimits fsize (writing beyond: OSError, EFBIG), nproc and core are set as soft and hard limits; user code cannot raise them (unless root).
+rlimits_fsize_nproc_core(Config) ->
+    Limits = #{fsize => 4096, nproc => 2000, core => 0},
+    start(p_fsize, #{size => 1, rlimits => Limits}),
+    O = #{pool => p_fsize, timeout => 10000},
+    File = filename:join(?config(priv_dir, Config), "fsize_probe"),
+    try
+        [?assertEqual({ok, [V, V]},
+                      erpy:eval(<<"list(__import__('resource').getrlimit(getattr(__import__('resource'), n)))">>,
+                                #{n => <<"RLIMIT_", (string:uppercase(atom_to_binary(K)))/binary>>}, O))
+         || {K, V} <- maps:to_list(Limits)],
+        {error, #{type := <<"OSError">>, message := Msg}} =
+            erpy:eval(<<"open(path, 'wb').write(b'x' * 10000)">>, #{path => unicode:characters_to_binary(File)}, O),
+        ?assertNotEqual(nomatch, string:find(Msg, <<"File too large">>)),
+        ?assertEqual({ok, 3}, erpy:call(operator, add, [1, 2], O))
+    after
+        erpy:stop_pool(p_fsize)
+    end.
+
+%% A bad rlimits option is the start_pool caller's clear error.
+rlimits_badarg(_Config) ->
+    ?assertEqual({error, {badarg, {rlimits, 5}}}, erpy:start_pool(p_bad, #{rlimits => 5})),
+    ?assertEqual({error, {badarg, {rlimits, {bogus, 1}}}}, erpy:start_pool(p_bad, #{rlimits => #{bogus => 1}})),
+    ?assertEqual({error, {badarg, {rlimits, {cpu, -1}}}}, erpy:start_pool(p_bad, #{rlimits => #{cpu => -1}})),
+    ?assertEqual({error, {badarg, {rlimits, {as, 1.5}}}}, erpy:start_pool(p_bad, #{rlimits => #{as => 1.5}})),
+    ?assertEqual({error, {badarg, {rlimits, {mode, embedded}}}},
+                 erpy:start_pool(p_bad, #{mode => embedded, rlimits => #{cpu => 1}})),
+    %% infinity: as high as the worker may set it (its hard limit).
+    start(p_bad, #{size => 1, rlimits => #{core => infinity}}),
+    erpy:stop_pool(p_bad).
+
+%% What a worker's code started ends with the worker: when the pool stops (after kill_grace_ms), and when a hung request gets its worker killed.
+children_end_with_their_worker(Config) ->
+    Dir = ?config(priv_dir, Config),
+    Spawn = fun(Pool, Name) ->
+                    File = filename:join(Dir, Name),
+                    ok = erpy:exec(iolist_to_binary(
+                                          ["import subprocess\n",
+                                           "p = subprocess.Popen(['sleep', '30'])\n",
+                                           "open('", File, "', 'w').write(str(p.pid))"]),
+                                        #{pool => Pool, timeout => 5000}),
+                    {ok, Pid} = file:read_file(File),
+                    ChildPid = binary_to_list(Pid),
+                    ?assert(child_alive(ChildPid)),
+                    ChildPid
+            end,
+    start(p_children, #{size => 1, kill_grace_ms => 300}),
+    Idle = Spawn(p_children, "idle_child"),
+    ok = erpy:stop_pool(p_children),
+    wait_until(fun() -> not child_alive(Idle) end, 3000),
+    start(p_children, #{size => 1, kill_grace_ms => 300}),
+    try
+        Busy = Spawn(p_children, "busy_child"),
+        Hang = <<"import time\nwhile True:\n    try:\n        time.sleep(1)\n"
+                 "    except KeyboardInterrupt:\n        pass">>,
+        ?assertEqual({error, timeout}, erpy:exec(Hang, #{pool => p_children, timeout => 200})),
+        wait_until(fun() -> not child_alive(Busy) end, 3000)
+    after
+        erpy:stop_pool(p_children)
     end.

@@ -65,6 +65,9 @@ class Channel {
 
   std::mutex& read_mutex() noexcept { return read_mu_; }
   int in_fd() const noexcept { return in_; }
+  int out_fd() const noexcept { return out_; }
+  // Where the spin token's fd is kept (-1 when none is held), for forked children to close.
+  const int* spin_token_slot() const noexcept { return &spin_token_; }
   // Bytes already read from the pipe but not yet handed out (a frame may be waiting
   // here although the pipe itself is empty).
   bool buffered() const noexcept { return rlen_ > rpos_; }

@@ -1,11 +1,13 @@
 #include "output_capture.hpp"
 
+#include <fcntl.h>
 #include <poll.h>
 #include <unistd.h>
 
 #include <string>
 
 #include "etf/encode.hpp"
+#include "process.hpp"
 
 namespace erpy::worker {
 namespace {
@@ -13,9 +15,12 @@ namespace {
 // Lines longer than this are sent in pieces, so one print cannot exhaust memory.
 constexpr std::size_t kMaxLine = 64 * 1024;
 
+// The read end is the worker's alone (close-on-exec, closed in forked children): a child
+// holding it could take lines meant for Erlang, and would keep the pipe open for writers
+// after the worker is gone. The write end becomes fd 1 or 2, which children do inherit.
 int redirect(int target) {
   int fds[2];
-  if (pipe(fds) != 0) return -1;
+  if (pipe2(fds, O_CLOEXEC) != 0) return -1;
   dup2(fds[1], target);
   close(fds[1]);
   return fds[0];
@@ -34,6 +39,8 @@ void send_line(Channel& ch, const char* stream, std::string_view line) {
 void OutputCapture::start() {
   out_read_ = redirect(1);
   err_read_ = redirect(2);
+  process::close_in_children(&out_read_);
+  process::close_in_children(&err_read_);
   if (out_read_ < 0 || err_read_ < 0) return;
   thread_ = std::thread([this] { run(); });
 }
@@ -47,9 +54,10 @@ OutputCapture::~OutputCapture() {
 void OutputCapture::run() {
   struct Stream {
     int fd;
+    int* owner;  // the member forked children look at
     const char* name;
     std::string pending;
-  } streams[2] = {{out_read_, "stdout", {}}, {err_read_, "stderr", {}}};
+  } streams[2] = {{out_read_, &out_read_, "stdout", {}}, {err_read_, &err_read_, "stderr", {}}};
   char buf[8192];
   int open_streams = 2;
   while (open_streams) {
@@ -70,6 +78,7 @@ void OutputCapture::run() {
       const ssize_t n = read(s.fd, buf, sizeof buf);
       if (n <= 0) {
         if (!s.pending.empty()) send_line(ch_, s.name, s.pending);
+        *s.owner = -1;  // first, so a fork from now on never closes a reused number
         close(s.fd);
         s.fd = -1;
         --open_streams;

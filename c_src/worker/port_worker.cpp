@@ -16,6 +16,7 @@
 #include "etf/decode.hpp"
 #include "etf/encode.hpp"
 #include "output_capture.hpp"
+#include "process.hpp"
 #include "py/runner.hpp"
 #include "watchdog.hpp"
 
@@ -84,7 +85,8 @@ class PortWorker {
     PyRef caller;  // made on first use
   };
 
-  bool handshake();
+  bool read_init();
+  bool send_ready();
   void handle(ByteBuffer& frame);
   void run_request(std::string_view kind, std::int64_t id, etf::Reader& r, std::size_t arity);
   PyRef execute(std::string_view kind, etf::Reader& r, std::size_t arity);
@@ -107,6 +109,7 @@ class PortWorker {
   OutputCapture capture_;
   std::size_t max_ = kDefaultMax;
   std::size_t max_memory_mb_ = 0;
+  std::vector<process::Limit> limits_;
   py::DecodeOptions dopts_;
   py::EncodeOptions eopts_;
   std::vector<Request> stack_;
@@ -123,6 +126,11 @@ class PortWorker {
 // ---- serving ---------------------------------------------------------------------------
 
 int PortWorker::serve() {
+  // Before any thread starts and any user code runs: see process.hpp.
+  process::own_session();
+  process::protect(ch_.in_fd());
+  process::protect(ch_.out_fd());
+  process::close_in_children(ch_.spin_token_slot());
   ch_.enlarge_pipes();
   erlang_module_ = PyRef::check(PyImport_ImportModule("erpy.erlang"));
   runner_.emplace(codec_.types(), PyRef::borrow(erlang_module_.get()));
@@ -130,9 +138,21 @@ int PortWorker::serve() {
 
   // The main thread owns the request pipe except while user code runs.
   std::unique_lock<std::mutex> reading(ch_.read_mutex());
-  if (!handshake()) return 2;
+  if (!read_init()) return 2;
   capture_.start();
   dog_.start();
+  // Limits last, so the worker's own threads already have their stacks (`as`); a limit
+  // that cannot be set stops the worker: it never serves without what the pool asked.
+  if (const std::string failed = process::set_limits(limits_); !failed.empty()) {
+    // Straight to Erlang's log: the output thread might not send a line before the exit.
+    const std::string line = "erpy worker: rlimits: " + failed;
+    Channel::begin_tuple_frame(out_, 3, "log");
+    etf::put_atom(out_, "stderr");
+    etf::put_binary(out_, etf::Bytes(reinterpret_cast<const std::uint8_t*>(line.data()), line.size()));
+    ch_.write_frame(out_);
+    return 4;
+  }
+  if (!send_ready()) return 2;
   ByteBuffer frame;
   while (!exiting_) {
     if (!read_next(frame, true)) break;
@@ -142,6 +162,7 @@ int PortWorker::serve() {
   }
   fflush(stdout);
   fflush(stderr);
+  process::end_group();
   return 0;
 }
 
@@ -151,7 +172,8 @@ void PortWorker::load_erlang_errors() {
   errors_.port = PyRef::check(PyObject_GetAttrString(erlang_module_.get(), "ErlangPortError"));
 }
 
-bool PortWorker::handshake() {
+// The first frame: {init, #{...}} (doc/protocol.md).
+bool PortWorker::read_init() {
   ByteBuffer frame;
   if (!read_next(frame, true)) return false;
   PyRef init;
@@ -188,8 +210,28 @@ bool PortWorker::handshake() {
   if (PyObject* v = PyDict_GetItemString(init.get(), "none"); v && v != Py_None && PyUnicode_Check(v)) {
     dopts_.none = eopts_.none = PyUnicode_AsUTF8(v);
   }
+  // rlimits: #{Name => Bytes | Seconds | Count | infinity}, checked by erpy_config.
+  if (PyObject* v = get("rlimits"); v && PyDict_Check(v)) {
+    PyObject *key, *value;
+    Py_ssize_t pos = 0;
+    while (PyDict_Next(v, &pos, &key, &value)) {
+      if (!PyUnicode_Check(key)) return false;
+      process::Limit l{PyUnicode_AsUTF8(key), std::nullopt};
+      if (PyLong_Check(value)) {
+        l.value = PyLong_AsUnsignedLongLong(value);
+        if (PyErr_Occurred()) return false;
+      } else if (!PyUnicode_Check(value) || PyUnicode_CompareWithASCIIString(value, "infinity") != 0) {
+        return false;
+      }
+      limits_.push_back(std::move(l));
+    }
+  }
   PyErr_Clear();
   dog_.set_max_frame(max_);
+  return true;
+}
+
+bool PortWorker::send_ready() {
   out_.clear();
   Channel::begin_tuple_frame(out_, 2, "ready");
   etf::put_map_header(out_, 4);
@@ -573,12 +615,15 @@ PyObject* guarded(F&& f) {
 }
 
 PortWorker* current(const char* what) {
-  if (!g_worker) {
+  // A forked child shares the worker's memory but not its pipes (process.hpp).
+  if (!g_worker || process::forked_child()) {
     PyObject* mod = PyImport_ImportModule("erpy.erlang");
     PyObject* cls = mod ? PyObject_GetAttrString(mod, "ErlangPortError") : nullptr;
     Py_XDECREF(mod);
     if (cls) {
-      PyErr_Format(cls, "%s: not running inside an erpy port worker", what);
+      PyErr_Format(cls, process::forked_child() ? "%s: not available in a process forked from an erpy port worker"
+                                                : "%s: not running inside an erpy port worker",
+                   what);
       Py_DECREF(cls);
     }
     throw PythonError();

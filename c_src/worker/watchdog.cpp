@@ -10,6 +10,7 @@
 #include <csignal>
 
 #include "etf/term.hpp"
+#include "process.hpp"
 
 namespace erpy::worker {
 namespace {
@@ -19,17 +20,53 @@ constexpr auto kTick = std::chrono::milliseconds(5);
 // Set by the watchdog just before it signals the main thread; consumed by the handler.
 std::atomic<bool> g_armed{false};
 pthread_t g_main_thread;
+// The signal whose Python handler raises KeyboardInterrupt (see python_interrupt).
+std::atomic<int> g_python_signal{SIGINT};
 
 int interrupt_signal() { return SIGRTMIN + 3; }
 
 extern "C" void on_interrupt_signal(int) {
   // Async-signal-safe: an atomic exchange and PyErr_SetInterruptEx (documented as such).
-  if (g_armed.exchange(false)) PyErr_SetInterruptEx(SIGINT);
+  if (g_armed.exchange(false)) PyErr_SetInterruptEx(g_python_signal.load(std::memory_order_relaxed));
+}
+
+PyObject* raise_keyboard_interrupt(PyObject*, PyObject*) {
+  PyErr_SetNone(PyExc_KeyboardInterrupt);
+  return nullptr;
+}
+
+PyMethodDef kRaiseInterrupt = {"_erpy_interrupt", raise_keyboard_interrupt, METH_VARARGS,
+                               "Raises KeyboardInterrupt: erpy's timeout and cancel."};
+
+// PyErr_SetInterruptEx(SIGINT) does nothing when Python's SIGINT handler is SIG_IGN, as
+// it is in a worker started by a VM with SIGINT ignored (nohup, `trap '' INT`, erl +Bi),
+// or after user code ignored it. So the interrupt is a signal of its own that only
+// Python's table knows (nobody sends it at the OS level), whose Python handler raises
+// KeyboardInterrupt: what SIGINT is set to no longer matters. SIGINT is the fallback.
+void install_python_interrupt() {
+  const int sig = SIGRTMIN + 4;
+  PyObject* fn = PyCFunction_New(&kRaiseInterrupt, nullptr);
+  PyObject* mod = fn ? PyImport_ImportModule("signal") : nullptr;
+  PyObject* old = mod ? PyObject_CallMethod(mod, "signal", "iO", sig, fn) : nullptr;
+  if (old) {
+    g_python_signal = sig;
+  } else {
+    PyErr_Clear();
+  }
+  Py_XDECREF(old);
+  Py_XDECREF(mod);
+  Py_XDECREF(fn);
 }
 
 std::int64_t now_ms() {
   using namespace std::chrono;
   return duration_cast<milliseconds>(system_clock::now().time_since_epoch()).count();
+}
+
+// Erlang is gone while user code runs: nobody will read an answer.
+[[noreturn]] void exit_now() {
+  process::end_group();
+  _exit(3);
 }
 
 bool is_cancel(const etf::Term& t, std::int64_t& id) {
@@ -46,11 +83,18 @@ bool is_cancel(const etf::Term& t, std::int64_t& id) {
 
 void Watchdog::start() {
   g_main_thread = pthread_self();
+  install_python_interrupt();
   struct sigaction sa{};
   sa.sa_handler = on_interrupt_signal;
   sigemptyset(&sa.sa_mask);
   sa.sa_flags = 0;  // no SA_RESTART: a blocking call must return EINTR and check signals
   sigaction(interrupt_signal(), &sa, nullptr);
+  // The signal mask is inherited across exec: a launcher that blocked our signal would
+  // leave every interrupt pending forever.
+  sigset_t ours;
+  sigemptyset(&ours);
+  sigaddset(&ours, interrupt_signal());
+  pthread_sigmask(SIG_UNBLOCK, &ours, nullptr);
   thread_ = std::thread([this] { run(); });
 }
 
@@ -145,13 +189,13 @@ void Watchdog::read_while_busy() {
       if (poll(&p, 1, 0) <= 0) return;
       if (!(p.revents & POLLIN)) {
         // Erlang closed the port while we run: nobody will read an answer.
-        if (p.revents & (POLLHUP | POLLERR)) _exit(3);
+        if (p.revents & (POLLHUP | POLLERR)) exit_now();
         return;
       }
     }
     ByteBuffer frame;
     std::size_t oversize = 0;
-    if (ch_.read_frame(frame, max_frame_, oversize) == Channel::Read::eof) _exit(3);
+    if (ch_.read_frame(frame, max_frame_, oversize) == Channel::Read::eof) exit_now();
     if (oversize) continue;
     std::int64_t id = 0;
     bool cancel_frame = false;

@@ -2,8 +2,9 @@
 //
 // A thread wakes every few milliseconds (no per-request syscalls: the main thread only
 // updates a small stack under an uncontended mutex). To interrupt, it signals the main
-// thread: the handler trips Python's SIGINT flag (KeyboardInterrupt at the next bytecode)
-// and the signal also breaks blocking system calls such as sleep(). The handler only acts
+// thread: the handler trips a Python signal whose handler raises KeyboardInterrupt (at the
+// next bytecode; not SIGINT, which may be ignored) and the signal also breaks blocking
+// system calls such as sleep(). The handler only acts
 // while the request it was aimed at still runs, so a late signal cannot hit the next one.
 //
 // While Python runs user code nobody else reads the request pipe, so the watchdog does:
@@ -31,7 +32,7 @@ class Watchdog {
 
   void set_max_frame(std::size_t max) noexcept { max_frame_ = max; }
 
-  // Installs the signal handler (main thread) and starts the thread.
+  // Installs the signal handlers (main thread, GIL held) and starts the thread.
   void start();
 
   // The main thread starts (and ends) work on a request. `deadline_ms` is wall-clock

@@ -26,7 +26,12 @@ PYTHON_DIR = Path(erpy.__file__).resolve().parent.parent
 
 
 class Worker:
-    def __init__(self, max_message_size: int = 10 * 1024 * 1024, max_memory_mb=None) -> None:
+    """A worker process with the protocol on its fds 3 and 4. `preexec` runs in the child
+    before exec (to start it as a VM with odd signal settings would); `init` adds keys to
+    the init map; with `ready=False` the handshake is left to the test."""
+
+    def __init__(self, max_message_size: int = 10 * 1024 * 1024, max_memory_mb=None,
+                 preexec=None, init=None, ready: bool = True) -> None:
         to_py_r, self.to_py = os.pipe()
         self.from_py, from_py_w = os.pipe()
         # The child sees them as fds 3 and 4; moved above 10 first so dup2 cannot clobber.
@@ -38,6 +43,8 @@ class Worker:
         def setup() -> None:
             os.dup2(high_r, 3)
             os.dup2(high_w, 4)
+            if preexec is not None:
+                preexec()
 
         env = dict(os.environ, PYTHONPATH=str(PYTHON_DIR), PYTHONUNBUFFERED="1")
         self.proc = subprocess.Popen(
@@ -47,9 +54,13 @@ class Worker:
         os.close(high_r)
         os.close(high_w)
         self.logs: list[tuple] = []
-        self.send((A("init"), {A("version"): 1, A("pool"): A("test"),
-                               A("max_message_size"): max_message_size,
-                               A("max_memory_mb"): max_memory_mb, A("none"): None}))
+        init_map = {A("version"): 1, A("pool"): A("test"),
+                    A("max_message_size"): max_message_size,
+                    A("max_memory_mb"): max_memory_mb, A("none"): None}
+        init_map.update(init or {})
+        self.send((A("init"), init_map))
+        if not ready:
+            return
         ready = self.recv()
         assert ready[0] == "ready", ready
         self.info = ready[1]
