@@ -16,6 +16,7 @@
          queueing/1, checkout_timeout/1, recycle_after/1, max_memory/1,
          crash_injection_under_load/1, venv_requirements/1, protocol_version/1,
          pipelining/1, allow_list_follows_env/1]).
+-export([map_keys/1]).
 %% Called from Python through the allow-list, and the logger handler of output_to_logger.
 -export([nested/1, twice/2, log/2]).
 
@@ -26,7 +27,7 @@ all() ->
      allow_list, nested_and_send, output_to_logger, limits, crash_exit, crash_segfault,
      crash_hang, caller_dies, queueing, checkout_timeout, recycle_after, max_memory,
      crash_injection_under_load, venv_requirements, protocol_version, pipelining,
-     allow_list_follows_env].
+     allow_list_follows_env, map_keys].
 
 suite() ->
     [{timetrap, {seconds, 60}}].
@@ -734,4 +735,27 @@ ensure_python_path() ->
     case filelib:is_regular(File) of
         true -> ok;
         false -> file:write_file(File, "/usr/bin/python3\n")
+    end.
+
+%% ---- map keys (issue 10) -------------------------------------------------------------------
+
+%% Map keys Python cannot hash (strings, lists, maps, improper lists) reach a worker as erpy.FrozenList/FrozenMap/FrozenImproperList and come back equal.
+map_keys(_Config) ->
+    start(p_keys, #{size => 1}),
+    try
+        O = #{pool => p_keys},
+        Terms = [#{"name" => 1}, #{[1, [2]] => x}, #{#{a => 1} => b}, #{[] => 1, {[1], 2} => 2},
+                 #{[1 | 2] => 3}, #{#{[1] => [2]} => 3}, #{a => #{"k" => "v"}},
+                 maps:from_list([{[I], I} || I <- lists:seq(1, 40)])],
+        [?assertEqual({ok, T}, erpy:eval(<<"x">>, #{x => T}, O)) || T <- Terms],
+        ?assertEqual({ok, [<<"FrozenList">>, <<"FrozenMap">>, <<"FrozenImproperList">>]},
+                     erpy:eval(<<"[type(next(iter(k))).__name__ for k in (a, b, c)]">>,
+                               #{a => #{"name" => 1}, b => #{#{a => 1} => b}, c => #{[1 | 2] => 3}}, O)),
+        %% Python code makes such keys for Erlang.
+        ?assertEqual({ok, #{status => ok, result => #{"name" => 1, #{1 => [2]} => 2}}},
+                     erpy:run(#{code => <<"import erpy as e\n"
+                                          "result = {e.FrozenList(b'name'): 1, e.freeze({1: [2]}): 2}">>,
+                                pool => p_keys}))
+    after
+        erpy:stop_pool(p_keys)
     end.
