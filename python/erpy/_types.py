@@ -244,6 +244,10 @@ class ImproperList:
 # immutable, hashable, equal by value to each other and to the mutable forms, and encoded
 # exactly as the mutable form is (a FrozenList of bytes is a STRING_EXT, as the list is).
 # Only keys take these forms; values stay lists, dicts and ImproperLists.
+#
+# Their contents must be hashable (erpy.freeze makes them so), and each hash is computed
+# once, when the object is made from its (already frozen) parts: hashing a key nested
+# thousands of levels deep then never recurses.
 
 
 def _immutable(self: Any, name: str, value: Any = None) -> None:
@@ -258,12 +262,14 @@ class FrozenList:
     ``{1, 2}`` and ``[1, 2]`` are different keys).
     """
 
-    __slots__ = ("_items",)
+    __slots__ = ("_items", "_hash")
 
     _items: tuple
 
     def __init__(self, items: Any = ()) -> None:
-        object.__setattr__(self, "_items", tuple(items))
+        items = tuple(items)
+        object.__setattr__(self, "_items", items)
+        object.__setattr__(self, "_hash", hash((FrozenList, items)))
 
     __setattr__ = _immutable
     __delattr__ = _immutable
@@ -299,7 +305,7 @@ class FrozenList:
         return NotImplemented
 
     def __hash__(self) -> int:
-        return hash((FrozenList, self._items))
+        return self._hash
 
     def __repr__(self) -> str:
         return f"FrozenList({list(self._items)!r})"
@@ -314,12 +320,14 @@ class FrozenMap:
     Equal to another FrozenMap, or to a dict, with equal items.
     """
 
-    __slots__ = ("_map",)
+    __slots__ = ("_map", "_hash")
 
     _map: dict
 
     def __init__(self, items: Any = ()) -> None:
-        object.__setattr__(self, "_map", dict(items))
+        m = dict(items)
+        object.__setattr__(self, "_map", m)
+        object.__setattr__(self, "_hash", hash((FrozenMap, frozenset(m.items()))))
 
     __setattr__ = _immutable
     __delattr__ = _immutable
@@ -356,7 +364,7 @@ class FrozenMap:
         return NotImplemented
 
     def __hash__(self) -> int:
-        return hash((FrozenMap, frozenset(self._map.items())))
+        return self._hash
 
     def __repr__(self) -> str:
         return f"FrozenMap({self._map!r})"
@@ -374,7 +382,7 @@ class FrozenImproperList:
     Equal to another FrozenImproperList, or to an ImproperList, with equal parts.
     """
 
-    __slots__ = ("elements", "tail")
+    __slots__ = ("elements", "tail", "_hash")
 
     elements: tuple
     tail: Any
@@ -387,6 +395,7 @@ class FrozenImproperList:
             raise ValueError("FrozenImproperList: tail must not be a list (append it to the elements)")
         object.__setattr__(self, "elements", elements)
         object.__setattr__(self, "tail", tail)
+        object.__setattr__(self, "_hash", hash((FrozenImproperList, elements, tail)))
 
     __setattr__ = _immutable
     __delattr__ = _immutable
@@ -399,7 +408,7 @@ class FrozenImproperList:
         return NotImplemented
 
     def __hash__(self) -> int:
-        return hash((FrozenImproperList, self.elements, self.tail))
+        return self._hash
 
     def __repr__(self) -> str:
         return f"FrozenImproperList({list(self.elements)!r}, {self.tail!r})"

@@ -105,10 +105,30 @@ def test_frozen_improper_list_semantics():
     assert pickle.loads(pickle.dumps(k)) == k
 
 
+def test_contents_must_be_hashable():
+    with pytest.raises(TypeError):
+        FL([[1]])
+    with pytest.raises(TypeError):
+        FM({1: [2]})
+    with pytest.raises(TypeError):
+        FIL([1], {})
+    assert erpy.freeze([[1]]) == FL([FL([1])])
+
+
+def test_deep_keys_hash_without_recursion():
+    # #{[[[...2000 deep...]]] => 1}: within max_depth; its hash is one step, not 2000.
+    levels = 1990
+    data = b"\x83t\x00\x00\x00\x01" + b"l\x00\x00\x00\x01" * levels + b"j" * (levels + 1) + b"a\x01"
+    value = erpy.decode(data)
+    (key,) = value
+    assert type(key) is FL and hash(key) == hash(erpy.decode(data).popitem()[0])
+    assert erpy.encode(value) == data
+
+
 def test_frozen_forms_encode_as_the_originals():
     for value in ([1, 2], list(b"abc"), [], [[1], {2: [3]}], {"a": [1]}, {}, (1, [2])):
         assert erpy.encode(erpy.freeze(value)) == erpy.encode(value)
-    assert erpy.encode(FIL([1, [2]], 3)) == erpy.encode(ImproperList([1, [2]], 3))
+    assert erpy.encode(FIL([1, FL([2])], 3)) == erpy.encode(ImproperList([1, [2]], 3))
     # Python code can build keys Erlang reads as lists and maps.
     data = erpy.encode({FL(b"name"): 1, FM({"a": 1}): 2, FIL([1], 2): 3})
     assert erpy.decode(data) == {FL(b"name"): 1, FM({"a": 1}): 2, FIL([1], 2): 3}
