@@ -159,12 +159,12 @@ class PyBuilder {
 
   void map_set(Map& m, PyRef&& key, PyRef&& value, std::size_t key_offset) {
     if (PyDict_SetItem(m.dict.get(), key.get(), value.get()) != 0) {
-      if (!PyErr_ExceptionMatches(PyExc_TypeError)) throw PythonError();
+      if (!PyErr_ExceptionMatches(PyExc_TypeError)) too_deep_to_compare(key_offset);
       PyErr_Clear();
       // A list, a map or an improper list (or a tuple holding one) as a key: its frozen
       // form, made only now, so that keys Python can hash cost nothing more.
       key = frozen_key(key.get(), key_offset);
-      if (PyDict_SetItem(m.dict.get(), key.get(), value.get()) != 0) throw PythonError();
+      if (PyDict_SetItem(m.dict.get(), key.get(), value.get()) != 0) too_deep_to_compare(key_offset);
     }
     if (PyDict_GET_SIZE(m.dict.get()) == ++m.count) return;
     throw etf::DecodeError(key_offset, "map key " + short_repr(key.get()) + " equals the earlier key " +
@@ -182,6 +182,14 @@ class PyBuilder {
       return PyRef::check(PyObject_CallOneArg(c_.types().atom.get(), text.get()));
     }
     return PyRef::check(c_.atom(node, o_));
+  }
+
+  // Two keys with equal hashes are compared, which recurses in Python: keys nested deep
+  // enough stop that with a RecursionError, a decoding error here.
+  [[noreturn]] static void too_deep_to_compare(std::size_t key_offset) {
+    if (!PyErr_ExceptionMatches(PyExc_RecursionError)) throw PythonError();
+    PyErr_Clear();
+    throw etf::DecodeError(key_offset, "map key nested too deeply to compare with the others in Python");
   }
 
   PyRef frozen_key(PyObject* key, std::size_t key_offset) {

@@ -299,7 +299,8 @@ class FrozenList:
 
     def __eq__(self, other: object) -> bool:
         if isinstance(other, FrozenList):
-            return self._items == other._items
+            # Unequal hashes settle most comparisons without walking the contents.
+            return self._hash == other._hash and self._items == other._items
         if isinstance(other, list):
             return list(self._items) == other
         return NotImplemented
@@ -358,7 +359,7 @@ class FrozenMap:
 
     def __eq__(self, other: object) -> bool:
         if isinstance(other, FrozenMap):
-            return self._map == other._map
+            return self._hash == other._hash and self._map == other._map
         if isinstance(other, dict):
             return self._map == other
         return NotImplemented
@@ -402,7 +403,7 @@ class FrozenImproperList:
 
     def __eq__(self, other: object) -> bool:
         if isinstance(other, FrozenImproperList):
-            return self.elements == other.elements and self.tail == other.tail
+            return self._hash == other._hash and self.elements == other.elements and self.tail == other.tail
         if isinstance(other, ImproperList):
             return list(self.elements) == other.elements and self.tail == other.tail
         return NotImplemented

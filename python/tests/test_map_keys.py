@@ -164,3 +164,14 @@ def test_unhashable_keys_do_not_leak():
     finally:
         tracemalloc.stop()
     assert grown < 64 * 1024, grown
+
+
+def test_deep_keys_equal_in_python_are_a_decode_error():
+    # [[[1]]] and [[[1.0]]] are two keys in Erlang, one in Python: refused, however deep.
+    import struct
+    for levels in (10, 900, 1900):
+        k1 = b"l\x00\x00\x00\x01" * levels + b"a\x01" + b"j" * levels
+        k2 = b"l\x00\x00\x00\x01" * levels + b"F" + struct.pack(">d", 1.0) + b"j" * levels
+        data = b"\x83t\x00\x00\x00\x02" + k1 + b"a\x01" + k2 + b"a\x02"
+        with pytest.raises(erpy.DecodeError):
+            erpy.decode(data)
