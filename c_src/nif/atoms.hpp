@@ -57,6 +57,11 @@ struct Atoms {
   ERL_NIF_TERM ok_check = 0;
   ERL_NIF_TERM send = 0;
   ERL_NIF_TERM unknown_atom = 0;
+  // The keys of an error answer (py::Runner::error): made here so that they exist when
+  // Python's error maps convert, which makes no atoms.
+  ERL_NIF_TERM message = 0;
+  ERL_NIF_TERM traceback = 0;
+  ERL_NIF_TERM type = 0;
   void init(ErlNifEnv* env) {
     apply = enif_make_atom(env, "apply");
     binary = enif_make_atom(env, "binary");
@@ -100,6 +105,9 @@ struct Atoms {
     unencodable_error = enif_make_atom(env, "unencodable_error");
     version = enif_make_atom(env, "version");
     wait = enif_make_atom(env, "wait");
+    message = enif_make_atom(env, "message");
+    traceback = enif_make_atom(env, "traceback");
+    type = enif_make_atom(env, "type");
     atom_headroom = enif_make_atom(env, "atom_headroom");
     callback_check = enif_make_atom(env, "callback_check");
     max_message_size = enif_make_atom(env, "max_message_size");
