@@ -23,7 +23,9 @@ pool_opts(Opts) when is_map(Opts) ->
                  requirements => Env(requirements, []),
                  max_message_size => Env(max_message_size, 10485760),
                  timeout => Env(timeout, 5000),
-                 none => Env(none, undefined)},
+                 none => Env(none, undefined),
+                 new_atoms => Env(new_atoms, 0),
+                 send_allowed => Env(send_allowed, [])},
     try
         check(lists:member(Mode, ?MODES), {unsupported_mode, Mode}),
         check(is_integer(Size) andalso Size > 0, {badarg, size}),
@@ -34,7 +36,7 @@ pool_opts(Opts) when is_map(Opts) ->
         %% A pool without its own `allowed` follows the application env, also when it
         %% changes later (erpy_port_worker reads it at each callback).
         _ = erpy_allow:compile(Env(allowed, [])),
-        ok = check_policy(Env(send_allowed, []), Env(new_atoms, 0)),
+        ok = check_policy(maps:get(send_allowed, Full), maps:get(new_atoms, Full)),
         {ok, Python} = interpreter(Full),
         ok = start_embedded_python(Full#{python => Python}),
         {ok, Full#{python => Python, pythonpath => pythonpath(Full)}}

@@ -59,7 +59,14 @@ init({Name, Opts}) ->
             NifOpts = #{none => maps:get(none, Opts, undefined),
                         binary => maps:get(binary, Opts, str),
                         spin_us => maps:get(spin_us, Opts, 50),
-                        kill_grace_ms => maps:get(kill_grace_ms, Opts, 2000)},
+                        kill_grace_ms => maps:get(kill_grace_ms, Opts, 2000),
+                        %% What Python sends (results, callbacks) is bounded as port mode's
+                        %% frames are; it makes new atoms only as the pool allows, and never
+                        %% in the last 5% of the atom table.
+                        max_message_size => maps:get(max_message_size, Opts),
+                        new_atoms => maps:get(new_atoms, Opts, 0),
+                        atom_headroom => erlang:system_info(atom_limit) * 95 div 100
+                                         - erlang:system_info(atom_count)},
             Pool = erpy_nif:pool_new(maps:get(size, Opts), self(), NifOpts),
             Handle = #{mode => embedded, name => Name, pid => self(), pool => Pool,
                        size => maps:get(size, Opts), policy => erpy_policy:new(Name, Opts),

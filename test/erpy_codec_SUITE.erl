@@ -8,14 +8,15 @@
 
 -export([all/0, suite/0, init_per_suite/1, end_per_suite/1,
          init_per_testcase/2, end_per_testcase/2]).
--export([random_terms/1, every_kind/1, old_forms_and_compressed/1, hostile_input/1]).
+-export([random_terms/1, every_kind/1, old_forms_and_compressed/1, hostile_input/1,
+         any_term_as_map_key/1]).
 
 -define(REPLY_TIMEOUT, 20000).
 -define(RANDOM_TERMS, 5000).
 -define(PER_KIND, 250).
 
 all() ->
-    [random_terms, every_kind, old_forms_and_compressed, hostile_input].
+    [random_terms, every_kind, old_forms_and_compressed, hostile_input, any_term_as_map_key].
 
 suite() ->
     [{timetrap, {minutes, 5}}].
@@ -121,7 +122,52 @@ hostile_input(Config) ->
     %% Still alive and correct after all that.
     ?assertEqual(Valid, request(Port, Valid)).
 
+any_term_as_map_key(Config) ->
+    doc("Random terms of every kind are map keys, strings, lists, maps and improper lists "
+        "included, at any depth (erpy.FrozenList, FrozenMap, FrozenImproperList in Python): "
+        "1,000 maps of them come back byte-identical, plain and compressed."),
+    Seed = erlang:unique_integer([positive]) + erlang:system_time(),
+    ct:log("seed ~p", [Seed]),
+    erpy_term_gen:seed(Seed),
+    Kinds = erpy_term_gen:kinds() -- [big_map, big_tuple, long_string],
+    %% The kinds Python cannot hash, twice as often.
+    Weighted = Kinds ++ [string, list, improper_list, map],
+    Maps = [key_map(rand:uniform(12), Weighted) || _ <- lists:seq(1, 1000)]
+           ++ [key_map(40, Weighted) || _ <- lists:seq(1, 20)],  % hash-ordered maps
+    Port = ?config(port, Config),
+    roundtrip_all(Port, Maps),
+    Compressed = [T || T <- lists:sublist(Maps, 200),
+                       binary_to_term(request(Port, term_to_binary(T, [compressed]))) =/= T],
+    ?assertEqual([], Compressed).
+
 %% Internal.
+
+%% A map of up to N keys of random kinds, none equal in Python to another (a dict could
+%% not hold both: 1 and 1.0, a and <<"a">>, [1] and [1.0]).
+key_map(N, Kinds) ->
+    key_map(N, Kinds, #{}, #{}).
+
+key_map(0, _Kinds, _Seen, Map) ->
+    Map;
+key_map(N, Kinds, Seen, Map) ->
+    K = erpy_term_gen:term(lists:nth(rand:uniform(length(Kinds)), Kinds)),
+    Class = key_class(K),
+    case maps:is_key(Class, Seen) of
+        true -> key_map(N - 1, Kinds, Seen, Map);
+        false -> key_map(N - 1, Kinds, Seen#{Class => true}, Map#{K => erpy_term_gen:term(any)})
+    end.
+
+%% What decides equality in Python for the frozen forms; the rest as erpy_term_gen has it.
+key_class(L) when is_list(L) -> key_list(L, []);
+key_class(M) when is_map(M) -> {map, lists:sort([{key_class(K), key_class(V)} || {K, V} <- maps:to_list(M)])};
+key_class(T) when is_tuple(T) -> {tuple, [key_class(E) || E <- tuple_to_list(T)]};
+key_class(B) when is_bitstring(B), not is_binary(B) -> {bits, B};
+key_class(F) when is_function(F) -> {fun_, F};
+key_class(T) -> erpy_term_gen:py_key(T).
+
+key_list([], Acc) -> {list, lists:reverse(Acc)};
+key_list([H | T], Acc) -> key_list(T, [key_class(H) | Acc]);
+key_list(Tail, Acc) -> {improper, lists:reverse(Acc), key_class(Tail)}.
 
 doc(Text) ->
     ct:comment(Text).

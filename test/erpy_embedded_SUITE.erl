@@ -17,6 +17,8 @@
          checkout_holder_dies/1, output_to_logger/1, schedulers_stay_free/1,
          nif_reload/1, python_info/1, app_restart/1, queueing_in_order/1,
          large_binaries/1]).
+-export([map_keys/1, deep_nesting/1, result_size_limit/1, callback_size_limit/1,
+         no_new_atoms/1, new_atoms_budget/1, flags_for_checks/1, send_is_a_callback/1]).
 %% Called from Python through the allow-list, and the logger handler.
 -export([nested/2, deeper/1, log/2]).
 
@@ -41,7 +43,9 @@ all() ->
      handles,
      handles_no_leak, checkout_state, checkout_holder_dies, output_to_logger,
      schedulers_stay_free, queueing_in_order, large_binaries, python_info, nif_reload,
-     app_restart].
+     app_restart,
+     map_keys, deep_nesting, result_size_limit, callback_size_limit, no_new_atoms,
+     new_atoms_budget, flags_for_checks, send_is_a_callback].
 
 suite() ->
     [{timetrap, {seconds, 90}}].
@@ -139,8 +143,8 @@ errors(_Config) ->
     {error, #{type := <<"EncodeError">>}} = erpy:eval(<<"object()">>, #{}, opts()),
     {error, #{type := <<"EncodeError">>}} = erpy:eval(<<"float('nan')">>, #{}, opts()),
     {error, #{type := <<"SyntaxError">>}} = erpy:eval(<<"1 +">>, #{}, opts()),
-    %% A map key Python cannot hash is refused clearly, not crashed on.
-    {error, #{type := <<"DecodeError">>}} = erpy:eval(<<"x">>, #{x => #{[1] => 2}}, opts()),
+    %% A map key Python cannot hash comes back as it went (issue 10: an erpy.FrozenList).
+    ?assertEqual({ok, #{[1] => 2}}, erpy:eval(<<"x">>, #{x => #{[1] => 2}}, opts())),
     ?assertEqual({ok, 3}, erpy:call(operator, add, [1, 2], opts())).
 
 %% ---- timeouts and cancellation ---------------------------------------------------------
@@ -571,4 +575,192 @@ wait_until(Fun, Timeout) ->
     case Fun() of
         true -> ok;
         false -> timer:sleep(50), wait_until(Fun, Timeout - 50)
+    end.
+
+%% ---- issue 10: every term in, only what the pool allows out --------------------------------
+
+%% Map keys Python cannot hash (strings, lists, maps, improper lists, inside tuples too) are erpy.FrozenList/FrozenMap/FrozenImproperList in Python and come back equal; Python can make such keys.
+map_keys(_Config) ->
+    Terms = [#{"name" => 1}, #{[1, [2]] => x}, #{#{a => 1} => b}, #{[] => 1, {[1], 2} => 2},
+             #{[1 | 2] => 3}, #{#{[1] => [2]} => 3}, #{a => #{"k" => "v"}},
+             #{[#{a => "b"}] => [#{"c" => d}]},
+             maps:from_list([{[I], I} || I <- lists:seq(1, 40)])],
+    [?assertEqual({ok, T}, erpy:eval(<<"x">>, #{x => T}, opts())) || T <- Terms],
+    ?assertEqual({ok, [<<"FrozenList">>, <<"FrozenMap">>, <<"FrozenImproperList">>]},
+                 erpy:eval(<<"[type(next(iter(k))).__name__ for k in (a, b, c)]">>,
+                           #{a => #{"name" => 1}, b => #{#{a => 1} => b}, c => #{[1 | 2] => 3}}, opts())),
+    ?assertEqual({ok, 1}, erpy:eval(<<"x[__import__('erpy').FrozenList(b'name')]">>,
+                                    #{x => #{"name" => 1}}, opts())),
+    ?assertEqual({ok, #{"name" => 1, #{1 => [2]} => 2, [1 | 2] => 3}},
+                 erpy:eval(<<"(lambda e: {e.FrozenList(b'name'): 1, e.freeze({1: [2]}): 2,"
+                             " e.FrozenImproperList([1], 2): 3})(__import__('erpy'))">>, #{}, opts())).
+
+%% Nesting deeper than the stack holds is a clean error both ways, and erpy.decode/encode with max_depth=10**7 on a context thread raise instead of crashing the VM.
+deep_nesting(_Config) ->
+    Deep = lists:foldl(fun(_, A) -> [A] end, [], lists:seq(1, 1000000)),
+    {error, #{type := <<"DecodeError">>}} = erpy:eval(<<"x">>, #{x => Deep}, opts()),
+    DeepMap = lists:foldl(fun(_, A) -> #{A => 1} end, [], lists:seq(1, 100000)),
+    {error, #{type := <<"DecodeError">>}} = erpy:eval(<<"x">>, #{x => DeepMap}, opts()),
+    ok = erpy:exec(<<"x = []\nfor _ in range(10**6): x = [x]\n"
+                     "import builtins; builtins.erpy_deep = x">>, opts()),
+    {error, #{type := <<"EncodeError">>}} =
+        erpy:eval(<<"__import__('builtins').erpy_deep">>, #{}, opts()),
+    Code = <<"import erpy\n"
+             "data = b'\\x83' + b'h\\x01' * 10**6 + b'j'\n"
+             "out = []\n"
+             "try:\n    erpy.decode(data, max_depth=10**7)\nexcept erpy.DecodeError as e:\n    out.append(str(e))\n"
+             "try:\n    erpy.encode(__import__('builtins').erpy_deep, max_depth=10**7)\n"
+             "except erpy.EncodeError as e:\n    out.append(str(e)[:60])\n"
+             "del __import__('builtins').erpy_deep\n"
+             "result = out">>,
+    {ok, #{status := ok, result := [D, E]}} = erpy:run(#{code => Code, pool => ?P}),
+    ct:log("~ts~n~ts", [D, E]),
+    ?assertNotEqual(nomatch, binary:match(D, <<"stack">>)),
+    ?assertNotEqual(nomatch, binary:match(E, <<"stack">>)),
+    ?assertEqual({ok, 3}, erpy:call(operator, add, [1, 2], opts())).
+
+%% A result is bounded by max_message_size as ETF sizes it, checked while it converts: a huge str is refused without being copied.
+result_size_limit(_Config) ->
+    {ok, _} = erpy:start_pool(emb_one, #{mode => embedded, size => 1, max_message_size => 100000}),
+    O = #{pool => emb_one},
+    %% A binary of N bytes is 5 + N bytes of ETF.
+    {ok, B} = erpy:eval(<<"'x' * 99995">>, #{}, O),
+    ?assertEqual(99995, byte_size(B)),
+    ?assertEqual({error, {message_too_large, 100001, 100000}}, erpy:eval(<<"'x' * 99996">>, #{}, O)),
+    ?assertEqual({error, {message_too_large, 100001, 100000}}, erpy:eval(<<"'\\u00e9' * 49998">>, #{}, O)),
+    ?assertEqual({error, {message_too_large, 100001, 100000}}, erpy:eval(<<"b'x' * 99996">>, #{}, O)),
+    {error, {message_too_large, S1, 100000}} = erpy:eval(<<"list(range(10**7))">>, #{}, O),
+    ?assert(S1 > 100000),
+    {error, {message_too_large, _, 100000}} = erpy:eval(<<"{'a': [('x' * 60000, 'y' * 60000)]}">>, #{}, O),
+    %% 200 MB: refused at once (Python makes the str; erpy copies nothing of it).
+    ok = erpy:exec(<<"import builtins; builtins.erpy_big = 'x' * (200 * 1024 * 1024)">>, O),
+    {T, R} = timer:tc(fun() -> erpy:eval(<<"__import__('builtins').erpy_big">>, #{}, O) end),
+    {error, {message_too_large, S2, 100000}} = R,
+    ?assert(S2 > 200 * 1024 * 1024),
+    ?assert(T < 2000000, T),
+    ok = erpy:exec(<<"del __import__('builtins').erpy_big">>, O),
+    %% Through the codec too (a BitBinary, a custom encoder).
+    {error, {message_too_large, _, 100000}} =
+        erpy:eval(<<"__import__('erpy').BitBinary(b'x' * 200000, 3)">>, #{}, O),
+    ?assertEqual({ok, 3}, erpy:call(operator, add, [1, 2], O)).
+
+%% Callback requests from Python count against max_message_size as well: ErlangError({message_too_large, Size, Max}) in Python.
+callback_size_limit(_Config) ->
+    {ok, _} = erpy:start_pool(emb_one, #{mode => embedded, size => 1, max_message_size => 100000,
+                                         allowed => [{erlang, byte_size, 1}]}),
+    Code = <<"try:\n"
+             "    erlang.call('erlang', 'byte_size', 'x' * arguments)\n"
+             "    result = 1\n"
+             "except erlang.ErlangError as e:\n"
+             "    result = e.args[0]\n">>,
+    ?assertEqual({ok, #{status => ok, result => 1}}, erpy:run(#{code => Code, arguments => 1000, pool => emb_one})),
+    {ok, #{status := ok, result := {message_too_large, S, 100000}}} =
+        erpy:run(#{code => Code, arguments => 200000, pool => emb_one}),
+    ?assert(S > 100000).
+
+%% Python creates no atoms by default: an unknown one is {unknown_atom, Name} for a result and ErlangError(('unknown_atom', Name)) for a callback or a send; atoms in pids, ports, refs and funs count.
+no_new_atoms(_Config) ->
+    N = fun() -> <<"erpy_no_such_atom_", (integer_to_binary(erlang:unique_integer([positive])))/binary>> end,
+    A = N(),
+    ?assertEqual({error, {unknown_atom, A}}, erpy:eval(<<"__import__('erpy').Atom(n)">>, #{n => A}, opts())),
+    ?assertEqual({error, {unknown_atom, A}},
+                 erpy:eval(<<"[1, {'k': (__import__('erpy').Atom(n),)}]">>, #{n => A}, opts())),
+    ?assertEqual({error, {unknown_atom, A}}, erpy:eval(<<"__import__('erpy').Pid(n, 1, 0, 0)">>, #{n => A}, opts())),
+    ?assertEqual({error, {unknown_atom, A}},
+                 erpy:eval(<<"__import__('erpy').Ref(n, 0, (1, 2, 3))">>, #{n => A}, opts())),
+    %% fun n:f/0, written by hand: its module is a new atom.
+    ?assertEqual({error, {unknown_atom, A}},
+                 erpy:eval(<<"__import__('erpy').Fun(bytes([113, 119, len(n)]) + n.encode() + b'w\\x01fa\\x00')">>,
+                           #{n => A}, opts())),
+    U = <<"erpy_アトム_"/utf8, (integer_to_binary(erlang:unique_integer([positive])))/binary>>,
+    ?assertEqual({error, {unknown_atom, U}}, erpy:eval(<<"__import__('erpy').Atom(n)">>, #{n => U}, opts())),
+    ?assertError(badarg, binary_to_existing_atom(A, utf8)),
+    ?assertError(badarg, binary_to_existing_atom(U, utf8)),
+    %% Atoms that exist are fine, Latin-1 and not.
+    ?assertEqual({ok, [ok, 'héllo', 'ünïcødé_アトム']},
+                 erpy:eval(<<"[__import__('erpy').Atom(a) for a in ('ok', 'h\\u00e9llo', w)]">>,
+                           #{w => 'ünïcødé_アトム'}, opts())),
+    Code = <<"A = __import__('erpy').Atom\n"
+             "out = []\n"
+             "for f in (lambda: erlang.call('erlang', 'abs', A(arguments)),\n"
+             "          lambda: erlang.send(erlang.self(), [A(arguments)])):\n"
+             "    try:\n        f()\n    except erlang.ErlangError as e:\n        out.append(e.args[0])\n"
+             "result = out">>,
+    ?assertEqual({ok, #{status => ok, result => [{unknown_atom, A}, {unknown_atom, A}]}},
+                 erpy:run(#{code => Code, arguments => A, pool => ?P})),
+    ?assertError(badarg, binary_to_existing_atom(A, utf8)).
+
+%% new_atoms => N lets a pool make N atoms over its life, no more.
+new_atoms_budget(_Config) ->
+    {ok, _} = erpy:start_pool(emb_one, #{mode => embedded, size => 1, new_atoms => 2}),
+    O = #{pool => emb_one},
+    [A1, A2, A3] = [<<"erpy_budget_atom_", (integer_to_binary(erlang:unique_integer([positive])))/binary>>
+                    || _ <- [1, 2, 3]],
+    Make = <<"__import__('erpy').Atom(n)">>,
+    {ok, R1} = erpy:eval(Make, #{n => A1}, O),
+    ?assertEqual(A1, atom_to_binary(R1)),
+    {ok, R1} = erpy:eval(Make, #{n => A1}, O),  % exists now: free
+    {ok, R2} = erpy:eval(Make, #{n => A2}, O),
+    ?assertEqual(A2, atom_to_binary(R2)),
+    ?assertEqual({error, {unknown_atom, A3}}, erpy:eval(Make, #{n => A3}, O)),
+    ?assertError(badarg, binary_to_existing_atom(A3, utf8)),
+    %% Other pools have their own budget (0 by default).
+    ?assertEqual({error, {unknown_atom, A3}}, erpy:eval(Make, #{n => A3}, opts())).
+
+%% The NIF flags what Erlang must check: {ok_check, R} when a result holds a pid, port, reference or fun, {callback_check, ...} when a callback's terms do; anything else keeps its plain shape.
+flags_for_checks(_Config) ->
+    Me = self(),
+    Fun = fun() -> ok end,
+    Port = hd(erlang:ports()),
+    Ref = make_ref(),
+    ?assertEqual({ok, [1, #{<<"a">> => {2, <<"x">>}}]}, raw_answer({eval, <<"[1, {'a': (2, 'x')}]">>, #{}})),
+    ?assertEqual({ok_check, Me}, raw_answer({eval, <<"erlang.self()">>, #{}})),
+    ?assertEqual({ok_check, [1, #{<<"k">> => {Ref}}]}, raw_answer({eval, <<"[1, {'k': (x,)}]">>, #{x => Ref}})),
+    ?assertEqual({ok_check, Fun}, raw_answer({eval, <<"x">>, #{x => Fun}})),
+    ?assertEqual({ok_check, Port}, raw_answer({eval, <<"x">>, #{x => Port}})),
+    ?assertEqual({ok_check, [fun lists:sort/1]}, raw_answer({eval, <<"[x]">>, #{x => fun lists:sort/1}})),
+    %% Callbacks: the plain shape, then with a pid inside the arguments.
+    {Job1, Ref1, {callback, _, call, <<"erlang">>, <<"abs">>, [-1]}} =
+        raw_start({eval, <<"erlang.call('erlang', 'abs', -1)">>, #{}}),
+    ?assertEqual({ok, 1}, raw_reply(Job1, Ref1, {ok, 1})),
+    {Job2, Ref2, {callback_check, _, call, <<"erlang">>, <<"abs">>, [{Me}]}} =
+        raw_start({eval, <<"erlang.call('erlang', 'abs', (erlang.self(),))">>, #{}}),
+    {error, #{type := <<"ErlangError">>, message := Msg}} = raw_reply(Job2, Ref2, {error, {badarg, x}}),
+    ct:log("~ts", [Msg]).
+
+%% erlang.send is a callback like erlang.call: {callback | callback_check, Ctx, send, Dest, undefined, [Msg]}, answered by Erlang (ok: None; error: ErlangError), and never a message sent from the context thread.
+send_is_a_callback(_Config) ->
+    Me = self(),
+    {Job, Ref, {callback_check, _, send, Me, undefined, [<<"hi">>]}} =
+        raw_start({eval, <<"erlang.send(erlang.self(), 'hi')">>, #{}}),
+    receive <<"hi">> -> ct:fail(sent_by_the_nif) after 100 -> ok end,
+    ?assertEqual({ok, undefined}, raw_reply(Job, Ref, {ok, ok})),
+    {Job2, Ref2, {callback, _, send, ok, undefined, [1]}} =
+        raw_start({eval, <<"erlang.send(__import__('erpy').Atom('ok'), 1)">>, #{}}),
+    {error, #{type := <<"ErlangError">>}} = raw_reply(Job2, Ref2, {error, noproc}),
+    Code = <<"try:\n    erlang.send(erlang.self(), 1)\n    result = None\n"
+             "except erlang.ErlangError as e:\n    result = e.args[0]\n">>,
+    {Job3, Ref3, {callback_check, _, send, Me, undefined, [1]}} = raw_start({run, Code, undefined}),
+    ?assertEqual({ok, {not_allowed, x}}, raw_reply(Job3, Ref3, {error, {not_allowed, x}})).
+
+%% The NIF's raw answers and callbacks for a request on ?P, without erpy_embedded.
+raw_start(Req) ->
+    #{pool := Pool} = persistent_term:get({erpy_pool, ?P}),
+    Ref = make_ref(),
+    {ok, Job} = erpy_nif:submit(Pool, Ref, Req, false),
+    {Job, Ref, raw_next(Job, Ref)}.
+
+raw_answer(Req) ->
+    {_Job, _Ref, Answer} = raw_start(Req),
+    Answer.
+
+raw_reply(Job, Ref, Reply) ->
+    ok = erpy_nif:callback_reply(Job, Reply),
+    raw_next(Job, Ref).
+
+raw_next(Job, Ref) ->
+    case erpy_nif:poll(Job, true) of
+        {done, Answer} -> Answer;
+        wait -> receive {Ref, Msg} -> Msg after 5000 -> ct:fail(no_answer) end;
+        Callback when is_tuple(Callback) -> Callback
     end.

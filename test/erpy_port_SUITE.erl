@@ -23,6 +23,7 @@
          rlimits_badarg/1, children_end_with_their_worker/1]).
 %% Run in the peer VM of timeouts_with_sigint_ignored.
 -export([sigint_probe/1]).
+-export([map_keys/1]).
 %% Called from Python through the allow-list, and the logger handler of output_to_logger.
 -export([nested/1, twice/2, log/2]).
 
@@ -37,7 +38,7 @@ all() ->
      fork_child_cannot_use_protocol, exec_child_has_no_protocol_fds, multiprocessing_fork_pool,
      background_child_then_crash, child_holding_pipe_then_crash, timeouts_with_sigint_ignored,
      rlimits_cpu, rlimits_as, rlimits_nofile, rlimits_fsize_nproc_core, rlimits_badarg,
-     children_end_with_their_worker].
+     children_end_with_their_worker, map_keys].
 
 suite() ->
     [{timetrap, {seconds, 60}}].
@@ -1045,4 +1046,25 @@ children_end_with_their_worker(Config) ->
         wait_until(fun() -> not child_alive(Busy) end, 3000)
     after
         erpy:stop_pool(p_children)
+%% ---- map keys (issue 10) -------------------------------------------------------------------
+
+%% Map keys Python cannot hash (strings, lists, maps, improper lists) reach a worker as erpy.FrozenList/FrozenMap/FrozenImproperList and come back equal.
+map_keys(_Config) ->
+    start(p_keys, #{size => 1}),
+    try
+        O = #{pool => p_keys},
+        Terms = [#{"name" => 1}, #{[1, [2]] => x}, #{#{a => 1} => b}, #{[] => 1, {[1], 2} => 2},
+                 #{[1 | 2] => 3}, #{#{[1] => [2]} => 3}, #{a => #{"k" => "v"}},
+                 maps:from_list([{[I], I} || I <- lists:seq(1, 40)])],
+        [?assertEqual({ok, T}, erpy:eval(<<"x">>, #{x => T}, O)) || T <- Terms],
+        ?assertEqual({ok, [<<"FrozenList">>, <<"FrozenMap">>, <<"FrozenImproperList">>]},
+                     erpy:eval(<<"[type(next(iter(k))).__name__ for k in (a, b, c)]">>,
+                               #{a => #{"name" => 1}, b => #{#{a => 1} => b}, c => #{[1 | 2] => 3}}, O)),
+        %% Python code makes such keys for Erlang.
+        ?assertEqual({ok, #{status => ok, result => #{"name" => 1, #{1 => [2]} => 2}}},
+                     erpy:run(#{code => <<"import erpy as e\n"
+                                          "result = {e.FrozenList(b'name'): 1, e.freeze({1: [2]}): 2}">>,
+                                pool => p_keys}))
+    after
+        erpy:stop_pool(p_keys)
     end.

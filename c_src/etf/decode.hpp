@@ -46,13 +46,15 @@
 #include "encode.hpp"
 #include "inflate.hpp"
 #include "reader.hpp"
+#include "stack.hpp"
 #include "tags.hpp"
 #include "text.hpp"
 
 namespace etf {
 
 struct DecodeOptions {
-  // Nesting deeper than this is refused: hostile input must not exhaust the stack.
+  // Nesting deeper than this is refused, and so is nesting deeper than the stack of the
+  // decoding thread holds (stack.hpp), whatever max_depth says.
   std::size_t max_depth = 2000;
   // Upper bound for the inflated size of a compressed term.
   std::size_t max_inflated = std::size_t{1} << 30;
@@ -198,9 +200,7 @@ class Decoder {
 
   // Decodes one term at the reader's position (no version byte).
   Value term(std::size_t depth = 0) {
-    if (depth > o_.max_depth) {
-      r_.fail("terms nested deeper than " + std::to_string(o_.max_depth) + " levels");
-    }
+    if (depth > o_.max_depth || stack_.reached()) [[unlikely]] too_deep(depth);
     const std::uint8_t tag = r_.u8();
     switch (tag) {
       case kSmallInteger: return b_.integer(r_.u8("integer"));
@@ -237,6 +237,11 @@ class Decoder {
   }
 
  private:
+  [[noreturn, gnu::noinline, gnu::cold]] void too_deep(std::size_t depth) {
+    if (depth > o_.max_depth) r_.fail("terms nested deeper than " + std::to_string(o_.max_depth) + " levels");
+    r_.fail("terms nested too deeply for this thread's stack (" + std::to_string(depth) + " levels)");
+  }
+
   // Scalars live in functions of their own so their locals stay out of the recursion.
   [[gnu::noinline]] Value new_float() {
     const std::uint64_t bits = r_.u64("float");
@@ -447,6 +452,7 @@ class Decoder {
   Reader& r_;
   Builder& b_;
   const DecodeOptions& o_;
+  const StackFloor stack_ = StackFloor::current();
 };
 
 // Decodes one term at the reader's position, without a version byte (the form inside

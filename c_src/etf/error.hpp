@@ -28,4 +28,19 @@ class EncodeError : public std::runtime_error {
   using std::runtime_error::runtime_error;
 };
 
+// A term over the size its caller allows. `size` is what had been counted when the limit
+// was passed: at least that, not the size of the whole term (which is never built).
+class TooLargeError : public EncodeError {
+ public:
+  TooLargeError(std::size_t size, std::size_t max)
+      : EncodeError("term of at least " + std::to_string(size) + " bytes, above the limit of " +
+                    std::to_string(max)),
+        size_(size), max_(max) {}
+  std::size_t size() const noexcept { return size_; }
+  std::size_t max() const noexcept { return max_; }
+
+ private:
+  std::size_t size_, max_;
+};
+
 }  // namespace etf

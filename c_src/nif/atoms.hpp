@@ -49,6 +49,19 @@ struct Atoms {
   ERL_NIF_TERM unencodable_error = 0;
   ERL_NIF_TERM version = 0;
   ERL_NIF_TERM wait = 0;
+  ERL_NIF_TERM atom_headroom = 0;
+  ERL_NIF_TERM callback_check = 0;
+  ERL_NIF_TERM max_message_size = 0;
+  ERL_NIF_TERM message_too_large = 0;
+  ERL_NIF_TERM new_atoms = 0;
+  ERL_NIF_TERM ok_check = 0;
+  ERL_NIF_TERM send = 0;
+  ERL_NIF_TERM unknown_atom = 0;
+  // The keys of an error answer (py::Runner::error): made here so that they exist when
+  // Python's error maps convert, which makes no atoms.
+  ERL_NIF_TERM message = 0;
+  ERL_NIF_TERM traceback = 0;
+  ERL_NIF_TERM type = 0;
   void init(ErlNifEnv* env) {
     apply = enif_make_atom(env, "apply");
     binary = enif_make_atom(env, "binary");
@@ -92,6 +105,17 @@ struct Atoms {
     unencodable_error = enif_make_atom(env, "unencodable_error");
     version = enif_make_atom(env, "version");
     wait = enif_make_atom(env, "wait");
+    message = enif_make_atom(env, "message");
+    traceback = enif_make_atom(env, "traceback");
+    type = enif_make_atom(env, "type");
+    atom_headroom = enif_make_atom(env, "atom_headroom");
+    callback_check = enif_make_atom(env, "callback_check");
+    max_message_size = enif_make_atom(env, "max_message_size");
+    message_too_large = enif_make_atom(env, "message_too_large");
+    new_atoms = enif_make_atom(env, "new_atoms");
+    ok_check = enif_make_atom(env, "ok_check");
+    send = enif_make_atom(env, "send");
+    unknown_atom = enif_make_atom(env, "unknown_atom");
   }
 };
 

@@ -1,6 +1,7 @@
-// erpy._embedded: the backend of erpy.erlang inside the VM. erlang.call/apply become a
-// message to the Erlang process the code runs for, which checks the allow-list and runs
-// the function; the context thread waits without the GIL (and runs nested requests).
+// erpy._embedded: the backend of erpy.erlang inside the VM. erlang.call/apply/send become
+// a message to the Erlang process the code runs for, which checks the allow-list and runs
+// the function (or sends); the context thread waits without the GIL (and runs nested
+// requests).
 #include <string>
 
 #include "pool.hpp"
@@ -57,32 +58,17 @@ PyObject* erlang_apply(PyObject*, PyObject* args) {
   });
 }
 
-// A message straight from this thread: enif_send needs no Erlang process.
+// A message, sent by the Erlang process the code runs for: a callback like erlang.call
+// ({callback, Ctx, send, Dest, undefined, [Msg]}), so that the pool's policy sees it.
 PyObject* erlang_send(PyObject*, PyObject* args) {
   PyObject *dest, *msg;
   if (!PyArg_ParseTuple(args, "OO:send", &dest, &msg)) return nullptr;
   return guarded([&]() -> PyObject* {
-    Runtime& rt = Runtime::get();
-    Context* c = current_context();
-    const ConvertOptions co = c ? c->pool->options().convert : ConvertOptions{};
-    ErlNifEnv* env = enif_alloc_env();
-    struct EnvGuard {
-      ErlNifEnv* env;
-      ~EnvGuard() { enif_free_env(env); }
-    } guard{env};
-    ERL_NIF_TERM to = rt.converter().to_term(env, dest, co);
-    ERL_NIF_TERM term = rt.converter().to_term(env, msg, co);
-    ErlNifPid pid;
-    if (enif_is_atom(env, to)) {
-      if (!enif_whereis_pid(nullptr, to, &pid)) {
-        PyErr_Format(rt.erlang_error(), "no process is registered as %R", dest);
-        throw PythonError();
-      }
-    } else if (!enif_get_local_pid(env, to, &pid)) {
-      PyErr_Format(rt.erlang_error(), "send: %R is not a local pid or a registered name", dest);
-      throw PythonError();
-    }
-    enif_send(nullptr, &pid, env, term);
+    Context* c = context_or_raise("erlang.send");
+    PyRef list = PyRef::check(PyList_New(1));
+    Py_INCREF(msg);
+    PyList_SET_ITEM(list.get(), 0, msg);
+    PyRef ignored = c->pool->erlang_callback(*c, "send", dest, nullptr, list.get());
     Py_RETURN_NONE;
   });
 }

@@ -5,6 +5,7 @@
 // Python to start and runs on a dirty I/O scheduler. None of them takes the GIL.
 #include <erl_nif.h>
 
+#include <algorithm>
 #include <string>
 
 #include "pool.hpp"
@@ -96,7 +97,8 @@ ERL_NIF_TERM nif_init(ErlNifEnv* env, int, const ERL_NIF_TERM argv[]) {
 }
 
 // pool_new(Size, Owner, #{none := atom(), binary := str | bytes, spin_us := int,
-//                         kill_grace_ms := int}) -> Pool
+//                         kill_grace_ms := int, max_message_size := int,
+//                         new_atoms := int >= 0, atom_headroom := int}) -> Pool
 ERL_NIF_TERM nif_pool_new(ErlNifEnv* env, int, const ERL_NIF_TERM argv[]) {
   Runtime& rt = Runtime::get();
   if (!rt.ready()) return error(env, atoms.not_initialized);
@@ -119,6 +121,22 @@ ERL_NIF_TERM nif_pool_new(ErlNifEnv* env, int, const ERL_NIF_TERM argv[]) {
   if (enif_get_map_value(env, argv[2], atoms.kill_grace_ms, &v) && !enif_get_int(env, v, &o.kill_grace_ms)) {
     return enif_make_badarg(env);
   }
+  // Results and callback requests from Python: their size as ETF, checked as they convert.
+  if (enif_get_map_value(env, argv[2], atoms.max_message_size, &v)) {
+    ErlNifUInt64 max;
+    if (!enif_get_uint64(env, v, &max)) return enif_make_badarg(env);
+    o.convert.max_size = static_cast<std::size_t>(max);
+  }
+  // New atoms Python may make over the pool's life: at most new_atoms, and never more
+  // than the atom table had room for (below 95% of its limit) when the pool started.
+  ErlNifSInt64 new_atoms = 0, headroom = INT64_MAX;
+  if (enif_get_map_value(env, argv[2], atoms.new_atoms, &v) && (!enif_get_int64(env, v, &new_atoms) || new_atoms < 0)) {
+    return enif_make_badarg(env);
+  }
+  if (enif_get_map_value(env, argv[2], atoms.atom_headroom, &v) && !enif_get_int64(env, v, &headroom)) {
+    return enif_make_badarg(env);
+  }
+  o.convert.new_atoms = std::make_shared<AtomBudget>(std::max<ErlNifSInt64>(0, std::min(new_atoms, headroom)));
   auto* h = static_cast<PoolHandle*>(enif_alloc_resource(rt.types.pool, sizeof(PoolHandle)));
   new (h) PoolHandle{std::make_shared<Pool>(std::move(o))};
   h->pool->start();
@@ -196,8 +214,8 @@ ERL_NIF_TERM nif_cancel(ErlNifEnv* env, int, const ERL_NIF_TERM argv[]) {
   return atoms.sent;
 }
 
-// poll(Job, Block) -> {done, Answer} | {callback, Ctx, Kind, M, F, Args} | pending
-//                   | wait (the answer will come as a message)
+// poll(Job, Block) -> {done, Answer} | {callback | callback_check, Ctx, Kind, M, F, Args}
+//                   | pending | wait (the answer will come as a message)
 ERL_NIF_TERM nif_poll(ErlNifEnv* env, int, const ERL_NIF_TERM argv[]) {
   Job* job = get_job(env, argv[0]);
   if (!job) return enif_make_badarg(env);

@@ -16,7 +16,10 @@ using py::PyRef;
 using py::PythonError;
 using Clock = std::chrono::steady_clock;
 
-Pool::Pool(PoolOptions o) : o_(std::move(o)) {}
+Pool::Pool(PoolOptions o) : o_(std::move(o)), log_convert_(o_.convert) {
+  log_convert_.max_size = SIZE_MAX;
+  log_convert_.new_atoms.reset();
+}
 
 Pool::~Pool() {
   // Only reached once every context thread has ended (each holds the pool).
@@ -412,6 +415,34 @@ void Pool::do_release(Context& c) {
 
 namespace {
 
+ERL_NIF_TERM binary_term(ErlNifEnv* env, std::string_view s) {
+  ERL_NIF_TERM t;
+  unsigned char* p = enif_make_new_binary(env, s.size(), &t);
+  if (s.size()) std::memcpy(p, s.data(), s.size());
+  return t;
+}
+
+// {message_too_large, Size, Max}: Size is what was counted when Max was passed.
+ERL_NIF_TERM too_large_reason(ErlNifEnv* env, const etf::TooLargeError& e) {
+  return enif_make_tuple3(env, atoms.message_too_large, enif_make_uint64(env, e.size()),
+                          enif_make_uint64(env, e.max()));
+}
+
+// {unknown_atom, <<"name">>}
+ERL_NIF_TERM unknown_atom_reason(ErlNifEnv* env, const UnknownAtomError& e) {
+  return enif_make_tuple2(env, atoms.unknown_atom, binary_term(env, e.name()));
+}
+
+// Raises erlang.ErlangError(Reason) in Python, Reason as Python sees the term: args[0]
+// is the reason, also when it is a tuple (as in port mode).
+[[noreturn]] void raise_erlang_error(ErlNifEnv* env, ERL_NIF_TERM reason, const ConvertOptions& co) {
+  Runtime& rt = Runtime::get();
+  PyRef value = rt.converter().to_python(env, reason, co);
+  PyRef exc = PyRef::check(PyObject_CallOneArg(rt.erlang_error(), value.get()));
+  PyErr_SetObject(rt.erlang_error(), exc.get());
+  throw PythonError();
+}
+
 // The request as Python objects, and what running it returns.
 struct Request {
   enum Kind { Call, Eval, Exec, Run, Hold, Bad } kind = Bad;
@@ -545,7 +576,8 @@ void Pool::run_job(Context& c, Job* job) {
   // {error, #{type, message, traceback}} of the pending exception, which it clears.
   auto error_answer = [&] {
     PyRef err = runner.error_from_exception();
-    return enif_make_tuple2(msg.env, atoms.error, conv.to_term(msg.env, err.get(), co));
+    TermInfo info;
+    return enif_make_tuple2(msg.env, atoms.error, conv.to_term(msg.env, err.get(), co, info));
   };
   try {
     if (failed) {
@@ -556,8 +588,18 @@ void Pool::run_job(Context& c, Job* job) {
       answer = enif_make_tuple2(msg.env, atoms.ok, enif_make_resource(msg.env, lent));
       enif_release_resource(lent);
     } else {
-      answer = enif_make_tuple2(msg.env, atoms.ok, conv.to_term(msg.env, result.get(), co));
+      // {ok_check, R} when R holds a pid, port, reference or fun: Erlang checks those
+      // before the caller gets them, and walks no other result.
+      TermInfo info;
+      ERL_NIF_TERM r = conv.to_term(msg.env, result.get(), co, info);
+      answer = enif_make_tuple2(msg.env, info.opaque ? atoms.ok_check : atoms.ok, r);
     }
+  } catch (const etf::TooLargeError& e) {
+    PyErr_Clear();
+    answer = enif_make_tuple2(msg.env, atoms.error, too_large_reason(msg.env, e));
+  } catch (const UnknownAtomError& e) {
+    PyErr_Clear();
+    answer = enif_make_tuple2(msg.env, atoms.error, unknown_atom_reason(msg.env, e));
   } catch (...) {
     // The result has no Erlang form: say so instead.
     py::set_python_error(rt.codec().types());
@@ -627,11 +669,25 @@ PyRef Pool::erlang_callback(Context& c, const char* kind, PyObject* m, PyObject*
   }
   const ConvertOptions& co = o_.convert;
   MsgEnv msg;
-  // {Ref, {callback, Context, Kind, M, F, Args}}: the caller runs it (allow-list first).
-  ERL_NIF_TERM items[] = {atoms.callback,
+  // {Ref, {callback | callback_check, Context, Kind, M, F, Args}}: the caller runs it
+  // (allow-list first); callback_check when M, F or Args hold a pid, port, reference or
+  // fun, which the caller checks. Python's terms count against max_message_size together.
+  TermInfo info;
+  ERL_NIF_TERM mt, ft, at;
+  try {
+    mt = rt.converter().to_term(msg.env, m, co, info);
+    ft = f ? rt.converter().to_term(msg.env, f, co, info) : atoms.undefined;
+    at = rt.converter().to_term(msg.env, args, co, info);
+  } catch (const etf::TooLargeError& e) {
+    PyErr_Clear();
+    raise_erlang_error(msg.env, too_large_reason(msg.env, e), co);
+  } catch (const UnknownAtomError& e) {
+    PyErr_Clear();
+    raise_erlang_error(msg.env, unknown_atom_reason(msg.env, e), co);
+  }
+  ERL_NIF_TERM items[] = {info.opaque ? atoms.callback_check : atoms.callback,
                           c.handle ? enif_make_resource(msg.env, c.handle) : atoms.undefined,
-                          enif_make_atom(msg.env, kind), rt.converter().to_term(msg.env, m, co),
-                          rt.converter().to_term(msg.env, f, co), rt.converter().to_term(msg.env, args, co)};
+                          enif_make_atom(msg.env, kind), mt, ft, at};
   ERL_NIF_TERM body = enif_make_tuple_from_array(msg.env, items, 6);
   ErlNifEnv* reply_env = nullptr;
   ERL_NIF_TERM reply = 0;
@@ -695,18 +751,18 @@ PyRef Pool::erlang_callback(Context& c, const char* kind, PyObject* m, PyObject*
     PyErr_SetString(rt.erlang_error(), "bad callback answer");
     throw PythonError();
   }
-  PyRef value = rt.converter().to_python(reply_env, elems[1], co);
-  if (elems[0] == atoms.ok) return value;
-  PyErr_SetObject(rt.erlang_error(), value.get());
-  throw PythonError();
+  if (elems[0] != atoms.ok) raise_erlang_error(reply_env, elems[1], co);
+  return rt.converter().to_python(reply_env, elems[1], co);
 }
 
 void Pool::log(PyObject* stream, PyObject* text) {
   Runtime& rt = Runtime::get();
   MsgEnv msg;
-  ERL_NIF_TERM t = enif_make_tuple3(msg.env, atoms.erpy_log,
-                                    rt.converter().to_term(msg.env, stream, o_.convert),
-                                    rt.converter().to_term(msg.env, text, o_.convert));
+  // A line of output goes to the pool's own server, whatever its size (no new atoms).
+  TermInfo info;
+  ERL_NIF_TERM s = rt.converter().to_term(msg.env, stream, log_convert_, info);
+  ERL_NIF_TERM line = rt.converter().to_term(msg.env, text, log_convert_, info);
+  ERL_NIF_TERM t = enif_make_tuple3(msg.env, atoms.erpy_log, s, line);
   ErlNifPid owner = o_.owner;
   enif_send(nullptr, &owner, msg.env, t);
 }

@@ -145,7 +145,11 @@ class Pool : public std::enable_shared_from_this<Pool> {
   const PoolOptions& options() const noexcept { return o_; }
   std::vector<std::unique_ptr<Context>>& contexts() noexcept { return ctxs_; }
 
-  // Python calling Erlang, from the context thread `c` with the GIL held.
+  // Python calling Erlang, from the context thread `c` with the GIL held: the job's
+  // caller gets {callback | callback_check, Ctx, Kind, M, F, Args} (F: undefined when
+  // `f` is null) and answers {ok, Value} (returned) or {error, Reason} (raised as
+  // erlang.ErlangError(Reason)). Terms Python cannot send (too large, an unknown atom)
+  // raise ErlangError({message_too_large, Size, Max} | {unknown_atom, Name}) here.
   py::PyRef erlang_callback(Context& c, const char* kind, PyObject* m, PyObject* f, PyObject* args);
   void log(PyObject* stream, PyObject* text);
 
@@ -169,6 +173,7 @@ class Pool : public std::enable_shared_from_this<Pool> {
 
   static constexpr std::chrono::microseconds kBusyHandoff{500};
   PoolOptions o_;
+  ConvertOptions log_convert_;  // o_.convert without a size limit, for output lines
   std::vector<std::unique_ptr<Context>> ctxs_;
   PoolMutex m_;
   std::deque<Job*> queue_;

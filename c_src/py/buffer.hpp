@@ -8,6 +8,8 @@
 #include <new>
 #include <utility>
 
+#include "etf/error.hpp"
+
 namespace erpy::py {
 
 class ByteBuffer {
@@ -15,13 +17,16 @@ class ByteBuffer {
   ByteBuffer() noexcept = default;
   ByteBuffer(ByteBuffer&& o) noexcept
       : data_(std::exchange(o.data_, nullptr)), size_(std::exchange(o.size_, 0)),
-        cap_(std::exchange(o.cap_, 0)) {}
+        cap_(std::exchange(o.cap_, 0)), room_(std::exchange(o.room_, 0)),
+        limit_(std::exchange(o.limit_, kNoLimit)) {}
   ByteBuffer& operator=(ByteBuffer&& o) noexcept {
     if (this != &o) {
       std::free(data_);
       data_ = std::exchange(o.data_, nullptr);
       size_ = std::exchange(o.size_, 0);
       cap_ = std::exchange(o.cap_, 0);
+      room_ = std::exchange(o.room_, 0);
+      limit_ = std::exchange(o.limit_, kNoLimit);
     }
     return *this;
   }
@@ -30,17 +35,17 @@ class ByteBuffer {
   ~ByteBuffer() { std::free(data_); }
 
   void byte(std::uint8_t b) {
-    if (size_ == cap_) grow(1);
+    if (size_ == room_) grow(1);
     data_[size_++] = b;
   }
   void write(const void* src, std::size_t n) {
-    if (cap_ - size_ < n) grow(n);
+    if (room_ - size_ < n) grow(n);
     if (n) std::memcpy(data_ + size_, src, n);
     size_ += n;
   }
   // write() for payloads of varying, mostly short length (strings).
   void write_payload(const void* src, std::size_t n) {
-    if (cap_ - size_ < n) grow(n);
+    if (room_ - size_ < n) grow(n);
     copy(data_ + size_, static_cast<const std::uint8_t*>(src), n);
     size_ += n;
   }
@@ -48,7 +53,7 @@ class ByteBuffer {
   // Grows the size by n and returns where those n (uninitialized) bytes start, for a
   // reader that fills them itself.
   std::uint8_t* append_uninitialized(std::size_t n) {
-    if (cap_ - size_ < n) grow(n);
+    if (room_ - size_ < n) grow(n);
     std::uint8_t* p = data_ + size_;
     size_ += n;
     return p;
@@ -65,8 +70,17 @@ class ByteBuffer {
   }
   void release_memory() noexcept {
     std::free(std::exchange(data_, nullptr));
-    size_ = cap_ = 0;
+    size_ = cap_ = room_ = 0;
   }
+
+  // Growing past `limit` bytes throws etf::TooLargeError (before allocating for it), so a
+  // term too large for its destination is never written whole.
+  static constexpr std::size_t kNoLimit = SIZE_MAX;
+  void set_limit(std::size_t limit) noexcept {
+    limit_ = limit;
+    update_room();
+  }
+  std::size_t limit() const noexcept { return limit_; }
 
  private:
   // Short copies (map keys, small strings) with overlapping word moves: a libc call
@@ -92,17 +106,29 @@ class ByteBuffer {
   }
 
   [[gnu::noinline]] void grow(std::size_t extra) {
-    std::size_t cap = cap_ ? cap_ : 256;
-    while (cap - size_ < extra) cap *= 2;
-    void* p = std::realloc(data_, cap);
-    if (!p) throw std::bad_alloc();
-    data_ = static_cast<std::uint8_t*>(p);
-    cap_ = cap;
+    if (size_ > limit_ || extra > limit_ - size_) throw etf::TooLargeError(size_ + extra, limit_);
+    if (cap_ - size_ < extra) {
+      std::size_t cap = cap_ ? cap_ : 256;
+      while (cap - size_ < extra) cap *= 2;
+      void* p = std::realloc(data_, cap);
+      if (!p) throw std::bad_alloc();
+      data_ = static_cast<std::uint8_t*>(p);
+      cap_ = cap;
+    }
+    update_room();
+  }
+
+  // Never below size_: the fast paths compute room_ - size_.
+  void update_room() noexcept {
+    room_ = cap_ < limit_ ? cap_ : limit_;
+    if (room_ < size_) room_ = size_;
   }
 
   std::uint8_t* data_ = nullptr;
   std::size_t size_ = 0;
   std::size_t cap_ = 0;
+  std::size_t room_ = 0;  // min(cap_, limit_): what the fast paths may fill
+  std::size_t limit_ = kNoLimit;
 };
 
 }  // namespace erpy::py

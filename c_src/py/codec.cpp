@@ -4,6 +4,7 @@
 #include <new>
 
 #include "etf/error.hpp"
+#include "etf/stack.hpp"
 
 namespace erpy::py {
 
@@ -35,6 +36,9 @@ Types Types::load(PyObject* types_module, PyObject* errors_module) {
   t.port = type_attr(types_module, "Port");
   t.ref = type_attr(types_module, "Ref");
   t.fun = type_attr(types_module, "Fun");
+  t.frozen_list = type_attr(types_module, "FrozenList");
+  t.frozen_map = type_attr(types_module, "FrozenMap");
+  t.frozen_improper_list = type_attr(types_module, "FrozenImproperList");
   t.encoders = attr(types_module, "ENCODERS");
   if (!PyDict_CheckExact(t.encoders.get())) {
     PyErr_SetString(PyExc_TypeError, "erpy: ENCODERS is not a dict");
@@ -56,6 +60,8 @@ Codec::Codec(Types types) : types_(std::move(types)) {
   n_bits_ = intern("bits");
   n_elements_ = intern("elements");
   n_tail_ = intern("tail");
+  n_items_ = intern("_items");
+  n_map_ = intern("_map");
 }
 
 Codec::~Codec() {
@@ -143,6 +149,81 @@ PyObject* Codec::short_str(const char* p, std::size_t n) {
   Py_XSETREF(slot, s);
   return s;
 }
+
+namespace {
+
+// Builds the frozen form of a value bottom-up; containers that hold nothing to freeze
+// stay the same objects.
+class Freezer {
+ public:
+  Freezer(const Types& t, std::size_t max_depth) : t_(t), max_depth_(max_depth) {}
+
+  PyRef run(PyObject* o, std::size_t depth) {
+    if (depth > max_depth_ || stack_.reached()) {
+      PyErr_SetString(PyExc_RecursionError, "erpy: map key nested too deeply to freeze");
+      throw PythonError();
+    }
+    PyTypeObject* type = Py_TYPE(o);
+    if (type == &PyList_Type) {
+      PyRef items = PyRef::check(PyList_AsTuple(o));
+      return make(t_.frozen_list, items_of(std::move(items), depth).get());
+    }
+    if (type == &PyTuple_Type) return items_of(PyRef::borrow(o), depth);
+    if (type == &PyDict_Type) {
+      PyRef d = PyRef::check(PyDict_New());
+      Py_ssize_t pos = 0;
+      PyObject *k, *v;
+      while (PyDict_Next(o, &pos, &k, &v)) {
+        PyRef key = PyRef::borrow(k);
+        PyRef value = run(v, depth + 1);
+        if (PyDict_SetItem(d.get(), key.get(), value.get()) != 0) throw PythonError();
+      }
+      return make(t_.frozen_map, d.get());
+    }
+    if (type == reinterpret_cast<PyTypeObject*>(t_.improper_list.get())) {
+      PyRef elements = PyRef::check(PyObject_GetAttrString(o, "elements"));
+      PyRef tail = PyRef::check(PyObject_GetAttrString(o, "tail"));
+      PyRef items = PyRef::check(PySequence_Tuple(elements.get()));
+      PyRef frozen = items_of(std::move(items), depth);
+      PyRef frozen_tail = run(tail.get(), depth + 1);
+      return PyRef::check(PyObject_CallFunctionObjArgs(t_.frozen_improper_list.get(), frozen.get(),
+                                                       frozen_tail.get(), nullptr));
+    }
+    return PyRef::borrow(o);
+  }
+
+ private:
+  // `t` (a tuple) with each item frozen: `t` itself when none changed.
+  PyRef items_of(PyRef t, std::size_t depth) {
+    const Py_ssize_t n = PyTuple_GET_SIZE(t.get());
+    PyRef out;
+    for (Py_ssize_t i = 0; i < n; ++i) {
+      PyObject* item = PyTuple_GET_ITEM(t.get(), i);
+      PyRef f = run(item, depth + 1);
+      if (f.get() == item && !out) continue;
+      if (!out) {
+        out = PyRef::check(PyTuple_New(n));
+        for (Py_ssize_t j = 0; j < i; ++j) {
+          PyObject* same = PyTuple_GET_ITEM(t.get(), j);
+          Py_INCREF(same);
+          PyTuple_SET_ITEM(out.get(), j, same);
+        }
+      }
+      PyTuple_SET_ITEM(out.get(), i, f.release());
+    }
+    return out ? std::move(out) : std::move(t);
+  }
+
+  static PyRef make(const PyRef& cls, PyObject* arg) { return PyRef::check(PyObject_CallOneArg(cls.get(), arg)); }
+
+  const Types& t_;
+  std::size_t max_depth_;
+  const etf::StackFloor stack_ = etf::StackFloor::current();
+};
+
+}  // namespace
+
+PyRef Codec::freeze(PyObject* obj, std::size_t max_depth) { return Freezer(types_, max_depth).run(obj, 0); }
 
 namespace {
 

@@ -23,6 +23,8 @@ namespace erpy::py {
 
 struct Types {
   PyRef atom, bit_binary, improper_list, pid, port, ref, fun;
+  // The hashable forms of lists, maps and improper lists, for map keys.
+  PyRef frozen_list, frozen_map, frozen_improper_list;
   PyRef erpy_error, decode_error, encode_error;
   // dict: class -> callable(obj) returning something encodable; shared with
   // erpy.register_encoder, so registrations made later are seen.
@@ -36,13 +38,20 @@ struct Types {
 struct DecodeOptions {
   bool binary_as_bytes = false;  // every binary becomes bytes, UTF-8 or not
   std::string none = "undefined";  // the atom that decodes to None
-  std::size_t max_depth = 2000;
+  std::size_t max_depth = 2000;  // the thread's stack may allow less (etf/stack.hpp)
+  // The largest external term accepted, in bytes, a compressed one once inflated (a
+  // compressed term never inflates past it). No limit: the input as it is, and at most
+  // 1 GiB inflated.
+  std::size_t max_size = SIZE_MAX;
 };
 
 struct EncodeOptions {
   std::string none = "undefined";  // the atom None encodes to
   PyObject* fallback = nullptr;    // borrowed: json-style `default` callable, or null
-  std::size_t max_depth = 2000;
+  std::size_t max_depth = 2000;  // the thread's stack may allow less (etf/stack.hpp)
+  // Encoding stops with etf::TooLargeError once the term (without version byte) would
+  // pass this many bytes.
+  std::size_t max_size = SIZE_MAX;
 };
 
 class Codec {
@@ -68,6 +77,11 @@ class Codec {
   // (calls custom encoders twice). Kept for comparison: see bench_codec.py.
   PyRef encode_two_pass(PyObject* obj, const EncodeOptions& o);
 
+  // The hashable form of `obj` (a decoded map key that Python cannot hash): lists become
+  // erpy.FrozenList, dicts erpy.FrozenMap, improper lists erpy.FrozenImproperList, at every
+  // level, tuples included; everything else stays as it is. They encode as the originals.
+  PyRef freeze(PyObject* obj, std::size_t max_depth = 2000);
+
   // Binaries up to this many ASCII bytes go through the str cache.
   static constexpr std::size_t kMaxCachedStr = 32;
 
@@ -81,7 +95,7 @@ class Codec {
   template <class S> friend class Encoder;
   Types types_;
   // Python object attribute names used on encode, made once.
-  PyRef n_node_, n_id_, n_serial_, n_creation_, n_ids_, n_data_, n_bits_, n_elements_, n_tail_;
+  PyRef n_node_, n_id_, n_serial_, n_creation_, n_ids_, n_data_, n_bits_, n_elements_, n_tail_, n_items_, n_map_;
 
   // Atom objects by text, so a repeated atom is one object. Bounded: cleared when full.
   struct StringHash {

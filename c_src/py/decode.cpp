@@ -159,10 +159,12 @@ class PyBuilder {
 
   void map_set(Map& m, PyRef&& key, PyRef&& value, std::size_t key_offset) {
     if (PyDict_SetItem(m.dict.get(), key.get(), value.get()) != 0) {
-      if (!PyErr_ExceptionMatches(PyExc_TypeError)) throw PythonError();
+      if (!PyErr_ExceptionMatches(PyExc_TypeError)) too_deep_to_compare(key_offset);
       PyErr_Clear();
-      throw etf::DecodeError(key_offset, std::string("map key of type ") + Py_TYPE(key.get())->tp_name +
-                                             " is unhashable in Python: " + short_repr(key.get()));
+      // A list, a map or an improper list (or a tuple holding one) as a key: its frozen
+      // form, made only now, so that keys Python can hash cost nothing more.
+      key = frozen_key(key.get(), key_offset);
+      if (PyDict_SetItem(m.dict.get(), key.get(), value.get()) != 0) too_deep_to_compare(key_offset);
     }
     if (PyDict_GET_SIZE(m.dict.get()) == ++m.count) return;
     throw etf::DecodeError(key_offset, "map key " + short_repr(key.get()) + " equals the earlier key " +
@@ -180,6 +182,24 @@ class PyBuilder {
       return PyRef::check(PyObject_CallOneArg(c_.types().atom.get(), text.get()));
     }
     return PyRef::check(c_.atom(node, o_));
+  }
+
+  // Two keys with equal hashes are compared, which recurses in Python: keys nested deep
+  // enough stop that with a RecursionError, a decoding error here.
+  [[noreturn]] static void too_deep_to_compare(std::size_t key_offset) {
+    if (!PyErr_ExceptionMatches(PyExc_RecursionError)) throw PythonError();
+    PyErr_Clear();
+    throw etf::DecodeError(key_offset, "map key nested too deeply to compare with the others in Python");
+  }
+
+  PyRef frozen_key(PyObject* key, std::size_t key_offset) {
+    try {
+      return c_.freeze(key, o_.max_depth);
+    } catch (const PythonError&) {
+      if (!PyErr_ExceptionMatches(PyExc_RecursionError)) throw;
+      PyErr_Clear();
+      throw etf::DecodeError(key_offset, "map key nested too deeply for this thread's stack");
+    }
   }
 
   static std::string earlier_key(PyObject* dict, PyObject* key) {
@@ -202,6 +222,7 @@ class PyBuilder {
 etf::DecodeOptions core_options(const DecodeOptions& o) {
   etf::DecodeOptions d;
   d.max_depth = o.max_depth;
+  if (o.max_size != SIZE_MAX) d.max_inflated = o.max_size;
   return d;
 }
 
@@ -225,6 +246,10 @@ PyRef Codec::binary(etf::Bytes b, const DecodeOptions& o) {
 }
 
 PyRef Codec::decode(etf::Bytes input, const DecodeOptions& o) {
+  if (input.size() > o.max_size) {
+    throw etf::DecodeError(0, "term of " + std::to_string(input.size()) + " bytes, above max_size " +
+                                  std::to_string(o.max_size));
+  }
   PyBuilder b(*this, o);
   return etf::decode(input, b, core_options(o));
 }

@@ -4,6 +4,7 @@
 //
 // Errors carry the path to the offending value ("at [3]['tags']"). The path is collected
 // while the exception unwinds, so the common, successful case pays nothing for it.
+#include <algorithm>
 #include <cmath>
 #include <cstring>
 #include <string>
@@ -12,6 +13,7 @@
 #include "codec.hpp"
 #include "etf/decode.hpp"
 #include "etf/encode.hpp"
+#include "etf/stack.hpp"
 #include "repr.hpp"
 
 namespace erpy::py {
@@ -95,6 +97,8 @@ class Encoder {
     } catch (const PythonError&) {
       annotate_python_error();
       throw;
+    } catch (const etf::TooLargeError&) {
+      throw;  // its size and limit are what the caller reports
     } catch (const etf::EncodeError& e) {
       if (path_.empty()) throw;
       throw etf::EncodeError(std::string(e.what()) + " at " + path());
@@ -103,7 +107,7 @@ class Encoder {
 
  private:
   void term(PyObject* o, std::size_t depth) {
-    if (depth > o_.max_depth) too_deep();
+    if (depth > o_.max_depth || stack_.reached()) [[unlikely]] too_deep(depth);
     PyTypeObject* t = Py_TYPE(o);
     if (t == &PyUnicode_Type) return str(o);
     if (t == &PyLong_Type) return integer(o);
@@ -133,6 +137,9 @@ class Encoder {
     if (t == type(ty.fun)) return fun(o);
     if (t == type(ty.bit_binary)) return bit_binary(o);
     if (t == type(ty.improper_list)) return improper_list(o, depth);
+    if (t == type(ty.frozen_list)) return frozen_list(o, depth);
+    if (t == type(ty.frozen_map)) return frozen_map(o, depth);
+    if (t == type(ty.frozen_improper_list)) return improper_list(o, depth);
     if (PyObject* fn = find_encoder(t)) return convert(PyRef::borrow(fn), o, depth, "the erpy encoder");
     if (PyObject_TypeCheck(o, atom_type_)) return atom(o);
     if (PyUnicode_Check(o)) return str(o);
@@ -148,6 +155,9 @@ class Encoder {
     if (PyObject_TypeCheck(o, type(ty.fun))) return fun(o);
     if (PyObject_TypeCheck(o, type(ty.bit_binary))) return bit_binary(o);
     if (PyObject_TypeCheck(o, type(ty.improper_list))) return improper_list(o, depth);
+    if (PyObject_TypeCheck(o, type(ty.frozen_list))) return frozen_list(o, depth);
+    if (PyObject_TypeCheck(o, type(ty.frozen_map))) return frozen_map(o, depth);
+    if (PyObject_TypeCheck(o, type(ty.frozen_improper_list))) return improper_list(o, depth);
     if (o_.fallback) return convert(PyRef::borrow(o_.fallback), o, depth, "the default function");
     fail(std::string("cannot encode object of type ") + t->tp_name);
   }
@@ -249,15 +259,16 @@ class Encoder {
     etf::put_big_integer(s_, negative != 0, digits);
   }
 
+  // `o` is a list or (for a FrozenList) a tuple: PySequence_Fast_* reads both.
   void list(PyObject* o, std::size_t depth) {
-    const Py_ssize_t n = PyList_GET_SIZE(o);
+    const Py_ssize_t n = PySequence_Fast_GET_SIZE(o);
     if (n == 0) return etf::put_nil(s_);
     if (n <= static_cast<Py_ssize_t>(etf::kMaxStringExt) && byte_list(o, n)) return;
     etf::put_list_header(s_, static_cast<std::size_t>(n));
     for (Py_ssize_t i = 0; i < n; ++i) {
       // A custom encoder may shrink the list, or drop its last reference to an item.
-      if (i >= PyList_GET_SIZE(o)) changed("a list");
-      PyRef item = PyRef::borrow(PyList_GET_ITEM(o, i));
+      if (i >= PySequence_Fast_GET_SIZE(o)) changed("a list");
+      PyRef item = PyRef::borrow(PySequence_Fast_GET_ITEM(o, i));
       try {
         term(item.get(), depth + 1);
       } catch (...) {
@@ -265,17 +276,30 @@ class Encoder {
         throw;
       }
     }
-    if (PyList_GET_SIZE(o) != n) changed("a list");
+    if (PySequence_Fast_GET_SIZE(o) != n) changed("a list");
     etf::put_nil(s_);
+  }
+
+  // A FrozenList encodes as the list it stands for (a STRING_EXT, say).
+  void frozen_list(PyObject* o, std::size_t depth) {
+    PyRef items = get(o, c_.n_items_);
+    if (!PyTuple_CheckExact(items.get())) fail("FrozenList._items must be a tuple");
+    list(items.get(), depth);
+  }
+
+  void frozen_map(PyObject* o, std::size_t depth) {
+    PyRef map = get(o, c_.n_map_);
+    if (!PyDict_CheckExact(map.get())) fail("FrozenMap._map must be a dict");
+    dict(map.get(), depth);
   }
 
   // Erlang writes a list of 1..65535 integers 0..255 as STRING_EXT; so do we. Only exact
   // ints count (True is not 1 here).
   bool byte_list(PyObject* o, Py_ssize_t n) {
-    if (!PyLong_CheckExact(PyList_GET_ITEM(o, 0))) return false;
+    if (!PyLong_CheckExact(PySequence_Fast_GET_ITEM(o, 0))) return false;
     bytes_.resize(static_cast<std::size_t>(n));
     for (Py_ssize_t i = 0; i < n; ++i) {
-      PyObject* item = PyList_GET_ITEM(o, i);
+      PyObject* item = PySequence_Fast_GET_ITEM(o, i);
       if (!PyLong_CheckExact(item)) return false;
       int overflow = 0;
       const long v = PyLong_AsLongAndOverflow(item, &overflow);
@@ -465,9 +489,13 @@ class Encoder {
     }
   }
 
-  [[noreturn]] void too_deep() {
-    fail("nesting deeper than " + std::to_string(o_.max_depth) +
-         " levels (a container that contains itself?)");
+  [[noreturn, gnu::noinline, gnu::cold]] void too_deep(std::size_t depth) {
+    if (depth > o_.max_depth) {
+      fail("nesting deeper than " + std::to_string(o_.max_depth) +
+           " levels (a container that contains itself?)");
+    }
+    fail("nesting too deep for this thread's stack (" + std::to_string(depth) +
+         " levels; a container that contains itself?)");
   }
 
   // Outermost step first; a very long path (a self-containing list) keeps both ends.
@@ -508,6 +536,7 @@ class Encoder {
   const EncodeOptions& o_;
   S& s_;
   PyTypeObject* atom_type_;
+  const etf::StackFloor stack_ = etf::StackFloor::current();
   std::vector<Step> path_;
   std::string culprit_;
   std::vector<std::uint8_t> bytes_;
@@ -524,6 +553,7 @@ class ScratchLease {
   }
   ~ScratchLease() {
     busy_ = false;
+    b_.set_limit(ByteBuffer::kNoLimit);
     if (b_.capacity() > kKeep) b_.release_memory();
   }
   ScratchLease(const ScratchLease&) = delete;
@@ -540,25 +570,48 @@ PyRef to_bytes(const ByteBuffer& b) {
                                                 static_cast<Py_ssize_t>(b.size())));
 }
 
+// The buffer's limit for a term of at most `max` bytes after its first `start` bytes.
+std::size_t limit_after(std::size_t start, std::size_t max) {
+  return max > ByteBuffer::kNoLimit - start ? ByteBuffer::kNoLimit : start + max;
+}
+
+// Runs the encoder with `out` limited to o.max_size more bytes; the limit goes back as it
+// was, and a TooLargeError reports the term's own size, not the buffer's.
+void encode_limited(Codec& c, ByteBuffer& out, PyObject* obj, const EncodeOptions& o) {
+  const std::size_t start = out.size(), before = out.limit();
+  if (o.max_size != ByteBuffer::kNoLimit) out.set_limit(std::min(before, limit_after(start, o.max_size)));
+  try {
+    Encoder<ByteBuffer>(c, o, out).run(obj);
+  } catch (const etf::TooLargeError& e) {
+    out.set_limit(before);
+    if (e.max() != limit_after(start, o.max_size)) throw;
+    throw etf::TooLargeError(e.size() - start, o.max_size);
+  } catch (...) {
+    out.set_limit(before);
+    throw;
+  }
+  out.set_limit(before);
+}
+
 }  // namespace
 
 PyRef Codec::encode(PyObject* obj, const EncodeOptions& o) {
   if (scratch_busy_) {  // re-entered from a custom encoder
     ByteBuffer local;
     local.byte(etf::kVersion);
-    Encoder<ByteBuffer>(*this, o, local).run(obj);
+    encode_limited(*this, local, obj, o);
     return to_bytes(local);
   }
   ScratchLease lease(scratch_, scratch_busy_);
   scratch_.byte(etf::kVersion);
-  Encoder<ByteBuffer>(*this, o, scratch_).run(obj);
+  encode_limited(*this, scratch_, obj, o);
   return to_bytes(scratch_);
 }
 
 void Codec::encode_append(ByteBuffer& out, PyObject* obj, const EncodeOptions& o) {
   const std::size_t mark = out.size();
   try {
-    Encoder<ByteBuffer>(*this, o, out).run(obj);
+    encode_limited(*this, out, obj, o);
   } catch (...) {
     out.truncate(mark);
     throw;
@@ -568,6 +621,7 @@ void Codec::encode_append(ByteBuffer& out, PyObject* obj, const EncodeOptions& o
 PyRef Codec::encode_two_pass(PyObject* obj, const EncodeOptions& o) {
   etf::SizeSink size;
   Encoder<etf::SizeSink>(*this, o, size).run(obj);
+  if (size.size > o.max_size) throw etf::TooLargeError(size.size, o.max_size);
   PyRef bytes = PyRef::check(PyBytes_FromStringAndSize(nullptr, static_cast<Py_ssize_t>(size.size + 1)));
   auto* p = reinterpret_cast<std::uint8_t*>(PyBytes_AS_STRING(bytes.get()));
   etf::SpanSink sink{p, p + size.size + 1};

@@ -47,6 +47,18 @@ std::size_t max_depth(PyObject* o, const char* fn) {
   return static_cast<std::size_t>(v);
 }
 
+std::size_t max_size(PyObject* o, const char* fn) {
+  if (o == Py_None) return SIZE_MAX;
+  if (!PyLong_Check(o)) type_error("max_size must be an int or None, not %s", o);
+  const Py_ssize_t v = PyLong_AsSsize_t(o);
+  if (v == -1 && PyErr_Occurred()) throw PythonError();
+  if (v < 0) {
+    PyErr_Format(PyExc_ValueError, "%s(): max_size must be >= 0", fn);
+    throw PythonError();
+  }
+  return static_cast<std::size_t>(v);
+}
+
 // Keyword arguments by name; positional ones are counted by the caller.
 template <class F>
 void each_keyword(PyObject* const* args, Py_ssize_t nargs, PyObject* kwnames, const char* fn, F&& f) {
@@ -130,6 +142,8 @@ PyObject* decode(PyObject*, PyObject* const* args, Py_ssize_t nargs, PyObject* k
         o.none = atom_name(v, "decode");
       } else if (key == "max_depth") {
         o.max_depth = max_depth(v, "decode");
+      } else if (key == "max_size") {
+        o.max_size = max_size(v, "decode");
       } else {
         return false;
       }
@@ -137,6 +151,15 @@ PyObject* decode(PyObject*, PyObject* const* args, Py_ssize_t nargs, PyObject* k
     });
     erpy::py::BufferView input(args[0]);
     return g_codec->decode(etf::Bytes(input.data(), input.size()), o).release();
+  } catch (...) {
+    erpy::py::set_python_error(g_codec->types());
+    return nullptr;
+  }
+}
+
+PyObject* freeze(PyObject*, PyObject* obj) {
+  try {
+    return g_codec->freeze(obj).release();
   } catch (...) {
     erpy::py::set_python_error(g_codec->types());
     return nullptr;
@@ -153,8 +176,13 @@ PyMethodDef methods[] = {
      "encode() by a size pass and a write pass (for benchmarks; calls custom encoders twice)."},
     {"decode", reinterpret_cast<PyCFunction>(reinterpret_cast<void (*)()>(decode)),
      METH_FASTCALL | METH_KEYWORDS,
-     "decode(data, /, *, binary='str', none='undefined', max_depth=2000) -> object\n\n"
-     "The Python value of one external term (bytes-like, version byte 131)."},
+     "decode(data, /, *, binary='str', none='undefined', max_depth=2000, max_size=None) -> object\n\n"
+     "The Python value of one external term (bytes-like, version byte 131). max_size: the\n"
+     "largest term accepted in bytes; a compressed term never inflates past it."},
+    {"freeze", freeze, METH_O,
+     "freeze(value, /) -> object\n\n"
+     "The hashable form of value, as decode() gives map keys: lists become FrozenList, dicts\n"
+     "FrozenMap, ImproperLists FrozenImproperList, at every level (tuples included)."},
     {nullptr, nullptr, 0, nullptr},
 };
 

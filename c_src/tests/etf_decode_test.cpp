@@ -1,7 +1,10 @@
 // The decoder on hand-made bytes: old forms Erlang no longer writes, and hostile input.
 #include <gtest/gtest.h>
 
+#include <pthread.h>
+
 #include <chrono>
+#include <functional>
 #include <vector>
 
 #include "etf/term.hpp"
@@ -170,6 +173,47 @@ TEST(Decode, DeepNestingIsRefusedWithoutExhaustingTheStack) {
   EXPECT_EQ(error_offset({131, 108, 0, 0, 0, 1, 108, 0, 0, 0, 1, 108, 0, 0, 0, 1, 108, 0, 0, 0, 1, 106, 106, 106, 106, 106},
                          shallow),
             21u);
+}
+
+// Runs `f` on a thread of `stack` bytes of stack.
+void on_stack(std::size_t stack, const std::function<void()>& f) {
+  pthread_attr_t attr;
+  ASSERT_EQ(pthread_attr_init(&attr), 0);
+  ASSERT_EQ(pthread_attr_setstacksize(&attr, stack), 0);
+  pthread_t t;
+  auto run = [](void* p) -> void* {
+    (*static_cast<const std::function<void()>*>(p))();
+    return nullptr;
+  };
+  ASSERT_EQ(pthread_create(&t, &attr, run, const_cast<std::function<void()>*>(&f)), 0);
+  pthread_join(t, nullptr);
+  pthread_attr_destroy(&attr);
+}
+
+TEST(Decode, NoMaxDepthOutrunsTheStack) {
+  // max_depth far beyond what any stack holds: the thread's stack decides, cleanly, on
+  // the main thread and on threads with small stacks (as a NIF's or a Python thread's).
+  Buf deep = {131};
+  for (int i = 0; i < 1000000; ++i) deep.insert(deep.end(), {108, 0, 0, 0, 1});
+  deep.insert(deep.end(), 1000001, 106);
+  etf::DecodeOptions o;
+  o.max_depth = 10'000'000;
+  for (std::size_t stack : {std::size_t{64} << 10, std::size_t{256} << 10, std::size_t{8} << 20, std::size_t{0}}) {
+    std::string what;
+    std::size_t levels = 0;
+    auto f = [&] {
+      try {
+        etf::TermBuilder b;  // a Term tree, as protocol code builds
+        etf::decode(deep, b, o);
+      } catch (const etf::DecodeError& e) {
+        what = e.what();
+        levels = (e.offset() - 1) / 5;
+      }
+    };
+    if (stack) on_stack(stack, f); else f();
+    EXPECT_NE(what.find("too deeply for this thread's stack"), std::string::npos) << stack << ": " << what;
+    EXPECT_GT(levels, 10u) << stack;
+  }
 }
 
 TEST(Decode, CompressedTerms) {

@@ -169,9 +169,75 @@ TEST_F(PyConvert, HostileInputIsAnError) {
   }
   // #{<<"a">> => 0, a => 1}: one key in Python.
   EXPECT_THROW(decode({131, 116, 0, 0, 0, 2, 109, 0, 0, 0, 1, 'a', 97, 0, 119, 1, 'a', 97, 1}), etf::DecodeError);
-  // #{[1] => 2}: a list key is unhashable.
-  EXPECT_THROW(decode({131, 116, 0, 0, 0, 1, 107, 0, 1, 1, 97, 2}), etf::DecodeError);
   EXPECT_FALSE(PyErr_Occurred());
+}
+
+TEST_F(PyConvert, UnhashableMapKeysBecomeFrozen) {
+  // #{[1] => 2}: a list as a key is an erpy.FrozenList, which encodes back to the bytes.
+  const std::vector<std::uint8_t> data{131, 116, 0, 0, 0, 1, 107, 0, 1, 1, 97, 2};
+  PyRef v = decode(data);
+  EXPECT_TRUE(equal(v.get(), eval("{FrozenList([1]): 2}").get()));
+  EXPECT_EQ(encode(v.get()), data);
+  PyRef frozen = codec_->freeze(eval("[1, {2: [3]}, (4, [5]), ImproperList([[6]], 7)]").get());
+  EXPECT_TRUE(equal(frozen.get(),
+                    eval("FrozenList([1, FrozenMap({2: FrozenList([3])}), (4, FrozenList([5])), "
+                         "FrozenImproperList([FrozenList([6])], 7)])").get()));
+  EXPECT_NE(PyObject_Hash(frozen.get()), -1);
+}
+
+TEST_F(PyConvert, EncodeStopsAtMaxSize) {
+  erpy::py::EncodeOptions o;
+  o.max_size = 1000;
+  run("big = ['x' * 600, 'y' * 600]");
+  try {
+    codec_->encode(eval("big").get(), o);
+    FAIL() << "no error";
+  } catch (const etf::TooLargeError& e) {
+    EXPECT_GT(e.size(), 1000u);
+    EXPECT_LT(e.size(), 1300u);
+    EXPECT_EQ(e.max(), 1000u);
+  }
+  // Appending to a frame counts only the term, and leaves the frame as it was.
+  erpy::py::ByteBuffer frame;
+  frame.write("head", 4);
+  EXPECT_THROW(codec_->encode_append(frame, eval("big").get(), o), etf::TooLargeError);
+  EXPECT_EQ(frame.size(), 4u);
+  o.max_size = 5 + 600 + 3;  // a binary of 600 in a one-element list... of 1605 bytes: no
+  codec_->encode_append(frame, eval("'x' * 600").get(), o);
+  EXPECT_EQ(frame.size(), 4u + 5u + 600u);
+  // The scratch buffer is unlimited again afterwards.
+  EXPECT_EQ(encode(eval("big").get()).size(), 1u + 5u + 2u * 605u + 1u);
+}
+
+TEST_F(PyConvert, ByteBufferLimit) {
+  erpy::py::ByteBuffer b;
+  b.write("0123456789", 10);
+  b.set_limit(12);
+  b.byte('a');
+  b.byte('b');
+  EXPECT_THROW(b.byte('c'), etf::TooLargeError);
+  EXPECT_THROW(b.write("cd", 2), etf::TooLargeError);
+  EXPECT_EQ(b.size(), 12u);
+  b.set_limit(4);  // below the size: nothing more fits, nothing is lost
+  EXPECT_THROW(b.byte('c'), etf::TooLargeError);
+  EXPECT_EQ(b.size(), 12u);
+  b.set_limit(erpy::py::ByteBuffer::kNoLimit);
+  b.write(std::string(10000, 'z').data(), 10000);
+  EXPECT_EQ(b.size(), 10012u);
+}
+
+TEST_F(PyConvert, DecodeMaxSizeBoundsInflation) {
+  // 'x' * 100000, compressed: 100 KB from a few hundred bytes.
+  run("import zlib\ninner = b'm' + (100000).to_bytes(4, 'big') + b'x' * 100000\n"
+      "data = b'\\x83P' + len(inner).to_bytes(4, 'big') + zlib.compress(inner)");
+  PyRef data = eval("data");
+  auto bytes = bytes_of(data.get());
+  erpy::py::DecodeOptions o;
+  EXPECT_NO_THROW(decode(bytes, o));
+  o.max_size = 50000;
+  EXPECT_THROW(decode(bytes, o), etf::DecodeError);
+  o.max_size = 100005;
+  EXPECT_NO_THROW(decode(bytes, o));
 }
 
 TEST_F(PyConvert, EncodeErrorsSayWhere) {

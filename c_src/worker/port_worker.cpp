@@ -194,6 +194,7 @@ bool PortWorker::read_init() {
   };
   if (PyObject* v = get("max_message_size"); v && PyLong_Check(v)) {
     max_ = static_cast<std::size_t>(PyLong_AsUnsignedLongLong(v));
+    dopts_.max_size = max_;  // a compressed term inflates no further than a frame may be
   }
   if (PyObject* v = get("spin_us"); v && PyLong_Check(v)) {
     PyObject* group = get("spin_group");

@@ -7,14 +7,18 @@ format (ETF); see the type mapping in the project's DESIGN.md.
 from __future__ import annotations
 
 from ._errors import DecodeError, EncodeError, ErpyError
-from ._types import Atom, BitBinary, Fun, ImproperList, Pid, Port, Ref, register_encoder
-from ._native import decode, encode
+from ._types import (
+    Atom, BitBinary, FrozenImproperList, FrozenList, FrozenMap, Fun, ImproperList, Pid, Port, Ref,
+    register_encoder,
+)
+from ._native import decode, encode, freeze
 
 __version__ = "0.1.0"
 
 __all__ = [
-    "encode", "decode", "register_encoder",
+    "encode", "decode", "freeze", "register_encoder",
     "Atom", "BitBinary", "Fun", "ImproperList", "Pid", "Port", "Ref",
+    "FrozenList", "FrozenMap", "FrozenImproperList",
     "ErpyError", "DecodeError", "EncodeError",
     "__version__",
 ]

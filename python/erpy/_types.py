@@ -15,6 +15,7 @@ if TYPE_CHECKING:
 
 __all__ = [
     "Atom", "BitBinary", "ImproperList", "Pid", "Port", "Ref", "Fun",
+    "FrozenList", "FrozenMap", "FrozenImproperList",
     "register_encoder", "ENCODERS",
 ]
 
@@ -233,3 +234,185 @@ class ImproperList:
 
     def __repr__(self) -> str:
         return f"ImproperList({self.elements!r}, {self.tail!r})"
+
+
+# ---- map keys -----------------------------------------------------------------------------
+#
+# An Erlang map key may be any term, but a dict key must be hashable: a list (every Erlang
+# string is one), a map or an improper list cannot be one. Such a key decodes to the
+# frozen form of the same term, at every level of it (tuples hold frozen forms too):
+# immutable, hashable, equal by value to each other and to the mutable forms, and encoded
+# exactly as the mutable form is (a FrozenList of bytes is a STRING_EXT, as the list is).
+# Only keys take these forms; values stay lists, dicts and ImproperLists.
+#
+# Their contents must be hashable (erpy.freeze makes them so), and each hash is computed
+# once, when the object is made from its (already frozen) parts: hashing a key nested
+# thousands of levels deep then never recurses.
+
+
+def _immutable(self: Any, name: str, value: Any = None) -> None:
+    raise AttributeError(f"{type(self).__name__} is immutable")
+
+
+class FrozenList:
+    """An Erlang list as a map key: an immutable, hashable sequence.
+
+    ``erpy.decode`` gives ``{FrozenList([110, 97, 109, 101]): 1}`` for ``#{"name" => 1}``.
+    Equal to another FrozenList, or to a list, with equal items; never to a tuple (Erlang's
+    ``{1, 2}`` and ``[1, 2]`` are different keys).
+    """
+
+    __slots__ = ("_items", "_hash")
+
+    _items: tuple
+
+    def __init__(self, items: Any = ()) -> None:
+        items = tuple(items)
+        object.__setattr__(self, "_items", items)
+        object.__setattr__(self, "_hash", hash((FrozenList, items)))
+
+    __setattr__ = _immutable
+    __delattr__ = _immutable
+
+    def __len__(self) -> int:
+        return len(self._items)
+
+    def __iter__(self) -> Any:
+        return iter(self._items)
+
+    def __reversed__(self) -> Any:
+        return reversed(self._items)
+
+    def __contains__(self, value: object) -> bool:
+        return value in self._items
+
+    def __getitem__(self, index: Any) -> Any:
+        if isinstance(index, slice):
+            return FrozenList(self._items[index])
+        return self._items[index]
+
+    def index(self, value: Any, *args: Any) -> int:
+        return self._items.index(value, *args)
+
+    def count(self, value: Any) -> int:
+        return self._items.count(value)
+
+    def __eq__(self, other: object) -> bool:
+        if isinstance(other, FrozenList):
+            # Unequal hashes settle most comparisons without walking the contents.
+            return self._hash == other._hash and self._items == other._items
+        if isinstance(other, list):
+            return list(self._items) == other
+        return NotImplemented
+
+    def __hash__(self) -> int:
+        return self._hash
+
+    def __repr__(self) -> str:
+        return f"FrozenList({list(self._items)!r})"
+
+    def __reduce__(self):
+        return (FrozenList, (self._items,))
+
+
+class FrozenMap:
+    """An Erlang map as a map key: an immutable, hashable mapping (insertion order kept).
+
+    Equal to another FrozenMap, or to a dict, with equal items.
+    """
+
+    __slots__ = ("_map", "_hash")
+
+    _map: dict
+
+    def __init__(self, items: Any = ()) -> None:
+        m = dict(items)
+        object.__setattr__(self, "_map", m)
+        object.__setattr__(self, "_hash", hash((FrozenMap, frozenset(m.items()))))
+
+    __setattr__ = _immutable
+    __delattr__ = _immutable
+
+    def __len__(self) -> int:
+        return len(self._map)
+
+    def __iter__(self) -> Any:
+        return iter(self._map)
+
+    def __contains__(self, key: object) -> bool:
+        return key in self._map
+
+    def __getitem__(self, key: Any) -> Any:
+        return self._map[key]
+
+    def get(self, key: Any, default: Any = None) -> Any:
+        return self._map.get(key, default)
+
+    def keys(self) -> Any:
+        return self._map.keys()
+
+    def values(self) -> Any:
+        return self._map.values()
+
+    def items(self) -> Any:
+        return self._map.items()
+
+    def __eq__(self, other: object) -> bool:
+        if isinstance(other, FrozenMap):
+            return self._hash == other._hash and self._map == other._map
+        if isinstance(other, dict):
+            return self._map == other
+        return NotImplemented
+
+    def __hash__(self) -> int:
+        return self._hash
+
+    def __repr__(self) -> str:
+        return f"FrozenMap({self._map!r})"
+
+    def __reduce__(self):
+        return (FrozenMap, (self._map,))
+
+
+_LISTS = (list, FrozenList, ImproperList)
+
+
+class FrozenImproperList:
+    """An Erlang improper list as a map key: ``elements`` (a non-empty tuple) and ``tail``.
+
+    Equal to another FrozenImproperList, or to an ImproperList, with equal parts.
+    """
+
+    __slots__ = ("elements", "tail", "_hash")
+
+    elements: tuple
+    tail: Any
+
+    def __init__(self, elements: Any, tail: Any) -> None:
+        elements = tuple(elements)
+        if not elements:
+            raise ValueError("FrozenImproperList: elements must not be empty")
+        if isinstance(tail, (*_LISTS, FrozenImproperList)):
+            raise ValueError("FrozenImproperList: tail must not be a list (append it to the elements)")
+        object.__setattr__(self, "elements", elements)
+        object.__setattr__(self, "tail", tail)
+        object.__setattr__(self, "_hash", hash((FrozenImproperList, elements, tail)))
+
+    __setattr__ = _immutable
+    __delattr__ = _immutable
+
+    def __eq__(self, other: object) -> bool:
+        if isinstance(other, FrozenImproperList):
+            return self._hash == other._hash and self.elements == other.elements and self.tail == other.tail
+        if isinstance(other, ImproperList):
+            return list(self.elements) == other.elements and self.tail == other.tail
+        return NotImplemented
+
+    def __hash__(self) -> int:
+        return self._hash
+
+    def __repr__(self) -> str:
+        return f"FrozenImproperList({list(self.elements)!r}, {self.tail!r})"
+
+    def __reduce__(self):
+        return (FrozenImproperList, (self.elements, self.tail))

@@ -28,7 +28,16 @@ main(_) ->
     {ok, B} = erpy:call(copy, copy, [B]),
     {error, #{type := <<"ZeroDivisionError">>}} = erpy:eval(<<"1/0">>, #{}),
     {error, #{type := <<"EncodeError">>}} = erpy:eval(<<"object()">>, #{}),
-    {error, #{type := <<"DecodeError">>}} = erpy:eval(<<"x">>, #{x => #{[1] => 2}}),
+    %% Issue 10: unhashable keys frozen, atoms refused, sizes and depth bounded.
+    Keys = #{[1] => 2, "k" => #{#{a => 1} => [1 | 2]}},
+    {ok, Keys} = erpy:eval(<<"x">>, #{x => Keys}),
+    {error, {unknown_atom, <<"erpy_asan_no_such_atom">>}} =
+        erpy:eval(<<"__import__('erpy').Pid('erpy_asan_no_such_atom', 1, 0, 0)">>, #{}),
+    {error, {message_too_large, _, _}} = erpy:eval(<<"['x' * 1000] * 20000">>, #{}),
+    {error, #{type := <<"DecodeError">>}} =
+        erpy:eval(<<"x">>, #{x => lists:foldl(fun(_, A) -> [A] end, [], lists:seq(1, 100000))}),
+    {error, #{type := <<"DecodeError">>}} =
+        erpy:eval(<<"__import__('erpy').decode(b'\\x83' + b'h\\x01' * 10**6 + b'j', max_depth=10**7)">>, #{}),
     Self = self(),
     [spawn(fun() -> Self ! {t, erpy:exec(<<"while True: pass">>, #{timeout => 20})} end) || _ <- lists:seq(1, 6)],
     [receive {t, {error, timeout}} -> ok end || _ <- lists:seq(1, 6)],
