@@ -1046,6 +1046,8 @@ children_end_with_their_worker(Config) ->
         wait_until(fun() -> not child_alive(Busy) end, 3000)
     after
         erpy:stop_pool(p_children)
+    end.
+
 %% ---- map keys (issue 10) -------------------------------------------------------------------
 
 %% Map keys Python cannot hash (strings, lists, maps, improper lists) reach a worker as erpy.FrozenList/FrozenMap/FrozenImproperList and come back equal.
