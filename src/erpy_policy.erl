@@ -7,8 +7,8 @@
 %%   Python in this request (its arguments, and the results of its callbacks so far), and
 %%   what the pool's `send_allowed` lists (registered names, `{Name, Node}`, pids);
 %% - pids and references in callback arguments: the same set as messages may reach;
-%% - funs (in results, callback arguments and messages): an external `fun M:F/A` that the
-%%   allow-list permits, or a fun Erlang itself handed to Python in this request;
+%% - funs (in results, callback arguments and messages): a fun Erlang itself handed to
+%%   Python in this request, or an external `fun M:F/A` that the allow-list permits;
 %% - atoms: none that do not exist yet, unless the pool's `new_atoms` budget allows (and
 %%   never when the VM's atom table is within 5% of its limit);
 %% - sizes: `max_message_size` on every term that comes in; a compressed term is refused
@@ -230,7 +230,9 @@ check_fun(#{policy := #policy{allowed = Allowed}} = Ctx, Fun) ->
             {arity, A} = erlang:fun_info(Fun, arity),
             case erpy_allow:resolve(Allowed, M, F, A) of
                 {ok, _, _} -> ok;
-                {error, _} -> throw({refused, {not_allowed, {'fun', M, F, A}}})
+                {error, _} ->
+                    given(Ctx, Fun) orelse throw({refused, {not_allowed, {'fun', M, F, A}}}),
+                    ok
             end;
         {type, local} ->
             case given(Ctx, Fun) of

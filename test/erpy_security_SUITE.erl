@@ -176,6 +176,8 @@ export_fun_checked(_Config) ->
     {ok, #{status := error, error := #{type := <<"ErlangError">>}}} =
         erpy:run(#{code => <<"import erpy\nerlang.send(erlang.self(), erpy.decode(arguments))">>,
                    arguments => Cmd, pool => sec_none}),
+    %% The very export fun Erlang sent comes back.
+    ?assertEqual({ok, fun os:cmd/1}, erpy:eval(<<"f">>, #{f => fun os:cmd/1}, #{pool => sec_none})),
     %% An allowed export fun passes.
     {ok, #{status := ok, result := [[1, 2]]}} =
         erpy:run(#{code => <<"import erpy\nresult = erlang.apply('lists', 'map', [erpy.decode(arguments), [[2, 1]]])">>,
