@@ -6,7 +6,11 @@
 
 -export([rows/1]).
 
-rows(_Ctx) ->
+rows(#{root := Root}) ->
+    %% Run alone (BENCH_ONLY=erpy_bench_soak) nothing else has loaded and started erpy;
+    %% the other workloads stop it when they are done.
+    true = code:add_patha(filename:join([Root, "_build", "default", "lib", "erpy", "ebin"])),
+    {ok, _} = application:ensure_all_started(erpy),
     Seconds = list_to_integer(os:getenv("SOAK_SECONDS", "120")),
     [row(Mode, Seconds) || Mode <- [port, embedded, node]].
 
@@ -31,8 +35,13 @@ row(Mode, Seconds) ->
                     [Mode, Seconds])),
       erpy => iolist_to_binary(io_lib:format("~b wrong, ~b lost, ~b stray of ~b calls; pool back to full size: ~s",
                                              [Wrong, Lost, Stray, Calls, Full])),
-      reference => iolist_to_binary(io_lib:format("~b ok, ~b exceptions, ~b timeouts, ~b crashes",
-                                                  [Ok, Ex, To, Cr])),
+      reference => iolist_to_binary([io_lib:format("~b ok, ~b exceptions, ~b timeouts, ~b crashes",
+                                                   [Ok, Ex, To, Cr]),
+                                     %% Node mode: calls in flight on a node another call crashed.
+                                     case maps:get(collateral, R, 0) of
+                                         0 -> [];
+                                         Co -> io_lib:format(", ~b node_down beside a crash", [Co])
+                                     end]),
       ratio => float(Bad), target => <<"0 wrong, 0 lost, 0 stray, full size">>,
       pass => Bad =:= 0 andalso Full,
       notes => [iolist_to_binary(io_lib:format("examples: ~0p", [maps:get(examples, R)]))

@@ -36,7 +36,11 @@
 start_link(Pool, Opts) when is_atom(Pool), is_map(Opts) ->
     gen_server:start_link(?MODULE, {Pool, Opts}, []).
 
-%% @doc Runs one request on one of the pool's nodes, in the caller's process. A request
+%% @doc Runs one request on one of the pool's nodes, in the caller's process. With no
+%% node up (the pool is restarting its nodes, or cannot reach them) the request waits for
+%% one until its timeout, as a request in the other modes waits for a worker:
+%% {error, timeout} if none came; {error, {no_nodes, Pool}} at once only for a pool that
+%% has no node at all. A request
 %% larger than the pool's `max_message_size` (erlang:external_size/1) is not sent, a
 %% result larger than it is refused by the Python node: {error, {message_too_large,
 %% Size, Max}}. The result comes back as its external format in a binary and is decoded
@@ -50,34 +54,37 @@ request(Pool, Req, Timeout) ->
         undefined ->
             {error, {no_pool, Pool}};
         {Tab, Counter, Server, Max, Policy} ->
-            case pick(Tab, Counter, Server) of
-                none -> {error, {no_nodes, Pool}};
-                Node -> call(Pool, Node, Req, Timeout, Server, Max, Policy, undefined)
+            Deadline = deadline(Timeout),
+            case node_for(Pool, Tab, Counter, Server, Deadline) of
+                {ok, Node} -> call(Pool, Node, Req, remaining(Deadline), Server, Max, Policy, undefined);
+                Error -> Error
             end
     end.
 
 %% @doc Holds a worker of the pool: a namespace on one of its Python nodes, where exec
 %% state persists across request_worker/3 calls until checkin/1 or the holder's death
-%% (the pool monitors the holder). The node is chosen round robin.
+%% (the pool monitors the holder). The node is chosen round robin; with none up, as
+%% request/3.
 -spec checkout(atom(), timeout()) -> {ok, worker()} | {error, term()}.
 checkout(Pool, Timeout) ->
     case persistent_term:get(?KEY(Pool), undefined) of
         undefined ->
             {error, {no_pool, Pool}};
         {Tab, Counter, Server, _Max, _Policy} ->
-            case pick(Tab, Counter, Server) of
-                none ->
-                    {error, {no_nodes, Pool}};
-                Node ->
+            Deadline = deadline(Timeout),
+            case node_for(Pool, Tab, Counter, Server, Deadline) of
+                {ok, Node} ->
                     %% The Python node monitors the holder too: the session goes
                     %% with it even if this pool is gone.
-                    case erpc_call(Node, session_open, [self()], Timeout, Server, undefined) of
+                    case erpc_call(Node, session_open, [self()], remaining(Deadline), Server, undefined) of
                         {ok, Session} ->
                             ok = gen_server:call(Server, {hold, self(), Node, Session}),
                             {ok, {erpy_node_worker, Pool, Node, Session}};
                         Error ->
                             Error
-                    end
+                    end;
+                Error ->
+                    Error
             end
     end.
 
@@ -146,7 +153,7 @@ init({Pool, Opts}) ->
                                               _ -> 0
                                           end),
             S0 = #{pool => Pool, tab => Tab, opts => Opts, nodes => Given, up => [],
-                   ports => #{}, held => #{}, max => Max},
+                   ports => #{}, held => #{}, max => Max, waiters => []},
             case start_local(Count, S0) of
                 {ok, S1} ->
                     S2 = lists:foldl(fun(N, S) -> connect(N, S) end, S1, maps:get(nodes, S1)),
@@ -162,6 +169,16 @@ init({Pool, Opts}) ->
 -spec handle_call(term(), gen_server:from(), state()) -> {reply, term(), state()}.
 handle_call(nodes, _From, S) ->
     {reply, maps:get(up, S), S};
+handle_call({await_node, _Deadline}, _From, #{up := [_ | _]} = S) ->
+    {reply, ok, S};
+handle_call({await_node, _Deadline}, _From, #{nodes := [], pool := Pool} = S) ->
+    {reply, {error, {no_nodes, Pool}}, S};
+handle_call({await_node, Deadline}, From, #{waiters := Waiters} = S) ->
+    %% Answered when a node comes up (add/2). Callers that gave up meanwhile (their
+    %% deadline passed) are forgotten here, so the list stays as long as the live ones.
+    Now = erlang:monotonic_time(millisecond),
+    Live = [W || {_, D} = W <- Waiters, D =:= infinity orelse D > Now],
+    {noreply, S#{waiters := [{From, Deadline} | Live]}};
 handle_call({hold, Holder, Node, Session}, _From, #{held := Held} = S) ->
     Ref = erlang:monitor(process, Holder),
     {reply, ok, S#{held := Held#{Ref => {Node, Session}}}};
@@ -202,6 +219,12 @@ handle_info(retry, #{nodes := Nodes, up := Up} = S) ->
 handle_info({Port, {data, {_, Line}}}, #{ports := Ports, pool := Pool} = S) when is_port(Port) ->
     case Ports of
         #{Port := Node} ->
+            %% A started node says when it listens: connect now rather than at the
+            %% next retry (requests may be waiting for it).
+            case binary:match(Line, <<" ready on port ">>) of
+                nomatch -> ok;
+                _ -> spawn_link(fun() -> net_adm:ping(Node) end)
+            end,
             logger:notice("~ts", [Line], #{domain => [erpy, node], pool => Pool, node => Node});
         _ -> ok
     end,
@@ -247,6 +270,22 @@ terminate(_Reason, #{pool := Pool, ports := Ports}) ->
     ok.
 
 %% Internal.
+
+%% A node for a request: one that is up, else wait (until Deadline) for one to come up.
+node_for(Pool, Tab, Counter, Server, Deadline) ->
+    case pick(Tab, Counter, Server) of
+        none ->
+            %% pick/3's {down, Node} casts reach the server before this call.
+            try gen_server:call(Server, {await_node, Deadline}, remaining(Deadline)) of
+                ok -> node_for(Pool, Tab, Counter, Server, Deadline);
+                {error, _} = Error -> Error
+            catch
+                exit:{timeout, _} -> {error, timeout};
+                exit:_ -> {error, {no_pool, Pool}}
+            end;
+        Node ->
+            {ok, Node}
+    end.
 
 %% Round robin over the nodes that are up. A node whose connection is already gone (the
 %% pool has not heard yet) is skipped, not called: erpc would try to reconnect, and the
@@ -452,10 +491,14 @@ connect(Node, S) ->
         _ -> S
     end.
 
-add(Node, #{up := Up} = S) ->
+add(Node, #{up := Up, waiters := Waiters} = S) ->
     case lists:member(Node, Up) of
-        true -> S;
-        false -> publish(S#{up := Up ++ [Node]})
+        true ->
+            S;
+        false ->
+            S1 = publish(S#{up := Up ++ [Node], waiters := []}),
+            [gen_server:reply(From, ok) || {From, _} <- lists:reverse(Waiters)],
+            S1
     end.
 
 drop(Node, #{up := Up, held := Held} = S) ->

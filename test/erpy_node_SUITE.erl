@@ -21,8 +21,8 @@
          pool_through_erpy_api/1, pool_caller_gives_up_interrupts_python/1,
          pool_max_message_size/1, pool_checkout/1,
          inbound_message_limit/1, pool_results_make_no_atoms/1, pool_callbacks/1,
-         pool_callback_wait_interrupted/1,
-         memory_flat_over_100k_calls/1]).
+         pool_callback_wait_interrupted/1, pool_request_waits_for_a_node/1,
+         memory_flat_over_100k_calls/1, crash_injection_soak/1]).
 
 all() ->
     [ping, rpc_and_erpc, python_errors, allow_list, gen_server_handler, sends_and_order,
@@ -32,8 +32,8 @@ all() ->
      cli_env_fallbacks, pool_basics, pool_node_killed_under_load, pool_through_erpy_api,
      pool_caller_gives_up_interrupts_python, pool_max_message_size, pool_checkout,
      inbound_message_limit, pool_results_make_no_atoms, pool_callbacks,
-     pool_callback_wait_interrupted,
-     memory_flat_over_100k_calls].
+     pool_callback_wait_interrupted, pool_request_waits_for_a_node,
+     memory_flat_over_100k_calls, crash_injection_soak].
 
 suite() ->
     [{timetrap, {seconds, 60}}].
@@ -713,6 +713,37 @@ pool_callback_wait_interrupted(_Config) ->
         erpy_node_pool:stop(np_cbi)
     end.
 
+%% While its only node restarts, a request waits for it (within its timeout) instead of
+%% failing at once; one whose timeout ends first gets {error, timeout}. A pool without any
+%% node says so at once.
+pool_request_waits_for_a_node(_Config) ->
+    {ok, _} = erpy_node_pool:start_link(np_wait, #{start => 1}),
+    try
+        [Node] = erpy_node_pool:nodes(np_wait),
+        Crash = {exec, <<"import os\nos._exit(7)">>},
+        ?assertEqual({error, {node_down, Node}}, erpy_node_pool:request(np_wait, Crash, 5000)),
+        ok = wait_until(fun() -> erpy_node_pool:nodes(np_wait) =:= [] end, 100),
+        ?assertEqual({error, timeout}, erpy_node_pool:request(np_wait, {eval, <<"1">>, #{}}, 50)),
+        ?assertEqual({ok, 3}, erpy_node_pool:request(np_wait, {call, operator, add, [1, 2], #{}}, 20000)),
+        ?assertEqual([Node], erpy_node_pool:nodes(np_wait)),
+        %% checkout waits the same way.
+        ?assertEqual({error, {node_down, Node}}, erpy_node_pool:request(np_wait, Crash, 5000)),
+        {ok, W} = erpy_node_pool:checkout(np_wait, 20000),
+        ?assertEqual({ok, undefined}, erpy_node_pool:request_worker(W, {exec, <<"x = 5">>}, 5000)),
+        ?assertEqual({ok, 5}, erpy_node_pool:request_worker(W, {eval, <<"x">>, #{}}, 5000)),
+        ok = erpy_node_pool:checkin(W),
+        %% Nothing is left in the caller's mailbox by the waits.
+        {messages, []} = process_info(self(), messages)
+    after
+        erpy_node_pool:stop(np_wait)
+    end,
+    {ok, _} = erpy_node_pool:start_link(np_none, #{nodes => [], start => 0}),
+    try
+        ?assertEqual({error, {no_nodes, np_none}}, erpy_node_pool:request(np_none, {eval, <<"1">>, #{}}, 5000))
+    after
+        erpy_node_pool:stop(np_none)
+    end.
+
 %% ---- memory --------------------------------------------------------------------------------
 
 %% A Python node's RSS stays flat over 100k rpc calls (after a warm-up).
@@ -732,6 +763,33 @@ memory_flat_over_100k_calls(Config) ->
     After = rpc:call(P, node_handlers, rss_kb, []),
     ct:pal("Python node RSS: ~p KiB before, ~p KiB after 100k calls", [Before, After]),
     ?assert(After - Before < max(1024, Before div 20)).
+
+%% ---- crash injection ----------------------------------------------------------------------
+
+%% The crash-injection soak (test/erpy_soak.erl) on a pool of two Python nodes: 8 callers
+%% mix values, Python exceptions, timeouts and crashes (os._exit in the node) for
+%% ERPY_SOAK_SECONDS (default 15). No answer is wrong, lost or stray (a call in flight on a
+%% node another call crashed gets {node_down, Node}: collateral), and the pool restarts
+%% its nodes and serves with both again.
+crash_injection_soak(_Config) ->
+    Seconds = list_to_integer(os:getenv("ERPY_SOAK_SECONDS", "15")),
+    ct:timetrap({seconds, Seconds + 90}),
+    {ok, _} = application:ensure_all_started(erpy),
+    try
+        {ok, _} = erpy:start_pool(np_soak, #{mode => node, start => 2, allowed => [],
+                                             kill_grace_ms => 300}),
+        ?assertEqual(2, length(erpy_node_pool:nodes(np_soak))),
+        R = erpy_soak:run(np_soak, node, 8, Seconds),
+        ct:pal("soak node: ~p", [R]),
+        ?assertMatch(#{wrong := 0, lost := 0, stray := 0, full_size := true, size := 2}, R),
+        #{calls := Calls, ok := Ok, exceptions := Ex, timeouts := To, crashes := Cr,
+          collateral := Co} = R,
+        ?assert(Ok > 0 andalso Ex > 0 andalso To > 0 andalso Cr > 0),
+        ?assertEqual(Calls, Ok + Ex + To + Cr + Co)
+    after
+        catch erpy:stop_pool(np_soak),
+        application:stop(erpy)
+    end.
 
 %% ---- helpers -------------------------------------------------------------------------------
 

@@ -265,8 +265,17 @@ std::shared_ptr<Process> Core::find(std::uint32_t id) {
 void Core::deliver(const std::shared_ptr<Process>& p, Bytes msg, Connection* batch) {
   if (p->sink) return;
   {
-    std::lock_guard lk(p->mu);
+    std::unique_lock lk(p->mu);
     if (p->closed) return;
+    // A process that does not keep up (or a peer that floods it) must not grow us
+    // without bound: over its limits the message is dropped, as a full queue would.
+    if (p->queue.size() >= opt_.max_queued || p->queued_bytes >= opt_.max_queued_bytes) {
+      const std::size_t n = p->queue.size(), bytes = p->queued_bytes;
+      lk.unlock();
+      note_dropped(*p, "message", n, bytes);
+      return;
+    }
+    p->queued_bytes += msg.size();
     p->queue.push_back(std::move(msg));
   }
   messages.fetch_add(1, std::memory_order_relaxed);
@@ -275,6 +284,20 @@ void Core::deliver(const std::shared_ptr<Process>& p, Bytes msg, Connection* bat
   } else if (batch->wake.empty() || batch->wake.back() != p) {
     batch->wake.push_back(p);
   }
+}
+
+void Core::note_dropped(const Process& p, const char* what, std::size_t held, std::size_t bytes) {
+  const std::uint64_t total = dropped.fetch_add(1, std::memory_order_relaxed) + 1;
+  // A flood must not become a flood of log lines too.
+  const std::int64_t now = now_ns();
+  std::int64_t last = last_drop_log_.load(std::memory_order_relaxed);
+  if (last != 0 && now - last < 1'000'000'000) return;
+  if (!last_drop_log_.compare_exchange_strong(last, now)) return;
+  std::fprintf(stderr,
+               "erpy.node %s: dropped a %s for process <0.%u.0>: it holds %zu %ss (%zu bytes of "
+               "messages); max_queued_messages %zu, max_queued_bytes %zu; %llu dropped so far\n",
+               self_.name.c_str(), what, p.id, held, what, bytes,
+               opt_.max_queued, opt_.max_queued_bytes, static_cast<unsigned long long>(total));
 }
 
 void Core::flush_wake(Connection& c) {
@@ -343,6 +366,7 @@ void Core::exit_process(const std::shared_ptr<Process>& p, const Bytes& reason) 
     out.swap(p->out_monitors);
     links.swap(p->links);
     p->queue.clear();
+    p->queued_bytes = 0;
   }
   p->cv.notify_all();
   for (const Watch& m : monitors) send_exit_signal(m.node, kPayloadMonitorPExit, m.target, m.watcher, &m.ref, reason);
@@ -791,7 +815,17 @@ void Core::handle_message(const std::shared_ptr<Connection>& c, etf::Bytes msg,
       need(3);
       auto p = local(it[2]);
       if (p && !p->closed) {
-        add_link(p, peer, enc(it[1]));
+        std::size_t n;
+        {
+          std::lock_guard lk(p->mu);
+          n = p->links.size();
+        }
+        if (n < opt_.max_queued) {
+          add_link(p, peer, enc(it[1]));
+        } else {
+          note_dropped(*p, "link", n, 0);
+          send_exit_signal(peer, kPayloadExit, enc(it[2]), enc(it[1]), nullptr, enc_atom("system_limit"));
+        }
       } else {
         send_exit_signal(peer, kPayloadExit, enc(it[2]), enc(it[1]), nullptr, enc_atom("noproc"));
       }
@@ -860,15 +894,22 @@ void Core::handle_message(const std::shared_ptr<Connection>& c, etf::Bytes msg,
       need(4);
       auto p = local(it[2]);
       Watch w{peer, enc(it[1]), enc(it[3]), enc(it[2])};
-      bool ok = false;
+      bool ok = false, full = false;
+      std::size_t n = 0;
       if (p) {
         std::lock_guard lk(p->mu);
-        if (!p->closed) {
+        n = p->monitors.size();
+        full = !p->closed && n >= opt_.max_queued;
+        if (!p->closed && !full) {
           p->monitors.push_back(std::move(w));
           ok = true;
         }
       }
-      if (!ok) send_exit_signal(peer, kPayloadMonitorPExit, enc(it[2]), enc(it[1]), &w.ref, enc_atom("noproc"));
+      if (full) note_dropped(*p, "monitor", n, 0);
+      if (!ok) {
+        send_exit_signal(peer, kPayloadMonitorPExit, enc(it[2]), enc(it[1]), &w.ref,
+                         enc_atom(full ? "system_limit" : "noproc"));
+      }
       break;
     }
     case kDemonitorP: {

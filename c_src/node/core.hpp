@@ -78,10 +78,19 @@ struct Process {
   std::mutex mu;
   std::condition_variable cv;
   std::deque<Bytes> queue;  // each message with its version byte
+  std::size_t queued_bytes = 0;  // of the messages in queue
   bool closed = false;
   std::vector<Watch> monitors;      // remote processes monitoring this one
   std::vector<Watch> out_monitors;  // monitors this process holds (node, ref, target)
   std::vector<std::pair<std::string, Bytes>> links;  // (node, remote pid)
+
+  // The oldest message (queue not empty; mu held).
+  Bytes pop() {
+    Bytes m = std::move(queue.front());
+    queue.pop_front();
+    queued_bytes -= m.size();
+    return m;
+  }
 };
 
 class Core;
@@ -127,6 +136,12 @@ struct Options {
   // read so that it brings many: one wake-up per batch instead of per message.
   int coalesce_us = 200;
   InLimits in;  // what one connection may make us hold (max_message_size ...)
+  // What one process (mailbox) may be made to hold: a message to a mailbox that already
+  // holds max_queued messages or max_queued_bytes bytes is dropped (so a mailbox holds at
+  // most max_queued_bytes plus one message); a monitor or link from another node beyond
+  // max_queued of them is refused with system_limit.
+  std::size_t max_queued = 100000;
+  std::size_t max_queued_bytes = std::size_t{1} << 30;
 };
 
 // One frame under construction: [len:32][131 68 0][control][payload]. With
@@ -238,7 +253,8 @@ class Core : public std::enable_shared_from_this<Core> {
   void cancel_request(const Bytes& req);
 
   // Counters for tests and benchmarks.
-  std::atomic<std::uint64_t> calls{0}, messages{0}, handovers{0}, refused{0};
+  // dropped: messages, monitors and links a process had no room for (max_queued ...).
+  std::atomic<std::uint64_t> calls{0}, messages{0}, handovers{0}, refused{0}, dropped{0};
 
  private:
   void acceptor();
@@ -265,6 +281,10 @@ class Core : public std::enable_shared_from_this<Core> {
   void send_exit_signal(const std::string& node, int op, const Bytes& from, const Bytes& to,
                         const Bytes* ref, const Bytes& reason);
   void wake_watchdog();
+  // Counts and logs (at most once a second) what a full process did not take: `what` is
+  // "message", "monitor" or "link"; `held` how many of them it has.
+  void note_dropped(const Process& p, const char* what, std::size_t held, std::size_t bytes);
+  std::atomic<std::int64_t> last_drop_log_{0};
 
   struct Job;
   // A call in progress (a spawned "process" of ours). Its SPAWN_REPLY goes out with its

@@ -2,7 +2,8 @@
 //
 //   Node(name, cookie, *, resolver, error_formatter, host='127.0.0.1', port=0,
 //        hidden=True, ticktime=60, slow_ms=5, spin_us=0, coalesce_us=200,
-//        max_message_size=64 MiB, max_fragments=1024, max_fragment_bytes=256 MiB)
+//        max_message_size=64 MiB, max_fragments=1024, max_fragment_bytes=256 MiB,
+//        max_queued_messages=100000, max_queued_bytes=1 GiB)
 //     .start() .stop() .mailbox() .send(dest, msg) .connect(node) .nodes() .make_ref()
 //     .whereis(name) .unregister(name) .clear_cache() .stats()  .name .creation .port
 //   Mailbox (a local process): .pid .receive(timeout=None) .receive_many(max, timeout)
@@ -250,8 +251,7 @@ PyObject* mailbox_receive(PyObject* self, PyObject* args, PyObject* kw) {
       {
         std::unique_lock lk(p.mu);
         if (!p.queue.empty()) {
-          Bytes msg = std::move(p.queue.front());
-          p.queue.pop_front();
+          Bytes msg = p.pop();
           lk.unlock();
           return g_codec->decode(msg, py::DecodeOptions{}).release();
         }
@@ -284,8 +284,7 @@ PyObject* mailbox_receive_many(PyObject* self, PyObject* args, PyObject* kw) {
       {
         std::lock_guard lk(p.mu);
         while (!p.queue.empty() && static_cast<Py_ssize_t>(got.size()) < max) {
-          got.push_back(std::move(p.queue.front()));
-          p.queue.pop_front();
+          got.push_back(p.pop());
         }
         if (got.empty() && p.closed) {
           PyErr_SetString(PyExc_EOFError, "the mailbox is closed");
@@ -580,17 +579,19 @@ NodeObject* nd(PyObject* self) { return reinterpret_cast<NodeObject*>(self); }
 PyObject* node_new(PyTypeObject* type, PyObject* args, PyObject* kw) {
   static const char* kwlist[] = {"name", "cookie", "resolver", "error_formatter", "host", "port",
                                  "hidden", "ticktime", "slow_ms", "spin_us", "coalesce_us",
-                                 "max_message_size", "max_fragments", "max_fragment_bytes", nullptr};
+                                 "max_message_size", "max_fragments", "max_fragment_bytes",
+                                 "max_queued_messages", "max_queued_bytes", nullptr};
   const char *name, *cookie, *host = "127.0.0.1";
   PyObject *resolver = nullptr, *formatter = nullptr;
   int port = 0, hidden = 1, ticktime = 60, slow_ms = 5, spin_us = 0, coalesce_us = 200;
   // 0: the default (InLimits; the fragment bytes default to twice the message limit, at
   // least 256 MiB).
-  unsigned long long max_message = 0, max_fragments = 0, max_fragment_bytes = 0;
-  if (!PyArg_ParseTupleAndKeywords(args, kw, "ss|$OOsipiiiiKKK", const_cast<char**>(kwlist), &name, &cookie,
+  unsigned long long max_message = 0, max_fragments = 0, max_fragment_bytes = 0, max_queued = 0,
+                     max_queued_bytes = 0;
+  if (!PyArg_ParseTupleAndKeywords(args, kw, "ss|$OOsipiiiiKKKKK", const_cast<char**>(kwlist), &name, &cookie,
                                    &resolver, &formatter, &host, &port, &hidden, &ticktime, &slow_ms,
                                    &spin_us, &coalesce_us, &max_message, &max_fragments,
-                                   &max_fragment_bytes)) {
+                                   &max_fragment_bytes, &max_queued, &max_queued_bytes)) {
     return nullptr;
   }
   // Frames carry a 32-bit length; a limit over 1 GiB is no limit worth having.
@@ -622,6 +623,8 @@ PyObject* node_new(PyTypeObject* type, PyObject* args, PyObject* kw) {
     if (max_fragments) o.in.max_pending = static_cast<std::size_t>(max_fragments);
     o.in.max_pending_bytes = max_fragment_bytes ? static_cast<std::size_t>(max_fragment_bytes)
                                                 : std::max(o.in.max_pending_bytes, 2 * o.in.max_message);
+    if (max_queued) o.max_queued = static_cast<std::size_t>(max_queued);
+    if (max_queued_bytes) o.max_queued_bytes = static_cast<std::size_t>(max_queued_bytes);
     self->core = std::make_shared<Core>(std::move(o), *g_codec, resolver, formatter);
   } catch (...) {
     raise_current();
@@ -784,10 +787,11 @@ PyObject* node_set_result_limit(PyObject*, PyObject* args) {
 
 PyObject* node_stats(PyObject* self, PyObject*) {
   Core& c = *nd(self)->core;
-  return Py_BuildValue("{sKsKsKsK}", "calls", static_cast<unsigned long long>(c.calls.load()), "messages",
+  return Py_BuildValue("{sKsKsKsKsK}", "calls", static_cast<unsigned long long>(c.calls.load()), "messages",
                        static_cast<unsigned long long>(c.messages.load()), "handovers",
                        static_cast<unsigned long long>(c.handovers.load()), "refused",
-                       static_cast<unsigned long long>(c.refused.load()));
+                       static_cast<unsigned long long>(c.refused.load()), "dropped",
+                       static_cast<unsigned long long>(c.dropped.load()));
 }
 
 PyObject* node_get_name(PyObject* self, void*) {
@@ -808,7 +812,7 @@ PyMethodDef node_methods[] = {
     {"whereis", node_whereis, METH_O, "whereis(name) -> Pid or None"},
     {"unregister", node_unregister, METH_O, "unregister(name)"},
     {"clear_cache", node_clear_cache, METH_NOARGS, "forget resolved rpc handlers"},
-    {"stats", node_stats, METH_NOARGS, "counters: calls, messages, handovers"},
+    {"stats", node_stats, METH_NOARGS, "counters: calls, messages, handovers, refused, dropped"},
     {"cancel_request", node_cancel_request, METH_O,
      "cancel_request(req_id): interrupt the call started by this spawn request"},
     {"set_result_limit", node_set_result_limit, METH_VARARGS,

@@ -51,6 +51,10 @@ log = logging.getLogger("erpy.node")
 #: The default of ``max_message_size``: the largest message (or fragmented message, its
 #: fragments together) a connection may send this node; a larger one is refused.
 DEFAULT_MAX_MESSAGE_SIZE = 64 * 1024 * 1024
+#: The defaults of ``max_queued_messages`` and ``max_queued_bytes``: what one mailbox (a
+#: local process) may hold unread; a message beyond either is dropped.
+DEFAULT_MAX_QUEUED_MESSAGES = 100_000
+DEFAULT_MAX_QUEUED_BYTES = 1024 * 1024 * 1024
 
 
 # Nodes still running when the interpreter exits are stopped first, before Python joins
@@ -280,6 +284,14 @@ class Node:
     ``max_fragments`` fragmented messages unfinished at once and ``max_fragment_bytes``
     (default: twice ``max_message_size``, at least 256 MiB) of them together; a message
     beyond either is refused (an rpc gets ``{fragment_limit, MaxFragments, MaxBytes}``).
+
+    Per process (a mailbox, a GenServer): a message to one that already holds
+    ``max_queued_messages`` unread messages, or ``max_queued_bytes`` bytes of them, is
+    dropped (logged at most once a second, counted in ``stats()["dropped"]``): a mailbox
+    nobody reads, or a flood, cannot grow the node without bound. Monitors and links other
+    nodes set on one process are capped at ``max_queued_messages`` too: beyond it the
+    monitor fires at once, the link breaks, with reason ``system_limit`` (also counted in
+    ``dropped``).
     """
 
     def __init__(self, name: str, cookie: str, *, host: str = "127.0.0.1", port: int = 0,
@@ -287,7 +299,11 @@ class Node:
                  ticktime: int = 60, slow_ms: int = 5, spin_us: int = 0,
                  coalesce_us: int = 200, start_epmd: bool = True,
                  max_message_size: int = DEFAULT_MAX_MESSAGE_SIZE, max_fragments: int = 1024,
-                 max_fragment_bytes: int | None = None) -> None:
+                 max_fragment_bytes: int | None = None,
+                 max_queued_messages: int = DEFAULT_MAX_QUEUED_MESSAGES,
+                 max_queued_bytes: int = DEFAULT_MAX_QUEUED_BYTES) -> None:
+        if max_queued_messages < 1 or max_queued_bytes < 1:
+            raise ValueError("max_queued_messages and max_queued_bytes must be at least 1")
         if "@" not in name:
             name = f"{name}@127.0.0.1"
         self.allow = {a.strip() for a in allow if a and a.strip()}
@@ -307,7 +323,9 @@ class Node:
                                   hidden=hidden, ticktime=ticktime, slow_ms=slow_ms,
                                   spin_us=spin_us, coalesce_us=coalesce_us,
                                   max_message_size=max_message_size, max_fragments=max_fragments,
-                                  max_fragment_bytes=max_fragment_bytes or 0)
+                                  max_fragment_bytes=max_fragment_bytes or 0,
+                                  max_queued_messages=max_queued_messages,
+                                  max_queued_bytes=max_queued_bytes)
         self._threads: list[threading.Thread] = []
         self._started = False
         self._start_epmd = start_epmd
@@ -343,6 +361,9 @@ class Node:
         self.stop()
 
     def stats(self) -> dict:
+        """Counters: ``calls``, ``messages`` (delivered to mailboxes), ``handovers``,
+        ``refused`` (inbound messages over the connection limits), ``dropped`` (messages,
+        monitors and links a process had no room for)."""
         return self._native.stats()
 
     def nodes(self) -> list[str]:
@@ -706,6 +727,15 @@ def main(argv: list[str] | None = None) -> int:
                    default=int(_env("ERPY_NODE_MAX_MESSAGE_SIZE", default=str(DEFAULT_MAX_MESSAGE_SIZE))),
                    help="largest message (bytes) a connection may send this node; larger ones "
                         "are refused (env ERPY_NODE_MAX_MESSAGE_SIZE; default 64 MiB)")
+    p.add_argument("--max-queued-messages", type=int,
+                   default=int(_env("ERPY_NODE_MAX_QUEUED_MESSAGES",
+                                    default=str(DEFAULT_MAX_QUEUED_MESSAGES))),
+                   help="unread messages one mailbox may hold; more are dropped (env "
+                        "ERPY_NODE_MAX_QUEUED_MESSAGES; default 100000)")
+    p.add_argument("--max-queued-bytes", type=int,
+                   default=int(_env("ERPY_NODE_MAX_QUEUED_BYTES", default=str(DEFAULT_MAX_QUEUED_BYTES))),
+                   help="bytes of unread messages one mailbox may hold; more are dropped (env "
+                        "ERPY_NODE_MAX_QUEUED_BYTES; default 1 GiB)")
     p.add_argument("--no-start-epmd", dest="start_epmd", action="store_false",
                    help="fail if no epmd runs instead of starting one (as erl -start_epmd false)")
     p.add_argument("--exit-on-eof", action="store_true",
@@ -730,7 +760,8 @@ def main(argv: list[str] | None = None) -> int:
 
     node = Node(name, cookie, host=listen, port=port, allow=allow, allow_code=bool(allow_code),
                 ticktime=a.ticktime, spin_us=a.spin_us, coalesce_us=a.coalesce_us,
-                start_epmd=a.start_epmd, max_message_size=a.max_message_size)
+                start_epmd=a.start_epmd, max_message_size=a.max_message_size,
+                max_queued_messages=a.max_queued_messages, max_queued_bytes=a.max_queued_bytes)
     node.start()
     for mod in a.load:
         m = importlib.import_module(mod)

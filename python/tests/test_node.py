@@ -318,6 +318,109 @@ def test_inbound_messages_over_the_limit_are_refused(node):
         small.stop()
 
 
+def _wait_for(pred, timeout=10.0):
+    deadline = time.monotonic() + timeout
+    while not pred():
+        if time.monotonic() > deadline:
+            pytest.fail("condition not met in time")
+        time.sleep(0.02)
+
+
+def test_mailbox_over_max_queued_messages_drops(node):
+    # A mailbox nobody reads holds at most max_queued_messages: the rest, from another
+    # node or from this one, is dropped and counted; once read, it takes messages again.
+    small = Node(unique("small"), COOKIE, max_queued_messages=10).start()
+    try:
+        inbox = small.mailbox()
+        assert inbox.register("inbox")
+        for i in range(25):
+            node.send(("inbox", small.name), i)
+        _wait_for(lambda: small.stats()["dropped"] == 15)
+        assert inbox.pending == 10
+        local = small.mailbox()
+        local.send(inbox.pid, "local")  # a local send obeys the same limit
+        assert small.stats()["dropped"] == 16
+        assert [inbox.receive(1.0) for _ in range(10)] == list(range(10))
+        with pytest.raises(TimeoutError):
+            inbox.receive(0.1)
+        node.send(("inbox", small.name), "again")
+        assert inbox.receive(5.0) == "again"
+        assert small.stats()["dropped"] == 16
+        # The connection and other mailboxes were not affected.
+        assert small.name in node.nodes()
+    finally:
+        small.stop()
+
+
+def test_mailbox_over_max_queued_bytes_drops(node):
+    small = Node(unique("small"), COOKIE, max_queued_bytes=1000).start()
+    try:
+        inbox = small.mailbox()
+        assert inbox.register("inbox")
+        for tag in ("a", "b", "c"):  # 600 bytes each: the third finds 1200 queued
+            node.send(("inbox", small.name), (tag, b"x" * 600))
+        _wait_for(lambda: small.stats()["dropped"] == 1)
+        assert [inbox.receive(1.0)[0] for _ in range(2)] == ["a", "b"]
+        with pytest.raises(TimeoutError):
+            inbox.receive(0.1)
+        node.send(("inbox", small.name), ("d", b"x" * 600))
+        assert inbox.receive(5.0)[0] == "d"
+    finally:
+        small.stop()
+
+
+def test_monitors_from_other_nodes_are_capped(node):
+    # Monitors another node sets on one process cost memory too: beyond
+    # max_queued_messages the monitor fires at once with system_limit.
+    small = Node(unique("small"), COOKIE, max_queued_messages=3).start()
+    try:
+        target = small.mailbox()
+        watcher = node.mailbox()
+        refs = [watcher.monitor(target.pid) for _ in range(4)]
+        msg = watcher.receive(5.0)
+        assert msg[0] == "DOWN" and msg[1] == refs[3] and msg[4] == "system_limit"
+        assert small.stats()["dropped"] == 1
+        target.close()
+        downs = {watcher.receive(5.0)[1] for _ in range(3)}
+        assert downs == set(refs[:3])
+    finally:
+        small.stop()
+
+
+def test_max_queued_must_be_positive(epmd):
+    with pytest.raises(ValueError, match="max_queued"):
+        Node(unique("q"), COOKIE, max_queued_messages=0)
+    with pytest.raises(ValueError, match="max_queued"):
+        Node(unique("q"), COOKIE, max_queued_bytes=0)
+
+
+def test_command_line_queue_limits(monkeypatch):
+    seen = {}
+
+    class Stop(Exception):
+        pass
+
+    def fake_node(*args, **kw):
+        seen.update(kw)
+        raise Stop
+
+    monkeypatch.setattr(node_module, "Node", fake_node)
+    monkeypatch.setenv("ERPY_NODE_MAX_QUEUED_MESSAGES", "77")
+    monkeypatch.setenv("ERPY_NODE_MAX_QUEUED_BYTES", "88888")
+    with pytest.raises(Stop):
+        node_module.main(["--name", "q@127.0.0.1", "--cookie", "c"])
+    assert (seen["max_queued_messages"], seen["max_queued_bytes"]) == (77, 88888)
+    with pytest.raises(Stop):
+        node_module.main(["--name", "q@127.0.0.1", "--cookie", "c", "--max-queued-messages", "5",
+                          "--max-queued-bytes", "6000"])
+    assert (seen["max_queued_messages"], seen["max_queued_bytes"]) == (5, 6000)
+    monkeypatch.delenv("ERPY_NODE_MAX_QUEUED_MESSAGES")
+    monkeypatch.delenv("ERPY_NODE_MAX_QUEUED_BYTES")
+    with pytest.raises(Stop):
+        node_module.main(["--name", "q@127.0.0.1", "--cookie", "c"])
+    assert (seen["max_queued_messages"], seen["max_queued_bytes"]) == (100_000, 1 << 30)
+
+
 def test_service_code_sees_its_caller_through_erpy_erlang(node):
     from erpy import erlang
     node.allow_code = True
