@@ -11,9 +11,9 @@
          exec/1, exec/2,
          getattr/2, getattr/3,
          start_pool/2, stop_pool/1,
-         checkout/1, checkout/2, checkin/1, with_worker/2, with_worker/3]).
+         checkout/1, checkout/2, checkin/1, with_worker/2, with_worker/3, pool_info/1]).
 
--export_type([python_error/0, error_reason/0, pool/0, call_opts/0, worker/0]).
+-export_type([python_error/0, error_reason/0, pool/0, call_opts/0, worker/0, mode/0]).
 
 -type pool() :: atom().
 -type python_error() :: #{type := binary(), message := binary(), traceback := [binary()]}.
@@ -25,7 +25,9 @@
                       | {not_allowed, {module(), atom(), arity()}}
                       | {no_pool, term()}
                       | term().
--type worker() :: erpy_pool:worker() | {erpy_context, pool(), reference()} | erpy_node_pool:worker().
+-type mode() :: port | embedded | node.
+%% A held worker: opaque, hand it back with checkin/1 (erpy_transport).
+-type worker() :: erpy_transport:worker().
 -type call_opts() :: #{kwargs => map(),
                        handle => boolean(),
                        timeout => timeout(),
@@ -152,19 +154,27 @@ checkout(Pool) ->
 
 -spec checkout(pool(), timeout()) -> {ok, worker()} | {error, error_reason()}.
 checkout(Pool, Timeout) ->
-    case erpy_pool:lookup(Pool) of
-        {ok, #{mode := embedded} = Handle} -> erpy_embedded:checkout(Handle, Timeout);
-        {ok, #{mode := node}} -> erpy_node_pool:checkout(Pool, Timeout);
-        _ -> erpy_pool:checkout(Pool, Timeout)
+    case erpy_transport:lookup(Pool) of
+        {ok, Module, Handle} ->
+            case Module:checkout(Handle, Timeout) of
+                {ok, Ref} -> {ok, {erpy_worker, Module, Ref}};
+                {error, _} = Error -> Error
+            end;
+        error ->
+            {error, {no_pool, Pool}}
     end.
 
 -spec checkin(worker()) -> ok.
-checkin({erpy_context, _, _} = Context) ->
-    erpy_embedded:checkin(Context);
-checkin({erpy_node_worker, _, _, _} = Worker) ->
-    erpy_node_pool:checkin(Worker);
-checkin(Worker) ->
-    erpy_pool:checkin(Worker).
+checkin({erpy_worker, Module, Ref}) ->
+    Module:checkin(Ref).
+
+%% @doc What a pool is doing: its mode and size, and the mode's own figures.
+-spec pool_info(pool()) -> {ok, map()} | {error, {no_pool, pool()}}.
+pool_info(Pool) ->
+    case erpy_transport:lookup(Pool) of
+        {ok, Module, Handle} -> {ok, Module:info(Handle)};
+        error -> {error, {no_pool, Pool}}
+    end.
 
 %% @doc Runs Fun(Worker) with a checked-out worker and always gives it back.
 -spec with_worker(pool(), fun((worker()) -> Result)) -> Result | {error, error_reason()}.
@@ -185,22 +195,29 @@ with_worker(Pool, Fun, Timeout) ->
 request(Req, Opts) ->
     Timeout = maps:get(timeout, Opts, default_timeout()),
     case maps:find(worker, Opts) of
-        {ok, {erpy_context, _, _} = Context} ->
-            erpy_embedded:request_context(Context, Req, Timeout);
-        {ok, {erpy_node_worker, _, _, _} = Worker} ->
-            erpy_node_pool:request_worker(Worker, Req, Timeout);
-        {ok, Worker} ->
-            erpy_pool:request_worker(Worker, Req, Timeout);
+        {ok, {erpy_worker, Module, Ref}} ->
+            Module:request_worker(Ref, Req, Timeout);
+        {ok, Other} ->
+            {error, {badarg, {worker, Other}}};
         error ->
             Pool = maps:get(pool, Opts, ?DEFAULT_POOL),
-            case {erpy_pool:lookup(Pool), maps:get(handle, Opts, false)} of
-                {{ok, #{mode := embedded} = Handle}, _} -> erpy_embedded:request(Handle, Req, Timeout, Opts);
-                %% Handles are Python objects living in this VM: embedded mode only.
-                {_, true} -> {error, {not_supported, {handle, Pool}}};
-                {{ok, #{mode := node}}, _} -> erpy_node_pool:request(Pool, Req, Timeout);
-                _ -> erpy_pool:request(Pool, Req, Timeout)
+            case erpy_transport:lookup(Pool) of
+                {ok, Module, Handle} ->
+                    stopped(Pool, {Module, Handle}, Module:request(Handle, Req, Timeout, Opts));
+                error ->
+                    {error, {no_pool, Pool}}
             end
     end.
+
+%% A call in flight when its pool stops answers as a call to a stopped pool does, in every
+%% mode (whatever the mode saw: its worker shut down, its node gone).
+stopped(Pool, Registered, {error, {Why, _}} = Error) when Why =:= worker_exit; Why =:= node_down ->
+    case erpy_transport:lookup(Pool) of
+        {ok, Module, Handle} when {Module, Handle} =:= Registered -> Error;
+        _ -> {error, {no_pool, Pool}}
+    end;
+stopped(_Pool, _Registered, Answer) ->
+    Answer.
 
 default_timeout() ->
     application:get_env(erpy, timeout, 5000).

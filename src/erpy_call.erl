@@ -4,14 +4,14 @@
 %% caller and a nested erpy call from a callback reuses the worker that is waiting for it.
 -module(erpy_call).
 
--export([request/3, request_worker/3]).
+-export([request/3, request_worker/4, nested_worker/1]).
 -export([encode_request/4, apply_callback/3]).
 
 -define(NESTED, '$erpy_nested').
 
 %% API.
 
--spec request(erpy:pool(), tuple(), timeout()) -> {ok, term()} | {error, term()}.
+-spec request(erpy:pool(), erpy_transport:request(), timeout()) -> {ok, term()} | {error, term()}.
 request(Pool, Req, Timeout) ->
     case erpy_pool:lookup(Pool) of
         {ok, #{max_message_size := Max, policy := Policy} = Handle} ->
@@ -30,17 +30,15 @@ request(Pool, Req, Timeout) ->
             {error, {no_pool, Pool}}
     end.
 
--spec request_worker(erpy:worker(), tuple(), timeout()) -> {ok, term()} | {error, term()}.
-request_worker({erpy_worker, Pool, Pid}, Req, Timeout) ->
+-spec request_worker(erpy:pool(), pid(), tuple(), timeout()) -> {ok, term()} | {error, term()}.
+request_worker(Pool, Pid, Req, Timeout) ->
     case erpy_pool:lookup(Pool) of
         {ok, #{max_message_size := Max, policy := Policy}} ->
             with_frame(Max, Policy, Req, Timeout,
                        fun(Frame, Ctx) -> send_and_wait(Pid, Pool, Ctx, Frame, Timeout) end);
         error ->
             {error, {no_pool, Pool}}
-    end;
-request_worker(Other, _Req, _Timeout) ->
-    {error, {badarg, {worker, Other}}}.
+    end.
 
 with_frame(Max, Policy, Req, Timeout, Fun) ->
     Id = erlang:unique_integer([positive]),
@@ -221,6 +219,9 @@ format_stack(Stack) ->
 arity(A) when is_list(A) -> length(A);
 arity(A) -> A.
 
+%% Inside a callback of `Pool`'s Python, the worker that waits for it (a nested request
+%% goes there): every mode's callbacks push it (apply_callback/3).
+-spec nested_worker(erpy:pool()) -> {ok, term()} | error.
 nested_worker(Pool) ->
     case get(?NESTED) of
         [{Pool, Worker} | _] -> {ok, Worker};

@@ -5,13 +5,16 @@
 %% callbacks Python makes into Erlang meanwhile, as in port mode.
 -module(erpy_embedded).
 -behaviour(gen_server).
+-behaviour(erpy_transport).
 
--export([start_link/2, request/4, request_context/3, checkout/2, checkin/1]).
+-export([start_link/2]).
+-export([child_specs/2, request/4, request_worker/3, checkout/2, checkin/1, info/1]).
 -export([init/1, handle_call/3, handle_cast/2, handle_info/2, terminate/2]).
 
--define(KEY(Name), {erpy_pool, Name}).
--define(NESTED, '$erpy_nested').
 -define(SPIN, 200).
+
+%% A held context: the pool's name and the NIF's context.
+-type ref() :: {atom(), reference()}.
 
 %% API.
 
@@ -19,34 +22,46 @@
 start_link(Name, Opts) ->
     gen_server:start_link(?MODULE, {Name, Opts}, []).
 
+%% erpy_transport.
+
+-spec child_specs(atom(), map()) -> {supervisor:sup_flags(), [supervisor:child_spec()]}.
+child_specs(Name, Opts) ->
+    %% Python runs in this VM: one server owns the pool's contexts.
+    {#{strategy => one_for_one, intensity => 5, period => 10},
+     [#{id => pool, start => {?MODULE, start_link, [Name, Opts]}, type => worker}]}.
+
 %% A request to any free context of the pool (queued in order when all are busy), or,
 %% inside a callback of this pool's Python, to the context that waits for it.
--spec request(map(), tuple(), timeout(), map()) -> {ok, term()} | {error, term()}.
+-spec request(map(), erpy_transport:request(), timeout(), erpy:call_opts()) ->
+    erpy_transport:result().
 request(#{name := Name, pool := Pool} = Handle, Req, Timeout, Opts) ->
-    Target = case get(?NESTED) of
-                 [{Name, {erpy_context, Name, Ctx}} | _] -> Ctx;
-                 _ -> Pool
+    Target = case erpy_call:nested_worker(Name) of
+                 {ok, Ctx} -> Ctx;
+                 error -> Pool
              end,
     submit_and_wait(Target, Handle, Req, Timeout, maps:get(handle, Opts, false) =:= true).
 
--spec request_context({erpy_context, atom(), reference()}, tuple(), timeout()) ->
-    {ok, term()} | {error, term()}.
-request_context({erpy_context, Name, Ctx}, Req, Timeout) ->
-    case erpy_pool:lookup(Name) of
-        {ok, Handle} -> submit_and_wait(Ctx, Handle, Req, Timeout, false);
-        error -> {error, {no_pool, Name}}
+-spec request_worker(ref(), erpy_transport:request(), timeout()) -> erpy_transport:result().
+request_worker({Name, Ctx}, Req, Timeout) ->
+    case erpy_transport:lookup(Name) of
+        {ok, ?MODULE, Handle} -> submit_and_wait(Ctx, Handle, Req, Timeout, false);
+        _ -> {error, {no_pool, Name}}
     end.
 
--spec checkout(map(), timeout()) -> {ok, {erpy_context, atom(), reference()}} | {error, term()}.
+-spec checkout(map(), timeout()) -> {ok, ref()} | {error, erpy:error_reason()}.
 checkout(#{name := Name, pool := Pool} = Handle, Timeout) ->
     case submit_and_wait(Pool, Handle, {hold}, Timeout, false) of
-        {ok, Ctx} -> {ok, {erpy_context, Name, Ctx}};
+        {ok, Ctx} -> {ok, {Name, Ctx}};
         Error -> Error
     end.
 
--spec checkin({erpy_context, atom(), reference()}) -> ok.
-checkin({erpy_context, _Name, Ctx}) ->
+-spec checkin(ref()) -> ok.
+checkin({_Name, Ctx}) ->
     erpy_nif:checkin(Ctx).
+
+-spec info(map()) -> #{mode := embedded, size := non_neg_integer(), atom() => term()}.
+info(#{pid := Pid}) ->
+    (gen_server:call(Pid, info))#{mode => embedded}.
 
 %% gen_server.
 
@@ -71,7 +86,7 @@ init({Name, Opts}) ->
             Handle = #{mode => embedded, name => Name, pid => self(), pool => Pool,
                        size => maps:get(size, Opts), policy => erpy_policy:new(Name, Opts),
                        max_message_size => maps:get(max_message_size, Opts)},
-            persistent_term:put(?KEY(Name), Handle),
+            ok = erpy_transport:register(Name, ?MODULE, Handle),
             {ok, #{name => Name, pool => Pool}};
         {error, Why} ->
             {stop, Why}
@@ -98,7 +113,7 @@ handle_info(_Msg, St) ->
 
 -spec terminate(term(), map()) -> ok.
 terminate(_Why, #{name := Name, pool := Pool}) ->
-    persistent_term:erase(?KEY(Name)),
+    ok = erpy_transport:unregister(Name),
     %% Running jobs are interrupted; their callers get {error, {no_pool, _}} or time out.
     erpy_nif:pool_close(Pool).
 
@@ -109,7 +124,7 @@ submit_and_wait(Target, #{name := Name, policy := Policy} = Handle, Req, Timeout
     case erpy_nif:submit(Target, Ref, Req, WantHandle) of
         {ok, Job} ->
             Ctx = erpy_policy:request_ctx(Policy, self(), Req),
-            try answer(Ctx, spin(Ref, Job, Handle#{ctx => Ctx}, deadline(Timeout), ?SPIN))
+            try answer(Name, Ctx, spin(Ref, Job, Handle#{ctx => Ctx}, deadline(Timeout), ?SPIN))
             after erpy_policy:done(Ctx)
             end;
         {error, closed} ->
@@ -118,12 +133,15 @@ submit_and_wait(Target, #{name := Name, policy := Policy} = Handle, Req, Timeout
 
 %% The NIF flags a result that holds funs, pids, references or ports (ok_check): the
 %% policy checks its funs before the caller gets it.
-answer(Ctx, {ok_check, Result}) ->
+%% A pool stopped while the job waited or ran answers as a stopped pool does in every mode.
+answer(_Name, Ctx, {ok_check, Result}) ->
     case erpy_policy:check_result(Ctx, Result) of
         ok -> {ok, Result};
         Error -> Error
     end;
-answer(_Ctx, Answer) ->
+answer(Name, _Ctx, {error, pool_closed}) ->
+    {error, {no_pool, Name}};
+answer(_Name, _Ctx, Answer) ->
     Answer.
 
 %% A short call answers within microseconds, sooner than this scheduler could go to sleep
@@ -189,7 +207,7 @@ run_callback(#{name := Name, ctx := Ctx}, Tag, {PyCtx, Kind, M, F, Args}) ->
                callback -> trusted;
                callback_check -> check
            end,
-    erpy_policy:run_callback(Ctx, Name, {erpy_context, Name, PyCtx}, Kind, M, F, {Mode, Args}).
+    erpy_policy:run_callback(Ctx, Name, PyCtx, Kind, M, F, {Mode, Args}).
 
 deadline(infinity) -> infinity;
 deadline(Timeout) -> erlang:monotonic_time(millisecond) + Timeout.

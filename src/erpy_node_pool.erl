@@ -8,13 +8,14 @@
 %% The local Erlang node must be distributed (`erl -name/-sname`, or net_kernel:start/1).
 -module(erpy_node_pool).
 -behaviour(gen_server).
+-behaviour(erpy_transport).
+-compile({no_auto_import, [nodes/1]}).  % nodes/1 below is this pool's
 
--export([start_link/2, request/3, nodes/1, stop/1,
-         checkout/2, checkin/1, request_worker/3]).
+-export([start_link/2, request/3, nodes/1, stop/1]).
+-export([child_specs/2, request/4, request_worker/3, checkout/2, checkin/1, info/1]).
 -export([init/1, handle_call/3, handle_cast/2, handle_info/2, terminate/2]).
 
 -define(KEY(Pool), {?MODULE, Pool}).
--define(ERPY_KEY(Pool), {erpy_pool, Pool}).
 -define(RETRY_MS, 1000).
 -define(START_WAIT_MS, 15000).
 
@@ -36,6 +37,18 @@
 start_link(Pool, Opts) when is_atom(Pool), is_map(Opts) ->
     gen_server:start_link(?MODULE, {Pool, Opts}, []).
 
+%% erpy_transport. The handle is #{name := Pool, ...}.
+
+-spec child_specs(atom(), map()) -> {supervisor:sup_flags(), [supervisor:child_spec()]}.
+child_specs(Pool, Opts) ->
+    {#{strategy => one_for_one, intensity => 5, period => 10},
+     [#{id => pool, start => {?MODULE, start_link, [Pool, Opts]}, type => worker}]}.
+
+-spec info(map()) -> #{mode := node, size := non_neg_integer(), atom() => term()}.
+info(#{name := Pool}) ->
+    Up = nodes(Pool),
+    #{mode => node, size => length(Up), nodes => Up}.
+
 %% @doc Runs one request on one of the pool's nodes, in the caller's process. With no
 %% node up (the pool is restarting its nodes, or cannot reach them) the request waits for
 %% one until its timeout, as a request in the other modes waits for a worker:
@@ -50,6 +63,13 @@ start_link(Pool, Opts) when is_atom(Pool), is_map(Opts) ->
 %% Python call.
 -spec request(atom(), request(), timeout()) -> {ok, term()} | {error, term()}.
 request(Pool, Req, Timeout) ->
+    request(#{name => Pool}, Req, Timeout, #{}).
+
+-spec request(map(), request(), timeout(), erpy:call_opts()) -> {ok, term()} | {error, term()}.
+request(#{name := Pool}, _Req, _Timeout, #{handle := true}) ->
+    %% Handles are Python objects living in this VM: embedded mode only.
+    {error, {not_supported, {handle, Pool}}};
+request(#{name := Pool}, Req, Timeout, _Opts) ->
     case persistent_term:get(?KEY(Pool), undefined) of
         undefined ->
             {error, {no_pool, Pool}};
@@ -65,8 +85,8 @@ request(Pool, Req, Timeout) ->
 %% state persists across request_worker/3 calls until checkin/1 or the holder's death
 %% (the pool monitors the holder). The node is chosen round robin; with none up, as
 %% request/3.
--spec checkout(atom(), timeout()) -> {ok, worker()} | {error, term()}.
-checkout(Pool, Timeout) ->
+-spec checkout(map(), timeout()) -> {ok, worker()} | {error, term()}.
+checkout(#{name := Pool}, Timeout) ->
     case persistent_term:get(?KEY(Pool), undefined) of
         undefined ->
             {error, {no_pool, Pool}};
@@ -143,10 +163,9 @@ init({Pool, Opts}) ->
                            application:get_env(erpy, max_message_size, 10485760)),
             Policy = erpy_policy:new(Pool, Opts#{max_message_size => Max}),
             persistent_term:put(?KEY(Pool), {Tab, atomics:new(1, []), self(), Max, Policy}),
-            %% erpy's dispatch (erpy_pool:lookup/1) finds node pools by this handle.
-            persistent_term:put(?ERPY_KEY(Pool),
-                                #{mode => node, name => Pool, pid => self(),
-                                  max_message_size => Max, policy => Policy}),
+            ok = erpy_transport:register(Pool, ?MODULE,
+                                         #{name => Pool, pid => self(), max_message_size => Max,
+                                           policy => Policy}),
             Given = maps:get(nodes, Opts, []),
             Count = maps:get(start, Opts, case Given of
                                               [] -> maps:get(size, Opts, 2);
@@ -161,7 +180,7 @@ init({Pool, Opts}) ->
                     {ok, S2};
                 {error, Why} ->
                     persistent_term:erase(?KEY(Pool)),
-                    persistent_term:erase(?ERPY_KEY(Pool)),
+                    ok = erpy_transport:unregister(Pool),
                     {stop, Why}
             end
     end.
@@ -264,7 +283,7 @@ handle_info(_Msg, S) ->
 -spec terminate(term(), state()) -> ok.
 terminate(_Reason, #{pool := Pool, ports := Ports}) ->
     persistent_term:erase(?KEY(Pool)),
-    persistent_term:erase(?ERPY_KEY(Pool)),
+    ok = erpy_transport:unregister(Pool),
     %% Started nodes run with --exit-on-eof: closing the port ends them.
     [catch port_close(P) || P <- maps:keys(Ports)],
     ok.

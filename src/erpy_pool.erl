@@ -11,12 +11,13 @@
 
 -export([start_link/3, lookup/1, max_message_size/1, info/1]).
 -export([claim/1, unclaim/2, retire/2, worker_pid/2, finished/3]).
--export([request/3, request_worker/3, checkout/2, checkin/1]).
+-export([checkout/2, checkin/1]).
 -export([init/1, handle_call/3, handle_cast/2, handle_info/2, terminate/2]).
 
 -export_type([worker/0, handle/0]).
 
--type worker() :: {erpy_worker, erpy:pool(), pid()}.
+%% A held worker, as erpy_port hands it to erpy_transport.
+-type worker() :: {erpy:pool(), pid()}.
 %% What callers need to claim a slot without asking the server.
 -type handle() :: #{pid := pid(), name := atom(), size := pos_integer(),
                     slots := atomics:atomics_ref(), queued := counters:counters_ref(),
@@ -40,7 +41,6 @@
     failed_starts = 0 :: non_neg_integer()
 }).
 
--define(KEY(Name), {erpy_pool, Name}).
 -define(TABLE, erpy_workers).
 -define(MAX_BACKOFF_MS, 5000).
 -define(DEFER_MS, 1000).
@@ -58,16 +58,16 @@ start_link(Name, Opts, PoolSup) ->
 
 -spec lookup(erpy:pool()) -> {ok, handle()} | error.
 lookup(Name) ->
-    case persistent_term:get(?KEY(Name), undefined) of
-        undefined -> error;
-        Handle -> {ok, Handle}
+    case erpy_transport:lookup(Name) of
+        {ok, erpy_port, Handle} -> {ok, Handle};
+        _ -> error
     end.
 
 -spec max_message_size(erpy:pool()) -> non_neg_integer().
 max_message_size(Name) ->
-    case persistent_term:get(?KEY(Name), undefined) of
-        #{max_message_size := Max} -> Max;
-        undefined -> application:get_env(erpy, max_message_size, 10485760)
+    case lookup(Name) of
+        {ok, #{max_message_size := Max}} -> Max;
+        error -> application:get_env(erpy, max_message_size, 10485760)
     end.
 
 -spec info(erpy:pool()) -> map().
@@ -131,14 +131,6 @@ finished(#{slots := Slots, queued := Queued, pid := Pid}, Slot, Worker) ->
     end,
     ok.
 
--spec request(erpy:pool(), tuple(), timeout()) -> {ok, term()} | {error, term()}.
-request(Pool, Req, Timeout) ->
-    erpy_call:request(Pool, Req, Timeout).
-
--spec request_worker(worker(), tuple(), timeout()) -> {ok, term()} | {error, term()}.
-request_worker(Worker, Req, Timeout) ->
-    erpy_call:request_worker(Worker, Req, Timeout).
-
 -spec checkout(erpy:pool(), timeout()) -> {ok, worker()} | {error, term()}.
 checkout(Pool, Timeout) ->
     case lookup(Pool) of
@@ -150,7 +142,7 @@ checkout(Pool, Timeout) ->
             counters:add(Queued, 1, 1),
             Tag = make_ref(),
             try gen_server:call(Pid, {checkout, self(), Deadline, Tag}, Timeout) of
-                {ok, WorkerPid} -> {ok, {erpy_worker, Pool, WorkerPid}};
+                {ok, WorkerPid} -> {ok, {Pool, WorkerPid}};
                 Error -> Error
             catch
                 exit:{timeout, _} ->
@@ -165,7 +157,7 @@ checkout(Pool, Timeout) ->
     end.
 
 -spec checkin(worker()) -> ok.
-checkin({erpy_worker, Pool, WorkerPid}) ->
+checkin({Pool, WorkerPid}) ->
     case lookup(Pool) of
         {ok, #{pid := Pid}} -> gen_server:cast(Pid, {checkin, WorkerPid});
         error -> ok
@@ -185,7 +177,7 @@ init({Name, Opts, PoolSup}) ->
                queued => counters:new(1, [write_concurrency]),
                max_message_size => maps:get(max_message_size, Opts),
                policy => erpy_policy:new(Name, Opts)},
-    persistent_term:put(?KEY(Name), Handle),
+    ok = erpy_transport:register(Name, erpy_port, Handle),
     %% The supervisor is still starting us: ask it for our sibling once it is done.
     self() ! {start_workers, PoolSup},
     {ok, #st{name = Name, opts = Opts#{pool_handle => Handle}, handle = Handle, size = Size}}.
@@ -275,7 +267,7 @@ handle_info(_Msg, St) ->
 
 -spec terminate(term(), #st{}) -> ok.
 terminate(_Why, #st{name = Name, size = Size}) ->
-    persistent_term:erase(?KEY(Name)),
+    ok = erpy_transport:unregister(Name),
     [ets:delete(?TABLE, {Name, Slot}) || Slot <- lists:seq(1, Size)],
     ok.
 

@@ -177,7 +177,7 @@ timeout_interrupts(_Config) ->
 %% returns. A held context keeps its thread (its namespace is its holder's).
 stuck_in_c_replaced(_Config) ->
     {ok, _} = erpy:start_pool(emb_one, #{mode => embedded, size => 1, kill_grace_ms => 200}),
-    {ok, #{pool := Pool}} = erpy_pool:lookup(emb_one),
+    {ok, erpy_embedded, #{pool := Pool}} = erpy_transport:lookup(emb_one),
     Threads = length(context_threads()),
     ?assertEqual({error, timeout}, erpy:call(time, sleep, [3], #{pool => emb_one, timeout => 100})),
     %% Queued behind the stuck call, answered once the context is replaced (not after 3 s).
@@ -239,7 +239,7 @@ concurrent_timeouts(_Config) ->
                              Self ! {done, Rs}
                      end) || _ <- lists:seq(1, 8)],
     [receive {done, Rs} -> ?assertEqual(lists:duplicate(10, {error, timeout}), Rs) end || _ <- Ps],
-    {ok, #{pool := Pool}} = erpy_pool:lookup(?P),
+    {ok, erpy_embedded, #{pool := Pool}} = erpy_transport:lookup(?P),
     ok = wait_until(fun() -> maps:get(busy, erpy_nif:pool_info(Pool)) =:= 0 end, 3000),
     ?assertEqual({ok, 3}, erpy:call(operator, add, [1, 2], opts(#{timeout => 1000}))).
 
@@ -745,7 +745,7 @@ send_is_a_callback(_Config) ->
 
 %% The NIF's raw answers and callbacks for a request on ?P, without erpy_embedded.
 raw_start(Req) ->
-    #{pool := Pool} = persistent_term:get({erpy_pool, ?P}),
+    {ok, erpy_embedded, #{pool := Pool}} = erpy_transport:lookup(?P),
     Ref = make_ref(),
     {ok, Job} = erpy_nif:submit(Pool, Ref, Req, false),
     {Job, Ref, raw_next(Job, Ref)}.

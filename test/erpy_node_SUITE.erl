@@ -486,7 +486,7 @@ pool_max_message_size(_Config) ->
                      erpy_node_pool:request(np_size, {eval, <<"'y' * 900">>, #{}}, 5000)),
         %% The default is DESIGN.md's 10 MiB.
         {ok, _} = erpy_node_pool:start_link(np_size2, #{nodes => erpy_node_pool:nodes(np_size)}),
-        #{max_message_size := 10485760} = persistent_term:get({erpy_pool, np_size2}),
+        {ok, erpy_node_pool, #{max_message_size := 10485760}} = erpy_transport:lookup(np_size2),
         Over = {eval, <<"len(b)">>, #{b => binary:copy(<<0>>, 10485760)}},
         ?assertMatch({error, {message_too_large, _, 10485760}}, erpy_node_pool:request(np_size2, Over, 5000)),
         ok = erpy_node_pool:stop(np_size2)
@@ -500,7 +500,7 @@ pool_checkout(_Config) ->
     {ok, _} = erpy_node_pool:start_link(np_co, #{start => 1}),
     try
         {ok, W} = erpy_node_pool:checkout(np_co, 5000),
-        {erpy_node_worker, np_co, Node, _} = W,
+        {erpy_worker, erpy_node_pool, {erpy_node_worker, np_co, Node, _}} = W,
         [Node] = erpy_node_pool:nodes(np_co),
         {ok, W2} = erpy_node_pool:checkout(np_co, 5000),
         ?assertEqual({ok, undefined}, erpy_node_pool:request_worker(W, {exec, <<"x = 41\ndef f(a): return a + x">>}, 5000)),

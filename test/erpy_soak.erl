@@ -132,16 +132,15 @@ wait_size(Pool, Mode, Size, Deadline) ->
             end
     end.
 
-size(Pool, port) -> maps:get(size, erpy_pool:info(Pool));
-size(Pool, embedded) -> maps:get(size, erpy_nif:pool_info(pool_ref(Pool)));
-size(Pool, node) -> length(erpy_node_pool:nodes(Pool)).
+size(Pool, node) -> length(erpy_node_pool:nodes(Pool));
+size(Pool, _Mode) -> maps:get(size, info(Pool)).
 
-ready(Pool, port) -> maps:get(ready, erpy_pool:info(Pool));
+ready(Pool, port) -> maps:get(ready, info(Pool));
 ready(Pool, embedded) ->
-    #{size := S, busy := Busy} = erpy_nif:pool_info(pool_ref(Pool)),
+    #{size := S, busy := Busy} = info(Pool),
     S - Busy;
 ready(Pool, node) -> length(erpy_node_pool:nodes(Pool)).
 
-pool_ref(Pool) ->
-    {ok, #{pool := Ref}} = erpy_pool:lookup(Pool),
-    Ref.
+info(Pool) ->
+    {ok, Info} = erpy:pool_info(Pool),
+    Info.

@@ -1,0 +1,42 @@
+%% Port mode's transport (erpy_transport): a pool of Python worker processes, each behind
+%% a port ({packet, 4} ETF on fds 3 and 4). The pool server is erpy_pool, a worker is
+%% erpy_port_worker, the caller's side of a request is erpy_call.
+-module(erpy_port).
+-behaviour(erpy_transport).
+
+-export([child_specs/2, request/4, request_worker/3, checkout/2, checkin/1, info/1]).
+
+-type ref() :: {erpy:pool(), pid()}.
+
+-spec child_specs(atom(), map()) -> {supervisor:sup_flags(), [supervisor:child_spec()]}.
+child_specs(Name, Opts) ->
+    %% The workers' supervisor and the pool server are restarted together (one_for_all),
+    %% so a pool never outlives its workers or the other way round.
+    {#{strategy => one_for_all, intensity => 5, period => 10},
+     [#{id => workers, start => {erpy_worker_sup, start_link, []}, type => supervisor},
+      %% The pool server asks its supervisor (the caller of child_specs/2) for its sibling.
+      #{id => pool, start => {erpy_pool, start_link, [Name, Opts, self()]}, type => worker}]}.
+
+-spec request(erpy_pool:handle(), erpy_transport:request(), timeout(), erpy:call_opts()) ->
+    erpy_transport:result().
+request(#{name := Pool}, _Req, _Timeout, #{handle := true}) ->
+    %% Handles are Python objects living in this VM: embedded mode only.
+    {error, {not_supported, {handle, Pool}}};
+request(#{name := Pool}, Req, Timeout, _Opts) ->
+    erpy_call:request(Pool, Req, Timeout).
+
+-spec request_worker(ref(), erpy_transport:request(), timeout()) -> erpy_transport:result().
+request_worker({Pool, Pid}, Req, Timeout) ->
+    erpy_call:request_worker(Pool, Pid, Req, Timeout).
+
+-spec checkout(erpy_pool:handle(), timeout()) -> {ok, ref()} | {error, erpy:error_reason()}.
+checkout(#{name := Pool}, Timeout) ->
+    erpy_pool:checkout(Pool, Timeout).
+
+-spec checkin(ref()) -> ok.
+checkin(Ref) ->
+    erpy_pool:checkin(Ref).
+
+-spec info(erpy_pool:handle()) -> #{mode := port, size := non_neg_integer(), atom() => term()}.
+info(#{name := Pool}) ->
+    (erpy_pool:info(Pool))#{mode => port}.

@@ -1,0 +1,196 @@
+%% The API contract, once, against each mode: the same calls must give the same answers
+%% in port, embedded and node mode (values of every type, every error row, timeouts,
+%% callbacks, nested calls, checkout, a stopped pool, an unknown pool, bad arguments).
+-module(erpy_contract_SUITE).
+
+-include_lib("common_test/include/ct.hrl").
+-include_lib("stdlib/include/assert.hrl").
+
+-export([all/0, groups/0, suite/0, init_per_suite/1, end_per_suite/1,
+         init_per_group/2, end_per_group/2]).
+-export([values/1, call_forms/1, eval_exec_run/1, python_errors/1, timeouts/1,
+         callbacks/1, nested/1, checkout/1, unknown_pool/1, stopped_pool/1,
+         bad_arguments/1, policy_refusals/1]).
+%% Called from Python.
+-export([twice/1, again/1]).
+
+-define(P, contract).
+
+all() ->
+    [{group, port}, {group, embedded}, {group, node}].
+
+groups() ->
+    Cases = [values, call_forms, eval_exec_run, python_errors, timeouts, callbacks, nested,
+             checkout, unknown_pool, stopped_pool, bad_arguments, policy_refusals],
+    [{Mode, [], Cases} || Mode <- [port, embedded, node]].
+
+suite() ->
+    [{timetrap, {seconds, 90}}].
+
+init_per_suite(Config) ->
+    _ = application:load(erpy),
+    Root = filename:dirname(code:priv_dir(erpy)),
+    File = filename:join([Root, "priv", "python.path"]),
+    case filelib:is_regular(File) of
+        true -> ok;
+        false -> ok = file:write_file(File, "/usr/bin/python3\n")
+    end,
+    {ok, _} = application:ensure_all_started(erpy),
+    Config.
+
+end_per_suite(_Config) ->
+    ok.
+
+init_per_group(node, Config) ->
+    _ = os:cmd("epmd -daemon"),
+    case is_alive() of
+        true -> ok;
+        false -> {ok, _} = net_kernel:start(['ct_contract@127.0.0.1', longnames])
+    end,
+    start_pool(node, Config);
+init_per_group(Mode, Config) ->
+    start_pool(Mode, Config).
+
+end_per_group(_Mode, _Config) ->
+    _ = erpy:stop_pool(?P),
+    ok.
+
+start_pool(Mode, Config) ->
+    Size = case Mode of node -> #{start => 1}; _ -> #{size => 1} end,
+    {ok, _} = erpy:start_pool(?P, Size#{mode => Mode, kill_grace_ms => 500,
+                                        allowed => [{?MODULE, twice, 1}, {?MODULE, again, 1}]}),
+    ok = wait_serves(?P, 300),
+    [{mode, Mode} | Config].
+
+-define(O, #{pool => ?P}).
+
+%% Every kind of term, both ways.
+values(_Config) ->
+    erpy_term_gen:seed(7),
+    [?assertEqual({ok, T}, erpy:eval(<<"x">>, #{x => T}, ?O))
+     || K <- erpy_term_gen:kinds(), _ <- lists:seq(1, 10), T <- [erpy_term_gen:term(K)]],
+    ?assertEqual({ok, #{"name" => 1, <<"k">> => [1.5, true, undefined]}},
+                 erpy:eval(<<"x">>, #{x => #{"name" => 1, <<"k">> => [1.5, true, undefined]}}, ?O)),
+    B = binary:copy(<<7>>, 1 bsl 20),
+    ?assertEqual({ok, B}, erpy:call(copy, copy, [B], ?O)).
+
+call_forms(_Config) ->
+    ?assertEqual({ok, 3}, erpy:call(operator, add, [1, 2], ?O)),
+    ?assertEqual({ok, <<"a/b">>}, erpy:call('os.path', join, [<<"a">>, <<"b">>], ?O)),
+    ?assertEqual({ok, [3, 2, 1]}, erpy:call(builtins, sorted, [[1, 3, 2]], ?O#{kwargs => #{reverse => true}})),
+    ?assertEqual({ok, #{1 => undefined, 2 => undefined}}, erpy:call(dict, fromkeys, [[1, 2]], ?O)),
+    ?assertEqual({ok, <<"ab">>}, erpy:call(<<"str.join">>, <<"__call__">>, [<<>>, [<<"a">>, <<"b">>]], ?O)),
+    ?assertMatch({error, #{type := <<"ModuleNotFoundError">>}}, erpy:call(no_such_module_x, f, [], ?O)),
+    ?assertMatch({error, #{type := <<"AttributeError">>}}, erpy:call(operator, no_such_fun, [], ?O)).
+
+eval_exec_run(_Config) ->
+    ?assertEqual({ok, 42}, erpy:eval(<<"x * 2">>, #{x => 21}, ?O)),
+    ?assertEqual(ok, erpy:exec(<<"y = 1">>, ?O)),
+    %% A fresh namespace per call without a held worker.
+    ?assertMatch({error, #{type := <<"NameError">>}}, erpy:eval(<<"y">>, #{}, ?O)),
+    ?assertEqual({ok, #{status => ok, result => 30}},
+                 erpy:run(#{code => <<"result = arguments['x'] + arguments['y']">>,
+                            arguments => #{<<"x">> => 10, <<"y">> => 20}, pool => ?P})),
+    ?assertEqual({ok, #{status => ok, result => undefined}}, erpy:run(#{code => <<"pass">>, pool => ?P})).
+
+python_errors(_Config) ->
+    {error, #{type := Type, message := Msg, traceback := TB}} = erpy:eval(<<"1 / 0">>, #{}, ?O),
+    ?assertEqual({<<"ZeroDivisionError">>, <<"division by zero">>}, {Type, Msg}),
+    ?assert(is_list(TB) andalso lists:all(fun is_binary/1, TB)),
+    ?assertEqual(<<"Traceback (most recent call last):\n">>, hd(TB)),
+    ?assertEqual(<<"ZeroDivisionError: division by zero\n">>, lists:last(TB)),
+    {ok, #{status := error, error := #{type := <<"ValueError">>, message := <<"bad">>}}} =
+        erpy:run(#{code => <<"raise ValueError('bad')">>, pool => ?P}),
+    %% A result Python cannot encode.
+    ?assertMatch({error, #{type := <<"EncodeError">>}}, erpy:eval(<<"object()">>, #{}, ?O)).
+
+timeouts(_Config) ->
+    ?assertEqual({error, timeout}, erpy:exec(<<"import time\ntime.sleep(5)">>, ?O#{timeout => 200})),
+    ?assertEqual({error, timeout}, erpy:exec(<<"while True: pass">>, ?O#{timeout => 200})),
+    %% The worker is usable again.
+    ok = wait_serves(?P, 100),
+    ?assertEqual({ok, 2}, erpy:eval(<<"1 + 1">>, #{}, ?O)).
+
+callbacks(_Config) ->
+    ?assertEqual({ok, #{status => ok, result => 42}},
+                 erpy:run(#{code => <<"result = erlang.call('erpy_contract_SUITE', 'twice', 21)">>, pool => ?P})),
+    ?assertEqual({ok, #{status => ok, result => 8}},
+                 erpy:run(#{code => <<"result = erlang.apply('erpy_contract_SUITE', 'twice', [4])">>, pool => ?P})),
+    Me = self(),
+    ?assertEqual({ok, Me}, erpy:eval(<<"erlang.self()">>, #{}, ?O)),
+    {ok, #{status := ok}} = erpy:run(#{code => <<"erlang.send(erlang.self(), ('hi', arguments))">>,
+                                       arguments => 5, pool => ?P}),
+    receive {<<"hi">>, 5} -> ok after 2000 -> ct:fail(no_message) end,
+    {ok, #{status := error, error := #{type := <<"ErlangError">>}}} =
+        erpy:run(#{code => <<"erlang.call('os', 'cmd', 'id')">>, pool => ?P}).
+
+%% Python -> Erlang -> Python on a pool of one worker.
+nested(_Config) ->
+    ?assertEqual({ok, #{status => ok, result => 12}},
+                 erpy:run(#{code => <<"result = erlang.call('erpy_contract_SUITE', 'again', 6)">>, pool => ?P})).
+
+checkout(_Config) ->
+    {ok, W} = erpy:checkout(?P),
+    ok = erpy:exec(<<"kept = 5">>, #{worker => W}),
+    ?assertEqual({ok, 10}, erpy:eval(<<"kept * 2">>, #{}, #{worker => W})),
+    ok = erpy:checkin(W),
+    ?assertEqual({ok, 42}, erpy:with_worker(?P, fun(W2) ->
+                                                    ok = erpy:exec(<<"z = 21">>, #{worker => W2}),
+                                                    erpy:eval(<<"z * 2">>, #{}, #{worker => W2})
+                                                end)),
+    ok = wait_serves(?P, 100),
+    ?assertMatch({error, #{type := <<"NameError">>}}, erpy:eval(<<"kept">>, #{}, ?O)).
+
+unknown_pool(_Config) ->
+    ?assertEqual({error, {no_pool, no_such_pool}}, erpy:call(operator, add, [1, 2], #{pool => no_such_pool})),
+    ?assertEqual({error, {no_pool, no_such_pool}}, erpy:checkout(no_such_pool)),
+    ?assertEqual({error, {no_pool, no_such_pool}}, erpy:pool_info(no_such_pool)).
+
+stopped_pool(Config) ->
+    Mode = ?config(mode, Config),
+    Size = case Mode of node -> #{start => 1}; _ -> #{size => 1} end,
+    {ok, _} = erpy:start_pool(contract_stop, Size#{mode => Mode}),
+    ok = wait_serves(contract_stop, 300),
+    {ok, #{mode := Mode}} = erpy:pool_info(contract_stop),
+    Self = self(),
+    spawn(fun() -> Self ! {in_flight, erpy:exec(<<"import time\ntime.sleep(3)">>,
+                                                #{pool => contract_stop, timeout => 10000})}
+          end),
+    timer:sleep(300),
+    ok = erpy:stop_pool(contract_stop),
+    receive {in_flight, R} -> ?assertEqual({error, {no_pool, contract_stop}}, R)
+    after 8000 -> ct:fail(in_flight_lost)
+    end,
+    ?assertEqual({error, {no_pool, contract_stop}}, erpy:eval(<<"1">>, #{}, #{pool => contract_stop})).
+
+bad_arguments(_Config) ->
+    ?assertMatch({error, {badarg, _}}, erpy:call(1, f, [], ?O)),
+    ?assertMatch({error, {badarg, _}}, erpy:call(m, f, not_a_list, ?O)),
+    ?assertMatch({error, {badarg, _}}, erpy:eval(<<"1">>, not_a_map, ?O)),
+    ?assertMatch({error, {badarg, _}}, erpy:eval(123, #{}, ?O)),
+    ?assertMatch({error, {badarg, _}}, erpy:run(#{code => 123, pool => ?P})),
+    ?assertMatch({error, {badarg, _}}, erpy:eval(<<"1">>, #{}, ?O#{worker => not_a_worker})).
+
+policy_refusals(_Config) ->
+    Name = iolist_to_binary(io_lib:format("contract_no_atom_~b", [erlang:unique_integer([positive])])),
+    ?assertEqual({error, {unknown_atom, Name}}, erpy:eval(<<"__import__('erpy').Atom(n)">>, #{n => Name}, ?O)),
+    ?assertEqual({error, {not_allowed, {'fun', os, cmd, 1}}},
+                 erpy:eval(<<"__import__('erpy').decode(b)">>, #{b => term_to_binary(fun os:cmd/1)}, ?O)),
+    {ok, #{status := error, error := #{type := <<"ErlangError">>}}} =
+        erpy:run(#{code => <<"import erpy\nerlang.send(erpy.Atom('rex'), 1)">>, pool => ?P}).
+
+%% Helpers.
+
+twice(X) -> 2 * X.
+
+again(X) ->
+    {ok, V} = erpy:eval(<<"x * 2">>, #{x => X}, #{pool => ?P}),
+    V.
+
+wait_serves(_Pool, 0) ->
+    {error, not_serving};
+wait_serves(Pool, N) ->
+    case erpy:eval(<<"1">>, #{}, #{pool => Pool, timeout => 2000}) of
+        {ok, 1} -> ok;
+        _ -> timer:sleep(100), wait_serves(Pool, N - 1)
+    end.
