@@ -85,7 +85,9 @@ request(#{name := Pool}, Req, Timeout, _Opts) ->
 %% state persists across request_worker/3 calls until checkin/1 or the holder's death
 %% (the pool monitors the holder). The node is chosen round robin; with none up, as
 %% request/3.
--spec checkout(map(), timeout()) -> {ok, worker()} | {error, term()}.
+-spec checkout(atom() | map(), timeout()) -> {ok, worker()} | {error, term()}.
+checkout(Pool, Timeout) when is_atom(Pool) ->
+    checkout(#{name => Pool}, Timeout);
 checkout(#{name := Pool}, Timeout) ->
     case persistent_term:get(?KEY(Pool), undefined) of
         undefined ->

@@ -78,8 +78,9 @@ call_forms(_Config) ->
     ?assertEqual({ok, 3}, erpy:call(operator, add, [1, 2], ?O)),
     ?assertEqual({ok, <<"a/b">>}, erpy:call('os.path', join, [<<"a">>, <<"b">>], ?O)),
     ?assertEqual({ok, [3, 2, 1]}, erpy:call(builtins, sorted, [[1, 3, 2]], ?O#{kwargs => #{reverse => true}})),
-    ?assertEqual({ok, #{1 => undefined, 2 => undefined}}, erpy:call(dict, fromkeys, [[1, 2]], ?O)),
-    ?assertEqual({ok, <<"ab">>}, erpy:call(<<"str.join">>, <<"__call__">>, [<<>>, [<<"a">>, <<"b">>]], ?O)),
+    %% Dotted function names: an attribute path inside the module.
+    ?assertEqual({ok, #{1 => undefined, 2 => undefined}}, erpy:call(builtins, 'dict.fromkeys', [[1, 2]], ?O)),
+    ?assertEqual({ok, <<"ab">>}, erpy:call(builtins, 'str.join', [<<>>, [<<"a">>, <<"b">>]], ?O)),
     ?assertMatch({error, #{type := <<"ModuleNotFoundError">>}}, erpy:call(no_such_module_x, f, [], ?O)),
     ?assertMatch({error, #{type := <<"AttributeError">>}}, erpy:call(operator, no_such_fun, [], ?O)).
 

@@ -70,7 +70,8 @@ end_per_suite(_Config) ->
 init_per_testcase(_Case, Config) ->
     {ok, _} = erpy:start_pool(?P, #{mode => embedded, size => 4,
                                     allowed => [lists, {erlang, abs}, {?MODULE, nested, 2},
-                                                {?MODULE, deeper, 1}]}),
+                                                {?MODULE, deeper, 1}],
+                                    send_allowed => [erpy_emb_test_name, nobody_has_this_name]}),
     Config.
 
 end_per_testcase(_Case, _Config) ->
@@ -259,7 +260,7 @@ long_calls_watched(_Config) ->
            ok = erpy:checkin(W) end || _ <- lists:seq(1, 3)],
     ?assertEqual({ok, 3}, erpy:call(operator, add, [1, 2], opts())).
 
-%% Stopping a pool answers its running and waiting requests {error, pool_closed} at once.
+%% Stopping a pool answers its running and waiting requests {error, {no_pool, Name}} at once, as in every mode.
 stop_pool_in_flight(_Config) ->
     {ok, _} = erpy:start_pool(emb_one, #{mode => embedded, size => 1}),
     Self = self(),
@@ -269,9 +270,9 @@ stop_pool_in_flight(_Config) ->
               || _ <- lists:seq(1, 3)],
     timer:sleep(50),
     {T, ok} = timer:tc(fun() -> erpy:stop_pool(emb_one) end),
-    [receive {queued, R} -> ?assertEqual({error, pool_closed}, R) after 5000 -> ct:fail(queued_lost) end
+    [receive {queued, R} -> ?assertEqual({error, {no_pool, emb_one}}, R) after 5000 -> ct:fail(queued_lost) end
      || _ <- Queued],
-    receive {slow, R} -> ?assertEqual({error, pool_closed}, R) after 5000 -> ct:fail({slow_lost, Slow}) end,
+    receive {slow, R} -> ?assertEqual({error, {no_pool, emb_one}}, R) after 5000 -> ct:fail({slow_lost, Slow}) end,
     ct:log("stop_pool took ~p us", [T]).
 
 mix(C, I) ->
@@ -340,7 +341,8 @@ allow_list(_Config) ->
     ?assertEqual({ok, #{status => ok, result => <<"ErlangPortError">>}},
                  erpy:run(#{code => Code, pool => ?P})).
 
-%% erlang.send reaches pids and registered names; erlang.self() is the caller.
+%% erlang.send reaches the caller, pids it was given and the names send_allowed lists;
+%% erlang.self() is the caller.
 send_and_self(_Config) ->
     Me = self(),
     ?assertEqual({ok, Me}, erpy:eval(<<"erlang.self()">>, #{}, opts())),

@@ -500,7 +500,7 @@ pool_checkout(_Config) ->
     {ok, _} = erpy_node_pool:start_link(np_co, #{start => 1}),
     try
         {ok, W} = erpy_node_pool:checkout(np_co, 5000),
-        {erpy_worker, erpy_node_pool, {erpy_node_worker, np_co, Node, _}} = W,
+        {erpy_node_worker, np_co, Node, _} = W,
         [Node] = erpy_node_pool:nodes(np_co),
         {ok, W2} = erpy_node_pool:checkout(np_co, 5000),
         ?assertEqual({ok, undefined}, erpy_node_pool:request_worker(W, {exec, <<"x = 41\ndef f(a): return a + x">>}, 5000)),
