@@ -33,7 +33,7 @@ PYENV := PYTHONPATH=$(ROOT)/python$(if $(PYTHONPATH),:$(PYTHONPATH))
 CMAKE_CONFIGURE := cmake --log-level=WARNING -S . -DERPY_PYTHON=$(PYTHON) $(CMAKE_ARGS)
 
 .NOTPARALLEL:
-.PHONY: all setup native erlang golden test test-cpp test-asan test-py test-eunit test-ct \
+.PHONY: all setup native erlang golden test test-cpp test-asan test-py test-eunit test-ct dialyzer \
         fuzz-build fuzz-ci fuzz run-fuzzers demo bench shell clean
 
 all: setup native erlang
@@ -54,7 +54,7 @@ erlang: setup
 
 ## Tests
 
-test: setup native erlang golden test-cpp test-asan test-py test-eunit test-ct fuzz-ci
+test: setup native erlang golden test-cpp test-asan test-py test-eunit dialyzer test-ct fuzz-ci
 	@echo "make test: every step passed"
 
 # Golden ETF bytes, written by this machine's Erlang for the C++ tests (and as fuzz seeds).
@@ -83,6 +83,10 @@ test-py: native
 
 test-eunit: setup
 	@$(REBAR) eunit
+
+# Type specs checked against the code (the first run builds the PLT, about a minute).
+dialyzer: setup
+	@$(REBAR) dialyzer
 
 test-ct: native
 	@$(REBAR) ct

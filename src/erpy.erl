@@ -20,11 +20,15 @@
 -type error_reason() :: timeout
                       | python_error()
                       | {worker_exit, term()}
+                      | {node_down, node()}
                       | {message_too_large, non_neg_integer(), non_neg_integer()}
+                      | {unknown_atom, binary()}
+                      | {undecodable, binary()}
+                      | {not_allowed, {module(), atom(), arity()} | {'fun', module(), atom(), arity()}}
                       | {badarg, term()}
-                      | {not_allowed, {module(), atom(), arity()}}
-                      | {no_pool, term()}
-                      | term().
+                      | {not_supported, {handle, pool()}}
+                      | {no_pool, pool()}
+                      | {no_nodes, pool()}.
 -type mode() :: port | embedded | node.
 %% A held worker: opaque, hand it back with checkin/1 (erpy_transport).
 -type worker() :: erpy_transport:worker().

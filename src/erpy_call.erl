@@ -57,7 +57,7 @@ with_frame(Max, Policy, Req, Timeout, Fun) ->
 %% is wall-clock milliseconds (both sides of a port share the clock); 0 means none.
 %% An iovec: large binaries in the arguments are referenced, not copied, on their way to
 %% the port (a 1 MiB argument costs microseconds instead of a copy).
--spec encode_request(tuple(), integer(), timeout(), pid()) -> erlang:ext_iovec().
+-spec encode_request(tuple(), integer(), timeout(), pid()) -> erlang:iovec().
 encode_request(Req, Id, Timeout, Caller) ->
     Deadline = case Timeout of
                    infinity -> 0;

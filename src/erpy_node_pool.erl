@@ -61,11 +61,11 @@ info(#{name := Pool}) ->
 %% erlang.call/apply/send in the request's code come to this process, which runs them
 %% under the same policy. A caller that gives up (timeout) or dies interrupts the
 %% Python call.
--spec request(atom(), request(), timeout()) -> {ok, term()} | {error, term()}.
+-spec request(atom(), request(), timeout()) -> erpy_transport:result().
 request(Pool, Req, Timeout) ->
     request(#{name => Pool}, Req, Timeout, #{}).
 
--spec request(map(), request(), timeout(), erpy:call_opts()) -> {ok, term()} | {error, term()}.
+-spec request(map(), request(), timeout(), erpy:call_opts()) -> erpy_transport:result().
 request(#{name := Pool}, _Req, _Timeout, #{handle := true}) ->
     %% Handles are Python objects living in this VM: embedded mode only.
     {error, {not_supported, {handle, Pool}}};
@@ -85,7 +85,7 @@ request(#{name := Pool}, Req, Timeout, _Opts) ->
 %% state persists across request_worker/3 calls until checkin/1 or the holder's death
 %% (the pool monitors the holder). The node is chosen round robin; with none up, as
 %% request/3.
--spec checkout(atom() | map(), timeout()) -> {ok, worker()} | {error, term()}.
+-spec checkout(atom() | map(), timeout()) -> {ok, worker()} | {error, erpy:error_reason()}.
 checkout(Pool, Timeout) when is_atom(Pool) ->
     checkout(#{name => Pool}, Timeout);
 checkout(#{name := Pool}, Timeout) ->
@@ -123,7 +123,7 @@ checkin({erpy_node_worker, Pool, Node, Session}) ->
     end.
 
 %% @doc Runs one request in a held worker's namespace.
--spec request_worker(worker(), request(), timeout()) -> {ok, term()} | {error, term()}.
+-spec request_worker(worker(), request(), timeout()) -> erpy_transport:result().
 request_worker({erpy_node_worker, Pool, Node, _Session} = Worker, Req, Timeout) ->
     case persistent_term:get(?KEY(Pool), undefined) of
         undefined -> {error, {no_pool, Pool}};

@@ -21,7 +21,8 @@
 %% What callers need to claim a slot without asking the server.
 -type handle() :: #{pid := pid(), name := atom(), size := pos_integer(),
                     slots := atomics:atomics_ref(), queued := counters:counters_ref(),
-                    max_message_size := non_neg_integer(), policy := erpy_policy:policy()}.
+                    depth := pos_integer(), max_message_size := non_neg_integer(),
+                    policy := erpy_policy:policy()}.
 
 -record(st, {
     name :: atom(),
