@@ -3,6 +3,7 @@
 -module(erpy_config).
 
 -export([pool_opts/1, default_pools/0, python_dir/0, built_python/0]).
+-export([check_rlimits/1, no_rlimits/1]).
 
 -define(MODES, [port, embedded, node]).
 -define(RLIMITS, [as, cpu, nofile, nproc, fsize, core]).
@@ -31,15 +32,14 @@ pool_opts(Opts) when is_map(Opts) ->
         check(is_integer(Size) andalso Size > 0, {badarg, size}),
         check(is_integer(maps:get(max_message_size, Full)), {badarg, max_message_size}),
         check(is_atom(maps:get(none, Full)), {badarg, none}),
-        ok = check_contexts(Full),
-        ok = check_rlimits(Full),
         %% A pool without its own `allowed` follows the application env, also when it
         %% changes later (erpy_port_worker reads it at each callback).
         _ = erpy_allow:compile(Env(allowed, [])),
         ok = check_policy(maps:get(send_allowed, Full), maps:get(new_atoms, Full)),
         {ok, Python} = interpreter(Full),
-        ok = start_embedded_python(Full#{python => Python}),
-        {ok, Full#{python => Python, pythonpath => pythonpath(Full)}}
+        %% What only the mode knows (erpy_transport:prepare/1).
+        (erpy_transport:module(Mode)):prepare(Full#{python => Python,
+                                                    pythonpath => pythonpath(Full)})
     catch
         throw:{bad, Why} -> {error, Why};
         error:{badarg, _} = Why -> {error, Why};
@@ -72,31 +72,11 @@ built_python() ->
 
 %% Internal.
 
-%% Embedded contexts are threads sharing the interpreter (and, before 3.12, its GIL).
-%% Subinterpreters with a GIL each need Python 3.12+ (PEP 684); asked for where the
-%% interpreter cannot give them, the pool does not start.
-check_contexts(#{mode := embedded} = Opts) ->
-    case maps:get(contexts, Opts, threads) of
-        threads -> ok;
-        subinterpreters ->
-            #{version := V, own_gil_subinterpreters := Own} = erpy_nif:python_info(),
-            Why = case Own of
-                      false -> {needs_python, <<"3.12">>, V};
-                      true -> {not_implemented, V}
-                  end,
-            throw({bad, {unsupported, {contexts, subinterpreters, Why}}});
-        Other -> throw({bad, {badarg, {contexts, Other}}})
-    end;
-check_contexts(_Opts) ->
-    ok.
-
 %% rlimits => #{as | cpu | nofile | nproc | fsize | core => non_neg_integer() | infinity}:
-%% each port worker sets them on itself (c_src/worker/process.hpp). Other modes run
-%% Python in the VM or a shared node, where they cannot apply.
+%% each port worker sets them on itself (c_src/worker/process.hpp).
+-spec check_rlimits(map()) -> ok | {error, {badarg, {rlimits, term()}}}.
 check_rlimits(#{rlimits := Limits}) when not is_map(Limits) ->
-    throw({bad, {badarg, {rlimits, Limits}}});
-check_rlimits(#{rlimits := Limits, mode := Mode}) when Mode =/= port, map_size(Limits) > 0 ->
-    throw({bad, {badarg, {rlimits, {mode, Mode}}}});
+    {error, {badarg, {rlimits, Limits}}};
 check_rlimits(#{rlimits := Limits}) ->
     Good = fun(K, V) ->
                    lists:member(K, ?RLIMITS) andalso
@@ -104,20 +84,18 @@ check_rlimits(#{rlimits := Limits}) ->
            end,
     case [KV || {K, V} = KV <- lists:sort(maps:to_list(Limits)), not Good(K, V)] of
         [] -> ok;
-        [Bad | _] -> throw({bad, {badarg, {rlimits, Bad}}})
+        [Bad | _] -> {error, {badarg, {rlimits, Bad}}}
     end;
 check_rlimits(_Opts) ->
     ok.
 
-%% The VM's one Python starts with the first embedded pool (here, so that a failure is the
-%% start_pool/2 caller's clear error, not a crashed pool server).
-start_embedded_python(#{mode := embedded, python := Python}) ->
-    case erpy_nif:init(unicode:characters_to_binary(Python),
-                       unicode:characters_to_binary(python_dir())) of
-        ok -> ok;
-        {error, Why} -> throw({bad, Why})
-    end;
-start_embedded_python(_Opts) ->
+%% Modes that run Python in the VM or in a shared node cannot apply rlimits.
+-spec no_rlimits(map()) -> ok | {error, {badarg, {rlimits, term()}}}.
+no_rlimits(#{rlimits := Limits, mode := Mode}) when is_map(Limits), map_size(Limits) > 0 ->
+    {error, {badarg, {rlimits, {mode, Mode}}}};
+no_rlimits(#{rlimits := Limits}) when not is_map(Limits) ->
+    {error, {badarg, {rlimits, Limits}}};
+no_rlimits(_Opts) ->
     ok.
 
 %% `send_allowed`: registered names, {Name, Node} and pids Python may send to besides the

@@ -8,7 +8,7 @@
 -behaviour(erpy_transport).
 
 -export([start_link/2]).
--export([child_specs/2, request/4, request_worker/3, checkout/2, checkin/1, info/1]).
+-export([prepare/1, child_specs/2, request/4, request_worker/3, checkout/2, checkin/1, info/1]).
 -export([init/1, handle_call/3, handle_cast/2, handle_info/2, terminate/2]).
 
 -define(SPIN, 200).
@@ -23,6 +23,37 @@ start_link(Name, Opts) ->
     gen_server:start_link(?MODULE, {Name, Opts}, []).
 
 %% erpy_transport.
+
+%% Contexts are threads sharing the interpreter (and, before 3.12, its GIL);
+%% subinterpreters with a GIL each need Python 3.12+ (PEP 684): asked for where the
+%% interpreter cannot give them, the pool does not start. The VM's one Python starts with
+%% the first embedded pool, here, so that a failure is start_pool/2's clear error.
+-spec prepare(map()) -> {ok, map()} | {error, term()}.
+prepare(#{python := Python} = Opts) ->
+    maybe_ok([fun() -> erpy_config:no_rlimits(Opts) end,
+              fun() -> erpy_nif:init(unicode:characters_to_binary(Python),
+                                     unicode:characters_to_binary(erpy_config:python_dir()))
+              end,
+              fun() -> check_contexts(maps:get(contexts, Opts, threads)) end], Opts).
+
+maybe_ok([], Opts) -> {ok, Opts};
+maybe_ok([Step | Rest], Opts) ->
+    case Step() of
+        ok -> maybe_ok(Rest, Opts);
+        {error, _} = Error -> Error
+    end.
+
+check_contexts(threads) ->
+    ok;
+check_contexts(subinterpreters) ->
+    #{version := V, own_gil_subinterpreters := Own} = erpy_nif:python_info(),
+    Why = case Own of
+              false -> {needs_python, <<"3.12">>, V};
+              true -> {not_implemented, V}
+          end,
+    {error, {unsupported, {contexts, subinterpreters, Why}}};
+check_contexts(Other) ->
+    {error, {badarg, {contexts, Other}}}.
 
 -spec child_specs(atom(), map()) -> {supervisor:sup_flags(), [supervisor:child_spec()]}.
 child_specs(Name, Opts) ->

@@ -12,7 +12,7 @@
 -compile({no_auto_import, [nodes/1]}).  % nodes/1 below is this pool's
 
 -export([start_link/2, request/3, nodes/1, stop/1]).
--export([child_specs/2, request/4, request_worker/3, checkout/2, checkin/1, info/1]).
+-export([prepare/1, child_specs/2, request/4, request_worker/3, checkout/2, checkin/1, info/1]).
 -export([init/1, handle_call/3, handle_cast/2, handle_info/2, terminate/2]).
 
 -define(KEY(Pool), {?MODULE, Pool}).
@@ -38,6 +38,13 @@ start_link(Pool, Opts) when is_atom(Pool), is_map(Opts) ->
     gen_server:start_link(?MODULE, {Pool, Opts}, []).
 
 %% erpy_transport. The handle is #{name := Pool, ...}.
+
+-spec prepare(map()) -> {ok, map()} | {error, term()}.
+prepare(Opts) ->
+    case erpy_config:no_rlimits(Opts) of
+        ok -> {ok, Opts};
+        Error -> Error
+    end.
 
 -spec child_specs(atom(), map()) -> {supervisor:sup_flags(), [supervisor:child_spec()]}.
 child_specs(Pool, Opts) ->

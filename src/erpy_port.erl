@@ -4,9 +4,16 @@
 -module(erpy_port).
 -behaviour(erpy_transport).
 
--export([child_specs/2, request/4, request_worker/3, checkout/2, checkin/1, info/1]).
+-export([prepare/1, child_specs/2, request/4, request_worker/3, checkout/2, checkin/1, info/1]).
 
 -type ref() :: {erpy:pool(), pid()}.
+
+-spec prepare(map()) -> {ok, map()} | {error, term()}.
+prepare(Opts) ->
+    case erpy_config:check_rlimits(Opts) of
+        ok -> {ok, Opts};
+        Error -> Error
+    end.
 
 -spec child_specs(atom(), map()) -> {supervisor:sup_flags(), [supervisor:child_spec()]}.
 child_specs(Name, Opts) ->

@@ -22,6 +22,9 @@
                  | {run, binary(), term()}.
 -type result() :: {ok, term()} | {error, erpy:error_reason()}.
 
+%% Checks and completes what only the mode knows of a pool's options (erpy_config has
+%% done the common ones), before the pool starts.
+-callback prepare(Opts :: map()) -> {ok, map()} | {error, term()}.
 %% The pool's supervisor and children: `{SupFlags, ChildSpecs}` for erpy_pool_sup.
 -callback child_specs(Name :: atom(), Opts :: map()) ->
     {supervisor:sup_flags(), [supervisor:child_spec()]}.
