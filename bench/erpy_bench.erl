@@ -2,7 +2,7 @@
 %% rewrites bench/RESULTS.md from all of them.
 %%
 %% A workload module exports `rows(Ctx) -> [row()]`; add it to workloads/0. Each row is
-%% one figure of erpy beside a reference measured in the same run (DESIGN.md: alternate
+%% one figure of erpy beside a reference measured in the same run (alternate
 %% A B A B, quote the median of the per-pair ratios). Helpers for that live here:
 %% alternate/3, median/1, python_port/2, request/2.
 -module(erpy_bench).
@@ -123,7 +123,7 @@ results_md(Rows, Table, Facts) ->
     ["# erpy benchmark results\n\n",
      "Written by `make bench` (bench/run_bench.escript); do not edit by hand. Each erpy figure\n"
      "is measured alternately with its reference in the same run (A B A B ...); the ratio is\n"
-     "the median of the per-pair ratios (see DESIGN.md, Benchmarks). MB = 10^6 bytes.\n\n",
+     "the median of the per-pair ratios (bench/erpy_bench.erl). MB = 10^6 bytes.\n\n",
      Table, "\n## Details\n\n", Notes,
      "\n## Machine\n\n", [io_lib:format("- ~s: ~s~n", [K, V]) || {K, V} <- Facts]].
 

@@ -1,4 +1,4 @@
-%% Embedded mode: W1, W2, W3a, W3b, W4 and W6 of DESIGN.md, each beside the pipe floor
+%% Embedded mode: W1, W2, W3a, W3b, W4 and W6, each beside the pipe floor
 %% (an open_port to `cat` with {packet, 4}) measured alternately in the same run, with
 %% port mode's figure of the same workload in the notes.
 %%

@@ -1,4 +1,4 @@
-%% Port mode: W1, W2, W3a, W3b, W4 and W6 of DESIGN.md, each beside its reference measured
+%% Port mode: W1, W2, W3a, W3b, W4 and W6, each beside its reference measured
 %% alternately in the same run, plus a worker's memory over many calls.
 %%
 %% The pipe floor is an open_port to `cat` with {packet, 4} echoing a frame of the same

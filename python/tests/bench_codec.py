@@ -1,4 +1,4 @@
-"""Throughput of erpy.encode / erpy.decode on W5's term (DESIGN.md): a list of 10,000 maps
+"""Throughput of erpy.encode / erpy.decode on W5's term: a list of 10,000 maps
 #{<<"id">> => I, <<"name">> => <<"item">>, <<"score">> => 1.5}.
 
     PYTHONPATH=python python3 python/tests/bench_codec.py [--rounds N]

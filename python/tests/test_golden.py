@@ -1,4 +1,4 @@
-"""Every row of DESIGN.md's type mapping against the bytes Erlang itself makes.
+"""Every row of the type mapping (README.md) against the bytes Erlang itself makes.
 
 For each case: decode(golden) is the expected Python value (types included), encode(value)
 is byte-for-byte the golden, and decode -> encode gives the golden back.
