@@ -10,6 +10,7 @@
 // All functions need the GIL.
 #pragma once
 #include <array>
+#include <memory>
 #include <cstdint>
 #include <string>
 #include <string_view>
@@ -142,26 +143,53 @@ class Codec {
 class DictBuilder {
  public:
   // `max_depth`: what is left of the decoder's limit, for freezing a key.
-  DictBuilder(Codec& c, std::size_t size_hint, std::size_t max_depth);
+  DictBuilder(Codec& c, std::size_t size_hint, std::size_t max_depth) : c_(c), max_depth_(max_depth) {
+#if PY_VERSION_HEX < 0x030D0000
+    dict_ = PyRef::check(_PyDict_NewPresized(static_cast<Py_ssize_t>(size_hint)));
+#else
+    (void)size_hint;
+    dict_ = PyRef::check(PyDict_New());
+#endif
+  }
+
   // `key_offset` locates errors (the key's offset in the input, 0 when there is none).
-  void add(PyRef&& key, PyRef&& value, std::size_t key_offset);
-  PyRef finish();
+  void add(PyRef&& key, PyRef&& value, std::size_t key_offset) {
+    const Py_ssize_t before = PyDict_GET_SIZE(dict_.get());
+    // SetDefault, not SetItem: an equal key keeps its value, for the pairs kept then.
+    if (!equal_ && PyDict_SetDefault(dict_.get(), key.get(), value.get()) &&
+        PyDict_GET_SIZE(dict_.get()) != before) [[likely]] {
+      return;
+    }
+    add_rare(std::move(key), std::move(value), key_offset, before);
+  }
+
+  PyRef finish() {
+    if (!equal_) [[likely]] return std::move(dict_);
+    return finish_rare();
+  }
 
  private:
   struct Pair {
     PyRef key, value;
     std::size_t offset;
   };
-  // Inserts unless an equal key is there; true if it was inserted.
-  bool insert(PyObject* dict, PyRef& key, PyObject* value, std::size_t key_offset);
+  // An unhashable key (the exception set), a key equal to an earlier one, or any key once
+  // there was one: out of line.
+  void add_rare(PyRef&& key, PyRef&& value, std::size_t key_offset, Py_ssize_t before);
+  // Inserts `key` in its frozen form, after Python found it unhashable.
+  void insert_frozen(PyRef& key, PyObject* value, std::size_t key_offset);
+  PyRef finish_rare();
 
   Codec& c_;
   std::size_t max_depth_;
   PyRef dict_;
   // From the first key equal to an earlier one on: the keys to wrap (a set, Python's
   // equality), and every pair in order (the dict keeps only the first of equal keys).
-  PyRef equal_;
-  std::vector<Pair> pairs_;
+  struct Equal {
+    PyRef keys;
+    std::vector<Pair> pairs;
+  };
+  std::unique_ptr<Equal> equal_;
 };
 
 // Sets the Python exception for the C++ exception being handled (call it inside a catch

@@ -186,60 +186,52 @@ etf::DecodeOptions core_options(const DecodeOptions& o) {
 
 }  // namespace
 
-DictBuilder::DictBuilder(Codec& c, std::size_t size_hint, std::size_t max_depth) : c_(c), max_depth_(max_depth) {
-#if PY_VERSION_HEX < 0x030D0000
-  dict_ = PyRef::check(_PyDict_NewPresized(static_cast<Py_ssize_t>(size_hint)));
-#else
-  (void)size_hint;
-  dict_ = PyRef::check(PyDict_New());
-#endif
-}
-
-bool DictBuilder::insert(PyObject* dict, PyRef& key, PyObject* value, std::size_t key_offset) {
-  const Py_ssize_t before = PyDict_GET_SIZE(dict);
-  // SetDefault, not SetItem: an equal key keeps its value, for the pairs kept below.
-  if (!PyDict_SetDefault(dict, key.get(), value)) {
-    if (!PyErr_ExceptionMatches(PyExc_TypeError)) too_deep_to_compare(key_offset);
+void DictBuilder::insert_frozen(PyRef& key, PyObject* value, std::size_t key_offset) {
+  if (!PyErr_ExceptionMatches(PyExc_TypeError)) too_deep_to_compare(key_offset);
+  PyErr_Clear();
+  // A list, a map or an improper list (or a tuple holding one) as a key: its frozen
+  // form, made only now, so that keys Python can hash cost nothing more.
+  try {
+    key = c_.freeze(key.get(), max_depth_);
+  } catch (const PythonError&) {
+    if (!PyErr_ExceptionMatches(PyExc_RecursionError)) throw;
     PyErr_Clear();
-    // A list, a map or an improper list (or a tuple holding one) as a key: its frozen
-    // form, made only now, so that keys Python can hash cost nothing more.
-    try {
-      key = c_.freeze(key.get(), max_depth_);
-    } catch (const PythonError&) {
-      if (!PyErr_ExceptionMatches(PyExc_RecursionError)) throw;
-      PyErr_Clear();
-      throw etf::DecodeError(key_offset, "map key nested too deeply for this thread's stack");
-    }
-    if (!PyDict_SetDefault(dict, key.get(), value)) too_deep_to_compare(key_offset);
+    throw etf::DecodeError(key_offset, "map key nested too deeply for this thread's stack");
   }
-  return PyDict_GET_SIZE(dict) != before;
+  if (!PyDict_SetDefault(dict_.get(), key.get(), value)) too_deep_to_compare(key_offset);
 }
 
-void DictBuilder::add(PyRef&& key, PyRef&& value, std::size_t key_offset) {
-  if (insert(dict_.get(), key, value.get(), key_offset)) {
-    if (equal_) pairs_.push_back(Pair{std::move(key), std::move(value), key_offset});
+void DictBuilder::add_rare(PyRef&& key, PyRef&& value, std::size_t key_offset, Py_ssize_t before) {
+  if (equal_) {  // add() tried nothing
+    if (!PyDict_SetDefault(dict_.get(), key.get(), value.get())) insert_frozen(key, value.get(), key_offset);
+  } else if (PyErr_Occurred()) {  // add()'s try found the key unhashable
+    insert_frozen(key, value.get(), key_offset);
+  }
+  if (PyDict_GET_SIZE(dict_.get()) != before) {
+    if (equal_) equal_->pairs.push_back(Pair{std::move(key), std::move(value), key_offset});
     return;
   }
   // Equal in Python to an earlier key (1.0 after 1): from now on every pair is kept, and
   // the dict is made again at the end.
   if (!equal_) {
-    equal_ = PyRef::check(PySet_New(nullptr));
-    pairs_.reserve(static_cast<std::size_t>(PyDict_GET_SIZE(dict_.get())) + 1);
+    auto e = std::make_unique<Equal>();
+    e->keys = PyRef::check(PySet_New(nullptr));
+    e->pairs.reserve(static_cast<std::size_t>(PyDict_GET_SIZE(dict_.get())) + 1);
     Py_ssize_t pos = 0;
     PyObject *k, *v;
     while (PyDict_Next(dict_.get(), &pos, &k, &v)) {
-      pairs_.push_back(Pair{PyRef::borrow(k), PyRef::borrow(v), key_offset});
+      e->pairs.push_back(Pair{PyRef::borrow(k), PyRef::borrow(v), key_offset});
     }
+    equal_ = std::move(e);
   }
-  if (PySet_Add(equal_.get(), key.get()) != 0) too_deep_to_compare(key_offset);
-  pairs_.push_back(Pair{std::move(key), std::move(value), key_offset});
+  if (PySet_Add(equal_->keys.get(), key.get()) != 0) too_deep_to_compare(key_offset);
+  equal_->pairs.push_back(Pair{std::move(key), std::move(value), key_offset});
 }
 
-PyRef DictBuilder::finish() {
-  if (!equal_) return std::move(dict_);
+PyRef DictBuilder::finish_rare() {
   PyRef out = PyRef::check(PyDict_New());
-  for (Pair& p : pairs_) {
-    const int wrap = PySet_Contains(equal_.get(), p.key.get());
+  for (Pair& p : equal_->pairs) {
+    const int wrap = PySet_Contains(equal_->keys.get(), p.key.get());
     if (wrap < 0) too_deep_to_compare(p.offset);
     PyRef key = PyRef::borrow(p.key.get());
     if (wrap) {
@@ -261,8 +253,7 @@ PyRef DictBuilder::finish() {
       throw etf::DecodeError(p.offset, "map key " + short_repr(p.key.get()) + " appears twice");
     }
   }
-  equal_ = {};
-  pairs_.clear();
+  equal_.reset();
   return out;
 }
 

@@ -248,6 +248,9 @@ class ImproperList:
 # Their contents must be hashable (erpy.freeze makes them so), and each hash is computed
 # once, when the object is made from its (already frozen) parts: hashing a key nested
 # thousands of levels deep then never recurses.
+#
+# Keys that are different terms but equal in Python (1 and 1.0, ok and <<"ok">>) are
+# erpy.Key, at the end of this file.
 
 
 def _immutable(self: Any, name: str, value: Any = None) -> None:
