@@ -313,13 +313,17 @@ class Encoder {
   }
 
   // Erlang writes a list of 1..65535 integers 0..255 as STRING_EXT; so do we. Only exact
-  // ints count (True is not 1 here).
+  // ints count (True is not 1 here); in exact mode int subclasses too, so that the same
+  // term always gives the same bytes.
   bool byte_list(PyObject* o, Py_ssize_t n) {
-    if (!PyLong_CheckExact(PySequence_Fast_GET_ITEM(o, 0))) return false;
+    const auto small_int = [&](PyObject* item) {
+      return PyLong_CheckExact(item) || (o_.exact && PyLong_Check(item) && !PyBool_Check(item));
+    };
+    if (!small_int(PySequence_Fast_GET_ITEM(o, 0))) return false;
     bytes_.resize(static_cast<std::size_t>(n));
     for (Py_ssize_t i = 0; i < n; ++i) {
       PyObject* item = PySequence_Fast_GET_ITEM(o, i);
-      if (!PyLong_CheckExact(item)) return false;
+      if (!small_int(item)) return false;
       int overflow = 0;
       const long v = PyLong_AsLongAndOverflow(item, &overflow);
       if (overflow || v < 0 || v > 255) return false;

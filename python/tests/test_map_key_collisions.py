@@ -163,6 +163,9 @@ def test_key_semantics():
     assert K(True) == K(A("true")) and K(None) != K(A("undefined"))
     assert K(1) != 1 and 1 != K(1) and K([1]) != [1] and K((1,)) != K([1])
     assert K(K(1.0)) == K(1.0) and type(K(K(1.0)).value) is float
+    import enum
+    one = enum.IntEnum("E", "ONE")(1)
+    assert K([one]) == K([1]) and K((one,)) == K((1,)) and K([True]) != K([1])
     # Frozen, and maps compare whatever their order.
     k = K([1, {"b": [2], "a": 1}])
     assert k.value == FL([1, FM({"a": 1, "b": FL([2])})]) and type(k.value) is FL
