@@ -9,14 +9,15 @@
 -export([all/0, suite/0, init_per_suite/1, end_per_suite/1,
          init_per_testcase/2, end_per_testcase/2]).
 -export([random_terms/1, every_kind/1, old_forms_and_compressed/1, hostile_input/1,
-         any_term_as_map_key/1]).
+         any_term_as_map_key/1, keys_equal_in_python/1]).
 
 -define(REPLY_TIMEOUT, 20000).
 -define(RANDOM_TERMS, 5000).
 -define(PER_KIND, 250).
 
 all() ->
-    [random_terms, every_kind, old_forms_and_compressed, hostile_input, any_term_as_map_key].
+    [random_terms, every_kind, old_forms_and_compressed, hostile_input, any_term_as_map_key,
+     keys_equal_in_python].
 
 suite() ->
     [{timetrap, {minutes, 5}}].
@@ -140,7 +141,93 @@ any_term_as_map_key(Config) ->
                        binary_to_term(request(Port, term_to_binary(T, [compressed]))) =/= T],
     ?assertEqual([], Compressed).
 
+keys_equal_in_python(Config) ->
+    doc("Maps whose keys are different terms but equal in Python (1, 1.0 and true; an atom "
+        "and its name as a binary; the same inside lists, tuples, improper lists and map "
+        "values), random keys of every kind around them and such maps as values: 1,000 "
+        "maps come back =:= and byte-identical, plain and compressed (erpy.Key in Python)."),
+    Seed = erlang:unique_integer([positive]) + erlang:system_time(),
+    ct:log("seed ~p", [Seed]),
+    erpy_term_gen:seed(Seed),
+    Kinds = erpy_term_gen:kinds() -- [big_map, big_tuple, long_string],
+    Maps = [twins_map(rand:uniform(8), Kinds, 2) || _ <- lists:seq(1, 1000)]
+           ++ [twins_map(25, Kinds, 1) || _ <- lists:seq(1, 20)],  % hash-ordered maps
+    Colliding = length([M || M <- Maps, has_twins(M)]),
+    ct:log("~b of ~b maps hold keys equal in Python", [Colliding, length(Maps)]),
+    ?assert(Colliding > 500),
+    Port = ?config(port, Config),
+    Failures = [{T, Reply} || T <- Maps,
+                              Reply <- [request(Port, term_to_binary(T, [{minor_version, 2}]))],
+                              not same_term(Reply, T)],
+    report_failures(Failures),
+    ?assertEqual([], Failures),
+    roundtrip_all(Port, Maps),  % the bytes too: the dict keeps the map's order
+    Compressed = [T || T <- lists:sublist(Maps, 200),
+                       not same_term(request(Port, term_to_binary(T, [compressed])), T)],
+    ?assertEqual([], Compressed).
+
 %% Internal.
+
+%% Up to N groups of keys, each a random key and up to two of its twins.
+twins_map(N, Kinds, Depth) ->
+    maps:from_list(
+      lists:append([begin
+                        K = twin_base(Kinds),
+                        [{Key, twins_value(Kinds, Depth)} || Key <- [K, twin(K), twin(K)]]
+                    end || _ <- lists:seq(1, N)])).
+
+twin_base(Kinds) ->
+    case rand:uniform(4) of
+        1 -> lists:nth(rand:uniform(8), [0, 1, 0.0, 1.0, true, false, -3, 255.0]);
+        2 -> lists:nth(rand:uniform(4), [ok, <<"ok">>, 'héllo', <<"key"/utf8>>]);
+        _ -> erpy_term_gen:term(lists:nth(rand:uniform(length(Kinds)), Kinds))
+    end.
+
+twins_value(Kinds, Depth) when Depth > 0 ->
+    case rand:uniform(4) of
+        1 -> twins_map(rand:uniform(3), Kinds, Depth - 1);
+        _ -> erpy_term_gen:term(any)
+    end;
+twins_value(_Kinds, _Depth) ->
+    erpy_term_gen:term(any).
+
+%% Another term equal to T in Python, when there is one (else T itself).
+twin(true) -> pick([1, 1.0]);
+twin(false) -> pick([0, 0.0]);
+twin(undefined) -> undefined;  % None equals nothing else
+twin(A) when is_atom(A) -> atom_to_binary(A, utf8);
+twin(I) when is_integer(I) ->
+    case catch float(I) of
+        F when is_float(F) ->
+            case trunc(F) =:= I of
+                true when I =:= 0; I =:= 1 -> pick([F, I =:= 1]);
+                true -> F;
+                false -> I
+            end;
+        _ -> I
+    end;
+twin(F) when is_float(F), F == trunc(F) -> trunc(F);
+twin(B) when is_binary(B), byte_size(B) =< 20 ->
+    %% A str in Python when it is UTF-8: the atom of that name equals it.
+    case unicode:characters_to_binary(B, utf8, utf8) of
+        B when B =/= <<"true">>, B =/= <<"false">>, B =/= <<"undefined">> -> binary_to_atom(B, utf8);
+        _ -> B
+    end;
+twin(L) when is_list(L) -> twin_list(L);
+twin(T) when is_tuple(T) -> list_to_tuple(twin_list(tuple_to_list(T)));
+twin(M) when is_map(M) -> maps:map(fun(_, V) -> twin(V) end, M);
+twin(T) -> T.
+
+twin_list([H | T]) -> [twin(H) | twin_list(T)];
+twin_list([]) -> [];
+twin_list(Tail) -> twin(Tail).
+
+has_twins(M) when is_map(M) ->
+    lists:any(fun({K, V}) -> twin(K) =/= K orelse has_twins(V) end, maps:to_list(M));
+has_twins(_) ->
+    false.
+
+pick(L) -> lists:nth(rand:uniform(length(L)), L).
 
 %% A map of up to N keys of random kinds, none equal in Python to another (a dict could
 %% not hold both: 1 and 1.0, a and <<"a">>, [1] and [1.0]).

@@ -18,7 +18,8 @@
          nif_reload/1, python_info/1, app_restart/1, queueing_in_order/1,
          large_binaries/1]).
 -export([map_keys/1, deep_nesting/1, result_size_limit/1, callback_size_limit/1,
-         no_new_atoms/1, new_atoms_budget/1, flags_for_checks/1, send_is_a_callback/1]).
+         no_new_atoms/1, new_atoms_budget/1, flags_for_checks/1, send_is_a_callback/1,
+         keys_equal_in_python/1]).
 %% Called from Python through the allow-list, and the logger handler.
 -export([nested/2, deeper/1, log/2]).
 
@@ -45,7 +46,7 @@ all() ->
      schedulers_stay_free, queueing_in_order, large_binaries, python_info, nif_reload,
      app_restart,
      map_keys, deep_nesting, result_size_limit, callback_size_limit, no_new_atoms,
-     new_atoms_budget, flags_for_checks, send_is_a_callback].
+     new_atoms_budget, flags_for_checks, send_is_a_callback, keys_equal_in_python].
 
 suite() ->
     [{timetrap, {seconds, 90}}].
@@ -766,3 +767,39 @@ raw_next(Job, Ref) ->
         wait -> receive {Ref, Msg} -> Msg after 5000 -> ct:fail(no_answer) end;
         Callback when is_tuple(Callback) -> Callback
     end.
+
+%% Map keys that are different terms but equal in Python (1 and 1.0, true and 1, ok and <<"ok">>, [1] and [1.0], inside keys too) are erpy.Key in Python, all of them whatever the order, and come back =:=; Python can make and look up such keys.
+keys_equal_in_python(_Config) ->
+    Terms = [#{1 => a, 1.0 => b}, #{ok => 1, <<"ok">> => 2}, #{true => 1, 1 => 2},
+             #{true => a, 1 => b, 1.0 => c, 2 => d}, #{false => a, 0 => b, 0.0 => c, x => y},
+             #{[1] => a, [1.0] => b}, #{"ok" => 1, [111, 107.0] => 2, "no" => 3},
+             #{{a} => 1, {<<"a">>} => 2}, #{#{1 => a} => x, #{1.0 => a} => y},
+             #{#{1 => a, 1.0 => b} => x}, #{[1 | 2] => a, [1 | 2.0] => b},
+             #{[[[{1, [true]}]]] => a, [[[{1, [1]}]]] => b},
+             #{m => #{ok => 1, <<"ok">> => 2}, n => [#{1 => a, 1.0 => b}]},
+             #{1 bsl 70 => a, float(1 bsl 70) => b}, #{'héllo' => 1, <<"héllo"/utf8>> => 2},
+             maps:from_list([{list_to_atom("k" ++ integer_to_list(I)), I} || I <- lists:seq(1, 30)]
+                            ++ [{list_to_binary("k" ++ integer_to_list(I)), -I} || I <- lists:seq(1, 30)]),
+             maps:from_list([{I, i} || I <- lists:seq(1, 40)] ++ [{float(I), f} || I <- lists:seq(1, 40, 2)])],
+    [?assertEqual({ok, T}, erpy:eval(<<"x">>, #{x => T}, opts())) || T <- Terms],
+    %% erpy.decode and erpy.encode inside the context: the same keys, the same bytes.
+    Code = <<"import erpy\n"
+             "x = erpy.decode(arguments)\n"
+             "result = (sorted(type(k).__name__ for k in x), x[erpy.Key(1)], x[erpy.Key(1.0)], x[2],\n"
+             "          x[erpy.Key(erpy.Atom('ok'))], x[erpy.Key(b'ok')], erpy.encode(x) == arguments)\n">>,
+    ?assertEqual({ok, #{status => ok, result => {[<<"Key">>, <<"Key">>, <<"Key">>, <<"Key">>, <<"int">>],
+                                                 a, b, c, 1, 2, true}}},
+                 erpy:run(#{code => Code, arguments => term_to_binary(#{1 => a, 1.0 => b, 2 => c, ok => 1,
+                                                                        <<"ok">> => 2}, [{minor_version, 2}]),
+                            pool => ?P})),
+    ?assertEqual({ok, [<<"Key">>, <<"Key">>, <<"Key">>]},
+                 erpy:eval(<<"sorted(type(k).__name__ for k in x)">>, #{x => #{true => a, 1 => b, 1.0 => c}}, opts())),
+    ?assertEqual({ok, #{status => ok, result => {a, b, c}}},
+                 erpy:run(#{code => <<"from erpy import Key as K\n"
+                                      "result = (arguments[K(True)], arguments[K(1)], arguments[K(1.0)])">>,
+                            arguments => #{true => a, 1 => b, 1.0 => c}, pool => ?P})),
+    %% Python makes such maps for Erlang.
+    ?assertEqual({ok, #{1 => <<"a">>, 1.0 => <<"b">>, ok => 1, <<"ok">> => 2, [1] => 3, [1.0] => 4}},
+                 erpy:eval(<<"(lambda K, A: {K(1): 'a', K(1.0): 'b', K(A('ok')): 1, K('ok'): 2,"
+                             " K([1]): 3, K([1.0]): 4})(__import__('erpy').Key, __import__('erpy').Atom)">>,
+                           #{}, opts())).

@@ -23,7 +23,7 @@
          rlimits_badarg/1, children_end_with_their_worker/1]).
 %% Run in the peer VM of timeouts_with_sigint_ignored.
 -export([sigint_probe/1]).
--export([map_keys/1]).
+-export([map_keys/1, keys_equal_in_python/1]).
 %% Called from Python through the allow-list, and the logger handler of output_to_logger.
 -export([nested/1, twice/2, log/2]).
 
@@ -38,7 +38,7 @@ all() ->
      fork_child_cannot_use_protocol, exec_child_has_no_protocol_fds, multiprocessing_fork_pool,
      background_child_then_crash, child_holding_pipe_then_crash, timeouts_with_sigint_ignored,
      rlimits_cpu, rlimits_as, rlimits_nofile, rlimits_fsize_nproc_core, rlimits_badarg,
-     children_end_with_their_worker, map_keys].
+     children_end_with_their_worker, map_keys, keys_equal_in_python].
 
 suite() ->
     [{timetrap, {seconds, 60}}].
@@ -1066,6 +1066,31 @@ map_keys(_Config) ->
         ?assertEqual({ok, #{status => ok, result => #{"name" => 1, #{1 => [2]} => 2}}},
                      erpy:run(#{code => <<"import erpy as e\n"
                                           "result = {e.FrozenList(b'name'): 1, e.freeze({1: [2]}): 2}">>,
+                                pool => p_keys}))
+    after
+        erpy:stop_pool(p_keys)
+    end.
+
+%% Map keys that are different terms but equal in Python (1 and 1.0, true and 1, ok and <<"ok">>, [1] and [1.0], inside keys too) reach a worker as erpy.Key and come back =:=.
+keys_equal_in_python(_Config) ->
+    start(p_keys, #{size => 1}),
+    try
+        O = #{pool => p_keys},
+        Terms = [#{1 => a, 1.0 => b}, #{ok => 1, <<"ok">> => 2}, #{true => 1, 1 => 2},
+                 #{true => a, 1 => b, 1.0 => c, 2 => d}, #{[1] => a, [1.0] => b},
+                 #{{a} => 1, {<<"a">>} => 2}, #{#{1 => a} => x, #{1.0 => a} => y},
+                 #{#{1 => a, 1.0 => b} => x}, #{m => [#{ok => 1, <<"ok">> => 2}]},
+                 maps:from_list([{list_to_atom("k" ++ integer_to_list(I)), I} || I <- lists:seq(1, 30)]
+                                ++ [{list_to_binary("k" ++ integer_to_list(I)), -I} || I <- lists:seq(1, 30)])],
+        [?assertEqual({ok, T}, erpy:eval(<<"x">>, #{x => T}, O)) || T <- Terms],
+        ?assertEqual({ok, #{status => ok, result => {[<<"Key">>, <<"Key">>, <<"int">>], b, c}}},
+                     erpy:run(#{code => <<"from erpy import Key as K\n"
+                                          "x = arguments\n"
+                                          "result = (sorted(type(k).__name__ for k in x), x[K(1)], x[K(1.0)])">>,
+                                arguments => #{1 => b, 1.0 => c, 2 => d}, pool => p_keys})),
+        ?assertEqual({ok, #{status => ok, result => #{1 => <<"a">>, 1.0 => <<"b">>, ok => 1, <<"ok">> => 2}}},
+                     erpy:run(#{code => <<"from erpy import Key as K, Atom as A\n"
+                                          "result = {K(1): 'a', K(1.0): 'b', K(A('ok')): 1, K('ok'): 2}">>,
                                 pool => p_keys}))
     after
         erpy:stop_pool(p_keys)

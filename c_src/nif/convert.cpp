@@ -294,7 +294,8 @@ PyRef Converter::python(ToPython& w, ERL_NIF_TERM t, std::size_t depth) {
     case ERL_NIF_TERM_TYPE_MAP: {
       size_t size;
       enif_get_map_size(env, t, &size);
-      PyRef dict = PyRef::check(PyDict_New());
+      // The codec's rules for keys (frozen forms, erpy.Key for keys equal in Python).
+      py::DictBuilder dict(codec_, size, saturating_sub(o.decode.max_depth, depth));
       ErlNifMapIterator it;
       if (!enif_map_iterator_create(env, t, &it, ERL_NIF_MAP_ITERATOR_FIRST)) throw std::bad_alloc();
       struct IterGuard {
@@ -306,17 +307,10 @@ PyRef Converter::python(ToPython& w, ERL_NIF_TERM t, std::size_t depth) {
       while (enif_map_iterator_get_pair(env, &it, &k, &v)) {
         PyRef key = python(w, k, depth + 1);
         PyRef value = python(w, v, depth + 1);
-        if (PyDict_SetItem(dict.get(), key.get(), value.get()) != 0) {
-          // A list, map or improper list as a key: its frozen form, as the codec makes it.
-          if (!PyErr_ExceptionMatches(PyExc_TypeError)) throw PythonError();
-          PyErr_Clear();
-          key = codec_.freeze(key.get(), saturating_sub(o.decode.max_depth, depth));
-          if (PyDict_SetItem(dict.get(), key.get(), value.get()) != 0) throw PythonError();
-        }
+        dict.add(std::move(key), std::move(value), 0);
         enif_map_iterator_next(env, &it);
       }
-      if (static_cast<size_t>(PyDict_GET_SIZE(dict.get())) != size) return via_etf(w, t, depth);  // keys equal in Python
-      return dict;
+      return dict.finish();
     }
     case ERL_NIF_TERM_TYPE_REFERENCE: {
       LentObject* lent;
@@ -456,6 +450,10 @@ ERL_NIF_TERM Converter::term(ToTerm& w, PyObject* obj, std::size_t depth) {
     return out;
   }
   const py::Types& t = codec_.types();
+  if (type == reinterpret_cast<PyTypeObject*>(t.key.get())) {  // an erpy.Key is the term it wraps
+    PyRef value = PyRef::check(PyObject_GetAttrString(obj, "value"));
+    return term(w, value.get(), depth + 1);
+  }
   if (type == reinterpret_cast<PyTypeObject*>(t.atom.get())) {
     Py_ssize_t n = PyUnicode_GET_LENGTH(obj);
     if (PyUnicode_KIND(obj) == PyUnicode_1BYTE_KIND && n <= 255) {

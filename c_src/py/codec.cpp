@@ -39,6 +39,7 @@ Types Types::load(PyObject* types_module, PyObject* errors_module) {
   t.frozen_list = type_attr(types_module, "FrozenList");
   t.frozen_map = type_attr(types_module, "FrozenMap");
   t.frozen_improper_list = type_attr(types_module, "FrozenImproperList");
+  t.key = type_attr(types_module, "Key");
   t.encoders = attr(types_module, "ENCODERS");
   if (!PyDict_CheckExact(t.encoders.get())) {
     PyErr_SetString(PyExc_TypeError, "erpy: ENCODERS is not a dict");
@@ -62,6 +63,8 @@ Codec::Codec(Types types) : types_(std::move(types)) {
   n_tail_ = intern("tail");
   n_items_ = intern("_items");
   n_map_ = intern("_map");
+  n_value_ = intern("value");
+  n_made_ = intern("_made");
 }
 
 Codec::~Codec() {
@@ -224,6 +227,21 @@ class Freezer {
 }  // namespace
 
 PyRef Codec::freeze(PyObject* obj, std::size_t max_depth) { return Freezer(types_, max_depth).run(obj, 0); }
+
+std::pair<PyRef, PyRef> Codec::key_parts(PyObject* obj, std::size_t max_depth) {
+  PyRef frozen = freeze(obj, max_depth);
+  EncodeOptions o;
+  o.exact = true;
+  o.max_depth = max_depth;
+  PyRef exact = encode(frozen.get(), o);
+  return {std::move(frozen), std::move(exact)};
+}
+
+PyRef Codec::key(PyObject* obj, std::size_t max_depth) {
+  auto [frozen, exact] = key_parts(obj, max_depth);
+  return PyRef::check(
+      PyObject_CallMethodObjArgs(types_.key.get(), n_made_.get(), frozen.get(), exact.get(), nullptr));
+}
 
 namespace {
 

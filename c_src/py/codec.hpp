@@ -11,9 +11,12 @@
 #pragma once
 #include <array>
 #include <cstdint>
+#include <memory>
 #include <string>
 #include <string_view>
 #include <unordered_map>
+#include <utility>
+#include <vector>
 
 #include "buffer.hpp"
 #include "etf/reader.hpp"
@@ -25,6 +28,8 @@ struct Types {
   PyRef atom, bit_binary, improper_list, pid, port, ref, fun;
   // The hashable forms of lists, maps and improper lists, for map keys.
   PyRef frozen_list, frozen_map, frozen_improper_list;
+  // erpy.Key: a map key compared as an Erlang term (keys equal in Python, 1 and 1.0).
+  PyRef key;
   PyRef erpy_error, decode_error, encode_error;
   // dict: class -> callable(obj) returning something encodable; shared with
   // erpy.register_encoder, so registrations made later are seen.
@@ -52,6 +57,10 @@ struct EncodeOptions {
   // Encoding stops with etf::TooLargeError once the term (without version byte) would
   // pass this many bytes.
   std::size_t max_size = SIZE_MAX;
+  // Not ETF but the identity of erpy.Key: bytes that are equal exactly when the values are
+  // the same Erlang term. Map entries are sorted (equal maps may iterate differently) and
+  // None is a byte no atom starts with (it is whichever atom `none` names).
+  bool exact = false;
 };
 
 class Codec {
@@ -82,6 +91,12 @@ class Codec {
   // level, tuples included; everything else stays as it is. They encode as the originals.
   PyRef freeze(PyObject* obj, std::size_t max_depth = 2000);
 
+  // erpy.Key(obj): its frozen value and the bytes it is compared by (EncodeOptions::exact).
+  // Throws etf::EncodeError for what cannot be encoded, PythonError (RecursionError) for
+  // what is nested too deeply.
+  std::pair<PyRef, PyRef> key_parts(PyObject* obj, std::size_t max_depth = 2000);
+  PyRef key(PyObject* obj, std::size_t max_depth = 2000);
+
   // Binaries up to this many ASCII bytes go through the str cache.
   static constexpr std::size_t kMaxCachedStr = 32;
 
@@ -95,7 +110,7 @@ class Codec {
   template <class S> friend class Encoder;
   Types types_;
   // Python object attribute names used on encode, made once.
-  PyRef n_node_, n_id_, n_serial_, n_creation_, n_ids_, n_data_, n_bits_, n_elements_, n_tail_, n_items_, n_map_;
+  PyRef n_node_, n_id_, n_serial_, n_creation_, n_ids_, n_data_, n_bits_, n_elements_, n_tail_, n_items_, n_map_, n_value_, n_made_;
 
   // Atom objects by text, so a repeated atom is one object. Bounded: cleared when full.
   struct StringHash {
@@ -114,6 +129,67 @@ class Codec {
   // custom encoder may call erpy.encode again.
   ByteBuffer scratch_;
   bool scratch_busy_ = false;
+};
+
+// Fills a dict with the pairs of one decoded map, in the map's order. Every mode builds
+// its dicts with it, so they all hold the same keys:
+// - a key Python cannot hash (a list, a map, an improper list, a tuple holding one) takes
+//   its frozen form (Codec::freeze);
+// - keys that are different terms but equal in Python (1 and 1.0, true and 1, ok and
+//   <<"ok">>, [1] and [1.0]) are each wrapped in erpy.Key, every key of such a group, so
+//   which keys are wrapped does not depend on the map's order. The others stay bare.
+// Two keys that are the same term are an etf::DecodeError, as Erlang refuses such a map.
+// Maps without such keys cost one dict insert a pair, as before.
+class DictBuilder {
+ public:
+  // `max_depth`: what is left of the decoder's limit, for freezing a key.
+  DictBuilder(Codec& c, std::size_t size_hint, std::size_t max_depth) : c_(c), max_depth_(max_depth) {
+#if PY_VERSION_HEX < 0x030D0000
+    dict_ = PyRef::check(_PyDict_NewPresized(static_cast<Py_ssize_t>(size_hint)));
+#else
+    (void)size_hint;
+    dict_ = PyRef::check(PyDict_New());
+#endif
+  }
+
+  // `key_offset` locates errors (the key's offset in the input, 0 when there is none).
+  void add(PyRef&& key, PyRef&& value, std::size_t key_offset) {
+    const Py_ssize_t before = PyDict_GET_SIZE(dict_.get());
+    // SetDefault, not SetItem: an equal key keeps its value, for the pairs kept then.
+    if (!equal_ && PyDict_SetDefault(dict_.get(), key.get(), value.get()) &&
+        PyDict_GET_SIZE(dict_.get()) != before) [[likely]] {
+      return;
+    }
+    add_rare(std::move(key), std::move(value), key_offset, before);
+  }
+
+  PyRef finish() {
+    if (!equal_) [[likely]] return std::move(dict_);
+    return finish_rare();
+  }
+
+ private:
+  struct Pair {
+    PyRef key, value;
+    std::size_t offset;
+  };
+  // An unhashable key (the exception set), a key equal to an earlier one, or any key once
+  // there was one: out of line.
+  void add_rare(PyRef&& key, PyRef&& value, std::size_t key_offset, Py_ssize_t before);
+  // Inserts `key` in its frozen form, after Python found it unhashable.
+  void insert_frozen(PyRef& key, PyObject* value, std::size_t key_offset);
+  PyRef finish_rare();
+
+  Codec& c_;
+  std::size_t max_depth_;
+  PyRef dict_;
+  // From the first key equal to an earlier one on: the keys to wrap (a set, Python's
+  // equality), and every pair in order (the dict keeps only the first of equal keys).
+  struct Equal {
+    PyRef keys;
+    std::vector<Pair> pairs;
+  };
+  std::unique_ptr<Equal> equal_;
 };
 
 // Sets the Python exception for the C++ exception being handled (call it inside a catch

@@ -31,10 +31,7 @@ class PyBuilder {
  public:
   using Value = PyRef;
 
-  struct Map {
-    PyRef dict;
-    Py_ssize_t count = 0;
-  };
+  using Map = DictBuilder;
 
   PyBuilder(Codec& c, const DecodeOptions& o) : c_(c), o_(o) {}
 
@@ -148,31 +145,13 @@ class PyBuilder {
     return PyRef::check(PyObject_CallFunction(t.improper_list.get(), "OO", l.get(), tail.get()));
   }
 
-  Map map_begin(std::size_t n) {
-#if PY_VERSION_HEX < 0x030D0000
-    return Map{PyRef::check(_PyDict_NewPresized(static_cast<Py_ssize_t>(n))), 0};
-#else
-    (void)n;
-    return Map{PyRef::check(PyDict_New()), 0};
-#endif
-  }
+  Map map_begin(std::size_t n) { return DictBuilder(c_, n, o_.max_depth); }
 
   void map_set(Map& m, PyRef&& key, PyRef&& value, std::size_t key_offset) {
-    if (PyDict_SetItem(m.dict.get(), key.get(), value.get()) != 0) {
-      if (!PyErr_ExceptionMatches(PyExc_TypeError)) too_deep_to_compare(key_offset);
-      PyErr_Clear();
-      // A list, a map or an improper list (or a tuple holding one) as a key: its frozen
-      // form, made only now, so that keys Python can hash cost nothing more.
-      key = frozen_key(key.get(), key_offset);
-      if (PyDict_SetItem(m.dict.get(), key.get(), value.get()) != 0) too_deep_to_compare(key_offset);
-    }
-    if (PyDict_GET_SIZE(m.dict.get()) == ++m.count) return;
-    throw etf::DecodeError(key_offset, "map key " + short_repr(key.get()) + " equals the earlier key " +
-                                           earlier_key(m.dict.get(), key.get()) +
-                                           " in Python; a dict cannot hold both");
+    m.add(std::move(key), std::move(value), key_offset);
   }
 
-  Value map_end(Map& m) { return std::move(m.dict); }
+  Value map_end(Map& m) { return m.finish(); }
 
  private:
   PyRef atom_node(std::string_view node) {
@@ -184,40 +163,19 @@ class PyBuilder {
     return PyRef::check(c_.atom(node, o_));
   }
 
-  // Two keys with equal hashes are compared, which recurses in Python: keys nested deep
-  // enough stop that with a RecursionError, a decoding error here.
-  [[noreturn]] static void too_deep_to_compare(std::size_t key_offset) {
-    if (!PyErr_ExceptionMatches(PyExc_RecursionError)) throw PythonError();
-    PyErr_Clear();
-    throw etf::DecodeError(key_offset, "map key nested too deeply to compare with the others in Python");
-  }
-
-  PyRef frozen_key(PyObject* key, std::size_t key_offset) {
-    try {
-      return c_.freeze(key, o_.max_depth);
-    } catch (const PythonError&) {
-      if (!PyErr_ExceptionMatches(PyExc_RecursionError)) throw;
-      PyErr_Clear();
-      throw etf::DecodeError(key_offset, "map key nested too deeply for this thread's stack");
-    }
-  }
-
-  static std::string earlier_key(PyObject* dict, PyObject* key) {
-    Py_ssize_t pos = 0;
-    PyObject *k, *v;
-    while (PyDict_Next(dict, &pos, &k, &v)) {
-      const int eq = PyObject_RichCompareBool(k, key, Py_EQ);
-      if (eq < 0) PyErr_Clear();
-      if (eq == 1) return short_repr(k);
-    }
-    return "?";
-  }
-
   Codec& c_;
   const DecodeOptions& o_;
   PyRef last_float_;
   std::uint64_t last_float_bits_ = 0;
 };
+
+// Two keys with equal hashes are compared, which recurses in Python: keys nested deep
+// enough stop that with a RecursionError, a decoding error here.
+[[noreturn]] void too_deep_to_compare(std::size_t key_offset) {
+  if (!PyErr_ExceptionMatches(PyExc_RecursionError)) throw PythonError();
+  PyErr_Clear();
+  throw etf::DecodeError(key_offset, "map key nested too deeply to compare with the others in Python");
+}
 
 etf::DecodeOptions core_options(const DecodeOptions& o) {
   etf::DecodeOptions d;
@@ -227,6 +185,77 @@ etf::DecodeOptions core_options(const DecodeOptions& o) {
 }
 
 }  // namespace
+
+void DictBuilder::insert_frozen(PyRef& key, PyObject* value, std::size_t key_offset) {
+  if (!PyErr_ExceptionMatches(PyExc_TypeError)) too_deep_to_compare(key_offset);
+  PyErr_Clear();
+  // A list, a map or an improper list (or a tuple holding one) as a key: its frozen
+  // form, made only now, so that keys Python can hash cost nothing more.
+  try {
+    key = c_.freeze(key.get(), max_depth_);
+  } catch (const PythonError&) {
+    if (!PyErr_ExceptionMatches(PyExc_RecursionError)) throw;
+    PyErr_Clear();
+    throw etf::DecodeError(key_offset, "map key nested too deeply for this thread's stack");
+  }
+  if (!PyDict_SetDefault(dict_.get(), key.get(), value)) too_deep_to_compare(key_offset);
+}
+
+void DictBuilder::add_rare(PyRef&& key, PyRef&& value, std::size_t key_offset, Py_ssize_t before) {
+  if (equal_) {  // add() tried nothing
+    if (!PyDict_SetDefault(dict_.get(), key.get(), value.get())) insert_frozen(key, value.get(), key_offset);
+  } else if (PyErr_Occurred()) {  // add()'s try found the key unhashable
+    insert_frozen(key, value.get(), key_offset);
+  }
+  if (PyDict_GET_SIZE(dict_.get()) != before) {
+    if (equal_) equal_->pairs.push_back(Pair{std::move(key), std::move(value), key_offset});
+    return;
+  }
+  // Equal in Python to an earlier key (1.0 after 1): from now on every pair is kept, and
+  // the dict is made again at the end.
+  if (!equal_) {
+    auto e = std::make_unique<Equal>();
+    e->keys = PyRef::check(PySet_New(nullptr));
+    e->pairs.reserve(static_cast<std::size_t>(PyDict_GET_SIZE(dict_.get())) + 1);
+    Py_ssize_t pos = 0;
+    PyObject *k, *v;
+    while (PyDict_Next(dict_.get(), &pos, &k, &v)) {
+      e->pairs.push_back(Pair{PyRef::borrow(k), PyRef::borrow(v), key_offset});
+    }
+    equal_ = std::move(e);
+  }
+  if (PySet_Add(equal_->keys.get(), key.get()) != 0) too_deep_to_compare(key_offset);
+  equal_->pairs.push_back(Pair{std::move(key), std::move(value), key_offset});
+}
+
+PyRef DictBuilder::finish_rare() {
+  PyRef out = PyRef::check(PyDict_New());
+  for (Pair& p : equal_->pairs) {
+    const int wrap = PySet_Contains(equal_->keys.get(), p.key.get());
+    if (wrap < 0) too_deep_to_compare(p.offset);
+    PyRef key = PyRef::borrow(p.key.get());
+    if (wrap) {
+      try {
+        key = c_.key(p.key.get(), max_depth_);
+      } catch (const PythonError&) {
+        if (!PyErr_ExceptionMatches(PyExc_RecursionError)) throw;
+        PyErr_Clear();
+        throw etf::DecodeError(p.offset, "map key nested too deeply for this thread's stack");
+      } catch (const etf::EncodeError& e) {
+        throw etf::DecodeError(p.offset, std::string("map key cannot be an erpy.Key: ") + e.what());
+      }
+    }
+    // Bare keys are unequal to every other key here, and Keys compare exactly: only a key
+    // that is the same term as another can fail to go in.
+    const Py_ssize_t before = PyDict_GET_SIZE(out.get());
+    if (PyDict_SetItem(out.get(), key.get(), p.value.get()) != 0) too_deep_to_compare(p.offset);
+    if (PyDict_GET_SIZE(out.get()) == before) {
+      throw etf::DecodeError(p.offset, "map key " + short_repr(p.key.get()) + " appears twice");
+    }
+  }
+  equal_.reset();
+  return out;
+}
 
 PyRef Codec::binary(etf::Bytes b, const DecodeOptions& o) {
   const char* p = reinterpret_cast<const char*>(b.data());

@@ -85,8 +85,13 @@ inline void write_payload(ByteBuffer& s, const void* p, std::size_t n) { s.write
 
 }  // namespace
 
+// EncodeOptions::exact writes None as this byte, which is no ETF tag.
+constexpr std::uint8_t kExactNone = 0;
+
 template <class S>
 class Encoder {
+  template <class> friend class Encoder;  // exact_map encodes each entry apart
+
  public:
   Encoder(Codec& c, const EncodeOptions& o, S& s)
       : c_(c), o_(o), s_(s), atom_type_(reinterpret_cast<PyTypeObject*>(c.types_.atom.get())) {}
@@ -117,7 +122,7 @@ class Encoder {
     if (t == &PyTuple_Type) return tuple(o, depth);
     if (o == Py_True) return etf::put_atom(s_, "true");
     if (o == Py_False) return etf::put_atom(s_, "false");
-    if (o == Py_None) return etf::put_atom(s_, o_.none);
+    if (o == Py_None) return none();
     if (t == atom_type_) return atom(o);
     if (t == &PyBytes_Type) {
       fast_binary_header(s_, static_cast<std::size_t>(PyBytes_GET_SIZE(o)));
@@ -140,6 +145,7 @@ class Encoder {
     if (t == type(ty.frozen_list)) return frozen_list(o, depth);
     if (t == type(ty.frozen_map)) return frozen_map(o, depth);
     if (t == type(ty.frozen_improper_list)) return improper_list(o, depth);
+    if (t == type(ty.key)) return key(o, depth);
     if (PyObject* fn = find_encoder(t)) return convert(PyRef::borrow(fn), o, depth, "the erpy encoder");
     if (PyObject_TypeCheck(o, atom_type_)) return atom(o);
     if (PyUnicode_Check(o)) return str(o);
@@ -158,6 +164,7 @@ class Encoder {
     if (PyObject_TypeCheck(o, type(ty.frozen_list))) return frozen_list(o, depth);
     if (PyObject_TypeCheck(o, type(ty.frozen_map))) return frozen_map(o, depth);
     if (PyObject_TypeCheck(o, type(ty.frozen_improper_list))) return improper_list(o, depth);
+    if (PyObject_TypeCheck(o, type(ty.key))) return key(o, depth);
     if (o_.fallback) return convert(PyRef::borrow(o_.fallback), o, depth, "the default function");
     fail(std::string("cannot encode object of type ") + t->tp_name);
   }
@@ -227,6 +234,18 @@ class Encoder {
 
   void atom(PyObject* o) { etf::put_atom(s_, atom_text(o, "atom")); }
 
+  void none() {
+    if (!o_.exact) return etf::put_atom(s_, o_.none);
+    const std::uint8_t tag = kExactNone;
+    s_.write(&tag, 1);
+  }
+
+  // An erpy.Key is the term it wraps.
+  void key(PyObject* o, std::size_t depth) {
+    PyRef value = get(o, c_.n_value_);
+    term(value.get(), depth + 1);
+  }
+
   void integer(PyObject* o) {
     int overflow = 0;
     const long long v = PyLong_AsLongLongAndOverflow(o, &overflow);
@@ -294,13 +313,17 @@ class Encoder {
   }
 
   // Erlang writes a list of 1..65535 integers 0..255 as STRING_EXT; so do we. Only exact
-  // ints count (True is not 1 here).
+  // ints count (True is not 1 here); in exact mode int subclasses too, so that the same
+  // term always gives the same bytes.
   bool byte_list(PyObject* o, Py_ssize_t n) {
-    if (!PyLong_CheckExact(PySequence_Fast_GET_ITEM(o, 0))) return false;
+    const auto small_int = [&](PyObject* item) {
+      return PyLong_CheckExact(item) || (o_.exact && PyLong_Check(item) && !PyBool_Check(item));
+    };
+    if (!small_int(PySequence_Fast_GET_ITEM(o, 0))) return false;
     bytes_.resize(static_cast<std::size_t>(n));
     for (Py_ssize_t i = 0; i < n; ++i) {
       PyObject* item = PySequence_Fast_GET_ITEM(o, i);
-      if (!PyLong_CheckExact(item)) return false;
+      if (!small_int(item)) return false;
       int overflow = 0;
       const long v = PyLong_AsLongAndOverflow(item, &overflow);
       if (overflow || v < 0 || v > 255) return false;
@@ -325,6 +348,7 @@ class Encoder {
   }
 
   void dict(PyObject* o, std::size_t depth) {
+    if (o_.exact) [[unlikely]] return exact_map(o, depth);
     const Py_ssize_t n = PyDict_GET_SIZE(o);
     etf::put_map_header(s_, static_cast<std::size_t>(n));
     Py_ssize_t pos = 0, done = 0;
@@ -343,6 +367,7 @@ class Encoder {
   // dict subclasses go through items(), which may be overridden (OrderedDict keeps its
   // order outside the dict's own table).
   void dict_subclass(PyObject* o, std::size_t depth) {
+    if (o_.exact) return exact_map(o, depth);
     PyRef items = PyRef::check(PyMapping_Items(o));
     const Py_ssize_t n = PyList_GET_SIZE(items.get());
     etf::put_map_header(s_, static_cast<std::size_t>(n));
@@ -368,6 +393,35 @@ class Encoder {
     } catch (...) {
       path_.push_back(Step{Step::kValue, 0, std::move(key)});
       throw;
+    }
+  }
+
+  // EncodeOptions::exact: the entries sorted by their bytes, so that equal maps give the
+  // same bytes whatever their order.
+  [[gnu::noinline]] void exact_map(PyObject* o, std::size_t depth) {
+    PyRef items = PyRef::check(PyMapping_Items(o));
+    const Py_ssize_t n = PyList_GET_SIZE(items.get());
+    std::vector<std::pair<ByteBuffer, ByteBuffer>> entries(static_cast<std::size_t>(n));
+    for (Py_ssize_t i = 0; i < n; ++i) {
+      PyObject* kv = PyList_GET_ITEM(items.get(), i);
+      if (!PyTuple_Check(kv) || PyTuple_GET_SIZE(kv) != 2) {
+        fail(std::string(Py_TYPE(o)->tp_name) + ".items() must give (key, value) pairs");
+      }
+      auto& [k, v] = entries[static_cast<std::size_t>(i)];
+      Encoder<ByteBuffer>(c_, o_, k).term(PyTuple_GET_ITEM(kv, 0), depth + 1);
+      Encoder<ByteBuffer>(c_, o_, v).term(PyTuple_GET_ITEM(kv, 1), depth + 1);
+    }
+    const auto bytes = [](const ByteBuffer& b) {
+      return std::string_view(reinterpret_cast<const char*>(b.data()), b.size());
+    };
+    std::sort(entries.begin(), entries.end(), [&](const auto& a, const auto& b) {
+      const int c = bytes(a.first).compare(bytes(b.first));
+      return c != 0 ? c < 0 : bytes(a.second) < bytes(b.second);
+    });
+    etf::put_map_header(s_, entries.size());
+    for (const auto& [k, v] : entries) {
+      s_.write(k.data(), k.size());
+      s_.write(v.data(), v.size());
     }
   }
 

@@ -166,6 +166,17 @@ PyObject* freeze(PyObject*, PyObject* obj) {
   }
 }
 
+// For erpy.Key(value): (its frozen value, the bytes Keys are compared by).
+PyObject* key_parts(PyObject*, PyObject* obj) {
+  try {
+    auto [frozen, exact] = g_codec->key_parts(obj);
+    return PyTuple_Pack(2, frozen.get(), exact.get());
+  } catch (...) {
+    erpy::py::set_python_error(g_codec->types());
+    return nullptr;
+  }
+}
+
 PyMethodDef methods[] = {
     {"encode", reinterpret_cast<PyCFunction>(reinterpret_cast<void (*)()>(encode)),
      METH_FASTCALL | METH_KEYWORDS,
@@ -183,6 +194,7 @@ PyMethodDef methods[] = {
      "freeze(value, /) -> object\n\n"
      "The hashable form of value, as decode() gives map keys: lists become FrozenList, dicts\n"
      "FrozenMap, ImproperLists FrozenImproperList, at every level (tuples included)."},
+    {"_key_parts", key_parts, METH_O, "_key_parts(value, /) -> (frozen value, exact bytes), for erpy.Key."},
     {nullptr, nullptr, 0, nullptr},
 };
 

@@ -4,6 +4,7 @@
 // ASan sees every object).
 #include <gtest/gtest.h>
 
+#include <cstring>
 #include <memory>
 #include <string>
 #include <vector>
@@ -167,8 +168,9 @@ TEST_F(PyConvert, HostileInputIsAnError) {
     std::vector<std::uint8_t> part(good.begin(), good.begin() + static_cast<long>(cut));
     EXPECT_THROW(decode(part), etf::DecodeError) << cut;
   }
-  // #{<<"a">> => 0, a => 1}: one key in Python.
-  EXPECT_THROW(decode({131, 116, 0, 0, 0, 2, 109, 0, 0, 0, 1, 'a', 97, 0, 119, 1, 'a', 97, 1}), etf::DecodeError);
+  // #{<<"a">> => 0, <<"a">> => 1}: the same key twice, which Erlang refuses too.
+  EXPECT_THROW(decode({131, 116, 0, 0, 0, 2, 109, 0, 0, 0, 1, 'a', 97, 0, 109, 0, 0, 0, 1, 'a', 97, 1}),
+               etf::DecodeError);
   EXPECT_FALSE(PyErr_Occurred());
 }
 
@@ -183,6 +185,47 @@ TEST_F(PyConvert, UnhashableMapKeysBecomeFrozen) {
                     eval("FrozenList([1, FrozenMap({2: FrozenList([3])}), (4, FrozenList([5])), "
                          "FrozenImproperList([FrozenList([6])], 7)])").get()));
   EXPECT_NE(PyObject_Hash(frozen.get()), -1);
+}
+
+TEST_F(PyConvert, KeysEqualInPythonBecomeKeys) {
+  // #{<<"a">> => 0, a => 1, b => 2}: <<"a">> and a are equal in Python, both are erpy.Key.
+  const std::vector<std::uint8_t> data{131, 116, 0, 0, 0, 3, 109, 0, 0, 0, 1, 'a', 97, 0,
+                                       119, 1,   'a', 97, 1, 119, 1, 'b', 97, 2};
+  PyRef v = decode(data);
+  set("v", v.get());
+  EXPECT_TRUE(equal(eval("[type(k).__name__ for k in v]").get(), eval("['Key', 'Key', 'Atom']").get()));
+  set("k", codec_->key(eval("b'a'").get()).get());  // the binary, like 'a'
+  EXPECT_TRUE(equal(eval("v[k]").get(), eval("0").get()));
+  EXPECT_EQ(encode(v.get()), data);
+  // The same in the other order: the same keys are wrapped.
+  const std::vector<std::uint8_t> swapped{131, 116, 0, 0, 0, 3, 119, 1, 'a', 97, 1, 109, 0, 0, 0, 1, 'a', 97, 0,
+                                          119, 1,   'b', 97, 2};
+  PyRef w = decode(swapped);
+  EXPECT_TRUE(equal(v.get(), w.get()));
+  EXPECT_EQ(encode(w.get()), swapped);
+  // Exact bytes: None apart from every atom, map entries sorted.
+  auto [frozen, exact] = codec_->key_parts(eval("[{2: None, 1: 1.0}]").get());
+  EXPECT_TRUE(equal(frozen.get(), eval("FrozenList([FrozenMap({1: 1.0, 2: None})])").get()));
+  EXPECT_TRUE(equal(exact.get(), codec_->key_parts(eval("[{1: 1.0, 2: None}]").get()).second.get()));
+  EXPECT_FALSE(equal(exact.get(), codec_->key_parts(eval("[{1: 1, 2: None}]").get()).second.get()));
+  EXPECT_FALSE(equal(exact.get(), codec_->key_parts(eval("[{1: 1.0, 2: Atom('undefined')}]").get()).second.get()));
+  EXPECT_THROW(codec_->key_parts(eval("object()").get()), etf::EncodeError);
+  // 100,000 pairs that all collide: one pass, not one per collision.
+  std::vector<std::uint8_t> many{131, 116, 0, 3, 13, 64};  // 200,000 keys
+  for (std::uint32_t i = 256; i < 100'256; ++i) {  // INTEGER_EXT, as the encoder writes them
+    many.insert(many.end(), {98, static_cast<std::uint8_t>(i >> 24), static_cast<std::uint8_t>(i >> 16),
+                             static_cast<std::uint8_t>(i >> 8), static_cast<std::uint8_t>(i), 106});
+    double d = i;
+    std::uint64_t bits;
+    std::memcpy(&bits, &d, 8);
+    many.push_back(70);
+    for (int b = 7; b >= 0; --b) many.push_back(static_cast<std::uint8_t>(bits >> (8 * b)));
+    many.push_back(106);
+  }
+  PyRef big = decode(many);
+  EXPECT_EQ(PyDict_GET_SIZE(big.get()), 200'000);
+  EXPECT_EQ(encode(big.get()), many);
+  EXPECT_FALSE(PyErr_Occurred());
 }
 
 TEST_F(PyConvert, EncodeStopsAtMaxSize) {

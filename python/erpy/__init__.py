@@ -8,7 +8,7 @@ from __future__ import annotations
 
 from ._errors import DecodeError, EncodeError, ErpyError
 from ._types import (
-    Atom, BitBinary, FrozenImproperList, FrozenList, FrozenMap, Fun, ImproperList, Pid, Port, Ref,
+    Atom, BitBinary, FrozenImproperList, FrozenList, FrozenMap, Fun, ImproperList, Key, Pid, Port, Ref,
     register_encoder,
 )
 from ._native import decode, encode, freeze
@@ -18,7 +18,7 @@ __version__ = "0.1.0"
 __all__ = [
     "encode", "decode", "freeze", "register_encoder",
     "Atom", "BitBinary", "Fun", "ImproperList", "Pid", "Port", "Ref",
-    "FrozenList", "FrozenMap", "FrozenImproperList",
+    "FrozenList", "FrozenMap", "FrozenImproperList", "Key",
     "ErpyError", "DecodeError", "EncodeError",
     "__version__",
 ]

@@ -15,7 +15,7 @@ if TYPE_CHECKING:
 
 __all__ = [
     "Atom", "BitBinary", "ImproperList", "Pid", "Port", "Ref", "Fun",
-    "FrozenList", "FrozenMap", "FrozenImproperList",
+    "FrozenList", "FrozenMap", "FrozenImproperList", "Key",
     "register_encoder", "ENCODERS",
 ]
 
@@ -248,10 +248,70 @@ class ImproperList:
 # Their contents must be hashable (erpy.freeze makes them so), and each hash is computed
 # once, when the object is made from its (already frozen) parts: hashing a key nested
 # thousands of levels deep then never recurses.
+#
+# Keys that are different terms but equal in Python (1 and 1.0, ok and <<"ok">>) are
+# erpy.Key, at the end of this file.
 
 
 def _immutable(self: Any, name: str, value: Any = None) -> None:
     raise AttributeError(f"{type(self).__name__} is immutable")
+
+
+def _frozen_equal(a: Any, b: Any) -> bool:
+    """``a == b`` for frozen forms, walked with a stack instead of recursion.
+
+    Two map keys with equal hashes are compared, and keys may nest as deep as ``max_depth``
+    (2000): Python's own comparison would stop with a RecursionError a few hundred levels
+    down. Unequal hashes settle most comparisons without walking the contents.
+    """
+    stack = [(a, b)]
+    pop, push, extend = stack.pop, stack.append, stack.extend
+    while stack:
+        x, y = pop()
+        if x is y:
+            continue
+        t = type(x)
+        if t is not type(y):
+            t = _frozen_kind(x)
+            if t is None or t is not _frozen_kind(y):
+                if not x == y:  # 1 and 1.0, a FrozenList and a list: their own rules
+                    return False
+                continue
+        if t is tuple:
+            if len(x) != len(y):
+                return False
+            extend(zip(x, y))
+        elif t is FrozenList:
+            if x._hash != y._hash or len(x._items) != len(y._items):
+                return False
+            extend(zip(x._items, y._items))
+        elif t is FrozenImproperList:
+            if x._hash != y._hash or len(x.elements) != len(y.elements):
+                return False
+            push((x.tail, y.tail))
+            extend(zip(x.elements, y.elements))
+        elif t is FrozenMap:
+            if x._hash != y._hash or len(x._map) != len(y._map):
+                return False
+            other = y._map
+            for k, v in x._map.items():
+                w = other.get(k, _MISSING)
+                if w is _MISSING:
+                    return False
+                push((v, w))
+        elif not x == y:
+            return False
+    return True
+
+
+_MISSING = object()
+
+
+def _frozen_kind(x: Any) -> type | None:
+    for kind in (tuple, FrozenList, FrozenMap, FrozenImproperList):
+        if isinstance(x, kind):
+            return kind
+    return None
 
 
 class FrozenList:
@@ -299,8 +359,7 @@ class FrozenList:
 
     def __eq__(self, other: object) -> bool:
         if isinstance(other, FrozenList):
-            # Unequal hashes settle most comparisons without walking the contents.
-            return self._hash == other._hash and self._items == other._items
+            return _frozen_equal(self, other)
         if isinstance(other, list):
             return list(self._items) == other
         return NotImplemented
@@ -359,7 +418,7 @@ class FrozenMap:
 
     def __eq__(self, other: object) -> bool:
         if isinstance(other, FrozenMap):
-            return self._hash == other._hash and self._map == other._map
+            return _frozen_equal(self, other)
         if isinstance(other, dict):
             return self._map == other
         return NotImplemented
@@ -403,7 +462,7 @@ class FrozenImproperList:
 
     def __eq__(self, other: object) -> bool:
         if isinstance(other, FrozenImproperList):
-            return self._hash == other._hash and self.elements == other.elements and self.tail == other.tail
+            return _frozen_equal(self, other)
         if isinstance(other, ImproperList):
             return list(self.elements) == other.elements and self.tail == other.tail
         return NotImplemented
@@ -416,3 +475,66 @@ class FrozenImproperList:
 
     def __reduce__(self):
         return (FrozenImproperList, (self.elements, self.tail))
+
+
+class Key:
+    """A map key compared as an Erlang term: by its type and value, not by Python's ``==``.
+
+    Some different Erlang terms are equal in Python: ``1`` and ``1.0``, ``true`` and ``1``,
+    the atom ``ok`` and the binary ``<<"ok">>`` (``Atom('ok') == 'ok'``), ``[1]`` and
+    ``[1.0]``. A dict cannot hold two such keys, so when a decoded map has keys that are
+    equal in Python, every one of them is wrapped (whatever the map's order) and the other
+    keys stay as they are: ``#{1 => a, 1.0 => b, 2 => c}`` decodes to
+    ``{Key(1): Atom('a'), Key(1.0): Atom('b'), 2: Atom('c')}``; look them up with
+    ``d[erpy.Key(1.0)]``. A Key encodes as its ``value``.
+
+    Two Keys are equal when their values are the same Erlang term (``Key('ok') ==
+    Key(b'ok')``, both the binary; ``Key(1) != Key(1.0)``). A Key is never equal to a
+    bare value. ``value`` is held in its frozen form (see ``erpy.freeze``) and must be
+    encodable.
+    """
+
+    __slots__ = ("value", "_exact", "_hash")
+
+    value: Any
+
+    def __init__(self, value: Any) -> None:
+        from ._native import _key_parts  # the codec imports this module first
+
+        if isinstance(value, Key):
+            value = value.value
+        frozen, exact = _key_parts(value)
+        _fill_key(self, frozen, exact)
+
+    @classmethod
+    def _made(cls, value: Any, exact: bytes) -> Key:
+        """For the codec, which has frozen ``value`` and encoded it exactly already."""
+        self = object.__new__(cls)
+        _fill_key(self, value, exact)
+        return self
+
+    __setattr__ = _immutable
+    __delattr__ = _immutable
+
+    def __eq__(self, other: object) -> bool:
+        if isinstance(other, Key):
+            return self._hash == other._hash and self._exact == other._exact
+        return NotImplemented
+
+    def __hash__(self) -> int:
+        return self._hash
+
+    def __repr__(self) -> str:
+        return f"Key({self.value!r})"
+
+    def __reduce__(self):
+        return (Key, (self.value,))
+
+
+def _fill_key(key: Key, value: Any, exact: bytes) -> None:
+    s = object.__setattr__
+    s(key, "value", value)
+    # The value encoded so that the same term always gives the same bytes (map entries
+    # sorted, None apart from every atom): comparing Keys never recurses, however deep.
+    s(key, "_exact", exact)
+    s(key, "_hash", hash((Key, exact)))

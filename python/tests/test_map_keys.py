@@ -166,12 +166,30 @@ def test_unhashable_keys_do_not_leak():
     assert grown < 64 * 1024, grown
 
 
-def test_deep_keys_equal_in_python_are_a_decode_error():
-    # [[[1]]] and [[[1.0]]] are two keys in Erlang, one in Python: refused, however deep.
+def test_deep_keys_equal_in_python_are_keys():
+    # [[[1]]] and [[[1.0]]] are two keys in Erlang, equal in Python: erpy.Key, however deep
+    # (their comparison in Python does not recurse).
     import struct
     for levels in (10, 900, 1900):
-        k1 = b"l\x00\x00\x00\x01" * levels + b"a\x01" + b"j" * levels
-        k2 = b"l\x00\x00\x00\x01" * levels + b"F" + struct.pack(">d", 1.0) + b"j" * levels
+        k1 = b"l\x00\x00\x00\x01" * levels + b"h\x01a\x01" + b"j" * levels
+        k2 = b"l\x00\x00\x00\x01" * levels + b"h\x01F" + struct.pack(">d", 1.0) + b"j" * levels
         data = b"\x83t\x00\x00\x00\x02" + k1 + b"a\x01" + k2 + b"a\x02"
-        with pytest.raises(erpy.DecodeError):
-            erpy.decode(data)
+        value = erpy.decode(data)
+        assert [type(k) for k in value] == [erpy.Key, erpy.Key] and list(value.values()) == [1, 2]
+        assert erpy.encode(value) == data
+        a, b = value
+        assert a.value == b.value and a != b
+
+
+def test_deep_frozen_equality():
+    deep1, deep2 = 1, 1.0
+    for _ in range(5000):
+        deep1, deep2 = FL([(deep1,)]), FL([(deep2,)])
+    assert deep1 == deep2 and hash(deep1) == hash(deep2)
+    assert FM({1: deep1}) == FM({1.0: deep2}) and FIL([deep1], 2) == FIL([deep2], 2.0)
+    assert FL([1, FL([2])]) != FL([1, FL([3])]) and FL([1]) != FL([1, 2])
+
+    class Sub(FrozenList):
+        __slots__ = ()
+
+    assert Sub([1]) == FL([1]) and FL([1]) == Sub([1.0]) and Sub([1]) != FL([2])
