@@ -512,16 +512,20 @@ void Pool::run_request(Context& c, Job* job) {
     ResourcePtr<ContextHandle> handle;
     {
       std::lock_guard<PoolMutex> lock(m_);
-      c.held = true;
-      c.holder = job->caller;
+      // No handle: the pool closed meanwhile, and a hold would give Erlang a context it
+      // could not name (to check it in).
       handle = c.handle.share();
-      c.holder_monitored = handle && enif_monitor_process(nullptr, handle.get(), &job->caller, &c.holder_monitor) == 0;
-      if (!c.holder_monitored) c.release_requested = true;  // the holder is gone already
+      if (handle) {
+        c.held = true;
+        c.holder = job->caller;
+        c.holder_monitored = enif_monitor_process(nullptr, handle.get(), &job->caller, &c.holder_monitor) == 0;
+        if (!c.holder_monitored) c.release_requested = true;  // the holder is gone already
+      }
     }
     MsgEnv msg = MsgEnv::take();
-    const ERL_NIF_TERM answer =
-        enif_make_tuple2(msg.get(), atoms.ok, handle ? handle.term(msg.get()) : atoms.undefined);
-    if (!finish(job, std::move(msg), answer)) release(c.index, nullptr, nullptr);  // nobody took it
+    const ERL_NIF_TERM answer = handle ? enif_make_tuple2(msg.get(), atoms.ok, handle.term(msg.get()))
+                                       : enif_make_tuple2(msg.get(), atoms.error, atoms.pool_closed);
+    if (!finish(job, std::move(msg), answer) && handle) release(c.index, nullptr, nullptr);  // nobody took it
     return;
   }
 
