@@ -486,11 +486,6 @@ class ContextGil {
 
 }  // namespace
 
-ResourcePtr<ContextHandle> Pool::handle_of(Context& c) {
-  std::lock_guard<PoolMutex> lock(m_);
-  return c.handle.share();
-}
-
 // Every job gets an answer, also when something fails past the request's own error
 // handling (a C++ error while answering): {error, Reason} (errors.hpp), not a wait for
 // the caller's timeout; and no exception leaves the context thread.

@@ -79,7 +79,7 @@ struct Context {
   // Guarded by the pool mutex:
   // The term Erlang knows this context by. Kept while the pool is open; close() drops it
   // and replace_stuck() hands it to the replacement, so readers take their own reference
-  // under the mutex (Pool::handle_of) and use that.
+  // under the mutex (ResourcePtr::share) and use that.
   ResourcePtr<ContextHandle> handle;
   std::deque<ResourcePtr<Job>> pinned;  // jobs for this context only (held, or nested)
   std::vector<Job*> running;    // innermost last; more than one while nesting
@@ -165,7 +165,6 @@ class Pool : public std::enable_shared_from_this<Pool> {
   bool finish(Job* job, MsgEnv msg, ERL_NIF_TERM answer);
   bool keep_answer_locked(Job* job, MsgEnv& msg, ERL_NIF_TERM answer);
   static void send_answer(ErlNifEnv* env, Job* job, MsgEnv msg, ERL_NIF_TERM answer);
-  ResourcePtr<ContextHandle> handle_of(Context& c);
   void do_release(Context& c);
   void start_thread(Context* c);
   void retire(Context* c);
