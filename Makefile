@@ -33,7 +33,7 @@ PYENV := PYTHONPATH=$(ROOT)/python$(if $(PYTHONPATH),:$(PYTHONPATH))
 CMAKE_CONFIGURE := cmake --log-level=WARNING -S . -DERPY_PYTHON=$(PYTHON) $(CMAKE_ARGS)
 
 .NOTPARALLEL:
-.PHONY: all setup native erlang golden test test-cpp test-asan test-py test-eunit test-ct dialyzer \
+.PHONY: all setup native erlang golden test test-cpp test-asan test-tsan test-py test-eunit test-ct dialyzer \
         fuzz-build fuzz-ci fuzz run-fuzzers demo bench shell clean
 
 all: setup native erlang
@@ -54,7 +54,7 @@ erlang: setup
 
 ## Tests
 
-test: setup native erlang golden test-cpp test-asan test-py test-eunit dialyzer test-ct fuzz-ci
+test: setup native erlang golden test-cpp test-asan test-tsan test-py test-eunit dialyzer test-ct fuzz-ci
 	@echo "make test: every step passed"
 
 # Golden ETF bytes, written by this machine's Erlang for the C++ tests (and as fuzz seeds).
@@ -77,6 +77,25 @@ test-asan: setup golden erlang
 	@ERPY_NIF_DIR=$(ROOT)/_build/asan/nif LD_PRELOAD=$(ASAN_PRELOAD) \
 	  ASAN_OPTIONS=detect_leaks=0:abort_on_error=1 UBSAN_OPTIONS=halt_on_error=1:print_stacktrace=1 \
 	  $(PYENV) escript test/asan/embedded_smoke.escript
+
+# The NIF pool under ThreadSanitizer: built into _build/tsan/nif and loaded by a VM with
+# libtsan preloaded, which runs a concurrent stress of the pool (test/tsan). The VM is
+# started without the `erl` shell script (dash crashes with libtsan preloaded), and TSan
+# checks only our instrumented code: the VM and Python are not instrumented, so reports
+# from their own calls (ignore_noninstrumented_modules) and lock-order graphs over the
+# VM's many locks (detect_deadlocks) are left out. Exit code 66: TSan reported a race.
+TSAN_LIB = $(shell gcc -print-file-name=libtsan.so)
+ERL_ROOT_DIR = $(shell erl -noshell -eval 'io:format("~s", [code:root_dir()]), halt().')
+ERTS_BIN_DIR = $(wildcard $(ERL_ROOT_DIR)/erts-*/bin)
+
+test-tsan: setup erlang
+	@$(CMAKE_CONFIGURE) -B _build/tsan -DCMAKE_BUILD_TYPE=RelWithDebInfo -DERPY_TSAN=ON
+	@cmake --build _build/tsan --target erpy_nif -j$(JOBS)
+	@ERPY_NIF_DIR=$(ROOT)/_build/tsan/nif $(PYENV) \
+	  ROOTDIR=$(ERL_ROOT_DIR) BINDIR=$(ERTS_BIN_DIR) EMU=beam PROGNAME=erl \
+	  ESCRIPT_EMULATOR=$(ERTS_BIN_DIR)/erlexec LD_PRELOAD=$(TSAN_LIB) \
+	  TSAN_OPTIONS="halt_on_error=1 exitcode=66 second_deadlock_stack=1 detect_deadlocks=0 ignore_noninstrumented_modules=1 report_signal_unsafe=0 suppressions=$(ROOT)/test/tsan/suppressions.txt" \
+	  escript test/tsan/nif_stress.escript
 
 test-py: native
 	@$(PYENV) $(PYTHON) -m pytest -q -p no:cacheprovider python/tests

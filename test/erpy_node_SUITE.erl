@@ -615,7 +615,7 @@ pool_results_make_no_atoms(_Config) ->
 
 %% erlang.call/apply/send/self in code a node pool runs reach the caller's process and
 %% obey the pool's policy: the allow-list, send_allowed, and nested requests.
-pool_callbacks(_Config) ->
+pool_callbacks(Config) ->
     {ok, _} = erpy_node_pool:start_link(np_cb, #{start => 1,
                                                  allowed => [{lists, sort}, {erlang, node},
                                                              {erpy_node_pool, request}],
@@ -650,13 +650,15 @@ pool_callbacks(_Config) ->
                            "    result = e.args[0]">>)),
         ?assert(is_process_alive(Target)),
         exit(Target, kill),
-        %% The attack of issue 10: a $gen_call to rex would run os:cmd as the VM's user.
+        %% The attack of issue 10: a $gen_call to rex would run os:cmd as the VM's user
+        %% (and create a file of this run's own).
+        Pwned = unicode:characters_to_binary(filename:join(?config(priv_dir, Config), "erpy_node_pwned")),
         ?assertMatch({error, #{type := <<"ErlangError">>}},
                      Run(<<"import erpy
 "
                            "erlang.send(erpy.Atom('rex'), (erpy.Atom('$gen_call'), (erlang.self(), erpy.Ref('nonode@nohost', 0, (1, 2, 3))),"
-                           " (erpy.Atom('call'), erpy.Atom('os'), erpy.Atom('cmd'), ['touch /tmp/erpy_node_pwned'], erpy.Atom('user'))))">>)),
-        ?assertNot(filelib:is_regular("/tmp/erpy_node_pwned")),
+                           " (erpy.Atom('call'), erpy.Atom('os'), erpy.Atom('cmd'), ['touch ", Pwned/binary, "'], erpy.Atom('user'))))">>)),
+        ?assertNot(filelib:is_regular(Pwned)),
         %% A pid Erlang did not hand to this request (rebuilt from bytes) reaches nothing.
         Victim = spawn(fun() -> receive M -> exit({reached, M}) after 10000 -> ok end end),
         ?assertMatch({ok, {not_allowed, {pid, Victim}}},

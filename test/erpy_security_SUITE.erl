@@ -60,17 +60,19 @@ end_per_group(_Mode, _Config) ->
 
 %% Item 1: messages obey the policy.
 
-send_by_name_refused(_Config) ->
+send_by_name_refused(Config) ->
     register(sec_target, self()),
+    %% What the attack would create: a path of this run's own, not a shared fixed one.
+    Pwned = filename:join(?config(priv_dir, Config), "erpy_pwned"),
     try
         %% The attack of the issue: a $gen_call to rex runs os:cmd as the VM's user.
         Code = <<"import erpy\n"
                  "erlang.send(erpy.Atom('rex'), (erpy.Atom('$gen_call'), (erlang.self(), erpy.Ref('nonode@nohost', 0, (1, 2, 3))),"
-                 " (erpy.Atom('call'), erpy.Atom('os'), erpy.Atom('cmd'), ['touch /tmp/erpy_pwned'], erpy.Atom('user'))))\n">>,
+                 " (erpy.Atom('call'), erpy.Atom('os'), erpy.Atom('cmd'), ['touch ' + arguments], erpy.Atom('user'))))\n">>,
         {ok, #{status := error, error := #{type := <<"ErlangError">>, message := Msg}}} =
-            erpy:run(#{code => Code, pool => sec_none}),
+            erpy:run(#{code => Code, arguments => unicode:characters_to_binary(Pwned), pool => sec_none}),
         ?assertMatch({_, _}, binary:match(Msg, <<"not_allowed">>)),
-        ?assertNot(filelib:is_regular("/tmp/erpy_pwned")),
+        ?assertNot(filelib:is_regular(Pwned)),
         %% A name that is registered, but not listed.
         {ok, #{status := error, error := #{type := <<"ErlangError">>}}} =
             erpy:run(#{code => <<"import erpy\nerlang.send(erpy.Atom('sec_target'), 1)">>,

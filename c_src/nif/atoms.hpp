@@ -57,6 +57,9 @@ struct Atoms {
   ERL_NIF_TERM ok_check = 0;
   ERL_NIF_TERM send = 0;
   ERL_NIF_TERM unknown_atom = 0;
+  ERL_NIF_TERM erpy_nif = 0;
+  ERL_NIF_TERM internal = 0;
+  ERL_NIF_TERM out_of_memory = 0;
   // The keys of an error answer (py::Runner::error): made here so that they exist when
   // Python's error maps convert, which makes no atoms.
   ERL_NIF_TERM message = 0;
@@ -116,6 +119,9 @@ struct Atoms {
     ok_check = enif_make_atom(env, "ok_check");
     send = enif_make_atom(env, "send");
     unknown_atom = enif_make_atom(env, "unknown_atom");
+    erpy_nif = enif_make_atom(env, "erpy_nif");
+    internal = enif_make_atom(env, "internal");
+    out_of_memory = enif_make_atom(env, "out_of_memory");
   }
 };
 

@@ -85,12 +85,11 @@ PyObject* erlang_self(PyObject*, PyObject*) {
       }
       caller = c->running.back()->caller;
     }
-    ErlNifEnv* env = enif_alloc_env();
-    struct EnvGuard {
-      ErlNifEnv* env;
-      ~EnvGuard() { enif_free_env(env); }
-    } guard{env};
-    return Runtime::get().converter().to_python(env, enif_make_pid(env, &caller), c->pool->options().convert).release();
+    OwnedEnv env = OwnedEnv::alloc();
+    return Runtime::get()
+        .converter()
+        .to_python(env.get(), enif_make_pid(env.get(), &caller), c->pool->options().convert)
+        .release();
   });
 }
 

@@ -20,6 +20,8 @@ namespace erpy::nif {
 
 class EnvCache {
  public:
+  // Room for every spare up front: give() never allocates, so it cannot fail.
+  EnvCache() { spare_.reserve(kMaxSpare); }
   // A cleared environment (made if none is spare). From context threads.
   ErlNifEnv* take() {
     ErlNifEnv* env = nullptr;
@@ -35,7 +37,7 @@ class EnvCache {
     return env;
   }
   // Back for reuse, its terms no longer needed (copied out, or sent). From any thread.
-  void give(ErlNifEnv* env) {
+  void give(ErlNifEnv* env) noexcept {
     if (!env) return;
     {
       std::lock_guard<SpinMutex> lock(m_);
@@ -57,14 +59,58 @@ class EnvCache {
   std::vector<ErlNifEnv*> spare_;
 };
 
-// An environment from the cache that goes back to it unless released (sent on, or kept).
-struct MsgEnv {
-  ErlNifEnv* env = EnvCache::global().take();
-  MsgEnv() = default;
-  ~MsgEnv() { EnvCache::global().give(env); }
+// An environment of our own (enif_alloc_env): freed with its owner, on every path.
+// Move-only; empty until alloc().
+class OwnedEnv {
+ public:
+  OwnedEnv() noexcept = default;
+  static OwnedEnv alloc() { return OwnedEnv(enif_alloc_env()); }
+  OwnedEnv(OwnedEnv&& o) noexcept : env_(std::exchange(o.env_, nullptr)) {}
+  OwnedEnv& operator=(OwnedEnv&& o) noexcept {
+    if (this != &o) {
+      reset();
+      env_ = std::exchange(o.env_, nullptr);
+    }
+    return *this;
+  }
+  OwnedEnv(const OwnedEnv&) = delete;
+  OwnedEnv& operator=(const OwnedEnv&) = delete;
+  ~OwnedEnv() { reset(); }
+  void reset() noexcept {
+    if (ErlNifEnv* e = std::exchange(env_, nullptr)) enif_free_env(e);
+  }
+  ErlNifEnv* get() const noexcept { return env_; }
+  explicit operator bool() const noexcept { return env_ != nullptr; }
+
+ private:
+  explicit OwnedEnv(ErlNifEnv* env) noexcept : env_(env) {}
+  ErlNifEnv* env_ = nullptr;
+};
+
+// An environment from the cache, which goes back to it with its owner (its terms no
+// longer needed: copied out, or sent). Move-only; empty until take().
+class MsgEnv {
+ public:
+  MsgEnv() noexcept = default;
+  static MsgEnv take() { return MsgEnv(EnvCache::global().take()); }
+  MsgEnv(MsgEnv&& o) noexcept : env_(std::exchange(o.env_, nullptr)) {}
+  MsgEnv& operator=(MsgEnv&& o) noexcept {
+    if (this != &o) {
+      reset();
+      env_ = std::exchange(o.env_, nullptr);
+    }
+    return *this;
+  }
   MsgEnv(const MsgEnv&) = delete;
   MsgEnv& operator=(const MsgEnv&) = delete;
-  ErlNifEnv* release() noexcept { return std::exchange(env, nullptr); }
+  ~MsgEnv() { reset(); }
+  void reset() noexcept { EnvCache::global().give(std::exchange(env_, nullptr)); }
+  ErlNifEnv* get() const noexcept { return env_; }
+  explicit operator bool() const noexcept { return env_ != nullptr; }
+
+ private:
+  explicit MsgEnv(ErlNifEnv* env) noexcept : env_(env) {}
+  ErlNifEnv* env_ = nullptr;
 };
 
 }  // namespace erpy::nif

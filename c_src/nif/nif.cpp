@@ -3,13 +3,21 @@
 //
 // Every NIF here is short and runs on a normal scheduler, except init/2, which waits for
 // Python to start and runs on a dirty I/O scheduler. None of them takes the GIL.
+//
+// The boundary: every NIF and every callback the VM makes into this library (resource
+// destructors, monitors) runs inside one try/catch (`entry`, `callback`), so no C++
+// exception ever unwinds into the VM, where it would end in std::terminate. A NIF whose
+// C++ fails raises error:{erpy_nif, Reason} in the calling process (errors.hpp).
 #include <erl_nif.h>
 
 #include <algorithm>
+#include <cstdio>
 #include <string>
 
 #include "pool.hpp"
 #include "atoms.hpp"
+#include "errors.hpp"
+#include "resource.hpp"
 #include "runtime.hpp"
 
 namespace erpy::nif {
@@ -30,39 +38,70 @@ bool get_string(ErlNifEnv* env, ERL_NIF_TERM t, std::string& out) {
   return true;
 }
 
+// ---- the boundary --------------------------------------------------------------------------
+
+using NifFn = ERL_NIF_TERM (*)(ErlNifEnv*, int, const ERL_NIF_TERM[]);
+
+// A NIF as the VM calls it: F's C++ exceptions become error:{erpy_nif, Reason}.
+template <NifFn F>
+ERL_NIF_TERM entry(ErlNifEnv* env, int argc, const ERL_NIF_TERM argv[]) noexcept {
+  try {
+    return F(env, argc, argv);
+  } catch (...) {
+    return enif_raise_exception(env, enif_make_tuple2(env, atoms.erpy_nif, exception_reason(env)));
+  }
+}
+
+// A callback the VM makes (no caller to tell): a failure is written to stderr and the
+// callback ends, which leaves at most a job or a context that the pool's close still ends.
+template <class F>
+void callback(const char* what, F&& f) noexcept {
+  try {
+    f();
+  } catch (const std::exception& e) {
+    std::fprintf(stderr, "erpy_nif: %s: %s\n", what, e.what());
+  } catch (...) {
+    std::fprintf(stderr, "erpy_nif: %s: unknown C++ exception\n", what);
+  }
+}
+
 // ---- resource types ----------------------------------------------------------------------
 
-void job_dtor(ErlNifEnv*, void* obj) { static_cast<Job*>(obj)->~Job(); }
-
 void job_down(ErlNifEnv*, void* obj, ErlNifPid*, ErlNifMonitor*) {
-  auto* job = static_cast<Job*>(obj);
-  if (job->pool) job->pool->caller_down(job);
+  callback("job monitor", [&] {
+    auto* job = static_cast<Job*>(obj);
+    if (job->pool) job->pool->caller_down(job);
+  });
 }
 
 void pool_dtor(ErlNifEnv* env, void* obj) {
-  auto* h = static_cast<PoolHandle*>(obj);
-  if (h->pool) h->pool->close(env);
-  h->~PoolHandle();
+  callback("pool destructor", [&] {
+    auto* h = static_cast<PoolHandle*>(obj);
+    if (h->pool) h->pool->close(env);
+  });
+  destroy_resource<PoolHandle>(env, obj);
 }
-
-void context_dtor(ErlNifEnv*, void* obj) { static_cast<ContextHandle*>(obj)->~ContextHandle(); }
 
 void context_down(ErlNifEnv*, void* obj, ErlNifPid* pid, ErlNifMonitor*) {
   // The holder of a checked-out context died: the context goes back, namespace cleared.
-  auto* h = static_cast<ContextHandle*>(obj);
-  if (h->pool) h->pool->release(h->index, nullptr, pid);
+  callback("context monitor", [&] {
+    auto* h = static_cast<ContextHandle*>(obj);
+    if (h->pool) h->pool->release(h->index, nullptr, pid);
+  });
 }
 
 void lent_dtor(ErlNifEnv*, void* obj) {
   // A scheduler thread: no Python here. The janitor drops the reference under the GIL.
+  tsan_acquire(obj);
   auto* lent = static_cast<LentObject*>(obj);
   if (lent->obj) Runtime::get().drop_later(lent->obj);
+  tsan_release(obj);
 }
 
 bool open_types(ErlNifEnv* env, ErlNifResourceFlags flags) {
   ResourceTypes& t = Runtime::get().types;
-  ErlNifResourceTypeInit job_init{job_dtor, nullptr, job_down, 0, nullptr};
-  ErlNifResourceTypeInit ctx_init{context_dtor, nullptr, context_down, 0, nullptr};
+  ErlNifResourceTypeInit job_init{destroy_resource<Job>, nullptr, job_down, 0, nullptr};
+  ErlNifResourceTypeInit ctx_init{destroy_resource<ContextHandle>, nullptr, context_down, 0, nullptr};
   ErlNifResourceFlags tried;
   t.job = enif_open_resource_type_x(env, "erpy_job", &job_init, flags, &tried);
   t.context = enif_open_resource_type_x(env, "erpy_context", &ctx_init, flags, &tried);
@@ -137,29 +176,23 @@ ERL_NIF_TERM nif_pool_new(ErlNifEnv* env, int, const ERL_NIF_TERM argv[]) {
     return enif_make_badarg(env);
   }
   o.convert.new_atoms = std::make_shared<AtomBudget>(std::max<ErlNifSInt64>(0, std::min(new_atoms, headroom)));
-  auto* h = static_cast<PoolHandle*>(enif_alloc_resource(rt.types.pool, sizeof(PoolHandle)));
-  new (h) PoolHandle{std::make_shared<Pool>(std::move(o))};
-  h->pool->start();
-  rt.add_pool(h->pool);
-  ERL_NIF_TERM t = enif_make_resource(env, h);
-  enif_release_resource(h);
-  return t;
+  auto pool = std::make_shared<Pool>(std::move(o));
+  // Threads the system refuses make start() throw, once it has stopped those it started.
+  pool->start();
+  rt.add_pool(pool);
+  return make_resource<PoolHandle>(rt.types.pool, PoolHandle{std::move(pool)}).term(env);
 }
 
 ERL_NIF_TERM nif_pool_close(ErlNifEnv* env, int, const ERL_NIF_TERM argv[]) {
-  PoolHandle* h;
-  if (!enif_get_resource(env, argv[0], Runtime::get().types.pool, reinterpret_cast<void**>(&h))) {
-    return enif_make_badarg(env);
-  }
+  auto* h = get_resource<PoolHandle>(env, argv[0], Runtime::get().types.pool);
+  if (!h) return enif_make_badarg(env);
   h->pool->close(env);
   return atoms.ok;
 }
 
 ERL_NIF_TERM nif_pool_info(ErlNifEnv* env, int, const ERL_NIF_TERM argv[]) {
-  PoolHandle* h;
-  if (!enif_get_resource(env, argv[0], Runtime::get().types.pool, reinterpret_cast<void**>(&h))) {
-    return enif_make_badarg(env);
-  }
+  auto* h = get_resource<PoolHandle>(env, argv[0], Runtime::get().types.pool);
+  if (!h) return enif_make_badarg(env);
   return h->pool->info(env);
 }
 
@@ -168,37 +201,28 @@ ERL_NIF_TERM nif_submit(ErlNifEnv* env, int, const ERL_NIF_TERM argv[]) {
   Runtime& rt = Runtime::get();
   std::shared_ptr<Pool> pool;
   int context = -1;
-  PoolHandle* ph;
-  ContextHandle* ch;
-  if (enif_get_resource(env, argv[0], rt.types.pool, reinterpret_cast<void**>(&ph))) {
+  if (auto* ph = get_resource<PoolHandle>(env, argv[0], rt.types.pool)) {
     pool = ph->pool;
-  } else if (enif_get_resource(env, argv[0], rt.types.context, reinterpret_cast<void**>(&ch))) {
+  } else if (auto* ch = get_resource<ContextHandle>(env, argv[0], rt.types.context)) {
     pool = ch->pool;
     context = ch->index;
   } else {
     return enif_make_badarg(env);
   }
   if (!enif_is_tuple(env, argv[2])) return enif_make_badarg(env);
-  auto* job = static_cast<Job*>(enif_alloc_resource(rt.types.job, sizeof(Job)));
-  new (job) Job();
-  job->env = enif_alloc_env();
-  job->ref = enif_make_copy(job->env, argv[1]);
-  job->req = enif_make_copy(job->env, argv[2]);
+  ResourcePtr<Job> job = make_resource<Job>(rt.types.job);
+  job->env = OwnedEnv::alloc();
+  job->ref = enif_make_copy(job->env.get(), argv[1]);
+  job->req = enif_make_copy(job->env.get(), argv[2]);
   job->want_handle = enif_is_identical(argv[3], atoms.true_);
   job->pool = pool;
   enif_self(env, &job->caller);
-  ERL_NIF_TERM t = enif_make_resource(env, job);
-  const bool ok = pool->submit(job, context);
-  enif_release_resource(job);
-  if (!ok) return error(env, atoms.closed);
+  ERL_NIF_TERM t = job.term(env);
+  if (!pool->submit(job, context)) return error(env, atoms.closed);
   return enif_make_tuple2(env, atoms.ok, t);
 }
 
-Job* get_job(ErlNifEnv* env, ERL_NIF_TERM t) {
-  Job* job;
-  if (!enif_get_resource(env, t, Runtime::get().types.job, reinterpret_cast<void**>(&job))) return nullptr;
-  return job;
-}
+Job* get_job(ErlNifEnv* env, ERL_NIF_TERM t) { return get_resource<Job>(env, t, Runtime::get().types.job); }
 
 // cancel(Job) -> canceled (it will never answer) | sent (its answer is in the mailbox)
 //              | {done, Answer}
@@ -231,20 +255,16 @@ ERL_NIF_TERM nif_poll(ErlNifEnv* env, int, const ERL_NIF_TERM argv[]) {
 
 // callback_reply(Job, {ok, Value} | {error, Reason}) -> ok
 ERL_NIF_TERM nif_callback_reply(ErlNifEnv* env, int, const ERL_NIF_TERM argv[]) {
-  Job* job;
-  if (!enif_get_resource(env, argv[0], Runtime::get().types.job, reinterpret_cast<void**>(&job))) {
-    return enif_make_badarg(env);
-  }
+  Job* job = get_job(env, argv[0]);
+  if (!job) return enif_make_badarg(env);
   job->pool->callback_reply(job, env, argv[1]);
   return atoms.ok;
 }
 
 // checkin(Context) -> ok
 ERL_NIF_TERM nif_checkin(ErlNifEnv* env, int, const ERL_NIF_TERM argv[]) {
-  ContextHandle* ch;
-  if (!enif_get_resource(env, argv[0], Runtime::get().types.context, reinterpret_cast<void**>(&ch))) {
-    return enif_make_badarg(env);
-  }
+  auto* ch = get_resource<ContextHandle>(env, argv[0], Runtime::get().types.context);
+  if (!ch) return enif_make_badarg(env);
   ch->pool->release(ch->index, env, nullptr);
   return atoms.ok;
 }
@@ -276,8 +296,7 @@ ERL_NIF_TERM nif_python_info(ErlNifEnv* env, int, const ERL_NIF_TERM[]) {
 
 // Handles: is this term a Python object lent to Erlang?
 ERL_NIF_TERM nif_is_handle(ErlNifEnv* env, int, const ERL_NIF_TERM argv[]) {
-  LentObject* lent;
-  const bool yes = enif_get_resource(env, argv[0], Runtime::get().types.lent, reinterpret_cast<void**>(&lent));
+  const bool yes = get_resource<LentObject>(env, argv[0], Runtime::get().types.lent) != nullptr;
   return atom(env, yes ? "true" : "false");
 }
 
@@ -287,21 +306,21 @@ ERL_NIF_TERM nif_is_handle(ErlNifEnv* env, int, const ERL_NIF_TERM argv[]) {
 ERL_NIF_TERM nif_dirty_noop(ErlNifEnv*, int, const ERL_NIF_TERM argv[]) { return argv[0]; }
 
 ErlNifFunc funcs[] = {
-    {"dirty_noop", 1, nif_dirty_noop, ERL_NIF_DIRTY_JOB_CPU_BOUND},
-    {"init", 2, nif_init, ERL_NIF_DIRTY_JOB_IO_BOUND},
-    {"pool_new", 3, nif_pool_new, 0},
-    {"pool_close", 1, nif_pool_close, 0},
-    {"pool_info", 1, nif_pool_info, 0},
-    {"submit", 4, nif_submit, 0},
-    {"cancel", 1, nif_cancel, 0},
-    {"poll", 2, nif_poll, 0},
-    {"callback_reply", 2, nif_callback_reply, 0},
-    {"checkin", 1, nif_checkin, 0},
-    {"python_info", 0, nif_python_info, 0},
-    {"is_handle", 1, nif_is_handle, 0},
+    {"dirty_noop", 1, entry<nif_dirty_noop>, ERL_NIF_DIRTY_JOB_CPU_BOUND},
+    {"init", 2, entry<nif_init>, ERL_NIF_DIRTY_JOB_IO_BOUND},
+    {"pool_new", 3, entry<nif_pool_new>, 0},
+    {"pool_close", 1, entry<nif_pool_close>, 0},
+    {"pool_info", 1, entry<nif_pool_info>, 0},
+    {"submit", 4, entry<nif_submit>, 0},
+    {"cancel", 1, entry<nif_cancel>, 0},
+    {"poll", 2, entry<nif_poll>, 0},
+    {"callback_reply", 2, entry<nif_callback_reply>, 0},
+    {"checkin", 1, entry<nif_checkin>, 0},
+    {"python_info", 0, entry<nif_python_info>, 0},
+    {"is_handle", 1, entry<nif_is_handle>, 0},
 };
 
-int load(ErlNifEnv* env, void** priv, ERL_NIF_TERM) {
+int load(ErlNifEnv* env, void** priv, ERL_NIF_TERM) noexcept {
   *priv = nullptr;
   atoms.init(env);
   // TAKEOVER too: a module loaded again after a purge finds its types still alive.
@@ -309,7 +328,7 @@ int load(ErlNifEnv* env, void** priv, ERL_NIF_TERM) {
 }
 
 // Upgrading takes the resource types over; the runtime (and Python) carries on as it is.
-int upgrade(ErlNifEnv* env, void** priv, void**, ERL_NIF_TERM) {
+int upgrade(ErlNifEnv* env, void** priv, void**, ERL_NIF_TERM) noexcept {
   *priv = nullptr;
   atoms.init(env);
   return open_types(env, static_cast<ErlNifResourceFlags>(ERL_NIF_RT_CREATE | ERL_NIF_RT_TAKEOVER)) ? 0 : 1;

@@ -2,12 +2,16 @@
 
 #include <algorithm>
 #include <chrono>
+#include <cstdio>
 #include <cstring>
+#include <exception>
 #include <string>
 
+#include "common/cpu_relax.hpp"
 #include "etf/error.hpp"
 #include "atoms.hpp"
 #include "env_cache.hpp"
+#include "errors.hpp"
 #include "runtime.hpp"
 
 namespace erpy::nif {
@@ -21,10 +25,7 @@ Pool::Pool(PoolOptions o) : o_(std::move(o)), log_convert_(o_.convert) {
   log_convert_.new_atoms.reset();
 }
 
-Pool::~Pool() {
-  // Only reached once every context thread has ended (each holds the pool).
-  for (Job* j : queue_) enif_release_resource(j);
-}
+Pool::~Pool() = default;  // only once every context thread has ended (each holds the pool)
 
 void Pool::start() {
   auto self = shared_from_this();
@@ -32,58 +33,67 @@ void Pool::start() {
     auto c = std::make_unique<Context>();
     c->pool = this;
     c->index = i;
-    c->handle = static_cast<ContextHandle*>(enif_alloc_resource(Runtime::get().types.context, sizeof(ContextHandle)));
-    new (c->handle) ContextHandle{self, i};
+    c->handle = make_resource<ContextHandle>(Runtime::get().types.context, ContextHandle{self, i});
     ctxs_.push_back(std::move(c));
   }
-  for (auto& c : ctxs_) start_thread(c.get());
+  try {
+    for (auto& c : ctxs_) start_thread(c.get());
+  } catch (...) {
+    close(nullptr);  // the threads already started end
+    throw;
+  }
 }
 
 void Pool::start_thread(Context* ctx) {
   auto self = shared_from_this();
-  ctx->thread = std::thread([self, ctx] { self->serve(*ctx); });
-  ctx->thread.detach();
+  std::thread([self, ctx] {
+    // Jobs answer their own errors (run_job); this is for the thread's own setup.
+    try {
+      self->serve(*ctx);
+    } catch (const std::exception& e) {
+      std::fprintf(stderr, "erpy_nif: context %d stopped: %s\n", ctx->index, e.what());
+    } catch (...) {
+      std::fprintf(stderr, "erpy_nif: context %d stopped: unknown C++ exception\n", ctx->index);
+    }
+  }).detach();
 }
 
 void Pool::close(ErlNifEnv* env) {
-  std::vector<ContextHandle*> handles;
+  std::vector<ResourcePtr<ContextHandle>> handles;  // dropped after the mutex
+  handles.reserve(ctxs_.size());
   {
     std::lock_guard<PoolMutex> lock(m_);
     if (closing_) return;
     closing_ = true;
     // Requests that will not run now are answered at once, not left to time out.
-    for (Job* j : queue_) answer_closed_locked(env, j);
+    for (auto& j : queue_) answer_closed_locked(env, std::move(j));
     queue_.clear();
     queued_ = 0;
     for (auto& c : ctxs_) {
-      for (Job* j : c->pinned) answer_closed_locked(env, j);
+      for (auto& j : c->pinned) answer_closed_locked(env, std::move(j));
       c->pinned.clear();
       // Running ones are interrupted, and answer pool_closed when they stop (run_job).
       for (Job* j : c->running) {
-        if (j->state == JobState::Running) {
-          enif_keep_resource(j);
-          to_interrupt_.push_back(j);
-        }
+        if (j->state == JobState::Running) to_interrupt_.push_back(ResourcePtr<Job>::share(j));
       }
       c->wake = true;
       c->cv.notify_all();
-      handles.push_back(std::exchange(c->handle, nullptr));
+      handles.push_back(std::move(c->handle));
     }
   }
-  for (ContextHandle* h : handles) enif_release_resource(h);
+  handles.clear();
   Runtime::get().wake();
 }
 
 // {error, pool_closed} for a job that will not run; drops the queue's reference.
-void Pool::answer_closed_locked(ErlNifEnv* env, Job* j) {
+void Pool::answer_closed_locked(ErlNifEnv* env, ResourcePtr<Job> j) {
   inflight_.fetch_sub(1, std::memory_order_relaxed);
   if (j->state == JobState::Queued) {
-    ErlNifEnv* msg = enif_alloc_env();
-    ERL_NIF_TERM answer = enif_make_tuple2(msg, atoms.error, atoms.pool_closed);
-    if (keep_answer_locked(j, msg, answer)) j->settled.store(true, std::memory_order_release);
-    else send_answer(env, j, msg, answer);
+    MsgEnv msg = MsgEnv::take();
+    ERL_NIF_TERM answer = enif_make_tuple2(msg.get(), atoms.error, atoms.pool_closed);
+    if (keep_answer_locked(j.get(), msg, answer)) j->settled.store(true, std::memory_order_release);
+    else send_answer(env, j.get(), std::move(msg), answer);
   }
-  enif_release_resource(j);
 }
 
 void Pool::wake_one_locked() {
@@ -108,20 +118,20 @@ void Pool::wake_one_locked() {
   }
 }
 
-bool Pool::submit(Job* job, int context) {
+bool Pool::submit(const ResourcePtr<Job>& job, int context) {
   {
     std::lock_guard<PoolMutex> lock(m_);
     if (closing_) return false;
-    enif_keep_resource(job);
-    inflight_.fetch_add(1, std::memory_order_relaxed);
     if (context >= 0) {
       Context& c = *ctxs_[static_cast<size_t>(context)];
-      c.pinned.push_back(job);
+      c.pinned.push_back(job.share());
+      inflight_.fetch_add(1, std::memory_order_relaxed);
       c.wake = true;
       c.cv.notify_one();
       return true;
     }
-    queue_.push_back(job);
+    queue_.push_back(job.share());
+    inflight_.fetch_add(1, std::memory_order_relaxed);
     wake_one_locked();
   }
   // Told to a spinning context only now that the mutex is free, so that it does not go to
@@ -142,8 +152,7 @@ bool Pool::cancel_locked(Job* job) {
     case JobState::Running:
       job->state = JobState::Canceled;
       job->canceled_at = Clock::now();
-      enif_keep_resource(job);
-      to_interrupt_.push_back(job);
+      to_interrupt_.push_back(ResourcePtr<Job>::share(job));
       for (auto& c : ctxs_) c->cv.notify_all();  // a job waiting for Erlang gives up now
       return true;
   }
@@ -157,7 +166,7 @@ Pool::Outcome Pool::cancel(Job* job, ErlNifEnv* env, ERL_NIF_TERM* answer) {
     if (job->state == JobState::Done) {
       if (!job->answer_env) return Outcome::Sent;
       *answer = enif_make_copy(env, job->answer);
-      EnvCache::global().give(std::exchange(job->answer_env, nullptr));
+      job->answer_env.reset();
       return Outcome::Done;
     }
     interrupt = job->state == JobState::Running;
@@ -173,13 +182,13 @@ Pool::Poll Pool::poll(Job* job, bool block, ErlNifEnv* env, ERL_NIF_TERM* answer
   std::lock_guard<PoolMutex> lock(m_);
   if (job->callback_env) {
     *answer = enif_make_copy(env, job->callback);
-    EnvCache::global().give(std::exchange(job->callback_env, nullptr));
+    job->callback_env.reset();
     job->settled.store(false, std::memory_order_relaxed);
     return Poll::Callback;
   }
   if (job->answer_env) {
     *answer = enif_make_copy(env, job->answer);
-    EnvCache::global().give(std::exchange(job->answer_env, nullptr));
+    job->answer_env.reset();
     return Poll::Done;
   }
   if (block || job->blocking) {
@@ -200,11 +209,10 @@ void Pool::caller_down(Job* job) {
 }
 
 void Pool::callback_reply(Job* job, ErlNifEnv*, ERL_NIF_TERM reply) {
-  ErlNifEnv* copy = enif_alloc_env();
-  ERL_NIF_TERM t = enif_make_copy(copy, reply);
+  OwnedEnv copy = OwnedEnv::alloc();  // after the swap: an unread earlier reply, freed unlocked
+  ERL_NIF_TERM t = enif_make_copy(copy.get(), reply);
   std::lock_guard<PoolMutex> lock(m_);
-  if (job->reply_env) enif_free_env(job->reply_env);
-  job->reply_env = copy;
+  std::swap(job->reply_env, copy);
   job->reply = t;
   // The caller polls again for what follows (usually the answer, soon).
   job->blocking = false;
@@ -224,7 +232,7 @@ void Pool::release(int context, ErlNifEnv* env, const ErlNifPid* holder) {
   if (env && c.holder_monitored && c.handle) {
     // Only from a scheduler thread: enif_demonitor_process crashes on our own threads
     // (found under load; a monitor that is never removed ends with its resource).
-    enif_demonitor_process(env, c.handle, &c.holder_monitor);
+    enif_demonitor_process(env, c.handle.get(), &c.holder_monitor);
   }
   c.holder_monitored = false;
   c.release_requested = true;
@@ -261,25 +269,23 @@ void Pool::spin_until(Ready ready) const {
   for (;;) {
     for (int i = 0; i < 64; ++i) {
       if (ready()) return;
-#if defined(__x86_64__)
-      __builtin_ia32_pause();
-#endif
+      cpu_relax();
     }
     if (Clock::now() >= until) return;
   }
 }
 
-Job* Pool::next_job(Context& c, std::unique_lock<PoolMutex>& lock) {
+ResourcePtr<Job> Pool::next_job(Context& c, std::unique_lock<PoolMutex>& lock) {
   for (;;) {
-    if (closing_ || c.retired) return nullptr;
-    if (c.release_requested) return nullptr;  // serve() resets the namespace, then asks again
+    if (closing_ || c.retired) return {};
+    if (c.release_requested) return {};  // serve() resets the namespace, then asks again
     if (!c.pinned.empty()) {
-      Job* j = c.pinned.front();
+      ResourcePtr<Job> j = std::move(c.pinned.front());
       c.pinned.pop_front();
       return j;
     }
     if (!c.held && !queue_.empty()) {
-      Job* j = queue_.front();
+      ResourcePtr<Job> j = std::move(queue_.front());
       queue_.pop_front();
       queued_.fetch_sub(1, std::memory_order_relaxed);
       return j;
@@ -303,25 +309,26 @@ Job* Pool::next_job(Context& c, std::unique_lock<PoolMutex>& lock) {
 }
 
 // A job taken off a queue (`lock` held, and held again on return): skipped if it was
-// cancelled meanwhile, else run without the lock; either way it leaves the pool's count.
-void Pool::run_taken(Context& c, Job* job, std::unique_lock<PoolMutex>& lock) {
+// cancelled meanwhile, else run without the lock; either way it leaves the pool's count
+// (and the queue's reference goes, under the lock).
+void Pool::run_taken(Context& c, ResourcePtr<Job> job, std::unique_lock<PoolMutex>& lock) {
   if (job->state != JobState::Canceled) {
     job->state = JobState::Running;
     job->started = Clock::now();
-    c.running.push_back(job);
+    c.running.push_back(job.get());
     lock.unlock();
-    run_job(c, job);
+    run_job(c, job.get());
     lock.lock();
     c.running.pop_back();
   }
   inflight_.fetch_sub(1, std::memory_order_relaxed);
-  enif_release_resource(job);
 }
 
 void Pool::serve(Context& c) {
   // Named, so top, perf and gdb tell context threads from the VM's schedulers.
-  const std::string name = "erpy_ctx_" + std::to_string(c.index);
-  pthread_setname_np(pthread_self(), name.c_str());
+  char name[16];
+  std::snprintf(name, sizeof name, "erpy_ctx_%d", c.index);
+  pthread_setname_np(pthread_self(), name);
   set_current_context(&c);
   auto self = shared_from_this();  // the pool outlives its threads' loops
   // Made on this thread, so it records this thread's id, which interrupts address.
@@ -329,7 +336,7 @@ void Pool::serve(Context& c) {
   c.thread_id = PyThread_get_thread_ident();
   std::unique_lock<PoolMutex> lock(m_);
   for (;;) {
-    Job* job = next_job(c, lock);
+    ResourcePtr<Job> job = next_job(c, lock);
     if (!job) {
       if (c.release_requested) {
         lock.unlock();
@@ -337,17 +344,18 @@ void Pool::serve(Context& c) {
         lock.lock();
         continue;
       }
-      break;  // closing
+      break;  // closing, or retired
     }
-    run_taken(c, job, lock);
+    run_taken(c, std::move(job), lock);
   }
+  const bool retired = c.retired;  // set under the lock by replace_stuck
   lock.unlock();
   PyEval_RestoreThread(c.tstate);
   c.held_ns.reset();
   PyThreadState_Clear(c.tstate);
   PyThreadState_DeleteCurrent();
   set_current_context(nullptr);
-  if (c.retired) retire(&c);  // `c` is gone after this
+  if (retired) retire(&c);  // `c` is gone after this
 }
 
 // The end of a replaced context's thread: its job has returned at last.
@@ -378,10 +386,12 @@ void Pool::replace_stuck() {
   {
     std::lock_guard<PoolMutex> lock(m_);
     if (closing_) return;
+    fresh.swap(unstarted_);
     // Code that swallows every interrupt never ends: past this many such threads the
     // pool stops replacing (and shrinks), rather than gathering threads without bound.
     const size_t max_stuck = static_cast<size_t>(std::max(4, o_.size));
-    for (Job* j : to_interrupt_) {
+    for (auto& jp : to_interrupt_) {
+      Job* j = jp.get();
       if (retired_.size() >= max_stuck) break;
       if (j->state != JobState::Canceled || now - j->canceled_at < grace) continue;
       for (auto& slot : ctxs_) {
@@ -390,7 +400,7 @@ void Pool::replace_stuck() {
         auto repl = std::make_unique<Context>();
         repl->pool = this;
         repl->index = c.index;
-        repl->handle = std::exchange(c.handle, nullptr);
+        repl->handle = std::move(c.handle);
         repl->pinned.swap(c.pinned);
         c.retired = true;
         fresh.push_back(repl.get());
@@ -400,7 +410,20 @@ void Pool::replace_stuck() {
       }
     }
   }
-  for (Context* c : fresh) start_thread(c);
+  // A thread the system refuses now (std::system_error) is asked for again at the next
+  // tick; meanwhile the slot takes no work (it is not idle), and close() needs no thread.
+  std::vector<Context*> refused;
+  for (Context* c : fresh) {
+    try {
+      start_thread(c);
+    } catch (...) {
+      refused.push_back(c);
+    }
+  }
+  if (!refused.empty()) {
+    std::lock_guard<PoolMutex> lock(m_);
+    unstarted_.insert(unstarted_.end(), refused.begin(), refused.end());
+  }
 }
 
 void Pool::do_release(Context& c) {
@@ -414,24 +437,6 @@ void Pool::do_release(Context& c) {
 }
 
 namespace {
-
-ERL_NIF_TERM binary_term(ErlNifEnv* env, std::string_view s) {
-  ERL_NIF_TERM t;
-  unsigned char* p = enif_make_new_binary(env, s.size(), &t);
-  if (s.size()) std::memcpy(p, s.data(), s.size());
-  return t;
-}
-
-// {message_too_large, Size, Max}: Size is what was counted when Max was passed.
-ERL_NIF_TERM too_large_reason(ErlNifEnv* env, const etf::TooLargeError& e) {
-  return enif_make_tuple3(env, atoms.message_too_large, enif_make_uint64(env, e.size()),
-                          enif_make_uint64(env, e.max()));
-}
-
-// {unknown_atom, <<"name">>}
-ERL_NIF_TERM unknown_atom_reason(ErlNifEnv* env, const UnknownAtomError& e) {
-  return enif_make_tuple2(env, atoms.unknown_atom, binary_term(env, e.name()));
-}
 
 // Raises erlang.ErlangError(Reason) in Python, Reason as Python sees the term: args[0]
 // is the reason, also when it is a tuple (as in port mode).
@@ -462,31 +467,64 @@ Request parse(ErlNifEnv* env, ERL_NIF_TERM req) {
   return r;
 }
 
+// The GIL for a context thread, with its own thread state, until release() or the end of
+// the scope (also when an exception leaves it).
+class ContextGil {
+ public:
+  explicit ContextGil(PyThreadState* ts) noexcept { PyEval_RestoreThread(ts); }
+  ~ContextGil() { release(); }
+  ContextGil(const ContextGil&) = delete;
+  ContextGil& operator=(const ContextGil&) = delete;
+  void release() noexcept {
+    if (held_) PyEval_SaveThread();
+    held_ = false;
+  }
+
+ private:
+  bool held_ = true;
+};
+
 }  // namespace
 
-void Pool::run_job(Context& c, Job* job) {
+// Every job gets an answer, also when something fails past the request's own error
+// handling (a C++ error while answering): {error, Reason} (errors.hpp), not a wait for
+// the caller's timeout; and no exception leaves the context thread.
+void Pool::run_job(Context& c, Job* job) noexcept {
+  try {
+    run_request(c, job);
+  } catch (...) {
+    MsgEnv msg = MsgEnv::take();
+    const ERL_NIF_TERM answer = enif_make_tuple2(msg.get(), atoms.error, exception_reason(msg.get()));
+    finish(job, std::move(msg), answer);
+  }
+}
+
+void Pool::run_request(Context& c, Job* job) {
   Runtime& rt = Runtime::get();
-  const Request req = parse(job->env, job->req);
-  MsgEnv msg;
-  ERL_NIF_TERM answer;
+  const Request req = parse(job->env.get(), job->req);
 
   if (req.kind == Request::Hold) {
+    ResourcePtr<ContextHandle> handle;
     {
       std::lock_guard<PoolMutex> lock(m_);
-      c.held = true;
-      c.holder = job->caller;
-      c.holder_monitored = c.handle && enif_monitor_process(nullptr, c.handle, &job->caller, &c.holder_monitor) == 0;
-      if (!c.holder_monitored) c.release_requested = true;  // the holder is gone already
+      // No handle: the pool closed meanwhile, and a hold would give Erlang a context it
+      // could not name (to check it in).
+      handle = c.handle.share();
+      if (handle) {
+        c.held = true;
+        c.holder = job->caller;
+        c.holder_monitored = enif_monitor_process(nullptr, handle.get(), &job->caller, &c.holder_monitor) == 0;
+        if (!c.holder_monitored) c.release_requested = true;  // the holder is gone already
+      }
     }
-    answer = enif_make_tuple2(msg.env, atoms.ok,
-                              c.handle ? enif_make_resource(msg.env, c.handle) : atoms.undefined);
-    finish(c, job, msg.env, answer);
-    if (job->state == JobState::Canceled) release(c.index, nullptr, nullptr);  // nobody took it
-    msg.env = nullptr;
+    MsgEnv msg = MsgEnv::take();
+    const ERL_NIF_TERM answer = handle ? enif_make_tuple2(msg.get(), atoms.ok, handle.term(msg.get()))
+                                       : enif_make_tuple2(msg.get(), atoms.error, atoms.pool_closed);
+    if (!finish(job, std::move(msg), answer) && handle) release(c.index, nullptr, nullptr);  // nobody took it
     return;
   }
 
-  PyEval_RestoreThread(c.tstate);
+  ContextGil gil(c.tstate);
   if (c.interrupt_pending.exchange(false)) {
     // An interrupt meant for a job that ended first must not hit this one.
     PyThreadState_SetAsyncExc(c.thread_id, nullptr);
@@ -495,14 +533,16 @@ void Pool::run_job(Context& c, Job* job) {
   const ConvertOptions& co = o_.convert;
   Converter& conv = rt.converter();
   py::Runner& runner = rt.runner();
-  bool failed = false;
+  // What went wrong, answered below by the one translation (errors.hpp): a Python
+  // exception stays pending until then.
+  std::exception_ptr failure;
   PyRef result;
   try {
     if (req.kind == Request::Bad) {
       PyErr_SetString(PyExc_ValueError, "unknown request");
       throw PythonError();
     }
-    auto arg = [&](int i) { return conv.to_python(job->env, req.elems[i], co); };
+    auto arg = [&](int i) { return conv.to_python(job->env.get(), req.elems[i], co); };
     auto ns = [&]() {
       if (c.held) {
         if (!c.held_ns) c.held_ns = runner.fresh_namespace();
@@ -541,14 +581,8 @@ void Pool::run_job(Context& c, Job* job) {
       default:
         break;
     }
-  } catch (const PythonError&) {
-    failed = true;
-  } catch (const etf::DecodeError& e) {
-    PyErr_Format(rt.codec().types().decode_error.get(), "%s", e.what());
-    failed = true;
-  } catch (const std::exception& e) {
-    PyErr_Format(PyExc_MemoryError, "%s", e.what());
-    failed = true;
+  } catch (...) {
+    failure = std::current_exception();
   }
 
   bool canceled, closing;
@@ -557,101 +591,78 @@ void Pool::run_job(Context& c, Job* job) {
     canceled = job->state == JobState::Canceled;
     closing = closing_;
   }
-  if (closing && !canceled) {
-    // The pool closed while this ran (and interrupted it): that is the answer.
+  if (canceled || closing) {
+    // Stopped by its caller (timeout, death) or by close: whatever Python says now is
+    // ours. A job the pool's close interrupted answers that the pool closed.
     PyErr_Clear();
     result.reset();
-    PyEval_SaveThread();
-    finish(c, job, msg.env, enif_make_tuple2(msg.env, atoms.error, atoms.pool_closed));
-    msg.env = nullptr;
+    failure = nullptr;
+    gil.release();
+    if (!canceled) {
+      MsgEnv msg = MsgEnv::take();
+      const ERL_NIF_TERM answer = enif_make_tuple2(msg.get(), atoms.error, atoms.pool_closed);
+      finish(job, std::move(msg), answer);
+    }
     return;
   }
-  if (canceled) {
-    // Stopped by its caller (timeout, death) or by close: whatever Python says now is ours.
-    PyErr_Clear();
-    result.reset();
-    PyEval_SaveThread();
-    return;
-  }
-  // {error, #{type, message, traceback}} of the pending exception, which it clears.
-  auto error_answer = [&] {
-    PyRef err = runner.error_from_exception();
-    TermInfo info;
-    return enif_make_tuple2(msg.env, atoms.error, conv.to_term(msg.env, err.get(), co, info));
-  };
+  MsgEnv msg = MsgEnv::take();
+  ERL_NIF_TERM answer;
   try {
-    if (failed) {
-      answer = error_answer();
-    } else if (job->want_handle) {
-      auto* lent = static_cast<LentObject*>(enif_alloc_resource(rt.types.lent, sizeof(LentObject)));
-      lent->obj = result.release();
-      answer = enif_make_tuple2(msg.env, atoms.ok, enif_make_resource(msg.env, lent));
-      enif_release_resource(lent);
+    if (failure) std::rethrow_exception(failure);
+    if (job->want_handle) {
+      ResourcePtr<LentObject> lent = make_resource<LentObject>(rt.types.lent, LentObject{result.release()});
+      answer = enif_make_tuple2(msg.get(), atoms.ok, lent.term(msg.get()));
     } else {
       // {ok_check, R} when R holds a pid, port, reference or fun: Erlang checks those
       // before the caller gets them, and walks no other result.
       TermInfo info;
-      ERL_NIF_TERM r = conv.to_term(msg.env, result.get(), co, info);
-      answer = enif_make_tuple2(msg.env, info.opaque ? atoms.ok_check : atoms.ok, r);
+      ERL_NIF_TERM r = conv.to_term(msg.get(), result.get(), co, info);
+      answer = enif_make_tuple2(msg.get(), info.opaque ? atoms.ok_check : atoms.ok, r);
     }
-  } catch (const etf::TooLargeError& e) {
-    PyErr_Clear();
-    answer = enif_make_tuple2(msg.env, atoms.error, too_large_reason(msg.env, e));
-  } catch (const UnknownAtomError& e) {
-    PyErr_Clear();
-    answer = enif_make_tuple2(msg.env, atoms.error, unknown_atom_reason(msg.env, e));
   } catch (...) {
-    // The result has no Erlang form: say so instead.
-    py::set_python_error(rt.codec().types());
-    try {
-      answer = error_answer();
-    } catch (...) {
-      PyErr_Clear();
-      answer = enif_make_tuple2(msg.env, atoms.error, atoms.unencodable_error);
-    }
+    answer = exception_answer(msg.get(), co);
   }
+  failure = nullptr;
   result.reset();
-  PyEval_SaveThread();
-  finish(c, job, msg.env, answer);
-  msg.env = nullptr;  // finish() owns it now
+  gil.release();
+  finish(job, std::move(msg), answer);
 }
 
-// Hands the answer over unless the job was canceled meanwhile: kept for the polling
-// caller (no message, no lock on its process), or sent as {Ref, Answer} once it blocks.
-void Pool::finish(Context&, Job* job, ErlNifEnv* msg_env, ERL_NIF_TERM answer) {
+// Hands the answer over unless the job was canceled meanwhile (false then): kept for the
+// polling caller (no message, no lock on its process), or sent as {Ref, Answer} once it
+// blocks.
+bool Pool::finish(Job* job, MsgEnv msg, ERL_NIF_TERM answer) {
   bool kept;
   {
     std::lock_guard<PoolMutex> lock(m_);
     // A caller monitor (long jobs) stays: it cannot be removed from this thread, its DOWN
     // finds the job done, and it ends with the job's resource.
-    if (job->state == JobState::Canceled) {
-      EnvCache::global().give(msg_env);
-      return;
-    }
-    kept = keep_answer_locked(job, msg_env, answer);
+    if (job->state == JobState::Canceled || job->state == JobState::Done) return false;
+    kept = keep_answer_locked(job, msg, answer);
   }
   // Both after the mutex is released: a polling caller that sees `settled` then finds the
   // mutex free (see submit), and a send locks the receiving process while submitters wait
   // for m_. A cancel that comes in between finds Done and waits for the message.
   if (kept) job->settled.store(true, std::memory_order_release);
-  else send_answer(nullptr, job, msg_env, answer);
+  else send_answer(nullptr, job, std::move(msg), answer);
+  return true;
 }
 
-// Marks the job done with its answer. Kept in the job for a caller that polls (true), or
-// not (false: the caller blocks, and `msg_env` is still to be sent with send_answer).
-bool Pool::keep_answer_locked(Job* job, ErlNifEnv* msg_env, ERL_NIF_TERM answer) {
+// Marks the job done with its answer. Kept in the job for a caller that polls (true: the
+// job owns `msg` now), or not (false: the caller blocks, and `msg` is still to be sent
+// with send_answer).
+bool Pool::keep_answer_locked(Job* job, MsgEnv& msg, ERL_NIF_TERM answer) {
   job->state = JobState::Done;
   if (job->blocking) return false;
-  job->answer_env = msg_env;
+  job->answer_env = std::move(msg);
   job->answer = answer;
   return true;
 }
 
-// {Ref, Answer} to the caller; frees `msg_env`. `env`: the calling NIF's, or null.
-void Pool::send_answer(ErlNifEnv* env, Job* job, ErlNifEnv* msg_env, ERL_NIF_TERM answer) {
-  ERL_NIF_TERM ref = enif_make_copy(msg_env, job->ref);
-  enif_send(env, &job->caller, msg_env, enif_make_tuple2(msg_env, ref, answer));
-  EnvCache::global().give(msg_env);  // enif_send cleared it
+// {Ref, Answer} to the caller. `env`: the calling NIF's, or null.
+void Pool::send_answer(ErlNifEnv* env, Job* job, MsgEnv msg, ERL_NIF_TERM answer) {
+  ERL_NIF_TERM ref = enif_make_copy(msg.get(), job->ref);
+  enif_send(env, &job->caller, msg.get(), enif_make_tuple2(msg.get(), ref, answer));
 }
 
 // ---- Python calling Erlang ---------------------------------------------------------------
@@ -659,52 +670,54 @@ void Pool::send_answer(ErlNifEnv* env, Job* job, ErlNifEnv* msg_env, ERL_NIF_TER
 PyRef Pool::erlang_callback(Context& c, const char* kind, PyObject* m, PyObject* f, PyObject* args) {
   Runtime& rt = Runtime::get();
   Job* job;
+  ResourcePtr<ContextHandle> handle;
   {
     std::lock_guard<PoolMutex> lock(m_);
     job = c.running.empty() ? nullptr : c.running.back();
+    handle = c.handle.share();
   }
   if (!job) {
     PyErr_SetString(rt.erlang_port_error(), "no Erlang caller: this code does not run for an erpy request");
     throw PythonError();
   }
   const ConvertOptions& co = o_.convert;
-  MsgEnv msg;
+  MsgEnv msg = MsgEnv::take();
   // {Ref, {callback | callback_check, Context, Kind, M, F, Args}}: the caller runs it
   // (allow-list first); callback_check when M, F or Args hold a pid, port, reference or
   // fun, which the caller checks. Python's terms count against max_message_size together.
   TermInfo info;
   ERL_NIF_TERM mt, ft, at;
   try {
-    mt = rt.converter().to_term(msg.env, m, co, info);
-    ft = f ? rt.converter().to_term(msg.env, f, co, info) : atoms.undefined;
-    at = rt.converter().to_term(msg.env, args, co, info);
+    mt = rt.converter().to_term(msg.get(), m, co, info);
+    ft = f ? rt.converter().to_term(msg.get(), f, co, info) : atoms.undefined;
+    at = rt.converter().to_term(msg.get(), args, co, info);
   } catch (const etf::TooLargeError& e) {
     PyErr_Clear();
-    raise_erlang_error(msg.env, too_large_reason(msg.env, e), co);
+    raise_erlang_error(msg.get(), too_large_reason(msg.get(), e), co);
   } catch (const UnknownAtomError& e) {
     PyErr_Clear();
-    raise_erlang_error(msg.env, unknown_atom_reason(msg.env, e), co);
+    raise_erlang_error(msg.get(), unknown_atom_reason(msg.get(), e), co);
   }
   ERL_NIF_TERM items[] = {info.opaque ? atoms.callback_check : atoms.callback,
-                          c.handle ? enif_make_resource(msg.env, c.handle) : atoms.undefined,
-                          enif_make_atom(msg.env, kind), mt, ft, at};
-  ERL_NIF_TERM body = enif_make_tuple_from_array(msg.env, items, 6);
-  ErlNifEnv* reply_env = nullptr;
+                          handle ? handle.term(msg.get()) : atoms.undefined,
+                          enif_make_atom(msg.get(), kind), mt, ft, at};
+  ERL_NIF_TERM body = enif_make_tuple_from_array(msg.get(), items, 6);
+  OwnedEnv reply_env;
   ERL_NIF_TERM reply = 0;
   bool canceled = false;
-  PyThreadState* ts = PyEval_SaveThread();
   {
+    py::GilRelease nogil;
     std::unique_lock<PoolMutex> lock(m_);
     ++c.in_callback;  // nested callbacks count too
     if (job->state == JobState::Canceled) {
       canceled = true;
     } else {
       if (job->blocking) {
-        ERL_NIF_TERM ref = enif_make_copy(msg.env, job->ref);
-        enif_send(nullptr, &job->caller, msg.env, enif_make_tuple2(msg.env, ref, body));
+        ERL_NIF_TERM ref = enif_make_copy(msg.get(), job->ref);
+        enif_send(nullptr, &job->caller, msg.get(), enif_make_tuple2(msg.get(), ref, body));
       } else {
         // The caller is polling: it takes the callback from the job, no message needed.
-        job->callback_env = std::exchange(msg.env, nullptr);
+        job->callback_env = std::move(msg);
         job->callback = body;
         job->settled.store(true, std::memory_order_release);
       }
@@ -719,7 +732,7 @@ PyRef Pool::erlang_callback(Context& c, const char* kind, PyObject* m, PyObject*
         return job->reply_env || job->state == JobState::Canceled || !c.pinned.empty() || closing_;
       });
       if (job->reply_env) {
-        reply_env = std::exchange(job->reply_env, nullptr);
+        reply_env = std::move(job->reply_env);
         reply = job->reply;
         job->reply_ready.store(false, std::memory_order_relaxed);
         break;
@@ -728,51 +741,45 @@ PyRef Pool::erlang_callback(Context& c, const char* kind, PyObject* m, PyObject*
         canceled = true;
         break;
       }
-      Job* nested = c.pinned.front();
+      ResourcePtr<Job> nested = std::move(c.pinned.front());
       c.pinned.pop_front();
-      run_taken(c, nested, lock);
+      run_taken(c, std::move(nested), lock);
     }
     --c.in_callback;
   }
-  PyEval_RestoreThread(ts);
-  struct EnvGuard {
-    ErlNifEnv* env;
-    ~EnvGuard() {
-      if (env) enif_free_env(env);
-    }
-  } guard{reply_env};
   if (canceled) {
     PyErr_SetString(rt.erlang_timeout_error(), "the request was cancelled while Erlang worked");
     throw PythonError();
   }
   int arity;
   const ERL_NIF_TERM* elems;
-  if (!enif_get_tuple(reply_env, reply, &arity, &elems) || arity != 2) {
+  if (!enif_get_tuple(reply_env.get(), reply, &arity, &elems) || arity != 2) {
     PyErr_SetString(rt.erlang_error(), "bad callback answer");
     throw PythonError();
   }
-  if (elems[0] != atoms.ok) raise_erlang_error(reply_env, elems[1], co);
-  return rt.converter().to_python(reply_env, elems[1], co);
+  if (elems[0] != atoms.ok) raise_erlang_error(reply_env.get(), elems[1], co);
+  return rt.converter().to_python(reply_env.get(), elems[1], co);
 }
 
 void Pool::log(PyObject* stream, PyObject* text) {
   Runtime& rt = Runtime::get();
-  MsgEnv msg;
+  MsgEnv msg = MsgEnv::take();
   // A line of output goes to the pool's own server, whatever its size (no new atoms).
   TermInfo info;
-  ERL_NIF_TERM s = rt.converter().to_term(msg.env, stream, log_convert_, info);
-  ERL_NIF_TERM line = rt.converter().to_term(msg.env, text, log_convert_, info);
-  ERL_NIF_TERM t = enif_make_tuple3(msg.env, atoms.erpy_log, s, line);
+  ERL_NIF_TERM s = rt.converter().to_term(msg.get(), stream, log_convert_, info);
+  ERL_NIF_TERM line = rt.converter().to_term(msg.get(), text, log_convert_, info);
+  ERL_NIF_TERM t = enif_make_tuple3(msg.get(), atoms.erpy_log, s, line);
   ErlNifPid owner = o_.owner;
-  enif_send(nullptr, &owner, msg.env, t);
+  enif_send(nullptr, &owner, msg.get(), t);
 }
 
 // ---- the service thread ------------------------------------------------------------------
 
 void Pool::interrupt_canceled() {
   std::lock_guard<PoolMutex> lock(m_);
-  std::vector<Job*> still;
-  for (Job* j : to_interrupt_) {
+  std::vector<ResourcePtr<Job>> still;
+  for (auto& jp : to_interrupt_) {
+    Job* j = jp.get();
     bool running = false;
     auto interrupt = [&](Context& c) {
       if (std::find(c.running.begin(), c.running.end(), j) != c.running.end()) {
@@ -788,10 +795,9 @@ void Pool::interrupt_canceled() {
     // asynchronous exceptions is one flag per interpreter, so the first thread to take its
     // exception clears it for the others, whose exceptions then wait unseen (seen with
     // several contexts timing out at once).
-    if (running) still.push_back(j);
-    else enif_release_resource(j);
+    if (running) still.push_back(std::move(jp));
   }
-  to_interrupt_.swap(still);
+  to_interrupt_.swap(still);  // the others' references go with `still`
 }
 
 void Pool::kick_stalled() {

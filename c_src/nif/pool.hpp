@@ -23,6 +23,7 @@
 
 #include "convert.hpp"
 #include "env_cache.hpp"
+#include "resource.hpp"
 #include "spin_mutex.hpp"
 #include "py/ref.hpp"
 
@@ -37,20 +38,22 @@ enum class JobState { Queued, Running, Done, Canceled };
 // One request from one Erlang process. Lives in a NIF resource (the caller holds it as a
 // term; the queue and the running context hold references).
 struct Job {
-  ErlNifEnv* env = nullptr;  // owns the copies of ref and req
+  Job() noexcept = default;  // (time_point's constructor is not declared noexcept)
+  OwnedEnv env;  // holds the copies of ref and req
   ERL_NIF_TERM ref = 0, req = 0;
   ErlNifPid caller{};
   bool want_handle = false;
   std::shared_ptr<Pool> pool;
   // Guarded by the pool mutex:
   JobState state = JobState::Queued;
-  ErlNifEnv* reply_env = nullptr;  // the answer to the callback in progress
+  OwnedEnv reply_env;  // the answer to the callback in progress
   ERL_NIF_TERM reply = 0;
   // The caller polls for a short call's answer (poll/2), which then waits here; once it
-  // blocks in `receive` (or a callback needs it there), answers come as messages.
-  ErlNifEnv* answer_env = nullptr;
+  // blocks in `receive` (or a callback needs it there), answers come as messages. Made by
+  // a context thread, so from the cache (env_cache.hpp).
+  MsgEnv answer_env;
   ERL_NIF_TERM answer = 0;
-  ErlNifEnv* callback_env = nullptr;  // a callback for the polling caller
+  MsgEnv callback_env;  // a callback for the polling caller
   ERL_NIF_TERM callback = 0;
   bool blocking = false;
   std::atomic<bool> settled{false};  // answer_env set, or blocking: poll may take the lock
@@ -59,13 +62,6 @@ struct Job {
   ErlNifMonitor monitor{};
   std::chrono::steady_clock::time_point started{};
   std::chrono::steady_clock::time_point canceled_at{};  // when a running job was cancelled
-
-  ~Job() {
-    if (env) enif_free_env(env);
-    if (reply_env) enif_free_env(reply_env);
-    EnvCache::global().give(answer_env);  // made by a context thread (env_cache.hpp)
-    EnvCache::global().give(callback_env);
-  }
 };
 
 // What an Erlang term refers to for a context (held contexts, nesting).
@@ -77,13 +73,15 @@ struct ContextHandle {
 struct Context {
   Pool* pool = nullptr;
   int index = 0;
-  std::thread thread;
   std::condition_variable_any cv;
   PyThreadState* tstate = nullptr;
   unsigned long thread_id = 0;
-  ContextHandle* handle = nullptr;  // kept while the pool is open
   // Guarded by the pool mutex:
-  std::deque<Job*> pinned;      // jobs for this context only (held, or nested)
+  // The term Erlang knows this context by. Kept while the pool is open; close() drops it
+  // and replace_stuck() hands it to the replacement, so readers take their own reference
+  // under the mutex (ResourcePtr::share) and use that.
+  ResourcePtr<ContextHandle> handle;
+  std::deque<ResourcePtr<Job>> pinned;  // jobs for this context only (held, or nested)
   std::vector<Job*> running;    // innermost last; more than one while nesting
   bool held = false;
   bool release_requested = false;
@@ -113,13 +111,15 @@ class Pool : public std::enable_shared_from_this<Pool> {
  public:
   explicit Pool(PoolOptions o);
   ~Pool();
-  void start();  // the context threads
+  // Starts the context threads. If the system refuses one, those already started are
+  // stopped (the pool is closed) and the error (std::system_error) is thrown.
+  void start();
   // No more jobs: waiting ones answer {error, pool_closed}, running ones are interrupted
   // and answer the same; threads end after that. `env`: the calling NIF's, or null.
   void close(ErlNifEnv* env);
 
   // From Erlang processes (no GIL).
-  bool submit(Job* job, int context);  // context -1: any; false when closed
+  bool submit(const ResourcePtr<Job>& job, int context);  // context -1: any; false when closed
   enum class Outcome { Canceled, Sent, Done };
   // Canceled: it will never answer. Sent: the answer is in the caller's mailbox. Done: the
   // answer is copied into `env` as *answer.
@@ -158,33 +158,37 @@ class Pool : public std::enable_shared_from_this<Pool> {
   void serve(Context& c);
   template <class Ready>
   void spin_until(Ready ready) const;
-  Job* next_job(Context& c, std::unique_lock<PoolMutex>& lock);
-  void run_taken(Context& c, Job* job, std::unique_lock<PoolMutex>& lock);
-  void run_job(Context& c, Job* job);
-  void finish(Context& c, Job* job, ErlNifEnv* msg_env, ERL_NIF_TERM answer);
-  bool keep_answer_locked(Job* job, ErlNifEnv* msg_env, ERL_NIF_TERM answer);
-  static void send_answer(ErlNifEnv* env, Job* job, ErlNifEnv* msg_env, ERL_NIF_TERM answer);
+  ResourcePtr<Job> next_job(Context& c, std::unique_lock<PoolMutex>& lock);
+  void run_taken(Context& c, ResourcePtr<Job> job, std::unique_lock<PoolMutex>& lock);
+  void run_job(Context& c, Job* job) noexcept;
+  void run_request(Context& c, Job* job);
+  bool finish(Job* job, MsgEnv msg, ERL_NIF_TERM answer);
+  bool keep_answer_locked(Job* job, MsgEnv& msg, ERL_NIF_TERM answer);
+  static void send_answer(ErlNifEnv* env, Job* job, MsgEnv msg, ERL_NIF_TERM answer);
   void do_release(Context& c);
   void start_thread(Context* c);
   void retire(Context* c);
   void wake_one_locked();
   bool cancel_locked(Job* job);
-  void answer_closed_locked(ErlNifEnv* env, Job* job);
+  void answer_closed_locked(ErlNifEnv* env, ResourcePtr<Job> job);
 
   static constexpr std::chrono::microseconds kBusyHandoff{500};
   PoolOptions o_;
   ConvertOptions log_convert_;  // o_.convert without a size limit, for output lines
   std::vector<std::unique_ptr<Context>> ctxs_;
   PoolMutex m_;
-  std::deque<Job*> queue_;
+  std::deque<ResourcePtr<Job>> queue_;
   bool closing_ = false;
   std::atomic<long> queued_{0};  // a hint for spinners (may lag the queue a little)
   std::atomic<int> inflight_{0};  // submitted, not yet finished
   std::atomic<bool> spinning_{false};
-  std::vector<Job*> to_interrupt_;  // canceled while running; guarded by m_
+  std::vector<ResourcePtr<Job>> to_interrupt_;  // canceled while running; guarded by m_
   // Contexts replaced while stuck, until their threads end; guarded by m_.
   std::vector<std::unique_ptr<Context>> retired_;
   long replaced_ = 0;  // contexts replaced so far; guarded by m_
+  // Replacements whose thread the system refused for now; tried again at the next tick
+  // (replace_stuck). Guarded by m_.
+  std::vector<Context*> unstarted_;
 };
 
 }  // namespace erpy::nif

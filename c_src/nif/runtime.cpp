@@ -4,6 +4,7 @@
 #include <malloc.h>
 
 #include <chrono>
+#include <cstdio>
 
 #include "pool.hpp"
 
@@ -58,9 +59,14 @@ Runtime& Runtime::get() {
 std::string Runtime::init(const std::string& executable, const std::string& python_dir) {
   std::unique_lock<std::mutex> lock(m_);
   if (!started_) {
-    started_ = true;
     make_symbols_global();
-    thread_ = std::thread([this, executable, python_dir] { service(executable, python_dir); });
+    try {
+      thread_ = std::thread([this, executable, python_dir] { service(executable, python_dir); });
+    } catch (const std::exception& e) {
+      // No thread now (the system's limit on threads or memory): a later init tries again.
+      return std::string("no thread to start Python on: ") + e.what();
+    }
+    started_ = true;
     thread_.detach();
   }
   cv_.wait(lock, [this] { return init_done_; });
@@ -133,14 +139,28 @@ void Runtime::service(std::string executable, std::string python_dir) {
   cv_.notify_all();
   if (!ready_) return;
 
-  std::unique_lock<std::mutex> lock(m_);
   for (;;) {
+    // One tick at a time, so that a failure (a C++ error, the system refusing memory)
+    // costs one tick's work and never the thread that interrupts every pool.
+    try {
+      tick(main_state);
+    } catch (const std::exception& e) {
+      std::fprintf(stderr, "erpy_nif: service thread: %s\n", e.what());
+    } catch (...) {
+      std::fprintf(stderr, "erpy_nif: service thread: unknown C++ exception\n");
+    }
+  }
+}
+
+void Runtime::tick(PyThreadState*& main_state) {
+  std::vector<PyObject*> drops;
+  std::vector<std::shared_ptr<Pool>> pools;
+  {
+    std::unique_lock<std::mutex> lock(m_);
     // While jobs run, look every few milliseconds for callers to watch; otherwise sleep.
     cv_.wait_for(lock, std::chrono::milliseconds(10), [this] { return work_; });
     work_ = false;
-    std::vector<PyObject*> drops;
     drops.swap(drops_);
-    std::vector<std::shared_ptr<Pool>> pools;
     for (auto it = pools_.begin(); it != pools_.end();) {
       if (auto p = it->lock()) {
         pools.push_back(std::move(p));
@@ -149,30 +169,37 @@ void Runtime::service(std::string executable, std::string python_dir) {
         it = pools_.erase(it);
       }
     }
-    lock.unlock();
-    // Watching callers needs no Python; interrupts and dropped references do.
-    bool interrupts = false;
-    for (auto& p : pools) {
-      p->kick_stalled();
-      p->monitor_long_jobs(std::chrono::milliseconds(20));
-      interrupts = interrupts || p->has_interrupts();
-    }
-    if (!drops.empty() || interrupts) {
+  }
+  // Watching callers needs no Python; interrupts and dropped references do.
+  bool interrupts = false;
+  for (auto& p : pools) {
+    p->kick_stalled();
+    p->monitor_long_jobs(std::chrono::milliseconds(20));
+    interrupts = interrupts || p->has_interrupts();
+  }
+  if (!drops.empty() || interrupts) {
+    {
       PyEval_RestoreThread(main_state);
+      struct Save {  // the GIL goes back on every path
+        PyThreadState*& state;
+        ~Save() { state = PyEval_SaveThread(); }
+      } save{main_state};
       for (PyObject* o : drops) Py_DECREF(o);
       for (auto& p : pools) p->interrupt_canceled();
-      main_state = PyEval_SaveThread();
-      for (auto& p : pools) p->replace_stuck();
     }
-    pools.clear();  // a pool's last reference may go here: no GIL needed for that
-    lock.lock();
+    for (auto& p : pools) p->replace_stuck();
   }
+  // A pool's last reference may go here, when `pools` ends: no GIL needed for that.
 }
 
-void Runtime::drop_later(PyObject* obj) {
+void Runtime::drop_later(PyObject* obj) noexcept {
   {
     std::lock_guard<std::mutex> lock(m_);
-    drops_.push_back(obj);
+    try {
+      drops_.push_back(obj);
+    } catch (...) {
+      return;  // no memory for the list: the object leaks, which is the lesser harm here
+    }
     // Batches: a burst of garbage-collected handles costs one GIL acquisition.
     if (drops_.size() < 64) return;
     work_ = true;

@@ -8,6 +8,7 @@
 #pragma once
 #include <erl_nif.h>
 
+#include <atomic>
 #include <condition_variable>
 #include <memory>
 #include <mutex>
@@ -44,10 +45,10 @@ class Runtime {
 
   // Starts Python on the service thread and waits for it. Empty when it runs.
   std::string init(const std::string& executable, const std::string& python_dir);
-  bool ready() const noexcept { return ready_; }
+  bool ready() const noexcept { return ready_.load(std::memory_order_acquire); }
 
   // From any thread, without the GIL.
-  void drop_later(PyObject* obj);
+  void drop_later(PyObject* obj) noexcept;
   void wake();  // something to interrupt
   void add_pool(const std::shared_ptr<Pool>& p);
 
@@ -64,13 +65,14 @@ class Runtime {
  private:
   Runtime() = default;
   void service(std::string executable, std::string python_dir);
+  void tick(PyThreadState*& main_state);
   std::string start_python(const std::string& executable, const std::string& python_dir);
 
   std::mutex m_;
   std::condition_variable cv_;
   std::thread thread_;
   bool started_ = false;
-  bool ready_ = false;
+  std::atomic<bool> ready_{false};  // read by any scheduler, without the mutex
   bool init_done_ = false;
   std::string init_error_;
   std::string executable_;

@@ -8,6 +8,8 @@
 
 #include <atomic>
 
+#include "common/cpu_relax.hpp"
+
 namespace erpy::nif {
 
 class SpinMutex {
@@ -18,9 +20,7 @@ class SpinMutex {
       while (locked_.load(std::memory_order_relaxed)) {
         if (spins < kSpinsBeforeYield) {
           ++spins;
-#if defined(__x86_64__)
-          __builtin_ia32_pause();
-#endif
+          cpu_relax();
         } else {
           sched_yield();
         }

@@ -9,6 +9,7 @@
 #include <sys/socket.h>
 #include <sys/uio.h>
 
+#include "common/cpu_relax.hpp"
 #include "etf/decode.hpp"
 
 namespace erpy::node {
@@ -680,7 +681,7 @@ void Core::next_frame(Connection& c, std::uint8_t*& data, std::size_t& len, std:
         if (spin_until < 0) spin_until = now_ns() + spin_ns_;
         if (now_ns() < spin_until) flags = MSG_DONTWAIT;
       }
-      if (!receive(c.rcap - c.rend, flags) && flags) __builtin_ia32_pause();
+      if (!receive(c.rcap - c.rend, flags) && flags) cpu_relax();
     }
   };
   // The rest of a refused frame: read into the buffer and dropped, never held whole.

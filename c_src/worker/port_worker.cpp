@@ -74,6 +74,8 @@ class PortWorker {
   PyRef callback(const char* kind, PyObject* m, PyObject* f, PyObject* arg);
   void send_from_python(ByteBuffer& frame);
   PyRef self_pid();
+  // The thread that serves requests (Python's id for it): erlang.* works only there.
+  unsigned long serving_thread() const noexcept { return serving_thread_; }
 
  private:
   struct Request {
@@ -95,6 +97,7 @@ class PortWorker {
   void reply_error(std::int64_t id, PyRef error_map);
   void reply_timeout(std::int64_t id);
   void finish_reply(etf::Bytes tail = {});
+  bool write_frame(ByteBuffer& b, etf::Bytes tail = {});
   static etf::Bytes large_binary(PyObject* o);
   PyRef error_map_from_exception() { return runner_->error_from_exception(); }
   PyRef error_map(const char* type, const std::string& message) { return runner_->error(type, message); }
@@ -121,11 +124,13 @@ class PortWorker {
   ErlangErrors errors_;
   ByteBuffer out_;
   bool exiting_ = false;
+  unsigned long serving_thread_ = 0;
 };
 
 // ---- serving ---------------------------------------------------------------------------
 
 int PortWorker::serve() {
+  serving_thread_ = PyThread_get_thread_ident();
   // Before any thread starts and any user code runs: see process.hpp.
   process::own_session();
   process::protect(ch_.in_fd());
@@ -149,7 +154,7 @@ int PortWorker::serve() {
     Channel::begin_tuple_frame(out_, 3, "log");
     etf::put_atom(out_, "stderr");
     etf::put_binary(out_, etf::Bytes(reinterpret_cast<const std::uint8_t*>(line.data()), line.size()));
-    ch_.write_frame(out_);
+    write_frame(out_);
     return 4;
   }
   if (!send_ready()) return 2;
@@ -250,7 +255,7 @@ bool PortWorker::send_ready() {
 #else
   etf::put_atom(out_, "shared");
 #endif
-  return ch_.write_frame(out_);
+  return write_frame(out_);
 }
 
 // Reads the next frame for the main thread: one the watchdog kept, or from the pipe with
@@ -477,13 +482,23 @@ void PortWorker::finish_reply(etf::Bytes tail) {
     ByteBuffer note;
     Channel::begin_tuple_frame(note, 2, "exiting");
     etf::put_atom(note, "memory_limit");
-    ch_.write_frame(note);
+    write_frame(note);
     exiting_ = true;
   }
-  if (!ch_.write_frame(out_, tail.data(), tail.size())) exiting_ = true;
+  if (!write_frame(out_, tail)) exiting_ = true;
   if (stack_.empty() && out_.capacity() > 4 * 1024 * 1024) {
     out_.release_memory();  // do not keep a big frame's buffer
   }
+}
+
+// Every frame the main thread writes goes out without the GIL: Erlang may be slow to read
+// (a busy VM, a large answer on a full pipe), and a write that waits for it must not stop
+// the process's other Python threads. What is written is no Python object another thread
+// could change: our own buffer, and a tail in a bytes or str object (immutable) that the
+// request holds a reference to until the write returns.
+bool PortWorker::write_frame(ByteBuffer& b, etf::Bytes tail) {
+  py::GilRelease nogil;
+  return ch_.write_frame(b, tail.data(), tail.size());
 }
 
 void PortWorker::reply_error(std::int64_t id, PyRef error) {
@@ -582,7 +597,7 @@ void PortWorker::send_from_python(ByteBuffer& frame) {
     PyErr_Format(errors_.error.get(), "message_too_large: %zu bytes, max %zu", frame.size() - 4, max_);
     throw PythonError();
   }
-  if (!ch_.write_frame(frame)) {
+  if (!write_frame(frame)) {
     PyErr_SetString(errors_.port.get(), "the port to Erlang is closed");
     throw PythonError();
   }
@@ -615,19 +630,26 @@ PyObject* guarded(F&& f) {
   }
 }
 
+// ErlangPortError("<what>: <why>").
+[[noreturn]] void raise_port_error(const char* what, const char* why) {
+  PyObject* mod = PyImport_ImportModule("erpy.erlang");
+  PyObject* cls = mod ? PyObject_GetAttrString(mod, "ErlangPortError") : nullptr;
+  Py_XDECREF(mod);
+  if (cls) {
+    PyErr_Format(cls, "%s: %s", what, why);
+    Py_DECREF(cls);
+  }
+  throw PythonError();
+}
+
 PortWorker* current(const char* what) {
   // A forked child shares the worker's memory but not its pipes (process.hpp).
-  if (!g_worker || process::forked_child()) {
-    PyObject* mod = PyImport_ImportModule("erpy.erlang");
-    PyObject* cls = mod ? PyObject_GetAttrString(mod, "ErlangPortError") : nullptr;
-    Py_XDECREF(mod);
-    if (cls) {
-      PyErr_Format(cls, process::forked_child() ? "%s: not available in a process forked from an erpy port worker"
-                                                : "%s: not running inside an erpy port worker",
-                   what);
-      Py_DECREF(cls);
-    }
-    throw PythonError();
+  if (process::forked_child()) raise_port_error(what, "not available in a process forked from an erpy port worker");
+  if (!g_worker) raise_port_error(what, "not running inside an erpy port worker");
+  // A thread of the user's own runs for no request: it has no caller, and the request
+  // pipe is the serving thread's (as in embedded mode, where it has no context).
+  if (PyThread_get_thread_ident() != g_worker->serving_thread()) {
+    raise_port_error(what, "not inside an erpy request (no Erlang caller on this thread)");
   }
   return g_worker;
 }

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import fcntl
 import os
+import select
 import struct
 import subprocess
 import sys
@@ -233,6 +234,60 @@ def test_send_self_and_output(worker):
         while worker.recv() != (A("ok"), 2, 1):
             pass
     assert (A("log"), A("stdout"), "printed") in worker.logs
+
+
+def test_answers_are_written_without_the_gil(tmp_path):
+    """A write that waits for Erlang to read (a large answer on a full pipe) must not
+    stop the worker's other Python threads: the main thread writes without the GIL."""
+    ticks = tmp_path / "ticks"
+    ticks.touch()
+    w = Worker(max_message_size=64 * 1024 * 1024)
+    try:
+        # A thread of the user's own, which makes progress only when it gets the GIL.
+        w.request("exec", 1, "import os, threading, time\n"
+                             "def tick(path):\n"
+                             "    fd = os.open(path, os.O_WRONLY | os.O_APPEND)\n"
+                             "    while True:\n"
+                             "        os.write(fd, b'x')\n"
+                             "        time.sleep(0.001)\n"
+                             f"threading.Thread(target=tick, args=({str(ticks)!r},), daemon=True).start()")
+        assert w.recv() == (A("ok"), 1, None)
+        # Far more than a pipe holds: the worker's write blocks until we read.
+        w.request("eval", 2, "b'y' * (32 * 1024 * 1024)", {})
+        select.select([w.from_py], [], [])  # the answer has started: the pipe is full
+        before = ticks.stat().st_size
+        deadline = time.monotonic() + 10
+        while ticks.stat().st_size < before + 20 and time.monotonic() < deadline:
+            time.sleep(0.01)
+        moved = ticks.stat().st_size - before
+        tag, rid, value = w.recv()
+        assert (tag, rid, len(value)) == ("ok", 2, 32 * 1024 * 1024)
+        assert moved >= 20, "the other thread stood still while the worker wrote"
+    finally:
+        w.close()
+
+
+def test_erlang_functions_only_on_the_serving_thread(worker):
+    """A thread of the user's own runs for no request: erlang.* raise ErlangPortError
+    there, as in embedded mode (it would otherwise read the request pipe beside the
+    serving thread)."""
+    code = ("import threading\n"
+            "out = []\n"
+            "def f():\n"
+            "    for g in (lambda: erlang.self(), lambda: erlang.call('erlang', 'abs', -1)):\n"
+            "        try:\n"
+            "            g()\n"
+            "            out.append('ran')\n"
+            "        except Exception as e:\n"
+            "            out.append(type(e).__name__)\n"
+            "t = threading.Thread(target=f)\n"
+            "t.start()\n"
+            "t.join(5)\n"
+            "result = out")
+    worker.request("run", 1, code, None)
+    assert worker.recv() == (A("ok"), 1, ["ErlangPortError", "ErlangPortError"])
+    worker.request("eval", 2, "erlang.self()", {})
+    assert worker.recv() == (A("ok"), 2, CALLER)
 
 
 def test_hold_keeps_namespace_until_reset(worker):
