@@ -152,14 +152,23 @@ terminate(_Why, #{name := Name, pool := Pool}) ->
 
 submit_and_wait(Target, #{name := Name, policy := Policy} = Handle, Req, Timeout, WantHandle) ->
     Ref = make_ref(),
-    case erpy_nif:submit(Target, Ref, Req, WantHandle) of
+    %% A NIF whose C++ failed raises error:{erpy_nif, Reason}: a value here, as every error.
+    try erpy_nif:submit(Target, Ref, Req, WantHandle) of
         {ok, Job} ->
             Ctx = erpy_policy:request_ctx(Policy, self(), Req),
             try answer(Name, Ctx, spin(Ref, Job, Handle#{ctx => Ctx}, deadline(Timeout), ?SPIN))
-            after erpy_policy:done(Ctx)
+            catch
+                error:{erpy_nif, Why} ->
+                    _ = (catch erpy_nif:cancel(Job)),
+                    flush(Ref),
+                    {error, Why}
+            after
+                erpy_policy:done(Ctx)
             end;
         {error, closed} ->
             {error, {no_pool, Name}}
+    catch
+        error:{erpy_nif, Why} -> {error, Why}
     end.
 
 %% The NIF flags a result that holds funs, pids, references or ports (ok_check): the
