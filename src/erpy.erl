@@ -28,7 +28,9 @@
                       | {badarg, term()}
                       | {not_supported, {handle, pool()}}
                       | {no_pool, pool()}
-                      | {no_nodes, pool()}.
+                      | {no_nodes, pool()}
+                      | {internal, binary()}
+                      | out_of_memory.
 -type mode() :: port | embedded | node.
 %% A held worker: opaque, hand it back with checkin/1 (erpy_transport).
 -type worker() :: erpy_transport:worker().
