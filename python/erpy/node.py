@@ -28,7 +28,6 @@ import subprocess
 import sys
 import threading
 import time
-import traceback
 import weakref
 from typing import Any, Callable, Iterable
 
@@ -55,6 +54,9 @@ DEFAULT_MAX_MESSAGE_SIZE = 64 * 1024 * 1024
 #: local process) may hold unread; a message beyond either is dropped.
 DEFAULT_MAX_QUEUED_MESSAGES = 100_000
 DEFAULT_MAX_QUEUED_BYTES = 1024 * 1024 * 1024
+#: The default of ``max_send_queue``: bytes sent to a connected node that it has not read
+#: yet; a node that lets more pile up is disconnected.
+DEFAULT_MAX_SEND_QUEUE = 256 * 1024 * 1024
 
 
 # Nodes still running when the interpreter exits are stopped first, before Python joins
@@ -180,13 +182,10 @@ NOREPLY = _NoReply()
 
 
 def format_error(exc: BaseException) -> dict:
-    """A Python exception as erpy's error map: ``#{type, message, traceback}``."""
-    lines = traceback.format_exception(type(exc), exc, exc.__traceback__)
-    return {
-        Atom("type"): type(exc).__name__,
-        Atom("message"): str(exc),
-        Atom("traceback"): [ln for chunk in lines for ln in chunk.rstrip("\n").split("\n")],
-    }
+    """A Python exception as erpy's error map: ``#{type, message, traceback}``, made by the
+    executor every mode shares (``traceback`` holds ``traceback.format_exception``'s
+    chunks, as in port and embedded mode)."""
+    return _node.error_map(exc)
 
 
 class GenServer:
@@ -292,6 +291,11 @@ class Node:
     nodes set on one process are capped at ``max_queued_messages`` too: beyond it the
     monitor fires at once, the link breaks, with reason ``system_limit`` (also counted in
     ``dropped``).
+
+    Outbound, per connection: frames go out through the connection's own queue, so a node
+    that stops reading holds up only what is sent to it (Python threads sending to it wait
+    while a few MiB wait for it, as OTP suspends a sender on a busy distribution port);
+    one that lets more than ``max_send_queue`` bytes pile up is disconnected (logged).
     """
 
     def __init__(self, name: str, cookie: str, *, host: str = "127.0.0.1", port: int = 0,
@@ -301,9 +305,12 @@ class Node:
                  max_message_size: int = DEFAULT_MAX_MESSAGE_SIZE, max_fragments: int = 1024,
                  max_fragment_bytes: int | None = None,
                  max_queued_messages: int = DEFAULT_MAX_QUEUED_MESSAGES,
-                 max_queued_bytes: int = DEFAULT_MAX_QUEUED_BYTES) -> None:
+                 max_queued_bytes: int = DEFAULT_MAX_QUEUED_BYTES,
+                 max_send_queue: int = DEFAULT_MAX_SEND_QUEUE) -> None:
         if max_queued_messages < 1 or max_queued_bytes < 1:
             raise ValueError("max_queued_messages and max_queued_bytes must be at least 1")
+        if max_send_queue < 1:
+            raise ValueError("max_send_queue must be at least 1")
         if "@" not in name:
             name = f"{name}@127.0.0.1"
         self.allow = {a.strip() for a in allow if a and a.strip()}
@@ -318,14 +325,14 @@ class Node:
         self._session_mb: Any = None
         self._session_refs: dict[Ref, int] = {}
         self._session_monitors: dict[int, Ref] = {}
-        self._native = _node.Node(name, cookie, resolver=self._resolve,
-                                  error_formatter=format_error, host=host, port=port,
+        self._native = _node.Node(name, cookie, resolver=self._resolve, host=host, port=port,
                                   hidden=hidden, ticktime=ticktime, slow_ms=slow_ms,
                                   spin_us=spin_us, coalesce_us=coalesce_us,
                                   max_message_size=max_message_size, max_fragments=max_fragments,
                                   max_fragment_bytes=max_fragment_bytes or 0,
                                   max_queued_messages=max_queued_messages,
-                                  max_queued_bytes=max_queued_bytes)
+                                  max_queued_bytes=max_queued_bytes,
+                                  max_send_queue=max_send_queue)
         self._threads: list[threading.Thread] = []
         self._started = False
         self._start_epmd = start_epmd
@@ -398,16 +405,19 @@ class Node:
             if f is None:
                 raise NotAllowed(f"erpy.service has no function {function!r}")
             return f
-        if not self.allowed(module):
-            raise NotAllowed(f"module {module!r} is not allowed on node {self.name} "
-                             "(allow it with --allow / ERPY_NODE_ALLOW)")
-        if function.startswith("_"):
-            raise NotAllowed(f"{module}.{function}: private names are not reachable")
-        mod = importlib.import_module(module)
-        f = getattr(mod, function)
+        self._check_allowed(module, function)
+        # Found as every mode finds a function: dotted names included ("dict.fromkeys").
+        f = _node.resolve(module, function)
         if not callable(f):
             raise TypeError(f"{module}.{function} is not callable")
         return f
+
+    def _check_allowed(self, module: str, function: str) -> None:
+        if not self.allowed(module):
+            raise NotAllowed(f"module {module!r} is not allowed on node {self.name} "
+                             "(allow it with --allow / ERPY_NODE_ALLOW)")
+        if any(part.startswith("_") for part in function.split(".")):
+            raise NotAllowed(f"{module}.{function}: private names are not reachable")
 
     # erpy.service: what erpy_node_pool sends (call/eval/exec/run as the other modes).
     # `max_size`: the pool's max_message_size, the largest result (bytes of external
@@ -435,15 +445,21 @@ class Node:
             _current.caller = previous
             c.close()
 
+    # The requests run through the executor every mode shares (erpy._node's call, eval,
+    # exec, run: py::Runner), so names resolve, code is cached and errors read as in port
+    # and embedded mode; what is here is the node's own policy (allow-list, allow_code,
+    # sessions, the caller). A failed request's traceback leaves these wrappers out.
     def _service_call(self, module: Any, function: Any, args: list, kwargs: Any = None,
                       max_size: int = 0, session: Any = None, caller: Any = None) -> Any:
         with self._serving(max_size, caller):
             if session is not None:
                 self._session(session)
             module, function = _text(module), _text(function)
-            f = self._resolve(module, function)
-            kw = {_text(k): v for k, v in kwargs.items()} if kwargs else {}
-            return f(*args, **kw)
+            f = self._exposed.get((module, function))
+            if f is not None:
+                return f(*args, **(kwargs or {}))
+            self._check_allowed(module, function)
+            return _node.call(module, function, args, kwargs)
 
     def _check_code(self) -> None:
         if not self.allow_code:
@@ -452,8 +468,8 @@ class Node:
     def _session(self, session: Any) -> dict:
         if session is None:
             # Without a held worker every exec/eval gets a fresh namespace, as in the
-            # other modes (DESIGN.md); state across calls needs a checkout.
-            return {"__name__": "__erpy__", "erlang": _erlang}
+            # other modes; state across calls needs a checkout.
+            return _node.namespace()
         ns = self._sessions.get(session)
         if ns is None:
             raise SessionClosed(f"worker session {session!r} is closed on node {self.name}")
@@ -463,34 +479,26 @@ class Node:
                       session: Any = None, caller: Any = None) -> Any:
         with self._serving(max_size, caller):
             self._check_code()
-            env = {_text(k): v for k, v in local_vars.items()} if isinstance(local_vars, dict) else {}
-            return eval(_text(expr), self._session(session), env)  # noqa: S307 - allow_code says so
+            return _node.eval(expr, self._session(session), {} if local_vars is None else local_vars)
 
     def _service_exec(self, code: Any, max_size: int = 0, session: Any = None,
                       caller: Any = None) -> Any:
         with self._serving(max_size, caller):
             self._check_code()
-            exec(_text(code), self._session(session))  # noqa: S102 - allow_code says so
-            return None
+            return _node.exec(code, self._session(session))
 
     def _service_run(self, code: Any, arguments: Any = None, max_size: int = 0,
                      session: Any = None, caller: Any = None) -> Any:
         with self._serving(max_size, caller):
             self._check_code()
-            if session is None:
-                env = {"__name__": "__erpy_run__"}
-            else:
-                env = self._session(session)
-            env.update(arguments=arguments, result=None, erlang=_erlang)
-            exec(_text(code), env)  # noqa: S102 - allow_code says so
-            return env.get("result")
+            return _node.run(code, arguments, self._session(session))
 
     def _service_session_open(self, holder: Any = None) -> int:
         """A namespace kept on this node for one holder (a checked-out worker); it goes
         at session_close or when the holder (a pid) dies."""
         self._check_code()
         sid = next(self._session_ids)
-        self._sessions[sid] = {"__name__": "__erpy_session__", "erlang": _erlang}
+        self._sessions[sid] = _node.namespace()
         if isinstance(holder, Pid):
             with self._session_lock:
                 if self._session_mb is None:
