@@ -93,30 +93,6 @@ void put_too_large(py::ByteBuffer& b, std::size_t size, std::size_t max) {
   etf::put_integer(b, static_cast<std::int64_t>(max));
 }
 
-// The pending exception's traceback without the frames at its start that belong to the
-// module defining `fn` (erpy.node's service wrappers): a request's traceback shows the
-// request's code, as in the other modes.
-void drop_wrapper_frames(PyObject* fn) {
-  PyObject* f = fn;
-  if (PyMethod_Check(f)) f = PyMethod_GET_FUNCTION(f);
-  if (!PyFunction_Check(f)) return;
-  PyObject* globals = PyFunction_GET_GLOBALS(f);
-  PyObject *type, *value, *tb;
-  PyErr_Fetch(&type, &value, &tb);
-  PyErr_NormalizeException(&type, &value, &tb);
-  PyObject* keep = tb;
-  while (keep && PyTraceBack_Check(keep)) {
-    auto* t = reinterpret_cast<PyTracebackObject*>(keep);
-    PyRef g = PyRef::steal(PyFrame_GetGlobals(t->tb_frame));
-    if (g.get() != globals) break;
-    keep = reinterpret_cast<PyObject*>(t->tb_next);
-  }
-  Py_XINCREF(keep);
-  Py_XDECREF(tb);
-  if (value) PyException_SetTraceback(value, keep ? keep : Py_None);
-  PyErr_Restore(type, value, keep);
-}
-
 }  // namespace
 
 thread_local JobRunner::Running* JobRunner::current_run_ = nullptr;
@@ -343,9 +319,8 @@ void JobRunner::set_result_limit(std::size_t max, bool binary) {
   t_result_binary = binary;
 }
 
-void JobRunner::put_error(py::ByteBuffer& reason, const Job& j, PyObject* fn, std::size_t base) {
+void JobRunner::put_error(py::ByteBuffer& reason, const Job& j, std::size_t base) {
   reason.truncate(base);
-  if (fn && j.module == kServiceModule) drop_wrapper_frames(fn);
   PyRef map;
   try {
     map = runner_.error_from_exception();
@@ -480,7 +455,7 @@ void JobRunner::run(const std::shared_ptr<Connection>& conn, Job& j) {
       }
     } catch (...) {
       py::set_python_error(codec_.types());
-      put_error(reason, j, fn.get(), base);
+      put_error(reason, j, base);
     }
     t_result_limit = 0;
     t_result_binary = false;

@@ -34,10 +34,6 @@
 
 namespace erpy::node {
 
-// rpc:call(Node, 'erpy.service', F, A): the node's own service (node.py), whose wrapper
-// frames a request's traceback does not show.
-inline constexpr std::string_view kServiceModule = "erpy.service";
-
 class JobRunner {
  public:
   struct Options {
@@ -140,7 +136,7 @@ class JobRunner {
   // The callable for module:function, owned: the cache may be cleared while it runs.
   py::PyRef resolve(const std::string& module, const std::string& function);
   // Encodes the pending Python exception as the call's error into `reason`.
-  void put_error(py::ByteBuffer& reason, const Job& j, PyObject* fn, std::size_t base);
+  void put_error(py::ByteBuffer& reason, const Job& j, std::size_t base);
   void worker();
 
   struct Queued {

@@ -11,7 +11,7 @@
 //     .spawn_request(node, module, function, args, monitor=True, link=False)
 //     .register(name) .close(reason='normal') .closed
 //   The request executor every mode shares (py::Runner), for erpy.node's service:
-//     resolve(module, function) call(module, function, args, kwargs=None)
+//     service(prepare) outcome(fn) resolve(module, function) call(module, function, args, kwargs=None)
 //     eval(source, namespace, locals) exec(source, namespace)
 //     run(source, arguments, namespace) namespace() error_map(exception)
 //
@@ -914,7 +914,225 @@ PyObject* runner_error_map(PyObject*, PyObject* exc) {
   }
 }
 
+// service(prepare): a request of erpy.service run by the shared executor from C, as the
+// port worker and the NIF run theirs: prepare(*args, **kwargs) (Python: the node's
+// policy) returns (context, kind, operands...) and the request then runs with no Python
+// frame of erpy's between the caller and the request's code, so its errors (their
+// tracebacks included) read as in the other modes. `context`: None, or a context manager
+// entered around the run (the request's Erlang caller). Kinds: ("call", module,
+// function, args, kwargs), ("apply", callable, args, kwargs), ("eval", source,
+// namespace, locals), ("exec", source, namespace), ("run", source, arguments, namespace).
+struct ServiceObject {
+  PyObject_HEAD
+  PyObject* prepare;  // owned
+};
+
+extern PyTypeObject ServiceType;
+
+PyRef run_prepared(PyObject* req) {
+  const Py_ssize_t n = PyTuple_GET_SIZE(req);
+  auto item = [&](Py_ssize_t i) { return PyTuple_GET_ITEM(req, i); };
+  const char* kind = PyUnicode_Check(item(1)) ? PyUnicode_AsUTF8(item(1)) : nullptr;
+  if (!kind) {
+    if (!PyErr_Occurred()) PyErr_SetString(PyExc_TypeError, "service: the kind must be a str");
+    throw PythonError();
+  }
+  const std::string_view k(kind);
+  auto need = [&](Py_ssize_t size) {
+    if (n != size) {
+      PyErr_Format(PyExc_TypeError, "service: a %s request has %zd parts, not %zd", kind, size, n);
+      throw PythonError();
+    }
+  };
+  if (k == "call") {
+    need(6);
+    return g_runner->call(item(2), item(3), item(4), item(5));
+  }
+  if (k == "apply") {
+    need(5);
+    PyRef args = py::apply_arguments(item(3));
+    PyRef argt = PyRef::check(PyList_AsTuple(args.get()));
+    PyObject* kw = (PyDict_Check(item(4)) && PyDict_GET_SIZE(item(4)) > 0) ? item(4) : nullptr;
+    return PyRef::check(PyObject_Call(item(2), argt.get(), kw));
+  }
+  if (k == "eval" || k == "exec" || k == "run") {
+    need(k == "exec" ? 4 : 5);
+    PyObject* ns = item(k == "run" ? 4 : 3);
+    if (!PyDict_Check(ns)) {
+      PyErr_SetString(PyExc_TypeError, "service: the namespace must be a dict");
+      throw PythonError();
+    }
+    if (k == "eval") return g_runner->eval(item(2), ns, item(4));
+    if (k == "exec") return g_runner->exec(item(2), ns);
+    return g_runner->run(item(2), item(3), ns);
+  }
+  PyErr_Format(PyExc_ValueError, "service: unknown request kind %s", kind);
+  throw PythonError();
+}
+
+PyObject* service_call(PyObject* self, PyObject* args, PyObject* kw) {
+  PyRef req = PyRef::steal(PyObject_Call(reinterpret_cast<ServiceObject*>(self)->prepare, args, kw));
+  if (!req) return nullptr;
+  if (!PyTuple_Check(req.get()) || PyTuple_GET_SIZE(req.get()) < 2) {
+    PyErr_SetString(PyExc_TypeError, "service: prepare must return (context, kind, operands...)");
+    return nullptr;
+  }
+  PyObject* ctx = PyTuple_GET_ITEM(req.get(), 0);
+  const bool with = ctx != Py_None;
+  if (with) {
+    PyRef entered = PyRef::steal(PyObject_CallMethod(ctx, "__enter__", nullptr));
+    if (!entered) return nullptr;
+  }
+  PyRef result;
+  try {
+    result = run_prepared(req.get());
+  } catch (...) {
+    raise_current();
+  }
+  if (with) {
+    // As a with statement: __exit__ sees the exception (and may not swallow it).
+    PyObject *t, *v, *tb;
+    PyErr_Fetch(&t, &v, &tb);
+    PyErr_NormalizeException(&t, &v, &tb);
+    if (v && tb) PyException_SetTraceback(v, tb);
+    // The exception's own __traceback__ as the runner left it: a generator's __exit__
+    // (contextlib) resets it, and the error map is made from it (for an ImportError it
+    // is all there is: the import machinery trims the pending traceback).
+    PyRef own = PyRef::steal(v ? PyException_GetTraceback(v) : nullptr);
+    PyRef exited = PyRef::steal(PyObject_CallMethod(ctx, "__exit__", "OOO", t ? t : Py_None, v ? v : Py_None,
+                                                    tb ? tb : Py_None));
+    if (!exited) {
+      Py_XDECREF(t);
+      Py_XDECREF(v);
+      Py_XDECREF(tb);
+      return nullptr;  // __exit__'s own error wins, as in Python
+    }
+    if (v) PyException_SetTraceback(v, own ? own.get() : Py_None);
+    PyErr_Restore(t, v, tb);
+  }
+  return result.release();
+}
+
+int service_traverse(PyObject* self, visitproc visit, void* arg) {
+  Py_VISIT(reinterpret_cast<ServiceObject*>(self)->prepare);
+  return 0;
+}
+
+int service_clear(PyObject* self) {
+  Py_CLEAR(reinterpret_cast<ServiceObject*>(self)->prepare);
+  return 0;
+}
+
+void service_dealloc(PyObject* self) {
+  PyObject_GC_UnTrack(self);
+  service_clear(self);
+  PyObject_GC_Del(self);
+}
+
+PyObject* runner_service(PyObject*, PyObject* prepare) {
+  if (!PyCallable_Check(prepare)) {
+    PyErr_SetString(PyExc_TypeError, "service: prepare must be callable");
+    return nullptr;
+  }
+  auto* s = PyObject_GC_New(ServiceObject, &ServiceType);
+  if (!s) return nullptr;
+  s->prepare = Py_NewRef(prepare);
+  PyObject_GC_Track(s);
+  return reinterpret_cast<PyObject*>(s);
+}
+
+PyTypeObject ServiceType = [] {
+  PyTypeObject t{};
+  t.ob_base.ob_base.ob_refcnt = 1;  // a static type
+  t.tp_name = "erpy._node.Service";
+  t.tp_basicsize = sizeof(ServiceObject);
+  t.tp_dealloc = service_dealloc;
+  t.tp_call = service_call;
+  t.tp_flags = Py_TPFLAGS_DEFAULT | Py_TPFLAGS_HAVE_GC;
+  t.tp_traverse = service_traverse;
+  t.tp_clear = service_clear;
+  t.tp_doc = "An erpy.service request function: prepared in Python, run by the shared executor.";
+  return t;
+}();
+
+// outcome(fn): a callable that returns fn(*args)'s value or raises its error from C:
+// fn returns (None, value) or (ExceptionType, argument). erpy.node's erlang.* callbacks
+// answer through it, so that their errors carry no frame of erpy's, as in the other
+// modes (where the callbacks are C++).
+struct OutcomeObject {
+  PyObject_HEAD
+  PyObject* fn;  // owned
+};
+
+extern PyTypeObject OutcomeType;
+
+PyObject* outcome_call(PyObject* self, PyObject* args, PyObject* kw) {
+  PyRef r = PyRef::steal(PyObject_Call(reinterpret_cast<OutcomeObject*>(self)->fn, args, kw));
+  if (!r) return nullptr;
+  if (!PyTuple_Check(r.get()) || PyTuple_GET_SIZE(r.get()) != 2) {
+    PyErr_SetString(PyExc_TypeError, "outcome: expected (None, value) or (ExceptionType, argument)");
+    return nullptr;
+  }
+  PyObject* type = PyTuple_GET_ITEM(r.get(), 0);
+  PyObject* value = PyTuple_GET_ITEM(r.get(), 1);
+  if (type == Py_None) return Py_NewRef(value);
+  if (!PyExceptionClass_Check(type)) {
+    PyErr_SetString(PyExc_TypeError, "outcome: the error must be an exception type");
+    return nullptr;
+  }
+  PyRef exc = PyRef::steal(PyObject_CallOneArg(type, value));
+  if (!exc) return nullptr;
+  PyErr_SetObject(reinterpret_cast<PyObject*>(Py_TYPE(exc.get())), exc.get());
+  return nullptr;
+}
+
+int outcome_traverse(PyObject* self, visitproc visit, void* arg) {
+  Py_VISIT(reinterpret_cast<OutcomeObject*>(self)->fn);
+  return 0;
+}
+
+int outcome_clear(PyObject* self) {
+  Py_CLEAR(reinterpret_cast<OutcomeObject*>(self)->fn);
+  return 0;
+}
+
+void outcome_dealloc(PyObject* self) {
+  PyObject_GC_UnTrack(self);
+  outcome_clear(self);
+  PyObject_GC_Del(self);
+}
+
+PyObject* runner_outcome(PyObject*, PyObject* fn) {
+  if (!PyCallable_Check(fn)) {
+    PyErr_SetString(PyExc_TypeError, "outcome: fn must be callable");
+    return nullptr;
+  }
+  auto* o = PyObject_GC_New(OutcomeObject, &OutcomeType);
+  if (!o) return nullptr;
+  o->fn = Py_NewRef(fn);
+  PyObject_GC_Track(o);
+  return reinterpret_cast<PyObject*>(o);
+}
+
+PyTypeObject OutcomeType = [] {
+  PyTypeObject t{};
+  t.ob_base.ob_base.ob_refcnt = 1;  // a static type
+  t.tp_name = "erpy._node.Outcome";
+  t.tp_basicsize = sizeof(OutcomeObject);
+  t.tp_dealloc = outcome_dealloc;
+  t.tp_call = outcome_call;
+  t.tp_flags = Py_TPFLAGS_DEFAULT | Py_TPFLAGS_HAVE_GC;
+  t.tp_traverse = outcome_traverse;
+  t.tp_clear = outcome_clear;
+  t.tp_doc = "A callable returning its function's value, or raising its error from C.";
+  return t;
+}();
+
 PyMethodDef module_methods[] = {
+    {"outcome", runner_outcome, METH_O,
+     "outcome(fn): call fn, which returns (None, value) or (ExceptionType, argument); return or raise"},
+    {"service", runner_service, METH_O,
+     "service(prepare): a callable that runs the request prepare(*args) returns, as every mode runs one"},
     {"resolve", runner_resolve, METH_VARARGS,
      "resolve(module, function): the object Module.Function names (Function may be dotted)"},
     {"call", runner_call, METH_VARARGS,
@@ -975,7 +1193,10 @@ PyMODINIT_FUNC PyInit__node() {
   PyRef m = PyRef::steal(PyModule_Create(&module_def));
   if (!m) return nullptr;
   try {
-    if (PyType_Ready(&NodeType) < 0 || PyType_Ready(&MailboxType) < 0) return nullptr;
+    if (PyType_Ready(&NodeType) < 0 || PyType_Ready(&MailboxType) < 0 || PyType_Ready(&ServiceType) < 0 ||
+        PyType_Ready(&OutcomeType) < 0) {
+      return nullptr;
+    }
     PyRef types = PyRef::check(PyImport_ImportModule("erpy._types"));
     PyRef errors = PyRef::check(PyImport_ImportModule("erpy._errors"));
     if (!g_codec) g_codec = new erpy::py::Codec(erpy::py::Types::load(types.get(), errors.get()));

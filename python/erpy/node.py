@@ -107,46 +107,53 @@ class _Caller:
         self._ids = itertools.count(1)
         self._mb: Any = None
         self._monitor: Any = None
+        # erpy.erlang calls these; each answers through _node.outcome, which raises the
+        # error from C: a failed callback's traceback shows the request's code and
+        # erpy.erlang, as in the other modes, not this class.
+        self.erlang_call = _node.outcome(self._call)
+        self.erlang_apply = _node.outcome(self._apply)
+        self.erlang_send = _node.outcome(self._send)
 
     def close(self) -> None:
         if self._mb is not None:
             self._mb.close()
             self._mb = None
 
-    def erlang_call(self, module: Any, function: Any, arg: Any) -> Any:
-        return self._callback("call", module, function, [arg])
-
-    def erlang_apply(self, module: Any, function: Any, args: Any) -> Any:
-        if not isinstance(args, (list, tuple)):
-            raise TypeError("apply(): arguments must be a list")
-        return self._callback("apply", module, function, list(args))
-
-    def erlang_send(self, dest: Any, message: Any) -> None:
-        self._callback("send", None, None, [dest, message])
-
     def erlang_self(self) -> Pid:
         return self.pid
 
-    def _callback(self, kind: str, module: Any, function: Any, args: list) -> Any:
+    def _call(self, module: Any, function: Any, arg: Any) -> tuple:
+        return self._callback("call", module, function, [arg])
+
+    def _apply(self, module: Any, function: Any, args: Any) -> tuple:
+        if not isinstance(args, (list, tuple)):
+            return (TypeError, "apply(): arguments must be a list")
+        return self._callback("apply", module, function, list(args))
+
+    def _send(self, dest: Any, message: Any) -> tuple:
+        outcome = self._callback("send", None, None, [dest, message])
+        return outcome if outcome[0] is not None else (None, None)
+
+    def _callback(self, kind: str, module: Any, function: Any, args: list) -> tuple:
+        """(None, value), or (ErlangError, reason) when Erlang refused or failed."""
         from . import encode
+        try:
+            names = (Atom("undefined") if module is None else _callback_name(module, "module"),
+                     Atom("undefined") if function is None else _callback_name(function, "function"))
+        except TypeError as e:
+            return (TypeError, str(e))
         payload = encode(args)
         mb = self._mailbox()
         cb = next(self._ids)
-        undefined = Atom("undefined")
-        mb.send(self.pid, (Atom("erpy_node_callback"), self._tag, mb.pid, cb, Atom(kind),
-                           undefined if module is None else _callback_name(module, "module"),
-                           undefined if function is None else _callback_name(function, "function"),
-                           payload))
+        mb.send(self.pid, (Atom("erpy_node_callback"), self._tag, mb.pid, cb, Atom(kind), *names, payload))
         while True:
             msg = mb.receive()
             if type(msg) is not tuple:
                 continue
             if len(msg) == 4 and msg[0] == "erpy_callback_reply" and msg[1] == cb:
-                if msg[2] == "ok":
-                    return msg[3]
-                raise ErlangError(msg[3])
+                return (None, msg[3]) if msg[2] == "ok" else (ErlangError, msg[3])
             if len(msg) == 5 and msg[0] == "DOWN" and msg[1] == self._monitor:
-                raise ErlangError(Atom("noproc"))
+                return (ErlangError, Atom("noproc"))
 
     def _mailbox(self) -> Any:
         if self._mb is None:
@@ -401,6 +408,9 @@ class Node:
         if f is not None:
             return f
         if module == SERVICE_MODULE:
+            prepare = getattr(self, "_prepare_" + function, None)
+            if prepare is not None:
+                return _node.service(prepare)
             f = getattr(self, "_service_" + function, None)
             if f is None:
                 raise NotAllowed(f"erpy.service has no function {function!r}")
@@ -420,23 +430,30 @@ class Node:
             raise NotAllowed(f"{module}.{function}: private names are not reachable")
 
     # erpy.service: what erpy_node_pool sends (call/eval/exec/run as the other modes).
+    # Each request is prepared here (the node's own policy: allow-list, allow_code,
+    # sessions, the caller) and run by the executor every mode shares (py::Runner, through
+    # erpy._node.service): names resolve, code is cached, namespaces are made and errors
+    # read (tracebacks included) as in port and embedded mode.
     # `max_size`: the pool's max_message_size, the largest result (bytes of external
     # format) the call may return, else {message_too_large, Size, Max}; 0: no limit.
     # `session`: the namespace of a held worker (session_open/0), None for none.
-    # `caller`: {CallerPid, Alias} from a node pool (callbacks go to the alias): the result (or the error map) goes back
-    # as its ETF in a binary, for the caller to decode under its pool's policy, and
-    # erpy.erlang's callbacks in the code go to that process (_Caller). None (a stock
-    # erpc caller): plain terms, no callbacks.
-    @contextlib.contextmanager
-    def _serving(self, max_size: Any, caller: Any):
+    # `caller`: {CallerPid, Alias} from a node pool (callbacks go to the alias): the result
+    # (or the error map) goes back as its ETF in a binary, for the caller to decode under
+    # its pool's policy, and erpy.erlang's callbacks in the code go to that process
+    # (_Caller). None (a stock erpc caller): plain terms, no callbacks.
+    def _serve(self, max_size: Any, caller: Any) -> Any:
+        """The first step of every request; returns the context it runs in, or None."""
         # First: an error raised by what follows goes back as the caller expects too.
         self._native.set_result_limit(max_size or 0, caller is not None)
         if caller is None:
-            yield
-            return
+            return None
         if not (type(caller) is tuple and len(caller) == 2 and isinstance(caller[0], Pid)
                 and isinstance(caller[1], (Ref, Pid))):
             raise TypeError(f"erpy.service: caller must be (Pid, Alias), not {caller!r}")
+        return self._calling(caller)
+
+    @contextlib.contextmanager
+    def _calling(self, caller: tuple):
         previous = getattr(_current, "caller", None)
         _current.caller = c = _Caller(self, caller[0], caller[1])
         try:
@@ -445,21 +462,48 @@ class Node:
             _current.caller = previous
             c.close()
 
-    # The requests run through the executor every mode shares (erpy._node's call, eval,
-    # exec, run: py::Runner), so names resolve, code is cached and errors read as in port
-    # and embedded mode; what is here is the node's own policy (allow-list, allow_code,
-    # sessions, the caller). A failed request's traceback leaves these wrappers out.
-    def _service_call(self, module: Any, function: Any, args: list, kwargs: Any = None,
-                      max_size: int = 0, session: Any = None, caller: Any = None) -> Any:
-        with self._serving(max_size, caller):
-            if session is not None:
-                self._session(session)
-            module, function = _text(module), _text(function)
-            f = self._exposed.get((module, function))
-            if f is not None:
-                return f(*args, **(kwargs or {}))
-            self._check_allowed(module, function)
-            return _node.call(module, function, args, kwargs)
+    def _prepare_call(self, module: Any, function: Any, args: list, kwargs: Any = None,
+                      max_size: int = 0, session: Any = None, caller: Any = None) -> tuple:
+        ctx = self._serve(max_size, caller)
+        if session is not None:
+            self._session(session)
+        module, function = _text(module), _text(function)
+        f = self._exposed.get((module, function))
+        if f is not None:
+            return (ctx, "apply", f, args, kwargs)
+        self._check_allowed(module, function)
+        return (ctx, "call", module, function, args, kwargs)
+
+    def _prepare_eval(self, expr: Any, local_vars: Any = None, max_size: int = 0,
+                      session: Any = None, caller: Any = None) -> tuple:
+        ctx = self._serve(max_size, caller)
+        self._check_code()
+        return (ctx, "eval", expr, self._session(session), {} if local_vars is None else local_vars)
+
+    def _prepare_exec(self, code: Any, max_size: int = 0, session: Any = None,
+                      caller: Any = None) -> tuple:
+        ctx = self._serve(max_size, caller)
+        self._check_code()
+        return (ctx, "exec", code, self._session(session))
+
+    def _prepare_run(self, code: Any, arguments: Any = None, max_size: int = 0,
+                     session: Any = None, caller: Any = None) -> tuple:
+        ctx = self._serve(max_size, caller)
+        self._check_code()
+        return (ctx, "run", code, arguments, self._session(session))
+
+    # The same requests from Python (tests, a handler that serves one itself).
+    def _service_call(self, *args: Any, **kwargs: Any) -> Any:
+        return _node.service(self._prepare_call)(*args, **kwargs)
+
+    def _service_eval(self, *args: Any, **kwargs: Any) -> Any:
+        return _node.service(self._prepare_eval)(*args, **kwargs)
+
+    def _service_exec(self, *args: Any, **kwargs: Any) -> Any:
+        return _node.service(self._prepare_exec)(*args, **kwargs)
+
+    def _service_run(self, *args: Any, **kwargs: Any) -> Any:
+        return _node.service(self._prepare_run)(*args, **kwargs)
 
     def _check_code(self) -> None:
         if not self.allow_code:
@@ -474,24 +518,6 @@ class Node:
         if ns is None:
             raise SessionClosed(f"worker session {session!r} is closed on node {self.name}")
         return ns
-
-    def _service_eval(self, expr: Any, local_vars: Any = None, max_size: int = 0,
-                      session: Any = None, caller: Any = None) -> Any:
-        with self._serving(max_size, caller):
-            self._check_code()
-            return _node.eval(expr, self._session(session), {} if local_vars is None else local_vars)
-
-    def _service_exec(self, code: Any, max_size: int = 0, session: Any = None,
-                      caller: Any = None) -> Any:
-        with self._serving(max_size, caller):
-            self._check_code()
-            return _node.exec(code, self._session(session))
-
-    def _service_run(self, code: Any, arguments: Any = None, max_size: int = 0,
-                     session: Any = None, caller: Any = None) -> Any:
-        with self._serving(max_size, caller):
-            self._check_code()
-            return _node.run(code, arguments, self._session(session))
 
     def _service_session_open(self, holder: Any = None) -> int:
         """A namespace kept on this node for one holder (a checked-out worker); it goes
