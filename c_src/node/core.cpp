@@ -1,5 +1,6 @@
 #include "core.hpp"
 
+#include <algorithm>
 #include <cerrno>
 #include <cstdio>
 #include <cstring>
@@ -88,6 +89,16 @@ void Core::stop() {
     }
     if (threads.empty()) break;
     shut_all();
+    // Calls still in Python are interrupted (again, until their threads end: a handler
+    // may take a while to reach a point where it sees it).
+    auto running = [&] {
+      return std::any_of(threads.begin(), threads.end(),
+                         [&](Worker& w) { return !w.done->load() && w.thread.get_id() != self_id; });
+    };
+    while (running()) {
+      jobs_->interrupt_all();
+      std::this_thread::sleep_for(std::chrono::milliseconds(20));
+    }
     for (auto& w : threads) join(w.thread);
   }
   epmd_fd_.reset();

@@ -295,6 +295,19 @@ void JobRunner::stop() {
   jobs_cv_.notify_all();
 }
 
+void JobRunner::interrupt_all() {
+  std::vector<std::shared_ptr<Running>> rs;
+  {
+    std::lock_guard lk(run_mu_);
+    for (auto& [_, r] : running_) rs.push_back(r);
+  }
+  if (rs.empty() || !Py_IsInitialized()) return;
+  GilHold gil;
+  for (auto& r : rs) {
+    if (!r->py_done && r->tid) PyThreadState_SetAsyncExc(r->tid, PyExc_KeyboardInterrupt);
+  }
+}
+
 // --- running --------------------------------------------------------------------------------
 
 PyRef JobRunner::resolve(const std::string& module, const std::string& function) {

@@ -92,6 +92,9 @@ class JobRunner {
   bool tend(std::int64_t now);
   // Wakes and ends the workers.
   void stop();
+  // At the node's stop: every call still in Python gets KeyboardInterrupt, as a cancelled
+  // one does (nobody will read its result). Without the GIL held.
+  void interrupt_all();
 
   // Forgets cached functions (after the allow-list changed). With the GIL.
   void clear_cache() { fn_cache_.clear(); }
