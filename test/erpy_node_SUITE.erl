@@ -579,7 +579,7 @@ pool_max_message_size(_Config) ->
                      erpy_node_pool:request(np_size, {run, <<"result = 'y' * 3000">>, undefined}, 5000)),
         ?assertEqual({ok, binary:copy(<<"y">>, 900)},
                      erpy_node_pool:request(np_size, {eval, <<"'y' * 900">>, #{}}, 5000)),
-        %% The default is DESIGN.md's 10 MiB.
+        %% The default is the application's max_message_size, 10 MiB.
         {ok, _} = erpy_node_pool:start_link(np_size2, #{nodes => erpy_node_pool:nodes(np_size)}),
         #{max_message_size := 10485760} = persistent_term:get({erpy_pool, np_size2}),
         Over = {eval, <<"len(b)">>, #{b => binary:copy(<<0>>, 10485760)}},

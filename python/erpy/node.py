@@ -770,6 +770,10 @@ def main(argv: list[str] | None = None) -> int:
                    default=int(_env("ERPY_NODE_MAX_QUEUED_BYTES", default=str(DEFAULT_MAX_QUEUED_BYTES))),
                    help="bytes of unread messages one mailbox may hold; more are dropped (env "
                         "ERPY_NODE_MAX_QUEUED_BYTES; default 1 GiB)")
+    p.add_argument("--max-send-queue", type=int,
+                   default=int(_env("ERPY_NODE_MAX_SEND_QUEUE", default=str(DEFAULT_MAX_SEND_QUEUE))),
+                   help="bytes sent to a node that has not read them, beyond which it is "
+                        "disconnected (env ERPY_NODE_MAX_SEND_QUEUE; default 256 MiB)")
     p.add_argument("--no-start-epmd", dest="start_epmd", action="store_false",
                    help="fail if no epmd runs instead of starting one (as erl -start_epmd false)")
     p.add_argument("--exit-on-eof", action="store_true",
@@ -795,7 +799,8 @@ def main(argv: list[str] | None = None) -> int:
     node = Node(name, cookie, host=listen, port=port, allow=allow, allow_code=bool(allow_code),
                 ticktime=a.ticktime, spin_us=a.spin_us, coalesce_us=a.coalesce_us,
                 start_epmd=a.start_epmd, max_message_size=a.max_message_size,
-                max_queued_messages=a.max_queued_messages, max_queued_bytes=a.max_queued_bytes)
+                max_queued_messages=a.max_queued_messages, max_queued_bytes=a.max_queued_bytes,
+                max_send_queue=a.max_send_queue)
     node.start()
     for mod in a.load:
         m = importlib.import_module(mod)

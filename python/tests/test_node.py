@@ -424,6 +424,14 @@ def test_command_line_queue_limits(monkeypatch):
     with pytest.raises(Stop):
         node_module.main(["--name", "q@127.0.0.1", "--cookie", "c"])
     assert (seen["max_queued_messages"], seen["max_queued_bytes"]) == (100_000, 1 << 30)
+    assert seen["max_send_queue"] == 256 << 20
+    monkeypatch.setenv("ERPY_NODE_MAX_SEND_QUEUE", "12345")
+    with pytest.raises(Stop):
+        node_module.main(["--name", "q@127.0.0.1", "--cookie", "c"])
+    assert seen["max_send_queue"] == 12345
+    with pytest.raises(Stop):
+        node_module.main(["--name", "q@127.0.0.1", "--cookie", "c", "--max-send-queue", "99999"])
+    assert seen["max_send_queue"] == 99999
 
 
 def test_service_code_sees_its_caller_through_erpy_erlang(node):
