@@ -303,8 +303,9 @@ void JobRunner::interrupt_all() {
   }
   if (rs.empty() || !Py_IsInitialized()) return;
   GilHold gil;
+  const unsigned long self = PyThread_get_thread_ident();  // a call that stops its own node
   for (auto& r : rs) {
-    if (!r->py_done && r->tid) PyThreadState_SetAsyncExc(r->tid, PyExc_KeyboardInterrupt);
+    if (!r->py_done && r->tid && r->tid != self) PyThreadState_SetAsyncExc(r->tid, PyExc_KeyboardInterrupt);
   }
 }
 

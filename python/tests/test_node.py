@@ -604,3 +604,32 @@ def test_a_call_owns_its_function_while_the_cache_is_cleared(epmd):
     finally:
         c.stop()
         a.stop()
+
+
+def test_stop_interrupts_calls_still_in_python(epmd):
+    """A node's stop() ends calls still running Python (KeyboardInterrupt in their
+    threads, as a cancel does) instead of waiting for them forever."""
+    import threading
+    a = Node(unique("pya"), COOKIE).start()
+    c = Node(unique("pyc"), COOKIE).start()
+    entered = threading.Event()
+
+    def spin():
+        entered.set()
+        i = 0
+        while True:
+            i += 1
+
+    a.expose("t", "spin", spin)
+    caller = threading.Thread(target=lambda: pytest.raises(ErlangError, c.rpc, a.name, "t", "spin", [], 60),
+                              daemon=True)
+    caller.start()
+    try:
+        assert entered.wait(10)
+        stopper = threading.Thread(target=a.stop, daemon=True)
+        stopper.start()
+        stopper.join(20)
+        assert not stopper.is_alive(), "stop() waited for a call that never returns"
+        caller.join(20)
+    finally:
+        c.stop()
