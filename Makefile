@@ -33,7 +33,8 @@ PYENV := PYTHONPATH=$(ROOT)/python$(if $(PYTHONPATH),:$(PYTHONPATH))
 CMAKE_CONFIGURE := cmake --log-level=WARNING -S . -DERPY_PYTHON=$(PYTHON) $(CMAKE_ARGS)
 
 .NOTPARALLEL:
-.PHONY: all setup native erlang golden test test-cpp test-asan test-tsan test-py test-eunit test-ct dialyzer \
+.PHONY: all setup native erlang golden test test-cpp test-asan test-tsan test-tsan-node test-py test-eunit \
+        test-ct dialyzer \
         fuzz-build fuzz-ci fuzz run-fuzzers demo bench shell clean
 
 all: setup native erlang
@@ -54,7 +55,8 @@ erlang: setup
 
 ## Tests
 
-test: setup native erlang golden test-cpp test-asan test-tsan test-py test-eunit dialyzer test-ct fuzz-ci
+test: setup native erlang golden test-cpp test-asan test-tsan test-tsan-node test-py test-eunit dialyzer \
+      test-ct fuzz-ci
 	@echo "make test: every step passed"
 
 # Golden ETF bytes, written by this machine's Erlang for the C++ tests (and as fuzz seeds).
@@ -77,6 +79,23 @@ test-asan: setup golden erlang
 	@ERPY_NIF_DIR=$(ROOT)/_build/asan/nif LD_PRELOAD=$(ASAN_PRELOAD) \
 	  ASAN_OPTIONS=detect_leaks=0:abort_on_error=1 UBSAN_OPTIONS=halt_on_error=1:print_stacktrace=1 \
 	  $(PYENV) escript test/asan/embedded_smoke.escript
+	@# The node core (erpy._node, built into _build/asan/node) under a concurrent stress run;
+	@# Python's own allocator is off so that the sanitizer sees Python objects too.
+	@LD_PRELOAD=$(ASAN_PRELOAD) PYTHONMALLOC=malloc \
+	  ASAN_OPTIONS=detect_leaks=0:abort_on_error=1 UBSAN_OPTIONS=halt_on_error=1:print_stacktrace=1 \
+	  $(PYENV) $(PYTHON) test/sanitize/node_stress.py --native _build/asan/node --seconds 10
+
+# The node core's threads under ThreadSanitizer: its C++ tests (the send queue among them)
+# and the concurrent stress run (nodes calling, sending, monitoring, linking and cancelling
+# across each other, a peer that stops reading, an Erlang peer). Any report fails it.
+TSAN_PRELOAD = $(shell gcc -print-file-name=libtsan.so)
+
+test-tsan-node: setup
+	@$(CMAKE_CONFIGURE) -B _build/tsan -DCMAKE_BUILD_TYPE=RelWithDebInfo -DERPY_TSAN=ON
+	@cmake --build _build/tsan -j$(JOBS) --target erpy_node erpy_node_tests
+	@TSAN_OPTIONS=halt_on_error=1 _build/tsan/erpy_node_tests --gtest_brief=1
+	@LD_PRELOAD=$(TSAN_PRELOAD) TSAN_OPTIONS=halt_on_error=1:exitcode=66:suppressions=$(ROOT)/test/sanitize/tsan.supp \
+	  $(PYENV) $(PYTHON) test/sanitize/node_stress.py --native _build/tsan/node --seconds 20
 
 # The NIF pool under ThreadSanitizer: built into _build/tsan/nif and loaded by a VM with
 # libtsan preloaded, which runs a concurrent stress of the pool (test/tsan). The VM is

@@ -22,7 +22,8 @@
          pool_max_message_size/1, pool_checkout/1,
          inbound_message_limit/1, pool_results_make_no_atoms/1, pool_callbacks/1,
          pool_callback_wait_interrupted/1, pool_request_waits_for_a_node/1,
-         memory_flat_over_100k_calls/1, crash_injection_soak/1]).
+         memory_flat_over_100k_calls/1, crash_injection_soak/1,
+         same_answers_as_port_mode/1, stock_rpc_resolves_as_every_mode/1]).
 
 all() ->
     [ping, rpc_and_erpc, python_errors, allow_list, gen_server_handler, sends_and_order,
@@ -33,7 +34,8 @@ all() ->
      pool_caller_gives_up_interrupts_python, pool_max_message_size, pool_checkout,
      inbound_message_limit, pool_results_make_no_atoms, pool_callbacks,
      pool_callback_wait_interrupted, pool_request_waits_for_a_node,
-     memory_flat_over_100k_calls, crash_injection_soak].
+     memory_flat_over_100k_calls, crash_injection_soak,
+     same_answers_as_port_mode, stock_rpc_resolves_as_every_mode].
 
 suite() ->
     [{timetrap, {seconds, 60}}].
@@ -100,6 +102,99 @@ python_errors(Config) ->
                  rpc:call(P, operator, truediv, [1, 0])),
     %% The node stays usable.
     ?assertEqual(3, rpc:call(P, operator, add, [1, 2])).
+
+%% Stock rpc finds functions as every mode does (dotted names walk attributes) and reports
+%% errors as every mode does (the traceback is format_exception's chunks); private names
+%% stay out of reach at every step of a dotted name.
+stock_rpc_resolves_as_every_mode(Config) ->
+    {P, _} = ?config(py1, Config),
+    ?assertEqual(#{<<"a">> => 0, <<"b">> => 0}, rpc:call(P, builtins, 'dict.fromkeys', [[<<"a">>, <<"b">>], 0])),
+    ?assertEqual(<<"ABC">>, erpc:call(P, builtins, 'str.upper', [<<"abc">>])),
+    %% No Python frame between the call and the builtin: the exception line alone.
+    ?assertMatch({badrpc, {'EXIT', {#{type := <<"ZeroDivisionError">>,
+                                      traceback := [<<"ZeroDivisionError: division by zero\n">>]}, []}}},
+                 rpc:call(P, operator, truediv, [1, 0])),
+    try erpc:call(P, node_handlers, crash, [<<"bad">>]) of
+        R -> ct:fail({no_exception, R})
+    catch
+        error:{exception, #{traceback := [<<"Traceback (most recent call last):\n">>, Frame, Last]}, []} ->
+            ?assertMatch({_, _}, binary:match(Frame, <<"in crash\n">>)),
+            ?assertEqual(<<"ValueError: bad\n">>, Last)
+    end,
+    ?assertMatch({badrpc, {'EXIT', {#{type := <<"NotAllowed">>}, _}}}, rpc:call(P, builtins, 'dict.__class__', [])),
+    ?assertMatch({badrpc, {'EXIT', {#{type := <<"AttributeError">>}, _}}}, rpc:call(P, builtins, 'dict.nope', [])).
+
+%% Node mode runs its requests through the executor of the other modes (py::Runner): the
+%% same request gives the same answer as in port mode, in dotted names, namespaces, code
+%% kept in a held worker, callbacks into Erlang, and every error map (the traceback's
+%% format_exception chunks included).
+same_answers_as_port_mode(_Config) ->
+    {ok, _} = application:ensure_all_started(erpy),
+    Opts = #{size => 1, allowed => [{lists, sort}], pythonpath => [test_py_dir()]},
+    try
+        {ok, _} = erpy:start_pool(parity_port, Opts),
+        {ok, _} = erpy:start_pool(parity_node, Opts#{mode => node, start => 1}),
+        Same = fun(F) ->
+                       Port = F(#{pool => parity_port}),
+                       ?assertEqual(Port, F(#{pool => parity_node})),
+                       Port
+               end,
+        Call = fun(M, F, A) -> Same(fun(O) -> erpy:call(M, F, A, O) end) end,
+        Eval = fun(E) -> Same(fun(O) -> erpy:eval(E, #{}, O) end) end,
+        ?assertEqual({ok, #{<<"a">> => 0, <<"b">> => 0}}, Call(builtins, 'dict.fromkeys', [[<<"a">>, <<"b">>], 0])),
+        ?assertEqual({ok, <<"a/b">>}, Call('os.path', join, [<<"a">>, <<"b">>])),
+        ?assertEqual({ok, <<"ABC">>}, Call(builtins, 'str.upper', [<<"abc">>])),
+        ?assertEqual({ok, [3, 2, 1]},
+                     Same(fun(O) -> erpy:call(builtins, sorted, [[1, 3, 2]], O#{kwargs => #{reverse => true}}) end)),
+        ?assertEqual({ok, 3}, Same(fun(O) -> erpy:eval(<<"x + y">>, #{x => 1, <<"y">> => 2}, O) end)),
+        %% Errors, whole: type, message and traceback.
+        ?assertMatch({error, #{type := <<"ZeroDivisionError">>,
+                               traceback := [<<"Traceback (most recent call last):\n">>,
+                                             <<"  File \"<erpy>\", line 1, in <module>\n">>,
+                                             <<"ZeroDivisionError: division by zero\n">>]}},
+                     Eval(<<"1 / 0">>)),
+        ?assertMatch({error, #{traceback := [<<"ZeroDivisionError: division by zero\n">>]}},
+                     Call(operator, truediv, [1, 0])),
+        ?assertMatch({error, #{type := <<"ValueError">>, traceback := [_, _, _]}},
+                     Call(node_handlers, crash, [<<"bad">>])),
+        ?assertMatch({error, #{type := <<"AttributeError">>}}, Call(builtins, 'dict.nope', [])),
+        ?assertMatch({error, #{type := <<"ModuleNotFoundError">>}}, Call(no_such_python_module, f, [])),
+        ?assertMatch({error, #{type := <<"TypeError">>}}, Call(operator, add, [1])),
+        ?assertMatch({error, #{type := <<"SyntaxError">>}}, Eval(<<"1 +">>)),
+        ?assertMatch({error, #{type := <<"NameError">>}}, Eval(<<"leftover">>)),
+        ?assertMatch({ok, #{status := error, error := #{type := <<"ValueError">>, traceback := [_, _, _, _]}}},
+                     Same(fun(O) -> erpy:run(O#{code => <<"def f(x):\n    raise ValueError(x)\nresult = f(1)">>}) end)),
+        %% Namespaces: a fresh one per request, with the same names in it.
+        ?assertEqual({ok, [<<"__builtins__">>, <<"__name__">>, <<"erlang">>]}, Eval(<<"sorted(globals())">>)),
+        ?assertEqual({ok, <<"__erpy__">>}, Eval(<<"__name__">>)),
+        ?assertEqual({ok, #{status => ok,
+                            result => [2, [<<"__builtins__">>, <<"__name__">>, <<"arguments">>, <<"erlang">>, <<"result">>]]}},
+                     Same(fun(O) -> erpy:run(O#{code => <<"result = [arguments, sorted(globals())]">>,
+                                                arguments => 2}) end)),
+        %% A held worker keeps its names; a traceback through code it defined reads alike.
+        {error, #{traceback := Tb}} =
+            Same(fun(#{pool := Pool}) ->
+                         erpy:with_worker(Pool, fun(W) ->
+                                                        ok = erpy:exec(<<"def g(x):\n    return 1 / x">>, #{worker => W}),
+                                                        {ok, 1.0} = erpy:eval(<<"g(1)">>, #{}, #{worker => W}),
+                                                        erpy:eval(<<"g(0)">>, #{}, #{worker => W})
+                                                end)
+                 end),
+        ?assertEqual(<<"  File \"<erpy>\", line 2, in g\n">>, lists:nth(3, Tb)),
+        %% Callbacks into Erlang, allowed and refused.
+        ?assertEqual({ok, #{status => ok, result => [1, 2, 3]}},
+                     Same(fun(O) -> erpy:run(O#{code => <<"result = erlang.call('lists', 'sort', [3, 1, 2])">>}) end)),
+        ?assertMatch({error, #{type := <<"ErlangError">>}}, Same(fun(O) -> erpy:exec(<<"erlang.call('os', 'getpid', [])">>, O) end)),
+        ?assertEqual({ok, #{status => ok, result => {not_allowed, {os, getpid, 1}}}},
+                     Same(fun(O) -> erpy:run(O#{code => <<"try:\n    erlang.call('os', 'getpid', [])\n"
+                                                          "except erlang.ErlangError as e:\n    result = e.args[0]">>}) end)),
+        ?assertMatch({error, #{type := <<"TypeError">>}},
+                     Same(fun(O) -> erpy:exec(<<"erlang.apply('lists', 'sort', 5)">>, O) end))
+    after
+        catch erpy:stop_pool(parity_port),
+        catch erpy:stop_pool(parity_node),
+        application:stop(erpy)
+    end.
 
 %% Only allowed modules are reachable; private names never; a refusal is a NotAllowed error.
 allow_list(Config) ->
@@ -484,7 +579,7 @@ pool_max_message_size(_Config) ->
                      erpy_node_pool:request(np_size, {run, <<"result = 'y' * 3000">>, undefined}, 5000)),
         ?assertEqual({ok, binary:copy(<<"y">>, 900)},
                      erpy_node_pool:request(np_size, {eval, <<"'y' * 900">>, #{}}, 5000)),
-        %% The default is DESIGN.md's 10 MiB.
+        %% The default is the application's max_message_size, 10 MiB.
         {ok, _} = erpy_node_pool:start_link(np_size2, #{nodes => erpy_node_pool:nodes(np_size)}),
         {ok, erpy_node_pool, #{max_message_size := 10485760}} = erpy_transport:lookup(np_size2),
         Over = {eval, <<"len(b)">>, #{b => binary:copy(<<0>>, 10485760)}},

@@ -1,15 +1,19 @@
 // The extension module erpy._node: the Python face of the C++ distribution core.
 //
-//   Node(name, cookie, *, resolver, error_formatter, host='127.0.0.1', port=0,
+//   Node(name, cookie, *, resolver, host='127.0.0.1', port=0,
 //        hidden=True, ticktime=60, slow_ms=5, spin_us=0, coalesce_us=200,
 //        max_message_size=64 MiB, max_fragments=1024, max_fragment_bytes=256 MiB,
-//        max_queued_messages=100000, max_queued_bytes=1 GiB)
+//        max_queued_messages=100000, max_queued_bytes=1 GiB, max_send_queue=256 MiB)
 //     .start() .stop() .mailbox() .send(dest, msg) .connect(node) .nodes() .make_ref()
 //     .whereis(name) .unregister(name) .clear_cache() .stats()  .name .creation .port
 //   Mailbox (a local process): .pid .receive(timeout=None) .receive_many(max, timeout)
 //     .send(dest, msg) .monitor(target) .demonitor(ref) .link(pid) .unlink(pid)
 //     .spawn_request(node, module, function, args, monitor=True, link=False)
 //     .register(name) .close(reason='normal') .closed
+//   The request executor every mode shares (py::Runner), for erpy.node's service:
+//     service(prepare) outcome(fn) resolve(module, function) call(module, function, args, kwargs=None)
+//     eval(source, namespace, locals) exec(source, namespace)
+//     run(source, arguments, namespace) namespace() error_map(exception)
 //
 // Every call that may wait (socket writes, connecting, an empty mailbox) releases the GIL.
 #include <chrono>
@@ -26,6 +30,7 @@ using py::PyRef;
 using py::PythonError;
 
 py::Codec* g_codec = nullptr;
+py::Runner* g_runner = nullptr;
 
 Bytes build_atom(std::string_view a) {
   Bytes out;
@@ -104,7 +109,7 @@ void send_frame(Core& core, const std::string& node, const py::ByteBuffer& b) {
   {
     GilRelease nogil;
     try {
-      core.connection(node)->send(b.data(), b.size());
+      core.connection(node)->send_waiting(b.data(), b.size());
     } catch (const std::exception& e) {
       error = e.what();
     }
@@ -135,7 +140,7 @@ void send_to(Core& core, Process& from, PyObject* dest, PyObject* msg) {
     node = str_attr(dest, "node");
     if (core.is_local(node)) {
       PyRef id = PyRef::check(PyObject_GetAttrString(dest, "id"));
-      target = core.find(static_cast<std::uint32_t>(PyLong_AsUnsignedLong(id.get())));
+      target = core.procs().find(static_cast<std::uint32_t>(PyLong_AsUnsignedLong(id.get())));
       if (!target) return;
     } else {
       remote(kSendSender, [&] { g_codec->encode_append(b, dest, eo); });
@@ -148,7 +153,7 @@ void send_to(Core& core, Process& from, PyObject* dest, PyObject* msg) {
     const std::string name = as_string(PyTuple_GET_ITEM(dest, 0), "registered name");
     node = as_string(PyTuple_GET_ITEM(dest, 1), "node");
     if (core.is_local(node)) {
-      target = core.whereis(name);
+      target = core.procs().whereis(name);
       if (!target) return;
     } else {
       remote(kRegSend, [&] {
@@ -157,7 +162,7 @@ void send_to(Core& core, Process& from, PyObject* dest, PyObject* msg) {
       });
     }
   } else if (PyUnicode_Check(dest)) {
-    target = core.whereis(as_string(dest, "registered name"));
+    target = core.procs().whereis(as_string(dest, "registered name"));
     if (!target) return;
   } else {
     PyErr_Format(PyExc_TypeError, "send: expected a Pid, a Ref (alias), a registered name or "
@@ -167,7 +172,7 @@ void send_to(Core& core, Process& from, PyObject* dest, PyObject* msg) {
   if (target) {
     b.byte(131);
     g_codec->encode_append(b, msg, eo);
-    core.deliver(target, Bytes(b.data(), b.data() + b.size()));
+    core.procs().deliver(target, Bytes(b.data(), b.data() + b.size()));
     return;
   }
   send_frame(core, node, b);
@@ -187,7 +192,8 @@ PyObject* new_mailbox(const std::shared_ptr<Core>& core, std::shared_ptr<Process
 
 void mailbox_dealloc(PyObject* self) {
   auto* m = reinterpret_cast<MailboxObject*>(self);
-  if (m->proc && !m->proc->closed) {
+  if (m->proc) {
+    // Nothing happens for a process that has ended already.
     static const Bytes normal = {etf::kSmallAtomUtf8, 6, 'n', 'o', 'r', 'm', 'a', 'l'};
     GilRelease nogil;
     m->core->exit_process(m->proc, normal);
@@ -216,7 +222,7 @@ bool wait_for_message(Core& core, const std::shared_ptr<Process>& proc, double t
     {
       GilRelease nogil;
       core.yield_reader();
-      Core::WaitScope scope(proc);
+      JobRunner::WaitScope scope(proc);
       std::unique_lock lk(p.mu);
       auto until = clock::now() + std::chrono::milliseconds(100);
       if (!forever && deadline < until) until = deadline;
@@ -355,9 +361,9 @@ void send_or_deliver(Core& core, const std::shared_ptr<Process>& p, const std::s
                      const py::ByteBuffer& b, Bytes on_fail) {
   GilRelease nogil;
   try {
-    core.connection(node)->send(b.data(), b.size());
+    core.connection(node)->send(b);
   } catch (const std::exception&) {
-    core.deliver(p, std::move(on_fail));
+    core.procs().deliver(p, std::move(on_fail));
   }
 }
 
@@ -373,7 +379,7 @@ PyObject* mailbox_monitor(PyObject* self, PyObject* target) {
     auto& p = mb(self)->proc;
     Target t = parse_target(core, target);
     Bytes ref = core.make_ref();
-    core.record_out_monitor(p, Watch{t.node, t.to_proc, ref, t.down_object});
+    core.procs().record_out_monitor(p, Watch{t.node, t.to_proc, ref, t.down_object});
     py::ByteBuffer b = control_frame(kMonitorP, {&p->pid, &t.to_proc, &ref});
     send_or_deliver(core, p, t.node, b,
                     tuple_msg({build_atom("DOWN"), ref, build_atom("process"), t.down_object,
@@ -407,7 +413,7 @@ PyObject* mailbox_demonitor(PyObject* self, PyObject* ref_obj) {
     py::ByteBuffer b = control_frame(kDemonitorP, {&p->pid, &w.watcher, &ref});
     {
       GilRelease nogil;
-      if (auto c = core.existing(w.node)) c->send(b.data(), b.size());
+      if (auto c = core.existing(w.node)) c->send(b);
     }
     Py_RETURN_TRUE;
   } catch (...) {
@@ -425,7 +431,7 @@ PyObject* mailbox_link(PyObject* self, PyObject* target) {
       PyErr_SetString(PyExc_TypeError, "link: expected a Pid");
       return nullptr;
     }
-    core.add_link(p, t.node, t.to_proc);
+    core.procs().add_link(p, t.node, t.to_proc);
     py::ByteBuffer b = control_frame(kLink, {&p->pid, &t.to_proc});
     send_or_deliver(core, p, t.node, b, tuple_msg({build_atom("EXIT"), t.to_proc, build_atom("noconnection")}));
     Py_RETURN_NONE;
@@ -440,7 +446,7 @@ PyObject* mailbox_unlink(PyObject* self, PyObject* target) {
     Core& core = *mb(self)->core;
     auto& p = mb(self)->proc;
     Target t = parse_target(core, target);
-    core.remove_link(p, t.to_proc);
+    core.procs().remove_link(p, t.to_proc);
     static std::atomic<std::uint64_t> unlink_id{1};
     py::ByteBuffer b;
     Frame f(b);
@@ -452,7 +458,7 @@ PyObject* mailbox_unlink(PyObject* self, PyObject* target) {
     f.end();
     {
       GilRelease nogil;
-      if (auto c = core.existing(t.node)) c->send(b.data(), b.size());
+      if (auto c = core.existing(t.node)) c->send(b);
     }
     Py_RETURN_NONE;
   } catch (...) {
@@ -509,7 +515,7 @@ PyObject* mailbox_spawn_request(PyObject* self, PyObject* args, PyObject* kw) {
 PyObject* mailbox_register(PyObject* self, PyObject* name) {
   try {
     const std::string n = as_string(name, "name");
-    if (mb(self)->core->register_name(n, mb(self)->proc)) Py_RETURN_TRUE;
+    if (mb(self)->core->procs().register_name(n, mb(self)->proc)) Py_RETURN_TRUE;
     Py_RETURN_FALSE;
   } catch (...) {
     raise_current();
@@ -577,21 +583,21 @@ PyGetSetDef mailbox_getset[] = {
 NodeObject* nd(PyObject* self) { return reinterpret_cast<NodeObject*>(self); }
 
 PyObject* node_new(PyTypeObject* type, PyObject* args, PyObject* kw) {
-  static const char* kwlist[] = {"name", "cookie", "resolver", "error_formatter", "host", "port",
-                                 "hidden", "ticktime", "slow_ms", "spin_us", "coalesce_us",
-                                 "max_message_size", "max_fragments", "max_fragment_bytes",
-                                 "max_queued_messages", "max_queued_bytes", nullptr};
+  static const char* kwlist[] = {"name", "cookie", "resolver", "host", "port", "hidden", "ticktime",
+                                 "slow_ms", "spin_us", "coalesce_us", "max_message_size",
+                                 "max_fragments", "max_fragment_bytes", "max_queued_messages",
+                                 "max_queued_bytes", "max_send_queue", nullptr};
   const char *name, *cookie, *host = "127.0.0.1";
-  PyObject *resolver = nullptr, *formatter = nullptr;
+  PyObject* resolver = nullptr;
   int port = 0, hidden = 1, ticktime = 60, slow_ms = 5, spin_us = 0, coalesce_us = 200;
   // 0: the default (InLimits; the fragment bytes default to twice the message limit, at
   // least 256 MiB).
   unsigned long long max_message = 0, max_fragments = 0, max_fragment_bytes = 0, max_queued = 0,
-                     max_queued_bytes = 0;
-  if (!PyArg_ParseTupleAndKeywords(args, kw, "ss|$OOsipiiiiKKKKK", const_cast<char**>(kwlist), &name, &cookie,
-                                   &resolver, &formatter, &host, &port, &hidden, &ticktime, &slow_ms,
-                                   &spin_us, &coalesce_us, &max_message, &max_fragments,
-                                   &max_fragment_bytes, &max_queued, &max_queued_bytes)) {
+                     max_queued_bytes = 0, max_send_queue = 0;
+  if (!PyArg_ParseTupleAndKeywords(args, kw, "ss|$OsipiiiiKKKKKK", const_cast<char**>(kwlist), &name, &cookie,
+                                   &resolver, &host, &port, &hidden, &ticktime, &slow_ms, &spin_us,
+                                   &coalesce_us, &max_message, &max_fragments, &max_fragment_bytes,
+                                   &max_queued, &max_queued_bytes, &max_send_queue)) {
     return nullptr;
   }
   // Frames carry a 32-bit length; a limit over 1 GiB is no limit worth having.
@@ -601,8 +607,8 @@ PyObject* node_new(PyTypeObject* type, PyObject* args, PyObject* kw) {
                  kMaxMessage);
     return nullptr;
   }
-  if (!resolver || !formatter || !PyCallable_Check(resolver) || !PyCallable_Check(formatter)) {
-    PyErr_SetString(PyExc_TypeError, "resolver and error_formatter must be callable");
+  if (!resolver || !PyCallable_Check(resolver)) {
+    PyErr_SetString(PyExc_TypeError, "resolver must be callable");
     return nullptr;
   }
   auto* self = reinterpret_cast<NodeObject*>(type->tp_alloc(type, 0));
@@ -623,9 +629,10 @@ PyObject* node_new(PyTypeObject* type, PyObject* args, PyObject* kw) {
     if (max_fragments) o.in.max_pending = static_cast<std::size_t>(max_fragments);
     o.in.max_pending_bytes = max_fragment_bytes ? static_cast<std::size_t>(max_fragment_bytes)
                                                 : std::max(o.in.max_pending_bytes, 2 * o.in.max_message);
-    if (max_queued) o.max_queued = static_cast<std::size_t>(max_queued);
-    if (max_queued_bytes) o.max_queued_bytes = static_cast<std::size_t>(max_queued_bytes);
-    self->core = std::make_shared<Core>(std::move(o), *g_codec, resolver, formatter);
+    if (max_queued) o.procs.max_queued = static_cast<std::size_t>(max_queued);
+    if (max_queued_bytes) o.procs.max_queued_bytes = static_cast<std::size_t>(max_queued_bytes);
+    if (max_send_queue) o.max_send_queue = static_cast<std::size_t>(max_send_queue);
+    self->core = std::make_shared<Core>(std::move(o), *g_codec, *g_runner, resolver);
   } catch (...) {
     raise_current();
     Py_DECREF(self);
@@ -740,7 +747,7 @@ PyObject* node_make_ref(PyObject* self, PyObject*) {
 
 PyObject* node_whereis(PyObject* self, PyObject* arg) {
   try {
-    auto p = nd(self)->core->whereis(as_string(arg, "name"));
+    auto p = nd(self)->core->procs().whereis(as_string(arg, "name"));
     if (!p) Py_RETURN_NONE;
     return decode_bare(p->pid).release();
   } catch (...) {
@@ -751,7 +758,7 @@ PyObject* node_whereis(PyObject* self, PyObject* arg) {
 
 PyObject* node_unregister(PyObject* self, PyObject* arg) {
   try {
-    nd(self)->core->unregister_name(as_string(arg, "name"));
+    nd(self)->core->procs().unregister_name(as_string(arg, "name"));
     Py_RETURN_NONE;
   } catch (...) {
     raise_current();
@@ -760,7 +767,7 @@ PyObject* node_unregister(PyObject* self, PyObject* arg) {
 }
 
 PyObject* node_clear_cache(PyObject* self, PyObject*) {
-  nd(self)->core->clear_cache();
+  nd(self)->core->jobs().clear_cache();
   Py_RETURN_NONE;
 }
 
@@ -769,7 +776,7 @@ PyObject* node_cancel_request(PyObject* self, PyObject* arg) {
     const Bytes req = encode_bare(arg);
     Core* core = nd(self)->core.get();
     GilRelease nogil;
-    core->cancel_request(req);
+    core->jobs().cancel_request(req);
   } catch (...) {
     raise_current();
     return nullptr;
@@ -781,17 +788,15 @@ PyObject* node_set_result_limit(PyObject*, PyObject* args) {
   unsigned long long n;
   int binary = 0;
   if (!PyArg_ParseTuple(args, "K|p:set_result_limit", &n, &binary)) return nullptr;
-  Core::set_result_limit(static_cast<std::size_t>(n), binary != 0);
+  JobRunner::set_result_limit(static_cast<std::size_t>(n), binary != 0);
   Py_RETURN_NONE;
 }
 
 PyObject* node_stats(PyObject* self, PyObject*) {
   Core& c = *nd(self)->core;
-  return Py_BuildValue("{sKsKsKsKsK}", "calls", static_cast<unsigned long long>(c.calls.load()), "messages",
-                       static_cast<unsigned long long>(c.messages.load()), "handovers",
-                       static_cast<unsigned long long>(c.handovers.load()), "refused",
-                       static_cast<unsigned long long>(c.refused.load()), "dropped",
-                       static_cast<unsigned long long>(c.dropped.load()));
+  auto n = [](const std::atomic<std::uint64_t>& a) { return static_cast<unsigned long long>(a.load()); };
+  return Py_BuildValue("{sKsKsKsKsK}", "calls", n(c.jobs().calls), "messages", n(c.procs().messages),
+                       "handovers", n(c.handovers), "refused", n(c.refused), "dropped", n(c.procs().dropped));
 }
 
 PyObject* node_get_name(PyObject* self, void*) {
@@ -828,6 +833,319 @@ PyGetSetDef node_getset[] = {
     {nullptr, nullptr, nullptr, nullptr, nullptr},
 };
 
+// --- the shared executor (py::Runner) ------------------------------------------------------
+
+PyObject* runner_resolve(PyObject*, PyObject* args) {
+  PyObject *module, *function;
+  if (!PyArg_ParseTuple(args, "OO:resolve", &module, &function)) return nullptr;
+  try {
+    return g_runner->resolve(module, function).release();
+  } catch (...) {
+    raise_current();
+    return nullptr;
+  }
+}
+
+PyObject* runner_call(PyObject*, PyObject* args) {
+  PyObject *module, *function, *argv, *kwargs = Py_None;
+  if (!PyArg_ParseTuple(args, "OOO|O:call", &module, &function, &argv, &kwargs)) return nullptr;
+  try {
+    return g_runner->call(module, function, argv, kwargs).release();
+  } catch (...) {
+    raise_current();
+    return nullptr;
+  }
+}
+
+PyObject* runner_eval(PyObject*, PyObject* args) {
+  PyObject *source, *ns, *locals;
+  if (!PyArg_ParseTuple(args, "OO!O:eval", &source, &PyDict_Type, &ns, &locals)) return nullptr;
+  try {
+    return g_runner->eval(source, ns, locals).release();
+  } catch (...) {
+    raise_current();
+    return nullptr;
+  }
+}
+
+PyObject* runner_exec(PyObject*, PyObject* args) {
+  PyObject *source, *ns;
+  if (!PyArg_ParseTuple(args, "OO!:exec", &source, &PyDict_Type, &ns)) return nullptr;
+  try {
+    return g_runner->exec(source, ns).release();
+  } catch (...) {
+    raise_current();
+    return nullptr;
+  }
+}
+
+PyObject* runner_run(PyObject*, PyObject* args) {
+  PyObject *source, *arguments, *ns;
+  if (!PyArg_ParseTuple(args, "OOO!:run", &source, &arguments, &PyDict_Type, &ns)) return nullptr;
+  try {
+    return g_runner->run(source, arguments, ns).release();
+  } catch (...) {
+    raise_current();
+    return nullptr;
+  }
+}
+
+PyObject* runner_namespace(PyObject*, PyObject*) {
+  try {
+    return g_runner->fresh_namespace().release();
+  } catch (...) {
+    raise_current();
+    return nullptr;
+  }
+}
+
+PyObject* runner_error_map(PyObject*, PyObject* exc) {
+  if (!PyExceptionInstance_Check(exc)) {
+    PyErr_Format(PyExc_TypeError, "error_map: expected an exception, not %s", Py_TYPE(exc)->tp_name);
+    return nullptr;
+  }
+  try {
+    PyObject* tb = PyException_GetTraceback(exc);  // new reference, or null
+    PyErr_Restore(Py_NewRef(reinterpret_cast<PyObject*>(Py_TYPE(exc))), Py_NewRef(exc), tb);
+    return g_runner->error_from_exception().release();
+  } catch (...) {
+    raise_current();
+    return nullptr;
+  }
+}
+
+// service(prepare): a request of erpy.service run by the shared executor from C, as the
+// port worker and the NIF run theirs: prepare(*args, **kwargs) (Python: the node's
+// policy) returns (context, kind, operands...) and the request then runs with no Python
+// frame of erpy's between the caller and the request's code, so its errors (their
+// tracebacks included) read as in the other modes. `context`: None, or a context manager
+// entered around the run (the request's Erlang caller). Kinds: ("call", module,
+// function, args, kwargs), ("apply", callable, args, kwargs), ("eval", source,
+// namespace, locals), ("exec", source, namespace), ("run", source, arguments, namespace).
+struct ServiceObject {
+  PyObject_HEAD
+  PyObject* prepare;  // owned
+};
+
+extern PyTypeObject ServiceType;
+
+PyRef run_prepared(PyObject* req) {
+  const Py_ssize_t n = PyTuple_GET_SIZE(req);
+  auto item = [&](Py_ssize_t i) { return PyTuple_GET_ITEM(req, i); };
+  const char* kind = PyUnicode_Check(item(1)) ? PyUnicode_AsUTF8(item(1)) : nullptr;
+  if (!kind) {
+    if (!PyErr_Occurred()) PyErr_SetString(PyExc_TypeError, "service: the kind must be a str");
+    throw PythonError();
+  }
+  const std::string_view k(kind);
+  auto need = [&](Py_ssize_t size) {
+    if (n != size) {
+      PyErr_Format(PyExc_TypeError, "service: a %s request has %zd parts, not %zd", kind, size, n);
+      throw PythonError();
+    }
+  };
+  if (k == "call") {
+    need(6);
+    return g_runner->call(item(2), item(3), item(4), item(5));
+  }
+  if (k == "apply") {
+    need(5);
+    PyRef args = py::apply_arguments(item(3));
+    PyRef argt = PyRef::check(PyList_AsTuple(args.get()));
+    PyObject* kw = (PyDict_Check(item(4)) && PyDict_GET_SIZE(item(4)) > 0) ? item(4) : nullptr;
+    return PyRef::check(PyObject_Call(item(2), argt.get(), kw));
+  }
+  if (k == "eval" || k == "exec" || k == "run") {
+    need(k == "exec" ? 4 : 5);
+    PyObject* ns = item(k == "run" ? 4 : 3);
+    if (!PyDict_Check(ns)) {
+      PyErr_SetString(PyExc_TypeError, "service: the namespace must be a dict");
+      throw PythonError();
+    }
+    if (k == "eval") return g_runner->eval(item(2), ns, item(4));
+    if (k == "exec") return g_runner->exec(item(2), ns);
+    return g_runner->run(item(2), item(3), ns);
+  }
+  PyErr_Format(PyExc_ValueError, "service: unknown request kind %s", kind);
+  throw PythonError();
+}
+
+PyObject* service_call(PyObject* self, PyObject* args, PyObject* kw) {
+  PyRef req = PyRef::steal(PyObject_Call(reinterpret_cast<ServiceObject*>(self)->prepare, args, kw));
+  if (!req) return nullptr;
+  if (!PyTuple_Check(req.get()) || PyTuple_GET_SIZE(req.get()) < 2) {
+    PyErr_SetString(PyExc_TypeError, "service: prepare must return (context, kind, operands...)");
+    return nullptr;
+  }
+  PyObject* ctx = PyTuple_GET_ITEM(req.get(), 0);
+  const bool with = ctx != Py_None;
+  if (with) {
+    PyRef entered = PyRef::steal(PyObject_CallMethod(ctx, "__enter__", nullptr));
+    if (!entered) return nullptr;
+  }
+  PyRef result;
+  try {
+    result = run_prepared(req.get());
+  } catch (...) {
+    raise_current();
+  }
+  if (with) {
+    // As a with statement: __exit__ sees the exception (and may not swallow it).
+    PyObject *t, *v, *tb;
+    PyErr_Fetch(&t, &v, &tb);
+    PyErr_NormalizeException(&t, &v, &tb);
+    if (v && tb) PyException_SetTraceback(v, tb);
+    // The exception's own __traceback__ as the runner left it: a generator's __exit__
+    // (contextlib) resets it, and the error map is made from it (for an ImportError it
+    // is all there is: the import machinery trims the pending traceback).
+    PyRef own = PyRef::steal(v ? PyException_GetTraceback(v) : nullptr);
+    PyRef exited = PyRef::steal(PyObject_CallMethod(ctx, "__exit__", "OOO", t ? t : Py_None, v ? v : Py_None,
+                                                    tb ? tb : Py_None));
+    if (!exited) {
+      Py_XDECREF(t);
+      Py_XDECREF(v);
+      Py_XDECREF(tb);
+      return nullptr;  // __exit__'s own error wins, as in Python
+    }
+    if (v) PyException_SetTraceback(v, own ? own.get() : Py_None);
+    PyErr_Restore(t, v, tb);
+  }
+  return result.release();
+}
+
+int service_traverse(PyObject* self, visitproc visit, void* arg) {
+  Py_VISIT(reinterpret_cast<ServiceObject*>(self)->prepare);
+  return 0;
+}
+
+int service_clear(PyObject* self) {
+  Py_CLEAR(reinterpret_cast<ServiceObject*>(self)->prepare);
+  return 0;
+}
+
+void service_dealloc(PyObject* self) {
+  PyObject_GC_UnTrack(self);
+  service_clear(self);
+  PyObject_GC_Del(self);
+}
+
+PyObject* runner_service(PyObject*, PyObject* prepare) {
+  if (!PyCallable_Check(prepare)) {
+    PyErr_SetString(PyExc_TypeError, "service: prepare must be callable");
+    return nullptr;
+  }
+  auto* s = PyObject_GC_New(ServiceObject, &ServiceType);
+  if (!s) return nullptr;
+  s->prepare = Py_NewRef(prepare);
+  PyObject_GC_Track(s);
+  return reinterpret_cast<PyObject*>(s);
+}
+
+PyTypeObject ServiceType = [] {
+  PyTypeObject t{};
+  t.ob_base.ob_base.ob_refcnt = 1;  // a static type
+  t.tp_name = "erpy._node.Service";
+  t.tp_basicsize = sizeof(ServiceObject);
+  t.tp_dealloc = service_dealloc;
+  t.tp_call = service_call;
+  t.tp_flags = Py_TPFLAGS_DEFAULT | Py_TPFLAGS_HAVE_GC;
+  t.tp_traverse = service_traverse;
+  t.tp_clear = service_clear;
+  t.tp_doc = "An erpy.service request function: prepared in Python, run by the shared executor.";
+  return t;
+}();
+
+// outcome(fn): a callable that returns fn(*args)'s value or raises its error from C:
+// fn returns (None, value) or (ExceptionType, argument). erpy.node's erlang.* callbacks
+// answer through it, so that their errors carry no frame of erpy's, as in the other
+// modes (where the callbacks are C++).
+struct OutcomeObject {
+  PyObject_HEAD
+  PyObject* fn;  // owned
+};
+
+extern PyTypeObject OutcomeType;
+
+PyObject* outcome_call(PyObject* self, PyObject* args, PyObject* kw) {
+  PyRef r = PyRef::steal(PyObject_Call(reinterpret_cast<OutcomeObject*>(self)->fn, args, kw));
+  if (!r) return nullptr;
+  if (!PyTuple_Check(r.get()) || PyTuple_GET_SIZE(r.get()) != 2) {
+    PyErr_SetString(PyExc_TypeError, "outcome: expected (None, value) or (ExceptionType, argument)");
+    return nullptr;
+  }
+  PyObject* type = PyTuple_GET_ITEM(r.get(), 0);
+  PyObject* value = PyTuple_GET_ITEM(r.get(), 1);
+  if (type == Py_None) return Py_NewRef(value);
+  if (!PyExceptionClass_Check(type)) {
+    PyErr_SetString(PyExc_TypeError, "outcome: the error must be an exception type");
+    return nullptr;
+  }
+  PyRef exc = PyRef::steal(PyObject_CallOneArg(type, value));
+  if (!exc) return nullptr;
+  PyErr_SetObject(reinterpret_cast<PyObject*>(Py_TYPE(exc.get())), exc.get());
+  return nullptr;
+}
+
+int outcome_traverse(PyObject* self, visitproc visit, void* arg) {
+  Py_VISIT(reinterpret_cast<OutcomeObject*>(self)->fn);
+  return 0;
+}
+
+int outcome_clear(PyObject* self) {
+  Py_CLEAR(reinterpret_cast<OutcomeObject*>(self)->fn);
+  return 0;
+}
+
+void outcome_dealloc(PyObject* self) {
+  PyObject_GC_UnTrack(self);
+  outcome_clear(self);
+  PyObject_GC_Del(self);
+}
+
+PyObject* runner_outcome(PyObject*, PyObject* fn) {
+  if (!PyCallable_Check(fn)) {
+    PyErr_SetString(PyExc_TypeError, "outcome: fn must be callable");
+    return nullptr;
+  }
+  auto* o = PyObject_GC_New(OutcomeObject, &OutcomeType);
+  if (!o) return nullptr;
+  o->fn = Py_NewRef(fn);
+  PyObject_GC_Track(o);
+  return reinterpret_cast<PyObject*>(o);
+}
+
+PyTypeObject OutcomeType = [] {
+  PyTypeObject t{};
+  t.ob_base.ob_base.ob_refcnt = 1;  // a static type
+  t.tp_name = "erpy._node.Outcome";
+  t.tp_basicsize = sizeof(OutcomeObject);
+  t.tp_dealloc = outcome_dealloc;
+  t.tp_call = outcome_call;
+  t.tp_flags = Py_TPFLAGS_DEFAULT | Py_TPFLAGS_HAVE_GC;
+  t.tp_traverse = outcome_traverse;
+  t.tp_clear = outcome_clear;
+  t.tp_doc = "A callable returning its function's value, or raising its error from C.";
+  return t;
+}();
+
+PyMethodDef module_methods[] = {
+    {"outcome", runner_outcome, METH_O,
+     "outcome(fn): call fn, which returns (None, value) or (ExceptionType, argument); return or raise"},
+    {"service", runner_service, METH_O,
+     "service(prepare): a callable that runs the request prepare(*args) returns, as every mode runs one"},
+    {"resolve", runner_resolve, METH_VARARGS,
+     "resolve(module, function): the object Module.Function names (Function may be dotted)"},
+    {"call", runner_call, METH_VARARGS,
+     "call(module, function, args, kwargs=None): Module.Function(*args, **kwargs), as every mode calls"},
+    {"eval", runner_eval, METH_VARARGS, "eval(source, namespace, locals): as every mode evaluates"},
+    {"exec", runner_exec, METH_VARARGS, "exec(source, namespace): as every mode executes; None"},
+    {"run", runner_run, METH_VARARGS,
+     "run(source, arguments, namespace): an erl_py_runner snippet; its `result`"},
+    {"namespace", runner_namespace, METH_NOARGS, "a fresh namespace for eval/exec/run"},
+    {"error_map", runner_error_map, METH_O, "error_map(exception): erpy's #{type, message, traceback}"},
+    {nullptr, nullptr, 0, nullptr},
+};
+
 PyTypeObject NodeType = [] {
   PyTypeObject t{};
   t.ob_base.ob_base.ob_refcnt = 1;  // a static type
@@ -856,12 +1174,14 @@ PyTypeObject MailboxType = [] {
 }();
 
 void free_module(void*) {
+  delete g_runner;
+  g_runner = nullptr;
   delete g_codec;
   g_codec = nullptr;
 }
 
 PyModuleDef module_def = {
-    PyModuleDef_HEAD_INIT, "erpy._node", "erpy's Erlang distribution core (C++).", -1, nullptr,
+    PyModuleDef_HEAD_INIT, "erpy._node", "erpy's Erlang distribution core (C++).", -1, module_methods,
     nullptr, nullptr, nullptr, free_module,
 };
 
@@ -873,10 +1193,17 @@ PyMODINIT_FUNC PyInit__node() {
   PyRef m = PyRef::steal(PyModule_Create(&module_def));
   if (!m) return nullptr;
   try {
-    if (PyType_Ready(&NodeType) < 0 || PyType_Ready(&MailboxType) < 0) return nullptr;
+    if (PyType_Ready(&NodeType) < 0 || PyType_Ready(&MailboxType) < 0 || PyType_Ready(&ServiceType) < 0 ||
+        PyType_Ready(&OutcomeType) < 0) {
+      return nullptr;
+    }
     PyRef types = PyRef::check(PyImport_ImportModule("erpy._types"));
     PyRef errors = PyRef::check(PyImport_ImportModule("erpy._errors"));
     if (!g_codec) g_codec = new erpy::py::Codec(erpy::py::Types::load(types.get(), errors.get()));
+    if (!g_runner) {
+      PyRef erlang = PyRef::check(PyImport_ImportModule("erpy.erlang"));
+      g_runner = new erpy::py::Runner(g_codec->types(), std::move(erlang));
+    }
     if (PyModule_AddObjectRef(m.get(), "Node", reinterpret_cast<PyObject*>(&NodeType)) < 0) return nullptr;
     if (PyModule_AddObjectRef(m.get(), "Mailbox", reinterpret_cast<PyObject*>(&MailboxType)) < 0) return nullptr;
   } catch (const PythonError&) {

@@ -54,7 +54,7 @@ PyRef Runner::compiled(PyObject* source, int mode) {
   return code;
 }
 
-PyRef Runner::call(PyObject* m, PyObject* f, PyObject* args, PyObject* kwargs) {
+PyRef Runner::resolve(PyObject* m, PyObject* f) {
   if (!PyUnicode_Check(m) || !PyUnicode_Check(f)) {
     PyErr_SetString(PyExc_TypeError, "module and function names must be text");
     throw PythonError();
@@ -64,7 +64,12 @@ PyRef Runner::call(PyObject* m, PyObject* f, PyObject* args, PyObject* kwargs) {
     if (PyErr_Occurred()) throw PythonError();
     module = PyRef::check(PyImport_Import(m));
   }
-  return call_on(module.get(), f, args, kwargs);
+  return attribute_path(module.get(), f);
+}
+
+PyRef Runner::call(PyObject* m, PyObject* f, PyObject* args, PyObject* kwargs) {
+  PyRef target = resolve(m, f);
+  return invoke(target.get(), args, kwargs);
 }
 
 PyRef Runner::call_on(PyObject* object, PyObject* f, PyObject* args, PyObject* kwargs) {
@@ -72,6 +77,11 @@ PyRef Runner::call_on(PyObject* object, PyObject* f, PyObject* args, PyObject* k
     PyErr_SetString(PyExc_TypeError, "function names must be text");
     throw PythonError();
   }
+  PyRef target = attribute_path(object, f);
+  return invoke(target.get(), args, kwargs);
+}
+
+PyRef Runner::attribute_path(PyObject* object, PyObject* f) {
   // A dotted function name walks attributes: "Class.method", "sub.func".
   PyRef target = PyRef::borrow(object);
   Py_ssize_t start = 0;
@@ -85,13 +95,17 @@ PyRef Runner::call_on(PyObject* object, PyObject* f, PyObject* args, PyObject* k
     if (dot < 0) break;
     start = dot + 1;
   }
+  return target;
+}
+
+PyRef Runner::invoke(PyObject* target, PyObject* args, PyObject* kwargs) {
   if (!PyList_Check(args)) {
     PyErr_SetString(PyExc_TypeError, "call arguments must be a list");
     throw PythonError();
   }
   PyRef argt = PyRef::check(PyList_AsTuple(args));
   PyObject* kw = (kwargs && PyDict_Check(kwargs) && PyDict_GET_SIZE(kwargs) > 0) ? kwargs : nullptr;
-  return PyRef::check(PyObject_Call(target.get(), argt.get(), kw));
+  return PyRef::check(PyObject_Call(target, argt.get(), kw));
 }
 
 PyRef Runner::eval(PyObject* source, PyObject* ns, PyObject* locals) {

@@ -1,8 +1,9 @@
 // What every mode does with a request once its arguments are Python objects: call a
 // function by dotted name, eval an expression, exec statements, run an erl_py_runner
 // snippet; and what it reports when Python raises: #{type, message, traceback}.
-// The port worker and the NIF both run requests through one Runner, so the two modes
-// cannot drift apart. Needs the GIL; throws PythonError with the exception left set.
+// The port worker, the NIF and the node (its erpy.service, through erpy._node) all run
+// requests through one Runner, so the modes cannot drift apart. Needs the GIL; throws
+// PythonError with the exception left set.
 #pragma once
 #include <string>
 #include <string_view>
@@ -24,7 +25,10 @@ class Runner {
   // A namespace for exec/eval/run: builtins, __name__ and `erlang`.
   PyRef fresh_namespace();
 
-  // Module.Function(*Args, **Kwargs); Function may be dotted ("Class.method").
+  // The object Module.Function names: the module from sys.modules (imported if it is
+  // not there), then each dotted part of Function ("Class.method").
+  PyRef resolve(PyObject* module, PyObject* function);
+  // Module.Function(*Args, **Kwargs), Function found as resolve() finds it.
   PyRef call(PyObject* module, PyObject* function, PyObject* args, PyObject* kwargs);
   // The same with an object (a handle) in place of the module.
   PyRef call_on(PyObject* target, PyObject* function, PyObject* args, PyObject* kwargs);
@@ -41,6 +45,9 @@ class Runner {
   const PyRef& erlang_module() const noexcept { return erlang_module_; }
 
  private:
+  // Object.Function, each dotted part an attribute.
+  static PyRef attribute_path(PyObject* object, PyObject* function);
+  static PyRef invoke(PyObject* target, PyObject* args, PyObject* kwargs);
   // Compiling costs more than running a short snippet, and callers repeat their snippets.
   PyRef compiled(PyObject* source, int mode);
   static constexpr Py_ssize_t kMaxCachedCode = 512;

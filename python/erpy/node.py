@@ -28,7 +28,6 @@ import subprocess
 import sys
 import threading
 import time
-import traceback
 import weakref
 from typing import Any, Callable, Iterable
 
@@ -55,6 +54,9 @@ DEFAULT_MAX_MESSAGE_SIZE = 64 * 1024 * 1024
 #: local process) may hold unread; a message beyond either is dropped.
 DEFAULT_MAX_QUEUED_MESSAGES = 100_000
 DEFAULT_MAX_QUEUED_BYTES = 1024 * 1024 * 1024
+#: The default of ``max_send_queue``: bytes sent to a connected node that it has not read
+#: yet; a node that lets more pile up is disconnected.
+DEFAULT_MAX_SEND_QUEUE = 256 * 1024 * 1024
 
 
 # Nodes still running when the interpreter exits are stopped first, before Python joins
@@ -105,46 +107,53 @@ class _Caller:
         self._ids = itertools.count(1)
         self._mb: Any = None
         self._monitor: Any = None
+        # erpy.erlang calls these; each answers through _node.outcome, which raises the
+        # error from C: a failed callback's traceback shows the request's code and
+        # erpy.erlang, as in the other modes, not this class.
+        self.erlang_call = _node.outcome(self._call)
+        self.erlang_apply = _node.outcome(self._apply)
+        self.erlang_send = _node.outcome(self._send)
 
     def close(self) -> None:
         if self._mb is not None:
             self._mb.close()
             self._mb = None
 
-    def erlang_call(self, module: Any, function: Any, arg: Any) -> Any:
-        return self._callback("call", module, function, [arg])
-
-    def erlang_apply(self, module: Any, function: Any, args: Any) -> Any:
-        if not isinstance(args, (list, tuple)):
-            raise TypeError("apply(): arguments must be a list")
-        return self._callback("apply", module, function, list(args))
-
-    def erlang_send(self, dest: Any, message: Any) -> None:
-        self._callback("send", None, None, [dest, message])
-
     def erlang_self(self) -> Pid:
         return self.pid
 
-    def _callback(self, kind: str, module: Any, function: Any, args: list) -> Any:
+    def _call(self, module: Any, function: Any, arg: Any) -> tuple:
+        return self._callback("call", module, function, [arg])
+
+    def _apply(self, module: Any, function: Any, args: Any) -> tuple:
+        if not isinstance(args, (list, tuple)):
+            return (TypeError, "apply(): arguments must be a list")
+        return self._callback("apply", module, function, list(args))
+
+    def _send(self, dest: Any, message: Any) -> tuple:
+        outcome = self._callback("send", None, None, [dest, message])
+        return outcome if outcome[0] is not None else (None, None)
+
+    def _callback(self, kind: str, module: Any, function: Any, args: list) -> tuple:
+        """(None, value), or (ErlangError, reason) when Erlang refused or failed."""
         from . import encode
+        try:
+            names = (Atom("undefined") if module is None else _callback_name(module, "module"),
+                     Atom("undefined") if function is None else _callback_name(function, "function"))
+        except TypeError as e:
+            return (TypeError, str(e))
         payload = encode(args)
         mb = self._mailbox()
         cb = next(self._ids)
-        undefined = Atom("undefined")
-        mb.send(self.pid, (Atom("erpy_node_callback"), self._tag, mb.pid, cb, Atom(kind),
-                           undefined if module is None else _callback_name(module, "module"),
-                           undefined if function is None else _callback_name(function, "function"),
-                           payload))
+        mb.send(self.pid, (Atom("erpy_node_callback"), self._tag, mb.pid, cb, Atom(kind), *names, payload))
         while True:
             msg = mb.receive()
             if type(msg) is not tuple:
                 continue
             if len(msg) == 4 and msg[0] == "erpy_callback_reply" and msg[1] == cb:
-                if msg[2] == "ok":
-                    return msg[3]
-                raise ErlangError(msg[3])
+                return (None, msg[3]) if msg[2] == "ok" else (ErlangError, msg[3])
             if len(msg) == 5 and msg[0] == "DOWN" and msg[1] == self._monitor:
-                raise ErlangError(Atom("noproc"))
+                return (ErlangError, Atom("noproc"))
 
     def _mailbox(self) -> Any:
         if self._mb is None:
@@ -180,13 +189,10 @@ NOREPLY = _NoReply()
 
 
 def format_error(exc: BaseException) -> dict:
-    """A Python exception as erpy's error map: ``#{type, message, traceback}``."""
-    lines = traceback.format_exception(type(exc), exc, exc.__traceback__)
-    return {
-        Atom("type"): type(exc).__name__,
-        Atom("message"): str(exc),
-        Atom("traceback"): [ln for chunk in lines for ln in chunk.rstrip("\n").split("\n")],
-    }
+    """A Python exception as erpy's error map: ``#{type, message, traceback}``, made by the
+    executor every mode shares (``traceback`` holds ``traceback.format_exception``'s
+    chunks, as in port and embedded mode)."""
+    return _node.error_map(exc)
 
 
 class GenServer:
@@ -292,6 +298,11 @@ class Node:
     nodes set on one process are capped at ``max_queued_messages`` too: beyond it the
     monitor fires at once, the link breaks, with reason ``system_limit`` (also counted in
     ``dropped``).
+
+    Outbound, per connection: frames go out through the connection's own queue, so a node
+    that stops reading holds up only what is sent to it (Python threads sending to it wait
+    while a few MiB wait for it, as OTP suspends a sender on a busy distribution port);
+    one that lets more than ``max_send_queue`` bytes pile up is disconnected (logged).
     """
 
     def __init__(self, name: str, cookie: str, *, host: str = "127.0.0.1", port: int = 0,
@@ -301,9 +312,12 @@ class Node:
                  max_message_size: int = DEFAULT_MAX_MESSAGE_SIZE, max_fragments: int = 1024,
                  max_fragment_bytes: int | None = None,
                  max_queued_messages: int = DEFAULT_MAX_QUEUED_MESSAGES,
-                 max_queued_bytes: int = DEFAULT_MAX_QUEUED_BYTES) -> None:
+                 max_queued_bytes: int = DEFAULT_MAX_QUEUED_BYTES,
+                 max_send_queue: int = DEFAULT_MAX_SEND_QUEUE) -> None:
         if max_queued_messages < 1 or max_queued_bytes < 1:
             raise ValueError("max_queued_messages and max_queued_bytes must be at least 1")
+        if max_send_queue < 1:
+            raise ValueError("max_send_queue must be at least 1")
         if "@" not in name:
             name = f"{name}@127.0.0.1"
         self.allow = {a.strip() for a in allow if a and a.strip()}
@@ -318,14 +332,14 @@ class Node:
         self._session_mb: Any = None
         self._session_refs: dict[Ref, int] = {}
         self._session_monitors: dict[int, Ref] = {}
-        self._native = _node.Node(name, cookie, resolver=self._resolve,
-                                  error_formatter=format_error, host=host, port=port,
+        self._native = _node.Node(name, cookie, resolver=self._resolve, host=host, port=port,
                                   hidden=hidden, ticktime=ticktime, slow_ms=slow_ms,
                                   spin_us=spin_us, coalesce_us=coalesce_us,
                                   max_message_size=max_message_size, max_fragments=max_fragments,
                                   max_fragment_bytes=max_fragment_bytes or 0,
                                   max_queued_messages=max_queued_messages,
-                                  max_queued_bytes=max_queued_bytes)
+                                  max_queued_bytes=max_queued_bytes,
+                                  max_send_queue=max_send_queue)
         self._threads: list[threading.Thread] = []
         self._started = False
         self._start_epmd = start_epmd
@@ -394,39 +408,52 @@ class Node:
         if f is not None:
             return f
         if module == SERVICE_MODULE:
+            prepare = getattr(self, "_prepare_" + function, None)
+            if prepare is not None:
+                return _node.service(prepare)
             f = getattr(self, "_service_" + function, None)
             if f is None:
                 raise NotAllowed(f"erpy.service has no function {function!r}")
             return f
-        if not self.allowed(module):
-            raise NotAllowed(f"module {module!r} is not allowed on node {self.name} "
-                             "(allow it with --allow / ERPY_NODE_ALLOW)")
-        if function.startswith("_"):
-            raise NotAllowed(f"{module}.{function}: private names are not reachable")
-        mod = importlib.import_module(module)
-        f = getattr(mod, function)
+        self._check_allowed(module, function)
+        # Found as every mode finds a function: dotted names included ("dict.fromkeys").
+        f = _node.resolve(module, function)
         if not callable(f):
             raise TypeError(f"{module}.{function} is not callable")
         return f
 
+    def _check_allowed(self, module: str, function: str) -> None:
+        if not self.allowed(module):
+            raise NotAllowed(f"module {module!r} is not allowed on node {self.name} "
+                             "(allow it with --allow / ERPY_NODE_ALLOW)")
+        if any(part.startswith("_") for part in function.split(".")):
+            raise NotAllowed(f"{module}.{function}: private names are not reachable")
+
     # erpy.service: what erpy_node_pool sends (call/eval/exec/run as the other modes).
+    # Each request is prepared here (the node's own policy: allow-list, allow_code,
+    # sessions, the caller) and run by the executor every mode shares (py::Runner, through
+    # erpy._node.service): names resolve, code is cached, namespaces are made and errors
+    # read (tracebacks included) as in port and embedded mode.
     # `max_size`: the pool's max_message_size, the largest result (bytes of external
     # format) the call may return, else {message_too_large, Size, Max}; 0: no limit.
     # `session`: the namespace of a held worker (session_open/0), None for none.
-    # `caller`: {CallerPid, Alias} from a node pool (callbacks go to the alias): the result (or the error map) goes back
-    # as its ETF in a binary, for the caller to decode under its pool's policy, and
-    # erpy.erlang's callbacks in the code go to that process (_Caller). None (a stock
-    # erpc caller): plain terms, no callbacks.
-    @contextlib.contextmanager
-    def _serving(self, max_size: Any, caller: Any):
+    # `caller`: {CallerPid, Alias} from a node pool (callbacks go to the alias): the result
+    # (or the error map) goes back as its ETF in a binary, for the caller to decode under
+    # its pool's policy, and erpy.erlang's callbacks in the code go to that process
+    # (_Caller). None (a stock erpc caller): plain terms, no callbacks.
+    def _serve(self, max_size: Any, caller: Any) -> Any:
+        """The first step of every request; returns the context it runs in, or None."""
         # First: an error raised by what follows goes back as the caller expects too.
         self._native.set_result_limit(max_size or 0, caller is not None)
         if caller is None:
-            yield
-            return
+            return None
         if not (type(caller) is tuple and len(caller) == 2 and isinstance(caller[0], Pid)
                 and isinstance(caller[1], (Ref, Pid))):
             raise TypeError(f"erpy.service: caller must be (Pid, Alias), not {caller!r}")
+        return self._calling(caller)
+
+    @contextlib.contextmanager
+    def _calling(self, caller: tuple):
         previous = getattr(_current, "caller", None)
         _current.caller = c = _Caller(self, caller[0], caller[1])
         try:
@@ -435,15 +462,48 @@ class Node:
             _current.caller = previous
             c.close()
 
-    def _service_call(self, module: Any, function: Any, args: list, kwargs: Any = None,
-                      max_size: int = 0, session: Any = None, caller: Any = None) -> Any:
-        with self._serving(max_size, caller):
-            if session is not None:
-                self._session(session)
-            module, function = _text(module), _text(function)
-            f = self._resolve(module, function)
-            kw = {_text(k): v for k, v in kwargs.items()} if kwargs else {}
-            return f(*args, **kw)
+    def _prepare_call(self, module: Any, function: Any, args: list, kwargs: Any = None,
+                      max_size: int = 0, session: Any = None, caller: Any = None) -> tuple:
+        ctx = self._serve(max_size, caller)
+        if session is not None:
+            self._session(session)
+        module, function = _text(module), _text(function)
+        f = self._exposed.get((module, function))
+        if f is not None:
+            return (ctx, "apply", f, args, kwargs)
+        self._check_allowed(module, function)
+        return (ctx, "call", module, function, args, kwargs)
+
+    def _prepare_eval(self, expr: Any, local_vars: Any = None, max_size: int = 0,
+                      session: Any = None, caller: Any = None) -> tuple:
+        ctx = self._serve(max_size, caller)
+        self._check_code()
+        return (ctx, "eval", expr, self._session(session), {} if local_vars is None else local_vars)
+
+    def _prepare_exec(self, code: Any, max_size: int = 0, session: Any = None,
+                      caller: Any = None) -> tuple:
+        ctx = self._serve(max_size, caller)
+        self._check_code()
+        return (ctx, "exec", code, self._session(session))
+
+    def _prepare_run(self, code: Any, arguments: Any = None, max_size: int = 0,
+                     session: Any = None, caller: Any = None) -> tuple:
+        ctx = self._serve(max_size, caller)
+        self._check_code()
+        return (ctx, "run", code, arguments, self._session(session))
+
+    # The same requests from Python (tests, a handler that serves one itself).
+    def _service_call(self, *args: Any, **kwargs: Any) -> Any:
+        return _node.service(self._prepare_call)(*args, **kwargs)
+
+    def _service_eval(self, *args: Any, **kwargs: Any) -> Any:
+        return _node.service(self._prepare_eval)(*args, **kwargs)
+
+    def _service_exec(self, *args: Any, **kwargs: Any) -> Any:
+        return _node.service(self._prepare_exec)(*args, **kwargs)
+
+    def _service_run(self, *args: Any, **kwargs: Any) -> Any:
+        return _node.service(self._prepare_run)(*args, **kwargs)
 
     def _check_code(self) -> None:
         if not self.allow_code:
@@ -452,45 +512,19 @@ class Node:
     def _session(self, session: Any) -> dict:
         if session is None:
             # Without a held worker every exec/eval gets a fresh namespace, as in the
-            # other modes (DESIGN.md); state across calls needs a checkout.
-            return {"__name__": "__erpy__", "erlang": _erlang}
+            # other modes; state across calls needs a checkout.
+            return _node.namespace()
         ns = self._sessions.get(session)
         if ns is None:
             raise SessionClosed(f"worker session {session!r} is closed on node {self.name}")
         return ns
-
-    def _service_eval(self, expr: Any, local_vars: Any = None, max_size: int = 0,
-                      session: Any = None, caller: Any = None) -> Any:
-        with self._serving(max_size, caller):
-            self._check_code()
-            env = {_text(k): v for k, v in local_vars.items()} if isinstance(local_vars, dict) else {}
-            return eval(_text(expr), self._session(session), env)  # noqa: S307 - allow_code says so
-
-    def _service_exec(self, code: Any, max_size: int = 0, session: Any = None,
-                      caller: Any = None) -> Any:
-        with self._serving(max_size, caller):
-            self._check_code()
-            exec(_text(code), self._session(session))  # noqa: S102 - allow_code says so
-            return None
-
-    def _service_run(self, code: Any, arguments: Any = None, max_size: int = 0,
-                     session: Any = None, caller: Any = None) -> Any:
-        with self._serving(max_size, caller):
-            self._check_code()
-            if session is None:
-                env = {"__name__": "__erpy_run__"}
-            else:
-                env = self._session(session)
-            env.update(arguments=arguments, result=None, erlang=_erlang)
-            exec(_text(code), env)  # noqa: S102 - allow_code says so
-            return env.get("result")
 
     def _service_session_open(self, holder: Any = None) -> int:
         """A namespace kept on this node for one holder (a checked-out worker); it goes
         at session_close or when the holder (a pid) dies."""
         self._check_code()
         sid = next(self._session_ids)
-        self._sessions[sid] = {"__name__": "__erpy_session__", "erlang": _erlang}
+        self._sessions[sid] = _node.namespace()
         if isinstance(holder, Pid):
             with self._session_lock:
                 if self._session_mb is None:
@@ -736,6 +770,10 @@ def main(argv: list[str] | None = None) -> int:
                    default=int(_env("ERPY_NODE_MAX_QUEUED_BYTES", default=str(DEFAULT_MAX_QUEUED_BYTES))),
                    help="bytes of unread messages one mailbox may hold; more are dropped (env "
                         "ERPY_NODE_MAX_QUEUED_BYTES; default 1 GiB)")
+    p.add_argument("--max-send-queue", type=int,
+                   default=int(_env("ERPY_NODE_MAX_SEND_QUEUE", default=str(DEFAULT_MAX_SEND_QUEUE))),
+                   help="bytes sent to a node that has not read them, beyond which it is "
+                        "disconnected (env ERPY_NODE_MAX_SEND_QUEUE; default 256 MiB)")
     p.add_argument("--no-start-epmd", dest="start_epmd", action="store_false",
                    help="fail if no epmd runs instead of starting one (as erl -start_epmd false)")
     p.add_argument("--exit-on-eof", action="store_true",
@@ -761,7 +799,8 @@ def main(argv: list[str] | None = None) -> int:
     node = Node(name, cookie, host=listen, port=port, allow=allow, allow_code=bool(allow_code),
                 ticktime=a.ticktime, spin_us=a.spin_us, coalesce_us=a.coalesce_us,
                 start_epmd=a.start_epmd, max_message_size=a.max_message_size,
-                max_queued_messages=a.max_queued_messages, max_queued_bytes=a.max_queued_bytes)
+                max_queued_messages=a.max_queued_messages, max_queued_bytes=a.max_queued_bytes,
+                max_send_queue=a.max_send_queue)
     node.start()
     for mod in a.load:
         m = importlib.import_module(mod)

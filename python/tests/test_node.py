@@ -73,13 +73,18 @@ def erlang_node(epmd):
 
 
 def test_format_error_is_erpy_error_map():
+    import traceback
     try:
         1 / 0
     except ZeroDivisionError as e:
         m = format_error(e)
+        chunks = traceback.format_exception(e)
     assert m["type"] == "ZeroDivisionError"
     assert m["message"] == "division by zero"
-    assert m["traceback"][0].startswith("Traceback") and all("\n" not in line for line in m["traceback"])
+    # The executor every mode shares made it: format_exception's chunks, as port and
+    # embedded mode give them.
+    assert m["traceback"] == chunks and m["traceback"][0] == "Traceback (most recent call last):\n"
+    assert set(m) == {"type", "message", "traceback"} and all(type(k) is Atom for k in m)
 
 
 def test_allow_list_resolution(node):
@@ -419,6 +424,14 @@ def test_command_line_queue_limits(monkeypatch):
     with pytest.raises(Stop):
         node_module.main(["--name", "q@127.0.0.1", "--cookie", "c"])
     assert (seen["max_queued_messages"], seen["max_queued_bytes"]) == (100_000, 1 << 30)
+    assert seen["max_send_queue"] == 256 << 20
+    monkeypatch.setenv("ERPY_NODE_MAX_SEND_QUEUE", "12345")
+    with pytest.raises(Stop):
+        node_module.main(["--name", "q@127.0.0.1", "--cookie", "c"])
+    assert seen["max_send_queue"] == 12345
+    with pytest.raises(Stop):
+        node_module.main(["--name", "q@127.0.0.1", "--cookie", "c", "--max-send-queue", "99999"])
+    assert seen["max_send_queue"] == 99999
 
 
 def test_service_code_sees_its_caller_through_erpy_erlang(node):
@@ -434,3 +447,189 @@ def test_service_code_sees_its_caller_through_erpy_erlang(node):
         node._service_eval("erlang.self()")
     with pytest.raises(TypeError, match="caller"):
         node._service_eval("1", {}, 0, None, "not a caller")
+
+
+# --- a peer written by hand -----------------------------------------------------------------
+
+# The distribution flags OTP 25 offers that erpy's node needs (and a few it offers too).
+_PEER_FLAGS = (0x04 | 0x08 | 0x10 | 0x20 | 0x80 | 0x100 | 0x200 | 0x400 | 0x800 | 0x1000 | 0x4000
+               | 0x10000 | 0x20000 | 0x40000 | 0x80000 | 0x100000 | 0x400000 | 0x1000000
+               | 0x2000000 | 0x4000000 | (1 << 32) | (1 << 34) | (1 << 35))
+
+
+class RawPeer:
+    """Another node, written here on a plain socket: it shakes hands (OTP 23+ handshake),
+    sends spawn requests when told to, and reads nothing, so whatever the node sends it
+    piles up (a small receive buffer makes that quick)."""
+
+    def __init__(self, node: Node, cookie: str = COOKIE) -> None:
+        import hashlib
+        import socket
+        import struct
+        self.name = unique("raw")
+        self._struct = struct
+        self.sock = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
+        self.sock.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 4096)
+        self.sock.settimeout(10)
+        self.sock.connect(("127.0.0.1", node.port))
+        name = self.name.encode()
+        self._send_hs(b"N" + struct.pack(">QIH", _PEER_FLAGS, 1, len(name)) + name)
+        assert self._recv_hs() == b"sok"
+        challenge = struct.unpack(">I", self._recv_hs()[9:13])[0]
+        digest = hashlib.md5(f"{cookie}{challenge}".encode()).digest()
+        self._send_hs(b"r" + struct.pack(">I", 42) + digest)
+        assert self._recv_hs()[:1] == b"a"
+        self.pid = Pid(self.name, 1, 0, 1)
+        self._ids = iter(range(1, 1 << 30))
+
+    def _send_hs(self, data: bytes) -> None:
+        self.sock.sendall(self._struct.pack(">H", len(data)) + data)
+
+    def _recv_exact(self, n: int) -> bytes:
+        out = b""
+        while len(out) < n:
+            chunk = self.sock.recv(n - len(out))
+            assert chunk, "the node closed the connection during the handshake"
+            out += chunk
+        return out
+
+    def _recv_hs(self) -> bytes:
+        (n,) = self._struct.unpack(">H", self._recv_exact(2))
+        return self._recv_exact(n)
+
+    def call(self, module: str, function: str, args: list) -> None:
+        """erpc:call's spawn request (monitored), in a pass-through frame; no answer is read."""
+        from erpy import encode
+        ref = Ref(self.name, 1, (next(self._ids), 0, 0))
+        res = Ref(self.name, 1, (next(self._ids), 1, 0))
+        ctl = (29, ref, self.pid, self.pid, (Atom("erpc"), Atom("execute_call"), 4), [Atom("monitor")])
+        payload = [res, Atom(module), Atom(function), args]
+        body = b"p" + encode(ctl) + encode(payload)
+        self.sock.sendall(self._struct.pack(">I", len(body)) + body)
+
+    def close(self) -> None:
+        self.sock.close()
+
+
+def test_a_peer_that_stops_reading_holds_up_no_other_peer(epmd):
+    """A node that stops reading what it is sent (its socket full) stalls nothing but its
+    own frames: another node's calls go on, the reader hand-over included. Before each
+    connection had its own send queue, the call whose answer filled the socket held the
+    connection's write lock in a blocked write, the watchdog blocked on it while sending a
+    slow call's early reply, and with it every hand-over of every connection."""
+    import threading
+    a = Node(unique("pya"), COOKIE).start()
+    c = Node(unique("pyc"), COOKIE).start()
+    entered, gate = threading.Event(), threading.Event()
+
+    def blocker():
+        entered.set()
+        return gate.wait(20)
+
+    a.expose("t", "big", lambda n: bytes(n))
+    a.expose("t", "slow", lambda s: time.sleep(s) or Atom("slept"))
+    a.expose("t", "blocker", blocker)
+    a.expose("t", "release", lambda: gate.set() or Atom("released"))
+    peer = RawPeer(a)
+    result = {}
+    try:
+        peer.call("t", "big", [64 * 1024 * 1024])  # its answer fills the socket: never read
+        time.sleep(0.3)  # the answer is being written by now
+        peer.call("t", "slow", [1.0])  # slow: its SPAWN_REPLY goes early, to that socket
+        time.sleep(0.05)
+        # Another node: its first call waits for its second, which only a new reader of
+        # its connection (the watchdog's hand-over) can read.
+        t = threading.Thread(target=lambda: result.update(b=c.rpc(a.name, "t", "blocker", [], timeout=20)))
+        t.start()
+        assert entered.wait(10)
+        assert c.rpc(a.name, "t", "release", [], timeout=5) == "released"
+        t.join(20)
+        assert result.get("b") is True
+        assert c.rpc(a.name, "t", "slow", [0], timeout=5) == "slept"
+    finally:
+        gate.set()
+        peer.close()
+        c.stop()
+        a.stop()
+
+
+def test_a_peer_over_max_send_queue_is_disconnected(epmd):
+    """What a peer does not read is held for it up to max_send_queue bytes; beyond, the
+    connection is closed (logged) and the node forgets it."""
+    a = Node(unique("pya"), COOKIE, max_send_queue=1024 * 1024).start()
+    a.expose("t", "big", lambda n: bytes(n))
+    peer = RawPeer(a)
+    try:
+        deadline = time.monotonic() + 10
+        while peer.name not in a.nodes():
+            assert time.monotonic() < deadline, "the raw peer never showed up"
+            time.sleep(0.01)
+        peer.call("t", "big", [16 * 1024 * 1024])  # most of it waits for the peer
+        # More answers, while that is over the limit: the peer is dropped.
+        deadline = time.monotonic() + 10
+        while peer.name in a.nodes():
+            assert time.monotonic() < deadline, "a peer over max_send_queue stayed connected"
+            try:
+                peer.call("t", "big", [10])
+            except OSError:
+                break  # closed already
+            time.sleep(0.05)
+    finally:
+        peer.close()
+        a.stop()
+    with pytest.raises(ValueError):
+        Node(unique("pya"), COOKIE, max_send_queue=0)
+
+
+def test_a_call_owns_its_function_while_the_cache_is_cleared(epmd):
+    """The function a call runs is referenced by the call itself, not only by the handler
+    cache, which another thread may clear meanwhile (set_allow, expose): the core used to
+    call through a pointer that only the cache owned."""
+    a = Node(unique("pya"), COOKIE).start()
+    c = Node(unique("pyc"), COOKIE).start()
+    seen = {}
+
+    class Handler:
+        def __call__(self):
+            a._exposed.clear()
+            a.set_allow([])  # clears the cache, as any other thread could now
+            # Ours (the frame's self), getrefcount's argument, and the call's own.
+            seen["refs"] = sys.getrefcount(self)
+            return Atom("ok")
+
+    a.expose("t", "h", Handler())
+    try:
+        assert c.rpc(a.name, "t", "h", [], timeout=5) == "ok"
+        assert seen["refs"] >= 3
+    finally:
+        c.stop()
+        a.stop()
+
+
+def test_stop_interrupts_calls_still_in_python(epmd):
+    """A node's stop() ends calls still running Python (KeyboardInterrupt in their
+    threads, as a cancel does) instead of waiting for them forever."""
+    import threading
+    a = Node(unique("pya"), COOKIE).start()
+    c = Node(unique("pyc"), COOKIE).start()
+    entered = threading.Event()
+
+    def spin():
+        entered.set()
+        i = 0
+        while True:
+            i += 1
+
+    a.expose("t", "spin", spin)
+    caller = threading.Thread(target=lambda: pytest.raises(ErlangError, c.rpc, a.name, "t", "spin", [], 60),
+                              daemon=True)
+    caller.start()
+    try:
+        assert entered.wait(10)
+        stopper = threading.Thread(target=a.stop, daemon=True)
+        stopper.start()
+        stopper.join(20)
+        assert not stopper.is_alive(), "stop() waited for a call that never returns"
+        caller.join(20)
+    finally:
+        c.stop()
