@@ -1,4 +1,4 @@
-// Conversion between ETF and Python objects, following DESIGN.md's type mapping.
+// Conversion between ETF and Python objects, following the type mapping in README.md.
 //
 // The Python types (erpy.Atom, erpy.Pid, ..., erpy.DecodeError) are plain Python classes
 // handed in through `Types`, so the extension module, the port worker and the embedded

@@ -1,7 +1,7 @@
 """erpy: Erlang terms in Python, and Python for Erlang.
 
 ``encode`` and ``decode`` convert between Python values and the Erlang external term
-format (ETF); see the type mapping in the project's DESIGN.md.
+format (ETF); see the type mapping in the project's README.md.
 """
 
 from __future__ import annotations
