@@ -139,12 +139,8 @@ churn_calls(N) ->
         {error, _} -> ok  % the pool stopped (each mode says so in its way)
     end.
 
-%% The pool's counters, read while it works (through the NIF directly when the API has
-%% no pool_info/1).
+%% The pool's counters, read while it works.
 info_loop() ->
-    _ = case erlang:function_exported(erpy, pool_info, 1) of
-            true -> catch erpy:pool_info(stress);
-            false -> catch erpy_nif:pool_info(maps:get(pool, element(2, erpy_pool:lookup(stress))))
-        end,
+    _ = (catch erpy:pool_info(stress)),
     timer:sleep(5),
     info_loop().
