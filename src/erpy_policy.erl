@@ -44,9 +44,11 @@
                 | {noproc, term()}
                 | {badarg, term()}.
 
-%% The fun tags of the external term format: a binary without any of these bytes holds
-%% no fun, so most results are never walked.
--define(FUN_TAGS, [<<112>>, <<113>>, <<117>>]).
+%% How funs begin in the external term format: EXPORT_EXT (113) and its module atom's
+%% tag; NEW_FUN_EXT (112) and the high byte of its size (a fun is far below 16 MiB).
+%% A binary without any of these holds no fun, so most results are never walked.
+%% (FUN_EXT, 117, is refused by binary_to_term itself since OTP 23.)
+-define(FUN_TAGS, [<<113, 100>>, <<113, 115>>, <<113, 118>>, <<113, 119>>, <<112, 0>>]).
 -define(GIVEN(Key), {'$erpy_given', Key}).
 
 %% API.
