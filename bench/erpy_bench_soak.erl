@@ -22,7 +22,7 @@ row(Mode, Seconds) ->
            end,
     ok = ensure_dist(Mode),
     {ok, _} = erpy:start_pool(Pool, Opts),
-    ok = wait_serves(Pool, 200),
+    ok = erpy_test_env:wait_serves(Pool, 200),
     R = try erpy_soak:run(Pool, Mode, 8, Seconds)
         after erpy:stop_pool(Pool)
         end,
@@ -55,11 +55,3 @@ ensure_dist(node) ->
     end;
 ensure_dist(_) ->
     ok.
-
-wait_serves(_Pool, 0) ->
-    {error, not_serving};
-wait_serves(Pool, N) ->
-    case erpy:eval(<<"1">>, #{}, #{pool => Pool, timeout => 2000}) of
-        {ok, 1} -> ok;
-        _ -> timer:sleep(100), wait_serves(Pool, N - 1)
-    end.

@@ -13,5 +13,5 @@ main(Args) ->
          {ok, Mod, Beam} = compile:file(Src, [binary, report, warnings_as_errors]),
          {module, Mod} = code:load_binary(Mod, Src, Beam)
      end || Src <- filelib:wildcard(filename:join(BenchDir, "*.erl"))
-                ++ [filename:join([BenchDir, "..", "test", "erpy_soak.erl"])]],
+                ++ [filename:join([BenchDir, "..", "test", M]) || M <- ["erpy_soak.erl", "erpy_test_env.erl"]]],
     erpy_bench:main(Args).

@@ -28,14 +28,7 @@ suite() ->
     [{timetrap, {seconds, 90}}].
 
 init_per_suite(Config) ->
-    _ = application:load(erpy),
-    Root = filename:dirname(code:priv_dir(erpy)),
-    File = filename:join([Root, "priv", "python.path"]),
-    case filelib:is_regular(File) of
-        true -> ok;
-        false -> ok = file:write_file(File, "/usr/bin/python3\n")
-    end,
-    {ok, _} = application:ensure_all_started(erpy),
+    ok = erpy_test_env:start_erpy(),
     Config.
 
 end_per_suite(_Config) ->
@@ -59,7 +52,7 @@ start_pool(Mode, Config) ->
     Size = case Mode of node -> #{start => 1}; _ -> #{size => 1} end,
     {ok, _} = erpy:start_pool(?P, Size#{mode => Mode, kill_grace_ms => 500,
                                         allowed => [{?MODULE, twice, 1}, {?MODULE, again, 1}]}),
-    ok = wait_serves(?P, 300),
+    ok = erpy_test_env:wait_serves(?P, 300),
     [{mode, Mode} | Config].
 
 -define(O, #{pool => ?P}).
@@ -109,7 +102,7 @@ timeouts(_Config) ->
     ?assertEqual({error, timeout}, erpy:exec(<<"import time\ntime.sleep(5)">>, ?O#{timeout => 200})),
     ?assertEqual({error, timeout}, erpy:exec(<<"while True: pass">>, ?O#{timeout => 200})),
     %% The worker is usable again.
-    ok = wait_serves(?P, 100),
+    ok = erpy_test_env:wait_serves(?P, 100),
     ?assertEqual({ok, 2}, erpy:eval(<<"1 + 1">>, #{}, ?O)).
 
 callbacks(_Config) ->
@@ -139,7 +132,7 @@ checkout(_Config) ->
                                                     ok = erpy:exec(<<"z = 21">>, #{worker => W2}),
                                                     erpy:eval(<<"z * 2">>, #{}, #{worker => W2})
                                                 end)),
-    ok = wait_serves(?P, 100),
+    ok = erpy_test_env:wait_serves(?P, 100),
     ?assertMatch({error, #{type := <<"NameError">>}}, erpy:eval(<<"kept">>, #{}, ?O)).
 
 unknown_pool(_Config) ->
@@ -151,7 +144,7 @@ stopped_pool(Config) ->
     Mode = ?config(mode, Config),
     Size = case Mode of node -> #{start => 1}; _ -> #{size => 1} end,
     {ok, _} = erpy:start_pool(contract_stop, Size#{mode => Mode}),
-    ok = wait_serves(contract_stop, 300),
+    ok = erpy_test_env:wait_serves(contract_stop, 300),
     {ok, #{mode := Mode}} = erpy:pool_info(contract_stop),
     Self = self(),
     spawn(fun() -> Self ! {in_flight, erpy:exec(<<"import time\ntime.sleep(3)">>,
@@ -187,11 +180,3 @@ twice(X) -> 2 * X.
 again(X) ->
     {ok, V} = erpy:eval(<<"x * 2">>, #{x => X}, #{pool => ?P}),
     V.
-
-wait_serves(_Pool, 0) ->
-    {error, not_serving};
-wait_serves(Pool, N) ->
-    case erpy:eval(<<"1">>, #{}, #{pool => Pool, timeout => 2000}) of
-        {ok, 1} -> ok;
-        _ -> timer:sleep(100), wait_serves(Pool, N - 1)
-    end.

@@ -52,15 +52,8 @@ suite() ->
     [{timetrap, {seconds, 90}}].
 
 init_per_suite(Config) ->
-    _ = application:load(erpy),  % another suite of this run may have loaded it
     %% The port pool of same_mapping_as_port needs the interpreter file `make` writes.
-    Root = filename:dirname(code:priv_dir(erpy)),
-    File = filename:join([Root, "priv", "python.path"]),
-    case filelib:is_regular(File) of
-        true -> ok;
-        false -> ok = file:write_file(File, "/usr/bin/python3\n")
-    end,
-    {ok, _} = application:ensure_all_started(erpy),
+    ok = erpy_test_env:start_erpy(),
     Config.
 
 end_per_suite(_Config) ->

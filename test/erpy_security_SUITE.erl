@@ -31,14 +31,7 @@ suite() ->
     [{timetrap, {seconds, 120}}].
 
 init_per_suite(Config) ->
-    _ = application:load(erpy),
-    Root = filename:dirname(code:priv_dir(erpy)),
-    File = filename:join([Root, "priv", "python.path"]),
-    case filelib:is_regular(File) of
-        true -> ok;
-        false -> ok = file:write_file(File, "/usr/bin/python3\n")
-    end,
-    {ok, _} = application:ensure_all_started(erpy),
+    ok = erpy_test_env:start_erpy(),
     Config.
 
 end_per_suite(_Config) ->
@@ -310,12 +303,4 @@ fresh_name() ->
 
 start(Name, Opts) ->
     {ok, _} = erpy:start_pool(Name, Opts),
-    wait_until(fun() -> erpy:eval(<<"1">>, #{}, #{pool => Name}) =:= {ok, 1} end, 20000).
-
-wait_until(Fun, Ms) when Ms =< 0 ->
-    Fun() orelse ct:fail(timeout);
-wait_until(Fun, Ms) ->
-    case Fun() of
-        true -> ok;
-        false -> timer:sleep(50), wait_until(Fun, Ms - 50)
-    end.
+    ok = erpy_test_env:wait_serves(Name, 200).

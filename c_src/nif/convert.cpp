@@ -115,23 +115,15 @@ struct Converter::ToPython {
 // Reads an encoded term for what makes it unsafe to read back: its atoms are made to
 // exist (or refused) by Converter::atom, and pids, ports, references and funs are noted.
 // The atoms inside funs (module, function, the creator's node) count too.
-class AtomScan {
+class AtomScan : public etf::NullBuilder {
  public:
   AtomScan(Converter& c, ErlNifEnv* env, const ConvertOptions& o) : c_(c), env_(env), o_(o) {}
   bool opaque = false;
 
-  struct Value {};
-  Value integer(std::int64_t) { return {}; }
-  Value big_integer(bool, etf::Bytes) { return {}; }
-  Value floating(double) { return {}; }
   Value atom(std::string_view a) {
     c_.atom(env_, a, o_);
     return {};
   }
-  Value binary(etf::Bytes) { return {}; }
-  Value bitstring(etf::Bytes, unsigned) { return {}; }
-  Value byte_list(etf::Bytes) { return {}; }
-  Value nil() { return {}; }
   Value pid(std::string_view node, std::uint32_t, std::uint32_t, std::uint32_t) { return opaque_node(node); }
   Value port(std::string_view node, std::uint64_t, std::uint32_t) { return opaque_node(node); }
   Value reference(std::string_view node, std::uint32_t, std::span<const std::uint32_t>) { return opaque_node(node); }
@@ -152,16 +144,6 @@ class AtomScan {
     for (std::uint32_t i = 0; i < parts; ++i) etf::decode_term(r, *this);
     return {};
   }
-  Value tuple_begin(std::size_t) { return {}; }
-  void tuple_set(Value&, std::size_t, Value&&) {}
-  Value tuple_end(Value&) { return {}; }
-  Value list_begin(std::size_t) { return {}; }
-  void list_set(Value&, std::size_t, Value&&) {}
-  Value list_end(Value&) { return {}; }
-  Value improper_list_end(Value&, Value&&) { return {}; }
-  Value map_begin(std::size_t) { return {}; }
-  void map_set(Value&, Value&&, Value&&, std::size_t) {}
-  Value map_end(Value&) { return {}; }
 
  private:
   Value opaque_node(std::string_view node) {
