@@ -1,5 +1,5 @@
 #!/usr/bin/env escript
-%%! -noshell
+%%! -noshell +Mea min
 %% `make test-tsan`: the NIF built with ThreadSanitizer (ERPY_NIF_DIR, libtsan preloaded
 %% by the Makefile) under a concurrent workout of the embedded pool: many callers at
 %% once with plain calls, callbacks into Erlang and nested calls, timeouts and callers
