@@ -35,7 +35,7 @@ w1_w4(#{pairs := Pairs}) ->
     PortAdd = fun() -> {ok, 3} = erpy:call(operator, add, [1, 2], #{pool => ?PORT_POOL}) end,
     Empty = fun() -> {ok, undefined} = erpy:eval(<<"None">>, #{}, #{pool => ?POOL}) end,
     Callback = fun() -> {ok, 1} = erpy:eval(<<"erlang.call('erlang', 'abs', -1)">>, #{}, #{pool => ?POOL}) end,
-    Frame = erpy_call:encode_request({call, <<"operator">>, <<"add">>, [1, 2], #{}}, 1, 5000, self()),
+    Frame = erpy_call:encode_request(erpy_request:call(<<"operator">>, <<"add">>, [1, 2], #{}), 1, 5000, self()),
     Cat = cat(),
     Procs = fun() -> [os:getpid(), os_pid(Cat)] end,
     Floor = fun() -> echo(Cat, Frame) end,

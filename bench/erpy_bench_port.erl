@@ -36,7 +36,7 @@ w1_w4(#{pairs := Pairs}) ->
     Calls = 20000 div Pairs + 1,
     Callback = fun() -> {ok, 1} = erpy:eval(<<"erlang.call('erlang', 'abs', -1)">>, #{}, #{pool => ?POOL}) end,
     AddPool = fun() -> {ok, 3} = erpy:call(operator, add, [1, 2], #{pool => ?POOL}) end,
-    Frame = erpy_call:encode_request({call, <<"operator">>, <<"add">>, [1, 2], #{}}, 1, 5000, self()),
+    Frame = erpy_call:encode_request(erpy_request:call(<<"operator">>, <<"add">>, [1, 2], #{}), 1, 5000, self()),
     Cat = cat(),
     Floor = fun() -> echo(Cat, Frame) end,
     Procs = fun() -> [os:getpid(), os_pid(Cat) | worker_os_pids(?POOL)] end,
@@ -87,7 +87,7 @@ w2(Ctx, Id, PoolOpts, Config) ->
                  [{string(), fun(() -> term())}]) -> [erpy_bench:row()].
 throughput(#{pairs := Pairs}, Id, Workload, Pool, Procs0, Target, Extras) ->
     Per = 5000,
-    Frame = erpy_call:encode_request({call, <<"operator">>, <<"add">>, [1, 2], #{}}, 1, 5000, self()),
+    Frame = erpy_call:encode_request(erpy_request:call(<<"operator">>, <<"add">>, [1, 2], #{}), 1, 5000, self()),
     Echoers = [echoer(Frame) || _ <- lists:seq(1, 4)],
     Procs = fun() -> [os:getpid() | [P || {_, P} <- Echoers] ++ Procs0()] end,
     Callers = fun(Call) ->
@@ -149,7 +149,7 @@ w3b(Ctx) ->
     [erpy_bench:row()].
 echo_binary(#{pairs := Pairs}, Mode, Pool, Procs0, Target, Notes) ->
     Bin = crypto_bytes(1 bsl 20),
-    Frame = erpy_call:encode_request({call, <<"copy">>, <<"copy">>, [Bin], #{}}, 1, 5000, self()),
+    Frame = erpy_call:encode_request(erpy_request:call(<<"copy">>, <<"copy">>, [Bin], #{}), 1, 5000, self()),
     Cat = cat(),
     Procs = fun() -> [os:getpid(), os_pid(Cat) | Procs0()] end,
     Erpy = fun() -> {ok, Bin} = erpy:call(copy, copy, [Bin], #{pool => Pool}) end,
@@ -181,7 +181,7 @@ echo_maps(#{pairs := Pairs}, Mode, Pool, Procs0, Target, Notes) ->
     Erpy = fun() -> {ok, T} = erpy:call(copy, copy, [T], #{pool => Pool}) end,
     %% The floor also pays Erlang's encode and decode: what any port bridge must do.
     Floor = fun() ->
-                Frame = erpy_call:encode_request({call, <<"copy">>, <<"copy">>, [T], #{}}, 1, 5000, self()),
+                Frame = erpy_call:encode_request(erpy_request:call(<<"copy">>, <<"copy">>, [T], #{}), 1, 5000, self()),
                 port_command(Cat, Frame),
                 receive {Cat, {data, Back}} -> {call, _, _, _, _, _, [T], _} = binary_to_term(Back) end
             end,

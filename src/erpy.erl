@@ -61,7 +61,7 @@ run(#{code := Code} = Req, Timeout) ->
         {ok, CodeBin} ->
             Args = maps:get(arguments, Req, undefined),
             Opts = maps:with([pool, worker], Req),
-            case request({run, CodeBin, Args}, Opts#{timeout => Timeout}) of
+            case request(erpy_request:run(CodeBin, Args), Opts#{timeout => Timeout}) of
                 {ok, Result} -> {ok, #{status => ok, result => Result}};
                 {error, #{type := _} = PyError} -> {ok, #{status => error, error => PyError}};
                 {error, _} = Error -> Error
@@ -85,7 +85,11 @@ call(Module, Function, Args, Opts) when is_list(Args), is_map(Opts) ->
     case {target(Module), name(Function)} of
         {{ok, M}, {ok, F}} ->
             Kwargs = maps:get(kwargs, Opts, #{}),
-            request({call, M, F, Args, Kwargs}, Opts);
+            Req = erpy_request:call(M, F, Args, Kwargs),
+            request(case Opts of
+                        #{handle := true} -> erpy_request:with(Req, #{result => handle});
+                        _ -> Req
+                    end, Opts);
         {error, _} -> {error, {badarg, module}};
         {_, error} -> {error, {badarg, function}}
     end;
@@ -104,7 +108,7 @@ eval(Expression, Locals) ->
 -spec eval(iodata(), map(), call_opts()) -> {ok, term()} | {error, error_reason()}.
 eval(Expression, Locals, Opts) when is_map(Locals), is_map(Opts) ->
     case to_binary(Expression) of
-        {ok, Expr} -> request({eval, Expr, Locals}, Opts);
+        {ok, Expr} -> request(erpy_request:eval(Expr, Locals), Opts);
         error -> {error, {badarg, expression}}
     end;
 eval(_Expression, _Locals, _Opts) ->
@@ -120,7 +124,7 @@ exec(Code) ->
 exec(Code, Opts) when is_map(Opts) ->
     case to_binary(Code) of
         {ok, Bin} ->
-            case request({exec, Bin}, Opts) of
+            case request(erpy_request:exec(Bin), Opts) of
                 {ok, _} -> ok;
                 Error -> Error
             end;

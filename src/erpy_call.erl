@@ -30,7 +30,7 @@ request(Pool, Req, Timeout) ->
             {error, {no_pool, Pool}}
     end.
 
--spec request_worker(erpy:pool(), pid(), tuple(), timeout()) -> {ok, term()} | {error, term()}.
+-spec request_worker(erpy:pool(), pid(), erpy_request:t(), timeout()) -> {ok, term()} | {error, term()}.
 request_worker(Pool, Pid, Req, Timeout) ->
     case erpy_pool:lookup(Pool) of
         {ok, #{max_message_size := Max, policy := Policy}} ->
@@ -53,18 +53,14 @@ with_frame(Max, Policy, Req, Timeout, Fun) ->
             end
     end.
 
-%% The frame Python receives: {Kind, Id, DeadlineMs, Caller, Payload...}. The deadline
-%% is wall-clock milliseconds (both sides of a port share the clock); 0 means none.
-%% An iovec: large binaries in the arguments are referenced, not copied, on their way to
-%% the port (a 1 MiB argument costs microseconds instead of a copy).
--spec encode_request(tuple(), integer(), timeout(), pid()) -> erlang:iovec().
+%% The frame a port worker receives: {request, Id, Request}, Request the request map
+%% (erpy_request) with its caller and deadline. An iovec: large binaries in the arguments
+%% are referenced, not copied, on their way to the port (a 1 MiB argument costs
+%% microseconds instead of a copy).
+-spec encode_request(erpy_request:t(), integer(), timeout(), pid()) -> erlang:iovec().
 encode_request(Req, Id, Timeout, Caller) ->
-    Deadline = case Timeout of
-                   infinity -> 0;
-                   _ -> os:system_time(millisecond) + Timeout
-               end,
-    [Kind | Payload] = tuple_to_list(Req),
-    erlang:term_to_iovec(list_to_tuple([Kind, Id, Deadline, Caller | Payload]), [{minor_version, 2}]).
+    erlang:term_to_iovec({request, Id, erpy_request:for_caller(Req, Caller, Timeout)},
+                         [{minor_version, 2}]).
 
 %% Internal.
 

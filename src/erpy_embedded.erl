@@ -65,23 +65,23 @@ child_specs(Name, Opts) ->
 %% inside a callback of this pool's Python, to the context that waits for it.
 -spec request(map(), erpy_transport:request(), timeout(), erpy:call_opts()) ->
     erpy_transport:result().
-request(#{name := Name, pool := Pool} = Handle, Req, Timeout, Opts) ->
+request(#{name := Name, pool := Pool} = Handle, Req, Timeout, _Opts) ->
     Target = case erpy_call:nested_worker(Name) of
                  {ok, Ctx} -> Ctx;
                  error -> Pool
              end,
-    submit_and_wait(Target, Handle, Req, Timeout, maps:get(handle, Opts, false) =:= true).
+    submit_and_wait(Target, Handle, Req, Timeout).
 
 -spec request_worker(ref(), erpy_transport:request(), timeout()) -> erpy_transport:result().
 request_worker({Name, Ctx}, Req, Timeout) ->
     case erpy_transport:lookup(Name) of
-        {ok, ?MODULE, Handle} -> submit_and_wait(Ctx, Handle, Req, Timeout, false);
+        {ok, ?MODULE, Handle} -> submit_and_wait(Ctx, Handle, Req, Timeout);
         _ -> {error, {no_pool, Name}}
     end.
 
 -spec checkout(map(), timeout()) -> {ok, ref()} | {error, erpy:error_reason()}.
 checkout(#{name := Name, pool := Pool} = Handle, Timeout) ->
-    case submit_and_wait(Pool, Handle, {hold}, Timeout, false) of
+    case submit_and_wait(Pool, Handle, hold, Timeout) of
         {ok, Ctx} -> {ok, {Name, Ctx}};
         Error -> Error
     end.
@@ -150,10 +150,10 @@ terminate(_Why, #{name := Name, pool := Pool}) ->
 
 %% Internal.
 
-submit_and_wait(Target, #{name := Name, policy := Policy} = Handle, Req, Timeout, WantHandle) ->
+submit_and_wait(Target, #{name := Name, policy := Policy} = Handle, Req, Timeout) ->
     Ref = make_ref(),
     %% A NIF whose C++ failed raises error:{erpy_nif, Reason}: a value here, as every error.
-    try erpy_nif:submit(Target, Ref, Req, WantHandle) of
+    try erpy_nif:submit(Target, Ref, for_caller(Req, Timeout)) of
         {ok, Job} ->
             Ctx = erpy_policy:request_ctx(Policy, self(), Req),
             try answer(Name, Ctx, spin(Ref, Job, Handle#{ctx => Ctx}, deadline(Timeout), ?SPIN))
@@ -251,6 +251,9 @@ run_callback(#{name := Name, ctx := Ctx}, Tag, {PyCtx, Kind, M, F, Args}) ->
 
 deadline(infinity) -> infinity;
 deadline(Timeout) -> erlang:monotonic_time(millisecond) + Timeout.
+
+for_caller(hold, _Timeout) -> hold;
+for_caller(Req, Timeout) -> erpy_request:for_caller(Req, self(), Timeout).
 
 remaining(infinity) -> infinity;
 remaining(Deadline) -> max(0, Deadline - erlang:monotonic_time(millisecond)).

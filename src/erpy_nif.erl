@@ -2,12 +2,12 @@
 %% is replaced by its C++ version, which never runs Python on the calling scheduler.
 -module(erpy_nif).
 
--export([init/2, pool_new/3, pool_close/1, pool_info/1, submit/4, cancel/1, poll/2,
+-export([init/2, pool_new/3, pool_close/1, pool_info/1, submit/3, cancel/1, poll/2,
          callback_reply/2, checkin/1, python_info/0, is_handle/1, dirty_noop/1]).
 
 -on_load(load/0).
 
--nifs([init/2, pool_new/3, pool_close/1, pool_info/1, submit/4, cancel/1, poll/2,
+-nifs([init/2, pool_new/3, pool_close/1, pool_info/1, submit/3, cancel/1, poll/2,
        callback_reply/2, checkin/1, python_info/0, is_handle/1, dirty_noop/1]).
 
 -type pool() :: reference().
@@ -40,8 +40,9 @@ pool_info(_Pool) -> erlang:nif_error(not_loaded).
 %% Queues a request. Its answer ({ok, R} | {error, E}) is polled for (poll/2), or comes
 %% as {Ref, Answer} once the caller waits; callbacks come as
 %% {Ref, {callback, Context, Kind, M, F, Args}}.
--spec submit(pool() | context(), reference(), tuple(), boolean()) -> {ok, job()} | {error, closed}.
-submit(_Target, _Ref, _Request, _WantHandle) -> erlang:nif_error(not_loaded).
+%% Request: the request map (erpy_request), or `hold` for a checkout.
+-spec submit(pool() | context(), reference(), erpy_request:t() | hold) -> {ok, job()} | {error, closed}.
+submit(_Target, _Ref, _Request) -> erlang:nif_error(not_loaded).
 
 %% canceled: no answer will come; sent: the answer is in the caller's mailbox; or the
 %% answer itself, which was waiting to be polled.

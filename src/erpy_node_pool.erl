@@ -19,10 +19,7 @@
 -define(RETRY_MS, 1000).
 -define(START_WAIT_MS, 15000).
 
--type request() :: {call, binary() | atom(), binary() | atom(), [term()], map()}
-                 | {eval, binary(), map()}
-                 | {exec, binary()}
-                 | {run, binary(), term()}.
+-type request() :: erpy_request:t().
 -type worker() :: {erpy_node_worker, atom(), node(), pos_integer()}.
 -export_type([request/0, worker/0]).
 
@@ -73,7 +70,7 @@ request(Pool, Req, Timeout) ->
     request(#{name => Pool}, Req, Timeout, #{}).
 
 -spec request(map(), request(), timeout(), erpy:call_opts()) -> erpy_transport:result().
-request(#{name := Pool}, _Req, _Timeout, #{handle := true}) ->
+request(#{name := Pool}, #{result := handle}, _Timeout, _Opts) ->
     %% Handles are Python objects living in this VM: embedded mode only.
     {error, {not_supported, {handle, Pool}}};
 request(#{name := Pool}, Req, Timeout, _Opts) ->
@@ -131,6 +128,8 @@ checkin({erpy_node_worker, Pool, Node, Session}) ->
 
 %% @doc Runs one request in a held worker's namespace.
 -spec request_worker(worker(), request(), timeout()) -> erpy_transport:result().
+request_worker({erpy_node_worker, Pool, _, _}, #{result := handle}, _Timeout) ->
+    {error, {not_supported, {handle, Pool}}};
 request_worker({erpy_node_worker, Pool, Node, _Session} = Worker, Req, Timeout) ->
     case persistent_term:get(?KEY(Pool), undefined) of
         undefined -> {error, {no_pool, Pool}};
@@ -337,33 +336,30 @@ pick(Up, I, Left, Server) ->
     end.
 
 call(Pool, Node, Req, Timeout, Server, Max, Policy, Worker) ->
-    case service(Req) of
-        {error, _} = Error ->
-            Error;
-        {F, Args} ->
-            case erlang:external_size(Req) of
-                Size when Size > Max ->
-                    {error, {message_too_large, Size, Max}};
-                _ ->
-                    Session = case Worker of
-                                  {erpy_node_worker, _, _, S} -> S;
-                                  undefined -> undefined
-                              end,
-                    Ctx = erpy_policy:request_ctx(Policy, self(), Req),
-                    %% Python's callbacks come to this alias; once it is gone, a late one
-                    %% (after a timeout) is dropped by the runtime, not left here.
-                    Alias = alias([explicit_unalias]),
-                    Cb = #{ctx => Ctx, pool => Pool, worker => Worker, node => Node,
-                           alias => Alias, max => Max},
-                    try erpc_call(Node, F, Args ++ [Max, Session, {self(), Alias}], Timeout, Server, Cb) of
-                        {ok, Bin} -> decode_result(Ctx, Bin);
-                        {python_error, Bin} -> decode_error(Ctx, Bin);
-                        Error -> Error
-                    after
-                        unalias(Alias),
-                        flush_callbacks(Alias),
-                        erpy_policy:done(Ctx)
-                    end
+    case erlang:external_size(Req) of
+        Size when Size > Max ->
+            {error, {message_too_large, Size, Max}};
+        _ ->
+            Session = case Worker of
+                          {erpy_node_worker, _, _, S} -> S;
+                          undefined -> undefined
+                      end,
+            Ctx = erpy_policy:request_ctx(Policy, self(), Req),
+            %% Python's callbacks come to this alias; once it is gone, a late one (after a
+            %% timeout) is dropped by the runtime, not left here.
+            Alias = alias([explicit_unalias]),
+            Cb = #{ctx => Ctx, pool => Pool, worker => Worker, node => Node,
+                   alias => Alias, max => Max},
+            Sent = erpy_request:with(erpy_request:for_caller(Req, self(), Timeout),
+                                     #{max_size => Max, session => Session, reply_to => Alias}),
+            try erpc_call(Node, request, [Sent], Timeout, Server, Cb) of
+                {ok, Bin} -> decode_result(Ctx, Bin);
+                {python_error, Bin} -> decode_error(Ctx, Bin);
+                Error -> Error
+            after
+                unalias(Alias),
+                flush_callbacks(Alias),
+                erpy_policy:done(Ctx)
             end
     end.
 
@@ -502,16 +498,6 @@ result(_Res, Reason) -> exit({signal, Reason}).
 close_session(Node, Session) ->
     catch erpc:cast(Node, 'erpy.service', session_close, [Session]),
     ok.
-
-service({call, M, F, Args, Kwargs}) when is_list(Args) ->
-    {call, [bin(M), bin(F), Args, case Kwargs of undefined -> #{}; _ -> Kwargs end]};
-service({eval, Expr, Locals}) -> {eval, [Expr, Locals]};
-service({exec, Code}) -> {exec, [Code]};
-service({run, Code, Arguments}) -> {run, [Code, Arguments]};
-service(Other) -> {error, {badarg, Other}}.
-
-bin(A) when is_atom(A) -> atom_to_binary(A, utf8);
-bin(B) -> B.
 
 connect(Node, S) ->
     case net_kernel:connect_node(Node) of

@@ -26,13 +26,15 @@ child_specs(Name, Opts) ->
 
 -spec request(erpy_pool:handle(), erpy_transport:request(), timeout(), erpy:call_opts()) ->
     erpy_transport:result().
-request(#{name := Pool}, _Req, _Timeout, #{handle := true}) ->
+request(#{name := Pool}, #{result := handle}, _Timeout, _Opts) ->
     %% Handles are Python objects living in this VM: embedded mode only.
     {error, {not_supported, {handle, Pool}}};
 request(#{name := Pool}, Req, Timeout, _Opts) ->
     erpy_call:request(Pool, Req, Timeout).
 
 -spec request_worker(ref(), erpy_transport:request(), timeout()) -> erpy_transport:result().
+request_worker({Pool, _Pid}, #{result := handle}, _Timeout) ->
+    {error, {not_supported, {handle, Pool}}};
 request_worker({Pool, Pid}, Req, Timeout) ->
     erpy_call:request_worker(Pool, Pid, Req, Timeout).
 

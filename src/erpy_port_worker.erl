@@ -19,7 +19,7 @@
 -export([init/1, handle_call/3, handle_cast/2, handle_info/2, terminate/2]).
 
 -define(WATCH_MS, 50).
--define(PROTOCOL_VERSION, 1).
+-define(PROTOCOL_VERSION, 2).
 -define(READY_TIMEOUT_MS, 60000).
 %% How long an idle worker polls for the next request before it sleeps (see
 %% c_src/worker/channel.hpp): waking a sleeping process costs far more on VMs.

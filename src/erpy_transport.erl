@@ -16,10 +16,7 @@
 -type ref() :: term().
 -type worker() :: {erpy_worker, module(), ref()}.
 %% What erpy asks Python for (doc/protocol.md).
--type request() :: {call, binary() | reference(), binary(), [term()], map()}
-                 | {eval, binary(), map()}
-                 | {exec, binary()}
-                 | {run, binary(), term()}.
+-type request() :: erpy_request:t().
 -type result() :: {ok, term()} | {error, erpy:error_reason()}.
 
 %% Checks and completes what only the mode knows of a pool's options (erpy_config has

@@ -709,18 +709,18 @@ flags_for_checks(_Config) ->
     Fun = fun() -> ok end,
     Port = hd(erlang:ports()),
     Ref = make_ref(),
-    ?assertEqual({ok, [1, #{<<"a">> => {2, <<"x">>}}]}, raw_answer({eval, <<"[1, {'a': (2, 'x')}]">>, #{}})),
-    ?assertEqual({ok_check, Me}, raw_answer({eval, <<"erlang.self()">>, #{}})),
-    ?assertEqual({ok_check, [1, #{<<"k">> => {Ref}}]}, raw_answer({eval, <<"[1, {'k': (x,)}]">>, #{x => Ref}})),
-    ?assertEqual({ok_check, Fun}, raw_answer({eval, <<"x">>, #{x => Fun}})),
-    ?assertEqual({ok_check, Port}, raw_answer({eval, <<"x">>, #{x => Port}})),
-    ?assertEqual({ok_check, [fun lists:sort/1]}, raw_answer({eval, <<"[x]">>, #{x => fun lists:sort/1}})),
+    ?assertEqual({ok, [1, #{<<"a">> => {2, <<"x">>}}]}, raw_answer(erpy_request:eval(<<"[1, {'a': (2, 'x')}]">>, #{}))),
+    ?assertEqual({ok_check, Me}, raw_answer(erpy_request:eval(<<"erlang.self()">>, #{}))),
+    ?assertEqual({ok_check, [1, #{<<"k">> => {Ref}}]}, raw_answer(erpy_request:eval(<<"[1, {'k': (x,)}]">>, #{x => Ref}))),
+    ?assertEqual({ok_check, Fun}, raw_answer(erpy_request:eval(<<"x">>, #{x => Fun}))),
+    ?assertEqual({ok_check, Port}, raw_answer(erpy_request:eval(<<"x">>, #{x => Port}))),
+    ?assertEqual({ok_check, [fun lists:sort/1]}, raw_answer(erpy_request:eval(<<"[x]">>, #{x => fun lists:sort/1}))),
     %% Callbacks: the plain shape, then with a pid inside the arguments.
     {Job1, Ref1, {callback, _, call, <<"erlang">>, <<"abs">>, [-1]}} =
-        raw_start({eval, <<"erlang.call('erlang', 'abs', -1)">>, #{}}),
+        raw_start(erpy_request:eval(<<"erlang.call('erlang', 'abs', -1)">>, #{})),
     ?assertEqual({ok, 1}, raw_reply(Job1, Ref1, {ok, 1})),
     {Job2, Ref2, {callback_check, _, call, <<"erlang">>, <<"abs">>, [{Me}]}} =
-        raw_start({eval, <<"erlang.call('erlang', 'abs', (erlang.self(),))">>, #{}}),
+        raw_start(erpy_request:eval(<<"erlang.call('erlang', 'abs', (erlang.self(),))">>, #{})),
     {error, #{type := <<"ErlangError">>, message := Msg}} = raw_reply(Job2, Ref2, {error, {badarg, x}}),
     ct:log("~ts", [Msg]).
 
@@ -728,22 +728,22 @@ flags_for_checks(_Config) ->
 send_is_a_callback(_Config) ->
     Me = self(),
     {Job, Ref, {callback_check, _, send, Me, undefined, [<<"hi">>]}} =
-        raw_start({eval, <<"erlang.send(erlang.self(), 'hi')">>, #{}}),
+        raw_start(erpy_request:eval(<<"erlang.send(erlang.self(), 'hi')">>, #{})),
     receive <<"hi">> -> ct:fail(sent_by_the_nif) after 100 -> ok end,
     ?assertEqual({ok, undefined}, raw_reply(Job, Ref, {ok, ok})),
     {Job2, Ref2, {callback, _, send, ok, undefined, [1]}} =
-        raw_start({eval, <<"erlang.send(__import__('erpy').Atom('ok'), 1)">>, #{}}),
+        raw_start(erpy_request:eval(<<"erlang.send(__import__('erpy').Atom('ok'), 1)">>, #{})),
     {error, #{type := <<"ErlangError">>}} = raw_reply(Job2, Ref2, {error, noproc}),
     Code = <<"try:\n    erlang.send(erlang.self(), 1)\n    result = None\n"
              "except erlang.ErlangError as e:\n    result = e.args[0]\n">>,
-    {Job3, Ref3, {callback_check, _, send, Me, undefined, [1]}} = raw_start({run, Code, undefined}),
+    {Job3, Ref3, {callback_check, _, send, Me, undefined, [1]}} = raw_start(erpy_request:run(Code, undefined)),
     ?assertEqual({ok, {not_allowed, x}}, raw_reply(Job3, Ref3, {error, {not_allowed, x}})).
 
 %% The NIF's raw answers and callbacks for a request on ?P, without erpy_embedded.
 raw_start(Req) ->
     {ok, erpy_embedded, #{pool := Pool}} = erpy_transport:lookup(?P),
     Ref = make_ref(),
-    {ok, Job} = erpy_nif:submit(Pool, Ref, Req, false),
+    {ok, Job} = erpy_nif:submit(Pool, Ref, Req),
     {Job, Ref, raw_next(Job, Ref)}.
 
 raw_answer(Req) ->

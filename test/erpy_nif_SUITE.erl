@@ -87,7 +87,7 @@ bad_arguments(_Config) ->
     doc("Bad arguments to the NIFs are badarg."),
     ?assertError(badarg, erpy_nif:pool_new(0, self(), #{})),
     ?assertError(badarg, erpy_nif:pool_info(make_ref())),
-    ?assertError(badarg, erpy_nif:submit(make_ref(), make_ref(), {eval, <<"1">>, #{}}, false)),
+    ?assertError(badarg, erpy_nif:submit(make_ref(), make_ref(), erpy_request:eval(<<"1">>, #{}))),
     ?assertError(badarg, erpy_nif:poll(make_ref(), true)),
     ?assertError(badarg, erpy_nif:cancel(self())),
     ?assertError(badarg, erpy_nif:checkin(undefined)),

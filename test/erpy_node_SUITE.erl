@@ -439,20 +439,20 @@ cli_env_fallbacks(_Config) ->
 pool_basics(_Config) ->
     {ok, _} = erpy_node_pool:start_link(np_basic, #{start => 2, pythonpath => [test_py_dir()]}),
     ?assertEqual(2, length(erpy_node_pool:nodes(np_basic))),
-    ?assertEqual({ok, 3}, erpy_node_pool:request(np_basic, {call, <<"operator">>, <<"add">>, [1, 2], #{}}, 5000)),
+    ?assertEqual({ok, 3}, erpy_node_pool:request(np_basic, erpy_request:call(<<"operator">>, <<"add">>, [1, 2], #{}), 5000)),
     ?assertEqual({ok, [3, 2, 1]},
-                 erpy_node_pool:request(np_basic, {call, builtins, sorted, [[1, 3, 2]], #{reverse => true}}, 5000)),
-    ?assertEqual({ok, 42}, erpy_node_pool:request(np_basic, {eval, <<"x * 2">>, #{x => 21}}, 5000)),
-    ?assertEqual({ok, undefined}, erpy_node_pool:request(np_basic, {exec, <<"y = 1">>}, 5000)),
-    ?assertEqual({ok, 8}, erpy_node_pool:request(np_basic, {run, <<"result = arguments * 2">>, 4}, 5000)),
+                 erpy_node_pool:request(np_basic, erpy_request:call(<<"builtins">>, <<"sorted">>, [[1, 3, 2]], #{reverse => true}), 5000)),
+    ?assertEqual({ok, 42}, erpy_node_pool:request(np_basic, erpy_request:eval(<<"x * 2">>, #{x => 21}), 5000)),
+    ?assertEqual({ok, undefined}, erpy_node_pool:request(np_basic, erpy_request:exec(<<"y = 1">>), 5000)),
+    ?assertEqual({ok, 8}, erpy_node_pool:request(np_basic, erpy_request:run(<<"result = arguments * 2">>, 4), 5000)),
     ?assertMatch({error, #{type := <<"ZeroDivisionError">>, message := _, traceback := [_ | _]}},
-                 erpy_node_pool:request(np_basic, {eval, <<"1 / 0">>, #{}}, 5000)),
+                 erpy_node_pool:request(np_basic, erpy_request:eval(<<"1 / 0">>, #{}), 5000)),
     ?assertEqual({error, timeout},
-                 erpy_node_pool:request(np_basic, {exec, <<"import time; time.sleep(1)">>}, 100)),
-    Pids = lists:usort([element(2, erpy_node_pool:request(np_basic, {eval, <<"__import__('os').getpid()">>, #{}}, 5000))
+                 erpy_node_pool:request(np_basic, erpy_request:exec(<<"import time; time.sleep(1)">>), 100)),
+    Pids = lists:usort([element(2, erpy_node_pool:request(np_basic, erpy_request:eval(<<"__import__('os').getpid()">>, #{}), 5000))
                         || _ <- lists:seq(1, 10)]),
     ?assertEqual(2, length(Pids)),
-    ?assertEqual({error, {no_pool, nope}}, erpy_node_pool:request(nope, {exec, <<>>}, 100)),
+    ?assertEqual({error, {no_pool, nope}}, erpy_node_pool:request(nope, erpy_request:exec(<<>>), 100)),
     ok = erpy_node_pool:stop(np_basic).
 
 %% A node killed under load fails only its in-flight calls ({node_down, Node}), is dropped, and rejoins when back.
@@ -462,7 +462,7 @@ pool_node_killed_under_load(_Config) ->
     OsPid = erpc:call(N1, 'erpy.service', eval, [<<"__import__('os').getpid()">>, #{}]),
     Self = self(),
     Callers = [spawn_link(fun() ->
-                                  Rs = [erpy_node_pool:request(np_kill, {call, <<"operator">>, <<"add">>, [I, 1], #{}}, 5000)
+                                  Rs = [erpy_node_pool:request(np_kill, erpy_request:call(<<"operator">>, <<"add">>, [I, 1], #{}), 5000)
                                         || I <- lists:seq(1, 1500)],
                                   Self ! {done, Rs}
                           end) || _ <- lists:seq(1, 4)],
@@ -565,24 +565,23 @@ pool_max_message_size(_Config) ->
     {ok, _} = erpy_node_pool:start_link(np_size, #{start => 1, max_message_size => 1000}),
     try
         Big = binary:copy(<<"x">>, 2000),
-        Req = {call, <<"builtins">>, <<"len">>, [Big], #{}},
-        Size = erlang:external_size(Req),
-        ?assertEqual({error, {message_too_large, Size, 1000}}, erpy_node_pool:request(np_size, Req, 5000)),
+        Req = erpy_request:call(<<"builtins">>, <<"len">>, [Big], #{}),
+        ?assertMatch({error, {message_too_large, _, 1000}}, erpy_node_pool:request(np_size, Req, 5000)),
         %% Just under the limit goes through.
-        ?assertEqual({ok, 500}, erpy_node_pool:request(np_size, {call, builtins, len, [binary:copy(<<"x">>, 500)], #{}}, 5000)),
+        ?assertEqual({ok, 500}, erpy_node_pool:request(np_size, erpy_request:call(<<"builtins">>, <<"len">>, [binary:copy(<<"x">>, 500)], #{}), 5000)),
         %% Results: measured as Erlang would (external_size of the result).
         Result = binary:copy(<<"y">>, 3000),
         RSize = erlang:external_size(Result),
         ?assertEqual({error, {message_too_large, RSize, 1000}},
-                     erpy_node_pool:request(np_size, {eval, <<"'y' * 3000">>, #{}}, 5000)),
+                     erpy_node_pool:request(np_size, erpy_request:eval(<<"'y' * 3000">>, #{}), 5000)),
         ?assertEqual({error, {message_too_large, RSize, 1000}},
-                     erpy_node_pool:request(np_size, {run, <<"result = 'y' * 3000">>, undefined}, 5000)),
+                     erpy_node_pool:request(np_size, erpy_request:run(<<"result = 'y' * 3000">>, undefined), 5000)),
         ?assertEqual({ok, binary:copy(<<"y">>, 900)},
-                     erpy_node_pool:request(np_size, {eval, <<"'y' * 900">>, #{}}, 5000)),
+                     erpy_node_pool:request(np_size, erpy_request:eval(<<"'y' * 900">>, #{}), 5000)),
         %% The default is the application's max_message_size, 10 MiB.
         {ok, _} = erpy_node_pool:start_link(np_size2, #{nodes => erpy_node_pool:nodes(np_size)}),
         {ok, erpy_node_pool, #{max_message_size := 10485760}} = erpy_transport:lookup(np_size2),
-        Over = {eval, <<"len(b)">>, #{b => binary:copy(<<0>>, 10485760)}},
+        Over = erpy_request:eval(<<"len(b)">>, #{b => binary:copy(<<0>>, 10485760)}),
         ?assertMatch({error, {message_too_large, _, 10485760}}, erpy_node_pool:request(np_size2, Over, 5000)),
         ok = erpy_node_pool:stop(np_size2)
     after
@@ -598,43 +597,43 @@ pool_checkout(_Config) ->
         {erpy_node_worker, np_co, Node, _} = W,
         [Node] = erpy_node_pool:nodes(np_co),
         {ok, W2} = erpy_node_pool:checkout(np_co, 5000),
-        ?assertEqual({ok, undefined}, erpy_node_pool:request_worker(W, {exec, <<"x = 41\ndef f(a): return a + x">>}, 5000)),
-        ?assertEqual({ok, 42}, erpy_node_pool:request_worker(W, {eval, <<"f(1)">>, #{}}, 5000)),
-        ?assertEqual({ok, 43}, erpy_node_pool:request_worker(W, {run, <<"result = f(arguments)">>, 2}, 5000)),
-        ?assertEqual({ok, 41}, erpy_node_pool:request_worker(W, {eval, <<"x">>, #{}}, 5000)),
-        ?assertEqual({ok, 3}, erpy_node_pool:request_worker(W, {call, operator, add, [1, 2], #{}}, 5000)),
+        ?assertEqual({ok, undefined}, erpy_node_pool:request_worker(W, erpy_request:exec(<<"x = 41\ndef f(a): return a + x">>), 5000)),
+        ?assertEqual({ok, 42}, erpy_node_pool:request_worker(W, erpy_request:eval(<<"f(1)">>, #{}), 5000)),
+        ?assertEqual({ok, 43}, erpy_node_pool:request_worker(W, erpy_request:run(<<"result = f(arguments)">>, 2), 5000)),
+        ?assertEqual({ok, 41}, erpy_node_pool:request_worker(W, erpy_request:eval(<<"x">>, #{}), 5000)),
+        ?assertEqual({ok, 3}, erpy_node_pool:request_worker(W, erpy_request:call(<<"operator">>, <<"add">>, [1, 2], #{}), 5000)),
         %% Another holder does not see it, nor does a plain request.
-        ?assertMatch({error, #{type := <<"NameError">>}}, erpy_node_pool:request_worker(W2, {eval, <<"x">>, #{}}, 5000)),
-        ?assertMatch({error, #{type := <<"NameError">>}}, erpy_node_pool:request(np_co, {eval, <<"f(1)">>, #{}}, 5000)),
+        ?assertMatch({error, #{type := <<"NameError">>}}, erpy_node_pool:request_worker(W2, erpy_request:eval(<<"x">>, #{}), 5000)),
+        ?assertMatch({error, #{type := <<"NameError">>}}, erpy_node_pool:request(np_co, erpy_request:eval(<<"f(1)">>, #{}), 5000)),
         %% A held worker's timeout interrupts its call and keeps its namespace.
-        ?assertEqual({error, timeout}, erpy_node_pool:request_worker(W, {exec, <<"while True: pass">>}, 100)),
-        ?assertEqual({ok, 41}, erpy_node_pool:request_worker(W, {eval, <<"x">>, #{}}, 5000)),
+        ?assertEqual({error, timeout}, erpy_node_pool:request_worker(W, erpy_request:exec(<<"while True: pass">>), 100)),
+        ?assertEqual({ok, 41}, erpy_node_pool:request_worker(W, erpy_request:eval(<<"x">>, #{}), 5000)),
         %% Checkin clears it.
         ok = erpy_node_pool:checkin(W),
-        ?assertEqual({error, {worker_exit, session_closed}}, erpy_node_pool:request_worker(W, {eval, <<"x">>, #{}}, 5000)),
+        ?assertEqual({error, {worker_exit, session_closed}}, erpy_node_pool:request_worker(W, erpy_request:eval(<<"x">>, #{}), 5000)),
         ok = erpy_node_pool:checkin(W2),
         %% A holder that dies without checkin: its namespace goes too.
         Self = self(),
         Holder = spawn(fun() ->
                                {ok, W3} = erpy_node_pool:checkout(np_co, 5000),
-                               {ok, _} = erpy_node_pool:request_worker(W3, {exec, <<"y = 1">>}, 5000),
+                               {ok, _} = erpy_node_pool:request_worker(W3, erpy_request:exec(<<"y = 1">>), 5000),
                                Self ! {held, W3},
                                receive never -> ok end
                        end),
         W3 = receive {held, Held} -> Held after 5000 -> ct:fail(no_holder) end,
-        ?assertEqual({ok, 1}, erpy_node_pool:request_worker(W3, {eval, <<"y">>, #{}}, 5000)),
+        ?assertEqual({ok, 1}, erpy_node_pool:request_worker(W3, erpy_request:eval(<<"y">>, #{}), 5000)),
         exit(Holder, kill),
         ok = wait_until(fun() ->
-                                erpy_node_pool:request_worker(W3, {eval, <<"y">>, #{}}, 5000)
+                                erpy_node_pool:request_worker(W3, erpy_request:eval(<<"y">>, #{}), 5000)
                                     =:= {error, {worker_exit, session_closed}}
                         end, 40),
         %% The Python node watches the holder itself (for a pool that died with it).
         Holder2 = spawn(fun() -> receive never -> ok end end),
         Sid = erpc:call(Node, 'erpy.service', session_open, [Holder2]),
-        undefined = erpc:call(Node, 'erpy.service', exec, [<<"z = 1">>, 0, Sid]),
+        undefined = erpc:call(Node, 'erpy.service', request, [#{v => 1, kind => exec, code => <<"z = 1">>, session => Sid}]),
         exit(Holder2, kill),
         ok = wait_until(fun() ->
-                                try erpc:call(Node, 'erpy.service', eval, [<<"z">>, #{}, 0, Sid]) of
+                                try erpc:call(Node, 'erpy.service', request, [#{v => 1, kind => eval, code => <<"z">>, session => Sid}]) of
                                     _ -> false
                                 catch error:{exception, #{type := <<"SessionClosed">>}, _} -> true
                                 end
@@ -686,21 +685,21 @@ pool_results_make_no_atoms(_Config) ->
     try
         Name = <<"erpy_never_made_", (integer_to_binary(erlang:unique_integer([positive])))/binary>>,
         Expr = <<"[1, (__import__('erpy').Atom('", Name/binary, "'), 2)]">>,
-        ?assertEqual({error, {unknown_atom, Name}}, erpy_node_pool:request(np_atoms, {eval, Expr, #{}}, 5000)),
+        ?assertEqual({error, {unknown_atom, Name}}, erpy_node_pool:request(np_atoms, erpy_request:eval(Expr, #{}), 5000)),
         ?assertError(badarg, binary_to_existing_atom(Name, utf8)),
         ?assertEqual({error, {unknown_atom, Name}},
-                     erpy_node_pool:request(np_atoms, {run, <<"result = {__import__('erpy').Atom('", Name/binary, "'): 1}">>, undefined}, 5000)),
+                     erpy_node_pool:request(np_atoms, erpy_request:run(<<"result = {__import__('erpy').Atom('", Name/binary, "'): 1}">>, undefined), 5000)),
         ?assertError(badarg, binary_to_existing_atom(Name, utf8)),
         %% Known atoms, and every other kind of term, come back as before.
         ?assertEqual({ok, {ok, [1, 2.5, <<"s">>]}},
-                     erpy_node_pool:request(np_atoms, {eval, <<"(__import__('erpy').Atom('ok'), [1, 2.5, 's'])">>, #{}}, 5000)),
+                     erpy_node_pool:request(np_atoms, erpy_request:eval(<<"(__import__('erpy').Atom('ok'), [1, 2.5, 's'])">>, #{}), 5000)),
         %% Errors are decoded the same way.
         ?assertMatch({error, #{type := <<"ValueError">>, message := <<"bad">>, traceback := [_ | _]}},
-                     erpy_node_pool:request(np_atoms, {exec, <<"raise ValueError('bad')">>}, 5000)),
+                     erpy_node_pool:request(np_atoms, erpy_request:exec(<<"raise ValueError('bad')">>), 5000)),
         ?assertMatch({error, {message_too_large, _, 100000}},
-                     erpy_node_pool:request(np_atoms, {eval, <<"'z' * 200000">>, #{}}, 5000)),
+                     erpy_node_pool:request(np_atoms, erpy_request:eval(<<"'z' * 200000">>, #{}), 5000)),
         ?assertMatch({error, {message_too_large, _, 100000}},
-                     erpy_node_pool:request(np_atoms, {exec, <<"raise ValueError('z' * 200000)">>}, 5000)),
+                     erpy_node_pool:request(np_atoms, erpy_request:exec(<<"raise ValueError('z' * 200000)">>), 5000)),
         %% A stock erpc caller of erpy.service still gets plain terms.
         [Node] = erpy_node_pool:nodes(np_atoms),
         ?assertEqual(3, erpc:call(Node, 'erpy.service', eval, [<<"1 + 2">>, #{}]))
@@ -713,10 +712,10 @@ pool_results_make_no_atoms(_Config) ->
 pool_callbacks(Config) ->
     {ok, _} = erpy_node_pool:start_link(np_cb, #{start => 1,
                                                  allowed => [{lists, sort}, {erlang, node},
-                                                             {erpy_node_pool, request}],
+                                                             {erpy, eval}],
                                                  send_allowed => [erpy_cb_listed]}),
     try
-        Run = fun(Code) -> erpy_node_pool:request(np_cb, {run, Code, undefined}, 5000) end,
+        Run = fun(Code) -> erpy_node_pool:request(np_cb, erpy_request:run(Code, undefined), 5000) end,
         ?assertEqual({ok, [1, 2, 3]}, Run(<<"result = erlang.call('lists', 'sort', [3, 1, 2])">>)),
         ?assertEqual({ok, node()}, Run(<<"result = erlang.apply('erlang', 'node', [])">>)),
         ?assertEqual({ok, self()}, Run(<<"result = erlang.self()">>)),
@@ -757,23 +756,22 @@ pool_callbacks(Config) ->
         %% A pid Erlang did not hand to this request (rebuilt from bytes) reaches nothing.
         Victim = spawn(fun() -> receive M -> exit({reached, M}) after 10000 -> ok end end),
         ?assertMatch({ok, {not_allowed, {pid, Victim}}},
-                     erpy_node_pool:request(np_cb, {run, <<"import erpy
+                     erpy_node_pool:request(np_cb, erpy_request:run(<<"import erpy
 try:
     erlang.send(erpy.decode(arguments), 'x')
 "
                                                           "except erlang.ErlangError as e:
-    result = e.args[0]">>,
-                                                    term_to_binary(Victim)}, 5000)),
+    result = e.args[0]">>, term_to_binary(Victim)), 5000)),
         ?assert(is_process_alive(Victim)),
         exit(Victim, kill),
         %% Many callbacks in one request, and a nested request to the same node from one.
         ?assertEqual({ok, 100}, Run(<<"result = sum(len(erlang.call('lists', 'sort', [2, 1])) // 2 for _ in range(100))">>)),
         ?assertEqual({ok, {ok, 2}},
                      Run(<<"from erpy import Atom\n"
-                           "result = erlang.apply('erpy_node_pool', 'request', [Atom('np_cb'), (Atom('eval'), '1 + 1', {}), 5000])">>)),
+                           "result = erlang.apply('erpy', 'eval', ['1 + 1', {}, {Atom('pool'): Atom('np_cb')}])">>)),
         %% Held workers too.
         {ok, W} = erpy_node_pool:checkout(np_cb, 5000),
-        ?assertEqual({ok, [a, b]}, erpy_node_pool:request_worker(W, {eval, <<"erlang.call('lists', 'sort', [__import__('erpy').Atom('b'), __import__('erpy').Atom('a')])">>, #{}}, 5000)),
+        ?assertEqual({ok, [a, b]}, erpy_node_pool:request_worker(W, erpy_request:eval(<<"erlang.call('lists', 'sort', [__import__('erpy').Atom('b'), __import__('erpy').Atom('a')])">>, #{}), 5000)),
         ok = erpy_node_pool:checkin(W),
         %% No callback message is left behind.
         {messages, []} = process_info(self(), messages)
@@ -798,14 +796,14 @@ pool_callback_wait_interrupted(_Config) ->
         Self = self(),
         spawn_link(fun() -> timer:sleep(150), Self ! {watched, Watchers(Silent)} end),
         ?assertError({erpc, timeout},
-                     erpc:call(Node, 'erpy.service', exec, [Wait, 0, undefined, {Silent, make_ref()}], 300)),
+                     erpc:call(Node, 'erpy.service', request, [#{v => 1, kind => exec, code => Wait, caller => Silent, reply_to => make_ref()}], 300)),
         receive {watched, W1} -> ?assertMatch([_], W1) after 5000 -> ct:fail(no_watch) end,
         ok = wait_until(fun() -> Watchers(Silent) =:= [] end, 100),
         exit(Silent, kill),
         %% The pool caller runs the callback (1 s) past the request's timeout (200 ms).
-        ?assertEqual({error, timeout}, erpy_node_pool:request(np_cbi, {exec, Wait}, 200)),
+        ?assertEqual({error, timeout}, erpy_node_pool:request(np_cbi, erpy_request:exec(Wait), 200)),
         ok = wait_until(fun() -> Watchers(self()) =:= [] end, 100),
-        ?assertEqual({ok, 3}, erpy_node_pool:request(np_cbi, {call, operator, add, [1, 2], #{}}, 5000))
+        ?assertEqual({ok, 3}, erpy_node_pool:request(np_cbi, erpy_request:call(<<"operator">>, <<"add">>, [1, 2], #{}), 5000))
     after
         erpy_node_pool:stop(np_cbi)
     end.
@@ -817,17 +815,17 @@ pool_request_waits_for_a_node(_Config) ->
     {ok, _} = erpy_node_pool:start_link(np_wait, #{start => 1}),
     try
         [Node] = erpy_node_pool:nodes(np_wait),
-        Crash = {exec, <<"import os\nos._exit(7)">>},
+        Crash = erpy_request:exec(<<"import os\nos._exit(7)">>),
         ?assertEqual({error, {node_down, Node}}, erpy_node_pool:request(np_wait, Crash, 5000)),
         ok = wait_until(fun() -> erpy_node_pool:nodes(np_wait) =:= [] end, 100),
-        ?assertEqual({error, timeout}, erpy_node_pool:request(np_wait, {eval, <<"1">>, #{}}, 50)),
-        ?assertEqual({ok, 3}, erpy_node_pool:request(np_wait, {call, operator, add, [1, 2], #{}}, 20000)),
+        ?assertEqual({error, timeout}, erpy_node_pool:request(np_wait, erpy_request:eval(<<"1">>, #{}), 50)),
+        ?assertEqual({ok, 3}, erpy_node_pool:request(np_wait, erpy_request:call(<<"operator">>, <<"add">>, [1, 2], #{}), 20000)),
         ?assertEqual([Node], erpy_node_pool:nodes(np_wait)),
         %% checkout waits the same way.
         ?assertEqual({error, {node_down, Node}}, erpy_node_pool:request(np_wait, Crash, 5000)),
         {ok, W} = erpy_node_pool:checkout(np_wait, 20000),
-        ?assertEqual({ok, undefined}, erpy_node_pool:request_worker(W, {exec, <<"x = 5">>}, 5000)),
-        ?assertEqual({ok, 5}, erpy_node_pool:request_worker(W, {eval, <<"x">>, #{}}, 5000)),
+        ?assertEqual({ok, undefined}, erpy_node_pool:request_worker(W, erpy_request:exec(<<"x = 5">>), 5000)),
+        ?assertEqual({ok, 5}, erpy_node_pool:request_worker(W, erpy_request:eval(<<"x">>, #{}), 5000)),
         ok = erpy_node_pool:checkin(W),
         %% Nothing is left in the caller's mailbox by the waits.
         {messages, []} = process_info(self(), messages)
@@ -836,7 +834,7 @@ pool_request_waits_for_a_node(_Config) ->
     end,
     {ok, _} = erpy_node_pool:start_link(np_none, #{nodes => [], start => 0}),
     try
-        ?assertEqual({error, {no_nodes, np_none}}, erpy_node_pool:request(np_none, {eval, <<"1">>, #{}}, 5000))
+        ?assertEqual({error, {no_nodes, np_none}}, erpy_node_pool:request(np_none, erpy_request:eval(<<"1">>, #{}), 5000))
     after
         erpy_node_pool:stop(np_none)
     end.
@@ -891,7 +889,7 @@ crash_injection_soak(_Config) ->
 %% ---- helpers -------------------------------------------------------------------------------
 
 erpc_pool_call(Pool) ->
-    erpy_node_pool:request(Pool, {call, <<"operator">>, <<"add">>, [1, 1], #{}}, 5000).
+    erpy_node_pool:request(Pool, erpy_request:call(<<"operator">>, <<"add">>, [1, 1], #{}), 5000).
 
 restart_counter(P) ->
     ok = rpc:call(P, node_handlers, respawn_counter, []).

@@ -419,7 +419,7 @@ limits(_Config) ->
     ?assertMatch({error, {message_too_large, S, Max}} when S > Max,
                  erpy:run(#{code => <<"result = 1">>, arguments => Big, pool => p_limits})),
     %% Just under the limit passes.
-    ?assertEqual({ok, Max - 100}, erpy:eval(<<"len(b)">>, #{b => binary:copy(<<"x">>, Max - 100)}, O)),
+    ?assertEqual({ok, Max - 300}, erpy:eval(<<"len(b)">>, #{b => binary:copy(<<"x">>, Max - 300)}, O)),
     ?assertMatch({error, {message_too_large, S, Max}} when S > Max,
                  erpy:eval(<<"b'x' * 200000">>, #{}, O)),
     ?assertMatch({error, {message_too_large, S, Max}} when S > Max,

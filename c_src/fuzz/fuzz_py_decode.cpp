@@ -8,6 +8,7 @@
 
 #include "etf/error.hpp"
 #include "py/codec.hpp"
+#include "py/request_etf.hpp"
 
 using erpy::py::Codec;
 using erpy::py::PyRef;
@@ -57,8 +58,10 @@ extern "C" int LLVMFuzzerInitialize(int*, char***) {
   return 0;
 }
 
-// The other entry point: one bare term at a reader's position (no version byte), as the
-// port worker reads the fields of a request frame one after another.
+// The other entry points: one bare term at a reader's position (no version byte), and a
+// request map read by the schema every mode shares (py/request.hpp), as the port worker
+// reads the map of a {request, Id, Request} frame. A request may be refused only with
+// DecodeError (bytes that are not ETF) or ValueError (a map that breaks the schema).
 void decode_fields(const std::uint8_t* data, std::size_t size, const erpy::py::DecodeOptions& dopts) {
   etf::Reader r(etf::Bytes(data, size));
   try {
@@ -72,6 +75,19 @@ void decode_fields(const std::uint8_t* data, std::size_t size, const erpy::py::D
     PyErr_Clear();
   }
   if (PyErr_Occurred()) die("decode_term left an exception set");
+  etf::Reader rr(etf::Bytes(data, size));
+  try {
+    erpy::py::EtfRequestSource src(rr, *g_codec, dopts);
+    erpy::py::Request req = erpy::py::parse_request(src);
+    if (!req.code && !req.module) die("a request passed the schema without what its kind needs");
+  } catch (const etf::DecodeError&) {
+  } catch (const erpy::py::PythonError&) {
+    if (!PyErr_ExceptionMatches(PyExc_MemoryError) && !PyErr_ExceptionMatches(PyExc_ValueError)) {
+      die("parse_request raised a Python exception other than ValueError");
+    }
+    PyErr_Clear();
+  }
+  if (PyErr_Occurred()) die("parse_request left an exception set");
 }
 
 extern "C" int LLVMFuzzerTestOneInput(const std::uint8_t* data, std::size_t size) {

@@ -196,7 +196,8 @@ ERL_NIF_TERM nif_pool_info(ErlNifEnv* env, int, const ERL_NIF_TERM argv[]) {
   return h->pool->info(env);
 }
 
-// submit(PoolOrContext, Ref, Request, WantHandle) -> {ok, Job} | {error, closed}
+// submit(PoolOrContext, Ref, Request) -> {ok, Job} | {error, closed}. Request: the request
+// map (read on the context thread, py/request.hpp) or `hold` (a checkout).
 ERL_NIF_TERM nif_submit(ErlNifEnv* env, int, const ERL_NIF_TERM argv[]) {
   Runtime& rt = Runtime::get();
   std::shared_ptr<Pool> pool;
@@ -209,12 +210,11 @@ ERL_NIF_TERM nif_submit(ErlNifEnv* env, int, const ERL_NIF_TERM argv[]) {
   } else {
     return enif_make_badarg(env);
   }
-  if (!enif_is_tuple(env, argv[2])) return enif_make_badarg(env);
+  if (!enif_is_map(env, argv[2]) && argv[2] != atoms.hold) return enif_make_badarg(env);
   ResourcePtr<Job> job = make_resource<Job>(rt.types.job);
   job->env = OwnedEnv::alloc();
   job->ref = enif_make_copy(job->env.get(), argv[1]);
   job->req = enif_make_copy(job->env.get(), argv[2]);
-  job->want_handle = enif_is_identical(argv[3], atoms.true_);
   job->pool = pool;
   enif_self(env, &job->caller);
   ERL_NIF_TERM t = job.term(env);
@@ -311,7 +311,7 @@ ErlNifFunc funcs[] = {
     {"pool_new", 3, entry<nif_pool_new>, 0},
     {"pool_close", 1, entry<nif_pool_close>, 0},
     {"pool_info", 1, entry<nif_pool_info>, 0},
-    {"submit", 4, entry<nif_submit>, 0},
+    {"submit", 3, entry<nif_submit>, 0},
     {"cancel", 1, entry<nif_cancel>, 0},
     {"poll", 2, entry<nif_poll>, 0},
     {"callback_reply", 2, entry<nif_callback_reply>, 0},

@@ -5,6 +5,7 @@
 #include <cstdio>
 #include <cstring>
 #include <exception>
+#include <optional>
 #include <string>
 
 #include "common/cpu_relax.hpp"
@@ -448,24 +449,57 @@ namespace {
   throw PythonError();
 }
 
-// The request as Python objects, and what running it returns.
-struct Request {
-  enum Kind { Call, Eval, Exec, Run, Hold, Bad } kind = Bad;
-  const ERL_NIF_TERM* elems = nullptr;
-  int arity = 0;
-};
+// The request map (doc/protocol.md) as a term, for the schema every mode shares
+// (py/request.hpp): values convert straight to Python objects. The caller is the job's
+// own (enif_self at submit), so the field is passed over.
+class TermRequestSource {
+ public:
+  TermRequestSource(ErlNifEnv* env, ERL_NIF_TERM map, Converter& conv, const ConvertOptions& co)
+      : env_(env), conv_(conv), co_(co) {
+    if (!enif_is_map(env, map) || !enif_map_iterator_create(env, map, &it_, ERL_NIF_MAP_ITERATOR_FIRST)) {
+      py::request_error("a request must be a map");
+    }
+    open_ = true;
+  }
+  ~TermRequestSource() {
+    if (open_) enif_map_iterator_destroy(env_, &it_);
+  }
+  TermRequestSource(const TermRequestSource&) = delete;
+  TermRequestSource& operator=(const TermRequestSource&) = delete;
 
-Request parse(ErlNifEnv* env, ERL_NIF_TERM req) {
-  Request r;
-  if (!enif_get_tuple(env, req, &r.arity, &r.elems) || r.arity < 1) return r;
-  const ERL_NIF_TERM k = r.elems[0];
-  if (k == atoms.call && r.arity == 5) r.kind = Request::Call;
-  else if (k == atoms.eval && r.arity == 3) r.kind = Request::Eval;
-  else if (k == atoms.exec && r.arity == 2) r.kind = Request::Exec;
-  else if (k == atoms.run && r.arity == 3) r.kind = Request::Run;
-  else if (k == atoms.hold && r.arity == 1) r.kind = Request::Hold;
-  return r;
-}
+  bool next(std::string_view& key) {
+    if (started_ && !enif_map_iterator_next(env_, &it_)) return false;
+    started_ = true;
+    ERL_NIF_TERM k;
+    if (!enif_map_iterator_get_pair(env_, &it_, &k, &value_)) return false;
+    const int n = enif_get_atom(env_, k, key_, sizeof key_, ERL_NIF_LATIN1);
+    key = n > 0 ? std::string_view(key_, static_cast<std::size_t>(n - 1)) : std::string_view();
+    return true;
+  }
+  std::optional<std::int64_t> integer() {
+    ErlNifSInt64 v;
+    if (!enif_get_int64(env_, value_, &v)) return std::nullopt;
+    return v;
+  }
+  std::optional<std::string_view> atom() {
+    const int n = enif_get_atom(env_, value_, value_text_, sizeof value_text_, ERL_NIF_LATIN1);
+    if (n <= 0) return std::nullopt;
+    return std::string_view(value_text_, static_cast<std::size_t>(n - 1));
+  }
+  PyRef object() { return conv_.to_python(env_, value_, co_); }
+  void skip() {}
+  void caller(py::Request&) {}
+  void reply_to(py::Request&) {}
+
+ private:
+  ErlNifEnv* env_;
+  Converter& conv_;
+  const ConvertOptions& co_;
+  ErlNifMapIterator it_{};
+  bool open_ = false, started_ = false;
+  ERL_NIF_TERM value_ = 0;
+  char key_[256], value_text_[256];
+};
 
 // The GIL for a context thread, with its own thread state, until release() or the end of
 // the scope (also when an exception leaves it).
@@ -501,9 +535,7 @@ void Pool::run_job(Context& c, Job* job) noexcept {
 
 void Pool::run_request(Context& c, Job* job) {
   Runtime& rt = Runtime::get();
-  const Request req = parse(job->env.get(), job->req);
-
-  if (req.kind == Request::Hold) {
+  if (job->req == atoms.hold) {
     ResourcePtr<ContextHandle> handle;
     {
       std::lock_guard<PoolMutex> lock(m_);
@@ -538,49 +570,21 @@ void Pool::run_request(Context& c, Job* job) {
   std::exception_ptr failure;
   PyRef result;
   try {
-    if (req.kind == Request::Bad) {
-      PyErr_SetString(PyExc_ValueError, "unknown request");
-      throw PythonError();
-    }
-    auto arg = [&](int i) { return conv.to_python(job->env.get(), req.elems[i], co); };
-    auto ns = [&]() {
+    TermRequestSource src(job->env.get(), job->req, conv, co);
+    py::Request req = py::parse_request(src);
+    job->want_handle = req.result_handle;
+    // A handle (a lent object) in place of a module name: its method is called.
+    if (req.kind == py::RequestKind::Call && !PyUnicode_Check(req.module.get())) req.target = std::move(req.module);
+    PyRef ns;
+    if (py::uses_namespace(req.kind)) {
       if (c.held) {
         if (!c.held_ns) c.held_ns = runner.fresh_namespace();
-        return PyRef::borrow(c.held_ns.get());
+        ns = PyRef::borrow(c.held_ns.get());
+      } else {
+        ns = runner.fresh_namespace();
       }
-      return runner.fresh_namespace();
-    };
-    switch (req.kind) {
-      case Request::Call: {
-        PyRef m = arg(1), f = arg(2), a = arg(3), kw = arg(4);
-        if (PyUnicode_Check(m.get())) {
-          result = runner.call(m.get(), f.get(), a.get(), kw.get());
-        } else {
-          result = runner.call_on(m.get(), f.get(), a.get(), kw.get());  // a handle
-        }
-        break;
-      }
-      case Request::Eval: {
-        PyRef src = arg(1), locals = arg(2);
-        PyRef n = ns();
-        result = runner.eval(src.get(), n.get(), locals.get());
-        break;
-      }
-      case Request::Exec: {
-        PyRef src = arg(1);
-        PyRef n = ns();
-        result = runner.exec(src.get(), n.get());
-        break;
-      }
-      case Request::Run: {
-        PyRef src = arg(1), arguments = arg(2);
-        PyRef n = ns();
-        result = runner.run(src.get(), arguments.get(), n.get());
-        break;
-      }
-      default:
-        break;
     }
+    result = runner.execute(req, ns.get());
   } catch (...) {
     failure = std::current_exception();
   }

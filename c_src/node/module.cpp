@@ -11,13 +11,15 @@
 //     .spawn_request(node, module, function, args, monitor=True, link=False)
 //     .register(name) .close(reason='normal') .closed
 //   The request executor every mode shares (py::Runner), for erpy.node's service:
-//     service(prepare) outcome(fn) resolve(module, function) call(module, function, args, kwargs=None)
+//     service(policy) outcome(fn) resolve(module, function) call(module, function, args, kwargs=None)
 //     eval(source, namespace, locals) exec(source, namespace)
 //     run(source, arguments, namespace) namespace() error_map(exception)
 //
 // Every call that may wait (socket writes, connecting, an empty mailbox) releases the GIL.
 #include <chrono>
+#include <optional>
 #include <string>
+#include <string_view>
 
 #include "core.hpp"
 #include "etf/decode.hpp"
@@ -914,70 +916,122 @@ PyObject* runner_error_map(PyObject*, PyObject* exc) {
   }
 }
 
-// service(prepare): a request of erpy.service run by the shared executor from C, as the
-// port worker and the NIF run theirs: prepare(*args, **kwargs) (Python: the node's
-// policy) returns (context, kind, operands...) and the request then runs with no Python
-// frame of erpy's between the caller and the request's code, so its errors (their
-// tracebacks included) read as in the other modes. `context`: None, or a context manager
-// entered around the run (the request's Erlang caller). Kinds: ("call", module,
-// function, args, kwargs), ("apply", callable, args, kwargs), ("eval", source,
-// namespace, locals), ("exec", source, namespace), ("run", source, arguments, namespace).
+// service(policy): erpy.service's `request(Request)` run by the shared executor from C, as
+// the port worker and the NIF run theirs. Request is the request map (doc/protocol.md),
+// here a dict the node decoded, read by the schema every mode shares (py/request.hpp).
+// Then policy(kind=, module=, function=, session=, caller=, reply_to=, max_size=) (Python:
+// the node's allow-list, allow_code, sessions) returns (context, target, namespace):
+// `context` None or a context manager entered around the run (the request's Erlang
+// caller), `target` None or a callable run in place of module.function (an exposed
+// function), `namespace` the dict eval/exec/run use. The request then runs with no
+// Python frame of erpy's between the caller and its code, so its errors (tracebacks
+// included) read as in the other modes.
 struct ServiceObject {
   PyObject_HEAD
-  PyObject* prepare;  // owned
+  PyObject* policy;  // owned
 };
 
 extern PyTypeObject ServiceType;
 
-PyRef run_prepared(PyObject* req) {
-  const Py_ssize_t n = PyTuple_GET_SIZE(req);
-  auto item = [&](Py_ssize_t i) { return PyTuple_GET_ITEM(req, i); };
-  const char* kind = PyUnicode_Check(item(1)) ? PyUnicode_AsUTF8(item(1)) : nullptr;
-  if (!kind) {
-    if (!PyErr_Occurred()) PyErr_SetString(PyExc_TypeError, "service: the kind must be a str");
+// The request map as the dict the node decoded it to: keys are atoms (str).
+class DictRequestSource {
+ public:
+  explicit DictRequestSource(PyObject* dict) : dict_(dict) {
+    if (!PyDict_Check(dict)) py::request_error("a request must be a map");
+  }
+  bool next(std::string_view& key) {
+    PyObject* k;
+    if (!PyDict_Next(dict_, &pos_, &k, &value_)) return false;
+    key = text(k).value_or(std::string_view());
+    return true;
+  }
+  std::optional<std::int64_t> integer() {
+    if (!PyLong_Check(value_)) return std::nullopt;
+    const long long v = PyLong_AsLongLong(value_);
+    if (v == -1 && PyErr_Occurred()) {
+      PyErr_Clear();
+      return std::nullopt;
+    }
+    return v;
+  }
+  std::optional<std::string_view> atom() { return text(value_); }
+  // Borrowed from the dict, which the caller holds: nothing runs Python while it is read.
+  PyRef object() { return PyRef::borrow(value_); }
+  void skip() {}
+  void caller(py::Request& r) { r.caller = PyRef::borrow(value_); }
+  void reply_to(py::Request& r) { r.reply_to = PyRef::borrow(value_); }
+
+ private:
+  static std::optional<std::string_view> text(PyObject* o) {
+    if (!PyUnicode_Check(o)) return std::nullopt;
+    Py_ssize_t n;
+    const char* t = PyUnicode_AsUTF8AndSize(o, &n);
+    if (!t) {
+      PyErr_Clear();
+      return std::nullopt;
+    }
+    return std::string_view(t, static_cast<std::size_t>(n));
+  }
+  PyObject* dict_;
+  Py_ssize_t pos_ = 0;
+  PyObject* value_ = nullptr;
+};
+
+// Reads the request and asks the policy: the context to run it in, and the request ready
+// for Runner::execute (namespace in `ns`).
+PyRef prepare_request(PyObject* policy, PyObject* dict, py::Request& req, PyRef& ns) {
+  DictRequestSource src(dict);
+  req = py::parse_request(src);
+  PyRef kwargs = PyRef::check(PyDict_New());
+  PyRef kind = PyRef::check(PyUnicode_FromString(py::request_kind_name(req.kind)));
+  PyRef max_size = PyRef::check(PyLong_FromLongLong(req.max_size));
+  auto set = [&](const char* name, PyObject* value) {
+    if (PyDict_SetItemString(kwargs.get(), name, value ? value : Py_None) != 0) throw PythonError();
+  };
+  set("kind", kind.get());
+  set("module", req.module.get());
+  set("function", req.function.get());
+  set("session", req.session.get());
+  set("caller", req.caller.get());
+  set("reply_to", req.reply_to.get());
+  set("max_size", max_size.get());
+  PyRef empty = PyRef::check(PyTuple_New(0));
+  PyRef answer = PyRef::check(PyObject_Call(policy, empty.get(), kwargs.get()));
+  if (!PyTuple_Check(answer.get()) || PyTuple_GET_SIZE(answer.get()) != 3) {
+    PyErr_SetString(PyExc_TypeError, "service: the policy must return (context, target, namespace)");
     throw PythonError();
   }
-  const std::string_view k(kind);
-  auto need = [&](Py_ssize_t size) {
-    if (n != size) {
-      PyErr_Format(PyExc_TypeError, "service: a %s request has %zd parts, not %zd", kind, size, n);
-      throw PythonError();
-    }
-  };
-  if (k == "call") {
-    need(6);
-    return g_runner->call(item(2), item(3), item(4), item(5));
+  PyObject* target = PyTuple_GET_ITEM(answer.get(), 1);
+  PyObject* space = PyTuple_GET_ITEM(answer.get(), 2);
+  if (target != Py_None) {
+    req.target = PyRef::borrow(target);
+    req.function.reset();  // the target itself is called
   }
-  if (k == "apply") {
-    need(5);
-    PyRef args = py::apply_arguments(item(3));
-    PyRef argt = PyRef::check(PyList_AsTuple(args.get()));
-    PyObject* kw = (PyDict_Check(item(4)) && PyDict_GET_SIZE(item(4)) > 0) ? item(4) : nullptr;
-    return PyRef::check(PyObject_Call(item(2), argt.get(), kw));
-  }
-  if (k == "eval" || k == "exec" || k == "run") {
-    need(k == "exec" ? 4 : 5);
-    PyObject* ns = item(k == "run" ? 4 : 3);
-    if (!PyDict_Check(ns)) {
+  if (py::uses_namespace(req.kind)) {
+    if (!PyDict_Check(space)) {
       PyErr_SetString(PyExc_TypeError, "service: the namespace must be a dict");
       throw PythonError();
     }
-    if (k == "eval") return g_runner->eval(item(2), ns, item(4));
-    if (k == "exec") return g_runner->exec(item(2), ns);
-    return g_runner->run(item(2), item(3), ns);
+    ns = PyRef::borrow(space);
   }
-  PyErr_Format(PyExc_ValueError, "service: unknown request kind %s", kind);
-  throw PythonError();
+  return PyRef::borrow(PyTuple_GET_ITEM(answer.get(), 0));
 }
 
 PyObject* service_call(PyObject* self, PyObject* args, PyObject* kw) {
-  PyRef req = PyRef::steal(PyObject_Call(reinterpret_cast<ServiceObject*>(self)->prepare, args, kw));
-  if (!req) return nullptr;
-  if (!PyTuple_Check(req.get()) || PyTuple_GET_SIZE(req.get()) < 2) {
-    PyErr_SetString(PyExc_TypeError, "service: prepare must return (context, kind, operands...)");
+  if (!PyTuple_Check(args) || PyTuple_GET_SIZE(args) != 1 || (kw && PyDict_GET_SIZE(kw) > 0)) {
+    PyErr_SetString(PyExc_TypeError, "erpy.service request takes one argument, the request map");
     return nullptr;
   }
-  PyObject* ctx = PyTuple_GET_ITEM(req.get(), 0);
+  py::Request req;
+  PyRef ns;
+  PyRef context;
+  try {
+    context = prepare_request(reinterpret_cast<ServiceObject*>(self)->policy, PyTuple_GET_ITEM(args, 0), req, ns);
+  } catch (...) {
+    raise_current();
+    return nullptr;
+  }
+  PyObject* ctx = context.get();
   const bool with = ctx != Py_None;
   if (with) {
     PyRef entered = PyRef::steal(PyObject_CallMethod(ctx, "__enter__", nullptr));
@@ -985,7 +1039,7 @@ PyObject* service_call(PyObject* self, PyObject* args, PyObject* kw) {
   }
   PyRef result;
   try {
-    result = run_prepared(req.get());
+    result = g_runner->execute(req, ns.get());
   } catch (...) {
     raise_current();
   }
@@ -1014,12 +1068,12 @@ PyObject* service_call(PyObject* self, PyObject* args, PyObject* kw) {
 }
 
 int service_traverse(PyObject* self, visitproc visit, void* arg) {
-  Py_VISIT(reinterpret_cast<ServiceObject*>(self)->prepare);
+  Py_VISIT(reinterpret_cast<ServiceObject*>(self)->policy);
   return 0;
 }
 
 int service_clear(PyObject* self) {
-  Py_CLEAR(reinterpret_cast<ServiceObject*>(self)->prepare);
+  Py_CLEAR(reinterpret_cast<ServiceObject*>(self)->policy);
   return 0;
 }
 
@@ -1029,14 +1083,14 @@ void service_dealloc(PyObject* self) {
   PyObject_GC_Del(self);
 }
 
-PyObject* runner_service(PyObject*, PyObject* prepare) {
-  if (!PyCallable_Check(prepare)) {
-    PyErr_SetString(PyExc_TypeError, "service: prepare must be callable");
+PyObject* runner_service(PyObject*, PyObject* policy) {
+  if (!PyCallable_Check(policy)) {
+    PyErr_SetString(PyExc_TypeError, "service: policy must be callable");
     return nullptr;
   }
   auto* s = PyObject_GC_New(ServiceObject, &ServiceType);
   if (!s) return nullptr;
-  s->prepare = Py_NewRef(prepare);
+  s->policy = Py_NewRef(policy);
   PyObject_GC_Track(s);
   return reinterpret_cast<PyObject*>(s);
 }
@@ -1051,7 +1105,7 @@ PyTypeObject ServiceType = [] {
   t.tp_flags = Py_TPFLAGS_DEFAULT | Py_TPFLAGS_HAVE_GC;
   t.tp_traverse = service_traverse;
   t.tp_clear = service_clear;
-  t.tp_doc = "An erpy.service request function: prepared in Python, run by the shared executor.";
+  t.tp_doc = "erpy.service's request(Request): read by the shared schema, checked by the node's policy, run by the shared executor.";
   return t;
 }();
 
@@ -1132,7 +1186,7 @@ PyMethodDef module_methods[] = {
     {"outcome", runner_outcome, METH_O,
      "outcome(fn): call fn, which returns (None, value) or (ExceptionType, argument); return or raise"},
     {"service", runner_service, METH_O,
-     "service(prepare): a callable that runs the request prepare(*args) returns, as every mode runs one"},
+     "service(policy): a callable that runs a request map (doc/protocol.md) as every mode runs one"},
     {"resolve", runner_resolve, METH_VARARGS,
      "resolve(module, function): the object Module.Function names (Function may be dotted)"},
     {"call", runner_call, METH_VARARGS,

@@ -108,6 +108,31 @@ PyRef Runner::invoke(PyObject* target, PyObject* args, PyObject* kwargs) {
   return PyRef::check(PyObject_Call(target, argt.get(), kw));
 }
 
+PyRef Runner::execute(const Request& r, PyObject* ns) {
+  switch (r.kind) {
+    case RequestKind::Call:
+      if (!r.target) return call(r.module.get(), r.function.get(), r.args.get(), r.kwargs.get());
+      if (r.function && r.function.get() != Py_None) {
+        return call_on(r.target.get(), r.function.get(), r.args.get(), r.kwargs.get());
+      }
+      {
+        PyRef args = apply_arguments(r.args.get());
+        return invoke(r.target.get(), args.get(), r.kwargs.get());
+      }
+    case RequestKind::Eval: {
+      if (r.locals) return eval(r.code.get(), ns, r.locals.get());
+      PyRef locals = PyRef::check(PyDict_New());
+      return eval(r.code.get(), ns, locals.get());
+    }
+    case RequestKind::Exec:
+      return exec(r.code.get(), ns);
+    case RequestKind::Run:
+      return run(r.code.get(), r.args ? r.args.get() : Py_None, ns);
+  }
+  PyErr_SetString(PyExc_SystemError, "request of no kind");
+  throw PythonError();
+}
+
 PyRef Runner::eval(PyObject* source, PyObject* ns, PyObject* locals) {
   PyRef code = compiled(source, Py_eval_input);
   if (!PyDict_Check(locals)) {

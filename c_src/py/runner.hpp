@@ -10,6 +10,7 @@
 
 #include "codec.hpp"
 #include "ref.hpp"
+#include "request.hpp"
 
 namespace erpy::py {
 
@@ -32,6 +33,10 @@ class Runner {
   PyRef call(PyObject* module, PyObject* function, PyObject* args, PyObject* kwargs);
   // The same with an object (a handle) in place of the module.
   PyRef call_on(PyObject* target, PyObject* function, PyObject* args, PyObject* kwargs);
+  // Runs a request of any mode (request.hpp): its `target` if the mode's policy set one,
+  // else Module.Function; eval/exec/run in `ns` (a fresh or a held worker's namespace),
+  // which callers make only when uses_namespace(r.kind).
+  PyRef execute(const Request& r, PyObject* ns);
   PyRef eval(PyObject* source, PyObject* ns, PyObject* locals);
   // Always returns None.
   PyRef exec(PyObject* source, PyObject* ns);

@@ -17,6 +17,7 @@
 #include "etf/encode.hpp"
 #include "output_capture.hpp"
 #include "process.hpp"
+#include "py/request_etf.hpp"
 #include "py/runner.hpp"
 #include "watchdog.hpp"
 
@@ -90,8 +91,7 @@ class PortWorker {
   bool read_init();
   bool send_ready();
   void handle(ByteBuffer& frame);
-  void run_request(std::string_view kind, std::int64_t id, etf::Reader& r, std::size_t arity);
-  PyRef execute(std::string_view kind, etf::Reader& r, std::size_t arity);
+  void run_request(std::int64_t id, etf::Reader& r);
   PyRef namespace_for_run();
   void reply_ok(std::int64_t id, PyObject* result);
   void reply_error(std::int64_t id, PyRef error_map);
@@ -318,10 +318,10 @@ void PortWorker::handle(ByteBuffer& frame) {
       return;
     }
     if (kind == "reply") return;  // for a callback that was interrupted: too late now
-    if (arity < 4) r.fail("request frame too short");
+    if (kind != "request" || arity != 3) r.fail("unknown frame " + std::string(kind) + "/" + std::to_string(arity));
     PyRef idobj = decode(r);
     id = as_int64(idobj.get());
-    run_request(kind, id, r, arity);
+    run_request(id, r);
   } catch (const etf::DecodeError& e) {
     PyErr_Clear();
     if (id >= 0) reply_error(id, error_map("DecodeError", e.what()));
@@ -332,22 +332,19 @@ void PortWorker::handle(ByteBuffer& frame) {
   }
 }
 
-void PortWorker::run_request(std::string_view kind, std::int64_t id, etf::Reader& r,
-                             std::size_t arity) {
-  PyRef deadline_obj = decode(r);
-  const std::int64_t deadline = as_int64(deadline_obj.get());
-  const std::size_t caller_start = r.pos();
-  {
-    etf::NullBuilder skip;
-    etf::decode_term(r, skip);
-  }
+// {request, Id, Request}: the request map (doc/protocol.md) read by the schema every mode
+// shares (py/request.hpp).
+void PortWorker::run_request(std::int64_t id, etf::Reader& r) {
+  py::EtfRequestSource src(r, codec_, dopts_);
+  py::Request req = py::parse_request(src);
+  const std::int64_t deadline = req.deadline_ms;
   // A pipelined request may have waited behind another one past its deadline, or been
   // cancelled before it started: then it does not run at all.
   if (dog_.take_precancelled(id) || (deadline && wall_ms() >= deadline)) {
     reply_timeout(id);
     return;
   }
-  stack_.push_back({id, r.data().subspan(caller_start, r.pos() - caller_start), PyRef()});
+  stack_.push_back({id, src.caller_bytes(), PyRef()});
   dog_.enter(id, deadline);
   PyRef result;
   bool failed = false;
@@ -355,7 +352,8 @@ void PortWorker::run_request(std::string_view kind, std::int64_t id, etf::Reader
     // User code runs without the read mutex, so the watchdog can see cancel frames.
     ch_.read_mutex().unlock();
     try {
-      result = execute(kind, r, arity);
+      PyRef ns = py::uses_namespace(req.kind) ? namespace_for_run() : PyRef();
+      result = runner_->execute(req, ns.get());
     } catch (const PythonError&) {
       failed = true;
     } catch (...) {
@@ -386,30 +384,6 @@ void PortWorker::reply_timeout(std::int64_t id) {
   etf::put_integer(out_, id);
   etf::put_atom(out_, "timeout");
   finish_reply();
-}
-
-PyRef PortWorker::execute(std::string_view kind, etf::Reader& r, std::size_t arity) {
-  if (kind == "call" && arity == 8) {
-    PyRef m = decode(r), f = decode(r), args = decode(r), kwargs = decode(r);
-    return runner_->call(m.get(), f.get(), args.get(), kwargs.get());
-  }
-  if (kind == "eval" && arity == 6) {
-    PyRef source = decode(r), locals = decode(r);
-    PyRef ns = namespace_for_run();
-    return runner_->eval(source.get(), ns.get(), locals.get());
-  }
-  if (kind == "exec" && arity == 5) {
-    PyRef source = decode(r);
-    PyRef ns = namespace_for_run();
-    return runner_->exec(source.get(), ns.get());
-  }
-  if (kind == "run" && arity == 6) {
-    PyRef source = decode(r), arguments = decode(r);
-    PyRef ns = namespace_for_run();
-    return runner_->run(source.get(), arguments.get(), ns.get());
-  }
-  PyErr_Format(PyExc_ValueError, "unknown request %.*s/%zu", static_cast<int>(kind.size()), kind.data(), arity);
-  throw PythonError();
 }
 
 // A held worker keeps one namespace; otherwise every request gets a fresh one.

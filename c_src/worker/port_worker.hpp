@@ -9,7 +9,7 @@
 
 namespace erpy::worker {
 
-inline constexpr int kProtocolVersion = 1;
+inline constexpr int kProtocolVersion = 2;  // 2: requests are {request, Id, RequestMap}
 
 // The module's functions of the worker: serve_port(in_fd, out_fd) and the `erlang`
 // callbacks (erlang_call, erlang_apply, erlang_send, erlang_self). `codec` outlives them.

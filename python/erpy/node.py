@@ -323,6 +323,8 @@ class Node:
         self.allow = {a.strip() for a in allow if a and a.strip()}
         self.allow_code = allow_code
         self._exposed: dict[tuple[str, str], Callable] = {}
+        # erpy.service:request/1: a request map run as every mode runs one.
+        self._request = _node.service(self._policy)
         # Namespaces of held workers (erpy_node_pool:checkout/2), by session id.
         self._sessions: dict[int, dict[str, Any]] = {}
         self._session_ids = itertools.count(1)
@@ -408,9 +410,8 @@ class Node:
         if f is not None:
             return f
         if module == SERVICE_MODULE:
-            prepare = getattr(self, "_prepare_" + function, None)
-            if prepare is not None:
-                return _node.service(prepare)
+            if function == "request":
+                return self._request
             f = getattr(self, "_service_" + function, None)
             if f is None:
                 raise NotAllowed(f"erpy.service has no function {function!r}")
@@ -429,81 +430,70 @@ class Node:
         if any(part.startswith("_") for part in function.split(".")):
             raise NotAllowed(f"{module}.{function}: private names are not reachable")
 
-    # erpy.service: what erpy_node_pool sends (call/eval/exec/run as the other modes).
-    # Each request is prepared here (the node's own policy: allow-list, allow_code,
-    # sessions, the caller) and run by the executor every mode shares (py::Runner, through
-    # erpy._node.service): names resolve, code is cached, namespaces are made and errors
-    # read (tracebacks included) as in port and embedded mode.
-    # `max_size`: the pool's max_message_size, the largest result (bytes of external
-    # format) the call may return, else {message_too_large, Size, Max}; 0: no limit.
-    # `session`: the namespace of a held worker (session_open/0), None for none.
-    # `caller`: {CallerPid, Alias} from a node pool (callbacks go to the alias): the result
-    # (or the error map) goes back as its ETF in a binary, for the caller to decode under
-    # its pool's policy, and erpy.erlang's callbacks in the code go to that process
-    # (_Caller). None (a stock erpc caller): plain terms, no callbacks.
-    def _serve(self, max_size: Any, caller: Any) -> Any:
-        """The first step of every request; returns the context it runs in, or None."""
+    # erpy.service:request(Request): what erpy_node_pool sends, the request map every mode
+    # reads (doc/protocol.md), read by the same C++ schema and run by the same executor
+    # (py::Runner, through erpy._node.service): names resolve, code is cached, namespaces
+    # are made and errors read (tracebacks included) as in port and embedded mode. Before
+    # it runs, _policy (the node's own: allow-list, allow_code, sessions, the caller)
+    # decides; see there. call/eval/exec/run are the same requests for stock erpc callers.
+    def _policy(self, *, kind: str, module: Any, function: Any, session: Any, caller: Any,
+                reply_to: Any, max_size: int) -> tuple:
+        """(context, target, namespace) for a request, or raises what refuses it.
+        `max_size`: the largest result (bytes of external format) it may return, else
+        {message_too_large, Size, Max}; 0: no limit. `session`: the namespace of a held
+        worker (session_open/1), None for none. `caller` and `reply_to` (a node pool's
+        caller and its alias): the result (or the error map) goes back as its ETF in a
+        binary, for the caller to decode under its pool's policy, and erpy.erlang's
+        callbacks in the code go to that alias (_Caller). No caller (a stock erpc caller):
+        plain terms, no callbacks."""
         # First: an error raised by what follows goes back as the caller expects too.
         self._native.set_result_limit(max_size or 0, caller is not None)
-        if caller is None:
-            return None
-        if not (type(caller) is tuple and len(caller) == 2 and isinstance(caller[0], Pid)
-                and isinstance(caller[1], (Ref, Pid))):
-            raise TypeError(f"erpy.service: caller must be (Pid, Alias), not {caller!r}")
-        return self._calling(caller)
+        ctx = None
+        if caller is not None:
+            if not (isinstance(caller, Pid) and isinstance(reply_to, (Ref, Pid))):
+                raise TypeError(f"erpy.service: caller must be a pid and reply_to an alias, "
+                                f"not {caller!r}, {reply_to!r}")
+            ctx = self._calling(caller, reply_to)
+        if kind == "call":
+            if session is not None:
+                self._session(session)
+            module, function = _text(module), _text(function)
+            f = self._exposed.get((module, function))
+            if f is not None:
+                return (ctx, f, None)
+            self._check_allowed(module, function)
+            return (ctx, None, None)
+        self._check_code()
+        return (ctx, None, self._session(session))
 
     @contextlib.contextmanager
-    def _calling(self, caller: tuple):
+    def _calling(self, pid: Pid, alias: Any):
         previous = getattr(_current, "caller", None)
-        _current.caller = c = _Caller(self, caller[0], caller[1])
+        _current.caller = c = _Caller(self, pid, alias)
         try:
             yield
         finally:
             _current.caller = previous
             c.close()
 
-    def _prepare_call(self, module: Any, function: Any, args: list, kwargs: Any = None,
-                      max_size: int = 0, session: Any = None, caller: Any = None) -> tuple:
-        ctx = self._serve(max_size, caller)
-        if session is not None:
-            self._session(session)
-        module, function = _text(module), _text(function)
-        f = self._exposed.get((module, function))
-        if f is not None:
-            return (ctx, "apply", f, args, kwargs)
-        self._check_allowed(module, function)
-        return (ctx, "call", module, function, args, kwargs)
+    # The stock erpc interface: rpc:call(PyNode, 'erpy.service', call, [M, F, Args]) etc.
+    def _service_call(self, module: Any, function: Any, args: Any, kwargs: Any = None) -> Any:
+        req = {"v": 1, "kind": "call", "module": module, "function": function, "args": args}
+        if kwargs is not None:
+            req["kwargs"] = kwargs
+        return self._request(req)
 
-    def _prepare_eval(self, expr: Any, local_vars: Any = None, max_size: int = 0,
-                      session: Any = None, caller: Any = None) -> tuple:
-        ctx = self._serve(max_size, caller)
-        self._check_code()
-        return (ctx, "eval", expr, self._session(session), {} if local_vars is None else local_vars)
+    def _service_eval(self, expr: Any, local_vars: Any = None) -> Any:
+        req = {"v": 1, "kind": "eval", "code": expr}
+        if local_vars is not None:
+            req["locals"] = local_vars
+        return self._request(req)
 
-    def _prepare_exec(self, code: Any, max_size: int = 0, session: Any = None,
-                      caller: Any = None) -> tuple:
-        ctx = self._serve(max_size, caller)
-        self._check_code()
-        return (ctx, "exec", code, self._session(session))
+    def _service_exec(self, code: Any) -> Any:
+        return self._request({"v": 1, "kind": "exec", "code": code})
 
-    def _prepare_run(self, code: Any, arguments: Any = None, max_size: int = 0,
-                     session: Any = None, caller: Any = None) -> tuple:
-        ctx = self._serve(max_size, caller)
-        self._check_code()
-        return (ctx, "run", code, arguments, self._session(session))
-
-    # The same requests from Python (tests, a handler that serves one itself).
-    def _service_call(self, *args: Any, **kwargs: Any) -> Any:
-        return _node.service(self._prepare_call)(*args, **kwargs)
-
-    def _service_eval(self, *args: Any, **kwargs: Any) -> Any:
-        return _node.service(self._prepare_eval)(*args, **kwargs)
-
-    def _service_exec(self, *args: Any, **kwargs: Any) -> Any:
-        return _node.service(self._prepare_exec)(*args, **kwargs)
-
-    def _service_run(self, *args: Any, **kwargs: Any) -> Any:
-        return _node.service(self._prepare_run)(*args, **kwargs)
+    def _service_run(self, code: Any, arguments: Any = None) -> Any:
+        return self._request({"v": 1, "kind": "run", "code": code, "args": arguments})
 
     def _check_code(self) -> None:
         if not self.allow_code:

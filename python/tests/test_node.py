@@ -120,19 +120,20 @@ def test_service_sessions_keep_a_namespace_each(node):
     node.allow_code = True
     a, b = node._service_session_open(), node._service_session_open()
     assert a != b
-    node._service_exec("x = 41\ndef f(v): return v + x", 0, a)
-    assert node._service_eval("f(1)", {}, 0, a) == 42
-    assert node._service_run("result = f(arguments)", 2, 0, a) == 43
+    node._request(_req("exec", code="x = 41\ndef f(v): return v + x", session=a))
+    assert node._request(_req("eval", code="f(1)", session=a)) == 42
+    assert node._request(_req("run", code="result = f(arguments)", args=2, session=a)) == 43
     with pytest.raises(NameError):
-        node._service_eval("x", {}, 0, b)
+        node._request(_req("eval", code="x", session=b))
     with pytest.raises(NameError):
         node._service_eval("f(1)")  # the node's shared namespace does not see it
     assert node._service_session_close(a) == "ok"
     with pytest.raises(SessionClosed):
-        node._service_eval("x", {}, 0, a)
+        node._request(_req("eval", code="x", session=a))
     with pytest.raises(SessionClosed):
-        node._service_call("operator", "add", [1, 2], {}, 0, a)
-    assert node._service_call("operator", "add", [1, 2], {}, 100, b) == 3
+        node._request(_req("call", module="operator", function="add", args=[1, 2], session=a))
+    assert node._request(_req("call", module="operator", function="add", args=[1, 2],
+                              max_size=100, session=b)) == 3
     # Cancelling a request that is not running is harmless.
     node._service_cancel(node._native.make_ref())
 
@@ -438,15 +439,41 @@ def test_service_code_sees_its_caller_through_erpy_erlang(node):
     from erpy import erlang
     node.allow_code = True
     caller, tag = node.mailbox().pid, node._native.make_ref()
-    assert node._service_run("result = erlang.self()", None, 0, None, (caller, tag)) == caller
-    assert node._service_eval("erlang.self()", {}, 0, None, (caller, tag)) == caller
+    assert node._request(_req("run", code="result = erlang.self()", caller=caller, reply_to=tag)) == caller
+    assert node._request(_req("eval", code="erlang.self()", caller=caller, reply_to=tag)) == caller
     # Only for the request's own code: outside it there is no Erlang caller.
     with pytest.raises(erlang.ErlangPortError):
         erlang.self()
     with pytest.raises(erlang.ErlangPortError):
         node._service_eval("erlang.self()")
     with pytest.raises(TypeError, match="caller"):
-        node._service_eval("1", {}, 0, None, "not a caller")
+        node._request(_req("eval", code="1", caller="not a caller", reply_to=tag))
+
+
+def test_service_request_schema_errors(node):
+    """A request map that breaks the schema is refused with a clear ValueError."""
+    node.allow_code = True
+    with pytest.raises(ValueError, match="version 2 is not 1"):
+        node._request({"v": 2, "kind": "eval", "code": "1"})
+    with pytest.raises(ValueError, match="no version"):
+        node._request({"kind": "eval", "code": "1"})
+    with pytest.raises(ValueError, match="kind must be"):
+        node._request({"v": 1, "kind": "spawn", "code": "1"})
+    with pytest.raises(ValueError, match="call needs function"):
+        node._request({"v": 1, "kind": "call", "module": "operator", "args": []})
+    with pytest.raises(ValueError, match="unknown field colour"):
+        node._request({"v": 1, "kind": "eval", "code": "1", "colour": 3})
+    with pytest.raises(ValueError, match="deadline must be an integer"):
+        node._request({"v": 1, "kind": "eval", "code": "1", "deadline": "soon"})
+    with pytest.raises(ValueError, match="must be a map"):
+        node._request([1, 2])
+    with pytest.raises(TypeError, match="one argument"):
+        node._request({"v": 1}, 2)
+    assert node._request(_req("eval", code="x + 1", locals={"x": 1})) == 2
+
+
+def _req(kind, **fields):
+    return {"v": 1, "kind": kind, **fields}
 
 
 # --- a peer written by hand -----------------------------------------------------------------

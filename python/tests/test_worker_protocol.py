@@ -90,8 +90,15 @@ class Worker:
                 continue
             return term
 
+    # The request map (doc/protocol.md), its fields after the kind in the order the
+    # erpy_request constructors take them.
+    FIELDS = {"call": ("module", "function", "args", "kwargs"), "eval": ("code", "locals"),
+              "exec": ("code",), "run": ("code", "args")}
+
     def request(self, kind: str, rid: int, *payload, deadline_ms: int = 0):
-        self.send((A(kind), rid, deadline_ms, CALLER, *payload))
+        req = {A("v"): 1, A("kind"): A(kind), A("deadline"): deadline_ms, A("caller"): CALLER}
+        req.update({A(k): v for k, v in zip(self.FIELDS[kind], payload)})
+        self.send((A("request"), rid, req))
 
     def close(self) -> int:
         if self.to_py >= 0:
@@ -113,7 +120,7 @@ def worker():
 
 
 def test_handshake(worker):
-    assert worker.info["version"] == 1
+    assert worker.info["version"] == 2
     assert worker.info["pid"] == worker.proc.pid
     assert worker.info["gil"] in ("shared", "free_threaded")
 
@@ -142,14 +149,20 @@ def test_python_error_map(worker):
 def test_bad_frames_do_not_kill_the_worker(worker):
     worker.send_raw(b"\x83garbage")
     worker.send_raw(b"not even a version byte")
-    worker.send((A("nosuchkind"), 9, 0, CALLER, 1, 2))
+    worker.send((A("nosuchframe"), 8, 0, CALLER, 1, 2))  # not a frame of the protocol: dropped
+    worker.send((A("request"), 9, {A("v"): 1, A("kind"): A("nosuchkind")}))
     tag, rid, err = worker.recv()
     assert (tag, rid) == ("error", 9)
     assert err[A("type")] == "ValueError"
+    assert err[A("message")] == "request: kind must be call, eval, exec or run"
+    worker.send((A("request"), 10, {A("v"): 1, A("kind"): A("call"), A("module"): "operator"}))
+    tag, rid, err = worker.recv()
+    assert (tag, rid, err[A("message")]) == ("error", 10, "request: call needs function")
     worker.send((A("reply"), 12345, A("ok"), 1))  # a reply to no callback: dropped
     worker.send((A("cancel"), 999))  # a cancel for nothing: dropped
     # A request whose payload does not decode: DecodeError for that id.
-    good = erpy.encode((A("eval"), 10, 0, CALLER, "1", {}))
+    good = erpy.encode((A("request"), 10, {A("v"): 1, A("kind"): A("eval"), A("code"): "1",
+                                          A("locals"): {}}))
     worker.send_raw(good[:-3])
     tag, rid, err = worker.recv()
     assert (tag, rid) == ("error", 10) and err[A("type")] == "DecodeError"
