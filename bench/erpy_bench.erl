@@ -4,11 +4,24 @@
 %% A workload module exports `rows(Ctx) -> [row()]`; add it to workloads/0. Each row is
 %% one figure of erpy beside a reference measured in the same run (alternate
 %% A B A B, quote the median of the per-pair ratios). Helpers for that live here:
-%% alternate/3, median/1, python_port/2, request/2.
+%% alternate/3, median/1, python_port/2, request/2, and loaded/2 for the same figures
+%% measured with one core held by a busy loop.
+%%
+%% Every W1-W4 figure is measured twice, quiet and loaded: loaded/2 starts a busy loop
+%% (an OS process that spins on one core) and runs the measurement beside it, erpy and
+%% its reference alike, then stops the loop. The loop is a Python process that ends when
+%% its stdin closes, that is when the port closes: when loaded/2 returns or throws, when
+%% the bench process dies, and when the VM dies (also by SIGKILL); it is also started
+%% with setpriv --pdeathsig KILL where setpriv exists.
+%%
+%% The run also draws one picture per mode, bench/<mode>.svg (latency and throughput,
+%% erpy beside its reference, quiet and loaded), written here as plain SVG, which
+%% README.md shows next to the table.
 -module(erpy_bench).
 
 -export([main/1, workloads/0]).
 -export([alternate/3, median/1, python_port/2, request/2, calibrate/2]).
+-export([loaded/2, busy_loop/1, stop_busy_loop/1, svg/2]).
 
 -type ctx() :: #{root := file:filename(), python := file:filename(), pairs := pos_integer(),
                  seconds := float()}.
@@ -39,23 +52,74 @@ main(_Args) ->
             Out = filename:join([Root, "bench", "RESULTS.md"]),
             ok = file:write_file(Out, results_md(Rows, Table, Facts)),
             io:format("wrote ~s~n", [Out]),
-            readme_table(filename:join(Root, "README.md"), Table, Facts);
+            Pictures = pictures(Root, Rows),
+            readme_table(filename:join(Root, "README.md"), Table, Facts, Pictures);
         Only ->
             %% A partial run (BENCH_ONLY=erpy_bench_embedded,...) prints its rows only.
             Mods = [list_to_atom(M) || M <- string:lexemes(Only, ", ")],
-            io:put_chars(["\n", table(lists:append([Mod:rows(Ctx) || Mod <- Mods])), "\n"])
+            Rows = lists:append([Mod:rows(Ctx) || Mod <- Mods]),
+            io:put_chars(["\n", table(Rows), "\n"]),
+            %% BENCH_SVG_DIR=Dir: also draw the pictures there (bench/ is left alone).
+            case os:getenv("BENCH_SVG_DIR") of
+                false -> ok;
+                Dir -> pictures_in(Dir, Rows)
+            end
     end.
 
-%% README.md carries the same table between two markers, rewritten with every run so it
-%% never drifts from bench/RESULTS.md.
-readme_table(File, Table, Facts) ->
+%% Runs `Measure()` with one core held by a busy loop (see the module doc): its rows come
+%% back as the loaded variants (id `W1 loaded`, workload "..., one core busy"), erpy and
+%% the reference both measured under that load.
+-spec loaded(ctx(), fun(() -> [row()])) -> [row()].
+loaded(Ctx, Measure) ->
+    Busy = busy_loop(Ctx),
+    try
+        [R#{id := <<Id/binary, " loaded">>,
+            workload := <<W/binary, ", one core busy">>,
+            notes => maps:get(notes, R, []) ++
+                [<<"one core held by a busy loop that the bench started; the reference "
+                   "was measured under the same load">>]}
+         || #{id := Id, workload := W} = R <- Measure()]
+    after
+        stop_busy_loop(Busy)
+    end.
+
+%% An OS process that keeps one core busy until its port closes.
+-spec busy_loop(ctx()) -> port().
+busy_loop(#{python := Python}) ->
+    Loop = "import os, threading\n"
+           "threading.Thread(target=lambda: (os.read(0, 1), os._exit(0)), daemon=True).start()\n"
+           "while True: pass\n",
+    {Exe, Args} = case os:find_executable("setpriv") of
+                      false -> {Python, ["-c", Loop]};
+                      Setpriv -> {Setpriv, ["--pdeathsig", "KILL", "--", Python, "-c", Loop]}
+                  end,
+    Port = open_port({spawn_executable, Exe}, [{args, Args}, binary, use_stdio, exit_status]),
+    timer:sleep(200),                                     % up and spinning
+    Port.
+
+-spec stop_busy_loop(port()) -> ok.
+stop_busy_loop(Port) ->
+    OsPid = case erlang:port_info(Port, os_pid) of
+                {os_pid, P} -> P;
+                undefined -> undefined
+            end,
+    catch port_close(Port),
+    %% Closing stdin ends it; a kill makes sure, should its reader thread be starved.
+    _ = [os:cmd("kill -9 " ++ integer_to_list(OsPid) ++ " 2>/dev/null") || is_integer(OsPid)],
+    ok.
+
+%% README.md carries the same table and the pictures between two markers, rewritten with
+%% every run so it never drifts from bench/RESULTS.md.
+readme_table(File, Table, Facts, Pictures) ->
     {ok, Readme} = file:read_file(File),
     case re:run(Readme, "(?s)^(.*<!-- bench:begin -->\n)(.*)(<!-- bench:end -->.*)$",
                 [{capture, [1, 3], binary}]) of
         {match, [Before, After]} ->
             {_, Date} = lists:keyfind("date", 1, Facts),
+            Images = [io_lib:format("![~s](~s)~n", [Alt, Path]) || {Alt, Path} <- Pictures],
             Body = [io_lib:format("Measured ~s on this project's 2-core machine (details and the "
-                                  "machine in bench/RESULTS.md):~n~n", [Date]), Table],
+                                  "machine in bench/RESULTS.md):~n~n", [Date]),
+                    Images, [$\n || Images =/= []], Table],
             ok = file:write_file(File, [Before, Body, After]),
             io:format("updated the table in ~s~n", [File]);
         nomatch ->
@@ -159,3 +223,93 @@ os_name() ->
             end;
         _ -> "unknown"
     end.
+
+%% ---- pictures --------------------------------------------------------------------------
+
+%% bench/<mode>.svg for every mode with charted rows: [{Alt, README-relative path}].
+pictures(Root, Rows) ->
+    [{Alt, "bench/" ++ File} || {Alt, File} <- pictures_in(filename:join(Root, "bench"), Rows)].
+
+pictures_in(Dir, Rows) ->
+    lists:append(
+      [begin
+           File = Mode ++ ".svg",
+           ok = file:write_file(filename:join(Dir, File), svg(list_to_binary(Mode), Rows)),
+           [{Mode ++ " mode: latency and throughput, quiet and with one core busy", File}]
+       end || Mode <- ["port", "embedded", "node"], charted(list_to_binary(Mode), Rows) =/= []]).
+
+%% The rows of `Mode` a picture shows: W1-W4 latencies (us) and W2 rates (calls/s), each
+%% with its reference, read back from the rows' own text.
+charted(Mode, Rows) ->
+    Prefix = <<Mode/binary, ":">>,
+    [C || #{workload := W} = R <- Rows, binary:match(W, Prefix) =:= {0, byte_size(Prefix)},
+          C <- [chart_point(R)], C =/= none].
+
+chart_point(#{id := Id, erpy := E, reference := Ref}) ->
+    Label = hd(binary:split(Ref, <<":">>)),
+    Lat = fun(T) -> num(T, "median ([0-9.]+) us") end,
+    Rate = fun(T) -> num(T, "([0-9]+) (?:calls|echoes)/s") end,
+    case {Lat(E), Lat(Ref), Rate(E), Rate(Ref)} of
+        {X, Y, _, _} when X =/= none, Y =/= none -> {latency, Id, X, Y, Label};
+        {_, _, X, Y} when X =/= none, Y =/= none -> {throughput, Id, X, Y, Label};
+        _ -> none
+    end.
+
+num(Text, Re) ->
+    case re:run(Text, Re, [{capture, [1], list}]) of
+        {match, [N]} -> case string:to_float(N) of
+                            {F, []} -> F;
+                            _ -> float(list_to_integer(N))
+                        end;
+        nomatch -> none
+    end.
+
+%% One SVG: a panel per kind (latency, throughput), a pair of bars per row (erpy in
+%% colour, its reference in grey), values written at the bars' ends.
+-spec svg(binary(), [row()]) -> binary().
+svg(Mode, Rows) ->
+    Points = charted(Mode, Rows),
+    Panels = [{K, Title, [P || {K2, _, _, _, _} = P <- Points, K2 =:= K]}
+              || {K, Title} <- [{latency, "latency, µs per call (lower is better)"},
+                                {throughput, "throughput, calls/s (higher is better)"}]],
+    Width = 1000, BarH = 14, LabelW = 90, ValueW = 330,
+    {Body, Height} = lists:foldl(
+        fun({_, _, []}, Acc) -> Acc;
+           ({_Kind, Title, Ps}, {Out, Y0}) ->
+                Max = lists:max([max(E, R) || {_, _, E, R, _} <- Ps]),
+                Scale = (Width - LabelW - ValueW - 20) / max(Max, 1.0e-9),
+                Head = text(10, Y0 + 18, 14, "bold", Title),
+                {Groups, Y1} = lists:foldl(
+                    fun({_, Id, E, R, RefLabel}, {G, Y}) ->
+                            Bar = fun(V, Yb, Colour, Name) ->
+                                          W = max(1, round(V * Scale)),
+                                          [io_lib:format("<rect x=\"~b\" y=\"~b\" width=\"~b\" height=\"~b\" fill=\"~s\"/>~n",
+                                                         [LabelW, Yb, W, BarH, Colour]),
+                                           text(LabelW + W + 4, Yb + BarH - 3, 11, "normal",
+                                                io_lib:format("~s ~s", [value(V), Name]))]
+                                  end,
+                            {[G, text(10, Y + BarH, 12, "normal", Id),
+                              Bar(E, Y + 2, "#d9534f", "erpy"),
+                              Bar(R, Y + 2 + BarH + 2, "#9e9e9e", RefLabel)],
+                             Y + 2 * BarH + 14}
+                    end, {[], Y0 + 28}, Ps),
+                {[Out, Head, Groups], Y1 + 10}
+        end, {[], 30}, Panels),
+    unicode:characters_to_binary(
+    [io_lib:format("<svg xmlns=\"http://www.w3.org/2000/svg\" width=\"~b\" height=\"~b\" "
+                   "font-family=\"sans-serif\">~n<rect width=\"100%\" height=\"100%\" fill=\"white\"/>~n",
+                   [Width, Height]),
+     text(10, 20, 16, "bold", ["erpy ", Mode, " mode (make bench; loaded: one core held by a busy loop)"]),
+     Body, "</svg>\n"]).
+
+text(X, Y, Size, Weight, Text) ->
+    io_lib:format("<text x=\"~b\" y=\"~b\" font-size=\"~b\" font-weight=\"~s\">~ts</text>~n",
+                  [X, Y, Size, Weight, esc(Text)]).
+
+value(V) when V >= 1000 -> io_lib:format("~b", [round(V)]);
+value(V) -> io_lib:format("~.1f", [V]).
+
+esc(T) ->
+    B = unicode:characters_to_binary(T),
+    lists:foldl(fun({C, R}, Acc) -> binary:replace(Acc, C, R, [global]) end, B,
+                [{<<"&">>, <<"&amp;">>}, {<<"<">>, <<"&lt;">>}, {<<">">>, <<"&gt;">>}]).

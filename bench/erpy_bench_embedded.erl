@@ -22,7 +22,17 @@ rows(#{root := Root} = Ctx) ->
     {ok, _} = application:ensure_all_started(erpy),
     {ok, _} = erpy:start_pool(?PORT_POOL, #{mode => port, size => 1, allowed => [{erlang, abs}]}),
     wait_ready(?PORT_POOL),
-    Rows = [w6(Ctx), w1_w4(Ctx), w2(Ctx), w3a(Ctx), w3b(Ctx)],
+    %% Every W1-W4 figure twice: quiet, then with one core busy (erpy_bench:loaded/2).
+    Twice = fun(Measure) -> Measure() ++ erpy_bench:loaded(Ctx, Measure) end,
+    [#{value := QuietW2}] = W2 = w2(Ctx, true),
+    W2Loaded = [R#{ratio := V / QuietW2, target := <<">= 0.5x its quiet figure">>,
+                   pass := V / QuietW2 >= 0.5,
+                   notes := Notes ++ [fmt("ratio = loaded calls/s / quiet calls/s (~b); vs the "
+                                          "dirty NIF under the same load: ~.2fx", [round(QuietW2), Ratio])]}
+                || #{value := V, ratio := Ratio, notes := Notes} = R
+                       <- erpy_bench:loaded(Ctx, fun() -> w2(Ctx, false) end)],
+    Rows = [w6(Ctx), Twice(fun() -> w1_w4(Ctx) end), W2, W2Loaded,
+            Twice(fun() -> w3a(Ctx) end), Twice(fun() -> w3b(Ctx) end)],
     erpy:stop_pool(?PORT_POOL),
     application:stop(erpy),
     lists:append(Rows).
@@ -80,17 +90,50 @@ w1_w4(#{pairs := Pairs}) ->
        ratio => W4Ratio, target => <<"<= 2.5x">>, pass => W4Ratio =< 2.5,
        notes => [<<"the request is erpy:eval of the callback expression (compiled once, cached)">>]}].
 
-%% W2: 4 concurrent callers x 5,000 calls on a pool of 4 contexts, and the same with the
-%% thread model not chosen (an empty dirty-scheduler NIF) in the notes.
-w2(Ctx) ->
+%% W2: 4 concurrent callers x 5,000 calls on a pool of 4 contexts, beside the same 4
+%% callers of an empty dirty-scheduler NIF (the thread model not chosen: a call that
+%% needs no other thread), alternated; 4 callers of their own cat echo in the notes.
+%% `OneScheduler`: also the +S 1 figure (a fresh VM; quiet runs only).
+w2(#{pairs := Pairs} = Ctx, OneScheduler) ->
     start(#{size => 4}),
-    Rows = erpy_bench_port:throughput(
-             Ctx, <<"W2">>, <<"embedded: throughput, 4 concurrent callers x 5,000 calls (pool of 4), calls/s">>,
-             ?POOL, fun() -> [] end, 200000,
-             [{"a dirty-scheduler NIF that does nothing", fun() -> 1 = erpy_nif:dirty_noop(1) end}]),
+    Per = 5000,
+    Frame = erpy_call:encode_request({call, <<"operator">>, <<"add">>, [1, 2], #{}}, 1, 5000, self()),
+    Echoers = [erpy_bench_port:echoer(Frame) || _ <- lists:seq(1, 4)],
+    Procs = fun() -> [os:getpid() | [P || {_, P} <- Echoers]] end,
+    Callers = fun(Call) ->
+                      fun() -> erpy_bench_port:concurrent(
+                                 [fun() -> [Call() || _ <- lists:seq(1, Per)] end || _ <- lists:seq(1, 4)], Procs)
+                      end
+              end,
+    Erpy = Callers(fun() -> {ok, 3} = erpy:call(operator, add, [1, 2], #{pool => ?POOL}) end),
+    Dirty = Callers(fun() -> 1 = erpy_nif:dirty_noop(1) end),
+    Cat = fun() -> erpy_bench_port:concurrent(
+                     [fun() -> Ech ! {run, Per, self()}, receive {Ech, done} -> ok end end
+                      || {Ech, _} <- Echoers], Procs)
+          end,
+    _ = {Erpy(), Dirty()},
+    {E, D} = erpy_bench:alternate(max(3, Pairs div 3), Erpy, Dirty),
+    CatRuns = [Cat() || _ <- lists:seq(1, 3)],
+    [exit(Ech, kill) || {Ech, _} <- Echoers],
     erpy:stop_pool(?POOL),
-    OneScheduler = one_scheduler_w2(Ctx),
-    [R#{notes := Notes ++ [OneScheduler]} || #{notes := Notes} = R <- Rows].
+    Rate = fun({Ns, _}) -> 4 * Per / (Ns / 1.0e9) end,
+    MedRate = fun(Runs) -> erpy_bench:median([Rate(R) || R <- Runs]) end,
+    CpuPer = fun(Runs) -> erpy_bench:median([C / (4 * Per) / 1000 || {_, C} <- Runs]) end,
+    Ratio = erpy_bench:median([Rate(A) / Rate(B) || {A, B} <- lists:zip(E, D)]),
+    ERate = MedRate(E),
+    Extra = case OneScheduler of
+                true -> [one_scheduler_w2(Ctx)];
+                false -> []
+            end,
+    [#{id => <<"W2">>,
+       workload => <<"embedded: throughput, 4 concurrent callers x 5,000 calls (pool of 4), calls/s">>,
+       erpy => fmt("~b calls/s, ~.1f us CPU/call", [round(ERate), CpuPer(E)]),
+       reference => fmt("4 callers of an empty dirty-scheduler NIF: ~b calls/s, ~.1f us CPU/call",
+                        [round(MedRate(D)), CpuPer(D)]),
+       ratio => Ratio, target => <<">= 0.9x">>, pass => Ratio >= 0.9, value => ERate,
+       notes => [<<"ratio = erpy calls/s / dirty NIF calls/s per pair (default VM)">>,
+                 fmt("same run: 4 callers x own cat echo: ~b echoes/s", [round(MedRate(CatRuns))])
+                 | Extra]}].
 
 %% W2 again in a fresh VM started with one scheduler (+S 1), which leaves the second of
 %% this machine's two cores to the context thread: the figure shows what sharing two

@@ -33,7 +33,7 @@ rows(Ctx) ->
     Procs = fun() -> [os:getpid(), PyOs, ErlOs] end,
     Env = #{py => Py, erl => Erl, procs => Procs},
     try
-        lists:append([w1(Ctx, Env), w2(Ctx, Env), w3a(Ctx, Env), w3b(Ctx, Env),
+        lists:append([w1(Ctx, Env), erpy_bench:loaded(Ctx, fun() -> w1(Ctx, Env) end), w2(Ctx, Env), w3a(Ctx, Env), w3b(Ctx, Env),
                       messages(Ctx, Env), memory(Ctx, Env)])
     after
         peer:stop(Peer),

@@ -11,7 +11,11 @@
 -export([prepare/1, child_specs/2, request/4, request_worker/3, checkout/2, checkin/1, info/1]).
 -export([init/1, handle_call/3, handle_cast/2, handle_info/2, terminate/2]).
 
+%% At most this many polls before a caller blocks; the NIF ends the spin sooner, after
+%% spin_us or at once when spinning does not pay (c_src/common/spin_wait.hpp).
 -define(SPIN, 200).
+%% The longest a context and a caller spin before they block (adaptive, see above).
+-define(DEFAULT_SPIN_US, 50).
 
 %% A held context: the pool's name and the NIF's context.
 -type ref() :: {atom(), reference()}.
@@ -104,7 +108,7 @@ init({Name, Opts}) ->
         ok ->
             NifOpts = #{none => maps:get(none, Opts, undefined),
                         binary => maps:get(binary, Opts, str),
-                        spin_us => maps:get(spin_us, Opts, 50),
+                        spin_us => maps:get(spin_us, Opts, ?DEFAULT_SPIN_US),
                         kill_grace_ms => maps:get(kill_grace_ms, Opts, 2000),
                         %% What Python sends (results, callbacks) is bounded as port mode's
                         %% frames are; it makes new atoms only as the pool allows, and never
@@ -187,7 +191,9 @@ answer(_Name, _Ctx, Answer) ->
 %% A short call answers within microseconds, sooner than this scheduler could go to sleep
 %% and be woken by a message: poll for the answer a little (it waits in the job, so
 %% Python's thread sends nothing), yielding between polls so that the other processes of
-%% this scheduler (other callers, say) run meanwhile; then wait for it as a message.
+%% this scheduler (other callers, say) run meanwhile; then wait for it as a message. The
+%% NIF says `wait` once spinning stops paying (adaptive: a busy machine makes callers
+%% block at once).
 spin(Ref, Job, Handle, Deadline, N) ->
     case erpy_nif:poll(Job, N =:= 0) of
         {done, Answer} -> Answer;

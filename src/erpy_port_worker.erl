@@ -21,8 +21,9 @@
 -define(WATCH_MS, 50).
 -define(PROTOCOL_VERSION, 2).
 -define(READY_TIMEOUT_MS, 60000).
-%% How long an idle worker polls for the next request before it sleeps (see
-%% c_src/worker/channel.hpp): waking a sleeping process costs far more on VMs.
+%% The longest an idle worker polls for the next request before it sleeps (waking a
+%% sleeping process costs far more on VMs). Adaptive (c_src/common/spin_wait.hpp): the
+%% worker spins only while its spins find requests and keep their CPU, else it blocks.
 -define(DEFAULT_SPIN_US, 50).
 %% How often the worker's OS process is looked at (/proc), and how long a dead one's pipe
 %% may stay open once its process group is killed.

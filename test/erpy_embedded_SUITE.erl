@@ -16,7 +16,7 @@
          allow_list/1, send_and_self/1, handles/1, handles_no_leak/1, checkout_state/1,
          checkout_holder_dies/1, output_to_logger/1, schedulers_stay_free/1,
          nif_reload/1, python_info/1, app_restart/1, queueing_in_order/1,
-         large_binaries/1]).
+         large_binaries/1, busy_core/1]).
 -export([map_keys/1, deep_nesting/1, result_size_limit/1, callback_size_limit/1,
          no_new_atoms/1, new_atoms_budget/1, flags_for_checks/1, send_is_a_callback/1,
          keys_equal_in_python/1]).
@@ -39,7 +39,7 @@
 
 all() ->
     [seed_examples, api_calls, same_mapping_as_port, errors, timeout_interrupts,
-     stuck_in_c_replaced, caller_dies, concurrent_mix, concurrent_timeouts, long_calls_watched, stop_pool_in_flight,
+     stuck_in_c_replaced, caller_dies, concurrent_mix, busy_core, concurrent_timeouts, long_calls_watched, stop_pool_in_flight,
      nested_callbacks, allow_list, send_and_self,
      handles,
      handles_no_leak, checkout_state, checkout_holder_dies, output_to_logger,
@@ -69,7 +69,7 @@ init_per_testcase(_Case, Config) ->
     Config.
 
 end_per_testcase(_Case, _Config) ->
-    [erpy:stop_pool(P) || P <- [?P, emb_one, emb_port, emb_q]],
+    [erpy:stop_pool(P) || P <- [?P, emb_one, emb_port, emb_q, emb_nospin]],
     ok.
 
 opts() -> #{pool => ?P}.
@@ -224,6 +224,42 @@ concurrent_mix(_Config) ->
               lists:foreach(fun({I, R}) -> check_mix(C, I, R) end, lists:zip(lists:seq(1, N), Rs))
       end, Results),
     ?assertEqual({ok, 3}, erpy:call(operator, add, [1, 2], opts())).
+
+%% With one core held by a busy loop (waiters that spin adapt and block), and with spinning off (spin_us => 0), every call, callback and timeout of a concurrent mix still gets its own answer.
+busy_core(_Config) ->
+    {ok, _} = erpy:start_pool(emb_nospin, #{mode => embedded, size => 2, spin_us => 0,
+                                            allowed => [{erlang, abs}]}),
+    Busy = busy_loop(),
+    try
+        Self = self(),
+        Callers = [spawn_link(fun() -> Self ! {done, C, [mix(C, I) || I <- lists:seq(1, 24)]} end)
+                   || C <- lists:seq(1, 4)],
+        Seq = [erpy:call(operator, add, [I, 1], #{pool => P}) || P <- [?P, emb_nospin], I <- lists:seq(1, 300)],
+        ?assertEqual([{ok, I + 1} || _ <- [?P, emb_nospin], I <- lists:seq(1, 300)], Seq),
+        Cb = [erpy:eval(<<"erlang.call('erlang', 'abs', -i)">>, #{i => I}, #{pool => P})
+              || P <- [?P, emb_nospin], I <- lists:seq(1, 50)],
+        ?assertEqual([{ok, I} || _ <- [?P, emb_nospin], I <- lists:seq(1, 50)], Cb),
+        [receive {done, C, Rs} ->
+                 lists:foreach(fun({I, R}) -> check_mix(C, I, R) end, lists:zip(lists:seq(1, 24), Rs))
+         after 60000 -> ct:fail(lost)
+         end || C <- lists:seq(1, length(Callers))]
+    after
+        stop_busy_loop(Busy)
+    end.
+
+%% An OS process spinning on one core until its stdin closes (the port closing, or this VM dying).
+busy_loop() ->
+    Python = os:getenv("ERPY_PYTHON", "/usr/bin/python3"),
+    open_port({spawn_executable, Python},
+              [{args, ["-c", "import os, threading\n"
+                             "threading.Thread(target=lambda: (os.read(0, 1), os._exit(0)), daemon=True).start()\n"
+                             "while True: pass\n"]}, use_stdio, binary]).
+
+stop_busy_loop(Port) ->
+    {os_pid, OsPid} = erlang:port_info(Port, os_pid),
+    port_close(Port),
+    _ = os:cmd("kill -9 " ++ integer_to_list(OsPid) ++ " 2>/dev/null"),
+    ok.
 
 %% Many calls timing out at once on every context are all interrupted: afterwards no context is still busy.
 concurrent_timeouts(_Config) ->

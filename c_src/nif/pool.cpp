@@ -30,10 +30,14 @@ Pool::~Pool() = default;  // only once every context thread has ended (each hold
 
 void Pool::start() {
   auto self = shared_from_this();
+  const std::int64_t spin_ns = std::int64_t{std::max(0, o_.spin_us)} * 1000;
+  idle_spin_.set_max_ns(spin_ns);
+  caller_spin_.set_max_ns(spin_ns);
   for (int i = 0; i < o_.size; ++i) {
     auto c = std::make_unique<Context>();
     c->pool = this;
     c->index = i;
+    c->callback_spin.set_max_ns(spin_ns);
     c->handle = make_resource<ContextHandle>(Runtime::get().types.context, ContextHandle{self, i});
     ctxs_.push_back(std::move(c));
   }
@@ -137,6 +141,7 @@ bool Pool::submit(const ResourcePtr<Job>& job, int context) {
   }
   // Told to a spinning context only now that the mutex is free, so that it does not go to
   // sleep on the mutex we still held (a futex wait and wake, tens of microseconds here).
+  caller_cpu_.store(current_cpu(), std::memory_order_relaxed);
   queued_.fetch_add(1, std::memory_order_release);
   return true;
 }
@@ -178,13 +183,38 @@ Pool::Outcome Pool::cancel(Job* job, ErlNifEnv* env, ERL_NIF_TERM* answer) {
 }
 
 Pool::Poll Pool::poll(Job* job, bool block, ErlNifEnv* env, ERL_NIF_TERM* answer) {
-  // Polling must not compete for the mutex with the thread that is about to answer.
-  if (!block && !job->settled.load(std::memory_order_acquire)) return Poll::Pending;
+  // The caller spins (polls, yielding to its scheduler's other processes between polls)
+  // while the pool's caller policy says that pays, for at most spin_us; then it blocks
+  // and the answer comes as a message.
+  const std::int64_t until = job->poll_until.load(std::memory_order_relaxed);
+  if (!block && !job->settled.load(std::memory_order_acquire)) {
+    const std::int64_t now = mono_ns();
+    if (until == 0) {
+      const std::int64_t budget = caller_spin_.budget_ns();
+      if (budget > 0) job->poll_until.store(now + budget, std::memory_order_relaxed);
+      block = budget <= 0;
+    } else if (now >= until) {
+      caller_spin_.record(SpinPolicy::Outcome::timed_out);
+      block = true;
+    }
+    if (!block) {
+      // The context we wait for last ran on this CPU: it cannot answer while this
+      // scheduler holds the CPU, so let it run (both on one core: a busy machine).
+      const int cpu = current_cpu();
+      caller_cpu_.store(cpu, std::memory_order_relaxed);
+      if (cpu >= 0 && cpu == ctx_cpu_.load(std::memory_order_relaxed)) sched_yield();
+      // Polling must not compete for the mutex with the thread that is about to answer.
+      return Poll::Pending;
+    }
+  }
+  // An answer (or callback) found while spinning: spinning paid.
+  if (!block && until > 0) caller_spin_.record(SpinPolicy::Outcome::found);
   std::lock_guard<PoolMutex> lock(m_);
   if (job->callback_env) {
     *answer = enif_make_copy(env, job->callback);
     job->callback_env.reset();
     job->settled.store(false, std::memory_order_relaxed);
+    job->poll_until.store(0, std::memory_order_relaxed);  // a new spin for what follows
     return Poll::Callback;
   }
   if (job->answer_env) {
@@ -261,19 +291,19 @@ ERL_NIF_TERM Pool::info(ErlNifEnv* env) {
 
 // ---- the context thread ----------------------------------------------------------------
 
-// Busy-waits up to spin_us for `ready`, reading the clock only now and then (on these
-// virtual machines a clock read costs more than the check).
+// Busy-waits for `ready` as the policy allows (common/spin_wait.hpp), reading the clock
+// only every 64 checks (on these virtual machines a clock read costs more than a check).
+// At each clock read: a caller on this very CPU cannot submit or answer while we spin
+// here, so the CPU goes to it.
 template <class Ready>
-void Pool::spin_until(Ready ready) const {
-  if (o_.spin_us <= 0) return;
-  const auto until = Clock::now() + std::chrono::microseconds(o_.spin_us);
-  for (;;) {
-    for (int i = 0; i < 64; ++i) {
-      if (ready()) return;
-      cpu_relax();
-    }
-    if (Clock::now() >= until) return;
-  }
+Spun Pool::spin(SpinPolicy& policy, Ready ready) {
+  const int cpu = current_cpu();
+  ctx_cpu_.store(cpu, std::memory_order_relaxed);
+  return adaptive_spin(policy, 64, ready, [] { cpu_relax(); }, [this] {
+    const int cpu = current_cpu();
+    ctx_cpu_.store(cpu, std::memory_order_relaxed);
+    if (cpu >= 0 && cpu == caller_cpu_.load(std::memory_order_relaxed)) sched_yield();
+  });
 }
 
 ResourcePtr<Job> Pool::next_job(Context& c, std::unique_lock<PoolMutex>& lock) {
@@ -292,20 +322,25 @@ ResourcePtr<Job> Pool::next_job(Context& c, std::unique_lock<PoolMutex>& lock) {
       return j;
     }
     // Nothing to do: spin a little first (one context at a time), since the next request
-    // of a busy caller usually comes within microseconds and a sleep/wake pair costs more.
+    // of a busy caller usually comes within microseconds and a sleep/wake pair costs more;
+    // as long as spinning pays (idle_spin_).
+    bool timed = false;
     if (!c.held && o_.spin_us > 0 &&
         !spinning_.exchange(true, std::memory_order_acq_rel)) {
       lock.unlock();
-      spin_until([this] { return queued_.load(std::memory_order_acquire) > 0; });
+      const Spun s = spin(idle_spin_, [this] { return queued_.load(std::memory_order_acquire) > 0; });
       lock.lock();
       spinning_.store(false, std::memory_order_release);
       if (!queue_.empty() || closing_ || !c.pinned.empty()) continue;
+      timed = s == Spun::skipped;
     }
+    const std::int64_t blocked_at = timed ? mono_ns() : 0;
     c.idle = true;
     c.wake = false;
     c.cv.wait(lock, [&] { return c.wake; });
     c.idle = false;
     c.wake = false;
+    if (timed) idle_spin_.record_blocked(mono_ns() - blocked_at);
   }
 }
 
@@ -316,6 +351,7 @@ void Pool::run_taken(Context& c, ResourcePtr<Job> job, std::unique_lock<PoolMute
   if (job->state != JobState::Canceled) {
     job->state = JobState::Running;
     job->started = Clock::now();
+    ctx_cpu_.store(current_cpu(), std::memory_order_relaxed);
     c.running.push_back(job.get());
     lock.unlock();
     run_job(c, job.get());
@@ -401,6 +437,7 @@ void Pool::replace_stuck() {
         auto repl = std::make_unique<Context>();
         repl->pool = this;
         repl->index = c.index;
+        repl->callback_spin.set_max_ns(c.callback_spin.max_ns());
         repl->handle = std::move(c.handle);
         repl->pinned.swap(c.pinned);
         c.retired = true;
@@ -729,13 +766,16 @@ PyRef Pool::erlang_callback(Context& c, const char* kind, PyObject* m, PyObject*
     // Wait for the answer, running the nested requests the callback makes meanwhile. A
     // callback into Erlang usually answers within microseconds: spin for it first.
     lock.unlock();
-    spin_until([job] { return job->reply_ready.load(std::memory_order_acquire); });
+    const bool timed =
+        spin(c.callback_spin, [job] { return job->reply_ready.load(std::memory_order_acquire); }) == Spun::skipped;
+    const std::int64_t blocked_at = timed ? mono_ns() : 0;
     lock.lock();
     while (!canceled) {
       c.cv.wait(lock, [&] {
         return job->reply_env || job->state == JobState::Canceled || !c.pinned.empty() || closing_;
       });
       if (job->reply_env) {
+        if (timed) c.callback_spin.record_blocked(mono_ns() - blocked_at);
         reply_env = std::move(job->reply_env);
         reply = job->reply;
         job->reply_ready.store(false, std::memory_order_relaxed);

@@ -24,6 +24,7 @@
 #include "convert.hpp"
 #include "env_cache.hpp"
 #include "resource.hpp"
+#include "common/spin_wait.hpp"
 #include "spin_mutex.hpp"
 #include "py/ref.hpp"
 
@@ -58,6 +59,10 @@ struct Job {
   bool blocking = false;
   std::atomic<bool> settled{false};  // answer_env set, or blocking: poll may take the lock
   std::atomic<bool> reply_ready{false};  // reply_env set: the context may stop spinning
+  // The caller's spin (poll/2 before it blocks): when it ends (monotonic ns, 0: not
+  // started). Touched only by the caller's process; atomic because that process moves
+  // between scheduler threads in ways ThreadSanitizer does not see.
+  std::atomic<std::int64_t> poll_until{0};
   bool monitored = false;
   ErlNifMonitor monitor{};
   std::chrono::steady_clock::time_point started{};
@@ -93,6 +98,7 @@ struct Context {
   ErlNifMonitor holder_monitor{};
   bool holder_monitored = false;
   std::atomic<bool> interrupt_pending{false};
+  SpinPolicy callback_spin;  // waiting for a callback's answer (this context's thread only)
   // Touched only by this context's thread, with the GIL:
   py::PyRef held_ns;
 };
@@ -157,7 +163,7 @@ class Pool : public std::enable_shared_from_this<Pool> {
   friend struct ContextThread;
   void serve(Context& c);
   template <class Ready>
-  void spin_until(Ready ready) const;
+  Spun spin(SpinPolicy& policy, Ready ready);
   ResourcePtr<Job> next_job(Context& c, std::unique_lock<PoolMutex>& lock);
   void run_taken(Context& c, ResourcePtr<Job> job, std::unique_lock<PoolMutex>& lock);
   void run_job(Context& c, Job* job) noexcept;
@@ -182,6 +188,15 @@ class Pool : public std::enable_shared_from_this<Pool> {
   std::atomic<long> queued_{0};  // a hint for spinners (may lag the queue a little)
   std::atomic<int> inflight_{0};  // submitted, not yet finished
   std::atomic<bool> spinning_{false};
+  // Adaptive waiting (common/spin_wait.hpp): the idle context that spins for the next job
+  // (one at a time), and the callers polling for their answers.
+  SpinPolicy idle_spin_;
+  SpinPolicy caller_spin_;
+  // Where a context thread and a caller last ran (CPU numbers, -1: unknown). A spinner
+  // whose awaited thread is on its own CPU yields the CPU instead: that thread cannot run
+  // while we spin there.
+  std::atomic<int> ctx_cpu_{-1};
+  std::atomic<int> caller_cpu_{-1};
   std::vector<ResourcePtr<Job>> to_interrupt_;  // canceled while running; guarded by m_
   // Contexts replaced while stuck, until their threads end; guarded by m_.
   std::vector<std::unique_ptr<Context>> retired_;

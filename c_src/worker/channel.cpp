@@ -9,7 +9,6 @@
 #include <unistd.h>
 
 #include <algorithm>
-#include <chrono>
 #include <cerrno>
 #include <cstddef>
 #include <cstdio>
@@ -50,17 +49,30 @@ void Channel::drop_spin_token() noexcept {
   if (spin_token_ >= 0) close(std::exchange(spin_token_, -1));
 }
 
-// Polls the pipe for up to spin_us_ before the caller blocks on it. The token is kept
-// while requests keep coming within the window, and given up when the worker goes idle.
-void Channel::spin() noexcept {
-  if (!take_spin_token()) return;
-  const auto until = std::chrono::steady_clock::now() + std::chrono::microseconds(spin_us_);
-  do {
-    pollfd p{in_, POLLIN, 0};
-    if (poll(&p, 1, 0) != 0) return;
-    sched_yield();
-  } while (std::chrono::steady_clock::now() < until);
+// Polls the pipe before the caller blocks on it, as long as the policy says spinning
+// pays (common/spin_wait.hpp): sched_yield between polls hands the core to any thread
+// that wants it, and such a thread shows as a gap that stops the spin. The token is kept
+// while requests keep coming within the window, and given up when the worker blocks.
+Spun Channel::spin() noexcept {
+  // The policy first: a worker that blocks at once makes no system call for the token.
+  const std::int64_t budget = policy_.budget_ns();
+  if (budget <= 0) {
+    drop_spin_token();
+    return Spun::skipped;
+  }
+  if (!take_spin_token()) return Spun::gave_up;
+  bool contended = false;
+  const SpinPolicy::Outcome o = spin_for(
+      budget, 1,
+      [this] {
+        pollfd p{in_, POLLIN, 0};
+        return poll(&p, 1, 0) != 0;
+      },
+      [] { sched_yield(); }, [] {}, &contended);
+  policy_.record(contended ? SpinPolicy::Outcome::preempted : o);
+  if (o == SpinPolicy::Outcome::found) return Spun::found;
   drop_spin_token();
+  return Spun::gave_up;
 }
 
 Channel::Fill Channel::fill(bool interruptible) {
@@ -71,10 +83,14 @@ Channel::Fill Channel::fill(bool interruptible) {
     rlen_ -= rpos_;
     rpos_ = 0;
   }
-  if (spin_us_ && interruptible) spin();
+  // A wait the policy let block at once is timed: one that ends within the spin budget
+  // tells the policy that spinning would have paid.
+  const bool timed = policy_.max_ns() > 0 && interruptible && spin() == Spun::skipped;
+  const std::int64_t blocked_at = timed ? mono_ns() : 0;
   for (;;) {
     const ssize_t got = ::read(in_, rbuf_.data() + rlen_, rbuf_.size() - rlen_);
     if (got > 0) {
+      if (timed) policy_.record_blocked(mono_ns() - blocked_at);
       rlen_ += static_cast<std::size_t>(got);
       return Fill::ok;
     }

@@ -9,6 +9,7 @@
 #include <string_view>
 #include <vector>
 
+#include "common/spin_wait.hpp"
 #include "etf/encode.hpp"
 #include "py/buffer.hpp"
 
@@ -52,16 +53,18 @@ class Channel {
   // The same with `tail` bytes after the buffer's, written from where they are (writev).
   bool write_frame(ByteBuffer& b, const std::uint8_t* tail, std::size_t tail_len);
 
-  // Before sleeping on an empty pipe, poll it for this long: a caller that sends its next
-  // request at once finds the worker awake (waking a sleeping process costs tens of
-  // microseconds on virtual machines). 0 turns it off.
+  // Before sleeping on an empty pipe, poll it for up to `us`: a caller that sends its
+  // next request at once finds the worker awake (waking a sleeping process costs tens of
+  // microseconds on virtual machines). Adaptive (common/spin_wait.hpp): the worker spins
+  // only while spins find a request and keep their CPU; 0 turns spinning off.
   // Spinning workers compete with the VM for the CPUs, so at most `limit` workers of a
   // `group` (one VM) spin at a time; the others sleep at once.
   void set_spin(unsigned us, std::string group, unsigned limit) {
-    spin_us_ = us;
+    policy_.set_max_ns(std::int64_t{us} * 1000);
     spin_group_ = std::move(group);
     spin_limit_ = limit;
   }
+  const SpinPolicy& spin_policy() const noexcept { return policy_; }
 
   std::mutex& read_mutex() noexcept { return read_mu_; }
   int in_fd() const noexcept { return in_; }
@@ -76,7 +79,7 @@ class Channel {
   enum class Fill { ok, eof, interrupted };
   // Reads what the pipe has (one system call) into the read-ahead buffer.
   Fill fill(bool interruptible);
-  void spin() noexcept;
+  Spun spin() noexcept;
   bool read_exact(std::uint8_t* p, std::size_t n);
   bool skip_exact(std::size_t n);
   std::size_t avail() const noexcept { return rlen_ - rpos_; }
@@ -88,7 +91,7 @@ class Channel {
   std::vector<std::uint8_t> rbuf_ = std::vector<std::uint8_t>(kReadAhead);
   std::size_t rpos_ = 0;
   std::size_t rlen_ = 0;
-  unsigned spin_us_ = 0;
+  SpinPolicy policy_;
   std::string spin_group_;
   unsigned spin_limit_ = 1;
   // A bound abstract Unix socket is a token: the kernel frees it when the process dies.
