@@ -186,7 +186,7 @@ echo_maps(#{pairs := Pairs}, Mode, Pool, Procs0, Target, Notes) ->
     Floor = fun() ->
                 Frame = erpy_call:encode_request(erpy_request:call(<<"copy">>, <<"copy">>, [T], #{}), 1, 5000, self()),
                 port_command(Cat, Frame),
-                receive {Cat, {data, Back}} -> {call, _, _, _, _, _, [T], _} = binary_to_term(Back) end
+                receive {Cat, {data, Back}} -> {request, _, #{args := [T]}} = binary_to_term(Back) end
             end,
     N = 10,
     _ = [Erpy() || _ <- lists:seq(1, 3)],
