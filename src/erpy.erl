@@ -11,9 +11,11 @@
          exec/1, exec/2,
          getattr/2, getattr/3,
          start_pool/2, stop_pool/1,
-         checkout/1, checkout/2, checkin/1, with_worker/2, with_worker/3, pool_info/1]).
+         checkout/1, checkout/2, checkin/1, with_worker/2, with_worker/3, pool_info/1,
+         async_call/3, async_call/4, async_eval/2, async_eval/3, async_run/1,
+         await/1, await/2, cancel/1]).
 
--export_type([python_error/0, error_reason/0, pool/0, call_opts/0, worker/0, mode/0]).
+-export_type([python_error/0, error_reason/0, pool/0, call_opts/0, worker/0, mode/0, async_id/0]).
 
 -type pool() :: atom().
 -type python_error() :: #{type := binary(), message := binary(), traceback := [binary()]}.
@@ -34,6 +36,7 @@
 -type mode() :: port | embedded | node.
 %% A held worker: opaque, hand it back with checkin/1 (erpy_transport).
 -type worker() :: erpy_transport:worker().
+-type async_id() :: erpy_async:id().
 -type call_opts() :: #{kwargs => map(),
                        handle => boolean(),
                        timeout => timeout(),
@@ -199,6 +202,51 @@ with_worker(Pool, Fun, Timeout) ->
         Error ->
             Error
     end.
+
+%% @doc Starts call/4 without waiting: `{ok, Id}` at once. The answer (what call/4 would
+%% return) comes as the message `{erpy_reply, Id, Answer}`: wait for it with await/1,2,
+%% or match it in a gen_server's handle_info. Any number may be in flight per caller;
+%% each has its own timeout (the `timeout` option), so each is answered. Answers come in
+%% the order the requests finish, not the order they were made.
+-spec async_call(atom() | binary(), atom() | binary(), [term()]) -> {ok, async_id()}.
+async_call(Module, Function, Args) ->
+    async_call(Module, Function, Args, #{}).
+
+-spec async_call(atom() | binary(), atom() | binary(), [term()], call_opts()) -> {ok, async_id()}.
+async_call(Module, Function, Args, Opts) ->
+    erpy_async:start(fun() -> call(Module, Function, Args, Opts) end, Opts).
+
+-spec async_eval(iodata(), map()) -> {ok, async_id()}.
+async_eval(Expression, Locals) ->
+    async_eval(Expression, Locals, #{}).
+
+-spec async_eval(iodata(), map(), call_opts()) -> {ok, async_id()}.
+async_eval(Expression, Locals, Opts) ->
+    erpy_async:start(fun() -> eval(Expression, Locals, Opts) end, Opts).
+
+%% As run/1, asynchronously; `timeout` in the map is the request's timeout.
+-spec async_run(#{code := iodata(), arguments => term(), pool => pool(), timeout => timeout()}) ->
+    {ok, async_id()}.
+async_run(Req) when is_map(Req) ->
+    Timeout = maps:get(timeout, Req, default_timeout()),
+    erpy_async:start(fun() -> run(maps:remove(timeout, Req), Timeout) end, #{}).
+
+%% @doc The answer of an asynchronous request (see async_call/4). await/1 waits for it
+%% (it always comes: the request has its own timeout); await/2 gives up after `Timeout`
+%% with `{error, timeout}` and leaves the request running (await again, or cancel/1).
+-spec await(async_id()) -> term().
+await(Id) ->
+    erpy_async:await(Id, infinity).
+
+-spec await(async_id(), timeout()) -> term().
+await(Id, Timeout) ->
+    erpy_async:await(Id, Timeout).
+
+%% @doc Stops an asynchronous request: its Python call is interrupted as for a caller that
+%% gave up, and no answer comes after cancel/1 returns.
+-spec cancel(async_id()) -> ok | {error, {badarg, term()}}.
+cancel(Id) ->
+    erpy_async:cancel(Id).
 
 %% Internal.
 

@@ -5,7 +5,7 @@
 -module(erpy_call).
 
 -export([request/3, request_worker/4, nested_worker/1]).
--export([encode_request/4, apply_callback/3]).
+-export([encode_request/4, apply_callback/3, nesting/0, set_nesting/1]).
 
 -define(NESTED, '$erpy_nested').
 
@@ -223,6 +223,19 @@ nested_worker(Pool) ->
         [{Pool, Worker} | _] -> {ok, Worker};
         _ -> error
     end.
+
+%% The calling process's nesting stack, for a process that makes requests on its behalf
+%% (erpy_async's runners), so that those nest as the caller's own would.
+-spec nesting() -> term().
+nesting() ->
+    get(?NESTED).
+
+-spec set_nesting(term()) -> ok.
+set_nesting(undefined) ->
+    ok;
+set_nesting(Stack) ->
+    put(?NESTED, Stack),
+    ok.
 
 stack(undefined) -> [];
 stack(S) -> S.

@@ -10,9 +10,9 @@
          init_per_group/2, end_per_group/2]).
 -export([values/1, call_forms/1, eval_exec_run/1, python_errors/1, timeouts/1,
          callbacks/1, nested/1, checkout/1, unknown_pool/1, stopped_pool/1,
-         bad_arguments/1, policy_refusals/1]).
+         bad_arguments/1, policy_refusals/1, async/1, async_cancel/1]).
 %% Called from Python.
--export([twice/1, again/1]).
+-export([twice/1, again/1, again_async/1]).
 
 -define(P, contract).
 
@@ -21,7 +21,8 @@ all() ->
 
 groups() ->
     Cases = [values, call_forms, eval_exec_run, python_errors, timeouts, callbacks, nested,
-             checkout, unknown_pool, stopped_pool, bad_arguments, policy_refusals],
+             checkout, unknown_pool, stopped_pool, bad_arguments, policy_refusals, async,
+             async_cancel],
     [{Mode, [], Cases} || Mode <- [port, embedded, node]].
 
 suite() ->
@@ -51,7 +52,8 @@ end_per_group(_Mode, _Config) ->
 start_pool(Mode, Config) ->
     Size = case Mode of node -> #{start => 1}; _ -> #{size => 1} end,
     {ok, _} = erpy:start_pool(?P, Size#{mode => Mode, kill_grace_ms => 500,
-                                        allowed => [{?MODULE, twice, 1}, {?MODULE, again, 1}]}),
+                                        allowed => [{?MODULE, twice, 1}, {?MODULE, again, 1},
+                                                    {?MODULE, again_async, 1}]}),
     ok = erpy_test_env:wait_serves(?P, 300),
     [{mode, Mode} | Config].
 
@@ -123,6 +125,55 @@ nested(_Config) ->
     ?assertEqual({ok, #{status => ok, result => 12}},
                  erpy:run(#{code => <<"result = erlang.call('erpy_contract_SUITE', 'again', 6)">>, pool => ?P})).
 
+%% Asynchronous requests: the same answers as the synchronous ones, as messages a
+%% gen_server could match, many in flight from one process with none lost, callbacks and
+%% nesting inside them, await's own timeout.
+async(_Config) ->
+    {ok, Id} = erpy:async_call(operator, add, [1, 2], ?O),
+    ?assertEqual({ok, 3}, erpy:await(Id)),
+    {ok, Id2} = erpy:async_eval(<<"1 / 0">>, #{}, ?O),
+    ?assertEqual(erpy:eval(<<"1 / 0">>, #{}, ?O), erpy:await(Id2, 5000)),
+    {ok, Id3} = erpy:async_run(#{code => <<"result = erlang.call('erpy_contract_SUITE', 'twice', arguments)">>,
+                                 arguments => 4, pool => ?P}),
+    ?assertEqual({ok, #{status => ok, result => 8}}, erpy:await(Id3)),
+    %% The answer is a message: {erpy_reply, Id, Answer}.
+    {ok, Id4} = erpy:async_call(operator, mul, [6, 7], ?O),
+    receive {erpy_reply, Id4, Answer} -> ?assertEqual({ok, 42}, Answer)
+    after 5000 -> ct:fail(no_reply)
+    end,
+    %% Many in flight from one process: every one answered, with its own value.
+    Ids = [{I, element(2, erpy:async_call(operator, add, [I, 1], ?O))} || I <- lists:seq(1, 1000)],
+    [?assertEqual({ok, I + 1}, erpy:await(Id5, 30000)) || {I, Id5} <- Ids],
+    %% Nested: an async request made and awaited inside a callback reaches the worker
+    %% that waits for the callback (a pool of one would deadlock otherwise).
+    ?assertEqual({ok, #{status => ok, result => 12}},
+                 erpy:run(#{code => <<"result = erlang.call('erpy_contract_SUITE', 'again_async', 6)">>, pool => ?P})),
+    %% await/2 gives up on its own; the request goes on and still answers.
+    {ok, Slow} = erpy:async_eval(<<"__import__('time').sleep(0.3) or 5">>, #{}, ?O),
+    ?assertEqual({error, timeout}, erpy:await(Slow, 10)),
+    ?assertEqual({ok, 5}, erpy:await(Slow, 5000)),
+    ?assertMatch({error, {badarg, _}}, erpy:await(not_an_id, 10)),
+    %% Nothing left behind in the mailbox.
+    ?assertEqual({messages, []}, process_info(self(), messages)).
+
+%% cancel/1 interrupts the Python call (the worker serves again at once) and no answer
+%% comes after it; a caller that dies interrupts its requests too.
+async_cancel(_Config) ->
+    {ok, Id} = erpy:async_eval(<<"__import__('time').sleep(10)">>, #{}, ?O#{timeout => 20000}),
+    timer:sleep(100),
+    ok = erpy:cancel(Id),
+    T0 = erlang:monotonic_time(millisecond),
+    ?assertEqual({ok, 2}, erpy:eval(<<"1 + 1">>, #{}, ?O#{timeout => 5000})),
+    ?assert(erlang:monotonic_time(millisecond) - T0 < 4000),
+    receive {erpy_reply, Id, _} -> ct:fail(answer_after_cancel) after 200 -> ok end,
+    Caller = spawn(fun() -> {ok, _} = erpy:async_eval(<<"__import__('time').sleep(10)">>, #{}, ?O#{timeout => 20000}), receive never -> ok end end),
+    timer:sleep(100),
+    exit(Caller, kill),
+    T1 = erlang:monotonic_time(millisecond),
+    ?assertEqual({ok, 3}, erpy:eval(<<"1 + 2">>, #{}, ?O#{timeout => 5000})),
+    ?assert(erlang:monotonic_time(millisecond) - T1 < 4000),
+    ?assertEqual({messages, []}, process_info(self(), messages)).
+
 checkout(_Config) ->
     {ok, W} = erpy:checkout(?P),
     ok = erpy:exec(<<"kept = 5">>, #{worker => W}),
@@ -176,6 +227,11 @@ policy_refusals(_Config) ->
 %% Helpers.
 
 twice(X) -> 2 * X.
+
+again_async(X) ->
+    {ok, Id} = erpy:async_eval(<<"x * 2">>, #{x => X}, #{pool => ?P}),
+    {ok, V} = erpy:await(Id),
+    V.
 
 again(X) ->
     {ok, V} = erpy:eval(<<"x * 2">>, #{x => X}, #{pool => ?P}),
