@@ -10,7 +10,7 @@
          init_per_group/2, end_per_group/2]).
 -export([values/1, call_forms/1, eval_exec_run/1, python_errors/1, timeouts/1,
          callbacks/1, nested/1, checkout/1, unknown_pool/1, stopped_pool/1,
-         bad_arguments/1, policy_refusals/1, async/1, async_cancel/1]).
+         bad_arguments/1, policy_refusals/1, async/1, async_cancel/1, coroutines/1]).
 %% Called from Python.
 -export([twice/1, again/1, again_async/1]).
 
@@ -22,7 +22,7 @@ all() ->
 groups() ->
     Cases = [values, call_forms, eval_exec_run, python_errors, timeouts, callbacks, nested,
              checkout, unknown_pool, stopped_pool, bad_arguments, policy_refusals, async,
-             async_cancel],
+             async_cancel, coroutines],
     [{Mode, [], Cases} || Mode <- [port, embedded, node]].
 
 suite() ->
@@ -174,6 +174,48 @@ async_cancel(_Config) ->
     ?assert(erlang:monotonic_time(millisecond) - T1 < 4000),
     ?assertEqual({messages, []}, process_info(self(), messages)).
 
+%% A request whose result is awaitable runs on the worker's event loop; a timeout
+%% cancels the task (CancelledError in Python) and answers timeout; Python awaits Erlang
+%% with erlang.acall/aapply under the same allow-list.
+coroutines(Config) ->
+    ?assertEqual({ok, 5}, erpy:call(asyncio, sleep, [0.01, 5], ?O)),
+    ?assertEqual({ok, 7}, erpy:eval(<<"__import__('asyncio').sleep(0, 7)">>, #{}, ?O)),
+    ?assertEqual({ok, #{status => ok, result => 42}},
+                 erpy:run(#{code => <<"result = erlang.acall('erpy_contract_SUITE', 'twice', 21)">>, pool => ?P})),
+    ?assertEqual({ok, 16}, erpy:eval(<<"erlang.aapply('erpy_contract_SUITE', 'twice', [8])">>, #{}, ?O)),
+    {error, #{type := <<"ErlangError">>}} = erpy:eval(<<"erlang.acall('os', 'cmd', 'id')">>, #{}, ?O),
+    {ok, #{status := error, error := #{type := <<"ValueError">>, message := <<"no">>}}} =
+        erpy:run(#{code => <<"async def f():\n    raise ValueError('no')\nresult = f()">>, pool => ?P}),
+    %% Several coroutines on the loop at once: gather.
+    ?assertEqual({ok, #{status => ok, result => [1, 2, 3]}},
+                 erpy:run(#{code => <<"import asyncio\n"
+                                      "async def main():\n"
+                                      "    return await asyncio.gather(*[asyncio.sleep(0.01, i) for i in (1, 2, 3)])\n"
+                                      "result = main()">>, pool => ?P})),
+    %% Once the worker has a loop, futures made outside a coroutine belong to it (node
+    %% mode runs requests on several threads: there, write async def).
+    [?assertEqual({ok, [1, 2]},
+                  erpy:eval(<<"__import__('asyncio').gather(*[__import__('asyncio').sleep(0.01, i) for i in (1, 2)])">>, #{}, ?O))
+     || ?config(mode, Config) =/= node],
+    {ok, W} = erpy:checkout(?P),
+    try
+        ok = erpy:exec(<<"import asyncio\nseen = []\n"
+                         "async def waits():\n"
+                         "    try:\n        await asyncio.sleep(10)\n"
+                         "    except asyncio.CancelledError:\n        seen.append('cancelled')\n        raise\n">>,
+                       #{worker => W}),
+        T0 = erlang:monotonic_time(millisecond),
+        ?assertEqual({error, timeout}, erpy:eval(<<"waits()">>, #{}, #{worker => W, timeout => 300})),
+        %% The loop was woken: the task saw CancelledError well before its sleep's end
+        %% (node mode may answer the next request while the cancel still runs).
+        ok = until(fun() -> erpy:eval(<<"seen">>, #{}, #{worker => W}) =:= {ok, [<<"cancelled">>]} end, 100),
+        ?assert(erlang:monotonic_time(millisecond) - T0 < 5000),
+        %% The loop is usable again.
+        ?assertEqual({ok, 9}, erpy:eval(<<"asyncio.sleep(0, 9)">>, #{}, #{worker => W}))
+    after
+        erpy:checkin(W)
+    end.
+
 checkout(_Config) ->
     {ok, W} = erpy:checkout(?P),
     ok = erpy:exec(<<"kept = 5">>, #{worker => W}),
@@ -227,6 +269,13 @@ policy_refusals(_Config) ->
 %% Helpers.
 
 twice(X) -> 2 * X.
+
+until(F, 0) -> F() orelse ct:fail(never_true), ok;
+until(F, N) ->
+    case F() of
+        true -> ok;
+        false -> timer:sleep(20), until(F, N - 1)
+    end.
 
 again_async(X) ->
     {ok, Id} = erpy:async_eval(<<"x * 2">>, #{x => X}, #{pool => ?P}),

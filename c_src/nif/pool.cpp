@@ -820,7 +820,16 @@ void Pool::log(PyObject* stream, PyObject* text) {
 // ---- the service thread ------------------------------------------------------------------
 
 void Pool::interrupt_canceled() {
-  std::lock_guard<PoolMutex> lock(m_);
+  std::vector<unsigned long> woken;
+  {
+    std::lock_guard<PoolMutex> lock(m_);
+    interrupt_canceled_locked(woken);
+  }
+  // After the lock: waking an event loop runs Python code (the exception is set already).
+  for (unsigned long tid : woken) py::wake_event_loop(tid);
+}
+
+void Pool::interrupt_canceled_locked(std::vector<unsigned long>& woken) {
   std::vector<ResourcePtr<Job>> still;
   for (auto& jp : to_interrupt_) {
     Job* j = jp.get();
@@ -829,6 +838,7 @@ void Pool::interrupt_canceled() {
       if (std::find(c.running.begin(), c.running.end(), j) != c.running.end()) {
         // KeyboardInterrupt, as port mode: `except Exception` in user code does not stop it.
         PyThreadState_SetAsyncExc(c.thread_id, PyExc_KeyboardInterrupt);
+        woken.push_back(c.thread_id);
         c.interrupt_pending = true;
         running = true;
       }

@@ -143,6 +143,7 @@ class Pool : public std::enable_shared_from_this<Pool> {
 
   // From the service thread (interrupt_canceled with the GIL).
   void interrupt_canceled();
+  void interrupt_canceled_locked(std::vector<unsigned long>& woken);  // m_ held
   void replace_stuck();  // see PoolOptions::kill_grace_ms
   bool has_interrupts();
   void kick_stalled();  // queued work and idle contexts: wake one (see wake_one_locked)

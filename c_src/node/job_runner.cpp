@@ -305,7 +305,7 @@ void JobRunner::interrupt_all() {
   GilHold gil;
   const unsigned long self = PyThread_get_thread_ident();  // a call that stops its own node
   for (auto& r : rs) {
-    if (!r->py_done && r->tid && r->tid != self) PyThreadState_SetAsyncExc(r->tid, PyExc_KeyboardInterrupt);
+    if (!r->py_done && r->tid && r->tid != self) py::interrupt_thread(r->tid);
   }
 }
 
@@ -626,7 +626,7 @@ bool JobRunner::tend(std::int64_t now) {
     ensure_thread_state();
     GilHold gil;
     for (auto& r : kill) {
-      if (!r->py_done && r->tid) PyThreadState_SetAsyncExc(r->tid, PyExc_KeyboardInterrupt);
+      if (!r->py_done && r->tid) py::interrupt_thread(r->tid);
     }
   }
   return attention;

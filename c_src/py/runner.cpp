@@ -19,6 +19,21 @@ PyRef apply_arguments(PyObject* args) {
   return PyRef::check(PySequence_List(args));
 }
 
+void interrupt_thread(unsigned long thread_id) {
+  PyThreadState_SetAsyncExc(thread_id, PyExc_KeyboardInterrupt);
+  wake_event_loop(thread_id);
+}
+
+void wake_event_loop(unsigned long thread_id) {
+  // Only a thread that ran an awaitable has imported erpy._aio: nothing to wake otherwise.
+  PyObject* modules = PyImport_GetModuleDict();  // borrowed
+  PyObject* aio = modules ? PyDict_GetItemString(modules, "erpy._aio") : nullptr;  // borrowed
+  if (!aio) return;
+  PyRef tid = PyRef::steal(PyLong_FromUnsignedLong(thread_id));
+  PyRef done = tid ? PyRef::steal(PyObject_CallMethod(aio, "wake", "O", tid.get())) : PyRef();
+  if (!done) PyErr_Clear();
+}
+
 Runner::Runner(const Types& types, PyRef erlang_module) : erlang_module_(std::move(erlang_module)) {
   builtins_ = PyRef::check(PyImport_ImportModule("builtins"));
   name_ = PyRef::check(PyUnicode_FromString("__erpy__"));
@@ -109,6 +124,23 @@ PyRef Runner::invoke(PyObject* target, PyObject* args, PyObject* kwargs) {
 }
 
 PyRef Runner::execute(const Request& r, PyObject* ns) {
+  PyRef result = dispatch(r, ns);
+  // An awaitable result (a coroutine, async def called by name) runs to its end on the
+  // thread's event loop (erpy._aio): its value is the answer.
+  PyTypeObject* type = Py_TYPE(result.get());
+  if (type->tp_as_async && type->tp_as_async->am_await) return await(result.get());
+  return result;
+}
+
+PyRef Runner::await(PyObject* awaitable) {
+  if (!aio_run_) {
+    PyRef aio = PyRef::check(PyImport_ImportModule("erpy._aio"));
+    aio_run_ = PyRef::check(PyObject_GetAttrString(aio.get(), "run"));
+  }
+  return PyRef::check(PyObject_CallOneArg(aio_run_.get(), awaitable));
+}
+
+PyRef Runner::dispatch(const Request& r, PyObject* ns) {
   switch (r.kind) {
     case RequestKind::Call:
       if (!r.target) return call(r.module.get(), r.function.get(), r.args.get(), r.kwargs.get());

@@ -18,6 +18,14 @@ namespace erpy::py {
 // anything else raises TypeError (PythonError thrown). Every mode checks it so.
 PyRef apply_arguments(PyObject* args);
 
+// Raises KeyboardInterrupt in the thread `thread_id` (a PyThreadState's id; call with the
+// GIL) and wakes the event loop it runs a request on, if it does (erpy._aio): the
+// exception lands only when that thread runs Python code again. Every mode interrupts so.
+void interrupt_thread(unsigned long thread_id);
+// The second half alone, for a caller that raised the exception under a lock of its own
+// (waking runs Python code, which may release the GIL).
+void wake_event_loop(unsigned long thread_id);
+
 class Runner {
  public:
   // `erlang_module` is what snippets see as `erlang` (the module erpy.erlang).
@@ -35,7 +43,8 @@ class Runner {
   PyRef call_on(PyObject* target, PyObject* function, PyObject* args, PyObject* kwargs);
   // Runs a request of any mode (request.hpp): its `target` if the mode's policy set one,
   // else Module.Function; eval/exec/run in `ns` (a fresh or a held worker's namespace),
-  // which callers make only when uses_namespace(r.kind).
+  // which callers make only when uses_namespace(r.kind). An awaitable result is run to
+  // its end on the thread's event loop (python/erpy/_aio.py).
   PyRef execute(const Request& r, PyObject* ns);
   PyRef eval(PyObject* source, PyObject* ns, PyObject* locals);
   // Always returns None.
@@ -50,6 +59,8 @@ class Runner {
   const PyRef& erlang_module() const noexcept { return erlang_module_; }
 
  private:
+  PyRef dispatch(const Request& r, PyObject* ns);
+  PyRef await(PyObject* awaitable);
   // Object.Function, each dotted part an attribute.
   static PyRef attribute_path(PyObject* object, PyObject* function);
   static PyRef invoke(PyObject* target, PyObject* args, PyObject* kwargs);
@@ -62,6 +73,7 @@ class Runner {
   PyRef name_;
   PyRef code_cache_;
   PyRef format_exception_;
+  PyRef aio_run_;  // erpy._aio.run, imported on the first awaitable result
   PyRef k_type_, k_message_, k_traceback_;
 };
 

@@ -7,6 +7,9 @@ it: ``from erpy import erlang``.
 - ``erlang.apply(module, function, [a1, ...])`` runs ``apply(Module, Function, Args)``.
 - ``erlang.send(pid_or_name, term)`` sends a message (no answer).
 - ``erlang.self()`` is the pid of the Erlang process the code runs for (the caller).
+- ``await erlang.acall(module, function, arg)`` and ``await erlang.aapply(...)``: the same
+  from a coroutine (a request whose result is awaitable runs on an event loop of its
+  worker; see erpy._aio). The event loop waits while Erlang works.
 
 Only what the pool's allow-list permits may be called; everything else raises
 ``ErlangError``. The exceptions are the seed's (erl_py_runner) names.
@@ -21,7 +24,8 @@ if TYPE_CHECKING:
 
 from ._errors import ErpyError
 
-__all__ = ["call", "apply", "send", "self", "ErlangError", "ErlangTimeoutError", "ErlangPortError"]
+__all__ = ["call", "apply", "send", "self", "acall", "aapply", "ErlangError", "ErlangTimeoutError",
+           "ErlangPortError"]
 
 
 class ErlangError(ErpyError):
@@ -49,6 +53,16 @@ def apply(module: str, function: str, args: list) -> Any:  # noqa: A001 - Erlang
 def send(dest: Any, message: Any) -> None:
     """Sends ``message`` to a pid (``erpy.Pid``) or a registered name."""
     _backend().erlang_send(dest, message)
+
+
+async def acall(module: str, function: str, arg: Any) -> Any:
+    """``await erlang.acall(m, f, arg)``: :func:`call` from a coroutine."""
+    return _backend().erlang_call(module, function, arg)
+
+
+async def aapply(module: str, function: str, args: list) -> Any:
+    """``await erlang.aapply(m, f, args)``: :func:`apply` from a coroutine."""
+    return _backend().erlang_apply(module, function, list(args))
 
 
 def self() -> Any:  # noqa: A001 - Erlang's name
