@@ -97,8 +97,9 @@ class _Caller:
     ``{erpy_callback_reply, CbId, ok | error, Value}``. M and F go as binaries and every
     other term Python chose inside ArgsBin (for send ``[Dest, Msg]``, M and F undefined),
     so the caller decodes them under its own rules: nothing in the message itself can
-    make an atom. The thread waits without holding the connection (another thread reads
-    it), and a cancel of the call (the caller's timeout) ends the wait."""
+    make an atom. The thread waits without holding up the connection (a call run by the
+    connection's reader goes on reading it meanwhile, so the reply is read by the waiting
+    thread itself), and a cancel of the call (the caller's timeout) ends the wait."""
 
     def __init__(self, node: "Node", pid: Pid, tag: Any) -> None:
         self._node = node
@@ -145,7 +146,9 @@ class _Caller:
         payload = encode(args)
         mb = self._mailbox()
         cb = next(self._ids)
-        mb.send(self.pid, (Atom("erpy_node_callback"), self._tag, mb.pid, cb, Atom(kind), *names, payload))
+        # To the alias: once the request is over it is gone, and the runtime drops what
+        # comes to it (a callback made after the caller gave up reaches nobody).
+        mb.send(self._tag, (Atom("erpy_node_callback"), self._tag, mb.pid, cb, Atom(kind), *names, payload))
         while True:
             msg = mb.receive()
             if type(msg) is not tuple:
@@ -158,8 +161,11 @@ class _Caller:
     def _mailbox(self) -> Any:
         if self._mb is None:
             self._mb = self._node._native.mailbox()
-            # A caller that dies ends the wait even if nobody cancels the call.
-            self._monitor = self._mb.monitor(self.pid)
+            # A caller that dies ends the wait even if nobody cancels the call. One that
+            # started the call with a monitor (a node pool's) cancels it as it goes, which
+            # ends the wait too: no monitor of ours (two frames fewer per request).
+            if not self._node._native.watched_by(self.pid):
+                self._monitor = self._mb.monitor(self.pid)
         return self._mb
 
 
