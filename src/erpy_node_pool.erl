@@ -556,26 +556,54 @@ start_local(Count, #{pool := Pool, opts := Opts} = S) ->
             Error
     end.
 
-start_all([], S) ->
-    {ok, S};
-start_all([Node | Rest], S) ->
-    case spawn_node(Node, S) of
-        {ok, S1} ->
-            case wait_up(Node, erlang:monotonic_time(millisecond) + ?START_WAIT_MS) of
-                ok -> start_all(Rest, connect(Node, S1));
-                timeout -> {error, {node_start_timeout, Node}}
-            end;
-        {error, _} = Error ->
-            Error
+%% Every node starts at once (their Python start-ups overlap), and each is connected as
+%% soon as it says it listens (its "ready on port" line), not at the next poll.
+start_all(Names, S) ->
+    Deadline = erlang:monotonic_time(millisecond) + ?START_WAIT_MS,
+    case spawn_all(Names, S) of
+        {ok, S1} -> await_ready(Names, Deadline, S1);
+        {error, _} = Error -> Error
     end.
 
+spawn_all([], S) ->
+    {ok, S};
+spawn_all([Node | Rest], S) ->
+    case spawn_node(Node, S) of
+        {ok, S1} -> spawn_all(Rest, S1);
+        {error, _} = Error -> Error
+    end.
+
+await_ready([], _Deadline, S) ->
+    {ok, S};
+await_ready(Waiting, Deadline, #{ports := Ports, pool := Pool} = S) ->
+    receive
+        {Port, {data, {_, Line}}} when is_map_key(Port, Ports) ->
+            Node = maps:get(Port, Ports),
+            logger:notice("~ts", [Line], #{domain => [erpy, node], pool => Pool, node => Node}),
+            case lists:member(Node, Waiting) andalso binary:match(Line, <<" ready on port ">>) =/= nomatch of
+                true ->
+                    case wait_up(Node, Deadline) of
+                        ok -> await_ready(lists:delete(Node, Waiting), Deadline, connect(Node, S));
+                        timeout -> {error, {node_start_timeout, Node}}
+                    end;
+                false ->
+                    await_ready(Waiting, Deadline, S)
+            end;
+        {Port, {exit_status, Status}} when is_map_key(Port, Ports) ->
+            {error, {node_start_failed, maps:get(Port, Ports), {exit_status, Status}}}
+    after max(0, Deadline - erlang:monotonic_time(millisecond)) ->
+        {error, {node_start_timeout, hd(Waiting)}}
+    end.
+
+%% The node listens (it said so): connected at once, unless its registration is slow to
+%% show (then again every 20 ms, until the deadline).
 wait_up(Node, Deadline) ->
-    case net_adm:ping(Node) of
-        pong -> ok;
-        pang ->
+    case net_kernel:connect_node(Node) of
+        true -> ok;
+        _ ->
             case erlang:monotonic_time(millisecond) > Deadline of
                 true -> timeout;
-                false -> timer:sleep(50), wait_up(Node, Deadline)
+                false -> timer:sleep(20), wait_up(Node, Deadline)
             end
     end.
 

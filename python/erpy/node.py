@@ -13,23 +13,28 @@ See doc/node.md.
 
 from __future__ import annotations
 
-import argparse
+if __name__ == "__main__":
+    # `python3 -m erpy.node` runs this file as __main__: run main() of the real module
+    # erpy.node at once, rather than define everything here first too, so that handler
+    # modules that import erpy.node (GenServer, NOREPLY) share its classes.
+    import sys
+    from erpy.node import main as _main
+    sys.exit(_main())
+
 import atexit
 import contextlib
-import glob
 import importlib
 import itertools
-import logging
 import os
-import shutil
 import signal
-import socket
-import subprocess
 import sys
 import threading
 import time
 import weakref
-from typing import Any, Callable, Iterable
+
+TYPE_CHECKING = False
+if TYPE_CHECKING:
+    from typing import Any, Callable, Iterable
 
 from . import _node
 from . import erlang as _erlang
@@ -45,7 +50,24 @@ __all__ = [
 # erpy_node_pool); it checks the allow-list itself.
 SERVICE_MODULE = "erpy.service"
 
-log = logging.getLogger("erpy.node")
+# Modules only some paths need (the command line, starting epmd, a crashed handler's log
+# line) are imported when first used: a node starts sooner without them. As attributes
+# of this module they are there all the same (erpy.node.log, erpy.node.subprocess).
+_LAZY = frozenset({"argparse", "glob", "logging", "shutil", "socket", "subprocess"})
+
+
+def __getattr__(name: str) -> Any:
+    if name in _LAZY:
+        return importlib.import_module(name)
+    if name == "log":
+        return _log()
+    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
+
+
+def _log() -> Any:
+    import logging
+    return logging.getLogger("erpy.node")
+
 
 #: The default of ``max_message_size``: the largest message (or fragmented message, its
 #: fragments together) a connection may send this node; a larger one is refused.
@@ -247,6 +269,7 @@ EPMD_PORT = 4369
 
 
 def _epmd_answers(timeout: float = 0.5) -> bool:
+    import socket
     try:
         with socket.create_connection(("127.0.0.1", EPMD_PORT), timeout=timeout):
             return True
@@ -260,6 +283,9 @@ def ensure_epmd(wait_s: float = 5.0) -> None:
     with the reason if there is no epmd to start or it never answers."""
     if _epmd_answers():
         return
+    import glob
+    import shutil
+    import subprocess
     epmd = shutil.which("epmd")
     if epmd is None:
         erl = shutil.which("erl")
@@ -361,9 +387,15 @@ class Node:
         return self._native.port
 
     def start(self) -> "Node":
-        if self._start_epmd:
+        try:
+            self._native.start()
+        except OSError:
+            # Registering failed: start epmd if none answers (and try again), as `erl
+            # -name` does; asked first only now, which spares a start the look.
+            if not self._start_epmd or _epmd_answers():
+                raise
             ensure_epmd()
-        self._native.start()
+            self._native.start()
         self._started = True
         _RUNNING.add(self)
         return self
@@ -611,7 +643,7 @@ class Node:
         except _Stop as s:
             reason = s.reason
         except BaseException as e:  # noqa: BLE001 - the process ends with the error
-            log.warning("process %r (%s) crashed", mb.pid, type(h).__name__, exc_info=True)
+            _log().warning("process %r (%s) crashed", mb.pid, type(h).__name__, exc_info=True)
             reason = format_error(e)
         try:
             h.terminate(reason)
@@ -743,6 +775,7 @@ def _env(*names: str, default: str | None = None) -> str | None:
 
 
 def main(argv: list[str] | None = None) -> int:
+    import argparse
     p = argparse.ArgumentParser(prog="python3 -m erpy.node",
                                 description="Run this Python as an Erlang node (see doc/node.md).")
     p.add_argument("--name", help="NAME@HOST (env ERPY_NODE_NAME, BPY_BEAM_NODE)")
@@ -837,10 +870,3 @@ def main(argv: list[str] | None = None) -> int:
         node.stop()
     return 0
 
-
-if __name__ == "__main__":
-    # `python3 -m erpy.node` runs this file as __main__; run main() of the real module
-    # erpy.node instead, so handler modules that import erpy.node (GenServer, NOREPLY)
-    # share its classes.
-    from erpy.node import main as _main
-    sys.exit(_main())
