@@ -3,7 +3,7 @@
 %% transport, so the nodes can be on other hosts. A node that goes down fails only the
 %% requests in flight on it ({error, {node_down, Node}}), is dropped, and rejoins when it
 %% answers again. With `start => N` the pool also runs N Python nodes on this host itself
-%% (`python3 -m erpy.node`), restarting any that exits.
+%% (erpy.node's main(), as `python3 -m erpy.node` runs it), restarting any that exits.
 %%
 %% The local Erlang node must be distributed (`erl -name/-sname`, or net_kernel:start/1).
 -module(erpy_node_pool).
@@ -613,7 +613,10 @@ spawn_node(Node, #{opts := Opts, ports := Ports} = S) ->
                  {ok, Ip} -> inet:ntoa(Ip);
                  {error, _} -> "127.0.0.1"
              end,
-    Args = ["-m", "erpy.node", "--name", atom_to_list(Node), "--listen", Listen,
+    %% `python3 -m erpy.node` compiles erpy/node.py twice (runpy's copy, then the module):
+    %% without bytecode files (PYTHONDONTWRITEBYTECODE) that is most of a node's start.
+    Args = ["-c", "import sys; from erpy.node import main; sys.exit(main())",
+            "--name", atom_to_list(Node), "--listen", Listen,
             "--allow", "*", "--allow-code", "--exit-on-eof",
             "--max-message-size", integer_to_list(node_limit(maps:get(max, S)))]
         ++ [to_list(A) || A <- maps:get(node_args, Opts, [])],

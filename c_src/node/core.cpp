@@ -376,16 +376,18 @@ bool Core::read_while_waiting(Process& p, const JobRunner::WaitScope& scope,
     if (p.waker) return false;  // another reader waits for this mailbox (rare): it reads
     p.waker = &waker;
   }
+  bool reader;
   {
     // Out of Python: the watchdog leaves the connection to this thread (under its lock,
     // so it cannot be handing the connection over meanwhile).
     std::lock_guard lk(wd_mu_);
-    if (c->reader_token.load() != token) {
-      std::lock_guard pl(p.mu);
-      p.waker = nullptr;
-      return false;
-    }
-    c->busy_since.store(0);
+    reader = c->reader_token.load() == token;
+    if (reader) c->busy_since.store(0);
+  }
+  if (!reader) {
+    std::lock_guard lk(p.mu);
+    p.waker = nullptr;
+    return false;
   }
   ++waiting_reader_;
   auto ready = [&] {

@@ -6,7 +6,9 @@
 //   job_runner.hpp     spawn requests (rpc, erpc) run as Python calls
 //
 // Threads: one acceptor; one reader per connection (it also runs the spawn requests it
-// reads, inline: no thread hand-off on the latency path); a writer per connection that
+// reads, inline: no thread hand-off on the latency path; when such a call waits for a
+// message, the reader goes on reading meanwhile, so the answer is read by the thread
+// that waits for it: wait_message); a writer per connection that
 // writes what a slow peer did not take yet (started when first needed); worker threads
 // for calls that arrive while others wait to be read; a watchdog that gives a connection
 // a new reader when its reader has been inside Python for too long, so a slow handler
@@ -15,7 +17,8 @@
 //
 // Locks: Core::mu_ (connections), the process table's, the job runner's, a connection's
 // send queue. The GIL is never taken while one of them is held, no socket is written
-// under any of them, and the GIL is released before a thread waits on a mailbox.
+// under any of them, and the GIL is released before a thread waits on a mailbox. wd_mu_
+// (the watchdog's) is taken before Core::mu_, never while a Process's mu is held.
 #pragma once
 #include <atomic>
 #include <chrono>
