@@ -35,6 +35,7 @@ if TYPE_CHECKING:
     from typing import Any, Callable, Iterable
 
 from . import _node
+from . import encode as _encode
 from . import erlang as _erlang
 from ._types import Atom, ImproperList, Pid, Ref
 from .erlang import ErlangError, ErlangTimeoutError
@@ -157,13 +158,12 @@ class _Caller:
 
     def _callback(self, kind: str, module: Any, function: Any, args: list) -> tuple:
         """(None, value), or (ErlangError, reason) when Erlang refused or failed."""
-        from . import encode
         try:
             names = (Atom("undefined") if module is None else _callback_name(module, "module"),
                      Atom("undefined") if function is None else _callback_name(function, "function"))
         except TypeError as e:
             return (TypeError, str(e))
-        payload = encode(args)
+        payload = _encode(args)
         mb = self._mailbox()
         cb = next(self._ids)
         # To the alias: once the request is over it is gone, and the runtime drops what
