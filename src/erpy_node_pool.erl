@@ -561,8 +561,11 @@ start_local(Count, #{pool := Pool, opts := Opts} = S) ->
 start_all(Names, S) ->
     Deadline = erlang:monotonic_time(millisecond) + ?START_WAIT_MS,
     case spawn_all(Names, S) of
-        {ok, S1} -> await_ready(Names, Deadline, S1);
-        {error, _} = Error -> Error
+        {ok, #{ports := Ports} = S1} ->
+            Waiting = maps:filter(fun(_, Node) -> lists:member(Node, Names) end, Ports),
+            await_ready(Waiting, Deadline, S1);
+        {error, _} = Error ->
+            Error
     end.
 
 spawn_all([], S) ->
@@ -573,26 +576,28 @@ spawn_all([Node | Rest], S) ->
         {error, _} = Error -> Error
     end.
 
-await_ready([], _Deadline, S) ->
+%% `Waiting`: Port => Node of the nodes not up yet. What their ports say is logged as
+%% handle_info/2 logs it; a port that exits first fails the start.
+await_ready(Waiting, _Deadline, S) when map_size(Waiting) =:= 0 ->
     {ok, S};
-await_ready(Waiting, Deadline, #{ports := Ports, pool := Pool} = S) ->
+await_ready(Waiting, Deadline, #{pool := Pool} = S) ->
     receive
-        {Port, {data, {_, Line}}} when is_map_key(Port, Ports) ->
-            Node = maps:get(Port, Ports),
+        {Port, {data, {_, Line}}} when is_map_key(Port, Waiting) ->
+            Node = maps:get(Port, Waiting),
             logger:notice("~ts", [Line], #{domain => [erpy, node], pool => Pool, node => Node}),
-            case lists:member(Node, Waiting) andalso binary:match(Line, <<" ready on port ">>) =/= nomatch of
-                true ->
+            case binary:match(Line, <<" ready on port ">>) of
+                nomatch ->
+                    await_ready(Waiting, Deadline, S);
+                _ ->
                     case wait_up(Node, Deadline) of
-                        ok -> await_ready(lists:delete(Node, Waiting), Deadline, connect(Node, S));
+                        ok -> await_ready(maps:remove(Port, Waiting), Deadline, connect(Node, S));
                         timeout -> {error, {node_start_timeout, Node}}
-                    end;
-                false ->
-                    await_ready(Waiting, Deadline, S)
+                    end
             end;
-        {Port, {exit_status, Status}} when is_map_key(Port, Ports) ->
-            {error, {node_start_failed, maps:get(Port, Ports), {exit_status, Status}}}
+        {Port, {exit_status, Status}} when is_map_key(Port, Waiting) ->
+            {error, {node_start_failed, maps:get(Port, Waiting), {exit_status, Status}}}
     after max(0, Deadline - erlang:monotonic_time(millisecond)) ->
-        {error, {node_start_timeout, hd(Waiting)}}
+        {error, {node_start_timeout, hd(lists:sort(maps:values(Waiting)))}}
     end.
 
 %% The node listens (it said so): connected at once, unless its registration is slow to

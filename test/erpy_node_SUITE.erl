@@ -26,6 +26,7 @@
          pool_callback_wait_interrupted/1, pool_request_waits_for_a_node/1,
          pool_callback_while_another_waits/1, pool_concurrent_callbacks/1,
          pool_nested_callbacks/1, pool_callbacks_after_timeout_dropped/1,
+         pool_starts_nodes_side_by_side/1,
          memory_flat_over_100k_calls/1, crash_injection_soak/1,
          same_answers_as_port_mode/1, stock_rpc_resolves_as_every_mode/1]).
 
@@ -39,7 +40,7 @@ all() ->
      inbound_message_limit, pool_results_make_no_atoms, pool_callbacks,
      pool_callback_wait_interrupted, pool_request_waits_for_a_node,
      pool_callback_while_another_waits, pool_concurrent_callbacks, pool_nested_callbacks,
-     pool_callbacks_after_timeout_dropped,
+     pool_callbacks_after_timeout_dropped, pool_starts_nodes_side_by_side,
      memory_flat_over_100k_calls, crash_injection_soak,
      same_answers_as_port_mode, stock_rpc_resolves_as_every_mode].
 
@@ -460,6 +461,28 @@ pool_basics(_Config) ->
     ?assertEqual(2, length(Pids)),
     ?assertEqual({error, {no_pool, nope}}, erpy_node_pool:request(nope, {exec, <<>>}, 100)),
     ok = erpy_node_pool:stop(np_basic).
+
+%% A pool's nodes start side by side, each joined as soon as it says it listens: the pool
+%% is up with all of them, each answering. A node that exits before it listens fails the
+%% start with its exit status (not a timeout).
+pool_starts_nodes_side_by_side(_Config) ->
+    {ok, _} = erpy_node_pool:start_link(np_side, #{start => 3}),
+    try
+        Nodes = erpy_node_pool:nodes(np_side),
+        ?assertEqual(3, length(Nodes)),
+        [?assertEqual(3, erpc:call(N, 'erpy.service', call, [<<"operator">>, <<"add">>, [1, 2], #{}])) || N <- Nodes]
+    after
+        erpy_node_pool:stop(np_side)
+    end,
+    process_flag(trap_exit, true),
+    try
+        False = os:find_executable("false"),
+        ?assertMatch({error, {node_start_failed, _, {exit_status, 1}}},
+                     erpy_node_pool:start_link(np_false, #{start => 2, python => False})),
+        receive {'EXIT', _, _} -> ok after 5000 -> ok end
+    after
+        process_flag(trap_exit, false)
+    end.
 
 %% A node killed under load fails only its in-flight calls ({node_down, Node}), is dropped, and rejoins when back.
 pool_node_killed_under_load(_Config) ->
