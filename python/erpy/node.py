@@ -786,59 +786,120 @@ def _env(*names: str, default: str | None = None) -> str | None:
     return default
 
 
-def main(argv: list[str] | None = None) -> int:
+# The command line: (flag, kind, default, help). Kinds: "str", "int", "append" (repeatable),
+# "true"/"false" (flags). An int's default may be (environment variable, value if unset). A
+# command line made of these flags only (what a node pool passes) is read without
+# argparse, whose import costs a node's start about as much as the rest of erpy's;
+# argparse reads any other (--help, abbreviations, mistakes: its messages).
+_CLI: tuple = (
+    ("--name", "str", None, "NAME@HOST (env ERPY_NODE_NAME, BPY_BEAM_NODE)"),
+    ("--cookie", "str", None, "the cookie (env ERPY_COOKIE, BPY_BEAM_COOKIE)"),
+    ("--listen", "str", None, "address to listen on (env ERPY_NODE_LISTEN, BPY_BEAM_HOST; default 127.0.0.1)"),
+    ("--port", "int", None, "distribution port (env ERPY_NODE_PORT, BPY_BEAM_PORT; default 0: any)"),
+    ("--allow", "append", None,
+     "comma-separated Python modules rpc may reach ('*': all); repeatable (env ERPY_NODE_ALLOW)"),
+    ("--allow-code", "true", None, "let erpy.service run code (eval/exec/run) (env ERPY_NODE_ALLOW_CODE=1)"),
+    ("--load", "append", [], "import this module at start; its erpy_setup(node) is called if present"),
+    ("--ticktime", "int", ("ERPY_NODE_TICKTIME", 60), None),
+    ("--spin-us", "int", ("ERPY_NODE_SPIN_US", 0),
+     "poll a connection up to this long after data before sleeping, only while that pays (0: never)"),
+    ("--coalesce-us", "int", ("ERPY_NODE_COALESCE_US", 200),
+     "when messages stream in, wait this long between reads (0: off)"),
+    ("--max-message-size", "int", ("ERPY_NODE_MAX_MESSAGE_SIZE", DEFAULT_MAX_MESSAGE_SIZE),
+     "largest message (bytes) a connection may send this node; larger ones are refused (env "
+     "ERPY_NODE_MAX_MESSAGE_SIZE; default 64 MiB)"),
+    ("--max-queued-messages", "int", ("ERPY_NODE_MAX_QUEUED_MESSAGES", DEFAULT_MAX_QUEUED_MESSAGES),
+     "unread messages one mailbox may hold; more are dropped (env ERPY_NODE_MAX_QUEUED_MESSAGES; "
+     "default 100000)"),
+    ("--max-queued-bytes", "int", ("ERPY_NODE_MAX_QUEUED_BYTES", DEFAULT_MAX_QUEUED_BYTES),
+     "bytes of unread messages one mailbox may hold; more are dropped (env ERPY_NODE_MAX_QUEUED_BYTES; "
+     "default 1 GiB)"),
+    ("--max-send-queue", "int", ("ERPY_NODE_MAX_SEND_QUEUE", DEFAULT_MAX_SEND_QUEUE),
+     "bytes sent to a node that has not read them, beyond which it is disconnected (env "
+     "ERPY_NODE_MAX_SEND_QUEUE; default 256 MiB)"),
+    ("--no-start-epmd", "false", None, "fail if no epmd runs instead of starting one (as erl -start_epmd false)"),
+    ("--exit-on-eof", "true", False, "stop when stdin closes (for nodes started by Erlang ports)"),
+)
+
+
+def _cli_dest(flag: str) -> str:
+    return "start_epmd" if flag == "--no-start-epmd" else flag[2:].replace("-", "_")
+
+
+def _cli_default(kind: str, default: Any) -> Any:
+    if kind == "int" and type(default) is tuple:
+        return int(_env(default[0], default=str(default[1])))
+    if kind == "false":
+        return True
+    return list(default) if type(default) is list else default
+
+
+def _cli_parser() -> Any:
     import argparse
     p = argparse.ArgumentParser(prog="python3 -m erpy.node",
                                 description="Run this Python as an Erlang node (see doc/node.md).")
-    p.add_argument("--name", help="NAME@HOST (env ERPY_NODE_NAME, BPY_BEAM_NODE)")
-    p.add_argument("--cookie", help="the cookie (env ERPY_COOKIE, BPY_BEAM_COOKIE)")
-    p.add_argument("--listen", help="address to listen on (env ERPY_NODE_LISTEN, BPY_BEAM_HOST; "
-                                    "default 127.0.0.1)")
-    p.add_argument("--port", type=int, help="distribution port (env ERPY_NODE_PORT, BPY_BEAM_PORT; "
-                                            "default 0: any)")
-    p.add_argument("--allow", action="append", default=None,
-                   help="comma-separated Python modules rpc may reach ('*': all); repeatable "
-                        "(env ERPY_NODE_ALLOW)")
-    p.add_argument("--allow-code", action="store_true", default=None,
-                   help="let erpy.service run code (eval/exec/run) (env ERPY_NODE_ALLOW_CODE=1)")
-    p.add_argument("--load", action="append", default=[],
-                   help="import this module at start; its erpy_setup(node) is called if present")
-    p.add_argument("--ticktime", type=int, default=int(_env("ERPY_NODE_TICKTIME", default="60")))
-    p.add_argument("--spin-us", type=int, default=int(_env("ERPY_NODE_SPIN_US", default="0")),
-                   help="poll a connection this long after data before sleeping (0: off)")
-    p.add_argument("--coalesce-us", type=int, default=int(_env("ERPY_NODE_COALESCE_US", default="200")),
-                   help="when messages stream in, wait this long between reads (0: off)")
-    p.add_argument("--max-message-size", type=int,
-                   default=int(_env("ERPY_NODE_MAX_MESSAGE_SIZE", default=str(DEFAULT_MAX_MESSAGE_SIZE))),
-                   help="largest message (bytes) a connection may send this node; larger ones "
-                        "are refused (env ERPY_NODE_MAX_MESSAGE_SIZE; default 64 MiB)")
-    p.add_argument("--max-queued-messages", type=int,
-                   default=int(_env("ERPY_NODE_MAX_QUEUED_MESSAGES",
-                                    default=str(DEFAULT_MAX_QUEUED_MESSAGES))),
-                   help="unread messages one mailbox may hold; more are dropped (env "
-                        "ERPY_NODE_MAX_QUEUED_MESSAGES; default 100000)")
-    p.add_argument("--max-queued-bytes", type=int,
-                   default=int(_env("ERPY_NODE_MAX_QUEUED_BYTES", default=str(DEFAULT_MAX_QUEUED_BYTES))),
-                   help="bytes of unread messages one mailbox may hold; more are dropped (env "
-                        "ERPY_NODE_MAX_QUEUED_BYTES; default 1 GiB)")
-    p.add_argument("--max-send-queue", type=int,
-                   default=int(_env("ERPY_NODE_MAX_SEND_QUEUE", default=str(DEFAULT_MAX_SEND_QUEUE))),
-                   help="bytes sent to a node that has not read them, beyond which it is "
-                        "disconnected (env ERPY_NODE_MAX_SEND_QUEUE; default 256 MiB)")
-    p.add_argument("--no-start-epmd", dest="start_epmd", action="store_false",
-                   help="fail if no epmd runs instead of starting one (as erl -start_epmd false)")
-    p.add_argument("--exit-on-eof", action="store_true",
-                   help="stop when stdin closes (for nodes started by Erlang ports)")
-    a = p.parse_args(argv)
+    for flag, kind, default, text in _CLI:
+        kw: dict = {"dest": _cli_dest(flag), "help": text, "default": _cli_default(kind, default)}
+        if kind == "int":
+            kw["type"] = int
+        elif kind == "append":
+            kw["action"] = "append"
+        elif kind == "true":
+            kw["action"] = "store_true"
+        elif kind == "false":
+            kw["action"] = "store_false"
+        p.add_argument(flag, **kw)
+    return p
+
+
+def _cli_plain(argv: list[str]) -> Any:
+    """The options of a command line made only of _CLI's flags, each spelled out (a value
+    in the next argument, not starting with "-"); None for any other."""
+    import types
+    kinds = {flag: kind for flag, kind, _, _ in _CLI}
+    a = types.SimpleNamespace(**{_cli_dest(f): _cli_default(k, d) for f, k, d, _ in _CLI})
+    i = 0
+    while i < len(argv):
+        kind = kinds.get(argv[i])
+        if kind is None:
+            return None
+        dest = _cli_dest(argv[i])
+        if kind in ("true", "false"):
+            setattr(a, dest, kind == "true")
+            i += 1
+            continue
+        if i + 1 >= len(argv) or argv[i + 1].startswith("-"):
+            return None
+        value = argv[i + 1]
+        if kind == "int":
+            try:
+                value = int(value)
+            except ValueError:
+                return None
+        if kind == "append":
+            value = (getattr(a, dest) or []) + [value]
+        setattr(a, dest, value)
+        i += 2
+    return a
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = sys.argv[1:] if argv is None else list(argv)
+    a = _cli_plain(args)
+    if a is None:
+        a = _cli_parser().parse_args(args)
+
+    def error(message: str) -> None:
+        _cli_parser().error(message)
 
     name = a.name or _env("ERPY_NODE_NAME", "BPY_BEAM_NODE")
     if not name:
-        p.error("--name (or ERPY_NODE_NAME) is required")
+        error("--name (or ERPY_NODE_NAME) is required")
     if "@" not in name:
         name = f"{name}@{_env('BPY_BEAM_HOST', default='127.0.0.1')}"
     cookie = a.cookie or _env("ERPY_COOKIE", "BPY_BEAM_COOKIE")
     if not cookie:
-        p.error("--cookie (or ERPY_COOKIE) is required")
+        error("--cookie (or ERPY_COOKIE) is required")
     listen = a.listen or _env("ERPY_NODE_LISTEN", "BPY_BEAM_HOST", default="127.0.0.1")
     if listen == "localhost":
         listen = "127.0.0.1"

@@ -735,3 +735,26 @@ def test_a_reading_call_is_woken_by_messages_from_elsewhere(epmd):
         d.stop()
         c.stop()
         a.stop()
+
+
+def test_command_line_read_without_argparse_as_argparse_reads_it(monkeypatch):
+    """A command line made of the node's own flags (what a node pool passes) is read
+    without importing argparse, to the same options argparse gives; anything else
+    (--help, abbreviations, --flag=value, bad values) goes to argparse."""
+    monkeypatch.setenv("ERPY_NODE_TICKTIME", "9")
+    lines = [
+        ["--name", "a@h", "--cookie", "c"],
+        ["--name", "a@h", "--cookie", "c", "--allow", "operator", "--allow", "math,os", "--allow-code",
+         "--load", "x", "--load", "y", "--exit-on-eof", "--no-start-epmd", "--port", "123",
+         "--spin-us", "5", "--max-send-queue", "99"],
+        ["--name", "a", "--listen", "0.0.0.0", "--ticktime", "7", "--coalesce-us", "0",
+         "--max-message-size", "5000", "--max-queued-messages", "3", "--max-queued-bytes", "4"],
+        [],
+    ]
+    for line in lines:
+        assert vars(node_module._cli_plain(line)) == vars(node_module._cli_parser().parse_args(line)), line
+    assert node_module._cli_plain([]).ticktime == 9
+    for line in (["--na", "x"], ["--name=x"], ["--port", "x"], ["--cookie", "-x"], ["-h"], ["--name"]):
+        assert node_module._cli_plain(line) is None, line
+    with pytest.raises(SystemExit):
+        node_module.main(["--port", "not-a-number"])
