@@ -562,6 +562,10 @@ start_all(Names, S) ->
     Deadline = erlang:monotonic_time(millisecond) + ?START_WAIT_MS,
     case spawn_all(Names, S) of
         {ok, #{ports := Ports} = S1} ->
+            %% Meanwhile, what this VM's first distribution connection would do first
+            %% (its resolver helper starts with the first address lookup; the handshake's
+            %% module loads): then the nodes are connected as soon as they listen.
+            _ = spawn(fun() -> prepare_connections(Names) end),
             Waiting = maps:filter(fun(_, Node) -> lists:member(Node, Names) end, Ports),
             await_ready(Waiting, Deadline, S1);
         {error, _} = Error ->
@@ -600,6 +604,12 @@ await_ready(Waiting, Deadline, #{pool := Pool} = S) ->
         {error, {node_start_timeout, hd(lists:sort(maps:values(Waiting)))}}
     end.
 
+prepare_connections(Names) ->
+    Hosts = lists:usort([lists:last(string:split(atom_to_list(N), "@")) || N <- Names]),
+    _ = [inet:getaddr(H, inet) || H <- Hosts],
+    _ = code:ensure_loaded(dist_util),
+    ok.
+
 %% The node listens (it said so): connected at once, unless its registration is slow to
 %% show (then again every 20 ms, until the deadline).
 wait_up(Node, Deadline) ->
@@ -614,9 +624,15 @@ wait_up(Node, Deadline) ->
 
 spawn_node(Node, #{opts := Opts, ports := Ports} = S) ->
     [_, Host] = string:split(atom_to_list(Node), "@"),
-    Listen = case inet:getaddr(Host, inet) of
-                 {ok, Ip} -> inet:ntoa(Ip);
-                 {error, _} -> "127.0.0.1"
+    %% An address as it is (a lookup, even of an address, starts the VM's resolver helper
+    %% the first time: milliseconds on the way to the node's start).
+    Listen = case inet:parse_ipv4strict_address(Host) of
+                 {ok, _} -> Host;
+                 {error, _} ->
+                     case inet:getaddr(Host, inet) of
+                         {ok, Ip} -> inet:ntoa(Ip);
+                         {error, _} -> "127.0.0.1"
+                     end
              end,
     %% `python3 -m erpy.node` compiles erpy/node.py twice (runpy's copy, then the module):
     %% without bytecode files (PYTHONDONTWRITEBYTECODE) that is most of a node's start.
