@@ -343,16 +343,22 @@ void Core::yield_reader() {
   const std::shared_ptr<Connection>* cp = inline_conn_;
   if (!cp) return;
   const std::shared_ptr<Connection>& c = *cp;
+  bool current;
   {
     // As the watchdog does (under the same lock, so that only one of us hands over).
     std::lock_guard lk(wd_mu_);
     if (c->reader_token.load() != inline_token_ || !c->busy_since.load()) return;
     c->busy_since.store(0);
     c->reader_token.fetch_add(1);
+    // Only a connection still in use gets a reader (a new reader of one that was
+    // replaced would take the new one's monitors down with it).
+    std::lock_guard ml(mu_);
+    auto it = conns_.find(c->peer.name);
+    current = it != conns_.end() && it->second == c;
   }
   inline_conn_ = nullptr;
   handovers.fetch_add(1, std::memory_order_relaxed);
-  start_reader(c);
+  if (current) start_reader(c);
 }
 
 void Core::wait_message(Process& p, const JobRunner::WaitScope& scope,

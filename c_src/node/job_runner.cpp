@@ -262,8 +262,9 @@ bool JobRunner::dispatch(const std::shared_ptr<Connection>& c, Job& j, bool must
   if (stopping_) return false;
   if (idle_workers_ <= static_cast<int>(jobs_.size())) {
     // Calls waiting in a mailbox hold their threads without running: they do not count.
-    const bool room = workers_ < opt_.workers + waiting_;
-    if (!(room && start_worker(lk)) && !(must && !stopping_)) return false;
+    const bool started = workers_ < opt_.workers + waiting_ && start_worker(lk);
+    // Without a worker of its own a job that must not run here waits for the next free one.
+    if (!started && (!must || stopping_)) return false;
   }
   jobs_.push_back(Queued{c, std::make_unique<Job>(std::move(j))});
   lk.unlock();
