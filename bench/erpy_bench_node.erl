@@ -1,7 +1,9 @@
 %% Node mode: W1, W2, W3a, W3b for stock `rpc:call` into a Python node (python3 -m
 %% erpy.node), each beside `rpc:call` into a second Erlang node on the same host,
-%% measured alternately in the same run; Erlang -> Python message throughput beside
-%% Erlang -> Erlang; the Python node's memory over 100k calls.
+%% measured alternately in the same run; W4 (a callback into Erlang from code a node pool
+%% runs) beside a plain call on the same pool; W6 (a node pool's cold start in a fresh VM)
+%% beside `python3 -c pass`; Erlang -> Python message throughput beside Erlang -> Erlang;
+%% the Python node's memory over 100k calls.
 %%
 %% This VM becomes a distributed node (erpy_bench@127.0.0.1) if it is not one; the
 %% Erlang reference is a peer node started here, the Python node runs bench/py/bench_node.py
@@ -33,8 +35,9 @@ rows(Ctx) ->
     Procs = fun() -> [os:getpid(), PyOs, ErlOs] end,
     Env = #{py => Py, erl => Erl, procs => Procs},
     try
-        lists:append([w1(Ctx, Env), erpy_bench:loaded(Ctx, fun() -> w1(Ctx, Env) end), w2(Ctx, Env), w3a(Ctx, Env), w3b(Ctx, Env),
-                      messages(Ctx, Env), memory(Ctx, Env)])
+        lists:append([w1(Ctx, Env), erpy_bench:loaded(Ctx, fun() -> w1(Ctx, Env) end), w2(Ctx, Env),
+                      w3a(Ctx, Env), w3b(Ctx, Env), w4(Ctx, Env), w6(Ctx), messages(Ctx, Env),
+                      memory(Ctx, Env)])
     after
         peer:stop(Peer),
         Holder ! stop
@@ -124,6 +127,102 @@ w3b(#{pairs := Pairs}, #{py := Py, erl := Erl, procs := Procs}) ->
        ratio => Ratio, target => <<"<= 1.0x">>, pass => Ratio =< 1.0,
        notes => [<<"ratio = Python ms / Erlang ms per pair">>]}].
 
+%% W4: Python calls erlang.call('erlang', 'abs', -1) once inside an erpy:eval on a node
+%% pool (the request's caller runs the callback under the pool's policy), beside W1
+%% through the same pool (erpy:call of operator.add).
+w4(#{pairs := Pairs, root := Root}, #{py := Py, procs := Procs0}) ->
+    Pool = erpy_bench_node_pool,
+    Started = start_erpy(Root),
+    {ok, _} = erpy:start_pool(Pool, #{mode => node, start => 1, allowed => [{erlang, abs}]}),
+    try
+        Opts = #{pool => Pool, timeout => 30000},
+        {ok, PyOs} = erpy:eval(<<"__import__('os').getpid()">>, #{}, Opts),
+        Procs = fun() -> Procs0() ++ [integer_to_list(PyOs)] end,
+        Calls = 20000 div Pairs + 1,
+        Callback = fun() -> {ok, 1} = erpy:eval(<<"erlang.call('erlang', 'abs', -1)">>, #{}, Opts) end,
+        Add = fun() -> {ok, 3} = erpy:call(operator, add, [1, 2], Opts) end,
+        _ = [{Add(), Callback()} || _ <- lists:seq(1, 1000)],
+        Stock = fun() -> 3 = rpc:call(Py, operator, add, [1, 2]) end,
+        {CbRuns, AddRuns} = erpy_bench:alternate(
+            Pairs, fun() -> latencies(Callback, Calls div 2, Procs) end,
+                   fun() -> latencies(Add, Calls div 2, Procs) end),
+        {CbRuns2, StockRuns} = erpy_bench:alternate(
+            max(3, Pairs div 3), fun() -> latencies(Callback, Calls div 2, Procs) end,
+                                 fun() -> latencies(Stock, Calls div 2, Procs) end),
+        Ratio = erpy_bench:median([median(C) / median(A) || {{C, _}, {A, _}} <- lists:zip(CbRuns, AddRuns)]),
+        StockRatio = erpy_bench:median([median(C) / median(A) || {{C, _}, {A, _}} <- lists:zip(CbRuns2, StockRuns)]),
+        All = fun(Runs) -> lists:append([L || {L, _} <- Runs]) end,
+        Cpu = fun(Runs) -> lists:sum([C || {_, C} <- Runs]) / length(All(Runs)) / 1000 end,
+        [#{id => <<"W4">>,
+           workload => <<"node: Python calls erlang.call('erlang', 'abs', -1) once (erpy:eval on a node pool), "
+                         "us/round trip">>,
+           erpy => fmt("median ~.1f us, p99 ~.1f us, ~.1f us CPU/call",
+                       [median(All(CbRuns)), p99(All(CbRuns)), Cpu(CbRuns)]),
+           reference => fmt("W1 through the same pool (erpy:call of operator.add): median ~.1f us, ~.1f us CPU/call",
+                            [median(All(AddRuns)), Cpu(AddRuns)]),
+           ratio => Ratio, target => <<"<= 2.5x">>, pass => Ratio =< 2.5,
+           notes => [fmt("~b pairs of ~b requests; ratio = callback median / call median per pair",
+                         [Pairs, Calls div 2]),
+                     fmt("same run: W1's stock rpc:call(PyNode, operator, add, [1, 2]) median ~.1f us, "
+                         "the callback ~.2fx that", [median(All(StockRuns)), StockRatio])]}]
+    after
+        erpy:stop_pool(Pool),
+        stop_erpy(Started)
+    end.
+
+%% W6: a fresh distributed VM starts a node pool with the defaults (two Python nodes,
+%% started side by side) and answers one call, measured inside that VM from start_pool to
+%% the answer, beside `python3 -c pass` (the start of the interpreter alone) measured
+%% alternately; `erl -noshell -s init stop` in the notes.
+w6(#{pairs := Pairs, root := Root, python := Python}) ->
+    Erl = os:find_executable("erl"),
+    Ebin = filename:join([Root, "_build", "default", "lib", "erpy", "ebin"]),
+    %% PoolOpts: "#{mode => node}" (the defaults) or with `start`.
+    Eval = fun(PoolOpts) ->
+                   "application:load(erpy), application:set_env(erpy, pools, []), "
+                   "{ok, _} = application:ensure_all_started(erpy), "
+                   "T0 = erlang:monotonic_time(microsecond), "
+                   "{ok, _} = erpy:start_pool(w6, " ++ PoolOpts ++ "), "
+                   "{ok, 3} = erpy:call(operator, add, [1, 2], #{pool => w6}), "
+                   "io:format(\"~nW6=~p~n\", [erlang:monotonic_time(microsecond) - T0]), halt()."
+           end,
+    StartWith = fun(PoolOpts) ->
+                    fun() ->
+                        Name = "erpy_bench_w6_" ++ integer_to_list(erlang:unique_integer([positive]))
+                            ++ "@127.0.0.1",
+                        Out = os:cmd(Erl ++ " -noshell -name " ++ Name ++ " -setcookie erpy_bench_w6 -pa "
+                                     ++ Ebin ++ " -eval '" ++ Eval(PoolOpts) ++ "'"),
+                        case re:run(Out, "W6=(\\d+)", [{capture, [1], list}]) of
+                            {match, [Us]} -> list_to_integer(Us) / 1000;
+                            nomatch -> error({w6_failed, Out})
+                        end
+                    end
+                end,
+    Start = StartWith("#{mode => node}"),
+    StartOne = StartWith("#{mode => node, start => 1}"),
+    Cmd = fun(C) -> fun() ->
+                            T0 = erlang:monotonic_time(microsecond),
+                            _ = os:cmd(C),
+                            (erlang:monotonic_time(microsecond) - T0) / 1000
+                    end
+          end,
+    PyPass = Cmd(Python ++ " -c pass"),
+    _ = Start(),
+    {E, F} = erpy_bench:alternate(max(5, Pairs div 2), Start, PyPass),
+    ErlMs = erpy_bench:median([(Cmd(Erl ++ " -noshell -s init stop"))() || _ <- lists:seq(1, 3)]),
+    OneMs = erpy_bench:median([StartOne() || _ <- lists:seq(1, 5)]),
+    Ratio = erpy_bench:median([A / B || {A, B} <- lists:zip(E, F)]),
+    EMs = erpy_bench:median(E),
+    [#{id => <<"W6">>,
+       workload => <<"node: cold start in a fresh VM, node pool with the defaults (2 Python nodes) started "
+                     "to first answered call, ms">>,
+       erpy => fmt("~.1f ms", [EMs]),
+       reference => fmt("python3 -c pass: ~.1f ms", [erpy_bench:median(F)]),
+       ratio => Ratio, target => <<"<= 150 ms">>, pass => EMs =< 150,
+       notes => [fmt("measured inside the new VM from start_pool to the answer; ratio = pool start / "
+                     "python3 -c pass per pair; same run: a pool of one node (start => 1) ~.1f ms, "
+                     "erl -noshell -s init stop ~.1f ms", [OneMs, ErlMs])]}].
+
 %% Messages: one sender, {Name, Node} ! {msg, I}, until the receiver has counted them all.
 %% The end-to-end rate is bounded by the sending VM (one Erlang process sends ~200k small
 %% distributed messages/s on this machine, whoever receives), so the row also gives the
@@ -209,6 +308,22 @@ send_n(_Dest, 0) -> ok;
 send_n(Dest, I) -> Dest ! {msg, I}, send_n(Dest, I - 1).
 
 median(L) -> erpy_bench:median(L).
+
+%% The erpy application, for the node pool rows; true when started here.
+start_erpy(Root) ->
+    true = code:add_patha(filename:join([Root, "_build", "default", "lib", "erpy", "ebin"])),
+    case lists:keymember(erpy, 1, application:which_applications()) of
+        true ->
+            false;
+        false ->
+            _ = application:load(erpy),
+            application:set_env(erpy, pools, []),
+            {ok, _} = application:ensure_all_started(erpy),
+            true
+    end.
+
+stop_erpy(true) -> application:stop(erpy);
+stop_erpy(false) -> ok.
 
 start_python(#{root := Root, python := Python}) ->
     Node = 'erpy_bench_py@127.0.0.1',

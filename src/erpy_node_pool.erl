@@ -3,7 +3,7 @@
 %% transport, so the nodes can be on other hosts. A node that goes down fails only the
 %% requests in flight on it ({error, {node_down, Node}}), is dropped, and rejoins when it
 %% answers again. With `start => N` the pool also runs N Python nodes on this host itself
-%% (`python3 -m erpy.node`), restarting any that exits.
+%% (erpy.node's main(), as `python3 -m erpy.node` runs it), restarting any that exits.
 %%
 %% The local Erlang node must be distributed (`erl -name/-sname`, or net_kernel:start/1).
 -module(erpy_node_pool).
@@ -542,36 +542,88 @@ start_local(Count, #{pool := Pool, opts := Opts} = S) ->
             Error
     end.
 
-start_all([], S) ->
-    {ok, S};
-start_all([Node | Rest], S) ->
-    case spawn_node(Node, S) of
-        {ok, S1} ->
-            case wait_up(Node, erlang:monotonic_time(millisecond) + ?START_WAIT_MS) of
-                ok -> start_all(Rest, connect(Node, S1));
-                timeout -> {error, {node_start_timeout, Node}}
-            end;
+%% Every node starts at once (their Python start-ups overlap), and each is connected as
+%% soon as it says it listens (its "ready on port" line), not at the next poll.
+start_all(Names, S) ->
+    Deadline = erlang:monotonic_time(millisecond) + ?START_WAIT_MS,
+    case spawn_all(Names, S) of
+        {ok, #{ports := Ports} = S1} ->
+            %% Meanwhile, what this VM's first distribution connection would do first
+            %% (its resolver helper starts with the first address lookup; the handshake's
+            %% module loads): then the nodes are connected as soon as they listen.
+            _ = spawn(fun() -> prepare_connections(Names) end),
+            Waiting = maps:filter(fun(_, Node) -> lists:member(Node, Names) end, Ports),
+            await_ready(Waiting, Deadline, S1);
         {error, _} = Error ->
             Error
     end.
 
+spawn_all([], S) ->
+    {ok, S};
+spawn_all([Node | Rest], S) ->
+    case spawn_node(Node, S) of
+        {ok, S1} -> spawn_all(Rest, S1);
+        {error, _} = Error -> Error
+    end.
+
+%% `Waiting`: Port => Node of the nodes not up yet. What their ports say is logged as
+%% handle_info/2 logs it; a port that exits first fails the start.
+await_ready(Waiting, _Deadline, S) when map_size(Waiting) =:= 0 ->
+    {ok, S};
+await_ready(Waiting, Deadline, #{pool := Pool} = S) ->
+    receive
+        {Port, {data, {_, Line}}} when is_map_key(Port, Waiting) ->
+            Node = maps:get(Port, Waiting),
+            logger:notice("~ts", [Line], #{domain => [erpy, node], pool => Pool, node => Node}),
+            case binary:match(Line, <<" ready on port ">>) of
+                nomatch ->
+                    await_ready(Waiting, Deadline, S);
+                _ ->
+                    case wait_up(Node, Deadline) of
+                        ok -> await_ready(maps:remove(Port, Waiting), Deadline, connect(Node, S));
+                        timeout -> {error, {node_start_timeout, Node}}
+                    end
+            end;
+        {Port, {exit_status, Status}} when is_map_key(Port, Waiting) ->
+            {error, {node_start_failed, maps:get(Port, Waiting), {exit_status, Status}}}
+    after max(0, Deadline - erlang:monotonic_time(millisecond)) ->
+        {error, {node_start_timeout, hd(lists:sort(maps:values(Waiting)))}}
+    end.
+
+prepare_connections(Names) ->
+    Hosts = lists:usort([lists:last(string:split(atom_to_list(N), "@")) || N <- Names]),
+    _ = [inet:getaddr(H, inet) || H <- Hosts],
+    _ = code:ensure_loaded(dist_util),
+    ok.
+
+%% The node listens (it said so): connected at once, unless its registration is slow to
+%% show (then again every 20 ms, until the deadline).
 wait_up(Node, Deadline) ->
-    case net_adm:ping(Node) of
-        pong -> ok;
-        pang ->
+    case net_kernel:connect_node(Node) of
+        true -> ok;
+        _ ->
             case erlang:monotonic_time(millisecond) > Deadline of
                 true -> timeout;
-                false -> timer:sleep(50), wait_up(Node, Deadline)
+                false -> timer:sleep(20), wait_up(Node, Deadline)
             end
     end.
 
 spawn_node(Node, #{opts := Opts, ports := Ports} = S) ->
     [_, Host] = string:split(atom_to_list(Node), "@"),
-    Listen = case inet:getaddr(Host, inet) of
-                 {ok, Ip} -> inet:ntoa(Ip);
-                 {error, _} -> "127.0.0.1"
+    %% An address as it is (a lookup, even of an address, starts the VM's resolver helper
+    %% the first time: milliseconds on the way to the node's start).
+    Listen = case inet:parse_ipv4strict_address(Host) of
+                 {ok, _} -> Host;
+                 {error, _} ->
+                     case inet:getaddr(Host, inet) of
+                         {ok, Ip} -> inet:ntoa(Ip);
+                         {error, _} -> "127.0.0.1"
+                     end
              end,
-    Args = ["-m", "erpy.node", "--name", atom_to_list(Node), "--listen", Listen,
+    %% `python3 -m erpy.node` compiles erpy/node.py twice (runpy's copy, then the module):
+    %% without bytecode files (PYTHONDONTWRITEBYTECODE) that is most of a node's start.
+    Args = ["-c", "import sys; from erpy.node import main; sys.exit(main())",
+            "--name", atom_to_list(Node), "--listen", Listen,
             "--allow", "*", "--allow-code", "--exit-on-eof",
             "--max-message-size", integer_to_list(node_limit(maps:get(max, S)))]
         ++ [to_list(A) || A <- maps:get(node_args, Opts, [])],

@@ -10,6 +10,8 @@
 
 -export([all/0, suite/0, init_per_suite/1, end_per_suite/1,
          init_per_testcase/2, end_per_testcase/2]).
+%% Callbacks the pool tests let Python make.
+-export([cb_gate/1]).
 -export([ping/1, rpc_and_erpc/1, python_errors/1, allow_list/1, gen_server_handler/1,
          sends_and_order/1, monitors_and_links/1, python_to_erlang/1,
          several_erlang_nodes/1, nodedown_seen_by_python/1, silent_node_dropped_by_ticks/1,
@@ -22,6 +24,9 @@
          pool_max_message_size/1, pool_checkout/1,
          inbound_message_limit/1, pool_results_make_no_atoms/1, pool_callbacks/1,
          pool_callback_wait_interrupted/1, pool_request_waits_for_a_node/1,
+         pool_callback_while_another_waits/1, pool_concurrent_callbacks/1,
+         pool_nested_callbacks/1, pool_callbacks_after_timeout_dropped/1,
+         pool_starts_nodes_side_by_side/1,
          memory_flat_over_100k_calls/1, crash_injection_soak/1,
          same_answers_as_port_mode/1, stock_rpc_resolves_as_every_mode/1]).
 
@@ -34,6 +39,8 @@ all() ->
      pool_caller_gives_up_interrupts_python, pool_max_message_size, pool_checkout,
      inbound_message_limit, pool_results_make_no_atoms, pool_callbacks,
      pool_callback_wait_interrupted, pool_request_waits_for_a_node,
+     pool_callback_while_another_waits, pool_concurrent_callbacks, pool_nested_callbacks,
+     pool_callbacks_after_timeout_dropped, pool_starts_nodes_side_by_side,
      memory_flat_over_100k_calls, crash_injection_soak,
      same_answers_as_port_mode, stock_rpc_resolves_as_every_mode].
 
@@ -455,6 +462,28 @@ pool_basics(_Config) ->
     ?assertEqual({error, {no_pool, nope}}, erpy_node_pool:request(nope, erpy_request:exec(<<>>), 100)),
     ok = erpy_node_pool:stop(np_basic).
 
+%% A pool's nodes start side by side, each joined as soon as it says it listens: the pool
+%% is up with all of them, each answering. A node that exits before it listens fails the
+%% start with its exit status (not a timeout).
+pool_starts_nodes_side_by_side(_Config) ->
+    {ok, _} = erpy_node_pool:start_link(np_side, #{start => 3}),
+    try
+        Nodes = erpy_node_pool:nodes(np_side),
+        ?assertEqual(3, length(Nodes)),
+        [?assertEqual(3, erpc:call(N, 'erpy.service', call, [<<"operator">>, <<"add">>, [1, 2], #{}])) || N <- Nodes]
+    after
+        erpy_node_pool:stop(np_side)
+    end,
+    process_flag(trap_exit, true),
+    try
+        False = os:find_executable("false"),
+        ?assertMatch({error, {node_start_failed, _, {exit_status, 1}}},
+                     erpy_node_pool:start_link(np_false, #{start => 2, python => False})),
+        receive {'EXIT', _, _} -> ok after 5000 -> ok end
+    after
+        process_flag(trap_exit, false)
+    end.
+
 %% A node killed under load fails only its in-flight calls ({node_down, Node}), is dropped, and rejoins when back.
 pool_node_killed_under_load(_Config) ->
     {ok, _} = erpy_node_pool:start_link(np_kill, #{start => 2}),
@@ -806,6 +835,147 @@ pool_callback_wait_interrupted(_Config) ->
         ?assertEqual({ok, 3}, erpy_node_pool:request(np_cbi, erpy_request:call(<<"operator">>, <<"add">>, [1, 2], #{}), 5000))
     after
         erpy_node_pool:stop(np_cbi)
+    end.
+
+%% A request whose callback stays unanswered (its caller holds it back) leaves the
+%% connection to the Python node fully usable: requests with callbacks of their own are
+%% answered meanwhile, each with its own reply, and the waiting one completes once its
+%% callback is answered. (The Python node goes on reading the connection from the waiting
+%% call's own thread.)
+pool_callback_while_another_waits(_Config) ->
+    {ok, _} = erpy_node_pool:start_link(np_cbw, #{start => 1, allowed => [{?MODULE, cb_gate}, {erlang, abs}]}),
+    try
+        true = register(erpy_cb_gate_test, self()),
+        Self = self(),
+        spawn_link(fun() ->
+                           R = erpy_node_pool:request(
+                                 np_cbw, {run, <<"result = erlang.call('erpy_node_SUITE', 'cb_gate', 7)">>, undefined},
+                                 30000),
+                           Self ! {waiter, R}
+                   end),
+        Gate = receive {in_gate, G} -> G after 10000 -> ct:fail(no_callback) end,
+        Abs = fun(K) ->
+                      erpy_node_pool:request(np_cbw, {run, <<"result = erlang.call('erlang', 'abs', arguments)">>, -K},
+                                             10000)
+              end,
+        [?assertEqual({ok, K}, Abs(K)) || K <- lists:seq(1, 20)],
+        ?assertEqual({ok, 3}, erpy_node_pool:request(np_cbw, {call, operator, add, [1, 2], #{}}, 10000)),
+        %% Still waiting: its answer is held back.
+        receive {waiter, Early} -> ct:fail({answered_early, Early}) after 0 -> ok end,
+        Gate ! {open, 35},
+        ?assertEqual({ok, 42}, receive {waiter, R} -> R after 10000 -> ct:fail(waiter_stuck) end),
+        {messages, []} = process_info(self(), messages)
+    after
+        catch unregister(erpy_cb_gate_test),
+        erpy_node_pool:stop(np_cbw)
+    end.
+
+%% Run by Python as a callback in the caller's process: says so, then waits for its answer.
+-spec cb_gate(integer()) -> integer() | timeout.
+cb_gate(N) ->
+    erpy_cb_gate_test ! {in_gate, self()},
+    receive {open, V} -> N + V after 20000 -> timeout end.
+
+%% Many callers at once, each request making several callbacks: every callback gets its
+%% own reply (none crosses to another request), on one Python node and one connection.
+pool_concurrent_callbacks(_Config) ->
+    {ok, _} = erpy_node_pool:start_link(np_cbc, #{start => 1, allowed => [{erlang, abs}, {lists, reverse}]}),
+    try
+        Code = <<"result = [erlang.call('erlang', 'abs', -(arguments * 10 + i)) for i in range(5)]\n"
+                 "result.append(erlang.apply('lists', 'reverse', [[arguments, 0]]))">>,
+        Self = self(),
+        Callers = [spawn_link(fun() ->
+                                      Rs = [{K, erpy_node_pool:request(np_cbc, {run, Code, K}, 20000)}
+                                            || J <- lists:seq(1, 15), K <- [C * 1000 + J]],
+                                      Self ! {done, self(), Rs}
+                              end) || C <- lists:seq(1, 24)],
+        Results = lists:append([receive {done, P, Rs} -> Rs after 60000 -> ct:fail(caller_stuck) end
+                                || P <- Callers]),
+        ?assertEqual(24 * 15, length(Results)),
+        [?assertEqual({ok, [K * 10, K * 10 + 1, K * 10 + 2, K * 10 + 3, K * 10 + 4, [0, K]]}, R)
+         || {K, R} <- Results],
+        {messages, []} = process_info(self(), messages)
+    after
+        erpy_node_pool:stop(np_cbc)
+    end.
+
+%% A callback that calls erpy again (a request to the same node, whose code calls back
+%% in turn), three levels deep, from more concurrent callers than the node has worker
+%% threads: calls waiting for their callbacks hold no worker the nested requests need.
+pool_nested_callbacks(_Config) ->
+    {ok, _} = erpy_node_pool:start_link(np_cbn, #{start => 1, allowed => [{erlang, abs},
+                                                                          {erpy_node_pool, request}]}),
+    try
+        %% Level 3: abs(-K) + 1; level 2: twice that; level 1: one more.
+        Code = <<"from erpy import Atom\n"
+                 "def request(code):\n"
+                 "    return erlang.apply('erpy_node_pool', 'request',\n"
+                 "                        [Atom('np_cbn'), (Atom('run'), code, arguments), 20000])\n"
+                 "inner = \"result = erlang.call('erlang', 'abs', -arguments) + 1\"\n"
+                 "middle = 'from erpy import Atom\\n' + \\\n"
+                 "    'st, v = erlang.apply(\"erpy_node_pool\", \"request\", [Atom(\"np_cbn\"), ' + \\\n"
+                 "    '(Atom(\"run\"), %r, arguments), 20000])\\nresult = v * 2' % inner\n"
+                 "st, v = request(middle)\n"
+                 "result = (st, v + 1)\n">>,
+        ?assertEqual({ok, {ok, 9}}, erpy_node_pool:request(np_cbn, {run, Code, 3}, 20000)),
+        Self = self(),
+        Callers = [spawn_link(fun() ->
+                                      Self ! {done, self(), K, erpy_node_pool:request(np_cbn, {run, Code, K}, 30000)}
+                              end) || K <- lists:seq(1, 16)],
+        [receive
+             {done, P, K, R} -> ?assertEqual({ok, {ok, (K + 1) * 2 + 1}}, R)
+         after 60000 -> ct:fail(nested_callbacks_stuck)
+         end || P <- Callers],
+        {messages, []} = process_info(self(), messages)
+    after
+        erpy_node_pool:stop(np_cbn)
+    end.
+
+%% Callbacks a call makes after its caller gave up (the request timed out; the code
+%% swallows the interrupts) go nowhere: nothing reaches the caller nor the process they
+%% name, the call's waits end at once, and the node serves the next requests (with
+%% callbacks) as before.
+pool_callbacks_after_timeout_dropped(_Config) ->
+    {ok, _} = erpy_node_pool:start_link(np_cbt, #{start => 1, allowed => [{erlang, abs}]}),
+    try
+        true = register(erpy_cb_late, self()),
+        %% The caller's interrupts (re-sent until the call ends) are swallowed: they land
+        %% in a try (async exceptions are raised at calls and backward jumps).
+        Code = <<"import time, sys\n"
+                 "from erpy import Atom\n"
+                 "sys.erpy_late, sys.erpy_done = 0, False\n"
+                 "end = time.monotonic() + 1.0\n"
+                 "while not sys.erpy_done:\n"
+                 "    try:\n"
+                 "        if time.monotonic() < end:\n"
+                 "            time.sleep(0.01)\n"
+                 "            continue\n"
+                 "        for i in range(20):\n"
+                 "            try:\n"
+                 "                erlang.send(erlang.self(), (Atom('late'), i))\n"
+                 "                erlang.send(Atom('erpy_cb_late'), (Atom('late'), i))\n"
+                 "                erlang.call('erlang', 'abs', -i)\n"
+                 "            except BaseException:\n"
+                 "                sys.erpy_late += 1\n"
+                 "        sys.erpy_done = True\n"
+                 "    except BaseException:\n"
+                 "        pass\n">>,
+        ?assertEqual({error, timeout}, erpy_node_pool:request(np_cbt, {exec, Code}, 200)),
+        %% The call ends: each callback's wait ended at once (interrupted), none answered.
+        Late = fun() ->
+                       {ok, R} = erpy_node_pool:request(
+                                   np_cbt, {eval, <<"(getattr(__import__('sys'), 'erpy_done', False), "
+                                                    "getattr(__import__('sys'), 'erpy_late', 0))">>, #{}}, 5000),
+                       R
+               end,
+        ok = wait_until(fun() -> element(1, Late()) end, 200),
+        ?assert(element(2, Late()) >= 1),
+        receive Stray -> ct:fail({late_message, Stray}) after 300 -> ok end,
+        ?assertEqual({ok, 5}, erpy_node_pool:request(np_cbt, {eval, <<"erlang.call('erlang', 'abs', -5)">>, #{}}, 5000)),
+        {messages, []} = process_info(self(), messages)
+    after
+        catch unregister(erpy_cb_late),
+        erpy_node_pool:stop(np_cbt)
     end.
 
 %% While its only node restarts, a request waits for it (within its timeout) instead of

@@ -8,6 +8,7 @@
 #include <sys/socket.h>
 #include <sys/uio.h>
 #include <thread>
+#include <time.h>
 
 #include "common/cpu_relax.hpp"
 
@@ -23,7 +24,7 @@ constexpr std::size_t kBusyMark = std::size_t{4} << 20;
 }  // namespace
 
 Connection::Connection(Fd f, const InLimits& in, std::size_t max_backlog, std::int64_t spin_ns)
-    : fd(std::move(f)), max_backlog_(max_backlog), spin_ns_(spin_ns) {
+    : fd(std::move(f)), max_backlog_(max_backlog), spin_ns_(spin_ns), spin_budget_(spin_ns) {
   frames.set_limits(in);
 }
 
@@ -44,17 +45,7 @@ void Connection::next_frame(std::uint8_t*& data, std::size_t& len, std::size_t& 
     rcap = kInitial;
     rpos = rend = 0;
   };
-  auto receive = [&](std::size_t room, int flags) {
-    const ssize_t r = ::recv(fd.get(), rbuf.get() + rend, room, flags);
-    if (r == 0) throw WireError("connection closed");
-    if (r < 0) {
-      if (errno == EAGAIN || errno == EWOULDBLOCK || errno == EINTR) return false;
-      throw WireError(std::string("recv: ") + std::strerror(errno));
-    }
-    rend += static_cast<std::size_t>(r);
-    last_read.store(now_ns(), std::memory_order_relaxed);
-    return true;
-  };
+  auto receive = [&](std::size_t room, int flags) { return recv_some(room, flags); };
   auto fill = [&](std::size_t need) {
     if (rend - rpos >= need) return;
     if (rcap - rpos < need) {
@@ -71,17 +62,20 @@ void Connection::next_frame(std::uint8_t*& data, std::size_t& len, std::size_t& 
       rend = have;
       rpos = 0;
     }
-    // Waking a thread blocked in recv costs 5 to 60 us on these machines: poll the
-    // socket for spin_us after the last data before sleeping in recv, so a burst of
-    // messages or back-to-back calls is read without that wake-up.
-    std::int64_t spin_until = -1;
+    // Waking a thread blocked in recv costs 5 to 60 us on these machines: with spin_us,
+    // poll the socket a while after the last data before sleeping in recv, so a burst of
+    // messages or back-to-back calls is read without that wake-up. Only while it pays
+    // (spin_budget_ adapts, see connection.hpp).
     while (rend - rpos < need) {
-      int flags = 0;
-      if (spin_ns_ > 0) {
-        if (spin_until < 0) spin_until = now_ns() + spin_ns_;
-        if (now_ns() < spin_until) flags = MSG_DONTWAIT;
+      if (spin_ns_ > 0 && spin_cooldown_ == 0 && spin_budget_ > 0 && spin(rcap - rend)) continue;
+      if (spin_cooldown_ > 0) --spin_cooldown_;
+      const std::int64_t t0 = spin_ns_ > 0 ? now_ns() : 0;
+      if (receive(rcap - rend, 0) && spin_ns_ > 0) {
+        // The data came this soon after the wait began: a spin this long would have
+        // caught it. (Twice that, for the next time.)
+        const std::int64_t waited = now_ns() - t0;
+        if (waited < spin_ns_) spin_budget_ = std::min(spin_ns_, std::max(spin_budget_, 2 * waited));
       }
-      if (!receive(rcap - rend, flags) && flags) cpu_relax();
     }
   };
   // The rest of a refused frame: read into the buffer and dropped, never held whole.
@@ -111,6 +105,58 @@ void Connection::next_frame(std::uint8_t*& data, std::size_t& len, std::size_t& 
   data = rbuf.get() + rpos + 4;
   rpos += 4 + len;
   skip = full - len;
+}
+
+bool Connection::recv_some(std::size_t room, int flags) {
+  const ssize_t r = ::recv(fd.get(), rbuf.get() + rend, room, flags);
+  if (r == 0) throw WireError("connection closed");
+  if (r < 0) {
+    if (errno == EAGAIN || errno == EWOULDBLOCK || errno == EINTR) return false;
+    throw WireError(std::string("recv: ") + std::strerror(errno));
+  }
+  rend += static_cast<std::size_t>(r);
+  last_read.store(now_ns(), std::memory_order_relaxed);
+  return true;
+}
+
+namespace {
+
+std::int64_t thread_cpu_ns() {
+  timespec ts;
+  ::clock_gettime(CLOCK_THREAD_CPUTIME_ID, &ts);
+  return std::int64_t{ts.tv_sec} * 1'000'000'000 + ts.tv_nsec;
+}
+
+}  // namespace
+
+bool Connection::spin(std::size_t room) {
+  // A gap this long between two polls means the thread lost its core meanwhile.
+  constexpr std::int64_t kPreempted = 50'000;
+  // After a spin that lost its core, this many reads sleep at once.
+  constexpr int kCooldown = 256;
+  const std::int64_t t0 = now_ns(), cpu0 = thread_cpu_ns();
+  std::int64_t last = t0;
+  for (;;) {
+    if (recv_some(room, MSG_DONTWAIT)) {
+      spin_budget_ = std::min(spin_ns_, spin_budget_ * 2);  // it paid
+      return true;
+    }
+    const std::int64_t now = now_ns();
+    if (now - last > kPreempted) break;
+    last = now;
+    if (now - t0 >= spin_budget_) {
+      // Nothing came: half as long next time. A spin that ran on a core it had to share
+      // (its CPU time well behind the time that passed) delays whoever shares it: none
+      // for a while.
+      spin_budget_ /= 2;
+      if (2 * (thread_cpu_ns() - cpu0) >= now - t0) return false;
+      break;
+    }
+    cpu_relax();
+  }
+  spin_budget_ = 0;
+  spin_cooldown_ = kCooldown;
+  return false;
 }
 
 // --- sending ------------------------------------------------------------------------------

@@ -32,7 +32,10 @@ struct Process;
 class Connection {
  public:
   // `max_backlog`: bytes waiting for the peer beyond which it is disconnected.
-  // `spin_ns`: how long the reader polls the socket after data before sleeping in recv.
+  // `spin_ns`: how long the reader may poll the socket after data before sleeping in
+  // recv (0: never). Adaptive: it polls only as long as data recently came within that
+  // time, half as long after each poll that found nothing, and not at all for a while
+  // after a poll that lost its core to another thread (a busy machine).
   Connection(Fd fd, const InLimits& in, std::size_t max_backlog, std::int64_t spin_ns);
   Connection(const Connection&) = delete;
   Connection& operator=(const Connection&) = delete;
@@ -87,6 +90,11 @@ class Connection {
   void shutdown() noexcept;
 
  private:
+  // Reads what the socket has into the buffer; false when nothing (flags MSG_DONTWAIT).
+  bool recv_some(std::size_t room, int flags);
+  // Polls the socket up to spin_budget_; true when data came.
+  bool spin(std::size_t room);
+
   enum class Wrote { kAll, kBlocked, kFailed };
   // Writes what the socket takes now; advances iov past what was written.
   Wrote write_some(struct iovec*& iov, int& n);
@@ -104,6 +112,8 @@ class Connection {
 
   const std::size_t max_backlog_;
   const std::int64_t spin_ns_;
+  std::int64_t spin_budget_;  // the reader's: how long it polls now (<= spin_ns_)
+  int spin_cooldown_ = 0;     // the reader's: reads left that sleep at once
   mutable std::mutex qmu_;
   std::condition_variable qcv_;   // the writer waits for work, send_waiting for room
   std::deque<Bytes> backlog_;     // whole frames or their unwritten rest, in order

@@ -6,14 +6,16 @@
 #include <cstring>
 #include <netinet/in.h>
 #include <netinet/tcp.h>
+#include <poll.h>
 #include <sys/socket.h>
 
 #include "etf/decode.hpp"
 
 namespace erpy::node {
 
-thread_local Connection* Core::inline_conn_ = nullptr;
+thread_local const std::shared_ptr<Connection>* Core::inline_conn_ = nullptr;
 thread_local std::uint64_t Core::inline_token_ = 0;
+thread_local int Core::waiting_reader_ = 0;
 
 // --- lifecycle ------------------------------------------------------------------------------
 
@@ -338,22 +340,101 @@ void Core::watchdog() {
 }
 
 void Core::yield_reader() {
-  Connection* c = inline_conn_;
-  if (!c) return;
-  inline_conn_ = nullptr;
-  std::shared_ptr<Connection> conn;
+  const std::shared_ptr<Connection>* cp = inline_conn_;
+  if (!cp) return;
+  const std::shared_ptr<Connection>& c = *cp;
+  bool current;
   {
     // As the watchdog does (under the same lock, so that only one of us hands over).
     std::lock_guard lk(wd_mu_);
     if (c->reader_token.load() != inline_token_ || !c->busy_since.load()) return;
     c->busy_since.store(0);
     c->reader_token.fetch_add(1);
+    // Only a connection still in use gets a reader (a new reader of one that was
+    // replaced would take the new one's monitors down with it).
     std::lock_guard ml(mu_);
     auto it = conns_.find(c->peer.name);
-    if (it != conns_.end() && it->second.get() == c) conn = it->second;
+    current = it != conns_.end() && it->second == c;
   }
+  inline_conn_ = nullptr;
   handovers.fetch_add(1, std::memory_order_relaxed);
-  if (conn) start_reader(conn);
+  if (current) start_reader(c);
+}
+
+void Core::wait_message(Process& p, const JobRunner::WaitScope& scope,
+                        std::chrono::steady_clock::time_point until) {
+  if (inline_conn_ && read_while_waiting(p, scope, until)) return;
+  // Not a reader (a worker, a Python thread), or one that cannot read here: the reader
+  // of the connection delivers the message and wakes us. A reader that cannot read here
+  // hands its connection to another thread first, or the message may never be read.
+  yield_reader();
+  std::unique_lock lk(p.mu);
+  p.cv.wait_until(lk, until, [&] { return !p.queue.empty() || p.closed || scope.cancelled(); });
+}
+
+bool Core::read_while_waiting(Process& p, const JobRunner::WaitScope& scope,
+                              std::chrono::steady_clock::time_point until) {
+  const std::shared_ptr<Connection>& c = *inline_conn_;
+  const std::uint64_t token = inline_token_;
+  Waker& waker = Waker::mine();
+  {
+    std::lock_guard lk(p.mu);
+    if (p.waker) return false;  // another reader waits for this mailbox (rare): it reads
+    p.waker = &waker;
+  }
+  bool reader;
+  {
+    // Out of Python: the watchdog leaves the connection to this thread (under its lock,
+    // so it cannot be handing the connection over meanwhile).
+    std::lock_guard lk(wd_mu_);
+    reader = c->reader_token.load() == token;
+    if (reader) c->busy_since.store(0);
+  }
+  if (!reader) {
+    std::lock_guard lk(p.mu);
+    p.waker = nullptr;
+    return false;
+  }
+  ++waiting_reader_;
+  auto ready = [&] {
+    std::lock_guard lk(p.mu);
+    return !p.queue.empty() || p.closed || scope.cancelled();
+  };
+  try {
+    while (!ready()) {
+      const auto now = std::chrono::steady_clock::now();
+      if (now >= until || stopping_.load()) break;
+      if (!c->has_frame()) {
+        if (!c->wake.empty()) ProcessTable::flush(c->wake);
+        c->batch_messages = 0;  // no coalescing: someone waits
+        // The socket, or the mailbox woken from elsewhere (another connection's reader,
+        // a Python thread, a cancel).
+        pollfd fds[2] = {{c->fd.get(), POLLIN, 0}, {waker.fd(), POLLIN, 0}};
+        const auto left = std::chrono::duration_cast<std::chrono::nanoseconds>(until - now).count();
+        const timespec ts{static_cast<time_t>(left / 1'000'000'000), static_cast<long>(left % 1'000'000'000)};
+        if (::ppoll(fds, 2, &ts, nullptr) <= 0) continue;
+        if (fds[1].revents) waker.drain();
+        if (!fds[0].revents) continue;
+      }
+      read_frame(c, token);
+    }
+  } catch (const std::exception& e) {
+    reader_lost(c, token, e);
+    c->reader_token.fetch_add(1);  // the reader loop above us ends quietly
+  }
+  --waiting_reader_;
+  {
+    std::lock_guard lk(p.mu);
+    p.waker = nullptr;
+  }
+  waker.drain();  // a wake-up that came as we left must not end the next wait at once
+  if (!c->wake.empty()) ProcessTable::flush(c->wake);
+  // Back into Python, on the reader: the watchdog watches the call again.
+  if (c->reader_token.load() == token) {
+    c->busy_since.store(now_ns());
+    wake_watchdog(false);
+  }
+  return true;
 }
 
 void Core::connection_down(const std::shared_ptr<Connection>& c) {
@@ -372,8 +453,6 @@ void Core::connection_down(const std::shared_ptr<Connection>& c) {
 void Core::reader(std::shared_ptr<Connection> c, std::uint64_t token) {
   try {
     while (c->reader_token.load() == token && !stopping_.load()) {
-      std::uint8_t* data;
-      std::size_t len;
       if (!c->has_frame()) {
         if (!c->wake.empty()) ProcessTable::flush(c->wake);
         // Messages are streaming in (this read held several): let the next read gather
@@ -383,26 +462,35 @@ void Core::reader(std::shared_ptr<Connection> c, std::uint64_t token) {
         }
         c->batch_messages = 0;
       }
-      std::size_t full;
-      c->next_frame(data, len, full);
-      if (full == 0) continue;  // a tick
-      Incoming in = c->frames.feed({data, len}, full);
-      if (in.kind == Incoming::kMessage) {
-        handle_message(c, in.data, in.atoms, token, in.owned.empty() ? nullptr : &in.owned);
-      } else if (in.kind == Incoming::kRefused) {
-        handle_refused(c, in);
-      }
+      read_frame(c, token);
     }
   } catch (const std::exception& e) {
-    ProcessTable::flush(c->wake);
-    if (c->reader_token.load() != token) return;
-    c->frames.clear();  // unfinished fragmented messages go with the connection
-    if (!stopping_.load() && std::strcmp(e.what(), "connection closed") != 0) {
-      std::fprintf(stderr, "erpy.node %s: connection to %s lost: %s\n", self_.name.c_str(),
-                   c->peer.name.c_str(), e.what());
-    }
-    connection_down(c);
+    reader_lost(c, token, e);
   }
+}
+
+void Core::read_frame(const std::shared_ptr<Connection>& c, std::uint64_t token) {
+  std::uint8_t* data;
+  std::size_t len, full;
+  c->next_frame(data, len, full);
+  if (full == 0) return;  // a tick
+  Incoming in = c->frames.feed({data, len}, full);
+  if (in.kind == Incoming::kMessage) {
+    handle_message(c, in.data, in.atoms, token, in.owned.empty() ? nullptr : &in.owned);
+  } else if (in.kind == Incoming::kRefused) {
+    handle_refused(c, in);
+  }
+}
+
+void Core::reader_lost(const std::shared_ptr<Connection>& c, std::uint64_t token, const std::exception& e) {
+  ProcessTable::flush(c->wake);
+  if (c->reader_token.load() != token) return;
+  c->frames.clear();  // unfinished fragmented messages go with the connection
+  if (!stopping_.load() && std::strcmp(e.what(), "connection closed") != 0) {
+    std::fprintf(stderr, "erpy.node %s: connection to %s lost: %s\n", self_.name.c_str(),
+                 c->peer.name.c_str(), e.what());
+  }
+  connection_down(c);
 }
 
 void Core::handle_refused(const std::shared_ptr<Connection>& c, const Incoming& in) {
@@ -656,13 +744,19 @@ void Core::on_spawn_request(Message& m) {
   std::optional<JobRunner::Job> job = jobs_->accept(*c, m.ctl, m.payload, m.owner);
   if (!job) return;
   ProcessTable::flush(c->wake);
+  // This thread reads while a call of its own waits (wait_message): it must not start
+  // another call under that one.
+  if (waiting_reader_ > 0) {
+    jobs_->dispatch(c, *job, true);
+    return;
+  }
   // More requests already read and waiting: let a worker run this one so they run in
   // parallel as far as the GIL allows (handlers doing I/O or native work release it).
   // Alone, the reader runs it itself: no thread hand-off on the latency path.
   if (c->has_frame() && jobs_->dispatch(c, *job)) return;
   c->busy_since.store(now_ns());
   wake_watchdog(false);
-  inline_conn_ = c.get();
+  inline_conn_ = &c;
   inline_token_ = m.token;
   jobs_->run(c, *job);
   inline_conn_ = nullptr;

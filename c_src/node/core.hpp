@@ -6,7 +6,9 @@
 //   job_runner.hpp     spawn requests (rpc, erpc) run as Python calls
 //
 // Threads: one acceptor; one reader per connection (it also runs the spawn requests it
-// reads, inline: no thread hand-off on the latency path); a writer per connection that
+// reads, inline: no thread hand-off on the latency path; when such a call waits for a
+// message, the reader goes on reading meanwhile, so the answer is read by the thread
+// that waits for it: wait_message); a writer per connection that
 // writes what a slow peer did not take yet (started when first needed); worker threads
 // for calls that arrive while others wait to be read; a watchdog that gives a connection
 // a new reader when its reader has been inside Python for too long, so a slow handler
@@ -15,9 +17,11 @@
 //
 // Locks: Core::mu_ (connections), the process table's, the job runner's, a connection's
 // send queue. The GIL is never taken while one of them is held, no socket is written
-// under any of them, and the GIL is released before a thread waits on a mailbox.
+// under any of them, and the GIL is released before a thread waits on a mailbox. wd_mu_
+// (the watchdog's) is taken before Core::mu_, never while a Process's mu is held.
 #pragma once
 #include <atomic>
+#include <chrono>
 #include <condition_variable>
 #include <cstdint>
 #include <functional>
@@ -89,10 +93,14 @@ class Core : public std::enable_shared_from_this<Core> {
   std::shared_ptr<Connection> existing(const std::string& node);
   std::vector<std::string> nodes();
 
-  // The calling thread is about to wait for a message (a mailbox receive, with the GIL
-  // released). If it is a connection's reader running a call inline, another thread
-  // takes over reading now, so the answer it waits for can be read.
-  void yield_reader();
+  // Waits (the GIL released) until `p` has a message, is closed, the call running on this
+  // thread is cancelled (`scope`), or `until`. A connection's reader running a call
+  // inline goes on reading its connection meanwhile: the answer the call waits for (a
+  // callback's reply, an rpc's result) is read by this very thread, with no hand-off to
+  // another reader and no wake-up, and every other frame is handled as the reader does
+  // (calls that arrive meanwhile go to worker threads).
+  void wait_message(Process& p, const JobRunner::WaitScope& scope,
+                    std::chrono::steady_clock::time_point until);
 
   // Counters for tests and benchmarks.
   std::atomic<std::uint64_t> handovers{0}, refused{0};
@@ -107,6 +115,16 @@ class Core : public std::enable_shared_from_this<Core> {
   template <class F> void spawn_locked(F&& f);  // threads_mu_ held
   void start_reader(const std::shared_ptr<Connection>& c);
   void reader(std::shared_ptr<Connection> c, std::uint64_t token);
+  // The reader's step: reads one frame of `c` and acts on it. Throws when the connection
+  // fails; reader_lost() then takes it down.
+  void read_frame(const std::shared_ptr<Connection>& c, std::uint64_t token);
+  void reader_lost(const std::shared_ptr<Connection>& c, std::uint64_t token, const std::exception& e);
+  // wait_message() for an inline call's reader: reads `c` until `p` is ready. False when
+  // this thread is not (or no longer) the reader, or `p` has such a reader already.
+  bool read_while_waiting(Process& p, const JobRunner::WaitScope& scope,
+                          std::chrono::steady_clock::time_point until);
+  // Another thread takes over reading (the watchdog's hand-over, done by this thread).
+  void yield_reader();
   std::shared_ptr<Connection> make_connection(Fd fd);
   void add_connection(const std::shared_ptr<Connection>& c);
   void connection_down(const std::shared_ptr<Connection>& c);
@@ -135,9 +153,12 @@ class Core : public std::enable_shared_from_this<Core> {
   void on_spawn_reply(Message& m);
   void on_net_kernel(Connection& c, etf::Bytes payload);
 
-  // The connection this thread reads and runs a call of inline (yield_reader).
-  static thread_local Connection* inline_conn_;
+  // The connection this thread reads and runs a call of inline (wait_message).
+  static thread_local const std::shared_ptr<Connection>* inline_conn_;
   static thread_local std::uint64_t inline_token_;
+  // This thread reads its connection while a call of its own waits: calls it reads go to
+  // workers, never inline.
+  static thread_local int waiting_reader_;
 
   Options opt_;
   Self self_;

@@ -248,24 +248,37 @@ void JobRunner::answer_refused(Connection& c, const Incoming& in, const Bytes& w
 
 // --- worker threads ------------------------------------------------------------------------
 
-bool JobRunner::dispatch(const std::shared_ptr<Connection>& c, Job& j) {
+bool JobRunner::start_worker(std::unique_lock<std::mutex>& lk) {
+  ++workers_;
+  lk.unlock();
+  const bool started = spawn_([this] { worker(); });
+  lk.lock();
+  if (!started) --workers_;
+  return started;
+}
+
+bool JobRunner::dispatch(const std::shared_ptr<Connection>& c, Job& j, bool must) {
   std::unique_lock lk(jobs_mu_);
   if (stopping_) return false;
-  if (idle_workers_ == 0) {
-    if (workers_ >= opt_.workers) return false;
-    ++workers_;
-    lk.unlock();
-    const bool started = spawn_([this] { worker(); });
-    lk.lock();
-    if (!started) {
-      --workers_;
-      return false;
-    }
+  if (idle_workers_ <= static_cast<int>(jobs_.size())) {
+    // Calls waiting in a mailbox hold their threads without running: they do not count.
+    const bool started = workers_ < opt_.workers + waiting_ && start_worker(lk);
+    // Without a worker of its own a job that must not run here waits for the next free one.
+    if (!started && (!must || stopping_)) return false;
   }
   jobs_.push_back(Queued{c, std::make_unique<Job>(std::move(j))});
   lk.unlock();
   jobs_cv_.notify_one();
   return true;
+}
+
+void JobRunner::waiting(int delta) {
+  std::unique_lock lk(jobs_mu_);
+  waiting_ += delta;
+  if (delta > 0 && !stopping_ && idle_workers_ < static_cast<int>(jobs_.size()) &&
+      workers_ < opt_.workers + waiting_) {
+    start_worker(lk);
+  }
 }
 
 void JobRunner::worker() {
@@ -328,6 +341,11 @@ PyRef JobRunner::resolve(const std::string& module, const std::string& function)
   return fn;
 }
 
+bool JobRunner::watched_by(const Bytes& pid) {
+  const Running* r = current_run_;
+  return r && (r->monitor || r->link) && r->from == pid;
+}
+
 void JobRunner::set_result_limit(std::size_t max, bool binary) {
   t_result_limit = max;
   t_result_binary = binary;
@@ -388,9 +406,11 @@ void JobRunner::run(const std::shared_ptr<Connection>& conn, Job& j) {
   }
   const bool wanted = j.monitor || j.link;
   auto run = std::make_shared<Running>();
+  run->runner = this;
   run->conn = conn;
   run->reply.assign(head.data(), head.data() + head.size());
   run->req = j.req;
+  run->from = j.from;
   run->monitor = j.monitor;
   run->link = j.link;
   run->started = now_ns();
@@ -553,8 +573,11 @@ bool JobRunner::cancel(std::uint32_t id, const Bytes* ref, const Bytes* reason) 
   }
   if (waiting) {
     // Its thread waits in a mailbox (a callback into Erlang): wake it to see the cancel.
-    { std::lock_guard pl(waiting->mu); }
-    waiting->cv.notify_all();
+    {
+      std::lock_guard pl(waiting->mu);
+      waiting->wake_locked();
+    }
+    waiting->notify();
   }
   wake_(true);  // the watchdog interrupts it (and again until it stops)
   return true;
@@ -636,8 +659,12 @@ bool JobRunner::tend(std::int64_t now) {
 
 JobRunner::WaitScope::WaitScope(const std::shared_ptr<Process>& p) {
   if (Running* r = current_run_) {
-    std::lock_guard lk(r->mu);
-    r->waiting = p;
+    {
+      std::lock_guard lk(r->mu);
+      r->waiting = p;
+    }
+    runner_ = r->runner;
+    runner_->waiting(1);
   }
 }
 
@@ -646,6 +673,7 @@ JobRunner::WaitScope::~WaitScope() {
     std::lock_guard lk(r->mu);
     r->waiting.reset();
   }
+  if (runner_) runner_->waiting(-1);
 }
 
 bool JobRunner::WaitScope::cancelled() const {

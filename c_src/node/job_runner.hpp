@@ -68,8 +68,10 @@ class JobRunner {
   // it was malformed (answered already). `owner`: a buffer holding the message that the
   // job may take over, or null.
   std::optional<Job> accept(Connection& c, const etf::Tuple& ctl, etf::Bytes payload, Bytes* owner);
-  // Hands a job to a worker thread; false if there is none to take it.
-  bool dispatch(const std::shared_ptr<Connection>& c, Job& job);
+  // Hands a job to a worker thread; false if there is none to take it. With `must` (a
+  // reader that reads while a call of its own waits, so cannot run it) the job is queued
+  // for the next free worker when none can start; false only once the node stops.
+  bool dispatch(const std::shared_ptr<Connection>& c, Job& job, bool must = false);
   // Runs a job on this thread: Python, then SPAWN_REPLY and the exit.
   void run(const std::shared_ptr<Connection>& c, Job& job);
 
@@ -99,12 +101,19 @@ class JobRunner {
   // Forgets cached functions (after the allow-list changed). With the GIL.
   void clear_cache() { fn_cache_.clear(); }
 
+  // From inside a call: whether `pid` (encoded, no version byte) is the caller that
+  // started it with a monitor or a link, so that the caller's end cancels the call (and
+  // so ends any wait of it) without a monitor of its own.
+  static bool watched_by(const Bytes& pid);
+
   // From inside a call: the largest result (bytes of external format) it may return, 0
   // for no limit; with `binary` its result or error map goes back as its ETF in a binary.
   static void set_result_limit(std::size_t max, bool binary);
 
   // While a call's thread waits in a mailbox (`p`): the call's cancellation wakes it.
-  // cancelled() tells whether the call running on this thread was cancelled.
+  // cancelled() tells whether the call running on this thread was cancelled. A waiting
+  // call does not count against `workers`: the calls it may wait for (a callback that
+  // calls this node again) always get a thread.
   class WaitScope {
    public:
     explicit WaitScope(const std::shared_ptr<Process>& p);
@@ -112,6 +121,9 @@ class JobRunner {
     WaitScope(const WaitScope&) = delete;
     WaitScope& operator=(const WaitScope&) = delete;
     bool cancelled() const;
+
+   private:
+    JobRunner* runner_ = nullptr;
   };
 
   std::atomic<std::uint64_t> calls{0};
@@ -119,9 +131,11 @@ class JobRunner {
  private:
   // A call in progress (a spawned "process" of ours).
   struct Running {
+    JobRunner* runner = nullptr;
     std::shared_ptr<Connection> conn;
     Bytes reply;                  // the SPAWN_REPLY frame
     Bytes req;                    // the spawn request id: the caller's monitor reference
+    Bytes from;                   // the caller's pid
     bool monitor = false, link = false;
     std::int64_t started = 0;
     std::mutex mu;                // orders this call's SPAWN_REPLY; guards finished
@@ -141,6 +155,12 @@ class JobRunner {
   // Encodes the pending Python exception as the call's error into `reason`.
   void put_error(py::ByteBuffer& reason, const Job& j, std::size_t base);
   void worker();
+  // A call started (+1) or ended (-1) waiting in a mailbox; a queued job gets a worker
+  // when the waiting ones hold them all.
+  void waiting(int delta);
+  // Starts a worker thread (jobs_mu_ held in `lk`, released while it starts); false if
+  // the node stops.
+  bool start_worker(std::unique_lock<std::mutex>& lk);
 
   struct Queued {
     std::shared_ptr<Connection> conn;
@@ -164,6 +184,7 @@ class JobRunner {
   std::condition_variable jobs_cv_;
   std::deque<Queued> jobs_;
   int idle_workers_ = 0, workers_ = 0;
+  int waiting_ = 0;  // calls waiting in a mailbox (under jobs_mu_)
   bool stopping_ = false;  // under jobs_mu_
 };
 

@@ -210,8 +210,9 @@ MailboxObject* mb(PyObject* self) { return reinterpret_cast<MailboxObject*>(self
 
 // Waits (without the GIL) until the mailbox has a message, is closed, or the deadline
 // passes; wakes every 100 ms to let Python handle signals (Ctrl-C). Inside a call Erlang
-// made, the wait does not hold up the connection (another thread reads it meanwhile) and
-// ends with KeyboardInterrupt when the caller gives up, as the call's Python code would.
+// made, the wait does not hold up the connection (a call run by its connection's reader
+// goes on reading it: Core::wait_message) and ends with KeyboardInterrupt when the
+// caller gives up, as the call's Python code would.
 // Returns false on timeout; throws PythonError for a signal or a cancel.
 bool wait_for_message(Core& core, const std::shared_ptr<Process>& proc, double timeout) {
   using clock = std::chrono::steady_clock;
@@ -223,13 +224,13 @@ bool wait_for_message(Core& core, const std::shared_ptr<Process>& proc, double t
     bool ready, cancelled;
     {
       GilRelease nogil;
-      core.yield_reader();
       JobRunner::WaitScope scope(proc);
-      std::unique_lock lk(p.mu);
       auto until = clock::now() + std::chrono::milliseconds(100);
       if (!forever && deadline < until) until = deadline;
-      ready = p.cv.wait_until(lk, until, [&] { return !p.queue.empty() || p.closed || scope.cancelled(); });
+      core.wait_message(p, scope, until);
       cancelled = scope.cancelled();
+      std::lock_guard lk(p.mu);
+      ready = !p.queue.empty() || p.closed;
     }
     if (cancelled) {
       PyErr_SetString(PyExc_KeyboardInterrupt, "the Erlang caller gave up on this call");
@@ -786,6 +787,16 @@ PyObject* node_cancel_request(PyObject* self, PyObject* arg) {
   Py_RETURN_NONE;
 }
 
+PyObject* node_watched_by(PyObject*, PyObject* pid) {
+  if (!is_type(pid, g_codec->types().pid)) Py_RETURN_FALSE;
+  try {
+    return PyBool_FromLong(JobRunner::watched_by(encode_bare(pid)));
+  } catch (...) {
+    raise_current();
+    return nullptr;
+  }
+}
+
 PyObject* node_set_result_limit(PyObject*, PyObject* args) {
   unsigned long long n;
   int binary = 0;
@@ -822,6 +833,9 @@ PyMethodDef node_methods[] = {
     {"stats", node_stats, METH_NOARGS, "counters: calls, messages, handovers, refused, dropped"},
     {"cancel_request", node_cancel_request, METH_O,
      "cancel_request(req_id): interrupt the call started by this spawn request"},
+    {"watched_by", node_watched_by, METH_O,
+     "watched_by(pid): whether the call running on this thread was started by pid with a monitor "
+     "or link (its end then cancels the call)"},
     {"set_result_limit", node_set_result_limit, METH_VARARGS,
      "set_result_limit(max, binary=False): the current call's result may not exceed max bytes "
      "(0: no limit); with binary it goes back as its ETF in a binary (errors too)"},

@@ -1,8 +1,36 @@
 #include "process_table.hpp"
 
+#include <cerrno>
 #include <cstdio>
+#include <sys/eventfd.h>
+#include <system_error>
+#include <unistd.h>
 
 namespace erpy::node {
+
+Waker::Waker() : fd_(::eventfd(0, EFD_NONBLOCK | EFD_CLOEXEC)), owner_(std::this_thread::get_id()) {
+  if (fd_ < 0) throw std::system_error(errno, std::generic_category(), "eventfd");
+}
+
+Waker::~Waker() {
+  if (fd_ >= 0) ::close(fd_);
+}
+
+Waker& Waker::mine() {
+  thread_local Waker w;
+  return w;
+}
+
+void Waker::signal() noexcept {
+  const std::uint64_t one = 1;
+  // Fails only when the counter is near overflow: it is set, which is all that counts.
+  [[maybe_unused]] ssize_t r = ::write(fd_, &one, sizeof one);
+}
+
+void Waker::drain() noexcept {
+  std::uint64_t n;
+  [[maybe_unused]] ssize_t r = ::read(fd_, &n, sizeof n);
+}
 
 Bytes ProcessTable::encode_pid(std::uint32_t id) const {
   return build([&](auto& s) { etf::put_pid(s, node_, id, 0, creation_.load()); });
@@ -74,17 +102,18 @@ void ProcessTable::deliver(const std::shared_ptr<Process>& p, Bytes msg,
     }
     p->queued_bytes += msg.size();
     p->queue.push_back(std::move(msg));
+    p->wake_locked();  // a reader waiting for it in poll(): at once, not at the flush
   }
   messages.fetch_add(1, std::memory_order_relaxed);
   if (!wake) {
-    p->cv.notify_one();
+    p->notify();
   } else if (wake->empty() || wake->back() != p) {
     wake->push_back(p);
   }
 }
 
 void ProcessTable::flush(std::vector<std::shared_ptr<Process>>& wake) {
-  for (auto& p : wake) p->cv.notify_all();
+  for (auto& p : wake) p->notify();
   wake.clear();
 }
 
@@ -120,8 +149,9 @@ bool ProcessTable::close(const std::shared_ptr<Process>& p, Ended& out) {
     out.links.swap(p->links);
     p->queue.clear();
     p->queued_bytes = 0;
+    p->wake_locked();
   }
-  p->cv.notify_all();
+  p->notify();
   return true;
 }
 
@@ -130,8 +160,9 @@ void ProcessTable::close_all() {
     {
       std::lock_guard pl(p->mu);
       p->closed = true;
+      p->wake_locked();
     }
-    p->cv.notify_all();
+    p->notify();
   }
 }
 

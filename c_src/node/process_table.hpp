@@ -12,6 +12,7 @@
 #include <memory>
 #include <mutex>
 #include <string>
+#include <thread>
 #include <unordered_map>
 #include <utility>
 #include <vector>
@@ -33,6 +34,27 @@ struct Watch {
   Bytes target;
 };
 
+// Wakes one thread that sleeps in poll() rather than on a condition variable: a
+// connection's reader that waits for a message while it goes on reading its connection
+// (Core::wait_message). An eventfd per thread, made on first use, closed when the thread
+// ends; a Process points at it only while that thread waits there.
+class Waker {
+ public:
+  static Waker& mine();
+  int fd() const { return fd_; }
+  bool is_mine() const { return owner_ == std::this_thread::get_id(); }
+  void signal() noexcept;
+  void drain() noexcept;
+  Waker(const Waker&) = delete;
+  Waker& operator=(const Waker&) = delete;
+  ~Waker();
+
+ private:
+  Waker();
+  int fd_ = -1;
+  std::thread::id owner_;
+};
+
 struct Process {
   std::uint32_t id = 0;
   Bytes pid;  // encoded
@@ -47,6 +69,15 @@ struct Process {
   std::vector<Watch> monitors;      // remote processes monitoring this one
   std::vector<Watch> out_monitors;  // monitors this process holds (node, ref, target)
   std::vector<std::pair<std::string, Bytes>> links;  // (node, remote pid)
+  // A reader waiting for this mailbox in poll() (under mu; see Waker).
+  Waker* waker = nullptr;
+
+  // Wakes whoever waits for this mailbox: a poll()ing reader now (mu held), the
+  // condition variable's waiters by notify() once mu is released.
+  void wake_locked() noexcept {
+    if (waker && !waker->is_mine()) waker->signal();
+  }
+  void notify() noexcept { cv.notify_all(); }
 
   // The oldest message (queue not empty; mu held).
   Bytes pop() {

@@ -13,25 +13,29 @@ See doc/node.md.
 
 from __future__ import annotations
 
-import argparse
+if __name__ == "__main__":
+    # `python3 -m erpy.node` runs this file as __main__: run main() of the real module
+    # erpy.node at once, rather than define everything here first too, so that handler
+    # modules that import erpy.node (GenServer, NOREPLY) share its classes.
+    import sys
+    from erpy.node import main as _main
+    sys.exit(_main())
+
 import atexit
-import contextlib
-import glob
 import importlib
 import itertools
-import logging
 import os
-import shutil
-import signal
-import socket
-import subprocess
 import sys
 import threading
 import time
 import weakref
-from typing import Any, Callable, Iterable
+
+TYPE_CHECKING = False
+if TYPE_CHECKING:
+    from typing import Any, Callable, Iterable
 
 from . import _node
+from . import encode as _encode
 from . import erlang as _erlang
 from ._types import Atom, ImproperList, Pid, Ref
 from .erlang import ErlangError, ErlangTimeoutError
@@ -45,7 +49,24 @@ __all__ = [
 # erpy_node_pool); it checks the allow-list itself.
 SERVICE_MODULE = "erpy.service"
 
-log = logging.getLogger("erpy.node")
+# Modules only some paths need (the command line, starting epmd, a crashed handler's log
+# line) are imported when first used: a node starts sooner without them. As attributes
+# of this module they are there all the same (erpy.node.log, erpy.node.subprocess).
+_LAZY = frozenset({"argparse", "contextlib", "glob", "logging", "shutil", "signal", "socket", "subprocess"})
+
+
+def __getattr__(name: str) -> Any:
+    if name in _LAZY:
+        return importlib.import_module(name)
+    if name == "log":
+        return _log()
+    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
+
+
+def _log() -> Any:
+    import logging
+    return logging.getLogger("erpy.node")
+
 
 #: The default of ``max_message_size``: the largest message (or fragmented message, its
 #: fragments together) a connection may send this node; a larger one is refused.
@@ -97,8 +118,9 @@ class _Caller:
     ``{erpy_callback_reply, CbId, ok | error, Value}``. M and F go as binaries and every
     other term Python chose inside ArgsBin (for send ``[Dest, Msg]``, M and F undefined),
     so the caller decodes them under its own rules: nothing in the message itself can
-    make an atom. The thread waits without holding the connection (another thread reads
-    it), and a cancel of the call (the caller's timeout) ends the wait."""
+    make an atom. The thread waits without holding up the connection (a call run by the
+    connection's reader goes on reading it meanwhile, so the reply is read by the waiting
+    thread itself), and a cancel of the call (the caller's timeout) ends the wait."""
 
     def __init__(self, node: "Node", pid: Pid, tag: Any) -> None:
         self._node = node
@@ -136,16 +158,17 @@ class _Caller:
 
     def _callback(self, kind: str, module: Any, function: Any, args: list) -> tuple:
         """(None, value), or (ErlangError, reason) when Erlang refused or failed."""
-        from . import encode
         try:
             names = (Atom("undefined") if module is None else _callback_name(module, "module"),
                      Atom("undefined") if function is None else _callback_name(function, "function"))
         except TypeError as e:
             return (TypeError, str(e))
-        payload = encode(args)
+        payload = _encode(args)
         mb = self._mailbox()
         cb = next(self._ids)
-        mb.send(self.pid, (Atom("erpy_node_callback"), self._tag, mb.pid, cb, Atom(kind), *names, payload))
+        # To the alias: once the request is over it is gone, and the runtime drops what
+        # comes to it (a callback made after the caller gave up reaches nobody).
+        mb.send(self._tag, (Atom("erpy_node_callback"), self._tag, mb.pid, cb, Atom(kind), *names, payload))
         while True:
             msg = mb.receive()
             if type(msg) is not tuple:
@@ -158,9 +181,33 @@ class _Caller:
     def _mailbox(self) -> Any:
         if self._mb is None:
             self._mb = self._node._native.mailbox()
-            # A caller that dies ends the wait even if nobody cancels the call.
-            self._monitor = self._mb.monitor(self.pid)
+            # A caller that dies ends the wait even if nobody cancels the call. One that
+            # started the call with a monitor (a node pool's) cancels it as it goes, which
+            # ends the wait too: no monitor of ours (two frames fewer per request).
+            if not self._node._native.watched_by(self.pid):
+                self._monitor = self._mb.monitor(self.pid)
         return self._mb
+
+
+class _Calling:
+    """The context a request with a caller runs in: erpy.erlang's callbacks on this thread
+    go to that caller meanwhile. (A class, not contextlib's generator: cheaper per
+    request, and contextlib need not be imported before the first.)"""
+
+    __slots__ = ("_caller", "_previous")
+
+    def __init__(self, caller: _Caller) -> None:
+        self._caller = caller
+        self._previous: Any = None
+
+    def __enter__(self) -> None:
+        self._previous = getattr(_current, "caller", None)
+        _current.caller = self._caller
+
+    def __exit__(self, *exc: Any) -> bool:
+        _current.caller = self._previous
+        self._caller.close()
+        return False
 
 
 def _callback_name(name: Any, what: str) -> str:
@@ -241,6 +288,7 @@ EPMD_PORT = 4369
 
 
 def _epmd_answers(timeout: float = 0.5) -> bool:
+    import socket
     try:
         with socket.create_connection(("127.0.0.1", EPMD_PORT), timeout=timeout):
             return True
@@ -254,6 +302,9 @@ def ensure_epmd(wait_s: float = 5.0) -> None:
     with the reason if there is no epmd to start or it never answers."""
     if _epmd_answers():
         return
+    import glob
+    import shutil
+    import subprocess
     epmd = shutil.which("epmd")
     if epmd is None:
         erl = shutil.which("erl")
@@ -357,9 +408,15 @@ class Node:
         return self._native.port
 
     def start(self) -> "Node":
-        if self._start_epmd:
+        try:
+            self._native.start()
+        except OSError:
+            # Registering failed: start epmd if none answers (and try again), as `erl
+            # -name` does; asked first only now, which spares a start the look.
+            if not self._start_epmd or _epmd_answers():
+                raise
             ensure_epmd()
-        self._native.start()
+            self._native.start()
         self._started = True
         _RUNNING.add(self)
         return self
@@ -466,15 +523,8 @@ class Node:
         self._check_code()
         return (ctx, None, self._session(session))
 
-    @contextlib.contextmanager
-    def _calling(self, pid: Pid, alias: Any):
-        previous = getattr(_current, "caller", None)
-        _current.caller = c = _Caller(self, pid, alias)
-        try:
-            yield
-        finally:
-            _current.caller = previous
-            c.close()
+    def _calling(self, pid: Pid, alias: Any) -> "_Calling":
+        return _Calling(_Caller(self, pid, alias))
 
     # The stock erpc interface: rpc:call(PyNode, 'erpy.service', call, [M, F, Args]) etc.
     def _service_call(self, module: Any, function: Any, args: Any, kwargs: Any = None) -> Any:
@@ -595,7 +645,7 @@ class Node:
         except _Stop as s:
             reason = s.reason
         except BaseException as e:  # noqa: BLE001 - the process ends with the error
-            log.warning("process %r (%s) crashed", mb.pid, type(h).__name__, exc_info=True)
+            _log().warning("process %r (%s) crashed", mb.pid, type(h).__name__, exc_info=True)
             reason = format_error(e)
         try:
             h.terminate(reason)
@@ -726,58 +776,120 @@ def _env(*names: str, default: str | None = None) -> str | None:
     return default
 
 
-def main(argv: list[str] | None = None) -> int:
+# The command line: (flag, kind, default, help). Kinds: "str", "int", "append" (repeatable),
+# "true"/"false" (flags). An int's default may be (environment variable, value if unset). A
+# command line made of these flags only (what a node pool passes) is read without
+# argparse, whose import costs a node's start about as much as the rest of erpy's;
+# argparse reads any other (--help, abbreviations, mistakes: its messages).
+_CLI: tuple = (
+    ("--name", "str", None, "NAME@HOST (env ERPY_NODE_NAME, BPY_BEAM_NODE)"),
+    ("--cookie", "str", None, "the cookie (env ERPY_COOKIE, BPY_BEAM_COOKIE)"),
+    ("--listen", "str", None, "address to listen on (env ERPY_NODE_LISTEN, BPY_BEAM_HOST; default 127.0.0.1)"),
+    ("--port", "int", None, "distribution port (env ERPY_NODE_PORT, BPY_BEAM_PORT; default 0: any)"),
+    ("--allow", "append", None,
+     "comma-separated Python modules rpc may reach ('*': all); repeatable (env ERPY_NODE_ALLOW)"),
+    ("--allow-code", "true", None, "let erpy.service run code (eval/exec/run) (env ERPY_NODE_ALLOW_CODE=1)"),
+    ("--load", "append", [], "import this module at start; its erpy_setup(node) is called if present"),
+    ("--ticktime", "int", ("ERPY_NODE_TICKTIME", 60), None),
+    ("--spin-us", "int", ("ERPY_NODE_SPIN_US", 0),
+     "poll a connection up to this long after data before sleeping, only while that pays (0: never)"),
+    ("--coalesce-us", "int", ("ERPY_NODE_COALESCE_US", 200),
+     "when messages stream in, wait this long between reads (0: off)"),
+    ("--max-message-size", "int", ("ERPY_NODE_MAX_MESSAGE_SIZE", DEFAULT_MAX_MESSAGE_SIZE),
+     "largest message (bytes) a connection may send this node; larger ones are refused (env "
+     "ERPY_NODE_MAX_MESSAGE_SIZE; default 64 MiB)"),
+    ("--max-queued-messages", "int", ("ERPY_NODE_MAX_QUEUED_MESSAGES", DEFAULT_MAX_QUEUED_MESSAGES),
+     "unread messages one mailbox may hold; more are dropped (env ERPY_NODE_MAX_QUEUED_MESSAGES; "
+     "default 100000)"),
+    ("--max-queued-bytes", "int", ("ERPY_NODE_MAX_QUEUED_BYTES", DEFAULT_MAX_QUEUED_BYTES),
+     "bytes of unread messages one mailbox may hold; more are dropped (env ERPY_NODE_MAX_QUEUED_BYTES; "
+     "default 1 GiB)"),
+    ("--max-send-queue", "int", ("ERPY_NODE_MAX_SEND_QUEUE", DEFAULT_MAX_SEND_QUEUE),
+     "bytes sent to a node that has not read them, beyond which it is disconnected (env "
+     "ERPY_NODE_MAX_SEND_QUEUE; default 256 MiB)"),
+    ("--no-start-epmd", "false", None, "fail if no epmd runs instead of starting one (as erl -start_epmd false)"),
+    ("--exit-on-eof", "true", False, "stop when stdin closes (for nodes started by Erlang ports)"),
+)
+
+
+def _cli_dest(flag: str) -> str:
+    return "start_epmd" if flag == "--no-start-epmd" else flag[2:].replace("-", "_")
+
+
+def _cli_default(kind: str, default: Any) -> Any:
+    if kind == "int" and type(default) is tuple:
+        return int(_env(default[0], default=str(default[1])))
+    if kind == "false":
+        return True
+    return list(default) if type(default) is list else default
+
+
+def _cli_parser() -> Any:
+    import argparse
     p = argparse.ArgumentParser(prog="python3 -m erpy.node",
                                 description="Run this Python as an Erlang node (see doc/node.md).")
-    p.add_argument("--name", help="NAME@HOST (env ERPY_NODE_NAME, BPY_BEAM_NODE)")
-    p.add_argument("--cookie", help="the cookie (env ERPY_COOKIE, BPY_BEAM_COOKIE)")
-    p.add_argument("--listen", help="address to listen on (env ERPY_NODE_LISTEN, BPY_BEAM_HOST; "
-                                    "default 127.0.0.1)")
-    p.add_argument("--port", type=int, help="distribution port (env ERPY_NODE_PORT, BPY_BEAM_PORT; "
-                                            "default 0: any)")
-    p.add_argument("--allow", action="append", default=None,
-                   help="comma-separated Python modules rpc may reach ('*': all); repeatable "
-                        "(env ERPY_NODE_ALLOW)")
-    p.add_argument("--allow-code", action="store_true", default=None,
-                   help="let erpy.service run code (eval/exec/run) (env ERPY_NODE_ALLOW_CODE=1)")
-    p.add_argument("--load", action="append", default=[],
-                   help="import this module at start; its erpy_setup(node) is called if present")
-    p.add_argument("--ticktime", type=int, default=int(_env("ERPY_NODE_TICKTIME", default="60")))
-    p.add_argument("--spin-us", type=int, default=int(_env("ERPY_NODE_SPIN_US", default="0")),
-                   help="poll a connection this long after data before sleeping (0: off)")
-    p.add_argument("--coalesce-us", type=int, default=int(_env("ERPY_NODE_COALESCE_US", default="200")),
-                   help="when messages stream in, wait this long between reads (0: off)")
-    p.add_argument("--max-message-size", type=int,
-                   default=int(_env("ERPY_NODE_MAX_MESSAGE_SIZE", default=str(DEFAULT_MAX_MESSAGE_SIZE))),
-                   help="largest message (bytes) a connection may send this node; larger ones "
-                        "are refused (env ERPY_NODE_MAX_MESSAGE_SIZE; default 64 MiB)")
-    p.add_argument("--max-queued-messages", type=int,
-                   default=int(_env("ERPY_NODE_MAX_QUEUED_MESSAGES",
-                                    default=str(DEFAULT_MAX_QUEUED_MESSAGES))),
-                   help="unread messages one mailbox may hold; more are dropped (env "
-                        "ERPY_NODE_MAX_QUEUED_MESSAGES; default 100000)")
-    p.add_argument("--max-queued-bytes", type=int,
-                   default=int(_env("ERPY_NODE_MAX_QUEUED_BYTES", default=str(DEFAULT_MAX_QUEUED_BYTES))),
-                   help="bytes of unread messages one mailbox may hold; more are dropped (env "
-                        "ERPY_NODE_MAX_QUEUED_BYTES; default 1 GiB)")
-    p.add_argument("--max-send-queue", type=int,
-                   default=int(_env("ERPY_NODE_MAX_SEND_QUEUE", default=str(DEFAULT_MAX_SEND_QUEUE))),
-                   help="bytes sent to a node that has not read them, beyond which it is "
-                        "disconnected (env ERPY_NODE_MAX_SEND_QUEUE; default 256 MiB)")
-    p.add_argument("--no-start-epmd", dest="start_epmd", action="store_false",
-                   help="fail if no epmd runs instead of starting one (as erl -start_epmd false)")
-    p.add_argument("--exit-on-eof", action="store_true",
-                   help="stop when stdin closes (for nodes started by Erlang ports)")
-    a = p.parse_args(argv)
+    for flag, kind, default, text in _CLI:
+        kw: dict = {"dest": _cli_dest(flag), "help": text, "default": _cli_default(kind, default)}
+        if kind == "int":
+            kw["type"] = int
+        elif kind == "append":
+            kw["action"] = "append"
+        elif kind == "true":
+            kw["action"] = "store_true"
+        elif kind == "false":
+            kw["action"] = "store_false"
+        p.add_argument(flag, **kw)
+    return p
+
+
+def _cli_plain(argv: list[str]) -> Any:
+    """The options of a command line made only of _CLI's flags, each spelled out (a value
+    in the next argument, not starting with "-"); None for any other."""
+    import types
+    kinds = {flag: kind for flag, kind, _, _ in _CLI}
+    a = types.SimpleNamespace(**{_cli_dest(f): _cli_default(k, d) for f, k, d, _ in _CLI})
+    i = 0
+    while i < len(argv):
+        kind = kinds.get(argv[i])
+        if kind is None:
+            return None
+        dest = _cli_dest(argv[i])
+        if kind in ("true", "false"):
+            setattr(a, dest, kind == "true")
+            i += 1
+            continue
+        if i + 1 >= len(argv) or argv[i + 1].startswith("-"):
+            return None
+        value = argv[i + 1]
+        if kind == "int":
+            try:
+                value = int(value)
+            except ValueError:
+                return None
+        if kind == "append":
+            value = (getattr(a, dest) or []) + [value]
+        setattr(a, dest, value)
+        i += 2
+    return a
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = sys.argv[1:] if argv is None else list(argv)
+    a = _cli_plain(args)
+    if a is None:
+        a = _cli_parser().parse_args(args)
+
+    def error(message: str) -> None:
+        _cli_parser().error(message)
 
     name = a.name or _env("ERPY_NODE_NAME", "BPY_BEAM_NODE")
     if not name:
-        p.error("--name (or ERPY_NODE_NAME) is required")
+        error("--name (or ERPY_NODE_NAME) is required")
     if "@" not in name:
         name = f"{name}@{_env('BPY_BEAM_HOST', default='127.0.0.1')}"
     cookie = a.cookie or _env("ERPY_COOKIE", "BPY_BEAM_COOKIE")
     if not cookie:
-        p.error("--cookie (or ERPY_COOKIE) is required")
+        error("--cookie (or ERPY_COOKIE) is required")
     listen = a.listen or _env("ERPY_NODE_LISTEN", "BPY_BEAM_HOST", default="127.0.0.1")
     if listen == "localhost":
         listen = "127.0.0.1"
@@ -797,6 +909,7 @@ def main(argv: list[str] | None = None) -> int:
         setup = getattr(m, "erpy_setup", None)
         if callable(setup):
             setup(node)
+    import signal
     stop = threading.Event()
     for sig in (signal.SIGTERM, signal.SIGINT):
         signal.signal(sig, lambda *_: stop.set())
@@ -821,10 +934,3 @@ def main(argv: list[str] | None = None) -> int:
         node.stop()
     return 0
 
-
-if __name__ == "__main__":
-    # `python3 -m erpy.node` runs this file as __main__; run main() of the real module
-    # erpy.node instead, so handler modules that import erpy.node (GenServer, NOREPLY)
-    # share its classes.
-    from erpy.node import main as _main
-    sys.exit(_main())

@@ -660,3 +660,128 @@ def test_stop_interrupts_calls_still_in_python(epmd):
         caller.join(20)
     finally:
         c.stop()
+
+
+# --- a call that waits for a message reads its own connection -------------------------------
+
+def test_a_call_waiting_for_its_answer_reads_its_connection_itself(epmd):
+    """A call run by its connection's reader that waits for a message (a callback's reply,
+    an rpc's result) goes on reading that connection meanwhile: the answer that comes
+    over it is read by the waiting thread itself, with no hand-over to another reader,
+    and other calls from the same node are served meanwhile (by worker threads)."""
+    import threading
+    # slow_ms: the watchdog never hands the connection over by itself here.
+    a = Node(unique("pya"), COOKIE, slow_ms=60_000).start()
+    c = Node(unique("pyc"), COOKIE).start()
+    c.expose("t", "echo", lambda x: x)
+    waiting = threading.Event()
+
+    def ask(other, value):
+        # Into the caller's node and back, over the connection this call came on.
+        return a.rpc(other, "t", "echo", [value], timeout=10)
+
+    def gate():
+        mb = a.mailbox()
+        mb.register("erpy_gate")
+        waiting.set()
+        try:
+            return mb.receive(20)
+        finally:
+            mb.close()
+
+    a.expose("t", "ask", ask)
+    a.expose("t", "gate", gate)
+    a.expose("t", "add", lambda x, y: x + y)
+    try:
+        assert c.rpc(a.name, "t", "add", [1, 2], timeout=10) == 3
+        before = a.stats()["handovers"]
+        assert [c.rpc(a.name, "t", "ask", [c.name, i], timeout=10) for i in range(20)] == list(range(20))
+        assert a.stats()["handovers"] == before
+        # A call that waits: other calls, and their own waits, go on meanwhile.
+        result = {}
+        t = threading.Thread(target=lambda: result.update(g=c.rpc(a.name, "t", "gate", [], timeout=20)))
+        t.start()
+        assert waiting.wait(10)
+        assert c.rpc(a.name, "t", "add", [2, 3], timeout=10) == 5
+        assert c.rpc(a.name, "t", "ask", [c.name, "x"], timeout=10) == "x"
+        c.send(("erpy_gate", a.name), Atom("go"))
+        t.join(20)
+        assert result.get("g") == "go"
+        assert a.stats()["handovers"] == before
+    finally:
+        c.stop()
+        a.stop()
+
+
+def test_a_reading_call_is_woken_by_messages_from_elsewhere(epmd):
+    """A call that reads its connection while it waits is woken all the same by a message
+    that does not come over that connection: from a Python thread of its own node, from
+    another node; by its timeout; and by its caller giving up (KeyboardInterrupt)."""
+    import threading
+    a = Node(unique("pya"), COOKIE).start()
+    c = Node(unique("pyc"), COOKIE).start()
+    d = Node(unique("pyd"), COOKIE).start()
+    seen = {}
+
+    def receive(name, timeout):
+        mb = a.mailbox()
+        mb.register(name)
+        try:
+            return mb.receive(timeout)
+        except TimeoutError:
+            return Atom("timeout")
+        except KeyboardInterrupt:
+            seen[name] = "interrupted"
+            raise
+        finally:
+            mb.close()
+
+    a.expose("t", "receive", receive)
+    try:
+        def when_registered(name, then):
+            def run():
+                deadline = time.monotonic() + 10
+                while a._native.whereis(name) is None and time.monotonic() < deadline:
+                    time.sleep(0.005)
+                then()
+            threading.Thread(target=run).start()
+
+        when_registered("g1", lambda: a.send("g1", Atom("local")))
+        assert c.rpc(a.name, "t", "receive", ["g1", 20], timeout=20) == "local"
+        when_registered("g2", lambda: d.send(("g2", a.name), Atom("remote")))
+        assert c.rpc(a.name, "t", "receive", ["g2", 20], timeout=20) == "remote"
+        assert c.rpc(a.name, "t", "receive", ["g3", 0.05], timeout=20) == "timeout"
+        with pytest.raises(ErlangTimeoutError):
+            c.rpc(a.name, "t", "receive", ["g4", 30], timeout=0.2)
+        deadline = time.monotonic() + 10
+        while seen.get("g4") != "interrupted":
+            assert time.monotonic() < deadline, "the waiting call was not interrupted"
+            time.sleep(0.01)
+        assert c.rpc(a.name, "t", "receive", ["g3", 0], timeout=20) == "timeout"
+    finally:
+        d.stop()
+        c.stop()
+        a.stop()
+
+
+def test_command_line_read_without_argparse_as_argparse_reads_it(monkeypatch):
+    """A command line made of the node's own flags (what a node pool passes) is read
+    without importing argparse, to the same options argparse gives; anything else
+    (--help, abbreviations, --flag=value, bad values) goes to argparse."""
+    monkeypatch.setenv("ERPY_NODE_TICKTIME", "9")
+    lines = [
+        ["--name", "a@h", "--cookie", "c"],
+        ["--name", "a@h", "--cookie", "c", "--allow", "operator", "--allow", "math,os", "--allow-code",
+         "--load", "x", "--load", "y", "--exit-on-eof", "--no-start-epmd", "--port", "123",
+         "--spin-us", "5", "--max-send-queue", "99"],
+        ["--name", "a", "--listen", "0.0.0.0", "--ticktime", "7", "--coalesce-us", "0",
+         "--max-message-size", "5000", "--max-queued-messages", "3", "--max-queued-bytes", "4"],
+        [],
+    ]
+    for line in lines:
+        assert vars(node_module._cli_plain(line)) == vars(node_module._cli_parser().parse_args(line)), line
+    assert node_module._cli_plain([]).ticktime == 9
+    for line in (["--na", "x"], ["--name=x"], ["--port", "x"], ["--cookie", "-x"], ["-h"], ["--name"]):
+        assert node_module._cli_plain(line) is None, line
+    with pytest.raises(SystemExit):
+        node_module.main(["--port", "not-a-number"])

@@ -2,7 +2,8 @@
 (`make test-tsan-node`, `make test-asan`).
 
 Several nodes in this one process call each other (rpc, erpy.service, errors), send each
-other messages in streams, monitor and link mailboxes that end, give up on slow calls
+other messages in streams, call back into their callers and wait for the answer (read
+by the waiting call's own thread), monitor and link mailboxes that end, give up on slow calls
 (cancels: DEMONITOR_P, KeyboardInterrupt in the call's thread) and clear their handler
 caches meanwhile; a hand-written peer stops reading what it asked for (the send queue's
 writer thread); an Erlang node (when `erl` is installed) calls into all of them. Every
@@ -104,6 +105,9 @@ def main() -> int:
         n.expose("t", "big", lambda size: bytes(size))
         n.expose("t", "boom", _boom)
         n.expose("t", "spin", _spin)
+        # Calls back into the caller's node and waits for the answer, which comes over the
+        # connection the call came on (read by the waiting call's own thread).
+        n.expose("t", "ask", lambda other, v, n=n: n.rpc(other, "t", "echo", [v], timeout=30))
 
     # Connected one pair at a time first: two erpy nodes that connect to each other at the
     # same moment each keep the other's connection, and what was sent on the dropped one
@@ -182,6 +186,22 @@ def main() -> int:
                 pass
         return step
 
+    def nested(x: Node, y: Node):
+        state = {"i": 0}
+
+        def step() -> None:
+            state["i"] += 1
+            i = state["i"]
+            if i % 4 == 0:
+                # Given up on while it waits: the cancel wakes the waiting reader.
+                try:
+                    x.rpc(y.name, "t", "ask", [x.name, i], timeout=0.001)
+                except ErlangTimeoutError:
+                    pass
+            else:
+                assert x.rpc(y.name, "t", "ask", [x.name, i], timeout=30) == i
+        return step
+
     def messages(x: Node, y: Node):
         # A stream of messages to a mailbox of y; each arrives once, in order.
         rx = y.mailbox()
@@ -230,6 +250,7 @@ def main() -> int:
         threads.append(worker(f"service {x.name}->{y.name}", service(x, y)))
         threads.append(worker(f"cancels {x.name}->{y.name}", cancels(x, y)))
         threads.append(worker(f"messages {x.name}->{y.name}", messages(x, y)))
+        threads.append(worker(f"nested {x.name}->{y.name}", nested(x, y)))
         threads.append(worker(f"watches {x.name}->{y.name}", watches(x, y)))
     for n in nodes:
         threads.append(worker(f"cache {n.name}", cache(n)))

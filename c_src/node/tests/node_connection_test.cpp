@@ -7,6 +7,7 @@
 #include <unistd.h>
 
 #include <atomic>
+#include <chrono>
 #include <cstring>
 #include <map>
 #include <thread>
@@ -23,10 +24,10 @@ using erpy::node::InLimits;
 
 // A connection on one end of a socket pair, with its writer thread joined at the end.
 struct Pair {
-  explicit Pair(std::size_t max_backlog = std::size_t{256} << 20) {
+  explicit Pair(std::size_t max_backlog = std::size_t{256} << 20, std::int64_t spin_ns = 0) {
     int sv[2];
     EXPECT_EQ(::socketpair(AF_UNIX, SOCK_STREAM | SOCK_CLOEXEC, 0, sv), 0);
-    conn = std::make_shared<Connection>(Fd(sv[0]), InLimits{}, max_backlog, 0);
+    conn = std::make_shared<Connection>(Fd(sv[0]), InLimits{}, max_backlog, spin_ns);
     conn->peer.name = "peer@test";
     peer = Fd(sv[1]);
     conn->start_writer = [this] {
@@ -158,6 +159,34 @@ TEST(NodeConnection, ReadsFramesAndTicks) {
   EXPECT_EQ(std::memcmp(data, "abc", 3), 0);
   p.peer.reset();
   EXPECT_THROW(p.conn->next_frame(data, len, full), erpy::node::WireError);
+}
+
+// A reader that polls before it sleeps (spin_us) reads every frame whatever the gaps: data
+// caught by the poll, data after the poll gave up (a blocking read), frames split in
+// pieces, and after the poll has adapted up and down.
+TEST(NodeConnection, ASpinningReaderReadsEveryFrame) {
+  Pair p(std::size_t{256} << 20, 2'000'000);
+  constexpr int kFrames = 60;
+  std::thread writer([&] {
+    for (int i = 0; i < kFrames; ++i) {
+      const std::uint8_t body[] = {static_cast<std::uint8_t>(i), 'x', 'y'};
+      const std::uint8_t head[] = {0, 0, 0, sizeof body};
+      const int gap_us = (i % 3 == 0) ? 0 : (i % 3 == 1) ? 200 : 5000;  // within and beyond the poll
+      std::this_thread::sleep_for(std::chrono::microseconds(gap_us));
+      ASSERT_EQ(::write(p.peer.get(), head, sizeof head), static_cast<ssize_t>(sizeof head));
+      if (i % 4 == 0) std::this_thread::sleep_for(std::chrono::microseconds(300));  // split
+      ASSERT_EQ(::write(p.peer.get(), body, sizeof body), static_cast<ssize_t>(sizeof body));
+    }
+  });
+  for (int i = 0; i < kFrames; ++i) {
+    std::uint8_t* data;
+    std::size_t len, full;
+    p.conn->next_frame(data, len, full);
+    ASSERT_EQ(len, 3u);
+    EXPECT_EQ(data[0], static_cast<std::uint8_t>(i));
+    EXPECT_EQ(std::memcmp(data + 1, "xy", 2), 0);
+  }
+  writer.join();
 }
 
 }  // namespace
