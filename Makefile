@@ -49,6 +49,9 @@ native: setup
 	@cmake --build _build/native -j$(JOBS)
 	@# Port workers run the interpreter the extension was built for (erpy_config:built_python/0).
 	@command -v $(PYTHON) > priv/python.path
+	@# Bytecode for erpy's own modules, so that no worker or node compiles them at start
+	@# (with PYTHONDONTWRITEBYTECODE set, Python would compile them in every process).
+	@$(PYTHON) -m compileall -q python/erpy
 
 erlang: setup
 	@$(REBAR) compile

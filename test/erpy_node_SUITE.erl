@@ -849,17 +849,17 @@ pool_callback_while_another_waits(_Config) ->
         Self = self(),
         spawn_link(fun() ->
                            R = erpy_node_pool:request(
-                                 np_cbw, {run, <<"result = erlang.call('erpy_node_SUITE', 'cb_gate', 7)">>, undefined},
+                                 np_cbw, erpy_request:run(<<"result = erlang.call('erpy_node_SUITE', 'cb_gate', 7)">>, undefined),
                                  30000),
                            Self ! {waiter, R}
                    end),
         Gate = receive {in_gate, G} -> G after 10000 -> ct:fail(no_callback) end,
         Abs = fun(K) ->
-                      erpy_node_pool:request(np_cbw, {run, <<"result = erlang.call('erlang', 'abs', arguments)">>, -K},
+                      erpy_node_pool:request(np_cbw, erpy_request:run(<<"result = erlang.call('erlang', 'abs', arguments)">>, -K),
                                              10000)
               end,
         [?assertEqual({ok, K}, Abs(K)) || K <- lists:seq(1, 20)],
-        ?assertEqual({ok, 3}, erpy_node_pool:request(np_cbw, {call, operator, add, [1, 2], #{}}, 10000)),
+        ?assertEqual({ok, 3}, erpy_node_pool:request(np_cbw, erpy_request:call(<<"operator">>, <<"add">>, [1, 2], #{}), 10000)),
         %% Still waiting: its answer is held back.
         receive {waiter, Early} -> ct:fail({answered_early, Early}) after 0 -> ok end,
         Gate ! {open, 35},
@@ -885,7 +885,7 @@ pool_concurrent_callbacks(_Config) ->
                  "result.append(erlang.apply('lists', 'reverse', [[arguments, 0]]))">>,
         Self = self(),
         Callers = [spawn_link(fun() ->
-                                      Rs = [{K, erpy_node_pool:request(np_cbc, {run, Code, K}, 20000)}
+                                      Rs = [{K, erpy_node_pool:request(np_cbc, erpy_request:run(Code, K), 20000)}
                                             || J <- lists:seq(1, 15), K <- [C * 1000 + J]],
                                       Self ! {done, self(), Rs}
                               end) || C <- lists:seq(1, 24)],
@@ -904,23 +904,24 @@ pool_concurrent_callbacks(_Config) ->
 %% threads: calls waiting for their callbacks hold no worker the nested requests need.
 pool_nested_callbacks(_Config) ->
     {ok, _} = erpy_node_pool:start_link(np_cbn, #{start => 1, allowed => [{erlang, abs},
-                                                                          {erpy_node_pool, request}]}),
+                                                                          {erpy, run}]}),
     try
         %% Level 3: abs(-K) + 1; level 2: twice that; level 1: one more.
         Code = <<"from erpy import Atom\n"
                  "def request(code):\n"
-                 "    return erlang.apply('erpy_node_pool', 'request',\n"
-                 "                        [Atom('np_cbn'), (Atom('run'), code, arguments), 20000])\n"
+                 "    st, m = erlang.apply('erpy', 'run', [{Atom('code'): code, Atom('arguments'): arguments,\n"
+                 "                                         Atom('pool'): Atom('np_cbn')}, 20000])\n"
+                 "    return st, m['result']\n"
                  "inner = \"result = erlang.call('erlang', 'abs', -arguments) + 1\"\n"
-                 "middle = 'from erpy import Atom\\n' + \\\n"
-                 "    'st, v = erlang.apply(\"erpy_node_pool\", \"request\", [Atom(\"np_cbn\"), ' + \\\n"
-                 "    '(Atom(\"run\"), %r, arguments), 20000])\\nresult = v * 2' % inner\n"
+                 "middle = ('from erpy import Atom\\n' + \\\n"
+                 "    'st, m = erlang.apply(\"erpy\", \"run\", [{Atom(\"code\"): %r, Atom(\"arguments\"): arguments, ' + \\\n"
+                 "    'Atom(\"pool\"): Atom(\"np_cbn\")}, 20000])\\nresult = m[\"result\"] * 2') % inner\n"
                  "st, v = request(middle)\n"
                  "result = (st, v + 1)\n">>,
-        ?assertEqual({ok, {ok, 9}}, erpy_node_pool:request(np_cbn, {run, Code, 3}, 20000)),
+        ?assertEqual({ok, {ok, 9}}, erpy_node_pool:request(np_cbn, erpy_request:run(Code, 3), 20000)),
         Self = self(),
         Callers = [spawn_link(fun() ->
-                                      Self ! {done, self(), K, erpy_node_pool:request(np_cbn, {run, Code, K}, 30000)}
+                                      Self ! {done, self(), K, erpy_node_pool:request(np_cbn, erpy_request:run(Code, K), 30000)}
                               end) || K <- lists:seq(1, 16)],
         [receive
              {done, P, K, R} -> ?assertEqual({ok, {ok, (K + 1) * 2 + 1}}, R)
@@ -960,18 +961,18 @@ pool_callbacks_after_timeout_dropped(_Config) ->
                  "        sys.erpy_done = True\n"
                  "    except BaseException:\n"
                  "        pass\n">>,
-        ?assertEqual({error, timeout}, erpy_node_pool:request(np_cbt, {exec, Code}, 200)),
+        ?assertEqual({error, timeout}, erpy_node_pool:request(np_cbt, erpy_request:exec(Code), 200)),
         %% The call ends: each callback's wait ended at once (interrupted), none answered.
         Late = fun() ->
                        {ok, R} = erpy_node_pool:request(
-                                   np_cbt, {eval, <<"(getattr(__import__('sys'), 'erpy_done', False), "
-                                                    "getattr(__import__('sys'), 'erpy_late', 0))">>, #{}}, 5000),
+                                   np_cbt, erpy_request:eval(<<"(getattr(__import__('sys'), 'erpy_done', False), "
+                                                    "getattr(__import__('sys'), 'erpy_late', 0))">>, #{}), 5000),
                        R
                end,
         ok = wait_until(fun() -> element(1, Late()) end, 200),
         ?assert(element(2, Late()) >= 1),
         receive Stray -> ct:fail({late_message, Stray}) after 300 -> ok end,
-        ?assertEqual({ok, 5}, erpy_node_pool:request(np_cbt, {eval, <<"erlang.call('erlang', 'abs', -5)">>, #{}}, 5000)),
+        ?assertEqual({ok, 5}, erpy_node_pool:request(np_cbt, erpy_request:eval(<<"erlang.call('erlang', 'abs', -5)">>, #{}), 5000)),
         {messages, []} = process_info(self(), messages)
     after
         catch unregister(erpy_cb_late),
