@@ -217,7 +217,13 @@ void Core::add_connection(const std::shared_ptr<Connection>& c) {
     old = std::move(slot);
     slot = c;
   }
-  if (old) old->shutdown();
+  if (old) {
+    // The node reconnected before we saw its old connection go: what hung on the old one
+    // (calls, monitors, links) goes now, before the new one's reader makes any of its own.
+    old->shutdown();
+    jobs_->connection_down(old.get());
+    procs_.node_down(c->peer.name);
+  }
   start_reader(c);
 }
 
@@ -439,13 +445,19 @@ bool Core::read_while_waiting(Process& p, const JobRunner::WaitScope& scope,
 
 void Core::connection_down(const std::shared_ptr<Connection>& c) {
   c->shutdown();
+  bool current = false;
   {
     std::lock_guard lk(mu_);
     auto it = conns_.find(c->peer.name);
-    if (it != conns_.end() && it->second == c) conns_.erase(it);
+    if (it != conns_.end() && it->second == c) {
+      conns_.erase(it);
+      current = true;
+    }
   }
   jobs_->connection_down(c.get());
-  procs_.node_down(c->peer.name);
+  // A connection a newer one replaced was taken down then (add_connection): the node's
+  // monitors and links now belong to the new one and stay.
+  if (current) procs_.node_down(c->peer.name);
 }
 
 // --- reading --------------------------------------------------------------------------------
