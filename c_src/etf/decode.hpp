@@ -32,10 +32,20 @@
 //
 // Builders may throw; the decoder adds nothing to the stack but its own frames, so an
 // exception leaves cleanly through the RAII values of the builder.
+//
+// A builder may also offer these, for the keys and values of maps (slot 2i is the key of
+// pair i, 2i + 1 its value), to skip decoding a term it has seen before:
+//
+//   bool map_reuse(M&, std::size_t slot, Reader&, Value& out)   // true: out is the value of
+//                                                               // the term at the reader,
+//                                                               // which it moved past
+//   void map_remember(M&, std::size_t slot, Bytes raw, const Value&)  // raw: one whole term
+//                                                                     // just decoded
 #pragma once
 #include <array>
 #include <charconv>
 #include <cmath>
+#include <concepts>
 #include <cstdint>
 #include <cstring>
 #include <span>
@@ -189,6 +199,13 @@ struct CopyBuilder {
   Value map_begin(std::size_t n) { put_map_header(s, n); return {}; }
   void map_set(Value&, Value&&, Value&&, std::size_t) {}
   Value map_end(Value&) { return {}; }
+};
+
+// The builder's optional map hooks (see the top of this file).
+template <class B, class M>
+concept ReusesMapTerms = requires(B& b, M& m, Reader& r, typename B::Value& v, Bytes raw) {
+  { b.map_reuse(m, std::size_t{}, r, v) } -> std::same_as<bool>;
+  b.map_remember(m, std::size_t{}, raw, v);
 };
 
 template <class Builder>
@@ -440,13 +457,29 @@ class Decoder {
     const std::uint32_t n = r_.u32("map arity");
     r_.need_items(n, 2, "map");
     auto m = b_.map_begin(n);
+    // A reused term is not decoded, so its depth is checked here, as term() would.
+    if (n > 0 && depth + 1 > o_.max_depth) too_deep(depth + 1);
     for (std::size_t i = 0; i < n; ++i) {
       const std::size_t key_offset = r_.offset();
-      Value k = term(depth + 1);
-      Value v = term(depth + 1);
+      Value k = map_part(m, 2 * i, depth);
+      Value v = map_part(m, 2 * i + 1, depth);
       b_.map_set(m, std::move(k), std::move(v), key_offset);
     }
     return b_.map_end(m);
+  }
+
+  template <class M>
+  [[gnu::always_inline]] Value map_part(M& m, std::size_t slot, std::size_t depth) {
+    if constexpr (ReusesMapTerms<Builder, M>) {
+      Value v;
+      if (b_.map_reuse(m, slot, r_, v)) return v;
+      const std::size_t start = r_.pos();
+      v = term(depth + 1);
+      b_.map_remember(m, slot, r_.data().subspan(start, r_.pos() - start), v);
+      return v;
+    } else {
+      return term(depth + 1);
+    }
   }
 
   Reader& r_;
