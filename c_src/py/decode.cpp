@@ -167,21 +167,42 @@ class PyBuilder {
     return PyRef::check(PyObject_CallOneArg(c_.types().fun.get(), data.get()));
   }
 
-  PyRef tuple_begin(std::size_t n) { return PyRef::check(PyTuple_New(static_cast<Py_ssize_t>(n))); }
+  // A long list or tuple is hidden from the garbage collector while it is filled: every
+  // collection that runs meanwhile (one per few hundred objects made) would otherwise walk
+  // all the items it holds so far, which makes decoding a long list of containers grow
+  // faster than its length. Nothing else holds it, so it is in no cycle until it is returned.
+  static constexpr std::size_t kUntrackedFill = 256;
+
+  PyRef tuple_begin(std::size_t n) {
+    PyRef t = PyRef::check(PyTuple_New(static_cast<Py_ssize_t>(n)));
+    if (n >= kUntrackedFill) PyObject_GC_UnTrack(t.get());  // as list_begin
+    return t;
+  }
   void tuple_set(PyRef& t, std::size_t i, PyRef&& v) {
     PyTuple_SET_ITEM(t.get(), static_cast<Py_ssize_t>(i), v.release());
   }
-  Value tuple_end(PyRef& t) { return std::move(t); }
+  Value tuple_end(PyRef& t) {
+    track(t.get(), PyTuple_GET_SIZE(t.get()));
+    return std::move(t);
+  }
 
-  PyRef list_begin(std::size_t n) { return PyRef::check(PyList_New(static_cast<Py_ssize_t>(n))); }
+  PyRef list_begin(std::size_t n) {
+    PyRef l = PyRef::check(PyList_New(static_cast<Py_ssize_t>(n)));
+    if (n >= kUntrackedFill) PyObject_GC_UnTrack(l.get());
+    return l;
+  }
   void list_set(PyRef& l, std::size_t i, PyRef&& v) {
     PyList_SET_ITEM(l.get(), static_cast<Py_ssize_t>(i), v.release());
   }
-  Value list_end(PyRef& l) { return std::move(l); }
+  Value list_end(PyRef& l) {
+    track(l.get(), PyList_GET_SIZE(l.get()));
+    return std::move(l);
+  }
 
   // Erlang has no list whose tail is a list: [1 | [2, 3]] is [1, 2, 3]. Such input is
   // flattened the same way, so Python never sees an ImproperList ending in a list.
   Value improper_list_end(PyRef& l, PyRef&& tail) {
+    track(l.get(), PyList_GET_SIZE(l.get()));  // before Python code can see it
     const Types& t = c_.types();
     // LIST_EXT of no elements: what remains of the list is its tail.
     if (PyList_GET_SIZE(l.get()) == 0) return std::move(tail);
@@ -206,8 +227,9 @@ class PyBuilder {
 
   Value map_end(Map& m) { return m.dict.finish(); }
 
+  bool map_reuses(const Map& m) const { return m.slots != nullptr; }
+
   bool map_reuse(Map& m, std::size_t slot, etf::Reader& r, PyRef& out) {
-    if (!m.slots) return false;
     const Slot& s = m.slots[slot];
     if (!s.value || s.size > r.remaining() || !same_bytes(r.data().data() + r.pos(), s.raw, s.size)) {
       return false;
@@ -218,7 +240,7 @@ class PyBuilder {
   }
 
   void map_remember(Map& m, std::size_t slot, etf::Bytes raw, const PyRef& v) {
-    if (!m.slots || raw.size() > kMaxReusedBytes || !immutable_tag(raw[0])) return;
+    if (raw.size() > kMaxReusedBytes || !immutable_tag(raw[0])) return;
     Slot& s = m.slots[slot];
     s.raw = raw.data();
     s.size = raw.size();
@@ -235,16 +257,34 @@ class PyBuilder {
     return PyRef::check(c_.atom(node, o_));
   }
 
+  // Undoes list_begin's and tuple_begin's untracking (`n`: the size they were made with).
+  static void track(PyObject* o, Py_ssize_t n) {
+    if (n >= static_cast<Py_ssize_t>(kUntrackedFill) && !PyObject_GC_IsTracked(o)) PyObject_GC_Track(o);
+  }
+
+  // The slots of maps of n pairs, from the second such map on: a term with one map (most
+  // messages) costs no allocation.
   Slot* slots_for(std::size_t n) {
     if (n == 0 || n > kMaxReusedPairs) return nullptr;
-    auto& slots = shapes_[n - 1];
+    const std::uint32_t bit = std::uint32_t{1} << (n - 1);
+    if (!(seen_ & bit)) {
+      seen_ |= bit;
+      return nullptr;
+    }
+    if (!shapes_) shapes_ = std::make_unique<Shapes>();
+    auto& slots = shapes_->by_arity[n - 1];
     if (!slots) slots = std::make_unique<Slot[]>(2 * n);
     return slots.get();
   }
 
   Codec& c_;
   const DecodeOptions& o_;
-  std::array<std::unique_ptr<Slot[]>, kMaxReusedPairs> shapes_;
+  struct Shapes {
+    std::array<std::unique_ptr<Slot[]>, kMaxReusedPairs> by_arity;
+  };
+  static_assert(kMaxReusedPairs <= 32, "seen_ has a bit per arity");
+  std::uint32_t seen_ = 0;  // bit n - 1: a map of n pairs was decoded
+  std::unique_ptr<Shapes> shapes_;
   PyRef last_float_;
   std::uint64_t last_float_bits_ = 0;
 };
