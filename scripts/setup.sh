@@ -12,6 +12,7 @@ packages=(
   erlang-nox erlang-dev erlang-common-test erlang-eunit rebar3
   elixir
   python3 python3-dev libpython3.11-dev python3-pytest python3-venv
+  python3-msgpack                   # a reference of the W5 bench (bench/erpy_bench_w5.erl)
 )
 
 # One dpkg-query for all of them: packages it does not know are simply not printed.

@@ -32,10 +32,22 @@
 //
 // Builders may throw; the decoder adds nothing to the stack but its own frames, so an
 // exception leaves cleanly through the RAII values of the builder.
+//
+// A builder may also offer these, for the keys and values of maps (slot 2i is the key of
+// pair i, 2i + 1 its value), to skip decoding a term it has seen before:
+//
+//   bool map_reuses(const M&)                                   // false: the others are not
+//                                                               // called for this map
+//   bool map_reuse(M&, std::size_t slot, Reader&, Value& out)   // true: out is the value of
+//                                                               // the term at the reader,
+//                                                               // which it moved past
+//   void map_remember(M&, std::size_t slot, Bytes raw, const Value&)  // raw: one whole term
+//                                                                     // just decoded
 #pragma once
 #include <array>
 #include <charconv>
 #include <cmath>
+#include <concepts>
 #include <cstdint>
 #include <cstring>
 #include <span>
@@ -189,6 +201,14 @@ struct CopyBuilder {
   Value map_begin(std::size_t n) { put_map_header(s, n); return {}; }
   void map_set(Value&, Value&&, Value&&, std::size_t) {}
   Value map_end(Value&) { return {}; }
+};
+
+// The builder's optional map hooks (see the top of this file).
+template <class B, class M>
+concept ReusesMapTerms = requires(B& b, M& m, Reader& r, typename B::Value& v, Bytes raw) {
+  { b.map_reuses(m) } -> std::same_as<bool>;
+  { b.map_reuse(m, std::size_t{}, r, v) } -> std::same_as<bool>;
+  b.map_remember(m, std::size_t{}, raw, v);
 };
 
 template <class Builder>
@@ -428,7 +448,8 @@ class Decoder {
     const std::uint32_t n = r_.u32("list length");
     r_.need_items(n, 1, "list");
     auto l = b_.list_begin(n);
-    for (std::size_t i = 0; i < n; ++i) b_.list_set(l, i, term(depth + 1));
+    if (n > 0 && depth + 1 > o_.max_depth) too_deep(depth + 1);  // as term() would, for item()
+    for (std::size_t i = 0; i < n; ++i) b_.list_set(l, i, item(depth));
     if (r_.peek_u8("list tail") == kNil) {
       r_.u8();
       return b_.list_end(l);
@@ -440,6 +461,19 @@ class Decoder {
     const std::uint32_t n = r_.u32("map arity");
     r_.need_items(n, 2, "map");
     auto m = b_.map_begin(n);
+    // A reused term is not decoded, so its depth is checked here, as term() would.
+    if (n > 0 && depth + 1 > o_.max_depth) too_deep(depth + 1);
+    if constexpr (ReusesMapTerms<Builder, decltype(m)>) {
+      if (b_.map_reuses(m)) {
+        for (std::size_t i = 0; i < n; ++i) {
+          const std::size_t key_offset = r_.offset();
+          Value k = reused_or_item(m, 2 * i, depth);
+          Value v = reused_or_item(m, 2 * i + 1, depth);
+          b_.map_set(m, std::move(k), std::move(v), key_offset);
+        }
+        return b_.map_end(m);
+      }
+    }
     for (std::size_t i = 0; i < n; ++i) {
       const std::size_t key_offset = r_.offset();
       Value k = term(depth + 1);
@@ -447,6 +481,31 @@ class Decoder {
       b_.map_set(m, std::move(k), std::move(v), key_offset);
     }
     return b_.map_end(m);
+  }
+
+  template <class M>
+  [[gnu::always_inline]] Value reused_or_item(M& m, std::size_t slot, std::size_t depth) {
+    Value v;
+    if (b_.map_reuse(m, slot, r_, v)) return v;
+    const std::size_t start = r_.pos();
+    v = item(depth);
+    b_.map_remember(m, slot, r_.data().subspan(start, r_.pos() - start), v);
+    return v;
+  }
+
+  // An element of a container at `depth`, whose depth + 1 the caller has checked: integers,
+  // the commonest scalars, without a recursive call.
+  [[gnu::always_inline]] Value item(std::size_t depth) {
+    const std::uint8_t tag = r_.peek_u8();
+    if (tag == kSmallInteger) {
+      r_.u8();
+      return b_.integer(r_.u8("integer"));
+    }
+    if (tag == kInteger) {
+      r_.u8();
+      return b_.integer(static_cast<std::int32_t>(r_.u32("integer")));
+    }
+    return term(depth + 1);
   }
 
   Reader& r_;

@@ -34,17 +34,17 @@ class ByteBuffer {
   ByteBuffer& operator=(const ByteBuffer&) = delete;
   ~ByteBuffer() { std::free(data_); }
 
-  void byte(std::uint8_t b) {
+  [[gnu::always_inline]] void byte(std::uint8_t b) {
     if (size_ == room_) grow(1);
     data_[size_++] = b;
   }
-  void write(const void* src, std::size_t n) {
+  [[gnu::always_inline]] void write(const void* src, std::size_t n) {
     if (room_ - size_ < n) grow(n);
     if (n) std::memcpy(data_ + size_, src, n);
     size_ += n;
   }
   // write() for payloads of varying, mostly short length (strings).
-  void write_payload(const void* src, std::size_t n) {
+  [[gnu::always_inline]] void write_payload(const void* src, std::size_t n) {
     if (room_ - size_ < n) grow(n);
     copy(data_ + size_, static_cast<const std::uint8_t*>(src), n);
     size_ += n;
@@ -52,11 +52,33 @@ class ByteBuffer {
 
   // Grows the size by n and returns where those n (uninitialized) bytes start, for a
   // reader that fills them itself.
-  std::uint8_t* append_uninitialized(std::size_t n) {
+  [[gnu::always_inline]] std::uint8_t* append_uninitialized(std::size_t n) {
     if (room_ - size_ < n) grow(n);
     std::uint8_t* p = data_ + size_;
     size_ += n;
     return p;
+  }
+
+  // Short copies (map keys, small strings) with overlapping word moves: a libc call
+  // costs more than the copy at these sizes.
+  [[gnu::always_inline]] static void copy(std::uint8_t* d, const std::uint8_t* s, std::size_t n) noexcept {
+    if (n >= 8 && n <= 16) {
+      std::uint64_t a, b;
+      std::memcpy(&a, s, 8);
+      std::memcpy(&b, s + n - 8, 8);
+      std::memcpy(d, &a, 8);
+      std::memcpy(d + n - 8, &b, 8);
+    } else if (n >= 4 && n < 8) {
+      std::uint32_t a, b;
+      std::memcpy(&a, s, 4);
+      std::memcpy(&b, s + n - 4, 4);
+      std::memcpy(d, &a, 4);
+      std::memcpy(d + n - 4, &b, 4);
+    } else if (n < 4) {
+      for (std::size_t i = 0; i < n; ++i) d[i] = s[i];
+    } else {
+      std::memcpy(d, s, n);
+    }
   }
 
   std::uint8_t* data() noexcept { return data_; }
@@ -83,28 +105,6 @@ class ByteBuffer {
   std::size_t limit() const noexcept { return limit_; }
 
  private:
-  // Short copies (map keys, small strings) with overlapping word moves: a libc call
-  // costs more than the copy at these sizes.
-  static void copy(std::uint8_t* d, const std::uint8_t* s, std::size_t n) noexcept {
-    if (n >= 8 && n <= 16) {
-      std::uint64_t a, b;
-      std::memcpy(&a, s, 8);
-      std::memcpy(&b, s + n - 8, 8);
-      std::memcpy(d, &a, 8);
-      std::memcpy(d + n - 8, &b, 8);
-    } else if (n >= 4 && n < 8) {
-      std::uint32_t a, b;
-      std::memcpy(&a, s, 4);
-      std::memcpy(&b, s + n - 4, 4);
-      std::memcpy(d, &a, 4);
-      std::memcpy(d + n - 4, &b, 4);
-    } else if (n < 4) {
-      for (std::size_t i = 0; i < n; ++i) d[i] = s[i];
-    } else {
-      std::memcpy(d, s, n);
-    }
-  }
-
   [[gnu::noinline]] void grow(std::size_t extra) {
     if (size_ > limit_ || extra > limit_ - size_) throw etf::TooLargeError(size_ + extra, limit_);
     if (cap_ - size_ < extra) {

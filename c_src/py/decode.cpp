@@ -1,6 +1,8 @@
 // ETF -> Python objects: an etf::Decoder Builder whose values are PyRefs. Containers are
 // allocated once at their final size and filled in place.
+#include <array>
 #include <cstring>
+#include <memory>
 #include <string>
 
 #include "codec.hpp"
@@ -27,11 +29,62 @@ bool all_ascii(const std::uint8_t* p, std::size_t n) noexcept {
   return (acc & kHigh) == 0;
 }
 
+// Whether a term with this tag is a value that Python cannot change (str, bytes, int,
+// float, an atom's object), so that equal bytes may give the same object twice.
+constexpr bool immutable_tag(std::uint8_t tag) noexcept {
+  switch (tag) {
+    case etf::kSmallInteger: case etf::kInteger: case etf::kSmallBig: case etf::kLargeBig:
+    case etf::kNewFloat: case etf::kFloat: case etf::kBinary:
+    case etf::kAtom: case etf::kSmallAtom: case etf::kAtomUtf8: case etf::kSmallAtomUtf8:
+    case etf::kAtomCacheRef:
+      return true;
+    default:
+      return false;
+  }
+}
+
+// Equality of two byte runs of the same length, inline for the short ones (a map key, a
+// small value): a memcmp call costs more than the comparison at these sizes.
+inline bool same_bytes(const std::uint8_t* a, const std::uint8_t* b, std::size_t n) noexcept {
+  const auto load = [](const std::uint8_t* p, auto v) {
+    std::memcpy(&v, p, sizeof v);
+    return v;
+  };
+  if (n >= 8) {
+    if (n > 16) return std::memcmp(a, b, n) == 0;
+    return load(a, std::uint64_t{}) == load(b, std::uint64_t{}) &&
+           load(a + n - 8, std::uint64_t{}) == load(b + n - 8, std::uint64_t{});
+  }
+  if (n >= 4) {
+    return load(a, std::uint32_t{}) == load(b, std::uint32_t{}) &&
+           load(a + n - 4, std::uint32_t{}) == load(b + n - 4, std::uint32_t{});
+  }
+  if (n >= 2) {
+    return load(a, std::uint16_t{}) == load(b, std::uint16_t{}) &&
+           load(a + n - 2, std::uint16_t{}) == load(b + n - 2, std::uint16_t{});
+  }
+  return n == 0 || a[0] == b[0];
+}
+
 class PyBuilder {
  public:
   using Value = PyRef;
 
-  using Map = DictBuilder;
+  // Maps in a list of records repeat their keys, and often some values: each map arity
+  // keeps, per key and value position, the last immutable term seen there (its bytes in
+  // the input and its object). A term with the same bytes is that object again, found
+  // with one comparison instead of a decoding (and its str keeps its cached hash).
+  struct Slot {
+    const std::uint8_t* raw = nullptr;  // in the input, which outlives the builder
+    std::size_t size = 0;
+    PyRef value;
+  };
+  struct Map {
+    DictBuilder dict;
+    Slot* slots;  // 2 per pair, or null: no reuse for this map
+  };
+  static constexpr std::size_t kMaxReusedPairs = 32;
+  static constexpr std::size_t kMaxReusedBytes = 256;
 
   PyBuilder(Codec& c, const DecodeOptions& o) : c_(c), o_(o) {}
 
@@ -114,21 +167,42 @@ class PyBuilder {
     return PyRef::check(PyObject_CallOneArg(c_.types().fun.get(), data.get()));
   }
 
-  PyRef tuple_begin(std::size_t n) { return PyRef::check(PyTuple_New(static_cast<Py_ssize_t>(n))); }
+  // A long list or tuple is hidden from the garbage collector while it is filled: every
+  // collection that runs meanwhile (one per few hundred objects made) would otherwise walk
+  // all the items it holds so far, which makes decoding a long list of containers grow
+  // faster than its length. Nothing else holds it, so it is in no cycle until it is returned.
+  static constexpr std::size_t kUntrackedFill = 256;
+
+  PyRef tuple_begin(std::size_t n) {
+    PyRef t = PyRef::check(PyTuple_New(static_cast<Py_ssize_t>(n)));
+    if (n >= kUntrackedFill) PyObject_GC_UnTrack(t.get());  // as list_begin
+    return t;
+  }
   void tuple_set(PyRef& t, std::size_t i, PyRef&& v) {
     PyTuple_SET_ITEM(t.get(), static_cast<Py_ssize_t>(i), v.release());
   }
-  Value tuple_end(PyRef& t) { return std::move(t); }
+  Value tuple_end(PyRef& t) {
+    track(t.get(), PyTuple_GET_SIZE(t.get()));
+    return std::move(t);
+  }
 
-  PyRef list_begin(std::size_t n) { return PyRef::check(PyList_New(static_cast<Py_ssize_t>(n))); }
+  PyRef list_begin(std::size_t n) {
+    PyRef l = PyRef::check(PyList_New(static_cast<Py_ssize_t>(n)));
+    if (n >= kUntrackedFill) PyObject_GC_UnTrack(l.get());
+    return l;
+  }
   void list_set(PyRef& l, std::size_t i, PyRef&& v) {
     PyList_SET_ITEM(l.get(), static_cast<Py_ssize_t>(i), v.release());
   }
-  Value list_end(PyRef& l) { return std::move(l); }
+  Value list_end(PyRef& l) {
+    track(l.get(), PyList_GET_SIZE(l.get()));
+    return std::move(l);
+  }
 
   // Erlang has no list whose tail is a list: [1 | [2, 3]] is [1, 2, 3]. Such input is
   // flattened the same way, so Python never sees an ImproperList ending in a list.
   Value improper_list_end(PyRef& l, PyRef&& tail) {
+    track(l.get(), PyList_GET_SIZE(l.get()));  // before Python code can see it
     const Types& t = c_.types();
     // LIST_EXT of no elements: what remains of the list is its tail.
     if (PyList_GET_SIZE(l.get()) == 0) return std::move(tail);
@@ -145,13 +219,33 @@ class PyBuilder {
     return PyRef::check(PyObject_CallFunction(t.improper_list.get(), "OO", l.get(), tail.get()));
   }
 
-  Map map_begin(std::size_t n) { return DictBuilder(c_, n, o_.max_depth); }
+  Map map_begin(std::size_t n) { return Map{DictBuilder(c_, n, o_.max_depth), slots_for(n)}; }
 
   void map_set(Map& m, PyRef&& key, PyRef&& value, std::size_t key_offset) {
-    m.add(std::move(key), std::move(value), key_offset);
+    m.dict.add(std::move(key), std::move(value), key_offset);
   }
 
-  Value map_end(Map& m) { return m.finish(); }
+  Value map_end(Map& m) { return m.dict.finish(); }
+
+  bool map_reuses(const Map& m) const { return m.slots != nullptr; }
+
+  bool map_reuse(Map& m, std::size_t slot, etf::Reader& r, PyRef& out) {
+    const Slot& s = m.slots[slot];
+    if (!s.value || s.size > r.remaining() || !same_bytes(r.data().data() + r.pos(), s.raw, s.size)) {
+      return false;
+    }
+    r.take(s.size, "term");
+    out = PyRef::borrow(s.value.get());
+    return true;
+  }
+
+  void map_remember(Map& m, std::size_t slot, etf::Bytes raw, const PyRef& v) {
+    if (raw.size() > kMaxReusedBytes || !immutable_tag(raw[0])) return;
+    Slot& s = m.slots[slot];
+    s.raw = raw.data();
+    s.size = raw.size();
+    s.value = PyRef::borrow(v.get());
+  }
 
  private:
   PyRef atom_node(std::string_view node) {
@@ -163,8 +257,34 @@ class PyBuilder {
     return PyRef::check(c_.atom(node, o_));
   }
 
+  // Undoes list_begin's and tuple_begin's untracking (`n`: the size they were made with).
+  static void track(PyObject* o, Py_ssize_t n) {
+    if (n >= static_cast<Py_ssize_t>(kUntrackedFill) && !PyObject_GC_IsTracked(o)) PyObject_GC_Track(o);
+  }
+
+  // The slots of maps of n pairs, from the second such map on: a term with one map (most
+  // messages) costs no allocation.
+  Slot* slots_for(std::size_t n) {
+    if (n == 0 || n > kMaxReusedPairs) return nullptr;
+    const std::uint32_t bit = std::uint32_t{1} << (n - 1);
+    if (!(seen_ & bit)) {
+      seen_ |= bit;
+      return nullptr;
+    }
+    if (!shapes_) shapes_ = std::make_unique<Shapes>();
+    auto& slots = shapes_->by_arity[n - 1];
+    if (!slots) slots = std::make_unique<Slot[]>(2 * n);
+    return slots.get();
+  }
+
   Codec& c_;
   const DecodeOptions& o_;
+  struct Shapes {
+    std::array<std::unique_ptr<Slot[]>, kMaxReusedPairs> by_arity;
+  };
+  static_assert(kMaxReusedPairs <= 32, "seen_ has a bit per arity");
+  std::uint32_t seen_ = 0;  // bit n - 1: a map of n pairs was decoded
+  std::unique_ptr<Shapes> shapes_;
   PyRef last_float_;
   std::uint64_t last_float_bits_ = 0;
 };

@@ -83,6 +83,57 @@ template <class S> inline void fast_integer(S& s, long long v) {
 template <class S> inline void write_payload(S& s, const void* p, std::size_t n) { s.write(p, n); }
 inline void write_payload(ByteBuffer& s, const void* p, std::size_t n) { s.write_payload(p, n); }
 
+inline void store_be32(std::uint8_t* d, std::uint32_t v) noexcept {
+  d[0] = static_cast<std::uint8_t>(v >> 24);
+  d[1] = static_cast<std::uint8_t>(v >> 16);
+  d[2] = static_cast<std::uint8_t>(v >> 8);
+  d[3] = static_cast<std::uint8_t>(v);
+}
+
+// A binary: header and payload, in one step when the sink is the growing buffer.
+template <class S> [[gnu::always_inline]] inline void fast_binary(S& s, const void* p, std::size_t n) {
+  fast_binary_header(s, n);
+  write_payload(s, p, n);
+}
+[[gnu::always_inline]] inline void fast_binary(ByteBuffer& s, const void* p, std::size_t n) {
+  if (n > UINT32_MAX) etf::put_binary_header(s, n);  // throws
+  std::uint8_t* d = s.append_uninitialized(5 + n);
+  d[0] = etf::kBinary;
+  store_be32(d + 1, static_cast<std::uint32_t>(n));
+  ByteBuffer::copy(d + 5, static_cast<const std::uint8_t*>(p), n);
+}
+
+// The header of a list or map of n elements (tag kList or kMap).
+template <class S> [[gnu::always_inline]] inline void fast_header(S& s, std::uint8_t tag, std::size_t n) {
+  if (n > UINT32_MAX) {
+    throw etf::EncodeError(tag == etf::kMap ? "map too large" : "list too large");
+  }
+  std::uint8_t b[5] = {tag};
+  store_be32(b + 1, static_cast<std::uint32_t>(n));
+  s.write(b, 5);
+}
+
+// The value of an exact int when it fits in a few digits, without a call.
+[[gnu::always_inline]] inline bool small_long(PyObject* o, long long& v) noexcept {
+#if PY_VERSION_HEX >= 0x030C0000
+  auto* l = reinterpret_cast<PyLongObject*>(o);
+  if (!PyUnstable_Long_IsCompact(l)) return false;
+  v = static_cast<long long>(PyUnstable_Long_CompactValue(l));
+  return true;
+#else
+  const Py_ssize_t size = Py_SIZE(o);
+  const digit* d = reinterpret_cast<PyLongObject*>(o)->ob_digit;
+  switch (size) {
+    case 0: v = 0; return true;
+    case 1: v = d[0]; return true;
+    case -1: v = -static_cast<long long>(d[0]); return true;
+    case 2: v = static_cast<long long>(d[0]) | static_cast<long long>(d[1]) << PyLong_SHIFT; return true;
+    case -2: v = -(static_cast<long long>(d[0]) | static_cast<long long>(d[1]) << PyLong_SHIFT); return true;
+    default: return false;
+  }
+#endif
+}
+
 }  // namespace
 
 // EncodeOptions::exact writes None as this byte, which is no ETF tag.
@@ -111,6 +162,32 @@ class Encoder {
   }
 
  private:
+  // The items of containers that are plain scalars (exact str in ASCII, int, finite
+  // float) are written here, without the recursion and the references term() takes: they
+  // run no Python code, so nothing can change the container meanwhile. Anything else
+  // (including what could fail) writes nothing and returns false, for term().
+  [[gnu::always_inline]] bool scalar(PyObject* o) {
+    PyTypeObject* t = Py_TYPE(o);
+    if (t == &PyUnicode_Type) {
+      if (!PyUnicode_IS_COMPACT_ASCII(o)) return false;
+      fast_binary(s_, PyUnicode_DATA(o), static_cast<std::size_t>(PyUnicode_GET_LENGTH(o)));
+      return true;
+    }
+    if (t == &PyLong_Type) {
+      long long v;
+      if (!small_long(o, v)) return false;
+      fast_integer(s_, v);
+      return true;
+    }
+    if (t == &PyFloat_Type) {
+      const double d = PyFloat_AS_DOUBLE(o);
+      if (!std::isfinite(d)) return false;
+      fast_float(s_, d);
+      return true;
+    }
+    return false;
+  }
+
   void term(PyObject* o, std::size_t depth) {
     if (depth > o_.max_depth || stack_.reached()) [[unlikely]] too_deep(depth);
     PyTypeObject* t = Py_TYPE(o);
@@ -283,10 +360,12 @@ class Encoder {
     const Py_ssize_t n = PySequence_Fast_GET_SIZE(o);
     if (n == 0) return etf::put_nil(s_);
     if (n <= static_cast<Py_ssize_t>(etf::kMaxStringExt) && byte_list(o, n)) return;
-    etf::put_list_header(s_, static_cast<std::size_t>(n));
+    fast_header(s_, etf::kList, static_cast<std::size_t>(n));
+    const bool inline_scalars = depth + 1 <= o_.max_depth;  // else term() reports the depth
     for (Py_ssize_t i = 0; i < n; ++i) {
       // A custom encoder may shrink the list, or drop its last reference to an item.
       if (i >= PySequence_Fast_GET_SIZE(o)) changed("a list");
+      if (inline_scalars && scalar(PySequence_Fast_GET_ITEM(o, i))) continue;
       PyRef item = PyRef::borrow(PySequence_Fast_GET_ITEM(o, i));
       try {
         term(item.get(), depth + 1);
@@ -336,8 +415,10 @@ class Encoder {
   void tuple(PyObject* o, std::size_t depth) {
     const Py_ssize_t n = PyTuple_GET_SIZE(o);
     etf::put_tuple_header(s_, static_cast<std::size_t>(n));
+    const bool inline_scalars = depth + 1 <= o_.max_depth;  // else term() reports the depth
     // The caller keeps the tuple alive, and the tuple its items.
     for (Py_ssize_t i = 0; i < n; ++i) {
+      if (inline_scalars && scalar(PyTuple_GET_ITEM(o, i))) continue;
       try {
         term(PyTuple_GET_ITEM(o, i), depth + 1);
       } catch (...) {
@@ -350,16 +431,24 @@ class Encoder {
   void dict(PyObject* o, std::size_t depth) {
     if (o_.exact) [[unlikely]] return exact_map(o, depth);
     const Py_ssize_t n = PyDict_GET_SIZE(o);
-    etf::put_map_header(s_, static_cast<std::size_t>(n));
+    fast_header(s_, etf::kMap, static_cast<std::size_t>(n));
+    const bool inline_scalars = depth + 1 <= o_.max_depth;  // else term() reports the depth
     Py_ssize_t pos = 0, done = 0;
     PyObject *k, *v;
     while (PyDict_Next(o, &pos, &k, &v)) {
       if (done == n) changed("a dict");
+      ++done;
+      if (inline_scalars && scalar(k)) [[likely]] {
+        if (scalar(v)) [[likely]] continue;
+        PyRef key = PyRef::borrow(k);
+        PyRef value = PyRef::borrow(v);
+        value_of(key, value.get(), depth);
+        continue;
+      }
       // Held: a custom encoder may remove them from the dict.
       PyRef key = PyRef::borrow(k);
       PyRef value = PyRef::borrow(v);
       pair(key, value.get(), depth);
-      ++done;
     }
     if (done != n) changed("a dict");
   }
@@ -388,6 +477,10 @@ class Encoder {
       path_.push_back(Step{Step::kKey, 0, std::move(key)});
       throw;
     }
+    value_of(key, value, depth);
+  }
+
+  void value_of(PyRef& key, PyObject* value, std::size_t depth) {
     try {
       term(value, depth + 1);
     } catch (...) {

@@ -343,6 +343,44 @@ TEST_F(PyConvert, RefcountsAreBalanced) {
   EXPECT_EQ(Py_REFCNT(fresh.get()), 1);
 }
 
+// Maps in a run share their immutable keys and values (the same bytes at the same
+// position), never a mutable one, and every object is owned exactly by its holders.
+TEST_F(PyConvert, RunsOfMapsShareOnlyImmutableValues) {
+  auto data = encode(eval("[{'id': i % 2, 'name': 'item', 'score': 1.5, 'tags': [], 't': (1, []),"
+                          " 'big': 2**70, Atom('a'): b'\\xff'} for i in range(6)]").get());
+  PyRef rows = decode(data);
+  set("rows", rows.get());
+  EXPECT_TRUE(equal(eval("all(a is b for a, b in zip(rows[2], rows[5]))").get(), Py_True));
+  EXPECT_TRUE(equal(eval("[rows[2][k] is rows[5][k] for k in ('name', 'score', 'big', Atom('a'))]").get(),
+                    eval("[True] * 4").get()));
+  EXPECT_TRUE(equal(eval("len({id(r['tags']) for r in rows}), len({id(r['t']) for r in rows})").get(),
+                    eval("(6, 6)").get()));
+  EXPECT_EQ(encode(rows.get()), data);
+  run("del rows");
+  // The decoder keeps no reference once done: the rows and the codec's cache of short
+  // strings hold 'item', nothing else.
+  PyRef name = eval("'name'");
+  PyObject* shared = PyDict_GetItem(PyList_GET_ITEM(rows.get(), 5), name.get());
+  ASSERT_NE(shared, nullptr);
+  Py_ssize_t holders = 0;
+  for (Py_ssize_t i = 0; i < PyList_GET_SIZE(rows.get()); ++i) {
+    holders += PyDict_GetItem(PyList_GET_ITEM(rows.get(), i), name.get()) == shared;
+  }
+  EXPECT_EQ(holders, 6);
+  EXPECT_EQ(Py_REFCNT(shared), holders + 1);
+}
+
+// A long list is built out of the collector's sight, and tracked again when it is done,
+// also when its decoding fails half-way.
+TEST_F(PyConvert, LongListsAreTrackedWhenDone) {
+  auto data = encode(eval("[[i] for i in range(1000)]").get());
+  PyRef v = decode(data);
+  EXPECT_TRUE(PyObject_GC_IsTracked(v.get()));
+  data.pop_back();
+  EXPECT_THROW(decode(data), etf::DecodeError);
+  run("gc.collect()");
+}
+
 TEST_F(PyConvert, NoLeakOver100kConversions) {
   PyRef v = eval("{'id': 2**80, 'name': ['item', b'\\xff', Atom('ok')], 't': (1.5, None, True),"
                  " 'r': Ref('a@b', 1, (1, 2, 3)), 'b': BitBinary(b'\\x80', 1)}");
