@@ -48,9 +48,16 @@ with_frame(Max, Policy, Req, Timeout, Fun) ->
             {error, {message_too_large, Size, Max}};
         _ ->
             Ctx = erpy_policy:request_ctx(Policy, self(), Req),
-            try Fun({Id, Frame}, Ctx)
-            after erpy_policy:done(Ctx)
-            end
+            Reply = try Fun({Id, Frame}, Ctx)
+                    catch Class:Reason:Stack ->
+                        _ = erpy_policy:finish(Ctx),
+                        erlang:raise(Class, Reason, Stack)
+                    end,
+            %% The answer is decoded last: nothing runs between its decoding and the
+            %% return to the caller, which would make the VM collect garbage (a BIF call
+            %% does, with the just decoded term's heap fragment pending) while the whole
+            %% answer is live, copying it (W3b: 2 MB, a millisecond or more).
+            decode_reply(erpy_policy:finish(Ctx), Reply)
     end.
 
 %% The frame a port worker receives: {request, Id, Request}, Request the request map
@@ -100,18 +107,19 @@ send_and_wait(Tag, Target, Pool, Ctx, {Id, Bin}, Timeout) ->
     Mref = erlang:monitor(process, Target, [{alias, demonitor}]),
     Deadline = deadline(Timeout),
     Target ! {Tag, Mref, self(), Id, Bin, Deadline},
-    Answer = wait(Mref, Pool, Ctx, Deadline),
+    Reply = wait(Mref, Pool, Ctx, Deadline),
     %% Whatever else was sent to the alias before it went inactive (a crashing worker's
     %% answer and its pool's, a callback that raced the deadline) is dropped here, so no
     %% stray message outlives the call.
     flush(Mref),
-    Answer.
+    Reply.
 
+%% Python's answer, undecoded (a binary), or {error, Reason}.
 wait(Mref, Pool, Ctx, Deadline) ->
     receive
         {erpy_reply, Mref, Reply} ->
             erlang:demonitor(Mref, [flush]),
-            decode_reply(Ctx, Reply);
+            Reply;
         {erpy_callback, Mref, Worker, Port, CbId, Frame} ->
             run_callback(Pool, Ctx, Worker, Port, CbId, Frame),
             case remaining(Deadline) of
@@ -129,7 +137,7 @@ wait(Mref, Pool, Ctx, Deadline) ->
         erlang:demonitor(Mref, [flush]),
         %% An answer that arrived just now still counts.
         receive
-            {erpy_reply, Mref, Reply} -> decode_reply(Ctx, Reply)
+            {erpy_reply, Mref, Reply} -> Reply
         after 0 ->
             {error, timeout}
         end

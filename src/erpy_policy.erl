@@ -19,7 +19,7 @@
 %% `erlang.ErlangError(Reason)`.
 -module(erpy_policy).
 
--export([new/2, request_ctx/3, done/1, decode/2, check_result/2,
+-export([new/2, request_ctx/3, done/1, finish/1, decode/2, check_result/2,
          callback/7, run_callback/7, protocol_atoms/0]).
 -export_type([policy/0, ctx/0, reason/0]).
 
@@ -100,6 +100,15 @@ request_ctx(Policy, Caller, Given) ->
 done(#{key := Key}) ->
     _ = erase(?GIVEN(Key)),
     ok.
+
+%% As done/1, for a caller that decodes the answer afterwards: the context returned still
+%% knows what the callbacks handed to Python (a fun a callback returned may come back).
+-spec finish(ctx()) -> ctx().
+finish(#{given := Given, key := Key} = Ctx) ->
+    case erase(?GIVEN(Key)) of
+        undefined -> Ctx;
+        Remembered -> Ctx#{given := [Given | Remembered]}
+    end.
 
 %% A term Python sent (ETF): safe atoms, size limit, funs checked. Never raises.
 -spec decode(ctx(), binary()) -> {ok, term()} | {error, reason()}.
