@@ -19,6 +19,9 @@
 -export([init/1, handle_call/3, handle_cast/2, handle_info/2, terminate/2]).
 
 -define(WATCH_MS, 50).
+%% Adaptive pipelining writes a request behind a running one only if that one started
+%% less than this long ago (see room/1).
+-define(YOUNG_US, 1000).
 -define(PROTOCOL_VERSION, 2).
 -define(READY_TIMEOUT_MS, 60000).
 %% The longest an idle worker polls for the next request before it sleeps (waking a
@@ -41,7 +44,7 @@
               nested = false :: boolean(),
               %% The frame, while the request waits here (see #st.waiting).
               frame :: erlang:iovec() | binary() | undefined,
-              %% When it was written to Python.
+              %% When Python started it (monotonic us); undefined while it waits in its pipe.
               started :: integer() | undefined}).
 
 -record(st, {
@@ -161,7 +164,7 @@ handle_info({erpy_request, Alias, _Caller, _Id, _Bin, _Deadline}, #st{exiting = 
     {noreply, St, timeout(St)};
 handle_info({erpy_request, Alias, Caller, Id, Bin, Deadline}, St) ->
     Req = #req{id = Id, alias = Alias, caller = Caller, deadline = Deadline, since = now_ms()},
-    St1 = case St#st.write_ahead orelse not working(St) of
+    St1 = case St#st.write_ahead orelse room(St) of
               true -> start(Req, Bin, St);
               false -> St#st{waiting = queue:in(Req#req{frame = Bin}, St#st.waiting)}
           end,
@@ -187,7 +190,7 @@ handle_info({timeout, Timer, watch}, #st{watch = Timer, pending = Pending} = St)
     %% Requests waiting behind one that has run a whole tick go back to their callers,
     %% which place them again (on a free worker, or in the pool's queue).
     St1 = case running_since(St0) of
-              Since when is_integer(Since), Since =< Old -> give_back(St0);
+              Since when is_integer(Since), Since =< Old * 1000 -> give_back(St0);
               _ -> St0
           end,
     %% The same tick enforces deadlines: a request still running its grace period after
@@ -303,7 +306,7 @@ answer(Id, Frame, #st{pending = Pending} = St) ->
             Mon =:= undefined orelse erlang:demonitor(Mon, [flush]),
             %% The next waiting request goes to Python before this answer to its caller.
             St1 = case Nested of
-                      false -> next_waiting(St#st{pending = Rest});
+                      false -> next_waiting(promote(St#st{pending = Rest}));
                       true -> St#st{pending = Rest}
                   end,
             reply(Alias, Frame, St),
@@ -410,15 +413,39 @@ cancel_all(#st{pending = Pending} = St) ->
 retire(#st{opts = Opts}) ->
     erpy_pool:retire(maps:get(pool_handle, Opts), maps:get(slot, Opts)).
 
-%% Python works on a request of the pool (not only on requests nested in a callback).
-working(#st{pending = Pending}) ->
-    lists:keymember(false, #req.nested, Pending).
+%% Adaptive pipelining writes a request to Python at once when Python works on no request
+%% of the pool, or on one that started under ?YOUNG_US ago with none written behind it:
+%% Python then finds it in its pipe as it answers (no wait for the VM), and at most that
+%% one request can wait behind a running one that turns out long (the others wait here,
+%% and go elsewhere after a tick).
+room(#st{pending = Pending}) ->
+    case [R || #req{nested = false} = R <- Pending] of
+        [] -> true;
+        [#req{started = Started}] -> now_us() - Started < ?YOUNG_US;
+        _ -> false
+    end.
 
-%% Writes a request to Python.
-start(Req, Bin, #st{port = Port, opts = Opts} = St) ->
+%% Writes a request to Python; it starts now if Python works on no other of the pool.
+start(Req, Bin, #st{port = Port, pending = Pending, opts = Opts} = St) ->
     port_command(Port, Bin),
-    erpy_pool:started(maps:get(pool_handle, Opts), maps:get(slot, Opts)),
-    St#st{pending = St#st.pending ++ [Req#req{frame = undefined, started = now_ms()}]}.
+    Started = case lists:keymember(false, #req.nested, Pending) of
+                  false ->
+                      erpy_pool:started(maps:get(pool_handle, Opts), maps:get(slot, Opts)),
+                      now_us();
+                  true ->
+                      undefined
+              end,
+    St#st{pending = Pending ++ [Req#req{frame = undefined, started = Started}]}.
+
+%% A request of the pool was answered: the next one written to Python starts now.
+promote(#st{pending = Pending, opts = Opts} = St) ->
+    case lists:keyfind(false, #req.nested, Pending) of
+        #req{started = undefined, id = Id} = R ->
+            erpy_pool:started(maps:get(pool_handle, Opts), maps:get(slot, Opts)),
+            St#st{pending = lists:keyreplace(Id, #req.id, Pending, R#req{started = now_us()})};
+        _ ->
+            St
+    end.
 
 %% When Python started the request of the pool it works on, if it does.
 running_since(#st{pending = Pending}) ->
@@ -448,8 +475,13 @@ next_waiting(#st{exiting = true} = St) ->
     St;
 next_waiting(#st{waiting = Waiting} = St) ->
     case queue:out(Waiting) of
-        {{value, #req{frame = Bin} = Req}, Rest} -> start(Req, Bin, St#st{waiting = Rest});
-        {empty, _} -> St
+        {{value, #req{frame = Bin} = Req}, Rest} ->
+            case room(St) of
+                true -> next_waiting(start(Req, Bin, St#st{waiting = Rest}));
+                false -> St
+            end;
+        {empty, _} ->
+            St
     end.
 
 reset_namespace(St) ->
@@ -481,6 +513,9 @@ watch(St) ->
 
 now_ms() ->
     erlang:monotonic_time(millisecond).
+
+now_us() ->
+    erlang:monotonic_time(microsecond).
 
 %% The gen_server timeout only guards the start; deadlines are checked by the watch timer
 %% (a receive timeout set at every message cost a timer per message).
