@@ -89,8 +89,10 @@ via_pool(#{name := Pool, pid := PoolPid, queued := Queued} = Handle, Ctx, Frame,
                     send_and_wait(erpy_request, PoolPid, Pool, Ctx, Frame, Deadline);
                 Worker ->
                     case send_and_wait(erpy_request, Worker, Pool, Ctx, Frame, Deadline) of
-                        {error, {worker_exit, noproc}} ->
-                            %% The worker had died before it got the request: nothing
+                        {error, {worker_exit, Why}} when Why =:= noproc;
+                                                         element(1, Why) =:= shutdown ->
+                            %% The worker was gone, or left without this request (it
+                            %% answers every request it took before it leaves): nothing
                             %% ran, so the pool may place it again.
                             counters:add(Queued, 1, 1),
                             send_and_wait(erpy_request, PoolPid, Pool, Ctx, Frame, Deadline);

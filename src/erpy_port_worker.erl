@@ -19,9 +19,6 @@
 -export([init/1, handle_call/3, handle_cast/2, handle_info/2, terminate/2]).
 
 -define(WATCH_MS, 50).
-%% Adaptive pipelining writes a request behind a running one only if that one started
-%% less than this long ago (see room/1).
--define(YOUNG_US, 1000).
 -define(PROTOCOL_VERSION, 2).
 -define(READY_TIMEOUT_MS, 60000).
 %% The longest an idle worker polls for the next request before it sleeps (waking a
@@ -413,17 +410,12 @@ cancel_all(#st{pending = Pending} = St) ->
 retire(#st{opts = Opts}) ->
     erpy_pool:retire(maps:get(pool_handle, Opts), maps:get(slot, Opts)).
 
-%% Adaptive pipelining writes a request to Python at once when Python works on no request
-%% of the pool, or on one that started under ?YOUNG_US ago with none written behind it:
-%% Python then finds it in its pipe as it answers (no wait for the VM), and at most that
-%% one request can wait behind a running one that turns out long (the others wait here,
-%% and go elsewhere after a tick).
+%% Adaptive pipelining writes a request to Python only when Python works on no other
+%% request of the pool. Written behind a running one, it would be read by that one's
+%% callback loop and run inside the callback, where the callbacks it makes are taken for
+%% the running request's (by its caller, under its policy context): so requests wait here.
 room(#st{pending = Pending}) ->
-    case [R || #req{nested = false} = R <- Pending] of
-        [] -> true;
-        [#req{started = Started}] -> now_us() - Started < ?YOUNG_US;
-        _ -> false
-    end.
+    not lists:keymember(false, #req.nested, Pending).
 
 %% Writes a request to Python; it starts now if Python works on no other of the pool.
 start(Req, Bin, #st{port = Port, pending = Pending, opts = Opts} = St) ->
