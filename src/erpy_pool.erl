@@ -87,7 +87,7 @@ info(Name) ->
 
 %% Claims a slot for one request: the lowest idle one, so a light load keeps one Python
 %% hot. With no idle slot, pipelining may place it on a busy one with fewer than `depth`
-%% requests, the one with the fewest: adaptive (the default), only where the request
+%% requests, the one with the fewest: adaptive (`pipeline => auto`), only where the request
 %% Python works on started less than `young_us` ago, so a long call takes no more;
 %% `pipeline => N`, any.
 -spec claim(handle()) -> {ok, pos_integer()} | none.
@@ -307,11 +307,11 @@ terminate(_Why, #st{name = Name, size = Size}) ->
     [ets:delete(?TABLE, {Name, Slot}) || Slot <- lists:seq(1, Size)],
     ok.
 
-%% `pipeline`: auto (the default), 1 (off) or N > 1 (N requests written to a worker at
-%% once). As {depth, write ahead, young_us}.
+%% `pipeline`: 1 (off, the default), auto (adaptive) or N > 1 (N requests written to a
+%% worker at once). As {depth, write ahead, young_us}.
 -spec pipeline(map()) -> {pos_integer(), boolean(), non_neg_integer() | infinity}.
 pipeline(Opts) ->
-    case maps:get(pipeline, Opts, auto) of
+    case maps:get(pipeline, Opts, 1) of
         auto -> {?AUTO_DEPTH, false, ?YOUNG_US};
         N when is_integer(N), N > 1 -> {N, true, infinity};
         _ -> {1, false, infinity}

@@ -63,10 +63,10 @@
     %% pushed in front (Python runs them inside a callback of the head), pipelined ones
     %% are appended (Python reads them after the head's answer).
     pending = [] :: [#req{}],
-    %% Adaptive pipelining (the default): requests the pool placed here while Python works
-    %% on one. Each is written to Python when the one before is answered, so until then
-    %% it has not started and may still go elsewhere (back to its caller, which places it
-    %% again). With `pipeline => N` they are written at once instead (#st.write_ahead).
+    %% Adaptive pipelining (`pipeline => auto`): requests the pool placed here while
+    %% Python works on one. Each is written to Python when the one before is answered, so
+    %% until then it has not started and may still go elsewhere (back to its caller, which
+    %% places it again). With `pipeline => N` they are written at once (#st.write_ahead).
     waiting = queue:new() :: queue:queue(#req{}),
     write_ahead = false :: boolean(),
     watch :: reference() | undefined,

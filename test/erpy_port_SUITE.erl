@@ -119,12 +119,12 @@ pipelining(Config) ->
     ?assertEqual({ok, [Text]}, erpy:call(copy, copy, [[Text]], #{pool => p_pipe})),
     ok.
 
-%% The default (adaptive) pipelining: many callers on two workers get every answer, and
-%% a short request placed behind a request that turns out long does not wait for it.
+%% Adaptive pipelining: many callers on two workers get every answer, and a short
+%% request placed behind a request that turns out long does not wait for it.
 adaptive_pipelining(_Config) ->
     ?assertEqual({error, {badarg, pipeline}}, erpy:start_pool(p_auto, #{pipeline => 0})),
     ?assertEqual({error, {badarg, pipeline}}, erpy:start_pool(p_auto, #{pipeline => yes})),
-    start(p_auto, #{size => 2}),
+    start(p_auto, #{size => 2, pipeline => auto}),
     Self = self(),
     Callers = [spawn_link(fun() ->
                                   Rs = [erpy:call(operator, add, [I, C], #{pool => p_auto})
@@ -164,7 +164,7 @@ crash_retries_unstarted(_Config) ->
          receive {crash, R} -> ?assertMatch({error, {worker_exit, _}}, R) end,
          [receive {short, I, Rs} -> ?assertEqual({ok, I + 1}, Rs) end || I <- lists:seq(1, 3)],
          erpy:stop_pool(p_retry)
-     end || Opts <- [#{size => 1, pipeline => 4}, #{size => 1}]],
+     end || Opts <- [#{size => 1, pipeline => 4}, #{size => 1, pipeline => auto}, #{size => 1}]],
     ok.
 
 %% ---- 1. the seed's contract -------------------------------------------------------------
