@@ -18,12 +18,12 @@ request(Pool, Req, Timeout) ->
             %% Encoded and size-checked before a slot is claimed: a refused request holds
             %% nothing.
             with_frame(Max, Policy, Req, Timeout,
-                       fun(Frame, Ctx) ->
+                       fun(Frame, Ctx, Deadline) ->
                                case nested_worker(Pool) of
                                    {ok, Worker} ->
-                                       send_and_wait(erpy_nested, Worker, Pool, Ctx, Frame, Timeout);
+                                       send_and_wait(erpy_nested, Worker, Pool, Ctx, Frame, Deadline);
                                    error ->
-                                       via_pool(Handle, Ctx, Frame, Timeout)
+                                       via_pool(Handle, Ctx, Frame, Deadline)
                                end
                        end);
         error ->
@@ -35,7 +35,9 @@ request_worker(Pool, Pid, Req, Timeout) ->
     case erpy_pool:lookup(Pool) of
         {ok, #{max_message_size := Max, policy := Policy}} ->
             with_frame(Max, Policy, Req, Timeout,
-                       fun(Frame, Ctx) -> send_and_wait(Pid, Pool, Ctx, Frame, Timeout) end);
+                       fun(Frame, Ctx, Deadline) ->
+                               send_and_wait(erpy_request, Pid, Pool, Ctx, Frame, Deadline)
+                       end);
         error ->
             {error, {no_pool, Pool}}
     end.
@@ -48,9 +50,16 @@ with_frame(Max, Policy, Req, Timeout, Fun) ->
             {error, {message_too_large, Size, Max}};
         _ ->
             Ctx = erpy_policy:request_ctx(Policy, self(), Req),
-            try Fun({Id, Frame}, Ctx)
-            after erpy_policy:done(Ctx)
-            end
+            Reply = try Fun({Id, Frame}, Ctx, deadline(Timeout))
+                    catch Class:Reason:Stack ->
+                        _ = erpy_policy:finish(Ctx),
+                        erlang:raise(Class, Reason, Stack)
+                    end,
+            %% The answer is decoded last: nothing runs between its decoding and the
+            %% return to the caller, which would make the VM collect garbage (a BIF call
+            %% does, with the just decoded term's heap fragment pending) while the whole
+            %% answer is live, copying it (W3b: 2 MB, a millisecond or more).
+            decode_reply(erpy_policy:finish(Ctx), Reply)
     end.
 
 %% The frame a port worker receives: {request, Id, Request}, Request the request map
@@ -65,7 +74,7 @@ encode_request(Req, Id, Timeout, Caller) ->
 %% Internal.
 
 %% A free slot: straight to its worker. None: to the pool server, which queues it.
-via_pool(#{name := Pool, pid := PoolPid, queued := Queued} = Handle, Ctx, Frame, Timeout) ->
+via_pool(#{name := Pool, pid := PoolPid, queued := Queued} = Handle, Ctx, Frame, Deadline) ->
     Target = case erpy_pool:claim(Handle) of
                  {ok, Slot} ->
                      case erpy_pool:worker_pid(Pool, Slot) of
@@ -74,44 +83,52 @@ via_pool(#{name := Pool, pid := PoolPid, queued := Queued} = Handle, Ctx, Frame,
                      end;
                  none -> undefined
              end,
-    case Target of
-        undefined ->
-            counters:add(Queued, 1, 1),
-            send_and_wait(PoolPid, Pool, Ctx, Frame, Timeout);
-        Worker ->
-            case send_and_wait(Worker, Pool, Ctx, Frame, Timeout) of
-                {error, {worker_exit, noproc}} ->
-                    %% The worker had died before it got the request: nothing ran, so
-                    %% the pool may place it again.
+    Reply = case Target of
+                undefined ->
                     counters:add(Queued, 1, 1),
-                    send_and_wait(PoolPid, Pool, Ctx, Frame, Timeout);
-                Answer ->
-                    Answer
-            end
+                    send_and_wait(erpy_request, PoolPid, Pool, Ctx, Frame, Deadline);
+                Worker ->
+                    case send_and_wait(erpy_request, Worker, Pool, Ctx, Frame, Deadline) of
+                        {error, {worker_exit, Why}} when Why =:= noproc;
+                                                         element(1, Why) =:= shutdown ->
+                            %% The worker was gone, or left without this request (it
+                            %% answers every request it took before it leaves): nothing
+                            %% ran, so the pool may place it again.
+                            counters:add(Queued, 1, 1),
+                            send_and_wait(erpy_request, PoolPid, Pool, Ctx, Frame, Deadline);
+                        Answer ->
+                            Answer
+                    end
+            end,
+    case Reply of
+        {retry, _} ->
+            %% Its worker gave it back unstarted (it left, or it was busy longer while
+            %% another one is free): placed again, with what is left of the deadline.
+            via_pool(Handle, Ctx, Frame, Deadline);
+        _ ->
+            Reply
     end.
 
-send_and_wait(Target, Pool, Ctx, Frame, Timeout) ->
-    send_and_wait(erpy_request, Target, Pool, Ctx, Frame, Timeout).
-
 %% erpy_nested: a request made inside a callback, for the worker that waits for it.
-send_and_wait(Tag, Target, Pool, Ctx, {Id, Bin}, Timeout) ->
+send_and_wait(Tag, Target, Pool, Ctx, {Id, Bin}, Deadline) ->
     %% The monitor is also the alias the worker answers to: once we demonitor, a late
     %% answer (after a timeout) is dropped by the runtime, not queued here.
     Mref = erlang:monitor(process, Target, [{alias, demonitor}]),
-    Deadline = deadline(Timeout),
     Target ! {Tag, Mref, self(), Id, Bin, Deadline},
-    Answer = wait(Mref, Pool, Ctx, Deadline),
+    Reply = wait(Mref, Pool, Ctx, Deadline),
     %% Whatever else was sent to the alias before it went inactive (a crashing worker's
     %% answer and its pool's, a callback that raced the deadline) is dropped here, so no
     %% stray message outlives the call.
     flush(Mref),
-    Answer.
+    Reply.
 
+%% Python's answer, undecoded (a binary), {error, Reason}, or {retry, Reason} when the
+%% worker gave the request back without starting it.
 wait(Mref, Pool, Ctx, Deadline) ->
     receive
         {erpy_reply, Mref, Reply} ->
             erlang:demonitor(Mref, [flush]),
-            decode_reply(Ctx, Reply);
+            Reply;
         {erpy_callback, Mref, Worker, Port, CbId, Frame} ->
             run_callback(Pool, Ctx, Worker, Port, CbId, Frame),
             case remaining(Deadline) of
@@ -129,7 +146,7 @@ wait(Mref, Pool, Ctx, Deadline) ->
         erlang:demonitor(Mref, [flush]),
         %% An answer that arrived just now still counts.
         receive
-            {erpy_reply, Mref, Reply} -> decode_reply(Ctx, Reply)
+            {erpy_reply, Mref, Reply} -> Reply
         after 0 ->
             {error, timeout}
         end
@@ -145,6 +162,9 @@ flush(Mref) ->
 
 decode_reply(_Ctx, {error, _} = Error) ->
     Error;
+decode_reply(_Ctx, {retry, Reason}) ->
+    %% Given back unstarted where it cannot be placed again (a held or nesting worker).
+    {error, Reason};
 decode_reply(Ctx, Bin) when is_binary(Bin) ->
     case erpy_policy:decode(Ctx, Bin) of
         {ok, {ok, _Id, Result}} -> {ok, Result};

@@ -30,6 +30,7 @@ pool_opts(Opts) when is_map(Opts) ->
     try
         check(lists:member(Mode, ?MODES), {unsupported_mode, Mode}),
         check(is_integer(Size) andalso Size > 0, {badarg, size}),
+        check(pipeline(maps:get(pipeline, Opts, auto)), {badarg, pipeline}),
         check(is_integer(maps:get(max_message_size, Full)), {badarg, max_message_size}),
         check(is_atom(maps:get(none, Full)), {badarg, none}),
         %% A pool without its own `allowed` follows the application env, also when it
@@ -108,6 +109,11 @@ send_target(Name) when is_atom(Name) -> true;
 send_target({Name, Node}) when is_atom(Name), is_atom(Node) -> true;
 send_target(Pid) when is_pid(Pid) -> true;
 send_target(_) -> false.
+
+%% `pipeline`: how many requests a port worker may be written at once (1, the default:
+%% no pipelining), or auto (adaptive).
+pipeline(auto) -> true;
+pipeline(N) -> is_integer(N) andalso N > 0.
 
 check(true, _Why) -> ok;
 check(false, Why) -> throw({bad, Why}).

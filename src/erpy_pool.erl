@@ -10,7 +10,8 @@
 -behaviour(gen_server).
 
 -export([start_link/3, lookup/1, max_message_size/1, info/1]).
--export([claim/1, unclaim/2, retire/2, worker_pid/2, finished/3]).
+-export([claim/1, unclaim/2, retire/2, worker_pid/2, started/2, finished/3]).
+-export([pipeline/1]).
 -export([checkout/2, checkin/1]).
 -export([init/1, handle_call/3, handle_cast/2, handle_info/2, terminate/2]).
 
@@ -21,7 +22,10 @@
 %% What callers need to claim a slot without asking the server.
 -type handle() :: #{pid := pid(), name := atom(), size := pos_integer(),
                     slots := atomics:atomics_ref(), queued := counters:counters_ref(),
-                    depth := pos_integer(), max_message_size := non_neg_integer(),
+                    depth := pos_integer(), write_ahead := boolean(),
+                    young_us := non_neg_integer() | infinity,
+                    started := atomics:atomics_ref(),
+                    max_message_size := non_neg_integer(),
                     policy := erpy_policy:policy()}.
 
 -record(st, {
@@ -49,6 +53,11 @@
 %% it has no worker to take requests (starting, replaced, lent out, leaving).
 -define(FREE, 0).
 -define(UNAVAILABLE, 16#100000).
+%% Adaptive pipelining: at most this many requests per worker, one running and the rest
+%% waiting in its Erlang process (erpy_port_worker), and only onto a worker whose running
+%% request started less than ?YOUNG_US ago.
+-define(AUTO_DEPTH, 4).
+-define(YOUNG_US, 1000).
 
 %% API.
 
@@ -77,12 +86,14 @@ info(Name) ->
     gen_server:call(Pid, info).
 
 %% Claims a slot for one request: the lowest idle one, so a light load keeps one Python
-%% hot; with `pipeline => N` (N > 1) and no idle slot, a busy one with fewer than N
-%% requests in flight (its worker reads the next request while it answers the last).
+%% hot. With no idle slot, pipelining may place it on a busy one with fewer than `depth`
+%% requests, the one with the fewest: adaptive (`pipeline => auto`), only where the request
+%% Python works on started less than `young_us` ago, so a long call takes no more;
+%% `pipeline => N`, any.
 -spec claim(handle()) -> {ok, pos_integer()} | none.
-claim(#{slots := Slots, size := Size, depth := Depth}) ->
+claim(#{slots := Slots, size := Size, depth := Depth} = Handle) ->
     case claim_idle(Slots, 1, Size, 1) of
-        none when Depth > 1 -> claim_busy(Slots, 1, Size, Depth);
+        none when Depth > 1 -> claim_busy(Handle, young_since(Handle));
         Claimed -> Claimed
     end.
 
@@ -94,18 +105,34 @@ claim_idle(Slots, I, Size, To) ->
         _ -> claim_idle(Slots, I + 1, Size, To)
     end.
 
-claim_busy(_Slots, I, Size, _Depth) when I > Size ->
-    none;
-claim_busy(Slots, I, Size, Depth) ->
-    case atomics:get(Slots, I) of
-        N when N >= 1, N < Depth ->
+%% Requests Python started at or after this (monotonic us) are young.
+young_since(#{young_us := infinity}) -> undefined;
+young_since(#{young_us := Us}) -> erlang:monotonic_time(microsecond) - Us.
+
+claim_busy(#{slots := Slots, size := Size, depth := Depth, started := Started} = Handle, Since) ->
+    case least_busy(Slots, Started, Since, 1, Size, Depth, none) of
+        none ->
+            none;
+        {N, I} ->
             case atomics:compare_exchange(Slots, I, N, N + 1) of
                 ok -> {ok, I};
-                _ -> claim_busy(Slots, I + 1, Size, Depth)
-            end;
-        _ ->
-            claim_busy(Slots, I + 1, Size, Depth)
+                _ -> claim_busy(Handle, Since)                 % raced: look again
+            end
     end.
+
+least_busy(_Slots, _Started, _Since, I, Size, _Depth, Best) when I > Size ->
+    Best;
+least_busy(Slots, Started, Since, I, Size, Depth, Best) ->
+    Next = case atomics:get(Slots, I) of
+               N when N >= 1, N < Depth, (Best =:= none orelse {N, I} < Best) ->
+                   case Since =:= undefined orelse atomics:get(Started, I) >= Since of
+                       true -> {N, I};
+                       false -> Best
+                   end;
+               _ ->
+                   Best
+           end,
+    least_busy(Slots, Started, Since, I + 1, Size, Depth, Next).
 
 -spec unclaim(handle(), pos_integer()) -> ok.
 unclaim(#{slots := Slots}, Slot) ->
@@ -121,6 +148,12 @@ worker_pid(Name, Slot) ->
     try ets:lookup_element(?TABLE, {Name, Slot}, 2)
     catch error:badarg -> undefined
     end.
+
+%% The worker of `Slot` wrote a request of the pool to Python, which starts it now (or
+%% once it answered the ones before it, with `pipeline => N`).
+-spec started(handle(), pos_integer()) -> ok.
+started(#{started := Started}, Slot) ->
+    atomics:put(Started, Slot, erlang:monotonic_time(microsecond)).
 
 %% A worker answered one request: one less in flight, or, if requests wait at the
 %% server, its place goes to the server (which gives it the next one).
@@ -173,8 +206,10 @@ init({Name, Opts, PoolSup}) ->
     Slots = atomics:new(Size, [{signed, false}]),
     %% Every slot is unavailable until its worker is ready.
     [atomics:put(Slots, I, ?UNAVAILABLE) || I <- lists:seq(1, Size)],
+    {Depth, WriteAhead, Young} = pipeline(Opts),
     Handle = #{pid => self(), name => Name, size => Size, slots => Slots,
-               depth => max(1, maps:get(pipeline, Opts, 1)),
+               depth => Depth, write_ahead => WriteAhead, young_us => Young,
+               started => atomics:new(Size, [{signed, true}]),
                queued => counters:new(1, [write_concurrency]),
                max_message_size => maps:get(max_message_size, Opts),
                policy => erpy_policy:new(Name, Opts)},
@@ -271,6 +306,16 @@ terminate(_Why, #st{name = Name, size = Size}) ->
     ok = erpy_transport:unregister(Name),
     [ets:delete(?TABLE, {Name, Slot}) || Slot <- lists:seq(1, Size)],
     ok.
+
+%% `pipeline`: 1 (off, the default), auto (adaptive) or N > 1 (N requests written to a
+%% worker at once). As {depth, write ahead, young_us}.
+-spec pipeline(map()) -> {pos_integer(), boolean(), non_neg_integer() | infinity}.
+pipeline(Opts) ->
+    case maps:get(pipeline, Opts, 1) of
+        auto -> {?AUTO_DEPTH, false, ?YOUNG_US};
+        N when is_integer(N), N > 1 -> {N, true, infinity};
+        _ -> {1, false, infinity}
+    end.
 
 %% Internal.
 

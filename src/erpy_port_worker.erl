@@ -38,7 +38,11 @@
               deadline :: integer() | infinity,
               %% Nested requests come from a callback of the running request; they hold
               %% no slot of the pool.
-              nested = false :: boolean()}).
+              nested = false :: boolean(),
+              %% The frame, while the request waits here (see #st.waiting).
+              frame :: erlang:iovec() | binary() | undefined,
+              %% When Python started it (monotonic us); undefined while it waits in its pipe.
+              started :: integer() | undefined}).
 
 -record(st, {
     pool :: atom(),
@@ -59,6 +63,12 @@
     %% pushed in front (Python runs them inside a callback of the head), pipelined ones
     %% are appended (Python reads them after the head's answer).
     pending = [] :: [#req{}],
+    %% Adaptive pipelining (`pipeline => auto`): requests the pool placed here while
+    %% Python works on one. Each is written to Python when the one before is answered, so
+    %% until then it has not started and may still go elsewhere (back to its caller, which
+    %% places it again). With `pipeline => N` they are written at once (#st.write_ahead).
+    waiting = queue:new() :: queue:queue(#req{}),
+    write_ahead = false :: boolean(),
     watch :: reference() | undefined,
     releasing = false :: boolean(),
     held = false :: boolean(),
@@ -118,7 +128,8 @@ init({Pool, PoolPid, Opts}) ->
                       end,
             St = #st{pool = Pool, pool_pid = PoolPid, port = Port, os_pid = OsPid, opts = Opts,
                      started = Started, alive = alive_timer(Started), born = now_ms(),
-                     max = maps:get(max_message_size, Opts)},
+                     max = maps:get(max_message_size, Opts),
+                     write_ahead = maps:get(write_ahead, maps:get(pool_handle, Opts, #{}), false)},
             {ok, St, ?READY_TIMEOUT_MS}
     catch
         error:Why -> {stop, {cannot_start_python, Python, Why}}
@@ -144,11 +155,18 @@ handle_cast(_Msg, St) ->
     {noreply, St, timeout(St)}.
 
 -spec handle_info(term(), #st{}) -> {noreply, #st{}} | {noreply, #st{}, timeout()} | {stop, term(), #st{}}.
-handle_info({erpy_request, Alias, Caller, Id, Bin, Deadline}, #st{port = Port} = St) ->
-    port_command(Port, Bin),
+handle_info({erpy_request, Alias, _Caller, _Id, _Bin, _Deadline}, #st{exiting = true} = St) ->
+    %% Sent before the slot was retired: it never started, so its caller places it again.
+    Alias ! {erpy_reply, Alias, {retry, {worker_exit, exiting}}},
+    {noreply, St, timeout(St)};
+handle_info({erpy_request, Alias, Caller, Id, Bin, Deadline}, St) ->
     Req = #req{id = Id, alias = Alias, caller = Caller, deadline = Deadline, since = now_ms()},
-    St1 = watch(St#st{pending = St#st.pending ++ [Req]}),
-    {noreply, St1, timeout(St1)};
+    St1 = case St#st.write_ahead orelse room(St) of
+              true -> start(Req, Bin, St);
+              false -> St#st{waiting = queue:in(Req#req{frame = Bin}, St#st.waiting)}
+          end,
+    St2 = watch(St1),
+    {noreply, St2, timeout(St2)};
 handle_info({erpy_nested, Alias, Caller, Id, Bin, Deadline}, #st{port = Port} = St) ->
     port_command(Port, Bin),
     Req = #req{id = Id, alias = Alias, caller = Caller, deadline = Deadline, nested = true,
@@ -159,16 +177,23 @@ handle_info({timeout, Timer, watch}, #st{watch = Timer, pending = Pending} = St)
     %% Callers of requests that have waited a while get monitored now (a dead one gives its
     %% DOWN at once), so a caller that dies mid-call still gets its request interrupted.
     Old = now_ms() - ?WATCH_MS,
-    Pending1 = [case R of
-                    #req{mon = undefined, since = Since, caller = C} when Since =< Old ->
-                        R#req{mon = erlang:monitor(process, C)};
-                    _ -> R
-                end || R <- Pending],
-    St1 = St#st{pending = Pending1, watch = undefined},
+    Watch = fun(#req{mon = undefined, since = Since, caller = C} = R) when Since =< Old ->
+                    R#req{mon = erlang:monitor(process, C)};
+               (R) -> R
+            end,
+    St0 = St#st{pending = lists:map(Watch, Pending),
+                waiting = queue:from_list(lists:map(Watch, queue:to_list(St#st.waiting))),
+                watch = undefined},
+    %% Requests waiting behind one that has run a whole tick go back to their callers,
+    %% which place them again (on a free worker, or in the pool's queue).
+    St1 = case running_since(St0) of
+              Since when is_integer(Since), Since =< Old * 1000 -> give_back(St0);
+              _ -> St0
+          end,
     %% The same tick enforces deadlines: a request still running its grace period after
     %% its deadline means Python ignored the interrupt (stuck in C code, or catching it).
     St2 = case overdue(St1) of
-              true -> kill(St1), St1#st{exiting = true};
+              true -> kill(St1), retire(St1), St1#st{exiting = true};
               false -> St1
           end,
     St3 = watch(St2),
@@ -177,14 +202,14 @@ handle_info({Port, {data, Frame}}, #st{port = Port} = St) ->
     handle_frame(Frame, St);
 handle_info({'DOWN', Mon, process, _Pid, _Why}, St) ->
     %% A caller died mid-call: interrupt its request; the answer is dropped on arrival.
-    Pending = [case R of
-                   #req{mon = Mon} ->
-                       send_frame(St, {cancel, R#req.id}),
-                       R#req{alias = undefined, deadline = grace_deadline(St)};
-                   _ -> R
-               end || R <- St#st.pending],
-    St1 = St#st{pending = Pending},
-    {noreply, St1, timeout(St1)};
+    %% One still waiting here is dropped: it never started.
+    {Gone, Waiting} = lists:partition(fun(#req{mon = M}) -> M =:= Mon end,
+                                      queue:to_list(St#st.waiting)),
+    St0 = case Gone of
+              [] -> St;
+              _ -> one_done(St#st{waiting = queue:from_list(Waiting)})
+          end,
+    down(Mon, St0);
 handle_info({Port, {exit_status, Status}}, #st{port = Port} = St) ->
     St1 = fail_pending({worker_exit, {exit_status, Status}}, St#st{port = undefined}),
     kill(St1),  % what its code started and left behind
@@ -205,7 +230,7 @@ handle_info({timeout, Timer, alive}, #st{alive = Timer} = St) ->
             %% Dead, yet the port is open: a process it started holds a pipe. Killing the
             %% group closes it, and exit_status follows; no request goes to it meanwhile.
             kill(St),
-            erpy_pool:retire(maps:get(pool_handle, St#st.opts), maps:get(slot, St#st.opts)),
+            retire(St),
             St1 = St#st{alive = undefined, exiting = true,
                         gone = erlang:start_timer(?GONE_MS, self(), gone)},
             {noreply, St1, timeout(St1)}
@@ -242,6 +267,16 @@ terminate(_Why, #st{port = Port, pending = Pending} = St) ->
 
 %% Internal.
 
+down(Mon, St) ->
+    Pending = [case R of
+                   #req{mon = Mon} ->
+                       send_frame(St, {cancel, R#req.id}),
+                       R#req{alias = undefined, deadline = grace_deadline(St)};
+                   _ -> R
+               end || R <- St#st.pending],
+    St1 = St#st{pending = Pending},
+    {noreply, St1, timeout(St1)}.
+
 handle_frame(<<131, 104, 3, 119, 2, "ok", Rest/binary>> = Frame, St) ->
     answer(frame_id(Rest), Frame, St);
 handle_frame(<<131, 104, 3, 119, 5, "error", Rest/binary>> = Frame, St) ->
@@ -266,12 +301,17 @@ answer(Id, Frame, #st{pending = Pending} = St) ->
     case lists:keytake(Id, #req.id, Pending) of
         {value, #req{alias = Alias, mon = Mon, nested = Nested}, Rest} ->
             Mon =:= undefined orelse erlang:demonitor(Mon, [flush]),
+            %% The next waiting request goes to Python before this answer to its caller.
+            St1 = case Nested of
+                      false -> next_waiting(promote(St#st{pending = Rest}));
+                      true -> St#st{pending = Rest}
+                  end,
             reply(Alias, Frame, St),
-            St1 = St#st{pending = Rest, calls = St#st.calls + 1},
-            case {Rest, Nested} of
-                {[], _} -> idle(St1);
-                {_, false} -> {noreply, one_done(St1), timeout(St1)};
-                {_, true} -> {noreply, St1, timeout(St1)}
+            St2 = St1#st{calls = St#st.calls + 1},
+            case {St2#st.pending, Nested} of
+                {[], _} -> idle(St2);
+                {_, false} -> {noreply, one_done(St2), timeout(St2)};
+                {_, true} -> {noreply, St2, timeout(St2)}
             end;
         false ->
             {noreply, St, timeout(St)}
@@ -329,8 +369,8 @@ control({exiting, Why}, St) when Why =:= memory_limit ->
     %% are decoded with [safe]: the atoms they may name are written here.)
     logger:notice("erpy pool ~p: worker ~p exits: ~p", [St#st.pool, St#st.os_pid, Why],
                   #{domain => [erpy]}),
-    erpy_pool:retire(maps:get(pool_handle, St#st.opts), maps:get(slot, St#st.opts)),
-    {noreply, St#st{exiting = true}, timeout(St)};
+    retire(St),
+    {noreply, hand_back({worker_exit, Why}, St#st{exiting = true}), timeout(St)};
 control(Other, St) ->
     logger:error("erpy pool ~p: unexpected frame from Python: ~P", [St#st.pool, Other, 10],
                  #{domain => [erpy]}),
@@ -343,13 +383,98 @@ callback(CbId, Frame, #st{pending = [#req{alias = Alias} | _]} = St) when Alias 
 callback(CbId, _Frame, St) ->
     send_frame(St, {reply, CbId, error, no_caller}).
 
+%% Python is gone: what it ran failed with it; what it had not started yet (pipelined
+%% behind, or waiting here) goes back to its caller, who places it again.
 fail_pending(Reason, #st{pending = Pending} = St) ->
-    [A ! {erpy_reply, A, {error, Reason}} || #req{alias = A} <- Pending, A =/= undefined],
-    St#st{pending = []}.
+    Running = running(Pending),
+    [A ! {erpy_reply, A, {error, Reason}} || #req{alias = A} <- Running, A =/= undefined],
+    St1 = hand_back(Reason, St#st{pending = []}),
+    [A ! {erpy_reply, A, {retry, Reason}}
+     || #req{alias = A} <- lists:nthtail(length(Running), Pending), A =/= undefined],
+    St1.
+
+%% The requests waiting here go back to their callers, which place them again.
+hand_back(Reason, #st{waiting = Waiting} = St) ->
+    [begin
+         Mon =:= undefined orelse erlang:demonitor(Mon, [flush]),
+         A ! {erpy_reply, A, {retry, Reason}}
+     end || #req{alias = A, mon = Mon} <- queue:to_list(Waiting)],
+    St#st{waiting = queue:new()}.
 
 cancel_all(#st{pending = Pending} = St) ->
     [send_frame(St, {cancel, Id}) || #req{id = Id} <- Pending],
-    St#st{pending = [R#req{alias = undefined, deadline = grace_deadline(St)} || R <- Pending]}.
+    hand_back({worker_exit, released},
+              St#st{pending = [R#req{alias = undefined, deadline = grace_deadline(St)} || R <- Pending]}).
+
+%% No more requests for this worker's slot until the pool has replaced it.
+retire(#st{opts = Opts}) ->
+    erpy_pool:retire(maps:get(pool_handle, Opts), maps:get(slot, Opts)).
+
+%% Adaptive pipelining writes a request to Python only when Python works on no other
+%% request of the pool. Written behind a running one, it would be read by that one's
+%% callback loop and run inside the callback, where the callbacks it makes are taken for
+%% the running request's (by its caller, under its policy context): so requests wait here.
+room(#st{pending = Pending}) ->
+    not lists:keymember(false, #req.nested, Pending).
+
+%% Writes a request to Python; it starts now if Python works on no other of the pool.
+start(Req, Bin, #st{port = Port, pending = Pending, opts = Opts} = St) ->
+    port_command(Port, Bin),
+    Started = case lists:keymember(false, #req.nested, Pending) of
+                  false ->
+                      erpy_pool:started(maps:get(pool_handle, Opts), maps:get(slot, Opts)),
+                      now_us();
+                  true ->
+                      undefined
+              end,
+    St#st{pending = Pending ++ [Req#req{frame = undefined, started = Started}]}.
+
+%% A request of the pool was answered: the next one written to Python starts now.
+promote(#st{pending = Pending, opts = Opts} = St) ->
+    case lists:keyfind(false, #req.nested, Pending) of
+        #req{started = undefined, id = Id} = R ->
+            erpy_pool:started(maps:get(pool_handle, Opts), maps:get(slot, Opts)),
+            St#st{pending = lists:keyreplace(Id, #req.id, Pending, R#req{started = now_us()})};
+        _ ->
+            St
+    end.
+
+%% When Python started the request of the pool it works on, if it does.
+running_since(#st{pending = Pending}) ->
+    case lists:keyfind(false, #req.nested, Pending) of
+        #req{started = Started} -> Started;
+        false -> undefined
+    end.
+
+%% The waiting requests go back to their callers; their places in the slot are free
+%% again (unless the slot is not the pool's now: lent out, or its worker leaving).
+give_back(#st{waiting = Waiting, held = false, releasing = false, exiting = false,
+              opts = Opts} = St) ->
+    case queue:len(Waiting) of
+        0 ->
+            St;
+        N ->
+            St1 = hand_back(busy, St),
+            [erpy_pool:unclaim(maps:get(pool_handle, Opts), maps:get(slot, Opts))
+             || _ <- lists:seq(1, N)],
+            St1
+    end;
+give_back(St) ->
+    St.
+
+%% Python answered a request of the pool: the oldest waiting one goes to it now.
+next_waiting(#st{exiting = true} = St) ->
+    St;
+next_waiting(#st{waiting = Waiting} = St) ->
+    case queue:out(Waiting) of
+        {{value, #req{frame = Bin} = Req}, Rest} ->
+            case room(St) of
+                true -> next_waiting(start(Req, Bin, St#st{waiting = Rest}));
+                false -> St
+            end;
+        {empty, _} ->
+            St
+    end.
 
 reset_namespace(St) ->
     send_frame(St, {reset}).
@@ -380,6 +505,9 @@ watch(St) ->
 
 now_ms() ->
     erlang:monotonic_time(millisecond).
+
+now_us() ->
+    erlang:monotonic_time(microsecond).
 
 %% The gen_server timeout only guards the start; deadlines are checked by the watch timer
 %% (a receive timeout set at every message cost a timer per message).

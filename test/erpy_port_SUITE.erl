@@ -15,7 +15,8 @@
          limits/1, crash_exit/1, crash_segfault/1, crash_hang/1, caller_dies/1,
          queueing/1, checkout_timeout/1, recycle_after/1, max_memory/1,
          crash_injection_under_load/1, venv_requirements/1, protocol_version/1,
-         pipelining/1, allow_list_follows_env/1]).
+         pipelining/1, adaptive_pipelining/1, crash_retries_unstarted/1,
+         allow_list_follows_env/1]).
 -export([fork_child_cannot_use_protocol/1, exec_child_has_no_protocol_fds/1,
          multiprocessing_fork_pool/1, background_child_then_crash/1,
          child_holding_pipe_then_crash/1, timeouts_with_sigint_ignored/1,
@@ -34,7 +35,7 @@ all() ->
      allow_list, nested_and_send, output_to_logger, limits, crash_exit, crash_segfault,
      crash_hang, caller_dies, queueing, checkout_timeout, recycle_after, max_memory,
      crash_injection_under_load, venv_requirements, protocol_version, pipelining,
-     allow_list_follows_env,
+     adaptive_pipelining, crash_retries_unstarted, allow_list_follows_env,
      fork_child_cannot_use_protocol, exec_child_has_no_protocol_fds, multiprocessing_fork_pool,
      background_child_then_crash, child_holding_pipe_then_crash, timeouts_with_sigint_ignored,
      rlimits_cpu, rlimits_as, rlimits_nofile, rlimits_fsize_nproc_core, rlimits_badarg,
@@ -65,7 +66,7 @@ init_per_testcase(_Case, Config) ->
 end_per_testcase(_Case, _Config) ->
     [erpy:stop_pool(P) || P <- [p_seed, p_timeout, p_api, p_one, p_allow, nest, p_log,
                                 p_limits, p_crash, p_dies, p_queue, p_recycle, p_mem,
-                                p_load, p_venv, p_version, p_pipe]],
+                                p_load, p_venv, p_version, p_pipe, p_auto, p_retry]],
     ok.
 
 %% A pool without its own allow-list follows the application env `allowed`, also when it changes while the pool runs.
@@ -116,6 +117,54 @@ pipelining(Config) ->
     ?assertEqual({ok, Raw}, erpy:call(copy, copy, [Raw], #{pool => p_pipe})),
     ?assertEqual({ok, Text}, erpy:call(copy, copy, [Text], #{pool => p_pipe})),
     ?assertEqual({ok, [Text]}, erpy:call(copy, copy, [[Text]], #{pool => p_pipe})),
+    ok.
+
+%% Adaptive pipelining: many callers on two workers get every answer, and a short
+%% request placed behind a request that turns out long does not wait for it.
+adaptive_pipelining(_Config) ->
+    ?assertEqual({error, {badarg, pipeline}}, erpy:start_pool(p_auto, #{pipeline => 0})),
+    ?assertEqual({error, {badarg, pipeline}}, erpy:start_pool(p_auto, #{pipeline => yes})),
+    start(p_auto, #{size => 2, pipeline => auto}),
+    Self = self(),
+    Callers = [spawn_link(fun() ->
+                                  Rs = [erpy:call(operator, add, [I, C], #{pool => p_auto})
+                                        || I <- lists:seq(1, 300)],
+                                  Self ! {done, C, Rs}
+                          end) || C <- lists:seq(1, 4)],
+    [receive {done, C, Rs} -> ?assertEqual([{ok, I + C} || I <- lists:seq(1, 300)], Rs) end
+     || C <- lists:seq(1, 4), _ <- [Callers]],
+    Sleep = fun(S) -> erpy:call(time, sleep, [S], #{pool => p_auto, timeout => 10000}) end,
+    %% One worker busy a while; then a long call on the other, and at once a short one,
+    %% which may be placed behind the long one (it had just started).
+    spawn_link(fun() -> Self ! {medium, Sleep(0.5)} end),
+    timer:sleep(100),
+    spawn_link(fun() -> Self ! {long, Sleep(3)} end),
+    spawn_link(fun() -> Self ! {short, erpy:call(operator, add, [1, 2], #{pool => p_auto, timeout => 10000})} end),
+    receive {short, Short} -> ?assertEqual({ok, 3}, Short) end,
+    %% Answered while the long call still runs.
+    receive {long, _} -> ct:fail(short_waited_for_long) after 0 -> ok end,
+    receive {medium, M} -> ?assertEqual({ok, undefined}, M) end,
+    receive {long, L} -> ?assertEqual({ok, undefined}, L) end,
+    ?assertEqual({ok, 3}, erpy:call(operator, add, [1, 2], #{pool => p_auto, timeout => 1000})).
+
+%% A worker that crashes fails only the request it ran: those placed on it that Python
+%% had not started (pipelined behind it, or waiting in its Erlang process) are placed
+%% again, and answered by the replacement.
+crash_retries_unstarted(_Config) ->
+    [begin
+         start(p_retry, Opts),
+         Self = self(),
+         spawn_link(fun() ->
+                            Self ! {crash, erpy:run(#{code => <<"import os, time\ntime.sleep(0.3)\nos._exit(3)">>,
+                                                      pool => p_retry}, 10000)}
+                    end),
+         timer:sleep(50),
+         [spawn_link(fun() -> Self ! {short, I, erpy:call(operator, add, [I, 1], #{pool => p_retry, timeout => 10000})} end)
+          || I <- lists:seq(1, 3)],
+         receive {crash, R} -> ?assertMatch({error, {worker_exit, _}}, R) end,
+         [receive {short, I, Rs} -> ?assertEqual({ok, I + 1}, Rs) end || I <- lists:seq(1, 3)],
+         erpy:stop_pool(p_retry)
+     end || Opts <- [#{size => 1, pipeline => 4}, #{size => 1, pipeline => auto}, #{size => 1}]],
     ok.
 
 %% ---- 1. the seed's contract -------------------------------------------------------------
