@@ -5,7 +5,7 @@
 -module(erpy_call).
 
 -export([request/3, request_worker/4, nested_worker/1]).
--export([encode_request/4, apply_callback/3, nesting/0, set_nesting/1]).
+-export([encode_request/4, encode_request/5, apply_callback/3, nesting/0, set_nesting/1]).
 
 -define(NESTED, '$erpy_nested').
 
@@ -17,15 +17,16 @@ request(Pool, Req, Timeout) ->
         {ok, #{max_message_size := Max, policy := Policy} = Handle} ->
             %% Encoded and size-checked before a slot is claimed: a refused request holds
             %% nothing.
-            with_frame(Max, Policy, Req, Timeout,
-                       fun(Frame, Ctx, Deadline) ->
-                               case nested_worker(Pool) of
-                                   {ok, Worker} ->
-                                       send_and_wait(erpy_nested, Worker, Pool, Ctx, Frame, Deadline);
-                                   error ->
-                                       via_pool(Handle, Ctx, Frame, Deadline)
-                               end
-                       end);
+            case nested_worker(Pool) of
+                {ok, Worker} ->
+                    with_frame(nested, Max, Policy, Req, Timeout,
+                               fun(Frame, Ctx, Deadline) ->
+                                       send_and_wait(erpy_nested, Worker, Pool, Ctx, Frame, Deadline)
+                               end);
+                error ->
+                    with_frame(request, Max, Policy, Req, Timeout,
+                               fun(Frame, Ctx, Deadline) -> via_pool(Handle, Ctx, Frame, Deadline) end)
+            end;
         error ->
             {error, {no_pool, Pool}}
     end.
@@ -34,7 +35,12 @@ request(Pool, Req, Timeout) ->
 request_worker(Pool, Pid, Req, Timeout) ->
     case erpy_pool:lookup(Pool) of
         {ok, #{max_message_size := Max, policy := Policy}} ->
-            with_frame(Max, Policy, Req, Timeout,
+            %% Made inside a callback of that same worker: it nests there.
+            Kind = case nested_worker(Pool) of
+                       {ok, Pid} -> nested;
+                       _ -> request
+                   end,
+            with_frame(Kind, Max, Policy, Req, Timeout,
                        fun(Frame, Ctx, Deadline) ->
                                send_and_wait(erpy_request, Pid, Pool, Ctx, Frame, Deadline)
                        end);
@@ -42,9 +48,9 @@ request_worker(Pool, Pid, Req, Timeout) ->
             {error, {no_pool, Pool}}
     end.
 
-with_frame(Max, Policy, Req, Timeout, Fun) ->
+with_frame(Kind, Max, Policy, Req, Timeout, Fun) ->
     Id = erlang:unique_integer([positive]),
-    Frame = encode_request(Req, Id, Timeout, self()),
+    Frame = encode_request(Kind, Req, Id, Timeout, self()),
     case erlang:iolist_size(Frame) of
         Size when Size > Max ->
             {error, {message_too_large, Size, Max}};
@@ -63,12 +69,18 @@ with_frame(Max, Policy, Req, Timeout, Fun) ->
     end.
 
 %% The frame a port worker receives: {request, Id, Request}, Request the request map
-%% (erpy_request) with its caller and deadline. An iovec: large binaries in the arguments
-%% are referenced, not copied, on their way to the port (a 1 MiB argument costs
-%% microseconds instead of a copy).
+%% (erpy_request) with its caller and deadline; {nested, Id, Request} for a request made
+%% inside a callback of the worker's running request (Python runs it inside that
+%% callback's wait, and only those: a pipelined request waits for the running one to
+%% end). An iovec: large binaries in the arguments are referenced, not copied, on their
+%% way to the port (a 1 MiB argument costs microseconds instead of a copy).
 -spec encode_request(erpy_request:t(), integer(), timeout(), pid()) -> erlang:iovec().
 encode_request(Req, Id, Timeout, Caller) ->
-    erlang:term_to_iovec({request, Id, erpy_request:for_caller(Req, Caller, Timeout)},
+    encode_request(request, Req, Id, Timeout, Caller).
+
+-spec encode_request(request | nested, erpy_request:t(), integer(), timeout(), pid()) -> erlang:iovec().
+encode_request(Kind, Req, Id, Timeout, Caller) ->
+    erlang:term_to_iovec({Kind, Id, erpy_request:for_caller(Req, Caller, Timeout)},
                          [{minor_version, 2}]).
 
 %% Internal.

@@ -15,7 +15,8 @@
          limits/1, crash_exit/1, crash_segfault/1, crash_hang/1, caller_dies/1,
          queueing/1, checkout_timeout/1, recycle_after/1, max_memory/1,
          crash_injection_under_load/1, venv_requirements/1, protocol_version/1,
-         pipelining/1, adaptive_pipelining/1, crash_retries_unstarted/1,
+         pipelining/1, pipelined_never_inside_a_callback/1, adaptive_pipelining/1,
+         crash_retries_unstarted/1,
          allow_list_follows_env/1]).
 -export([fork_child_cannot_use_protocol/1, exec_child_has_no_protocol_fds/1,
          multiprocessing_fork_pool/1, background_child_then_crash/1,
@@ -26,7 +27,7 @@
 -export([sigint_probe/1]).
 -export([map_keys/1, keys_equal_in_python/1]).
 %% Called from Python through the allow-list, and the logger handler of output_to_logger.
--export([nested/1, twice/2, log/2]).
+-export([nested/1, twice/2, log/2, slow_whoami/1, whoami/1]).
 
 -define(SEED_SUM, <<"result = arguments['x'] + arguments['y']">>).
 
@@ -35,6 +36,7 @@ all() ->
      allow_list, nested_and_send, output_to_logger, limits, crash_exit, crash_segfault,
      crash_hang, caller_dies, queueing, checkout_timeout, recycle_after, max_memory,
      crash_injection_under_load, venv_requirements, protocol_version, pipelining,
+     pipelined_never_inside_a_callback,
      adaptive_pipelining, crash_retries_unstarted, allow_list_follows_env,
      fork_child_cannot_use_protocol, exec_child_has_no_protocol_fds, multiprocessing_fork_pool,
      background_child_then_crash, child_holding_pipe_then_crash, timeouts_with_sigint_ignored,
@@ -84,6 +86,27 @@ allow_list_follows_env(_Config) ->
 %% ---- pipelining ------------------------------------------------------------------------
 
 %% With pipeline => 4 several callers share one worker: every answer is right, and a request stuck behind a slow one times out without running.
+%% With pipelining, a request written behind one that waits for a callback's answer runs
+%% after it, never inside that callback: its own callbacks reach its own caller, under its
+%% own request's policy, and erlang.self() is its caller.
+pipelined_never_inside_a_callback(_Config) ->
+    start(p_pipe_cb, #{size => 1, pipeline => 4, allowed => [{?MODULE, slow_whoami, 1}, {?MODULE, whoami, 1}]}),
+    Self = self(),
+    A = spawn_link(fun() ->
+                           Self ! {a, self(), erpy:eval(<<"(erlang.call('erpy_port_SUITE', 'slow_whoami', 0), erlang.self())">>,
+                                                       #{}, #{pool => p_pipe_cb, timeout => 10000})}
+                   end),
+    timer:sleep(100),
+    B = spawn_link(fun() ->
+                           Self ! {b, self(), erpy:eval(<<"(erlang.call('erpy_port_SUITE', 'whoami', 0), erlang.self())">>,
+                                                       #{}, #{pool => p_pipe_cb, timeout => 10000})}
+                   end),
+    receive {a, A, RA} -> ?assertEqual({ok, {A, A}}, RA) after 15000 -> ct:fail(no_a) end,
+    receive {b, B, RB} -> ?assertEqual({ok, {B, B}}, RB) after 15000 -> ct:fail(no_b) end.
+
+slow_whoami(_) -> timer:sleep(500), self().
+whoami(_) -> self().
+
 pipelining(Config) ->
     start(p_pipe, #{size => 1, pipeline => 4}),
     %% The mark a request that must never run would leave: in this run's own directory.

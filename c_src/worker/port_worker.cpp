@@ -6,6 +6,7 @@
 #include <chrono>
 #include <cstdio>
 #include <cstdlib>
+#include <deque>
 #include <memory>
 #include <mutex>
 #include <optional>
@@ -116,6 +117,8 @@ class PortWorker {
   py::DecodeOptions dopts_;
   py::EncodeOptions eopts_;
   std::vector<Request> stack_;
+  // Top-level requests that arrived while the running one waited for a callback's answer.
+  std::deque<ByteBuffer> pending_;
   bool held_ = false;
   PyRef held_ns_;
   std::int64_t next_callback_ = 1;
@@ -160,7 +163,13 @@ int PortWorker::serve() {
   if (!send_ready()) return 2;
   ByteBuffer frame;
   while (!exiting_) {
-    if (!read_next(frame, true)) break;
+    if (!pending_.empty()) {
+      // A request that came while another waited for Erlang: its turn now.
+      frame = std::move(pending_.front());
+      pending_.pop_front();
+    } else if (!read_next(frame, true)) {
+      break;
+    }
     handle(frame);
     // A late interrupt meant for the request that just ended is dropped here.
     if (PyErr_CheckSignals() != 0) PyErr_Clear();
@@ -318,7 +327,9 @@ void PortWorker::handle(ByteBuffer& frame) {
       return;
     }
     if (kind == "reply") return;  // for a callback that was interrupted: too late now
-    if (kind != "request" || arity != 3) r.fail("unknown frame " + std::string(kind) + "/" + std::to_string(arity));
+    if ((kind != "request" && kind != "nested") || arity != 3) {
+      r.fail("unknown frame " + std::string(kind) + "/" + std::to_string(arity));
+    }
     PyRef idobj = decode(r);
     id = as_int64(idobj.get());
     run_request(id, r);
@@ -559,6 +570,14 @@ PyRef PortWorker::callback(const char* kind, PyObject* m, PyObject* f, PyObject*
       PyRef exc = PyRef::check(PyObject_CallOneArg(errors_.error.get(), value.get()));
       PyErr_SetObject(errors_.error.get(), exc.get());
       throw PythonError();
+    }
+    if (kind_seen == "request") {
+      // A pipelined request of another caller: it runs after the running one, never
+      // inside its callback (its callbacks would reach that request's caller, under that
+      // request's policy).
+      pending_.push_back(std::move(in));
+      in = ByteBuffer();
+      continue;
     }
     // Anything else is handled as at top level (a nested request answers for itself).
     handle(in);
