@@ -97,7 +97,7 @@ w1_w4(#{pairs := Pairs}) ->
 w2(#{pairs := Pairs} = Ctx, OneScheduler) ->
     start(#{size => 4}),
     Per = 5000,
-    Frame = erpy_call:encode_request({call, <<"operator">>, <<"add">>, [1, 2], #{}}, 1, 5000, self()),
+    Frame = erpy_call:encode_request(erpy_request:call(<<"operator">>, <<"add">>, [1, 2], #{}), 1, 5000, self()),
     Echoers = [erpy_bench_port:echoer(Frame) || _ <- lists:seq(1, 4)],
     Procs = fun() -> [os:getpid() | [P || {_, P} <- Echoers]] end,
     Callers = fun(Call) ->
