@@ -95,10 +95,11 @@ class Worker:
     FIELDS = {"call": ("module", "function", "args", "kwargs"), "eval": ("code", "locals"),
               "exec": ("code",), "run": ("code", "args")}
 
-    def request(self, kind: str, rid: int, *payload, deadline_ms: int = 0):
+    def request(self, kind: str, rid: int, *payload, deadline_ms: int = 0, nested: bool = False):
+        """A request frame; `nested`: made inside a callback of the running request."""
         req = {A("v"): 1, A("kind"): A(kind), A("deadline"): deadline_ms, A("caller"): CALLER}
         req.update({A(k): v for k, v in zip(self.FIELDS[kind], payload)})
-        self.send((A("request"), rid, req))
+        self.send((A("nested" if nested else "request"), rid, req))
 
     def close(self) -> int:
         if self.to_py >= 0:
@@ -219,10 +220,13 @@ def test_callback_round_trip_and_nesting(worker):
     cb = worker.recv()
     assert cb[0] == "callback" and cb[2:] == (A("call"), "lists", "sort", [3, 1, 2])
     # While Python waits, a nested request runs on the same worker.
-    worker.request("eval", 2, "40 + 2", {})
+    worker.request("eval", 2, "40 + 2", {}, nested=True)
     assert worker.recv() == (A("ok"), 2, 42)
+    # A top-level (pipelined) request waits until the running one has ended.
+    worker.request("eval", 3, "1 + 1", {})
     worker.send((A("reply"), cb[1], A("ok"), [1, 2, 3]))
     assert worker.recv() == (A("ok"), 1, [1, 2, 3])
+    assert worker.recv() == (A("ok"), 3, 2)
 
 
 def test_callback_error_raises_erlang_error(worker):
