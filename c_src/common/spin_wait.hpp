@@ -12,8 +12,12 @@
 // - found: the event came while spinning; the backoff halves;
 // - timed_out: it did not come within the budget (the other side went idle, or works
 //   longer than we spin);
-// - preempted: the spinner lost its CPU meanwhile (a gap in its clock reads longer than
-//   kGapNs: another thread ran on that core), so the core is contended.
+// - preempted: the spinner lost its CPU meanwhile (gaps in its clock reads, each longer
+//   than kGapNs, adding up to more than kWakeNs: other threads ran on that core), so the
+//   core is contended. An event found after shorter losses still counts as found: the
+//   thread that ran in the gap was most likely the one we wait for (a yielding spinner
+//   hands the core to it), and the spin still saved the wake-up a sleeper would have
+//   paid. Only losses longer than a wake-up mean blocking would have done as well.
 // A failed spin doubles the penalty (up to kMaxPenalty) and the next `penalty` waits
 // block at once; the wait after them spins again, as a probe. A good probe lowers the
 // penalty: by half after timeouts, by one after preemption (so a machine that is busy
@@ -51,7 +55,17 @@ class SpinPolicy {
   // CPU (a timer tick or a hypervisor exit costs a few microseconds, a thread that runs
   // in our place a time slice).
   static constexpr std::int64_t kGapNs = 20000;
+  // What waking a sleeping thread costs at most on these virtual machines: a spin that
+  // lost more than this to other threads did no better than blocking would have.
+  static constexpr std::int64_t kWakeNs = 60000;
   static constexpr int kMaxPenalty = 255;
+
+  // How a spin went, from its result and the time it lost to other threads.
+  static Outcome verdict(Outcome o, std::int64_t lost_ns) noexcept {
+    if (lost_ns > kWakeNs) return Outcome::preempted;
+    if (o == Outcome::found) return o;
+    return lost_ns > kGapNs ? Outcome::preempted : o;
+  }
 
   explicit SpinPolicy(std::int64_t max_ns = 0) noexcept : max_ns_(max_ns) {}
   SpinPolicy(const SpinPolicy&) = delete;
@@ -111,33 +125,36 @@ class SpinPolicy {
 // Spins up to `budget_ns` until `ready()`, calling `pause()` between checks and reading
 // the clock every `checks_per_read` checks (clock reads cost more than a check on these
 // machines). `tick()` runs at each clock read (e.g. to yield when the awaited thread
-// shares our CPU). Stops early, as preempted, once the thread has lost kGapNs of its
-// spin to other threads; a last check then still finds an event that came meanwhile
-// (found wins: the caller needs the event, the policy records contention anyway).
+// shares our CPU). `lost_ns` (if given) receives the time other threads took from the
+// spin (gaps over kGapNs between clock reads). Stops early, as preempted, once that
+// exceeds kWakeNs; a last check then still finds an event that came meanwhile (found
+// wins: the caller needs the event; SpinPolicy::verdict still calls the spin preempted).
 template <class Ready, class Pause, class Tick>
 SpinPolicy::Outcome spin_for(std::int64_t budget_ns, int checks_per_read, Ready&& ready, Pause&& pause,
-                             Tick&& tick, bool* contended = nullptr) {
+                             Tick&& tick, std::int64_t* lost_ns = nullptr) {
   const std::int64_t start = mono_ns();
   std::int64_t last = start, lost = 0;
+  auto done = [&](SpinPolicy::Outcome o) {
+    if (lost_ns) *lost_ns = lost;
+    return o;
+  };
   for (;;) {
     for (int i = 0; i < checks_per_read; ++i) {
-      if (ready()) return SpinPolicy::Outcome::found;
+      if (ready()) return done(SpinPolicy::Outcome::found);
       pause();
     }
     const std::int64_t now = mono_ns();
     if (now - last > SpinPolicy::kGapNs) lost += now - last;
-    if (lost > SpinPolicy::kGapNs) {
-      if (contended) *contended = true;
-      return ready() ? SpinPolicy::Outcome::found : SpinPolicy::Outcome::preempted;
+    if (lost > SpinPolicy::kWakeNs) {
+      return done(ready() ? SpinPolicy::Outcome::found : SpinPolicy::Outcome::preempted);
     }
-    if (now - start >= budget_ns) return SpinPolicy::Outcome::timed_out;
+    if (now - start >= budget_ns) return done(ready() ? SpinPolicy::Outcome::found : SpinPolicy::Outcome::timed_out);
     last = now;
     tick();
   }
 }
 
-// spin_for with the policy's budget, recording the outcome (contention counts even when
-// the event came). `skipped`: the policy said block at once (the caller then times its
+// spin_for with the policy's budget, recording its verdict (SpinPolicy::verdict). `skipped`: the policy said block at once (the caller then times its
 // blocked wait for record_blocked); `gave_up`: block now.
 enum class Spun { found, gave_up, skipped };
 
@@ -145,9 +162,9 @@ template <class Ready, class Pause, class Tick>
 Spun adaptive_spin(SpinPolicy& policy, int checks_per_read, Ready&& ready, Pause&& pause, Tick&& tick) {
   const std::int64_t budget = policy.budget_ns();
   if (budget <= 0) return Spun::skipped;
-  bool contended = false;
-  const SpinPolicy::Outcome o = spin_for(budget, checks_per_read, ready, pause, tick, &contended);
-  policy.record(contended ? SpinPolicy::Outcome::preempted : o);
+  std::int64_t lost = 0;
+  const SpinPolicy::Outcome o = spin_for(budget, checks_per_read, ready, pause, tick, &lost);
+  policy.record(SpinPolicy::verdict(o, lost));
   return o == SpinPolicy::Outcome::found ? Spun::found : Spun::gave_up;
 }
 

@@ -113,12 +113,44 @@ TEST(SpinWait, GivesUpWhenNothingComes) {
 
 TEST(SpinWait, ALostCpuEndsTheSpinAsPreempted) {
   // A pause that sleeps stands for a spinner the kernel took off its CPU.
-  bool contended = false;
+  std::int64_t lost = 0;
   const Outcome o = erpy::spin_for(
       std::int64_t{10} * 1000 * 1000 * 1000, 1, [] { return false; },
-      [] { std::this_thread::sleep_for(std::chrono::milliseconds(30)); }, [] {}, &contended);
+      [] { std::this_thread::sleep_for(std::chrono::milliseconds(30)); }, [] {}, &lost);
   EXPECT_EQ(o, Outcome::preempted);
-  EXPECT_TRUE(contended);
+  EXPECT_GT(lost, SpinPolicy::kWakeNs);
+}
+
+TEST(SpinWait, VerdictWeighsTheTimeLost) {
+  // Found after a short loss (the awaited thread ran in our place): spinning paid.
+  EXPECT_EQ(SpinPolicy::verdict(Outcome::found, SpinPolicy::kGapNs * 2), Outcome::found);
+  EXPECT_EQ(SpinPolicy::verdict(Outcome::found, 0), Outcome::found);
+  // Lost more than a wake-up costs: blocking would have done as well, found or not.
+  EXPECT_EQ(SpinPolicy::verdict(Outcome::found, SpinPolicy::kWakeNs + 1), Outcome::preempted);
+  EXPECT_EQ(SpinPolicy::verdict(Outcome::timed_out, SpinPolicy::kWakeNs + 1), Outcome::preempted);
+  // Not found, and the core was shared: contended.
+  EXPECT_EQ(SpinPolicy::verdict(Outcome::timed_out, SpinPolicy::kGapNs + 1), Outcome::preempted);
+  EXPECT_EQ(SpinPolicy::verdict(Outcome::timed_out, 0), Outcome::timed_out);
+}
+
+TEST(SpinWait, AShortLossThenTheEventIsFound) {
+  // One gap shorter than a wake-up, then the event: found, and the loss is told.
+  int polls = 0;
+  std::int64_t lost = 0;
+  const Outcome o = erpy::spin_for(
+      std::int64_t{10} * 1000 * 1000 * 1000, 1, [&] { return polls >= 2; },
+      [&] {
+        if (++polls == 1) std::this_thread::sleep_for(std::chrono::microseconds(30));
+      },
+      [] {}, &lost);
+  EXPECT_GT(lost, SpinPolicy::kGapNs);
+  // (A loaded machine may oversleep past a wake-up's cost: then the spin gave up.)
+  if (lost <= SpinPolicy::kWakeNs) {
+    EXPECT_EQ(o, Outcome::found);
+    EXPECT_EQ(SpinPolicy::verdict(o, lost), Outcome::found);
+  } else {
+    EXPECT_EQ(o, Outcome::preempted);
+  }
 }
 
 TEST(SpinWait, AdaptiveSpinRecordsAndSkips) {

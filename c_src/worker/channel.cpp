@@ -61,15 +61,15 @@ Spun Channel::spin() noexcept {
     return Spun::skipped;
   }
   if (!take_spin_token()) return Spun::gave_up;
-  bool contended = false;
+  std::int64_t lost = 0;
   const SpinPolicy::Outcome o = spin_for(
       budget, 1,
       [this] {
         pollfd p{in_, POLLIN, 0};
         return poll(&p, 1, 0) != 0;
       },
-      [] { sched_yield(); }, [] {}, &contended);
-  policy_.record(contended ? SpinPolicy::Outcome::preempted : o);
+      [] { sched_yield(); }, [] {}, &lost);
+  policy_.record(SpinPolicy::verdict(o, lost));
   if (o == SpinPolicy::Outcome::found) return Spun::found;
   drop_spin_token();
   return Spun::gave_up;
