@@ -110,8 +110,8 @@ send_target({Name, Node}) when is_atom(Name), is_atom(Node) -> true;
 send_target(Pid) when is_pid(Pid) -> true;
 send_target(_) -> false.
 
-%% `pipeline`: how many requests a port worker may be written at once (1, the default:
-%% no pipelining), or auto (adaptive).
+%% `pipeline`: auto (adaptive, the default), or how many requests a port worker may be
+%% written at once (1: no pipelining).
 pipeline(auto) -> true;
 pipeline(N) -> is_integer(N) andalso N > 0.
 

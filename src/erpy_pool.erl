@@ -53,9 +53,10 @@
 %% it has no worker to take requests (starting, replaced, lent out, leaving).
 -define(FREE, 0).
 -define(UNAVAILABLE, 16#100000).
-%% Adaptive pipelining: at most this many requests per worker, one running and the rest
-%% waiting in its Erlang process (erpy_port_worker), and only onto a worker whose running
-%% request started less than ?YOUNG_US ago.
+%% Adaptive pipelining (the default): at most this many requests per worker, one running
+%% and the rest written to its pipe behind it, and only onto a worker whose running
+%% request started less than ?YOUNG_US ago. A request written behind one that turns out
+%% long is withdrawn from Python before it starts and placed again (erpy_port_worker).
 -define(AUTO_DEPTH, 4).
 -define(YOUNG_US, 1000).
 
@@ -307,12 +308,12 @@ terminate(_Why, #st{name = Name, size = Size}) ->
     [ets:delete(?TABLE, {Name, Slot}) || Slot <- lists:seq(1, Size)],
     ok.
 
-%% `pipeline`: 1 (off, the default), auto (adaptive) or N > 1 (N requests written to a
-%% worker at once). As {depth, write ahead, young_us}.
+%% `pipeline`: auto (adaptive, the default), 1 (off) or N > 1 (N requests written to a
+%% worker at once, wherever they wait). As {depth, write ahead, young_us}.
 -spec pipeline(map()) -> {pos_integer(), boolean(), non_neg_integer() | infinity}.
 pipeline(Opts) ->
-    case maps:get(pipeline, Opts, 1) of
-        auto -> {?AUTO_DEPTH, false, ?YOUNG_US};
+    case maps:get(pipeline, Opts, auto) of
+        auto -> {?AUTO_DEPTH, true, ?YOUNG_US};
         N when is_integer(N), N > 1 -> {N, true, infinity};
         _ -> {1, false, infinity}
     end.

@@ -19,6 +19,9 @@
 -export([init/1, handle_call/3, handle_cast/2, handle_info/2, terminate/2]).
 
 -define(WATCH_MS, 50).
+%% Adaptive pipelining: a request written behind a running one that has run this long is
+%% withdrawn from Python (if it has not started) and placed again.
+-define(WITHDRAW_MS, 2).
 -define(PROTOCOL_VERSION, 2).
 -define(READY_TIMEOUT_MS, 60000).
 %% The longest an idle worker polls for the next request before it sleeps (waking a
@@ -42,7 +45,10 @@
               %% The frame, while the request waits here (see #st.waiting).
               frame :: erlang:iovec() | binary() | undefined,
               %% When Python started it (monotonic us); undefined while it waits in its pipe.
-              started :: integer() | undefined}).
+              started :: integer() | undefined,
+              %% A withdraw frame went to Python for it: it comes back as {withdrawn, Id}
+              %% unless Python started it first (then its answer comes).
+              withdrawing = false :: boolean()}).
 
 -record(st, {
     pool :: atom(),
@@ -63,12 +69,18 @@
     %% pushed in front (Python runs them inside a callback of the head), pipelined ones
     %% are appended (Python reads them after the head's answer).
     pending = [] :: [#req{}],
-    %% Adaptive pipelining (`pipeline => auto`): requests the pool placed here while
-    %% Python works on one. Each is written to Python when the one before is answered, so
-    %% until then it has not started and may still go elsewhere (back to its caller, which
-    %% places it again). With `pipeline => N` they are written at once (#st.write_ahead).
+    %% Requests the pool placed here while Python works on one of the pool, kept here
+    %% when the pool does not write ahead (`pipeline => 1`, a nesting or held worker).
+    %% Each is written to Python when the one before is answered, so until then it has not
+    %% started and may still go elsewhere (back to its caller, which places it again).
     waiting = queue:new() :: queue:queue(#req{}),
+    %% Pipelining (`pipeline => auto | N`): placed requests are written to Python at once;
+    %% Python keeps them until the running one has answered (never runs them inside its
+    %% callbacks). With auto, one still waiting behind a request that has run
+    %% ?WITHDRAW_MS is withdrawn and placed again (#st.withdraw).
     write_ahead = false :: boolean(),
+    withdraw = false :: boolean(),
+    withdraw_timer :: reference() | undefined,
     watch :: reference() | undefined,
     releasing = false :: boolean(),
     held = false :: boolean(),
@@ -129,7 +141,8 @@ init({Pool, PoolPid, Opts}) ->
             St = #st{pool = Pool, pool_pid = PoolPid, port = Port, os_pid = OsPid, opts = Opts,
                      started = Started, alive = alive_timer(Started), born = now_ms(),
                      max = maps:get(max_message_size, Opts),
-                     write_ahead = maps:get(write_ahead, maps:get(pool_handle, Opts, #{}), false)},
+                     write_ahead = maps:get(write_ahead, maps:get(pool_handle, Opts, #{}), false),
+                     withdraw = maps:get(young_us, maps:get(pool_handle, Opts, #{}), infinity) =/= infinity},
             {ok, St, ?READY_TIMEOUT_MS}
     catch
         error:Why -> {stop, {cannot_start_python, Python, Why}}
@@ -168,7 +181,7 @@ handle_info({erpy_request, Alias, Caller, Id, Bin, Deadline}, St) ->
     St2 = watch(St1),
     {noreply, St2, timeout(St2)};
 handle_info({erpy_nested, Alias, Caller, Id, Bin, Deadline}, #st{port = Port} = St) ->
-    port_command(Port, Bin),
+    write(Port, Bin),
     Req = #req{id = Id, alias = Alias, caller = Caller, deadline = Deadline, nested = true,
                since = now_ms()},
     St1 = watch(St#st{pending = [Req | St#st.pending]}),
@@ -198,6 +211,9 @@ handle_info({timeout, Timer, watch}, #st{watch = Timer, pending = Pending} = St)
           end,
     St3 = watch(St2),
     {noreply, St3, timeout(St3)};
+handle_info({timeout, Timer, withdraw}, #st{withdraw_timer = Timer} = St) ->
+    St1 = withdraw_behind(St#st{withdraw_timer = undefined}),
+    {noreply, St1, timeout(St1)};
 handle_info({Port, {data, Frame}}, #st{port = Port} = St) ->
     handle_frame(Frame, St);
 handle_info({'DOWN', Mon, process, _Pid, _Why}, St) ->
@@ -364,6 +380,20 @@ control({log, Stream, Text}, St) ->
                                        worker => self(), os_pid => St#st.os_pid,
                                        stream => Stream}),
     {noreply, St, timeout(St)};
+control({withdrawn, Id}, #st{pending = Pending} = St) ->
+    %% Python dropped it unstarted: its caller places it again.
+    case lists:keytake(Id, #req.id, Pending) of
+        {value, #req{alias = Alias, mon = Mon}, Rest} ->
+            Mon =:= undefined orelse erlang:demonitor(Mon, [flush]),
+            Alias =:= undefined orelse (Alias ! {erpy_reply, Alias, {retry, busy}}),
+            St1 = promote(St#st{pending = Rest}),
+            case Rest of
+                [] -> idle(St1);
+                _ -> {noreply, one_done(St1), timeout(St1)}
+            end;
+        false ->
+            {noreply, St, timeout(St)}
+    end;
 control({exiting, Why}, St) when Why =:= memory_limit ->
     %% Python leaves on its own (memory limit): the exit status follows. (Control frames
     %% are decoded with [safe]: the atoms they may name are written here.)
@@ -410,24 +440,52 @@ cancel_all(#st{pending = Pending} = St) ->
 retire(#st{opts = Opts}) ->
     erpy_pool:retire(maps:get(pool_handle, Opts), maps:get(slot, Opts)).
 
-%% Adaptive pipelining writes a request to Python only when Python works on no other
-%% request of the pool. Written behind a running one, it would be read by that one's
-%% callback loop and run inside the callback, where the callbacks it makes are taken for
-%% the running request's (by its caller, under its policy context): so requests wait here.
+%% Without write-ahead, a request goes to Python only when Python works on no other
+%% request of the pool.
 room(#st{pending = Pending}) ->
     not lists:keymember(false, #req.nested, Pending).
 
-%% Writes a request to Python; it starts now if Python works on no other of the pool.
+%% Writes a request to Python; it starts now if Python works on no other of the pool,
+%% else it waits in Python behind that one (and may be withdrawn, #st.withdraw).
 start(Req, Bin, #st{port = Port, pending = Pending, opts = Opts} = St) ->
-    port_command(Port, Bin),
-    Started = case lists:keymember(false, #req.nested, Pending) of
-                  false ->
-                      erpy_pool:started(maps:get(pool_handle, Opts), maps:get(slot, Opts)),
-                      now_us();
-                  true ->
-                      undefined
-              end,
-    St#st{pending = Pending ++ [Req#req{frame = undefined, started = Started}]}.
+    write(Port, Bin),
+    case lists:keymember(false, #req.nested, Pending) of
+        false ->
+            erpy_pool:started(maps:get(pool_handle, Opts), maps:get(slot, Opts)),
+            St#st{pending = Pending ++ [Req#req{frame = undefined, started = now_us()}]};
+        true ->
+            withdraw_timer(St#st{pending = Pending ++ [Req#req{frame = undefined}]})
+    end.
+
+withdraw_timer(#st{withdraw = true, withdraw_timer = undefined} = St) ->
+    St#st{withdraw_timer = erlang:start_timer(?WITHDRAW_MS, self(), withdraw)};
+withdraw_timer(St) ->
+    St.
+
+%% The requests written behind one that has run ?WITHDRAW_MS are withdrawn (Python
+%% answers {withdrawn, Id} for each it had not started); while the running one is
+%% younger, the timer looks again.
+withdraw_behind(#st{pending = Pending, port = Port} = St) when Port =/= undefined ->
+    case running_since(St) of
+        Since when is_integer(Since) ->
+            case now_us() - Since >= ?WITHDRAW_MS * 1000 of
+                true ->
+                    Pending1 = [case R of
+                                    #req{nested = false, started = undefined, withdrawing = false, id = Id} ->
+                                        send_frame(St, {withdraw, Id}),
+                                        R#req{withdrawing = true};
+                                    _ ->
+                                        R
+                                end || R <- Pending],
+                    St#st{pending = Pending1};
+                false ->
+                    withdraw_timer(St)
+            end;
+        _ ->
+            St
+    end;
+withdraw_behind(St) ->
+    St.
 
 %% A request of the pool was answered: the next one written to Python starts now.
 promote(#st{pending = Pending, opts = Opts} = St) ->
@@ -482,7 +540,12 @@ reset_namespace(St) ->
 send_frame(#st{port = undefined}, _Term) ->
     ok;
 send_frame(#st{port = Port}, Term) ->
-    port_command(Port, term_to_binary(Term, [{minor_version, 2}])).
+    write(Port, term_to_binary(Term, [{minor_version, 2}])).
+
+%% A port that closed (Python died) refuses writes until its exit is handled here, which
+%% fails or places again every request it had: a lost write changes nothing.
+write(Port, Data) ->
+    try port_command(Port, Data) catch error:badarg -> true end.
 
 frame_id(<<97, I, _/binary>>) -> I;
 frame_id(<<98, I:32/signed, _/binary>>) -> I;

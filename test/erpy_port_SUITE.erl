@@ -644,7 +644,9 @@ checkout_timeout(_Config) ->
     Self = self(),
     spawn_link(fun() -> Self ! {slow, erpy:eval(<<"__import__('time').sleep(0.3)">>, #{},
                                                 #{pool => p_queue})} end),
-    timer:sleep(50),
+    %% The slow call holds the worker's slot before the checkout asks.
+    {ok, #{slots := Slots}} = erpy_pool:lookup(p_queue),
+    wait_until(fun() -> atomics:get(Slots, 1) =:= 1 end, 5000),
     {ok, W2} = erpy:checkout(p_queue, 2000),
     receive {slow, {ok, undefined}} -> ok after 0 -> ct:fail(checkout_before_call_ended) end,
     ?assertEqual({ok, 5}, erpy:eval(<<"5">>, #{}, #{worker => W2})),

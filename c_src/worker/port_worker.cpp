@@ -117,8 +117,6 @@ class PortWorker {
   py::DecodeOptions dopts_;
   py::EncodeOptions eopts_;
   std::vector<Request> stack_;
-  // Top-level requests that arrived while the running one waited for a callback's answer.
-  std::deque<ByteBuffer> pending_;
   bool held_ = false;
   PyRef held_ns_;
   std::int64_t next_callback_ = 1;
@@ -136,6 +134,7 @@ int PortWorker::serve() {
   serving_thread_ = PyThread_get_thread_ident();
   // Before any thread starts and any user code runs: see process.hpp.
   process::own_session();
+  (void)process::keep_pipe_open(ch_.in_fd());
   process::protect(ch_.in_fd());
   process::protect(ch_.out_fd());
   process::close_in_children(ch_.spin_token_slot());
@@ -163,11 +162,8 @@ int PortWorker::serve() {
   if (!send_ready()) return 2;
   ByteBuffer frame;
   while (!exiting_) {
-    if (!pending_.empty()) {
-      // A request that came while another waited for Erlang: its turn now.
-      frame = std::move(pending_.front());
-      pending_.pop_front();
-    } else if (!read_next(frame, true)) {
+    // A request that came while another waited for Erlang has its turn first.
+    if (!dog_.take_deferred(frame) && !read_next(frame, true)) {
       break;
     }
     handle(frame);
@@ -324,6 +320,14 @@ void PortWorker::handle(ByteBuffer& frame) {
     if (kind == "hold" && arity == 1) {
       held_ = true;
       held_ns_.reset();
+      return;
+    }
+    if (kind == "withdraw" && arity == 2) {
+      // Taken back before it started (a request read during a callback's wait), or too
+      // late: it ran, and its answer went out.
+      PyRef idobj = decode(r);
+      const std::int64_t wid = as_int64(idobj.get());
+      if (dog_.withdraw(wid)) dog_.answer_withdrawn(wid);
       return;
     }
     if (kind == "reply") return;  // for a callback that was interrupted: too late now
@@ -575,7 +579,7 @@ PyRef PortWorker::callback(const char* kind, PyObject* m, PyObject* f, PyObject*
       // A pipelined request of another caller: it runs after the running one, never
       // inside its callback (its callbacks would reach that request's caller, under that
       // request's policy).
-      pending_.push_back(std::move(in));
+      dog_.defer(std::move(in));
       in = ByteBuffer();
       continue;
     }

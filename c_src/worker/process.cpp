@@ -2,7 +2,9 @@
 
 #include <dirent.h>
 #include <fcntl.h>
+#include <poll.h>
 #include <pthread.h>
+#include <sys/prctl.h>
 #include <signal.h>
 #include <sys/resource.h>
 #include <unistd.h>
@@ -71,6 +73,23 @@ void own_session() noexcept {
   // Fails (harmlessly) when the worker already leads a process group, as under
   // erl_child_setup, which makes every port program a session leader.
   if (getpgid(0) != getpid() && setsid() < 0) (void)setpgid(0, 0);
+}
+
+bool keep_pipe_open(int fd) noexcept {
+  const pid_t pid = fork();
+  if (pid < 0) return false;
+  if (pid > 0) return true;
+  // The child: async-signal-safe calls only (the parent's Python must not run here).
+  if (fd > 0) (void)close_range(0, static_cast<unsigned>(fd) - 1, 0);
+  (void)close_range(static_cast<unsigned>(fd) + 1, ~0U, 0);
+  signal(SIGINT, SIG_IGN);
+  (void)prctl(PR_SET_NAME, "erpy-pipe-keep", 0, 0, 0);
+  for (;;) {
+    // No events asked for: data for the worker is never read here; POLLHUP (Erlang
+    // closed its end, or the VM is gone) and POLLERR are always reported.
+    pollfd p{fd, 0, 0};
+    if (poll(&p, 1, -1) > 0 && (p.revents & (POLLHUP | POLLERR | POLLNVAL))) _exit(0);
+  }
 }
 
 void protect(int fd) noexcept {

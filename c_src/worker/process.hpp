@@ -21,6 +21,17 @@ namespace erpy::worker::process {
 // may not). Call before any thread starts.
 void own_session() noexcept;
 
+// Keeps the read end of the request pipe `fd` open in a small child of the worker (in
+// its process group) until Erlang closes the pipe's write end. Without it, a frame Erlang
+// writes after the worker died (a pipelined request, a cancel) fails with EPIPE, and the
+// VM then closes the port at once, dropping the answers the worker wrote before it died
+// but the VM had not read yet: requests that ran would be reported as lost. With it, such
+// a write lands in the pipe, and the port closes as a dead worker's does (its exit
+// status, after the VM has read all it wrote). Call after own_session() and before
+// protect() (whose fork handler would take the fd from the child). False if it could not
+// start (the worker runs without it).
+bool keep_pipe_open(int fd) noexcept;
+
 // `fd` is the worker's alone: close-on-exec, and /dev/null in forked children (the
 // number stays taken there, so nothing the child opens later is mistaken for it).
 void protect(int fd) noexcept;

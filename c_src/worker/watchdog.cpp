@@ -9,7 +9,8 @@
 #include <chrono>
 #include <csignal>
 
-#include "etf/term.hpp"
+#include "etf/encode.hpp"
+#include "frame_head.hpp"
 #include "process.hpp"
 
 namespace erpy::worker {
@@ -67,16 +68,6 @@ std::int64_t now_ms() {
 [[noreturn]] void exit_now() {
   process::end_group();
   _exit(3);
-}
-
-bool is_cancel(const etf::Term& t, std::int64_t& id) {
-  const auto* tup = std::get_if<etf::Tuple>(&t.v);
-  if (!tup || tup->items.size() != 2) return false;
-  const auto* tag = std::get_if<etf::Atom>(&tup->items[0].v);
-  const auto* i = std::get_if<std::int64_t>(&tup->items[1].v);
-  if (!tag || tag->name != "cancel" || !i) return false;
-  id = *i;
-  return true;
 }
 
 }  // namespace
@@ -153,6 +144,41 @@ bool Watchdog::take_stashed(ByteBuffer& out) {
   return true;
 }
 
+void Watchdog::defer(ByteBuffer&& frame) {
+  std::lock_guard<std::mutex> lock(mu_);
+  deferred_.push_back(std::move(frame));
+}
+
+bool Watchdog::take_deferred(ByteBuffer& out) {
+  std::lock_guard<std::mutex> lock(mu_);
+  if (deferred_.empty()) return false;
+  out = std::move(deferred_.front());
+  deferred_.pop_front();
+  return true;
+}
+
+bool Watchdog::withdraw(std::int64_t id) {
+  std::lock_guard<std::mutex> lock(mu_);
+  for (auto* q : {&deferred_, &stash_}) {
+    for (auto it = q->begin(); it != q->end(); ++it) {
+      const auto h = frame_head(etf::Bytes(it->data(), it->size()));
+      if (h && h->kind == "request" && h->id == id) {
+        q->erase(it);
+        stash_nonempty_ = !stash_.empty();
+        return true;
+      }
+    }
+  }
+  return false;
+}
+
+void Watchdog::answer_withdrawn(std::int64_t id) {
+  ByteBuffer out;
+  Channel::begin_tuple_frame(out, 2, "withdrawn");
+  etf::put_integer(out, id);
+  (void)ch_.write_frame(out);  // a closed pipe is seen by whoever reads next
+}
+
 void Watchdog::fire() {
   g_armed = true;
   pthread_kill(g_main_thread, interrupt_signal());
@@ -197,14 +223,11 @@ void Watchdog::read_while_busy() {
     std::size_t oversize = 0;
     if (ch_.read_frame(frame, max_frame_, oversize) == Channel::Read::eof) exit_now();
     if (oversize) continue;
-    std::int64_t id = 0;
-    bool cancel_frame = false;
-    try {
-      cancel_frame = is_cancel(etf::decode_to_term(etf::Bytes(frame.data(), frame.size())), id);
-    } catch (const std::exception&) {
-    }
-    if (cancel_frame) {
-      cancel(id);
+    const auto h = frame_head(etf::Bytes(frame.data(), frame.size()));
+    if (h && h->kind == "cancel" && h->arity == 2 && h->id) {
+      cancel(*h->id);
+    } else if (h && h->kind == "withdraw" && h->arity == 2 && h->id) {
+      if (withdraw(*h->id)) answer_withdrawn(*h->id);
     } else {
       std::lock_guard<std::mutex> lock(mu_);
       stash_.push_back(std::move(frame));

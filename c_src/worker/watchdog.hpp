@@ -8,7 +8,12 @@
 // while the request it was aimed at still runs, so a late signal cannot hit the next one.
 //
 // While Python runs user code nobody else reads the request pipe, so the watchdog does:
-// a cancel frame is acted on, anything else is kept for the main thread. It also notices
+// a cancel or withdraw frame is acted on, anything else is kept for the main thread.
+//
+// Requests not started yet live here too, in order: those the watchdog read (the
+// stash) and those the main thread read while a request waited for a callback's answer
+// (deferred: they run after that request, never inside its callback). A withdraw frame
+// takes such a request back: the worker answers {withdrawn, Id} and never runs it. It also notices
 // Erlang closing the port (the VM or the worker is gone) and ends the process then.
 #pragma once
 #include <atomic>
@@ -48,6 +53,15 @@ class Watchdog {
 
   // A frame the watchdog read while Python ran; false if none.
   bool take_stashed(ByteBuffer& out);
+  // A request frame the main thread read during a callback's wait, to run after the
+  // running request; take_deferred gives them back in order.
+  void defer(ByteBuffer&& frame);
+  bool take_deferred(ByteBuffer& out);
+  // Erlang withdrew request `id`: true if it had not started (it is dropped, and the
+  // caller answers {withdrawn, Id}); false if it runs, ran or never came.
+  bool withdraw(std::int64_t id);
+  // Writes {withdrawn, Id} (any thread).
+  void answer_withdrawn(std::int64_t id);
 
  private:
   struct Active {
@@ -68,6 +82,7 @@ class Watchdog {
   std::vector<std::int64_t> precancelled_;
   std::deque<ByteBuffer> stash_;
   std::atomic<bool> stash_nonempty_{false};
+  std::deque<ByteBuffer> deferred_;
   std::thread thread_;
   std::atomic<bool> quit_{false};
 };

@@ -332,3 +332,72 @@ def test_memory_limit_announced_before_the_answer():
 
 def test_exits_on_eof(worker):
     assert worker.close() == 0
+
+
+def test_withdraw_takes_back_a_request_not_started(worker):
+    # Written behind a running request, request 2 has not started: a withdraw frame
+    # takes it back (the watchdog reads frames while Python runs) and it never runs.
+    worker.request("exec", 1, "import time\ntime.sleep(0.5)")
+    worker.request("exec", 2, "import builtins\nbuiltins.ran_2 = True")
+    time.sleep(0.1)
+    worker.send((A("withdraw"), 2))
+    assert worker.recv() == (A("withdrawn"), 2)
+    assert worker.recv() == (A("ok"), 1, None)
+    # Too late for request 1 (answered) and for one that never came: no frame at all.
+    worker.send((A("withdraw"), 1))
+    worker.send((A("withdraw"), 99))
+    worker.request("eval", 3, "getattr(__import__('builtins'), 'ran_2', False)", {})
+    assert worker.recv() == (A("ok"), 3, False)
+
+
+def test_withdraw_during_a_callback_wait(worker):
+    # A top-level request read while the running one waits for Erlang is kept for later;
+    # a withdraw frame takes it back from there too.
+    worker.request("run", 1, "result = erlang.call('erlang', 'abs', -1)", None)
+    cb = worker.recv()
+    assert cb[0] == "callback"
+    worker.request("eval", 2, "2", {})
+    worker.send((A("withdraw"), 2))
+    assert worker.recv() == (A("withdrawn"), 2)
+    worker.send((A("reply"), cb[1], A("ok"), 1))
+    assert worker.recv() == (A("ok"), 1, 1)
+    worker.request("eval", 3, "3", {})
+    assert worker.recv() == (A("ok"), 3, 3)
+
+
+def _group_members(pgid: int) -> list[int]:
+    members = []
+    for entry in os.listdir("/proc"):
+        if not entry.isdigit():
+            continue
+        try:
+            with open(f"/proc/{entry}/stat") as f:
+                fields = f.read().rsplit(")", 1)[1].split()
+        except OSError:
+            continue
+        if int(fields[2]) == pgid and fields[0] != "Z":
+            members.append(int(entry))
+    return members
+
+
+def test_a_write_after_the_worker_died_still_lands():
+    # The worker answers, then dies. A frame written after that (Erlang has not seen the
+    # death yet) must not fail with EPIPE: the VM would close the port at once and drop
+    # the answer it had not read. The answer is still there to read, and once the writer
+    # closes its end, nothing of the worker is left.
+    w = Worker()
+    pgid = w.proc.pid
+    try:
+        w.request("eval", 1, "1", {})
+        w.request("exec", 2, "import os\nos._exit(7)")
+        assert w.proc.wait(timeout=5) == 7
+        w.request("eval", 3, "3", {})  # no BrokenPipeError
+        assert w.recv() == (A("ok"), 1, 1)
+        with pytest.raises(EOFError):
+            w.recv()
+    finally:
+        w.close()
+    deadline = time.monotonic() + 5
+    while _group_members(pgid) and time.monotonic() < deadline:
+        time.sleep(0.01)
+    assert _group_members(pgid) == []
