@@ -152,7 +152,7 @@ def get_protocol(fd):
 
 
 def _factory(scope, spec):
-    if spec is None:
+    if spec is None or spec is False:
         f = _factories.get(scope) or _factories.get(None)
         if f is None:
             raise ReactorError(f"no protocol factory for pool {scope!s}: call set_protocol_factory, "
