@@ -293,22 +293,23 @@ send(Pool, Handle, Fd, Payload, Timeout, Tries) ->
 
 %% The reactor channels of the pool's workers: each worker starts its loop when first
 %% asked (erpy.reactor._port_channel), and every worker is asked at once, held together,
-%% so connections spread over all of them.
+%% so connections spread over all of them. Workers still starting are asked again a
+%% second later.
 channels(Pool, #{size := Size}, Timeout) ->
-    case persistent_term:get(?CHANNELS(Pool), []) of
-        [] ->
+    Now = erlang:monotonic_time(millisecond),
+    case persistent_term:get(?CHANNELS(Pool), {[], 0}) of
+        {Known, At} when Known =:= []; length(Known) < Size, Now - At > 1000 ->
             Workers = hold(Pool, Size, []),
             Found = [C || W <- Workers,
                           {ok, {Name, OsPid}} <- [erpy:call('erpy.reactor', '_port_channel', [Timeout],
                                                             #{worker => W})],
                           C <- [{Name, OsPid}]],
             _ = [erpy:checkin(W) || W <- Workers],
-            case Found of
-                [] -> [];
-                _ -> persistent_term:put(?CHANNELS(Pool), lists:usort(Found)), lists:usort(Found)
-            end;
-        Channels ->
-            Channels
+            All = lists:usort(Found ++ Known),
+            _ = All =/= [] andalso persistent_term:put(?CHANNELS(Pool), {All, Now}),
+            All;
+        {Known, _} ->
+            Known
     end.
 
 hold(_Pool, 0, Acc) ->
