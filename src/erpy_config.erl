@@ -33,6 +33,7 @@ pool_opts(Opts) when is_map(Opts) ->
         check(pipeline(maps:get(pipeline, Opts, auto)), {badarg, pipeline}),
         check(is_integer(maps:get(max_message_size, Full)), {badarg, max_message_size}),
         check(is_atom(maps:get(none, Full)), {badarg, none}),
+        check(erpy_reactor:valid_factory(maps:get(reactor, Opts, undefined)), {badarg, reactor}),
         %% A pool without its own `allowed` follows the application env, also when it
         %% changes later (erpy_port_worker reads it at each callback).
         _ = erpy_allow:compile(Env(allowed, [])),

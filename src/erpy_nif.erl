@@ -4,11 +4,15 @@
 
 -export([init/2, pool_new/3, pool_close/1, pool_info/1, submit/3, cancel/1, poll/2,
          callback_reply/2, checkin/1, python_info/0, is_handle/1, dirty_noop/1]).
+-export([reactor_adopt/1, reactor_dup/1, reactor_select/2, reactor_close/1, reactor_fd/1,
+         reactor_send_fd/4]).
 
 -on_load(load/0).
 
 -nifs([init/2, pool_new/3, pool_close/1, pool_info/1, submit/3, cancel/1, poll/2,
-       callback_reply/2, checkin/1, python_info/0, is_handle/1, dirty_noop/1]).
+       callback_reply/2, checkin/1, python_info/0, is_handle/1, dirty_noop/1,
+       reactor_adopt/1, reactor_dup/1, reactor_select/2, reactor_close/1, reactor_fd/1,
+       reactor_send_fd/4]).
 
 -type pool() :: reference().
 -type context() :: reference().
@@ -71,3 +75,23 @@ is_handle(_Term) -> erlang:nif_error(not_loaded).
 %% scheduler costs (make bench measures it beside an embedded call).
 -spec dirty_noop(T) -> T.
 dirty_noop(_Term) -> erlang:nif_error(not_loaded).
+
+%% erpy_reactor's fds (c_src/nif/reactor.hpp).
+-spec reactor_adopt(non_neg_integer()) -> {ok, reference()} | {error, atom()}.
+reactor_adopt(_Fd) -> erlang:nif_error(not_loaded).
+
+-spec reactor_dup(non_neg_integer()) -> {ok, non_neg_integer()} | {error, atom()}.
+reactor_dup(_Fd) -> erlang:nif_error(not_loaded).
+
+-spec reactor_select(reference(), read | write) -> ok | {error, atom()}.
+reactor_select(_Res, _Mode) -> erlang:nif_error(not_loaded).
+
+-spec reactor_close(reference()) -> ok.
+reactor_close(_Res) -> erlang:nif_error(not_loaded).
+
+-spec reactor_fd(reference()) -> non_neg_integer() | closed.
+reactor_fd(_Res) -> erlang:nif_error(not_loaded).
+
+-spec reactor_send_fd(binary(), non_neg_integer(), non_neg_integer(), binary()) ->
+    ok | {error, term()}.
+reactor_send_fd(_Channel, _OsPid, _Fd, _Payload) -> erlang:nif_error(not_loaded).

@@ -15,5 +15,6 @@ start_link(Name, Opts) ->
 
 -spec init({atom(), map()}) -> {ok, {supervisor:sup_flags(), [supervisor:child_spec()]}}.
 init({Name, #{mode := Mode} = Opts}) ->
+    ok = erpy_reactor:configure(Name, Opts),
     %% What runs under a pool is its mode's (erpy_transport:child_specs/2).
     {ok, (erpy_transport:module(Mode)):child_specs(Name, Opts)}.

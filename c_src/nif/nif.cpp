@@ -15,6 +15,7 @@
 #include <string>
 
 #include "pool.hpp"
+#include "reactor.hpp"
 #include "atoms.hpp"
 #include "errors.hpp"
 #include "resource.hpp"
@@ -107,7 +108,7 @@ bool open_types(ErlNifEnv* env, ErlNifResourceFlags flags) {
   t.context = enif_open_resource_type_x(env, "erpy_context", &ctx_init, flags, &tried);
   t.pool = enif_open_resource_type(env, nullptr, "erpy_pool", pool_dtor, flags, &tried);
   t.lent = enif_open_resource_type(env, nullptr, "erpy_python_object", lent_dtor, flags, &tried);
-  return t.job && t.context && t.pool && t.lent;
+  return t.job && t.context && t.pool && t.lent && reactor::open_types(env, flags);
 }
 
 // ---- NIFs ----------------------------------------------------------------------------------
@@ -318,6 +319,13 @@ ErlNifFunc funcs[] = {
     {"checkin", 1, entry<nif_checkin>, 0},
     {"python_info", 0, entry<nif_python_info>, 0},
     {"is_handle", 1, entry<nif_is_handle>, 0},
+    // erpy_reactor (reactor.hpp)
+    {"reactor_adopt", 1, entry<reactor::nif_adopt>, 0},
+    {"reactor_dup", 1, entry<reactor::nif_dup>, 0},
+    {"reactor_select", 2, entry<reactor::nif_select>, 0},
+    {"reactor_close", 1, entry<reactor::nif_close>, 0},
+    {"reactor_fd", 1, entry<reactor::nif_fd>, 0},
+    {"reactor_send_fd", 4, entry<reactor::nif_send_fd>, ERL_NIF_DIRTY_JOB_IO_BOUND},
 };
 
 int load(ErlNifEnv* env, void** priv, ERL_NIF_TERM) noexcept {

@@ -4,6 +4,7 @@
 #include <string>
 
 #include "py/codec.hpp"
+#include "reactor_buffer.hpp"
 #include "worker/port_worker.hpp"
 
 namespace {
@@ -220,6 +221,7 @@ PyMODINIT_FUNC PyInit__native() {
     // The port worker's loop and the `erlang` callbacks live in the same module.
     erpy::worker::attach(g_codec);
     if (PyModule_AddFunctions(m.get(), erpy::worker::methods()) != 0) throw PythonError();
+    if (!erpy::pymod::add_reactor(m.get())) throw PythonError();  // erpy.reactor
   } catch (const PythonError&) {
     return nullptr;
   } catch (const std::exception& e) {

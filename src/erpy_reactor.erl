@@ -1,0 +1,321 @@
+%% The reactor: Python protocols on file descriptors (doc/reactor.md). Erlang accepts a
+%% connection (or opens any fd: TCP, UDP, a Unix socket, a pipe) and hands it to a pool;
+%% a protocol object made by the pool's factory (python/erpy/reactor.py) handles it.
+%%
+%% Embedded pools: the fd stays in this VM. One Erlang process per connection owns it
+%% (a NIF resource, closed when the process ends however it ends), waits for readiness
+%% with enif_select and, at each event, makes an ordinary request to the pool
+%% (erpy.reactor._ready), so the protocol runs on a context thread under the pool's
+%% policy, timeout and callbacks like any call. Its answer (the next mode: read, write
+%% or close) is what to select next. A callback that raises, returns an unknown action
+%% or runs past `timeout` closes its connection only: the process ends with
+%% {shutdown, Why}.
+%%
+%% Port pools: the fd goes to a worker process with SCM_RIGHTS over the worker's
+%% channel (an abstract Unix socket, checked to belong to that worker); the worker's own
+%% poll loop runs the same erpy.reactor code, and a worker that crashes loses its
+%% connections, not the VM.
+%%
+%% Ownership: handoff/3,4 takes the fd (erpy closes it, also on error); handoff_socket/3
+%% duplicates the socket's fd, so the caller keeps its socket and closes it when it
+%% likes (it must not read from it meanwhile: {active, false}).
+-module(erpy_reactor).
+
+-export([handoff/3, handoff/4, handoff_socket/2, handoff_socket/3, close/1,
+         configure/2, valid_factory/1, dup/1]).
+
+-export_type([conn/0, factory/0]).
+
+%% A connection: in embedded mode the pid of its process (it exits when the connection
+%% closes: normal, or {shutdown, Why}); in port mode the worker that has it.
+-type conn() :: pid() | {erpy_reactor_port, erpy:pool(), OsPid :: non_neg_integer()}.
+%% {Module, Name}: Module.Name() makes a protocol; Module: a module whose import calls
+%% erpy.reactor.set_protocol_factory.
+-type factory() :: {atom() | binary(), atom() | binary()} | atom() | binary().
+-type opts() :: #{factory => factory(), timeout => timeout()}.
+
+-define(CONFIG(Pool), {?MODULE, config, Pool}).
+-define(CHANNELS(Pool), {?MODULE, channels, Pool}).
+
+%% API.
+
+%% @doc Hands `Fd` to `Pool`'s reactor. `Info` (a map, usually with addr, port and type)
+%% is the protocol's `client_info`. erpy owns `Fd` from now on and closes it, also when
+%% this fails. Options: `factory` (else the pool's `reactor` option, else what Python
+%% set with set_protocol_factory), `timeout` (per callback, else the pool's `timeout`).
+-spec handoff(erpy:pool(), non_neg_integer(), map()) -> {ok, conn()} | {error, term()}.
+handoff(Pool, Fd, Info) ->
+    handoff(Pool, Fd, Info, #{}).
+
+-spec handoff(erpy:pool(), non_neg_integer(), map(), opts()) -> {ok, conn()} | {error, term()}.
+handoff(Pool, Fd, Info, Opts) when is_integer(Fd), Fd >= 0, is_map(Info), is_map(Opts) ->
+    Config = maps:merge(config(Pool), Opts),
+    case valid_factory(maps:get(factory, Config, undefined)) of
+        false ->
+            close_fd(Fd),
+            {error, {badarg, factory}};
+        true ->
+            case erpy_transport:lookup(Pool) of
+                {ok, erpy_embedded, Handle} -> embedded(Pool, Handle, Fd, Info, Config);
+                {ok, erpy_port, Handle} -> port(Pool, Handle, Fd, Info, Config);
+                {ok, Module, _} -> close_fd(Fd), {error, {not_supported, {reactor, Module}}};
+                error -> close_fd(Fd), {error, {no_pool, Pool}}
+            end
+    end;
+handoff(_Pool, Fd, _Info, _Opts) ->
+    {error, {badarg, Fd}}.
+
+%% @doc Hands a copy of a `gen_tcp`/`gen_udp` or `socket` socket's fd to `Pool`: the
+%% caller keeps its socket (close it when you like; do not read from it). `Info`
+%% defaults to the peer's addr and port and the socket's type.
+-spec handoff_socket(erpy:pool(), gen_tcp:socket() | socket:socket()) -> {ok, conn()} | {error, term()}.
+handoff_socket(Pool, Socket) ->
+    handoff_socket(Pool, Socket, #{}).
+
+-spec handoff_socket(erpy:pool(), gen_tcp:socket() | socket:socket(), opts() | map()) ->
+    {ok, conn()} | {error, term()}.
+handoff_socket(Pool, Socket, Opts) ->
+    case socket_fd(Socket) of
+        {ok, Fd} ->
+            case dup(Fd) of
+                {ok, Copy} ->
+                    Info = maps:merge(socket_info(Socket), maps:get(info, Opts, #{})),
+                    handoff(Pool, Copy, Info, maps:without([info], Opts));
+                Error ->
+                    Error
+            end;
+        Error ->
+            Error
+    end.
+
+%% @doc A close-on-exec copy of an fd (the caller owns both).
+-spec dup(non_neg_integer()) -> {ok, non_neg_integer()} | {error, term()}.
+dup(Fd) ->
+    erpy_nif:reactor_dup(Fd).
+
+%% @doc Closes an embedded connection (connection_lost runs). Port connections close
+%% from their protocol ("close") or their peer.
+-spec close(conn()) -> ok.
+close(Pid) when is_pid(Pid) ->
+    Ref = monitor(process, Pid),
+    Pid ! {?MODULE, close},
+    receive {'DOWN', Ref, process, Pid, _} -> ok end;
+close({erpy_reactor_port, _Pool, _OsPid}) ->
+    ok.
+
+%% @doc Called as a pool starts (erpy_pool_sup): its `reactor` and `timeout` options.
+-spec configure(erpy:pool(), map()) -> ok.
+configure(Pool, Opts) ->
+    Config = maps:filter(fun(_, V) -> V =/= undefined end,
+                         #{factory => maps:get(reactor, Opts, undefined),
+                           timeout => maps:get(timeout, Opts, undefined)}),
+    case persistent_term:get(?CONFIG(Pool), undefined) of
+        Config -> ok;
+        _ -> persistent_term:put(?CONFIG(Pool), Config)
+    end,
+    _ = persistent_term:erase(?CHANNELS(Pool)),
+    ok.
+
+%% @doc Is this a `factory` (or pool option `reactor`)?
+-spec valid_factory(term()) -> boolean().
+valid_factory(undefined) -> true;
+valid_factory({M, F}) -> is_name(M) andalso is_name(F);
+valid_factory(M) -> is_name(M).
+
+%% Internal.
+
+is_name(N) when is_atom(N), N =/= undefined -> true;
+is_name(N) when is_binary(N), byte_size(N) > 0 -> true;
+is_name(_) -> false.
+
+config(Pool) ->
+    persistent_term:get(?CONFIG(Pool), #{}).
+
+%% What Python's _factory reads: [M, F], a module name, or false (the pool's own).
+spec(#{factory := {M, F}}) -> [name(M), name(F)];
+spec(#{factory := M}) -> name(M);
+spec(_) -> false.
+
+name(A) when is_atom(A) -> atom_to_binary(A, utf8);
+name(B) when is_binary(B) -> B.
+
+timeout(Config) ->
+    maps:get(timeout, Config, application:get_env(erpy, timeout, 5000)).
+
+close_fd(Fd) ->
+    case erpy_nif:reactor_adopt(Fd) of
+        {ok, Res} -> erpy_nif:reactor_close(Res);
+        _ -> ok
+    end.
+
+socket_fd({'$socket', _} = S) ->
+    socket:getopt(S, {otp, fd});
+socket_fd(S) ->
+    inet:getfd(S).
+
+socket_info({'$socket', _} = S) ->
+    Type = case socket:getopt(S, {otp, domain}) of
+               {ok, local} -> unix;
+               _ -> case socket:getopt(S, {socket, type}) of
+                        {ok, dgram} -> udp;
+                        _ -> tcp
+                    end
+           end,
+    case socket:peername(S) of
+        {ok, #{addr := Addr, port := Port}} when is_tuple(Addr) ->
+            #{addr => list_to_binary(inet:ntoa(Addr)), port => Port, type => Type};
+        _ -> #{type => Type}
+    end;
+socket_info(S) ->
+    Type = case catch erlang:port_info(S, name) of
+               {name, "udp_inet"} -> udp;
+               {name, "tcp_inet"} -> tcp;
+               _ -> unknown
+           end,
+    case inet:peername(S) of
+        {ok, {Addr, Port}} when is_tuple(Addr) ->
+            #{addr => list_to_binary(inet:ntoa(Addr)), port => Port, type => Type};
+        _ -> #{type => Type}
+    end.
+
+%% ---- embedded mode: a process per connection -----------------------------------------
+
+embedded(Pool, #{pid := PoolPid}, Fd, Info, Config) ->
+    Caller = self(),
+    Ref = make_ref(),
+    Timeout = timeout(Config),
+    {Pid, Mon} = spawn_monitor(fun() ->
+                                       open(Caller, Ref, Pool, PoolPid, Fd, Info, spec(Config), Timeout)
+                               end),
+    receive
+        {Ref, Result} ->
+            demonitor(Mon, [flush]),
+            Result;
+        {'DOWN', Mon, process, Pid, Why} ->
+            {error, Why}
+    end.
+
+-record(c, {pool, pool_mon, res, fd, timeout}).
+
+open(Caller, Ref, Pool, PoolPid, Fd, Info, Spec, Timeout) ->
+    case erpy_nif:reactor_adopt(Fd) of
+        {ok, Res} ->
+            PoolMon = monitor(process, PoolPid),
+            C = #c{pool = Pool, pool_mon = PoolMon, res = Res, fd = Fd, timeout = Timeout},
+            case python(C, '_open', [Fd, Info, Pool, Spec]) of
+                {ok, Mode} when Mode =:= <<"read">>; Mode =:= <<"write">>; Mode =:= <<"close">> ->
+                    Caller ! {Ref, {ok, self()}},
+                    next(C, Mode);
+                {ok, Other} ->
+                    Caller ! {Ref, {error, {bad_mode, Other}}},
+                    stop(C, {bad_mode, Other});
+                {error, Why} ->
+                    Caller ! {Ref, {error, Why}},
+                    stop(C, Why)
+            end;
+        {error, Why} ->
+            Caller ! {Ref, {error, Why}}
+    end.
+
+python(#c{pool = Pool, timeout = Timeout}, F, Args) ->
+    erpy:call('erpy.reactor', F, Args, #{pool => Pool, timeout => Timeout}).
+
+next(C, <<"close">>) ->
+    erpy_nif:reactor_close(C#c.res),
+    exit(normal);
+next(C, Mode) ->
+    case erpy_nif:reactor_select(C#c.res, binary_to_existing_atom(Mode)) of
+        ok -> wait(C);
+        {error, Why} -> stop(C, Why)
+    end.
+
+wait(#c{res = Res, pool_mon = PoolMon} = C) ->
+    receive
+        {select, Res, undefined, ready_input} -> event(C, read);
+        {select, Res, undefined, ready_output} -> event(C, write);
+        {?MODULE, close} -> stop(C, normal);
+        {'DOWN', PoolMon, process, _, _} ->
+            %% The pool stopped, and with it the Python that knew this connection.
+            erpy_nif:reactor_close(Res),
+            exit({shutdown, pool_stopped})
+    end.
+
+event(C, Event) ->
+    case python(C, '_ready', [C#c.fd, Event]) of
+        {ok, Mode} when Mode =:= <<"read">>; Mode =:= <<"write">>; Mode =:= <<"close">> ->
+            next(C, Mode);
+        {ok, Other} ->
+            stop(C, {bad_mode, Other});
+        {error, #{type := <<"ConnectionResetError">>}} ->
+            stop(C, econnreset);
+        {error, Why} ->
+            stop(C, Why)
+    end.
+
+%% Closes the connection for `Why`: Python forgets it (connection_lost), then the fd
+%% goes. The process ends with `normal` or {shutdown, Why}.
+stop(C, Why) ->
+    _ = python(C#c{timeout = min(timeout(#{}), 5000)}, '_abort', [C#c.fd]),
+    erpy_nif:reactor_close(C#c.res),
+    case Why of
+        normal -> exit(normal);
+        _ -> exit({shutdown, Why})
+    end.
+
+%% ---- port mode: the fd goes to a worker ------------------------------------------------
+
+port(Pool, Handle, Fd, Info, Config) ->
+    Payload = term_to_binary({Pool, Info, spec(Config)}),
+    Result = send(Pool, Handle, Fd, Payload, timeout(Config), 2),
+    close_fd(Fd),  % the worker has its own copy now (or none: failed)
+    Result.
+
+send(_Pool, _Handle, _Fd, _Payload, _Timeout, 0) ->
+    {error, no_channel};
+send(Pool, Handle, Fd, Payload, Timeout, Tries) ->
+    case channels(Pool, Handle, Timeout) of
+        [] ->
+            {error, no_channel};
+        Channels ->
+            N = erlang:unique_integer([positive]) rem length(Channels),
+            {Name, OsPid} = lists:nth(N + 1, Channels),
+            case erpy_nif:reactor_send_fd(Name, OsPid, Fd, Payload) of
+                ok ->
+                    {ok, {erpy_reactor_port, Pool, OsPid}};
+                {error, {python, _}} = Error ->
+                    Error;
+                {error, _} ->
+                    %% The worker is gone (replaced): ask the pool again.
+                    _ = persistent_term:erase(?CHANNELS(Pool)),
+                    send(Pool, Handle, Fd, Payload, Timeout, Tries - 1)
+            end
+    end.
+
+%% The reactor channels of the pool's workers: each worker starts its loop when first
+%% asked (erpy.reactor._port_channel), and every worker is asked at once, held together,
+%% so connections spread over all of them. Workers still starting are asked again a
+%% second later.
+channels(Pool, #{size := Size}, Timeout) ->
+    Now = erlang:monotonic_time(millisecond),
+    case persistent_term:get(?CHANNELS(Pool), {[], 0}) of
+        {Known, At} when Known =:= []; length(Known) < Size, Now - At > 1000 ->
+            Workers = hold(Pool, Size, []),
+            Found = [C || W <- Workers,
+                          {ok, {Name, OsPid}} <- [erpy:call('erpy.reactor', '_port_channel', [Timeout],
+                                                            #{worker => W})],
+                          C <- [{Name, OsPid}]],
+            _ = [erpy:checkin(W) || W <- Workers],
+            All = lists:usort(Found ++ Known),
+            _ = All =/= [] andalso persistent_term:put(?CHANNELS(Pool), {All, Now}),
+            All;
+        {Known, _} ->
+            Known
+    end.
+
+hold(_Pool, 0, Acc) ->
+    Acc;
+hold(Pool, N, Acc) ->
+    case erpy:checkout(Pool, case Acc of [] -> 5000; _ -> 200 end) of
+        {ok, W} -> hold(Pool, N - 1, [W | Acc]);
+        {error, _} -> Acc
+    end.
