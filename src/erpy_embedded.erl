@@ -8,7 +8,7 @@
 -behaviour(erpy_transport).
 
 -export([start_link/2]).
--export([prepare/1, child_specs/2, request/4, request_worker/3, checkout/2, checkin/1, info/1]).
+-export([prepare/1, child_specs/2, request/4, request_worker/3, checkout/2, checkin/1, info/1, reactor/5]).
 -export([init/1, handle_call/3, handle_cast/2, handle_info/2, terminate/2]).
 
 %% At most this many polls before a caller blocks; the NIF ends the spin sooner, after
@@ -151,6 +151,11 @@ terminate(_Why, #{name := Name, pool := Pool}) ->
     ok = erpy_transport:unregister(Name),
     %% Running jobs are interrupted; their callers get {error, {no_pool, _}} or time out.
     erpy_nif:pool_close(Pool).
+
+%% The fd reactor runs a process per connection that waits with enif_select.
+-spec reactor(map(), atom(), non_neg_integer(), map(), map()) -> {ok, pid()} | {error, term()}.
+reactor(Handle, Pool, Fd, Info, Config) ->
+    erpy_reactor:embedded(Pool, Handle, Fd, Info, Config).
 
 %% Internal.
 

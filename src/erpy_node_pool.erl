@@ -12,7 +12,7 @@
 -compile({no_auto_import, [nodes/1]}).  % nodes/1 below is this pool's
 
 -export([start_link/2, request/3, nodes/1, stop/1]).
--export([prepare/1, child_specs/2, request/4, request_worker/3, checkout/2, checkin/1, info/1]).
+-export([prepare/1, child_specs/2, request/4, request_worker/3, checkout/2, checkin/1, info/1, reactor/5]).
 -export([init/1, handle_call/3, handle_cast/2, handle_info/2, terminate/2]).
 
 -define(KEY(Pool), {?MODULE, Pool}).
@@ -295,6 +295,12 @@ terminate(_Reason, #{pool := Pool, ports := Ports}) ->
     %% Started nodes run with --exit-on-eof: closing the port ends them.
     [catch port_close(P) || P <- maps:keys(Ports)],
     ok.
+
+%% A node's Python runs on another host as often as not: fds do not travel there.
+-spec reactor(map(), atom(), non_neg_integer(), map(), map()) -> {error, term()}.
+reactor(_Handle, _Pool, Fd, _Info, _Config) ->
+    erpy_reactor:close_fd(Fd),
+    {error, {not_supported, {reactor, node}}}.
 
 %% Internal.
 

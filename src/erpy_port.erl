@@ -4,7 +4,7 @@
 -module(erpy_port).
 -behaviour(erpy_transport).
 
--export([prepare/1, child_specs/2, request/4, request_worker/3, checkout/2, checkin/1, info/1]).
+-export([prepare/1, child_specs/2, request/4, request_worker/3, checkout/2, checkin/1, info/1, reactor/5]).
 
 -type ref() :: {erpy:pool(), pid()}.
 
@@ -49,3 +49,8 @@ checkin(Ref) ->
 -spec info(erpy_pool:handle()) -> #{mode := port, size := non_neg_integer(), atom() => term()}.
 info(#{name := Pool}) ->
     (erpy_pool:info(Pool))#{mode => port}.
+
+%% The fd reactor sends the fd to a worker, whose own loop runs the protocol.
+-spec reactor(map(), atom(), non_neg_integer(), map(), map()) -> {ok, term()} | {error, term()}.
+reactor(Handle, Pool, Fd, Info, Config) ->
+    erpy_reactor:port(Pool, Handle, Fd, Info, Config).

@@ -24,6 +24,8 @@
 -export([handoff/3, handoff/4, handoff_socket/2, handoff_socket/3, close/1,
          configure/2, valid_factory/1, dup/1]).
 
+%% Called by the transports (erpy_transport's reactor/5), never directly.
+-export([embedded/5, port/5, close_fd/1]).
 -export_type([conn/0, factory/0]).
 
 %% A connection: in embedded mode the pid of its process (it exits when the connection
@@ -55,10 +57,9 @@ handoff(Pool, Fd, Info, Opts) when is_integer(Fd), Fd >= 0, is_map(Info), is_map
             close_fd(Fd),
             {error, {badarg, factory}};
         true ->
+            %% The pool's transport decides where the fd goes (embedded/5, port/5).
             case erpy_transport:lookup(Pool) of
-                {ok, erpy_embedded, Handle} -> embedded(Pool, Handle, Fd, Info, Config);
-                {ok, erpy_port, Handle} -> port(Pool, Handle, Fd, Info, Config);
-                {ok, Module, _} -> close_fd(Fd), {error, {not_supported, {reactor, Module}}};
+                {ok, Module, Handle} -> Module:reactor(Handle, Pool, Fd, Info, Config);
                 error -> close_fd(Fd), {error, {no_pool, Pool}}
             end
     end;
@@ -142,6 +143,7 @@ name(B) when is_binary(B) -> B.
 timeout(Config) ->
     maps:get(timeout, Config, application:get_env(erpy, timeout, 5000)).
 
+-spec close_fd(non_neg_integer()) -> ok.
 close_fd(Fd) ->
     case erpy_nif:reactor_adopt(Fd) of
         {ok, Res} -> erpy_nif:reactor_close(Res);
@@ -180,6 +182,7 @@ socket_info(S) ->
 
 %% ---- embedded mode: a process per connection -----------------------------------------
 
+-spec embedded(atom(), map(), non_neg_integer(), map(), map()) -> {ok, conn()} | {error, term()}.
 embedded(Pool, #{pid := PoolPid}, Fd, Info, Config) ->
     Caller = self(),
     Ref = make_ref(),
@@ -264,6 +267,7 @@ stop(C, Why) ->
 
 %% ---- port mode: the fd goes to a worker ------------------------------------------------
 
+-spec port(atom(), map(), non_neg_integer(), map(), map()) -> {ok, conn()} | {error, term()}.
 port(Pool, Handle, Fd, Info, Config) ->
     Payload = term_to_binary({Pool, Info, spec(Config)}),
     Result = send(Pool, Handle, Fd, Payload, timeout(Config), 2),

@@ -32,6 +32,10 @@
 %% Holds one worker (its namespace persists) until checkin/1 or the holder's death.
 -callback checkout(handle(), timeout()) -> {ok, ref()} | {error, erpy:error_reason()}.
 -callback checkin(ref()) -> ok.
+%% Hands the fd `Fd` to the pool's reactor (erpy_reactor:handoff/4 has merged `Config`);
+%% the transport owns `Fd` from then on and closes it on failure.
+-callback reactor(handle(), Pool :: atom(), Fd :: non_neg_integer(), Info :: map(), Config :: map()) ->
+    {ok, term()} | {error, term()}.
 %% What the pool is doing: at least `mode` and `size`.
 -callback info(handle()) -> #{mode := erpy:mode(), size := non_neg_integer(), atom() => term()}.
 
