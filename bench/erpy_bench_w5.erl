@@ -72,9 +72,50 @@ rows(#{pairs := Pairs, seconds := Seconds} = Ctx) ->
                      "per-pair ratios erpy/marshal, min ~.2f, max ~.2f; marshal's own form: ~b bytes",
                      [Size, Pairs, Seconds, lists:min(Ratios(<<"marshal">>)),
                       lists:max(Ratios(<<"marshal">>)), MarshalSize])
-                 | Beside ++ Missing]}].
+                 | Beside ++ Missing]} | instructions(Ctx, Bytes)].
 
 %% Internal.
+
+%% W5 in instructions (valgrind's callgrind): per map of the term, a round trip of erpy
+%% beside one of marshal. Each codec runs K1 and K2 rounds in a fresh Python; the
+%% difference of the two counts is K2 - K1 rounds without start-up and loading.
+instructions(#{root := Root, python := Python}, Bytes) ->
+    case os:find_executable("valgrind") of
+        false ->
+            [];
+        Valgrind ->
+            File = filename:join(Root, "_build/w5_term.etf"),
+            ok = file:write_file(File, Bytes),
+            Script = filename:join([Root, "bench", "py", "w5_count.py"]),
+            {K1, K2} = {1, 3},
+            Count = fun(Codec, K) ->
+                            Cmd = io_lib:format("PYTHONPATH=~s ~s --tool=callgrind --callgrind-out-file=/dev/null "
+                                                "~s ~s ~s ~b ~s 2>&1",
+                                                [filename:join(Root, "python"), Valgrind, Python, Script,
+                                                 Codec, K, File]),
+                            Out = os:cmd(lists:flatten(Cmd)),
+                            case re:run(Out, "Collected : ([0-9]+)", [{capture, all_but_first, list}]) of
+                                {match, [N]} -> list_to_integer(N);
+                                nomatch -> error({callgrind, Codec, Out})
+                            end
+                    end,
+            Maps = length(term()),
+            PerMap = fun(Codec) -> (Count(Codec, K2) - Count(Codec, K1)) / (K2 - K1) / Maps end,
+            Erpy = PerMap("erpy"),
+            Marshal = PerMap("marshal"),
+            _ = file:delete(File),
+            Ratio = Marshal / Erpy,
+            [#{id => <<"W5 instr">>,
+               workload => <<"W5 in instructions: a round trip (decode + encode) per map of W3b's term, callgrind">>,
+               erpy => fmt("~b instructions/map", [round(Erpy)]),
+               reference => fmt("marshal.dumps+loads of the same objects: ~b instructions/map", [round(Marshal)]),
+               ratio => Ratio,
+               target => fmt(">= ~.1fx", [?TARGET]),
+               pass => Ratio >= ?TARGET,
+               notes => [fmt("ratio = marshal's instructions / erpy's (higher is better for erpy), "
+                             "as the W5 MB/s ratio; counts of ~b and ~b rounds in a fresh Python "
+                             "each, differenced", [K2, K1])]}]
+    end.
 
 py_run(Port, Code) ->
     fun(K) ->

@@ -13,6 +13,7 @@ packages=(
   elixir
   python3 python3-dev libpython3.11-dev python3-pytest python3-venv
   python3-msgpack                   # a reference of the W5 bench (bench/erpy_bench_w5.erl)
+  valgrind                          # W5 in instructions (callgrind, bench/erpy_bench_w5.erl)
 )
 
 # One dpkg-query for all of them: packages it does not know are simply not printed.
