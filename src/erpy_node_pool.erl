@@ -39,7 +39,9 @@ start_link(Pool, Opts) when is_atom(Pool), is_map(Opts) ->
 -spec prepare(map()) -> {ok, map()} | {error, term()}.
 prepare(Opts) ->
     case erpy_config:no_rlimits(Opts) of
-        ok -> {ok, Opts};
+        %% What started nodes run (erpy_config:pool_opts/1 found both): kept under a key
+        %% of this module's, so that init/1 need not find them again.
+        ok -> {ok, Opts#{local_python => {maps:get(python, Opts), maps:get(pythonpath, Opts)}}};
         Error -> Error
     end.
 
@@ -539,7 +541,13 @@ publish(#{tab := Tab, up := Up} = S) ->
 spawn_local(0, S) ->
     {ok, [], S};
 spawn_local(Count, #{pool := Pool, opts := Opts} = S) ->
-    case erpy_config:pool_opts(maps:remove(nodes, Opts#{mode => node})) of
+    %% Options that came through erpy:start_pool/2 were completed there (prepare/1): not
+    %% done twice on the way to the start.
+    Completed = case Opts of
+                    #{local_python := {Python, Path}} -> {ok, #{python => Python, pythonpath => Path}};
+                    _ -> erpy_config:pool_opts(maps:remove(nodes, Opts#{mode => node}))
+                end,
+    case Completed of
         {ok, Full} ->
             [_, Host] = string:split(atom_to_list(node()), "@"),
             Names = [list_to_atom(lists:concat(["erpy_", Pool, "_", I, "_", os:getpid(), "@", Host]))
@@ -594,9 +602,16 @@ await_ready(Waiting, Connecting, Deadline, #{pool := Pool} = S) ->
                 nomatch ->
                     await_ready(Waiting, Connecting, Deadline, S);
                 _ ->
-                    Self = self(),
-                    Pid = spawn_link(fun() -> Self ! {node_connected, Port, wait_up(Node, Deadline)} end),
-                    await_ready(maps:remove(Port, Waiting), Connecting#{Port => {Pid, Node}}, Deadline, S)
+                    case lists:member(Node, erlang:nodes(connected)) of
+                        true ->
+                            %% It connected to this VM itself (--connect).
+                            await_ready(maps:remove(Port, Waiting), Connecting, Deadline, add(Node, S));
+                        false ->
+                            Self = self(),
+                            Pid = spawn_link(fun() -> Self ! {node_connected, Port, wait_up(Node, Deadline)} end),
+                            await_ready(maps:remove(Port, Waiting), Connecting#{Port => {Pid, Node}},
+                                        Deadline, S)
+                    end
             end;
         {node_connected, Port, Result} when is_map_key(Port, Connecting) ->
             {{_Pid, Node}, Rest} = maps:take(Port, Connecting),
@@ -614,9 +629,7 @@ await_ready(Waiting, Connecting, Deadline, #{pool := Pool} = S) ->
         {error, {node_start_timeout, hd(lists:sort(Late))}}
     end.
 
-prepare_connections(Names) ->
-    Hosts = lists:usort([lists:last(string:split(atom_to_list(N), "@")) || N <- Names]),
-    _ = [inet:getaddr(H, inet) || H <- Hosts],
+prepare_connections(_Names) ->
     _ = [code:ensure_loaded(M) || M <- [dist_util, erpy_request]],
     ok.
 
@@ -649,6 +662,9 @@ spawn_node(Node, #{opts := Opts, ports := Ports} = S) ->
     Args = ["-c", "import sys; from erpy.node import main; sys.exit(main())",
             "--name", atom_to_list(Node), "--listen", Listen,
             "--allow", "*", "--allow-code", "--exit-on-eof",
+            %% It connects to this VM before it says it is ready: sooner than the other way
+            %% round, which starts this VM's resolver first (connect/2 remains the fallback).
+            "--connect", atom_to_list(node()),
             "--max-message-size", integer_to_list(node_limit(maps:get(max, S)))]
         ++ [to_list(A) || A <- maps:get(node_args, Opts, [])],
     %% The cookie goes through the environment, not argv (which `ps` shows).

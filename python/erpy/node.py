@@ -827,6 +827,8 @@ _CLI: tuple = (
      "comma-separated Python modules rpc may reach ('*': all); repeatable (env ERPY_NODE_ALLOW)"),
     ("--allow-code", "true", None, "let erpy.service run code (eval/exec/run) (env ERPY_NODE_ALLOW_CODE=1)"),
     ("--load", "append", [], "import this module at start; its erpy_setup(node) is called if present"),
+    ("--connect", "append", [],
+     "connect to this node before saying it is ready (if that fails, it is left to connect); repeatable"),
     ("--ticktime", "int", ("ERPY_NODE_TICKTIME", 60), None),
     ("--spin-us", "int", ("ERPY_NODE_SPIN_US", 0),
      "poll a connection up to this long after data before sleeping, only while that pays (0: never)"),
@@ -955,6 +957,14 @@ def main(argv: list[str] | None = None) -> int:
                 setup(node)
         if "threading" in sys.modules:
             _threading()
+    for peer in a.connect:
+        # The node that started this one (a node pool's VM) is connected from here, at
+        # once: its own connect would first start its resolver. If this fails (another
+        # distribution protocol, say), it connects as it would anyway.
+        try:
+            node.ping(peer)
+        except Exception:  # noqa: BLE001 - a bad name too: the peer still connects
+            pass
     # What a node pool waits for (its start is the pool's): _thread and _signal rather
     # than threading and signal, which import much more. `stop` is held until a signal or
     # the end of stdin releases it (threading.Event's job).
