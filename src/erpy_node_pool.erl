@@ -39,7 +39,9 @@ start_link(Pool, Opts) when is_atom(Pool), is_map(Opts) ->
 -spec prepare(map()) -> {ok, map()} | {error, term()}.
 prepare(Opts) ->
     case erpy_config:no_rlimits(Opts) of
-        ok -> {ok, Opts};
+        %% What started nodes run (erpy_config:pool_opts/1 found both): kept under a key
+        %% of this module's, so that init/1 need not find them again.
+        ok -> {ok, Opts#{local_python => {maps:get(python, Opts), maps:get(pythonpath, Opts)}}};
         Error -> Error
     end.
 
@@ -169,11 +171,6 @@ init({Pool, Opts}) ->
             ets:insert(Tab, {up, {}}),
             Max = maps:get(max_message_size, Opts,
                            application:get_env(erpy, max_message_size, 10485760)),
-            Policy = erpy_policy:new(Pool, Opts#{max_message_size => Max}),
-            persistent_term:put(?KEY(Pool), {Tab, atomics:new(1, []), self(), Max, Policy}),
-            ok = erpy_transport:register(Pool, ?MODULE,
-                                         #{name => Pool, pid => self(), max_message_size => Max,
-                                           policy => Policy}),
             Given = maps:get(nodes, Opts, []),
             Count = maps:get(start, Opts, case Given of
                                               [] -> maps:get(size, Opts, 2);
@@ -181,14 +178,26 @@ init({Pool, Opts}) ->
                                           end),
             S0 = #{pool => Pool, tab => Tab, opts => Opts, nodes => Given, up => [],
                    ports => #{}, held => #{}, max => Max, waiters => []},
-            case start_local(Count, S0) of
-                {ok, S1} ->
-                    S2 = lists:foldl(fun(N, S) -> connect(N, S) end, S1, maps:get(nodes, S1)),
-                    erlang:send_after(?RETRY_MS, self(), retry),
-                    {ok, S2};
+            %% The Python nodes are started first: their start is most of the pool's, and
+            %% what is left to do here overlaps it.
+            case spawn_local(Count, S0) of
+                {ok, Names, S1} ->
+                    Policy = erpy_policy:new(Pool, Opts#{max_message_size => Max}),
+                    persistent_term:put(?KEY(Pool), {Tab, atomics:new(1, []), self(), Max, Policy}),
+                    ok = erpy_transport:register(Pool, ?MODULE,
+                                                 #{name => Pool, pid => self(), max_message_size => Max,
+                                                   policy => Policy}),
+                    case await_local(Names, S1) of
+                        {ok, S2} ->
+                            S3 = lists:foldl(fun(N, S) -> connect(N, S) end, S2, maps:get(nodes, S2)),
+                            erlang:send_after(?RETRY_MS, self(), retry),
+                            {ok, S3};
+                        {error, Why} ->
+                            persistent_term:erase(?KEY(Pool)),
+                            ok = erpy_transport:unregister(Pool),
+                            {stop, Why}
+                    end;
                 {error, Why} ->
-                    persistent_term:erase(?KEY(Pool)),
-                    ok = erpy_transport:unregister(Pool),
                     {stop, Why}
             end
     end.
@@ -533,36 +542,48 @@ publish(#{tab := Tab, up := Up} = S) ->
 
 %% Python nodes on this host.
 
-start_local(0, S) ->
-    {ok, S};
-start_local(Count, #{pool := Pool, opts := Opts} = S) ->
-    case erpy_config:pool_opts(maps:remove(nodes, Opts#{mode => node})) of
+%% Every node starts at once (their Python start-ups overlap): {ok, Names, S}, their
+%% ports in S; await_local/2 waits for them.
+spawn_local(0, S) ->
+    {ok, [], S};
+spawn_local(Count, #{pool := Pool, opts := Opts} = S) ->
+    %% Options that came through erpy:start_pool/2 were completed there (prepare/1): not
+    %% done twice on the way to the start.
+    Completed = case Opts of
+                    #{local_python := {Python, Path}} -> {ok, #{python => Python, pythonpath => Path}};
+                    _ -> erpy_config:pool_opts(maps:remove(nodes, Opts#{mode => node}))
+                end,
+    case Completed of
         {ok, Full} ->
             [_, Host] = string:split(atom_to_list(node()), "@"),
             Names = [list_to_atom(lists:concat(["erpy_", Pool, "_", I, "_", os:getpid(), "@", Host]))
                      || I <- lists:seq(1, Count)],
             S1 = S#{opts := maps:merge(Opts, maps:with([python, pythonpath], Full)),
                     nodes := maps:get(nodes, S) ++ Names},
-            start_all(Names, S1);
+            case spawn_all(Names, S1) of
+                {ok, S2} ->
+                    %% Meanwhile, what this VM's first distribution connection would do
+                    %% first (its resolver helper starts with the first address lookup;
+                    %% the handshake's module loads): then the nodes are connected as soon
+                    %% as they listen.
+                    _ = spawn(fun() -> prepare_connections(Names) end),
+                    {ok, Names, S2};
+                {error, _} = Error ->
+                    %% Those already started go with their ports (linked to this process).
+                    Error
+            end;
         {error, _} = Error ->
             Error
     end.
 
-%% Every node starts at once (their Python start-ups overlap), and each is connected as
-%% soon as it says it listens (its "ready on port" line), not at the next poll.
-start_all(Names, S) ->
+%% Each started node is connected as soon as it says it listens (its "ready on port"
+%% line), not at the next poll, and the nodes are connected side by side.
+await_local([], S) ->
+    {ok, S};
+await_local(Names, #{ports := Ports} = S) ->
     Deadline = erlang:monotonic_time(millisecond) + ?START_WAIT_MS,
-    case spawn_all(Names, S) of
-        {ok, #{ports := Ports} = S1} ->
-            %% Meanwhile, what this VM's first distribution connection would do first
-            %% (its resolver helper starts with the first address lookup; the handshake's
-            %% module loads): then the nodes are connected as soon as they listen.
-            _ = spawn(fun() -> prepare_connections(Names) end),
-            Waiting = maps:filter(fun(_, Node) -> lists:member(Node, Names) end, Ports),
-            await_ready(Waiting, Deadline, S1);
-        {error, _} = Error ->
-            Error
-    end.
+    Waiting = maps:filter(fun(_, Node) -> lists:member(Node, Names) end, Ports),
+    await_ready(Waiting, #{}, Deadline, S).
 
 spawn_all([], S) ->
     {ok, S};
@@ -572,34 +593,50 @@ spawn_all([Node | Rest], S) ->
         {error, _} = Error -> Error
     end.
 
-%% `Waiting`: Port => Node of the nodes not up yet. What their ports say is logged as
-%% handle_info/2 logs it; a port that exits first fails the start.
-await_ready(Waiting, _Deadline, S) when map_size(Waiting) =:= 0 ->
+%% `Waiting`: Port => Node of the nodes that have not said they listen yet; `Connecting`:
+%% Port => {Pid, Node} of those being connected (by Pid). What their ports say is logged
+%% as handle_info/2 logs it; a port that exits before its node is up fails the start.
+await_ready(Waiting, Connecting, _Deadline, S)
+  when map_size(Waiting) =:= 0, map_size(Connecting) =:= 0 ->
     {ok, S};
-await_ready(Waiting, Deadline, #{pool := Pool} = S) ->
+await_ready(Waiting, Connecting, Deadline, #{pool := Pool} = S) ->
     receive
         {Port, {data, {_, Line}}} when is_map_key(Port, Waiting) ->
             Node = maps:get(Port, Waiting),
             logger:notice("~ts", [Line], #{domain => [erpy, node], pool => Pool, node => Node}),
             case binary:match(Line, <<" ready on port ">>) of
                 nomatch ->
-                    await_ready(Waiting, Deadline, S);
+                    await_ready(Waiting, Connecting, Deadline, S);
                 _ ->
-                    case wait_up(Node, Deadline) of
-                        ok -> await_ready(maps:remove(Port, Waiting), Deadline, connect(Node, S));
-                        timeout -> {error, {node_start_timeout, Node}}
+                    case lists:member(Node, erlang:nodes(connected)) of
+                        true ->
+                            %% It connected to this VM itself (--connect).
+                            await_ready(maps:remove(Port, Waiting), Connecting, Deadline, add(Node, S));
+                        false ->
+                            Self = self(),
+                            Pid = spawn_link(fun() -> Self ! {node_connected, Port, wait_up(Node, Deadline)} end),
+                            await_ready(maps:remove(Port, Waiting), Connecting#{Port => {Pid, Node}},
+                                        Deadline, S)
                     end
             end;
+        {node_connected, Port, Result} when is_map_key(Port, Connecting) ->
+            {{_Pid, Node}, Rest} = maps:take(Port, Connecting),
+            case Result of
+                ok -> await_ready(Waiting, Rest, Deadline, add(Node, S));
+                timeout -> {error, {node_start_timeout, Node}}
+            end;
         {Port, {exit_status, Status}} when is_map_key(Port, Waiting) ->
-            {error, {node_start_failed, maps:get(Port, Waiting), {exit_status, Status}}}
+            {error, {node_start_failed, maps:get(Port, Waiting), {exit_status, Status}}};
+        {Port, {exit_status, Status}} when is_map_key(Port, Connecting) ->
+            {_Pid, Node} = maps:get(Port, Connecting),
+            {error, {node_start_failed, Node, {exit_status, Status}}}
     after max(0, Deadline - erlang:monotonic_time(millisecond)) ->
-        {error, {node_start_timeout, hd(lists:sort(maps:values(Waiting)))}}
+        Late = maps:values(Waiting) ++ [N || {_, N} <- maps:values(Connecting)],
+        {error, {node_start_timeout, hd(lists:sort(Late))}}
     end.
 
-prepare_connections(Names) ->
-    Hosts = lists:usort([lists:last(string:split(atom_to_list(N), "@")) || N <- Names]),
-    _ = [inet:getaddr(H, inet) || H <- Hosts],
-    _ = code:ensure_loaded(dist_util),
+prepare_connections(_Names) ->
+    _ = [code:ensure_loaded(M) || M <- [dist_util, erpy_request]],
     ok.
 
 %% The node listens (it said so): connected at once, unless its registration is slow to
@@ -631,6 +668,9 @@ spawn_node(Node, #{opts := Opts, ports := Ports} = S) ->
     Args = ["-c", "import sys; from erpy.node import main; sys.exit(main())",
             "--name", atom_to_list(Node), "--listen", Listen,
             "--allow", "*", "--allow-code", "--exit-on-eof",
+            %% It connects to this VM before it says it is ready: sooner than the other way
+            %% round, which starts this VM's resolver first (connect/2 remains the fallback).
+            "--connect", atom_to_list(node()),
             "--max-message-size", integer_to_list(node_limit(maps:get(max, S)))]
         ++ [to_list(A) || A <- maps:get(node_args, Opts, [])],
     %% The cookie goes through the environment, not argv (which `ps` shows).

@@ -21,21 +21,19 @@ if __name__ == "__main__":
     from erpy.node import main as _main
     sys.exit(_main())
 
+import _thread
+import _weakref
 import atexit
-import importlib
 import itertools
 import os
 import sys
-import threading
 import time
-import weakref
 
 TYPE_CHECKING = False
 if TYPE_CHECKING:
     from typing import Any, Callable, Iterable
 
 from . import _node
-from . import encode as _encode
 from . import erlang as _erlang
 from ._types import Atom, ImproperList, Pid, Ref
 from .erlang import ErlangError, ErlangTimeoutError
@@ -50,14 +48,20 @@ __all__ = [
 SERVICE_MODULE = "erpy.service"
 
 # Modules only some paths need (the command line, starting epmd, a crashed handler's log
-# line) are imported when first used: a node starts sooner without them. As attributes
-# of this module they are there all the same (erpy.node.log, erpy.node.subprocess).
-_LAZY = frozenset({"argparse", "contextlib", "glob", "logging", "shutil", "signal", "socket", "subprocess"})
+# line, GenServer threads) are imported when first used: a node starts sooner without
+# them (threading alone, with the collections and functools it imports, is a good part
+# of a node's start). As attributes of this module they are there all the same
+# (erpy.node.log, erpy.node.subprocess, erpy.node.threading).
+_LAZY = frozenset({"argparse", "contextlib", "glob", "importlib", "logging", "shutil", "signal",
+                   "socket", "subprocess", "threading"})
 
 
 def __getattr__(name: str) -> Any:
+    if name == "threading":
+        return _threading()
     if name in _LAZY:
-        return importlib.import_module(name)
+        __import__(name)
+        return sys.modules[name]
     if name == "log":
         return _log()
     raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
@@ -82,19 +86,48 @@ DEFAULT_MAX_SEND_QUEUE = 256 * 1024 * 1024
 
 # Nodes still running when the interpreter exits are stopped first, before Python joins
 # its non-daemon threads (the GenServer threads, which end when their node stops): no
-# thread may wait for the GIL in C++ code while Python finalizes.
-_RUNNING: "weakref.WeakSet[Node]" = weakref.WeakSet()
+# thread may wait for the GIL in C++ code while Python finalizes. Weak references (id ->
+# ref; weakref.WeakSet would import more at start): a node nobody holds is not kept.
+_RUNNING: dict[int, Any] = {}
 
 
 def _stop_all() -> None:
-    for node in list(_RUNNING):
-        node.stop()
+    for ref in list(_RUNNING.values()):
+        node = ref()
+        if node is not None:
+            node.stop()
 
 
-_register_early = getattr(threading, "_register_atexit", None)
-if _register_early is not None:
-    _register_early(_stop_all)
 atexit.register(_stop_all)
+_threading_module: Any = None
+
+
+def _threading() -> Any:
+    """The threading module, imported when first needed, with _stop_all registered to run
+    before Python joins non-daemon threads at exit (atexit runs only after that)."""
+    global _threading_module
+    if _threading_module is None:
+        import threading
+        register = getattr(threading, "_register_atexit", None)
+        if register is not None:
+            try:
+                register(_stop_all)
+            except RuntimeError:  # the interpreter is already shutting down
+                pass
+        _threading_module = threading
+    return _threading_module
+
+
+_encode_fn: Any = None
+
+
+def _encode(value: Any) -> bytes:
+    # erpy's codec module, loaded at the first callback: a node needs it for nothing else.
+    global _encode_fn
+    if _encode_fn is None:
+        from ._native import encode
+        _encode_fn = encode
+    return _encode_fn(value)
 
 
 class NotAllowed(PermissionError):
@@ -107,7 +140,7 @@ class SessionClosed(LookupError):
 
 
 # The Erlang caller of the erpy.service call running on this thread (node pools), if any.
-_current = threading.local()
+_current = _thread._local()  # threading.local, without importing threading
 
 
 class _Caller:
@@ -381,7 +414,7 @@ class Node:
         self._session_ids = itertools.count(1)
         # Holders of sessions, monitored by one process of ours: a session goes when its
         # holder dies or its node goes away, even if the pool that opened it is gone too.
-        self._session_lock = threading.Lock()
+        self._session_lock = _thread.allocate_lock()  # threading.Lock
         self._session_mb: Any = None
         self._session_refs: dict[Ref, int] = {}
         self._session_monitors: dict[int, Ref] = {}
@@ -393,7 +426,7 @@ class Node:
                                   max_queued_messages=max_queued_messages,
                                   max_queued_bytes=max_queued_bytes,
                                   max_send_queue=max_send_queue)
-        self._threads: list[threading.Thread] = []
+        self._threads: list[Any] = []  # threading.Thread
         self._started = False
         self._start_epmd = start_epmd
 
@@ -418,13 +451,17 @@ class Node:
             ensure_epmd()
             self._native.start()
         self._started = True
-        _RUNNING.add(self)
+        key = id(self)
+        _RUNNING[key] = _weakref.ref(self, lambda _ref, key=key: _RUNNING.pop(key, None))
+        if "threading" in sys.modules:
+            # Threads of the caller's may use this node: it stops before they are joined.
+            _threading()
         return self
 
     def stop(self) -> None:
         if self._started:
             self._started = False
-            _RUNNING.discard(self)
+            _RUNNING.pop(id(self), None)
             self._native.stop()
 
     def __enter__(self) -> "Node":
@@ -569,7 +606,7 @@ class Node:
             with self._session_lock:
                 if self._session_mb is None:
                     self._session_mb = self._native.mailbox()
-                    t = threading.Thread(target=self._session_reaper, args=(self._session_mb,),
+                    t = _threading().Thread(target=self._session_reaper, args=(self._session_mb,),
                                          daemon=False, name="erpy-sessions")
                     self._threads.append(t)
                     t.start()
@@ -627,7 +664,7 @@ class Node:
             raise ValueError(f"the name {name!r} is already registered")
         handler.node = self
         handler.pid = mb.pid
-        t = threading.Thread(target=self._loop, args=(handler, mb), daemon=False,
+        t = _threading().Thread(target=self._loop, args=(handler, mb), daemon=False,
                              name=f"erpy-{name or mb.pid.id}")
         self._threads.append(t)
         t.start()
@@ -757,9 +794,9 @@ class Node:
         except TimeoutError:
             raise ErlangTimeoutError("timeout") from None
 
-    def serve_forever(self, stop: threading.Event | None = None) -> None:
-        """Blocks until ``stop`` is set (or forever)."""
-        (stop or threading.Event()).wait()
+    def serve_forever(self, stop: Any = None) -> None:
+        """Blocks until ``stop`` (a threading.Event) is set (or forever)."""
+        (stop or _threading().Event()).wait()
 
 
 def _text(v: Any) -> str:
@@ -790,6 +827,8 @@ _CLI: tuple = (
      "comma-separated Python modules rpc may reach ('*': all); repeatable (env ERPY_NODE_ALLOW)"),
     ("--allow-code", "true", None, "let erpy.service run code (eval/exec/run) (env ERPY_NODE_ALLOW_CODE=1)"),
     ("--load", "append", [], "import this module at start; its erpy_setup(node) is called if present"),
+    ("--connect", "append", [],
+     "connect to this node before saying it is ready (if that fails, it is left to connect); repeatable"),
     ("--ticktime", "int", ("ERPY_NODE_TICKTIME", 60), None),
     ("--spin-us", "int", ("ERPY_NODE_SPIN_US", 0),
      "poll a connection up to this long after data before sleeping, only while that pays (0: never)"),
@@ -842,12 +881,17 @@ def _cli_parser() -> Any:
     return p
 
 
+class _Options:
+    """The parsed command line (types.SimpleNamespace's job, without importing types)."""
+
+
 def _cli_plain(argv: list[str]) -> Any:
     """The options of a command line made only of _CLI's flags, each spelled out (a value
     in the next argument, not starting with "-"); None for any other."""
-    import types
     kinds = {flag: kind for flag, kind, _, _ in _CLI}
-    a = types.SimpleNamespace(**{_cli_dest(f): _cli_default(k, d) for f, k, d, _ in _CLI})
+    a = _Options()
+    for f, k, d, _ in _CLI:
+        setattr(a, _cli_dest(f), _cli_default(k, d))
     i = 0
     while i < len(argv):
         kind = kinds.get(argv[i])
@@ -904,33 +948,57 @@ def main(argv: list[str] | None = None) -> int:
                 max_queued_messages=a.max_queued_messages, max_queued_bytes=a.max_queued_bytes,
                 max_send_queue=a.max_send_queue)
     node.start()
-    for mod in a.load:
-        m = importlib.import_module(mod)
-        setup = getattr(m, "erpy_setup", None)
-        if callable(setup):
-            setup(node)
-    import signal
-    stop = threading.Event()
-    for sig in (signal.SIGTERM, signal.SIGINT):
-        signal.signal(sig, lambda *_: stop.set())
+    if a.load:
+        import importlib
+        for mod in a.load:
+            m = importlib.import_module(mod)
+            setup = getattr(m, "erpy_setup", None)
+            if callable(setup):
+                setup(node)
+        if "threading" in sys.modules:
+            _threading()
+    for peer in a.connect:
+        # The node that started this one (a node pool's VM) is connected from here, at
+        # once: its own connect would first start its resolver. If this fails (another
+        # distribution protocol, say), it connects as it would anyway.
+        try:
+            node.ping(peer)
+        except Exception:  # noqa: BLE001 - a bad name too: the peer still connects
+            pass
+    # What a node pool waits for (its start is the pool's): _thread and _signal rather
+    # than threading and signal, which import much more. `stop` is held until a signal or
+    # the end of stdin releases it (threading.Event's job).
+    import _signal
+    stop = _thread.allocate_lock()
+    stop.acquire()
+
+    def set_stop(*_: Any) -> None:
+        try:
+            stop.release()
+        except RuntimeError:  # already released
+            pass
+
+    for sig in (_signal.SIGTERM, _signal.SIGINT):
+        _signal.signal(sig, set_stop)
     if a.exit_on_eof:
         def watch() -> None:
             try:
                 while sys.stdin.buffer.read(4096):
                     pass
             finally:
-                stop.set()
-        threading.Thread(target=watch, daemon=True).start()
+                set_stop()
+        _thread.start_new_thread(watch, ())  # a daemon thread
     print(f"erpy.node {node.name} ready on port {node.port}", flush=True)
     try:
-        while not stop.wait(0.5):
+        while not stop.acquire(timeout=0.5):
             pass
     finally:
         # A handler that never returns (one that swallows every interrupt) must not keep
         # the process alive once it was told to stop: stop() gets two seconds.
-        deadline = threading.Timer(2.0, lambda: os._exit(0))
-        deadline.daemon = True
-        deadline.start()
+        def deadline() -> None:
+            time.sleep(2.0)
+            os._exit(0)
+        _thread.start_new_thread(deadline, ())
         node.stop()
     return 0
 

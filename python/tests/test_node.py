@@ -267,6 +267,74 @@ def test_command_line_env_fallbacks(epmd, erlang_node):
         assert proc.wait(10) == 0
 
 
+def _cli_node(*args: str) -> subprocess.Popen:
+    env = dict(os.environ, ERPY_COOKIE=COOKIE,
+               PYTHONPATH=os.pathsep.join([os.path.dirname(os.path.dirname(__file__))]))
+    return subprocess.Popen([sys.executable, "-m", "erpy.node", "--exit-on-eof", *args],
+                            stdin=subprocess.PIPE, stdout=subprocess.PIPE, env=env, text=True)
+
+
+def test_command_line_connect_is_done_when_ready_is_said(epmd, node):
+    """--connect NODE (what a node pool passes, with its own VM): the node is connected to
+    NODE by the time it prints its ready line."""
+    proc = _cli_node("--name", unique("cc"), "--connect", node.name)
+    try:
+        line = proc.stdout.readline()
+        assert "ready" in line, line
+        assert line.split()[1] in node.nodes()
+    finally:
+        proc.stdin.close()
+        assert proc.wait(10) == 0
+
+
+def test_command_line_connect_that_fails_still_starts_the_node(epmd):
+    """A --connect that cannot be made (no such node, not a node name) leaves the node
+    running and saying it is ready: the other side may still connect to it."""
+    proc = _cli_node("--name", unique("cf"), "--connect", unique("nobody"), "--connect", "not a node")
+    try:
+        line = proc.stdout.readline()
+        assert "ready" in line, line
+        probe = Node(unique("probe"), COOKIE).start()
+        try:
+            assert probe.ping(line.split()[1])
+        finally:
+            probe.stop()
+    finally:
+        proc.stdin.close()
+        assert proc.wait(10) == 0
+
+
+def test_node_module_imports_little_until_needed():
+    """A node starts without threading, signal, weakref, importlib or argparse (a node
+    pool waits for that start); they come when first needed, and erpy.node.threading is
+    the threading module."""
+    code = ("import sys, erpy.node\n"
+            "heavy = ('threading', 'signal', 'weakref', 'importlib', 'argparse')\n"
+            "print(sorted(m for m in heavy if m in sys.modules))\n"
+            "import threading\n"
+            "assert erpy.node.threading is threading\n")
+    env = dict(os.environ, PYTHONPATH=os.pathsep.join([os.path.dirname(os.path.dirname(__file__))]))
+    out = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True, timeout=60)
+    assert out.returncode == 0, out.stderr
+    assert out.stdout.strip() == "[]"
+
+
+def test_a_process_with_genservers_and_no_stop_exits(epmd):
+    """A node left running with a GenServer thread (non-daemon) does not keep its process
+    from exiting: the node stops before Python joins its threads."""
+    code = ("import sys\n"
+            "from erpy.node import Node, GenServer\n"
+            f"n = Node({unique('gx')!r}, {COOKIE!r}, allow_code=True).start()\n"
+            "class S(GenServer):\n"
+            "    pass\n"
+            "n.spawn(S(), 'keeper')\n"
+            "print('up', flush=True)\n")
+    env = dict(os.environ, PYTHONPATH=os.pathsep.join([os.path.dirname(os.path.dirname(__file__))]))
+    out = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True, timeout=60)
+    assert out.returncode == 0, out.stderr
+    assert out.stdout.strip() == "up"
+
+
 def test_ensure_epmd_starts_one_and_waits_until_it_answers(monkeypatch):
     # `epmd -daemon` returns before epmd listens: ensure_epmd waits for it to answer.
     calls: list[list[str]] = []
@@ -773,6 +841,7 @@ def test_command_line_read_without_argparse_as_argparse_reads_it(monkeypatch):
         ["--name", "a@h", "--cookie", "c"],
         ["--name", "a@h", "--cookie", "c", "--allow", "operator", "--allow", "math,os", "--allow-code",
          "--load", "x", "--load", "y", "--exit-on-eof", "--no-start-epmd", "--port", "123",
+         "--connect", "b@h", "--connect", "c@h",
          "--spin-us", "5", "--max-send-queue", "99"],
         ["--name", "a", "--listen", "0.0.0.0", "--ticktime", "7", "--coalesce-us", "0",
          "--max-message-size", "5000", "--max-queued-messages", "3", "--max-queued-bytes", "4"],
