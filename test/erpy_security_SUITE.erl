@@ -15,9 +15,11 @@
          new_atoms_refused/1, new_atoms_budget/1, undecodable_answer/1,
          no_stray_messages/1, crash_injection_soak/1,
          names_in_arguments_refused/1, indirect_funs_refused/1, many_handles_answered_in_time/1,
-         hostile_exceptions/1, async_ids_are_the_callers/1]).
+         hostile_exceptions/1, async_ids_are_the_callers/1, output_lines_bounded/1]).
 %% Called from Python.
 -export([echo/1, make_pid/0]).
+%% A logger handler that captures Python's output lines.
+-export([log/2]).
 
 all() ->
     [{group, port}, {group, embedded}, {group, node}].
@@ -28,7 +30,8 @@ groups() ->
              names_in_arguments_refused,
              export_fun_checked, local_fun_refused, apply_forms_checked, indirect_funs_refused,
              new_atoms_refused, new_atoms_budget, undecodable_answer, hostile_exceptions,
-             many_handles_answered_in_time, async_ids_are_the_callers, no_stray_messages,
+             many_handles_answered_in_time, async_ids_are_the_callers, output_lines_bounded,
+             no_stray_messages,
              crash_injection_soak],
     [{port, [], Cases}, {embedded, [], Cases}, {node, [], Cases}].
 
@@ -401,6 +404,43 @@ async_ids_are_the_callers(_Config) ->
     after 5000 -> ct:fail(no_answer_from_other)
     end,
     ?assertEqual({ok, 7}, erpy:await(Id, 10000)).
+
+%% print() output reaches the logger in lines of at most 64 KiB, however long the line
+%% Python writes (embedded mode sent it as one message of its size into the VM). Node
+%% pools read their nodes' output through a port in lines of 4096 bytes.
+output_lines_bounded(Config) ->
+    case ?config(mode, Config) of
+        node ->
+            {skip, "a node's output comes through a {line, 4096} port"};
+        _ ->
+            ok = logger:add_handler(sec_capture, ?MODULE, #{config => #{pid => self()}, level => all}),
+            try
+                {ok, #{status := ok}} =
+                    erpy:run(#{code => <<"print('z' * 1000000 + '\\u00e9' * 100000)">>, pool => sec_none}),
+                Lines = output_lines(1200000, []),
+                ?assert(lists:all(fun(L) -> byte_size(L) =< 65536 end, Lines)),
+                All = iolist_to_binary(Lines),
+                ?assertEqual(1200000, byte_size(All)),
+                ?assertEqual(100000, string:length(binary:part(All, 1000000, 200000)))
+            after
+                logger:remove_handler(sec_capture)
+            end
+    end.
+
+output_lines(Left, Acc) when Left =< 0 ->
+    lists:reverse(Acc);
+output_lines(Left, Acc) ->
+    receive
+        {sec_log, Line} -> output_lines(Left - byte_size(Line), [Line | Acc])
+    after 10000 ->
+        ct:fail({output_missing, Left})
+    end.
+
+log(#{msg := {"~ts", [Text]}, meta := #{domain := [erpy, python], pool := sec_none}},
+    #{config := #{pid := Pid}}) ->
+    Pid ! {sec_log, unicode:characters_to_binary(Text)};
+log(_Event, _Config) ->
+    ok.
 
 %% Item 8: after every kind of answer (value, exception, timeout, crash), nothing is left
 %% in the caller's mailbox.
