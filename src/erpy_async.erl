@@ -29,26 +29,62 @@ start(Request, _Opts) ->
 
 %% Waits up to `Timeout` for the answer of `Id`: the answer, or {error, timeout} (the
 %% request goes on: await again or cancel it). Only its caller can await it.
+%% Another process (or a second await of an answer already taken) gets
+%% {error, {badarg, {async_id, Id}}} at once: it would wait for nothing.
 -spec await(id(), timeout()) -> term().
-await({erpy_async, _Ref, _Pid} = Id, Timeout) ->
+await({erpy_async, _Ref, Pid} = Id, Timeout) when is_pid(Pid) ->
     receive
         {erpy_reply, Id, Answer} -> Answer
-    after Timeout ->
-        {error, timeout}
+    after 0 ->
+        case running_for_me(Pid) of
+            true ->
+                receive
+                    {erpy_reply, Id, Answer} -> Answer
+                after Timeout ->
+                    {error, timeout}
+                end;
+            false ->
+                receive
+                    {erpy_reply, Id, Answer} -> Answer
+                after 0 ->
+                    {error, {badarg, {async_id, Id}}}
+                end
+        end
     end;
 await(Id, _Timeout) ->
     {error, {badarg, {async_id, Id}}}.
 
 %% Stops the request (its Python call is interrupted, as for a caller that gave up);
 %% no answer comes after this returns.
+%% Only the caller may: another process gets {error, {badarg, {async_id, Id}}} and the
+%% request goes on (killing the runner would also kill the caller it is linked to).
 -spec cancel(id()) -> ok | {error, {badarg, term()}}.
 cancel({erpy_async, _Ref, Pid} = Id) when is_pid(Pid) ->
-    unlink(Pid),
-    exit(Pid, kill),
-    %% The runner may have answered before it was killed.
-    receive {erpy_reply, Id, _} -> ok after 0 -> ok end;
+    case running_for_me(Pid) orelse not is_process_alive(Pid) of
+        true ->
+            unlink(Pid),
+            exit(Pid, kill),
+            %% The runner may have answered before it was killed.
+            receive {erpy_reply, Id, _} -> ok after 0 -> ok end;
+        false ->
+            %% Not linked to us: it answered already (the answer came before its unlink),
+            %% or it runs for another process.
+            receive
+                {erpy_reply, Id, _} -> ok
+            after 0 ->
+                {error, {badarg, {async_id, Id}}}
+            end
+    end;
 cancel(Id) ->
     {error, {badarg, {async_id, Id}}}.
+
+%% Whether the runner `Pid` still runs a request of the calling process: it is linked to
+%% its caller until it has sent the answer.
+running_for_me(Pid) ->
+    case erlang:process_info(Pid, links) of
+        {links, Links} -> lists:member(self(), Links);
+        undefined -> false
+    end.
 
 run(Caller, Ref, Nesting, Request) ->
     erpy_call:set_nesting(Nesting),

@@ -402,6 +402,8 @@ erpc_call(Node, F, Args, Timeout, Server, Cb) ->
         error:{exception, {fragment_limit, _, _} = Limit, _} -> {error, Limit};
         error:{exception, #{type := <<"SessionClosed">>}, _} -> {error, {worker_exit, session_closed}};
         error:{exception, #{type := _} = PyError, _} -> {error, PyError};
+        %% An error map the node could not encode, as the other modes answer it.
+        error:{exception, python_error, _} -> {error, unencodable_error};
         error:{erpc, timeout} -> {error, timeout};
         error:{erpc, noconnection} ->
             gen_server:cast(Server, {down, Node}),

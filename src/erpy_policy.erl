@@ -37,7 +37,8 @@
                  new_fun_tag :: binary:cp()}).
 
 -opaque policy() :: #policy{}.
--opaque ctx() :: #{policy := policy(), caller := pid(), given := term(), key := reference()}.
+-opaque ctx() :: #{policy := policy(), caller := pid(), given := term(), key := reference(),
+                    handles => #{term() => true}, finished => true}.
 -type send_target() :: atom() | {atom(), node()} | pid().
 -type reason() :: {not_allowed, {module(), atom(), arity()}}
                 | {not_allowed, {send, term()}}
@@ -65,6 +66,15 @@
 %% rest for ?FUN_TAGS.
 -define(TAG_HITS, 1024).
 -define(GIVEN(Key), {'$erpy_given', Key}).
+%% The io functions whose first argument is the device (a process) they write to or read from.
+-define(IO_DEVICE_FIRST, [{columns, 1}, {format, 3}, {fwrite, 3}, {fread, 3}, {get_chars, 3},
+                          {get_line, 2}, {get_password, 1}, {getopts, 1}, {nl, 1},
+                          {parse_erl_exprs, 2}, {parse_erl_exprs, 3}, {parse_erl_exprs, 4},
+                          {parse_erl_form, 2}, {parse_erl_form, 3}, {parse_erl_form, 4},
+                          {put_chars, 2}, {read, 2}, {read, 3}, {read, 4}, {request, 2},
+                          {requests, 2}, {rows, 1}, {scan_erl_exprs, 2}, {scan_erl_exprs, 3},
+                          {scan_erl_exprs, 4}, {scan_erl_form, 2}, {scan_erl_form, 3},
+                          {scan_erl_form, 4}, {setopts, 2}, {write, 2}]).
 
 %% API.
 
@@ -104,10 +114,10 @@ done(#{key := Key}) ->
 %% As done/1, for a caller that decodes the answer afterwards: the context returned still
 %% knows what the callbacks handed to Python (a fun a callback returned may come back).
 -spec finish(ctx()) -> ctx().
-finish(#{given := Given, key := Key} = Ctx) ->
+finish(#{key := Key} = Ctx) ->
     case erase(?GIVEN(Key)) of
-        undefined -> Ctx;
-        Remembered -> Ctx#{given := [Given | Remembered]}
+        undefined -> Ctx#{finished => true};
+        Handles -> Ctx#{handles => Handles}
     end.
 
 %% A term Python sent (ETF): safe atoms, size limit, funs checked. Never raises.
@@ -306,12 +316,17 @@ check_fun(#{policy := #policy{allowed = Allowed}} = Ctx, Fun) ->
             {module, M} = erlang:fun_info(Fun, module),
             {name, F} = erlang:fun_info(Fun, name),
             {arity, A} = erlang:fun_info(Fun, arity),
-            case erpy_allow:resolve(Allowed, M, F, A) of
-                {ok, _, _} -> ok;
-                {error, _} ->
-                    given(Ctx, Fun) orelse throw({refused, {not_allowed, {'fun', M, F, A}}}),
-                    ok
-            end;
+            %% An allowed function that runs another function named in its arguments,
+            %% or reaches a process named there, is checked with those arguments when
+            %% Python calls it; as a fun, whatever calls it (lists:zipwith3 with
+            %% `fun erlang:apply/3`, lists:foldl with `fun gen_server:call/2`) picks its
+            %% arguments unchecked: refused.
+            Allows = case erpy_allow:resolve(Allowed, M, F, A) of
+                         {ok, _, _} -> not indirect(M, F, A);
+                         {error, _} -> false
+                     end,
+            Allows orelse given(Ctx, Fun) orelse throw({refused, {not_allowed, {'fun', M, F, A}}}),
+            ok;
         {type, local} ->
             case given(Ctx, Fun) of
                 true -> ok;
@@ -335,37 +350,46 @@ kind(T) when is_reference(T) -> reference;
 kind(T) when is_port(T) -> port.
 
 %% Did Erlang hand `X` to Python in this request (its arguments, or a callback result)?
-given(#{given := Given, key := Key}, X) ->
-    contains(Given, X) orelse lists:any(fun(T) -> contains(T, X) end, get_given(Key)).
+%% The handles (pids, references, ports, funs) of what was handed are collected once per
+%% request into a set, so a check costs the same however large the arguments and however
+%% many handles Python names (walking the arguments for each one was quadratic: a
+%% callback naming a given pid 20,000 times, with 200,000 arguments, held the caller
+%% for minutes, past its timeout).
+given(#{handles := Handles}, X) ->
+    maps:is_key(X, Handles);
+given(#{finished := true, given := Given}, X) ->
+    %% The answer of a finished request: nothing is remembered any more.
+    maps:is_key(X, handles(Given, #{}));
+given(Ctx, X) ->
+    maps:is_key(X, given_handles(Ctx)).
 
-get_given(Key) ->
+given_handles(#{given := Given, key := Key}) ->
     case get(?GIVEN(Key)) of
-        undefined -> [];
-        L -> L
+        undefined ->
+            Handles = handles(Given, #{}),
+            put(?GIVEN(Key), Handles),
+            Handles;
+        Handles ->
+            Handles
     end.
 
 %% Callback results Python may use later in the request (pids, references, funs only).
-remember(#{key := Key}, Value) ->
-    case has_handles(Value) of
-        true -> put(?GIVEN(Key), [Value | get_given(Key)]);
-        false -> ok
+remember(#{key := Key} = Ctx, Value) ->
+    case handles(Value, #{}) of
+        New when map_size(New) =:= 0 -> ok;
+        New -> put(?GIVEN(Key), maps:merge(given_handles(Ctx), New))
     end.
 
-has_handles(T) when is_pid(T); is_reference(T); is_port(T); is_function(T) -> true;
-has_handles(T) when is_list(T) -> lists:any(fun has_handles/1, proper(T));
-has_handles(T) when is_tuple(T) -> has_handles(tuple_to_list(T));
-has_handles(T) when is_map(T) -> has_handles(maps:to_list(T));
-has_handles(_) -> false.
+%% The pids, references, ports and funs in `T` (not inside funs: a fun's environment is
+%% not handed to Python), added to the set `Acc`.
+handles(T, Acc) when is_pid(T); is_reference(T); is_port(T); is_function(T) -> Acc#{T => true};
+handles([H | T], Acc) -> handles(T, handles(H, Acc));
+handles(T, Acc) when is_tuple(T) -> handles_tuple(T, tuple_size(T), Acc);
+handles(T, Acc) when is_map(T) -> maps:fold(fun(K, V, A) -> handles(V, handles(K, A)) end, Acc, T);
+handles(_T, Acc) -> Acc.
 
-proper([H | T]) when is_list(T) -> [H | proper(T)];
-proper([H | T]) -> [H, T];
-proper([]) -> [].
-
-contains(X, X) -> true;
-contains(T, X) when is_list(T) -> lists:any(fun(E) -> contains(E, X) end, proper(T));
-contains(T, X) when is_tuple(T) -> contains(tuple_to_list(T), X);
-contains(T, X) when is_map(T) -> contains(maps:to_list(T), X);
-contains(_, _) -> false.
+handles_tuple(_T, 0, Acc) -> Acc;
+handles_tuple(T, I, Acc) -> handles_tuple(T, I - 1, handles(element(I, T), Acc)).
 
 %% Internal: messages.
 
@@ -392,6 +416,15 @@ send(#{policy := #policy{send_allowed = Listed}}, Dest, Msg)
 send(_Ctx, Dest, _Msg) ->
     {error, {badarg, {send, Dest}}}.
 
+%% A process an allowed function is asked to reach (see dests/3): what erlang.send may
+%% reach. A name, {Name, Node}, {global, Name} or {via, Module, Name} must be listed in
+%% `send_allowed` as it is written.
+check_dest(Ctx, Dest) when is_pid(Dest); is_reference(Dest); is_port(Dest) ->
+    check_given(Ctx, Dest);
+check_dest(#{policy := #policy{send_allowed = Listed}}, Dest) ->
+    lists:member(Dest, Listed) orelse throw({refused, {not_allowed, {send, Dest}}}),
+    ok.
+
 existing_atom(B) ->
     try {ok, binary_to_existing_atom(B, utf8)} catch error:badarg -> error end.
 
@@ -400,28 +433,47 @@ existing_atom(B) ->
 apply_checked(#{policy := #policy{allowed = Allowed}} = Ctx, Pool, Worker, M, F, Args) ->
     case erpy_allow:resolve(Allowed, M, F, length(Args)) of
         {ok, Mod, Fun} ->
-            Args1 = check_inner(Ctx, Allowed, Mod, Fun, Args),
+            Args1 = check_call(Ctx, Allowed, Mod, Fun, Args),
             erpy_call:apply_callback(Pool, Worker, {Mod, Fun, Args1});
         {error, _} = NotAllowed ->
             NotAllowed
     end.
 
-%% Functions that run another function named by their arguments: the allow-list is asked
-%% about that one too, so allowing `{erlang, apply}` does not allow `os:cmd` through it.
-%% (Funs among the arguments were checked by walk/3.) Returns the arguments with the inner
-%% module and function as the atoms the allow-list resolved (Python may name them as str).
-check_inner(Ctx, Allowed, Mod, Fun, Args) ->
+%% An allowed call's arguments may still name a process or another function:
+%% - processes (gen_server:call(rex, ...), io:format(user, ...), erlang:whereis(rex)):
+%%   checked as erlang.send's destination is (dests/3);
+%% - functions to run (erlang:apply, spawn, rpc, timer:apply_after, ...): the allow-list
+%%   is asked about that one too (and its arguments checked the same way), so allowing
+%%   `{erlang, apply}` does not allow `os:cmd` through it;
+%% - lists of functions (rpc:parallel_eval/1, rpc:pmap/3): refused, they are not checked.
+%% (Funs, pids and references among the arguments were checked by walk/3.) Returns the
+%% arguments with the inner module and function as the atoms the allow-list resolved
+%% (Python may name them as str).
+check_call(Ctx, Allowed, Mod, Fun, Args) ->
+    lists:foreach(fun(Dest) -> check_dest(Ctx, Dest) end, dests(Mod, Fun, Args)),
+    unchecked(Mod, Fun, length(Args)) andalso
+        throw({refused, {not_allowed, {Mod, Fun, length(Args)}}}),
     case inner(Mod, Fun, Args) of
         none ->
             Args;
         {Before, [M, F, A | After]} when is_list(A) ->
             case erpy_allow:resolve(Allowed, M, F, length(A)) of
-                {ok, M1, F1} -> Before ++ [M1, F1, check_inner(Ctx, Allowed, M1, F1, A) | After];
+                {ok, M1, F1} -> Before ++ [M1, F1, check_call(Ctx, Allowed, M1, F1, A) | After];
                 {error, Why} -> throw({refused, Why})
             end;
         {_, [M, F, A | _]} ->
             throw({refused, {not_allowed, {M, F, A}}})
     end.
+
+%% Whether `fun M:F/A` is a function whose arguments name a function to run or a process
+%% to reach (so it cannot be let through as a fun, its arguments unseen).
+indirect(M, F, A) ->
+    Args = lists:duplicate(A, []),
+    inner(M, F, Args) =/= none orelse dests(M, F, Args) =/= [] orelse unchecked(M, F, A).
+
+unchecked(rpc, parallel_eval, 1) -> true;
+unchecked(rpc, pmap, 3) -> true;
+unchecked(_, _, _) -> false.
 
 %% {Arguments before the module, [Module, Function, Args | the rest]} for the forms that
 %% name a function to run.
@@ -433,6 +485,7 @@ inner(Mod, Fun, Args) ->
 
 %% How many arguments come before {M, F, A}.
 skip(erlang, apply, [_, _, _]) -> 0;
+skip(erlang, hibernate, [_, _, _]) -> 0;
 skip(erlang, S, [_, _, _]) when S =:= spawn; S =:= spawn_link; S =:= spawn_monitor -> 0;
 skip(erlang, S, [_, _, _, _]) when S =:= spawn; S =:= spawn_link; S =:= spawn_monitor -> 1;
 skip(erlang, spawn_opt, [_, _, _, _]) -> 0;
@@ -442,10 +495,40 @@ skip(erlang, spawn_request, [_, _, A, _]) when is_list(A) -> 0;
 skip(erlang, spawn_request, [_, _, _ | _]) -> 1;
 skip(proc_lib, S, [_, _, A | _]) when is_list(A), S =/= stop -> 0;
 skip(proc_lib, S, [_, _, _, _ | _]) when S =/= stop -> 1;
-skip(rpc, multicall, [_, _, A | _]) when is_list(A) -> 0;
+skip(rpc, _, [_, _, A | _]) when is_list(A) -> 0;
 skip(rpc, _, [_, _, _, _ | _]) -> 1;
 skip(erpc, _, [_, _, _, _ | _]) -> 1;
-skip(timer, tc, [_, _, _]) -> 0;
+skip(timer, tc, [_, _, _ | _]) -> 0;
 skip(timer, S, [_, _, _, _]) when S =:= apply_after; S =:= apply_interval;
                                  S =:= apply_repeatedly -> 1;
 skip(_, _, _) -> none.
+
+%% The processes an OTP function reaches that its arguments name (a pid, a registered
+%% name, {Name, Node}, {global, Name}, {via, Module, Name}): messages, calls, timers,
+%% name lookups, I/O to a device, process control (sys, supervisor, stop).
+dests(erlang, F, [D | _]) when F =:= send; F =:= send_nosuspend; F =:= '!';
+                               F =:= whereis; F =:= unregister -> [D];
+dests(erlang, F, [_, D | _]) when F =:= send_after; F =:= start_timer -> [D];
+dests(timer, F, [_, D, _]) when F =:= send_after; F =:= send_interval; F =:= exit_after -> [D];
+dests(timer, kill_after, [_, D]) -> [D];
+dests(gen_server, F, [_, D, _ | _]) when F =:= multi_call; F =:= abcast -> [D];  % Nodes first
+dests(gen_server, F, [D | _]) when F =:= call; F =:= cast; F =:= send_request; F =:= stop;
+                                   F =:= multi_call; F =:= abcast -> [D];
+dests(gen_statem, F, [D | _]) when F =:= call; F =:= cast; F =:= send_request; F =:= stop -> [D];
+dests(gen_event, F, [D | _]) when F =/= start, F =/= start_link, F =/= start_monitor -> [D];
+dests(gen, F, [D | _]) when F =:= call; F =:= stop; F =:= send_request -> [D];
+dests(sys, _, [D | _]) -> [D];
+dests(proc_lib, stop, [D | _]) -> [D];
+dests(supervisor, F, [D | _]) when F =/= start_link, F =/= check_childspecs -> [D];
+dests(global, F, [Name | _]) when F =:= send; F =:= whereis_name -> [{global, Name}];
+dests(rpc, F, [D, _]) when F =:= sbcast; F =:= abcast; F =:= multi_server_call -> [D];
+dests(rpc, F, [_, D, _]) when F =:= sbcast; F =:= abcast; F =:= multi_server_call -> [D];
+dests(rpc, server_call, [_, D, _, _]) -> [D];
+dests(io, F, [D | _] = Args) ->
+    case lists:member({F, length(Args)}, ?IO_DEVICE_FIRST) of
+        true when D =:= standard_io -> [];  % the caller's own group leader, as io:format/2
+        true -> [D];
+        false -> []
+    end;
+dests(_, _, _) ->
+    [].

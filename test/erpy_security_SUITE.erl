@@ -1,6 +1,7 @@
-%% Hostile Python code against a pool's policy (doc/security.md), in port and embedded
-%% mode (node mode's cases are in erpy_node_SUITE). Every case is what an attacker tried:
-%% the snippet must be refused with a clear error and the VM must be unchanged.
+%% Hostile Python code against a pool's policy (doc/security.md), in port, embedded and
+%% node mode (a node pool's Python code calls back through its caller as the other modes'
+%% do; erpy_node_SUITE has the node-only cases). Every case is what an attacker tried: the
+%% snippet must be refused with a clear error and the VM must be unchanged.
 -module(erpy_security_SUITE).
 
 -include_lib("common_test/include/ct.hrl").
@@ -12,20 +13,27 @@
          forged_pid_refused/1, forged_pid_in_callback_args_refused/1,
          export_fun_checked/1, local_fun_refused/1, apply_forms_checked/1,
          new_atoms_refused/1, new_atoms_budget/1, undecodable_answer/1,
-         no_stray_messages/1, crash_injection_soak/1]).
+         no_stray_messages/1, crash_injection_soak/1,
+         names_in_arguments_refused/1, indirect_funs_refused/1, many_handles_answered_in_time/1,
+         hostile_exceptions/1, async_ids_are_the_callers/1, output_lines_bounded/1]).
 %% Called from Python.
 -export([echo/1, make_pid/0]).
+%% A logger handler that captures Python's output lines.
+-export([log/2]).
 
 all() ->
-    [{group, port}, {group, embedded}].
+    [{group, port}, {group, embedded}, {group, node}].
 
 groups() ->
     Cases = [send_by_name_refused, send_allowed_names, send_to_given_pids,
              forged_pid_refused, forged_pid_in_callback_args_refused,
-             export_fun_checked, local_fun_refused, apply_forms_checked,
-             new_atoms_refused, new_atoms_budget, undecodable_answer, no_stray_messages,
+             names_in_arguments_refused,
+             export_fun_checked, local_fun_refused, apply_forms_checked, indirect_funs_refused,
+             new_atoms_refused, new_atoms_budget, undecodable_answer, hostile_exceptions,
+             many_handles_answered_in_time, async_ids_are_the_callers, output_lines_bounded,
+             no_stray_messages,
              crash_injection_soak],
-    [{port, [], Cases}, {embedded, [], Cases}].
+    [{port, [], Cases}, {embedded, [], Cases}, {node, [], Cases}].
 
 suite() ->
     [{timetrap, {seconds, 120}}].
@@ -38,18 +46,35 @@ end_per_suite(_Config) ->
     ok.
 
 init_per_group(Mode, Config) ->
-    Base = #{mode => Mode, size => 1},
+    Mode =:= node andalso distributed(),
+    Base = base(Mode, 1),
     ok = start(sec_none, Base#{allowed => []}),
-    ok = start(sec_lists, Base#{allowed => [lists, {?MODULE, echo, 1}, {?MODULE, make_pid, 0}]}),
+    ok = start(sec_lists, Base#{allowed => [lists, maps, {?MODULE, echo, 1}, {?MODULE, make_pid, 0}]}),
     ok = start(sec_apply, Base#{allowed => [{erlang, apply}, {erlang, spawn}, {rpc, call},
-                                            {timer, apply_after}, {erlang, abs}]}),
+                                            {timer, apply_after}, {erlang, abs}, lists, maps]}),
     ok = start(sec_send, Base#{allowed => [], send_allowed => [sec_target]}),
     ok = start(sec_atoms, Base#{allowed => [{?MODULE, echo, 1}], new_atoms => 2}),
+    %% Functions that reach a process their arguments name.
+    ok = start(sec_dest, Base#{allowed => [{gen_server, call}, {gen_server, cast}, {erlang, apply},
+                                           {erlang, send}, {erlang, whereis}, {io, format},
+                                           {timer, send_after}, {sys, get_state}, lists],
+                               send_allowed => [sec_target]}),
     [{mode, Mode} | Config].
 
 end_per_group(_Mode, _Config) ->
-    [erpy:stop_pool(P) || P <- [sec_none, sec_lists, sec_apply, sec_send, sec_atoms]],
+    [erpy:stop_pool(P) || P <- [sec_none, sec_lists, sec_apply, sec_send, sec_atoms, sec_dest]],
     ok.
+
+base(node, N) -> #{mode => node, start => N};
+base(Mode, N) -> #{mode => Mode, size => N}.
+
+%% Node pools need this VM to be a distributed node (a name of this run's own).
+distributed() ->
+    _ = os:cmd("epmd -daemon"),
+    case is_alive() of
+        true -> ok;
+        false -> {ok, _} = net_kernel:start([list_to_atom("ct_sec_" ++ os:getpid() ++ "@127.0.0.1"), longnames])
+    end.
 
 %% Item 1: messages obey the policy.
 
@@ -155,6 +180,56 @@ forged_pid_in_callback_args_refused(_Config) ->
     ?assert(is_pid(P)),
     exit(Victim, kill).
 
+%% An allowed function that reaches a process named in its arguments (gen_server:call,
+%% erlang:send, timers, io to a device, sys, whereis) reaches only what erlang.send may:
+%% the issue's attack again, through an allowed gen_server:call to rex.
+names_in_arguments_refused(Config) ->
+    Pwned = filename:join(?config(priv_dir, Config), "erpy_pwned_by_name"),
+    Victim = spawn(fun() -> receive M -> exit({reached, M}) after 30000 -> ok end end),
+    register(sec_victim, Victim),
+    try
+        Prelude = <<"import erpy\nA = erpy.Atom\ncmd = list(map(ord, 'touch ' + arguments))\n">>,
+        Attacks = [<<"erlang.apply('gen_server', 'call', [A('rex'), (A('call'), A('os'), A('cmd'), [cmd], A('user'))])">>,
+                   <<"erlang.apply('erlang', 'apply', ['gen_server', 'call', [A('rex'), (A('call'), A('os'), A('cmd'), [cmd], A('user'))]])">>,
+                   <<"erlang.apply('gen_server', 'cast', [A('sec_victim'), 1])">>,
+                   <<"erlang.apply('gen_server', 'call', [(A('sec_victim'), erlang.self().node), 1])">>,
+                   <<"erlang.apply('gen_server', 'call', [(A('global'), A('sec_victim')), 1])">>,
+                   <<"erlang.apply('gen_server', 'call', [(A('via'), A('global'), A('sec_victim')), 1])">>,
+                   <<"erlang.apply('erlang', 'send', [A('sec_victim'), 1])">>,
+                   <<"erlang.apply('timer', 'send_after', [0, A('sec_victim'), 1])">>,
+                   <<"erlang.apply('io', 'format', [A('user'), 'pwned~n', []])">>,
+                   <<"erlang.apply('sys', 'get_state', [A('rex')])">>,
+                   %% A pid looked up by name is a pid handed over: not for a name Python may not reach.
+                   <<"erlang.send(erlang.apply('erlang', 'whereis', [A('sec_victim')]), 1)">>],
+        [begin
+             {ok, #{status := error, error := #{type := <<"ErlangError">>, message := M}}} =
+                 erpy:run(#{code => <<Prelude/binary, C/binary>>, pool => sec_dest,
+                            arguments => unicode:characters_to_binary(Pwned)}),
+             ?assertMatch({_, _}, binary:match(M, <<"not_allowed">>), C)
+         end || C <- Attacks],
+        ?assertNot(filelib:is_regular(Pwned)),
+        ?assert(is_process_alive(Victim)),
+        %% A pid Erlang handed, and a listed name, are reached.
+        Server = spawn_link(fun() -> receive {'$gen_call', From, Req} -> gen_server:reply(From, {got, Req}) end end),
+        {ok, #{status := ok, result := {got, <<"hi">>}}} =
+            erpy:run(#{code => <<"result = erlang.apply('gen_server', 'call', [arguments, 'hi'])">>,
+                       arguments => Server, pool => sec_dest}),
+        register(sec_target, self()),
+        {ok, #{status := ok}} =
+            erpy:run(#{code => <<"import erpy\nerlang.apply('gen_server', 'cast', [erpy.Atom('sec_target'), 'hello'])">>,
+                       pool => sec_dest}),
+        receive {'$gen_cast', <<"hello">>} -> ok after 5000 -> ct:fail(no_cast) end,
+        Self = self(),
+        {ok, #{status := ok, result := Self}} =
+            erpy:run(#{code => <<"import erpy\nresult = erlang.apply('erlang', 'whereis', [erpy.Atom('sec_target')])">>,
+                       pool => sec_dest})
+    after
+        catch unregister(sec_target),
+        unregister(sec_victim),
+        exit(Victim, kill)
+    end,
+    receive Unexpected -> ct:fail({unexpected, Unexpected}) after 100 -> ok end.
+
 %% Item 2: funs obey the allow-list.
 
 export_fun_checked(_Config) ->
@@ -211,6 +286,38 @@ apply_forms_checked(_Config) ->
         erpy:run(#{code => <<"result = erlang.apply('erlang', 'apply', ['erlang', 'abs', [-5]])">>,
                    pool => sec_apply}).
 
+%% A fun of an allowed function that runs, or reaches, what its arguments name is refused:
+%% whatever calls the fun picks those arguments, unchecked.
+indirect_funs_refused(_Config) ->
+    Prelude = <<"import erpy\nA = erpy.Atom\nf = erpy.decode(bytes(arguments))\nid = list(map(ord, 'id'))\n">>,
+    Attacks = [{sec_apply, fun erlang:apply/3, <<"erlang.apply('lists', 'zipwith3', [f, [A('os')], [A('cmd')], [[id]]])">>},
+               {sec_apply, fun erlang:apply/3, <<"erlang.apply('maps', 'fold', [f, [id], {A('os'): A('cmd')}])">>},
+               {sec_dest, fun gen_server:call/2,
+                <<"erlang.apply('lists', 'foldl', [f, (A('call'), A('os'), A('cmd'), [id], A('user')), [A('rex')]])">>},
+               {sec_dest, fun erlang:send/2, <<"erlang.apply('lists', 'foldl', [f, 1, [A('rex')]])">>}],
+    [begin
+         {ok, #{status := error, error := #{type := <<"ErlangError">>, message := M}}} =
+             erpy:run(#{code => <<Prelude/binary, C/binary>>, arguments => term_to_binary(Fun), pool => Pool}),
+         ?assertMatch({_, _}, binary:match(M, <<"not_allowed">>), C)
+     end || {Pool, Fun, C} <- Attacks],
+    %% The very fun Erlang handed is Erlang's choice: it runs.
+    {ok, #{status := ok, result := [3]}} =
+        erpy:run(#{code => <<"import erpy\nA = erpy.Atom\n"
+                             "result = erlang.apply('lists', 'zipwith3', [arguments, [A('erlang')], [A('abs')], [[-3]]])">>,
+                   arguments => fun erlang:apply/3, pool => sec_apply}).
+
+%% Python naming a pid Erlang handed 20,000 times, in a request with large arguments, is
+%% answered: each check is a lookup (walking the arguments for each one held the caller
+%% for minutes, past its timeout).
+many_handles_answered_in_time(_Config) ->
+    Pid = spawn(fun() -> receive after 60000 -> ok end end),
+    Big = lists:seq(1, 200000),
+    ?assertMatch({ok, #{status := ok, result := 20000}},
+                 erpy:run(#{code => <<"p = arguments[1]\n"
+                                      "result = len(erlang.call('erpy_security_SUITE', 'echo', [p] * 20000))">>,
+                            arguments => [Big, Pid], pool => sec_lists}, 30000)),
+    exit(Pid, kill).
+
 %% Item 3: atoms.
 
 new_atoms_refused(_Config) ->
@@ -252,16 +359,99 @@ undecodable_answer(_Config) ->
     ?assertMatch({error, _}, R),
     {ok, 3} = erpy:eval(<<"1 + 2">>, #{}, #{pool => sec_none}).
 
+%% An exception whose text is hostile (a __str__ or __repr__ that raises or never returns,
+%% text that is no UTF-8, a cycle of causes, a huge message) is an error value, and the
+%% pool goes on serving.
+hostile_exceptions(_Config) ->
+    Run = fun(Code) -> erpy:run(#{code => Code, pool => sec_none}, 10000) end,
+    {ok, #{status := error, error := #{type := <<"ValueError">>, message := <<"<unprintable>">>}}} =
+        Run(<<"class E:\n    def __repr__(self): raise RuntimeError('no')\n    __str__ = __repr__\nraise ValueError(E())">>),
+    {ok, #{status := error, error := #{type := <<"E">>}}} =
+        Run(<<"class E(Exception):\n    def __eq__(s, o): raise RuntimeError('eq')\n"
+              "    def __hash__(s): raise RuntimeError('h')\n    def __str__(s): raise RuntimeError('s')\n"
+              "raise E(E())">>),
+    %% Lone surrogates in the message and the traceback.
+    {ok, #{status := error, error := #{type := <<"ValueError">>, message := M1, traceback := [_ | _]}}} =
+        Run(<<"raise ValueError('bad \\udc80 text')">>),
+    ?assertMatch({_, _}, binary:match(M1, <<"bad ">>)),
+    ?assert(is_binary(unicode:characters_to_binary(M1))),
+    %% __str__ giving a str subclass.
+    {ok, #{status := error, error := #{type := <<"ValueError">>, message := <<"sub">>}}} =
+        Run(<<"class S(str):\n    def __repr__(self): raise RuntimeError('r')\n"
+              "class E:\n    def __str__(self): return S('sub')\nraise ValueError(E())">>),
+    {ok, #{status := error, error := #{type := <<"ValueError">>, message := <<"a">>}}} =
+        Run(<<"a = ValueError('a'); b = ValueError('b'); a.__cause__ = b; b.__cause__ = a\nraise a">>),
+    %% A __str__ that never returns: the request times out.
+    ?assertEqual({error, timeout},
+                 erpy:run(#{code => <<"class E:\n    def __str__(self):\n        while True: pass\n"
+                                      "    __repr__ = __str__\nraise ValueError(E())">>,
+                            pool => sec_none}, 2000)),
+    %% Larger than the pool takes.
+    ?assertMatch({error, {message_too_large, _, _}},
+                 erpy:run(#{code => <<"raise ValueError('x' * 20000000)">>, pool => sec_none}, 20000)),
+    {ok, 3} = erpy:eval(<<"1 + 2">>, #{}, #{pool => sec_none}).
+
+%% Only the process that started an asynchronous request may cancel or await it: another
+%% one cannot take its answer or stop it.
+async_ids_are_the_callers(_Config) ->
+    {ok, Id} = erpy:async_eval(<<"__import__('time').sleep(1) or 7">>, #{}, #{pool => sec_none}),
+    Self = self(),
+    _ = spawn_link(fun() -> Self ! {other, erpy:cancel(Id), erpy:await(Id, 100)} end),
+    receive
+        {other, Cancel, Await} ->
+            ?assertEqual({error, {badarg, {async_id, Id}}}, Cancel),
+            ?assertEqual({error, {badarg, {async_id, Id}}}, Await)
+    after 5000 -> ct:fail(no_answer_from_other)
+    end,
+    ?assertEqual({ok, 7}, erpy:await(Id, 10000)).
+
+%% print() output reaches the logger in lines of at most 64 KiB, however long the line
+%% Python writes (embedded mode sent it as one message of its size into the VM). Node
+%% pools read their nodes' output through a port in lines of 4096 bytes.
+output_lines_bounded(Config) ->
+    case ?config(mode, Config) of
+        node ->
+            {skip, "a node's output comes through a {line, 4096} port"};
+        _ ->
+            ok = logger:add_handler(sec_capture, ?MODULE, #{config => #{pid => self()}, level => all}),
+            try
+                {ok, #{status := ok}} =
+                    erpy:run(#{code => <<"print('z' * 1000000 + '\\u00e9' * 100000)">>, pool => sec_none}),
+                Lines = output_lines(1200000, []),
+                ?assert(lists:all(fun(L) -> byte_size(L) =< 65536 end, Lines)),
+                All = iolist_to_binary(Lines),
+                ?assertEqual(1200000, byte_size(All)),
+                ?assertEqual(100000, string:length(binary:part(All, 1000000, 200000)))
+            after
+                logger:remove_handler(sec_capture)
+            end
+    end.
+
+output_lines(Left, Acc) when Left =< 0 ->
+    lists:reverse(Acc);
+output_lines(Left, Acc) ->
+    receive
+        {sec_log, Line} -> output_lines(Left - byte_size(Line), [Line | Acc])
+    after 10000 ->
+        ct:fail({output_missing, Left})
+    end.
+
+log(#{msg := {"~ts", [Text]}, meta := #{domain := [erpy, python], pool := sec_none}},
+    #{config := #{pid := Pid}}) ->
+    Pid ! {sec_log, unicode:characters_to_binary(Text)};
+log(_Event, _Config) ->
+    ok.
+
 %% Item 8: after every kind of answer (value, exception, timeout, crash), nothing is left
 %% in the caller's mailbox.
 no_stray_messages(Config) ->
     Mode = ?config(mode, Config),
     Pool = sec_stray,
-    ok = start(Pool, #{mode => Mode, size => 2, allowed => [], kill_grace_ms => 200}),
+    ok = start(Pool, (base(Mode, 2))#{allowed => [], kill_grace_ms => 200}),
     try
         Crash = case Mode of
-                    port -> <<"import os\nos._exit(3)">>;
-                    embedded -> <<"raise SystemExit(3)">>
+                    embedded -> <<"raise SystemExit(3)">>;
+                    _ -> <<"import os\nos._exit(3)">>
                 end,
         [begin
              _ = erpy:run(#{code => C, pool => Pool}, 300),
@@ -279,14 +469,17 @@ no_stray_messages(Config) ->
 crash_injection_soak(Config) ->
     Mode = ?config(mode, Config),
     Seconds = list_to_integer(os:getenv("ERPY_SOAK_SECONDS", "15")),
-    ok = start(sec_soak, #{mode => Mode, size => 4, allowed => [], kill_grace_ms => 300}),
+    %% Node mode: two Python nodes (each runs many calls at once).
+    Size = case Mode of node -> 2; _ -> 4 end,
+    ok = start(sec_soak, (base(Mode, Size))#{allowed => [], kill_grace_ms => 300}),
     try
         R = erpy_soak:run(sec_soak, Mode, 8, Seconds),
         ct:pal("soak ~p: ~p", [Mode, R]),
         ?assertMatch(#{wrong := 0, lost := 0, stray := 0, full_size := true}, R),
         #{calls := Calls, ok := Ok, exceptions := Ex, timeouts := To, crashes := Cr} = R,
         ?assert(Ok > 0 andalso Ex > 0 andalso To > 0 andalso Cr > 0),
-        ?assertEqual(Calls, Ok + Ex + To + Cr)
+        %% Node mode: a crash also ends the calls in flight on that node (collateral).
+        ?assertEqual(Calls, Ok + Ex + To + Cr + maps:get(collateral, R, 0))
     after
         erpy:stop_pool(sec_soak)
     end.

@@ -63,6 +63,10 @@ ERL_NIF_TERM exception_answer(ErlNifEnv* env, const ConvertOptions& co) noexcept
     py::PyRef err = rt.runner().error_from_exception();
     TermInfo info;
     return enif_make_tuple2(env, atoms.error, rt.converter().to_term(env, err.get(), co, info));
+  } catch (const etf::TooLargeError& e) {
+    // As port and node mode answer an error map over the pool's limit.
+    PyErr_Clear();
+    return enif_make_tuple2(env, atoms.error, too_large_reason(env, e));
   } catch (...) {
     PyErr_Clear();
     return enif_make_tuple2(env, atoms.error, atoms.unencodable_error);

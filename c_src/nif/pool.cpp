@@ -806,15 +806,36 @@ PyRef Pool::erlang_callback(Context& c, const char* kind, PyObject* m, PyObject*
 }
 
 void Pool::log(PyObject* stream, PyObject* text) {
+  // Text only, as UTF-8 (lone surrogates escaped), and at most kMaxLogLine bytes a message
+  // as port mode's lines: a print() of a huge str goes as many lines, never as one message
+  // of its size into the VM.
+  constexpr Py_ssize_t kMaxLogLine = 64 * 1024;
+  if (!PyUnicode_Check(text)) {
+    PyErr_Format(PyExc_TypeError, "log: text must be a str, not %s", Py_TYPE(text)->tp_name);
+    throw PythonError();
+  }
+  py::PyRef utf8 = py::PyRef::check(PyUnicode_AsEncodedString(text, "utf-8", "backslashreplace"));
+  const char* p = PyBytes_AS_STRING(utf8.get());
+  const Py_ssize_t n = PyBytes_GET_SIZE(utf8.get());
   Runtime& rt = Runtime::get();
-  MsgEnv msg = MsgEnv::take();
-  // A line of output goes to the pool's own server, whatever its size (no new atoms).
-  TermInfo info;
-  ERL_NIF_TERM s = rt.converter().to_term(msg.get(), stream, log_convert_, info);
-  ERL_NIF_TERM line = rt.converter().to_term(msg.get(), text, log_convert_, info);
-  ERL_NIF_TERM t = enif_make_tuple3(msg.get(), atoms.erpy_log, s, line);
-  ErlNifPid owner = o_.owner;
-  enif_send(nullptr, &owner, msg.get(), t);
+  Py_ssize_t at = 0;
+  do {
+    Py_ssize_t len = std::min(kMaxLogLine, n - at);
+    // Cut before a UTF-8 continuation byte, never inside a character.
+    while (at + len < n && len > 0 && (static_cast<unsigned char>(p[at + len]) & 0xC0) == 0x80) --len;
+    MsgEnv msg = MsgEnv::take();
+    TermInfo info;
+    // The stream's name makes no new atom (log_convert_ has no budget).
+    ERL_NIF_TERM s = rt.converter().to_term(msg.get(), stream, log_convert_, info);
+    ERL_NIF_TERM line;
+    unsigned char* dst = enif_make_new_binary(msg.get(), static_cast<size_t>(len), &line);
+    if (!dst) throw std::bad_alloc();
+    if (len) std::memcpy(dst, p + at, static_cast<size_t>(len));
+    ERL_NIF_TERM t = enif_make_tuple3(msg.get(), atoms.erpy_log, s, line);
+    ErlNifPid owner = o_.owner;
+    enif_send(nullptr, &owner, msg.get(), t);
+    at += len;
+  } while (at < n);
 }
 
 // ---- the service thread ------------------------------------------------------------------

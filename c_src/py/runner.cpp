@@ -9,6 +9,25 @@ PyRef make_atom(const Types& t, const char* text) {
   return PyRef::check(PyObject_CallOneArg(t.atom.get(), s.get()));
 }
 
+// Text Python chose for an error (its message, its type's name, a traceback line) as an
+// exact str that encodes as UTF-8: a str subclass (whose methods are the code's own) is
+// copied and lone surrogates are escaped (\udc80), so the error map always has an Erlang
+// form. Empty if there is no text to be had (the Python error is cleared).
+PyRef clean_text(PyRef s) {
+  if (!s || !PyUnicode_Check(s.get())) {
+    PyErr_Clear();
+    return {};
+  }
+  if (PyUnicode_CheckExact(s.get()) && PyUnicode_AsUTF8AndSize(s.get(), nullptr)) return s;
+  PyErr_Clear();
+  PyRef utf8 = PyRef::steal(PyUnicode_AsEncodedString(s.get(), "utf-8", "backslashreplace"));
+  PyRef out = utf8 ? PyRef::steal(PyUnicode_DecodeUTF8(PyBytes_AS_STRING(utf8.get()),
+                                                       PyBytes_GET_SIZE(utf8.get()), "strict"))
+                   : PyRef();
+  if (!out) PyErr_Clear();
+  return out;
+}
+
 }  // namespace
 
 PyRef apply_arguments(PyObject* args) {
@@ -212,12 +231,9 @@ PyRef Runner::error_from_exception() {
   if (trace && v) PyException_SetTraceback(v.get(), trace.get());
   if (!t) return error("SystemError", "an error without an exception");
   PyRef m = PyRef::check(PyDict_New());
-  PyRef name = PyRef::steal(PyType_GetName(reinterpret_cast<PyTypeObject*>(t.get())));
-  PyRef msg = v ? PyRef::steal(PyObject_Str(v.get())) : PyRef::check(PyUnicode_FromString(""));
-  if (!msg) {
-    PyErr_Clear();
-    msg = PyRef::check(PyUnicode_FromString("<unprintable>"));
-  }
+  PyRef name = clean_text(PyRef::steal(PyType_GetName(reinterpret_cast<PyTypeObject*>(t.get()))));
+  PyRef msg = clean_text(v ? PyRef::steal(PyObject_Str(v.get())) : PyRef::check(PyUnicode_FromString("")));
+  if (!msg) msg = PyRef::check(PyUnicode_FromString("<unprintable>"));
   if (!format_exception_) {
     // Imported on the first error, not at start: traceback pulls in re, tokenize, ...
     PyRef tb = PyRef::steal(PyImport_ImportModule("traceback"));
@@ -226,7 +242,14 @@ PyRef Runner::error_from_exception() {
   }
   PyRef lines = (v && format_exception_) ? PyRef::steal(PyObject_CallOneArg(format_exception_.get(), v.get()))
                                          : PyRef();
-  if (!lines) {
+  if (lines && PyList_CheckExact(lines.get())) {
+    PyRef clean = PyRef::check(PyList_New(0));
+    for (Py_ssize_t i = 0; i < PyList_GET_SIZE(lines.get()); ++i) {
+      PyRef line = clean_text(PyRef::borrow(PyList_GET_ITEM(lines.get(), i)));
+      if (line && PyList_Append(clean.get(), line.get()) != 0) throw PythonError();
+    }
+    lines = std::move(clean);
+  } else {
     PyErr_Clear();
     lines = PyRef::check(PyList_New(0));
   }
