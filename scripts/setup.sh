@@ -8,13 +8,19 @@ packages=(
   build-essential cmake pkg-config
   clang libclang-rt-14-dev          # libFuzzer and the sanitizer runtimes
   zlib1g-dev                        # compressed terms (tag 80)
-  libgtest-dev libbenchmark-dev
+  libgtest-dev
   erlang-nox erlang-dev erlang-common-test erlang-eunit rebar3
   elixir
   python3 python3-dev libpython3.11-dev python3-pytest python3-venv
   python3-msgpack                   # a reference of the W5 bench (bench/erpy_bench_w5.erl)
   valgrind                          # W5 in instructions (callgrind, bench/erpy_bench_w5.erl)
 )
+
+# `setup.sh --list`: the packages, one a line (scripts/footprint.py reads them).
+if [ "${1:-}" = "--list" ]; then
+  printf '%s\n' "${packages[@]}"
+  exit 0
+fi
 
 # One dpkg-query for all of them: packages it does not know are simply not printed.
 installed=" $({ dpkg-query -W -f='${db:Status-Status}:${Package} ' "${packages[@]}" 2>/dev/null || true; } \
@@ -35,5 +41,10 @@ fi
 
 echo "erpy setup: installing ${missing[*]}" >&2
 export DEBIAN_FRONTEND=noninteractive
+start=$(date +%s)
+before=$(dpkg-query -W -f='${db:Status-Status}\n' 2>/dev/null | grep -c '^installed$' || true)
 apt-get update -q
-apt-get install -y -q "${missing[@]}"
+# Only what erpy needs: recommended packages (documentation, GUIs) are left out.
+apt-get install -y -q --no-install-recommends "${missing[@]}"
+after=$(dpkg-query -W -f='${db:Status-Status}\n' 2>/dev/null | grep -c '^installed$' || true)
+echo "erpy setup: installed $((after - before)) packages (${missing[*]} and what they need) in $(( $(date +%s) - start )) s" >&2
