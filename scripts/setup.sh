@@ -7,6 +7,7 @@ set -euo pipefail
 packages=(
   build-essential cmake pkg-config
   clang libclang-rt-14-dev          # libFuzzer and the sanitizer runtimes
+  llvm-14                           # llvm-symbolizer: sanitizer reports with names and lines
   zlib1g-dev                        # compressed terms (tag 80)
   libgtest-dev
   erlang-nox erlang-dev erlang-common-test erlang-eunit rebar3
