@@ -4,12 +4,11 @@
 %%
 %% Embedded pools: the fd stays in this VM. One Erlang process per connection owns it
 %% (a NIF resource, closed when the process ends however it ends), waits for readiness
-%% with enif_select and, at each event, makes an ordinary request to the pool
-%% (erpy.reactor._ready), so the protocol runs on a context thread under the pool's
-%% policy, timeout and callbacks like any call. Its answer (the next mode: read, write
-%% or close) is what to select next. A callback that raises, returns an unknown action
-%% or runs past `timeout` closes its connection only: the process ends with
-%% {shutdown, Why}.
+%% with enif_select and, at each event, submits a light event job to the pool
+%% (erpy.reactor._ready on a context thread, which re-arms the select itself when the
+%% protocol waits again); the protocol runs under the pool's policy, timeout and
+%% callbacks like any call. A callback that raises, returns an unknown action or runs
+%% past `timeout` closes its connection only: the process ends with {shutdown, Why}.
 %%
 %% Port pools: the fd goes to a worker process with SCM_RIGHTS over the worker's
 %% channel (an abstract Unix socket, checked to belong to that worker); the worker's own
