@@ -5,14 +5,14 @@
 -export([init/2, pool_new/3, pool_close/1, pool_info/1, submit/3, cancel/1, poll/2,
          callback_reply/2, checkin/1, python_info/0, is_handle/1, dirty_noop/1]).
 -export([reactor_adopt/1, reactor_dup/1, reactor_select/2, reactor_close/1, reactor_fd/1,
-         reactor_send_fd/4]).
+         reactor_send_fd/4, reactor_event/4, reactor_watch/1]).
 
 -on_load(load/0).
 
 -nifs([init/2, pool_new/3, pool_close/1, pool_info/1, submit/3, cancel/1, poll/2,
        callback_reply/2, checkin/1, python_info/0, is_handle/1, dirty_noop/1,
        reactor_adopt/1, reactor_dup/1, reactor_select/2, reactor_close/1, reactor_fd/1,
-       reactor_send_fd/4]).
+       reactor_send_fd/4, reactor_event/4, reactor_watch/1]).
 
 -type pool() :: reference().
 -type context() :: reference().
@@ -95,3 +95,10 @@ reactor_fd(_Res) -> erlang:nif_error(not_loaded).
 -spec reactor_send_fd(binary(), non_neg_integer(), non_neg_integer(), binary()) ->
     ok | {error, term()}.
 reactor_send_fd(_Channel, _OsPid, _Fd, _Payload) -> erlang:nif_error(not_loaded).
+
+-spec reactor_event(reference(), reference(), reference(), read | write) ->
+    {ok, reference()} | {error, atom()}.
+reactor_event(_Pool, _Res, _Ref, _Event) -> erlang:nif_error(not_loaded).
+
+-spec reactor_watch(reference()) -> idle | busy.
+reactor_watch(_Res) -> erlang:nif_error(not_loaded).

@@ -4,12 +4,11 @@
 %%
 %% Embedded pools: the fd stays in this VM. One Erlang process per connection owns it
 %% (a NIF resource, closed when the process ends however it ends), waits for readiness
-%% with enif_select and, at each event, makes an ordinary request to the pool
-%% (erpy.reactor._ready), so the protocol runs on a context thread under the pool's
-%% policy, timeout and callbacks like any call. Its answer (the next mode: read, write
-%% or close) is what to select next. A callback that raises, returns an unknown action
-%% or runs past `timeout` closes its connection only: the process ends with
-%% {shutdown, Why}.
+%% with enif_select and, at each event, submits a light event job to the pool
+%% (erpy.reactor._ready on a context thread, which re-arms the select itself when the
+%% protocol waits again); the protocol runs under the pool's policy, timeout and
+%% callbacks like any call. A callback that raises, returns an unknown action or runs
+%% past `timeout` closes its connection only: the process ends with {shutdown, Why}.
 %%
 %% Port pools: the fd goes to a worker process with SCM_RIGHTS over the worker's
 %% channel (an abstract Unix socket, checked to belong to that worker); the worker's own
@@ -181,14 +180,24 @@ socket_info(S) ->
     end.
 
 %% ---- embedded mode: a process per connection -----------------------------------------
+%%
+%% The process owns the fd (its resource) and, at each readiness message, submits a light
+%% event job (erpy_nif:reactor_event): a context thread runs erpy.reactor._ready(Fd,
+%% Event) and, when the protocol says to wait again, re-arms the select for this process
+%% itself, with no answer; so the usual event costs a readiness message and one NIF call
+%% here. "close", errors, and callbacks into Erlang (run here, under the pool's policy)
+%% come as {Ref, _} messages. While a job is in flight, `deadline` bounds it: past it the
+%% job is cancelled (Python is interrupted) and the connection closes ({shutdown,
+%% timeout}), unless it had ended quietly (reactor_watch says idle).
 
 -spec embedded(atom(), map(), non_neg_integer(), map(), map()) -> {ok, conn()} | {error, term()}.
-embedded(Pool, #{pid := PoolPid}, Fd, Info, Config) ->
+embedded(Pool, #{pid := PoolPid} = Handle, Fd, Info, Config) ->
     Caller = self(),
     Ref = make_ref(),
     Timeout = timeout(Config),
     {Pid, Mon} = spawn_monitor(fun() ->
-                                       open(Caller, Ref, Pool, PoolPid, Fd, Info, spec(Config), Timeout)
+                                       open(Caller, Ref, Pool, PoolPid, Handle, Fd, Info, spec(Config),
+                                            Timeout)
                                end),
     receive
         {Ref, Result} ->
@@ -198,17 +207,26 @@ embedded(Pool, #{pid := PoolPid}, Fd, Info, Config) ->
             {error, Why}
     end.
 
--record(c, {pool, pool_mon, res, fd, timeout}).
+-record(c, {pool, pool_mon, res, fd, timeout,
+            nif_pool,            % the pool's NIF resource (event jobs go there)
+            policy,              % the pool's policy (callbacks)
+            ref,                 % tags this connection's job answers and callbacks
+            job,                 % the event job in flight, or undefined
+            event,               % its event (read | write)
+            deadline = infinity, % when it times out
+            ctx,                 % its policy context, made at its first callback
+            closing = false}).   % erpy_reactor:close/1 came while a job ran
 
-open(Caller, Ref, Pool, PoolPid, Fd, Info, Spec, Timeout) ->
+open(Caller, Ref, Pool, PoolPid, #{pool := NifPool, policy := Policy}, Fd, Info, Spec, Timeout) ->
     case erpy_nif:reactor_adopt(Fd) of
         {ok, Res} ->
             PoolMon = monitor(process, PoolPid),
-            C = #c{pool = Pool, pool_mon = PoolMon, res = Res, fd = Fd, timeout = Timeout},
+            C = #c{pool = Pool, pool_mon = PoolMon, res = Res, fd = Fd, timeout = Timeout,
+                   nif_pool = NifPool, policy = Policy, ref = make_ref()},
             case python(C, '_open', [Fd, Info, Pool, Spec]) of
                 {ok, Mode} when Mode =:= <<"read">>; Mode =:= <<"write">>; Mode =:= <<"close">> ->
                     Caller ! {Ref, {ok, self()}},
-                    next(C, Mode);
+                    next(C, binary_to_existing_atom(Mode));
                 {ok, Other} ->
                     Caller ! {Ref, {error, {bad_mode, Other}}},
                     stop(C, {bad_mode, Other});
@@ -223,40 +241,130 @@ open(Caller, Ref, Pool, PoolPid, Fd, Info, Spec, Timeout) ->
 python(#c{pool = Pool, timeout = Timeout}, F, Args) ->
     erpy:call('erpy.reactor', F, Args, #{pool => Pool, timeout => Timeout}).
 
-next(C, <<"close">>) ->
+%% The event job (if any) has ended: wait for `Mode` (read | write), or close.
+next(C, close) ->
     erpy_nif:reactor_close(C#c.res),
     exit(normal);
-next(C, Mode) ->
-    case erpy_nif:reactor_select(C#c.res, binary_to_existing_atom(Mode)) of
-        ok -> wait(C);
-        {error, Why} -> stop(C, Why)
+next(C0, Mode) ->
+    C = ended(C0),
+    case C#c.closing of
+        true -> stop(C, normal);
+        false ->
+            case erpy_nif:reactor_select(C#c.res, Mode) of
+                ok -> wait(C);
+                {error, Why} -> stop(C, Why)
+            end
     end.
 
-wait(#c{res = Res, pool_mon = PoolMon} = C) ->
+%% The event job is over (answered, or ended quietly): forget what its callbacks handed
+%% to Python.
+ended(#c{ctx = undefined} = C) ->
+    C#c{job = undefined, deadline = infinity};
+ended(#c{ctx = Ctx} = C) ->
+    erpy_policy:done(Ctx),
+    C#c{job = undefined, deadline = infinity, ctx = undefined}.
+
+wait(#c{res = Res, ref = Ref, pool_mon = PoolMon, deadline = Deadline} = C) ->
     receive
         {select, Res, undefined, ready_input} -> event(C, read);
         {select, Res, undefined, ready_output} -> event(C, write);
-        {?MODULE, close} -> stop(C, normal);
-        {'DOWN', PoolMon, process, _, _} ->
-            %% The pool stopped, and with it the Python that knew this connection.
-            erpy_nif:reactor_close(Res),
-            exit({shutdown, pool_stopped})
+        {Ref, {Tag, PyCtx, Kind, M, F, Args}} when Tag =:= callback; Tag =:= callback_check ->
+            callback(C, Tag, {PyCtx, Kind, M, F, Args});
+        {Ref, Answer} -> answer(C, Answer);
+        {?MODULE, close} when C#c.job =:= undefined -> stop(C, normal);
+        {?MODULE, close} ->
+            case erpy_nif:reactor_watch(Res) of
+                idle -> stop(ended(C), normal);
+                busy -> wait(C#c{closing = true})  % closed once the job answers
+            end;
+        {'DOWN', PoolMon, process, _, _} -> pool_stopped(C)
+    after remaining(Deadline) ->
+        timed_out(C)
     end.
 
-event(C, Event) ->
-    case python(C, '_ready', [C#c.fd, Event]) of
-        {ok, Mode} when Mode =:= <<"read">>; Mode =:= <<"write">>; Mode =:= <<"close">> ->
-            next(C, Mode);
-        {ok, Other} ->
-            stop(C, {bad_mode, Other});
-        {error, #{type := <<"ConnectionResetError">>}} ->
-            stop(C, econnreset);
-        {error, Why} ->
-            stop(C, Why)
+%% Readiness: the previous job (if any) ended quietly, having armed this select.
+event(C0, Event) ->
+    C = ended(C0),
+    case erpy_nif:reactor_event(C#c.nif_pool, C#c.res, C#c.ref, Event) of
+        {ok, Job} -> wait(C#c{job = Job, event = Event, deadline = deadline(C#c.timeout)});
+        {error, pool_closed} -> pool_stopped(C);
+        {error, Why} -> stop(C, Why)
     end.
+
+answer(C, {ok, Mode}) when Mode =:= read; Mode =:= write; Mode =:= close ->
+    next(C, Mode);
+answer(C, {error, #{type := <<"ConnectionResetError">>}}) ->
+    stop(ended(C), econnreset);
+answer(C, {error, pool_closed}) ->
+    pool_stopped(C);
+answer(C, {error, Why}) ->
+    stop(ended(C), Why).
+
+%% Python called erlang.call/apply/send from the protocol: checked by the pool's policy
+%% and run here, as erpy_embedded does for any request of the pool (this process is the
+%% caller); then what follows is polled for, as it may wait in the job.
+callback(#c{job = Job, policy = Policy, pool = Pool} = C0, Tag, {PyCtx, Kind, M, F, Args}) ->
+    Ctx = case C0#c.ctx of
+              undefined -> erpy_policy:request_ctx(Policy, self(), [C0#c.fd, C0#c.event]);
+              Known -> Known
+          end,
+    C = C0#c{ctx = Ctx},
+    Mode = case Tag of
+               callback -> trusted;
+               callback_check -> check
+           end,
+    erpy_nif:callback_reply(Job, erpy_policy:run_callback(Ctx, Pool, PyCtx, Kind, M, F, {Mode, Args})),
+    case remaining(C#c.deadline) of
+        0 -> timed_out(C);
+        _ -> after_callback(C)
+    end.
+
+after_callback(#c{job = Job} = C) ->
+    case erpy_nif:poll(Job, true) of
+        {done, Answer} -> answer(C, Answer);
+        {Tag, PyCtx, Kind, M, F, Args} when Tag =:= callback; Tag =:= callback_check ->
+            callback(C, Tag, {PyCtx, Kind, M, F, Args});
+        _Wait -> wait(C)
+    end.
+
+%% The job ran past its deadline, unless it ended quietly meanwhile (then its select is
+%% armed and only readiness is awaited).
+timed_out(#c{job = Job, res = Res, ref = Ref} = C) ->
+    case erpy_nif:reactor_watch(Res) of
+        idle ->
+            wait(ended(C));
+        busy ->
+            case erpy_nif:cancel(Job) of
+                canceled ->
+                    flush(Ref),
+                    stop(ended(C), timeout);
+                {done, Answer} ->
+                    answer(C, Answer);
+                sent ->
+                    %% It ended just now: watch made it answer, and that is on its way.
+                    wait(C#c{deadline = infinity})
+            end
+    end.
+
+pool_stopped(C) ->
+    %% The pool stopped, and with it the Python that knew this connection.
+    erpy_nif:reactor_close(C#c.res),
+    exit({shutdown, pool_stopped}).
+
+flush(Ref) ->
+    receive {Ref, _} -> flush(Ref)
+    after 0 -> ok
+    end.
+
+deadline(infinity) -> infinity;
+deadline(Timeout) -> erlang:monotonic_time(millisecond) + Timeout.
+
+remaining(infinity) -> infinity;
+remaining(Deadline) -> max(0, Deadline - erlang:monotonic_time(millisecond)).
 
 %% Closes the connection for `Why`: Python forgets it (connection_lost), then the fd
-%% goes. The process ends with `normal` or {shutdown, Why}.
+%% goes (once no protocol callback uses it: reactor.cpp). The process ends with `normal`
+%% or {shutdown, Why}.
 stop(C, Why) ->
     _ = python(C#c{timeout = min(timeout(#{}), 5000)}, '_abort', [C#c.fd]),
     erpy_nif:reactor_close(C#c.res),

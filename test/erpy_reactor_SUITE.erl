@@ -12,6 +12,8 @@
          init_per_testcase/2, end_per_testcase/2]).
 -export([tcp_echo/1, socket_module_and_unix/1, udp/1, pipe/1, speaks_first/1,
          peer_reset/1, half_close/1, protocol_raises/1, bad_action/1, never_returns/1,
+         idle_past_timeout/1, close_while_running/1, callback_then_close/1,
+         many_events_in_order/1,
          policy_applies/1, no_factory/1, bad_fd/1, ten_thousand_no_leak/1,
          port_echo/1, port_crash_loses_only_its_connections/1, port_no_leak/1,
          pool_option_checked/1]).
@@ -21,7 +23,8 @@
 
 all() ->
     [tcp_echo, socket_module_and_unix, udp, pipe, speaks_first, peer_reset, half_close,
-     protocol_raises, bad_action, never_returns, policy_applies, no_factory, bad_fd,
+     protocol_raises, bad_action, never_returns, idle_past_timeout, close_while_running,
+     callback_then_close, many_events_in_order, policy_applies, no_factory, bad_fd,
      ten_thousand_no_leak, port_echo, port_crash_loses_only_its_connections, port_no_leak,
      pool_option_checked].
 
@@ -218,6 +221,74 @@ never_returns(_Config) ->
     ok = gen_tcp:send(C2, <<"alive">>),
     {ok, <<"alive">>} = gen_tcp:recv(C2, 0, 2000),
     [gen_tcp:close(X) || X <- [C1, C2, L]].
+
+%% The timeout bounds each protocol callback, not the wait for the peer: a connection
+%% idle for longer stays open.
+idle_past_timeout(_Config) ->
+    {L, Port} = listen(),
+    {C, S} = connect(L, Port),
+    {ok, Conn} = erpy_reactor:handoff_socket(?E, S, #{timeout => 200}),
+    gen_tcp:close(S),
+    ok = gen_tcp:send(C, <<"one">>),
+    {ok, <<"one">>} = gen_tcp:recv(C, 3, 2000),
+    timer:sleep(600),
+    ?assert(is_process_alive(Conn)),
+    ok = gen_tcp:send(C, <<"two">>),
+    {ok, <<"two">>} = gen_tcp:recv(C, 3, 2000),
+    [gen_tcp:close(X) || X <- [C, L]].
+
+%% erpy_reactor:close/1 while a protocol callback runs: the callback finishes (it is not
+%% interrupted, its answer is written), then the connection closes normally.
+close_while_running(_Config) ->
+    {L, Port} = listen(),
+    {C, S} = connect(L, Port),
+    {ok, Conn} = erpy_reactor:handoff_socket(?E, S),
+    gen_tcp:close(S),
+    Mon = monitor(process, Conn),
+    ok = gen_tcp:send(C, <<"slow">>),
+    timer:sleep(100),  % data_received is sleeping now
+    ok = erpy_reactor:close(Conn),
+    receive {'DOWN', Mon, process, Conn, Why} -> normal = Why after 5000 -> error(not_closed) end,
+    {ok, <<"slow">>} = gen_tcp:recv(C, 4, 2000),
+    {error, closed} = gen_tcp:recv(C, 0, 2000),
+    [gen_tcp:close(X) || X <- [C, L]].
+
+%% A callback into Erlang, then "close" from the same protocol callback.
+callback_then_close(_Config) ->
+    {L, Port} = listen(),
+    {C, S} = connect(L, Port),
+    {ok, Conn} = erpy_reactor:handoff_socket(?E, S),
+    gen_tcp:close(S),
+    Mon = monitor(process, Conn),
+    ok = gen_tcp:send(C, <<"quitcall">>),
+    receive {'DOWN', Mon, process, Conn, Why} -> normal = Why after 5000 -> error(not_closed) end,
+    {error, closed} = gen_tcp:recv(C, 0, 2000),
+    [gen_tcp:close(X) || X <- [C, L]].
+
+%% Many connections, many events each, callbacks among them: every answer comes back,
+%% in order, on its own connection.
+many_events_in_order(_Config) ->
+    {L, Port} = listen(),
+    Pairs = [connect(L, Port) || _ <- lists:seq(1, 16)],
+    [begin {ok, _} = erpy_reactor:handoff_socket(?E, S), gen_tcp:close(S) end || {_, S} <- Pairs],
+    Self = self(),
+    Pids = [spawn_link(fun() ->
+                               [begin
+                                    Msg = iolist_to_binary(io_lib:format("~b-~b;", [I, N])),
+                                    ok = gen_tcp:send(C, Msg),
+                                    {ok, Msg} = gen_tcp:recv(C, byte_size(Msg), 5000),
+                                    case N rem 10 of
+                                        0 ->
+                                            ok = gen_tcp:send(C, <<"call">>),
+                                            {ok, <<"ok:[[1, 2, 3]];os:ErlangError">>} = gen_tcp:recv(C, 0, 5000);
+                                        _ -> ok
+                                    end
+                                end || N <- lists:seq(1, 100)],
+                               Self ! {done, self()}
+                       end) || {I, {C, _}} <- lists:zip(lists:seq(1, 16), Pairs)],
+    [receive {done, P} -> ok after 30000 -> error(timeout) end || P <- Pids],
+    [gen_tcp:close(C) || {C, _} <- Pairs],
+    gen_tcp:close(L).
 
 policy_applies(_Config) ->
     %% erlang.call from a protocol is checked like any: lists allowed, os refused.

@@ -326,6 +326,8 @@ ErlNifFunc funcs[] = {
     {"reactor_close", 1, entry<reactor::nif_close>, 0},
     {"reactor_fd", 1, entry<reactor::nif_fd>, 0},
     {"reactor_send_fd", 4, entry<reactor::nif_send_fd>, ERL_NIF_DIRTY_JOB_IO_BOUND},
+    {"reactor_event", 4, entry<reactor::nif_event>, 0},
+    {"reactor_watch", 1, entry<reactor::nif_watch>, 0},
 };
 
 int load(ErlNifEnv* env, void** priv, ERL_NIF_TERM) noexcept {

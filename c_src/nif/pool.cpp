@@ -599,6 +599,18 @@ void Pool::run_request(Context& c, Job* job) {
     PyThreadState_SetAsyncExc(c.thread_id, nullptr);
     PyErr_Clear();
   }
+  if (job->hook) {
+    MsgEnv msg;
+    const ERL_NIF_TERM answer = job->hook(*job, msg);
+    gil.release();
+    if (answer) {
+      finish(job, std::move(msg), answer);
+    } else {
+      std::lock_guard<PoolMutex> lock(m_);
+      if (job->state == JobState::Running) job->state = JobState::Done;
+    }
+    return;
+  }
   const ConvertOptions& co = o_.convert;
   Converter& conv = rt.converter();
   py::Runner& runner = rt.runner();

@@ -36,6 +36,13 @@ struct Context;
 
 enum class JobState { Queued, Running, Done, Canceled };
 
+struct Job;
+// A job that is not a request map (the reactor's fd events, reactor.cpp): run on the
+// context thread with the GIL held, in place of reading and running a request. It
+// answers by taking `msg` and returning the answer made there, or returns 0: the job then
+// ends with no answer (its caller learns the outcome another way). Must not throw.
+using JobHook = ERL_NIF_TERM (*)(Job& job, MsgEnv& msg) noexcept;
+
 // One request from one Erlang process. Lives in a NIF resource (the caller holds it as a
 // term; the queue and the running context hold references).
 struct Job {
@@ -44,6 +51,7 @@ struct Job {
   ERL_NIF_TERM ref = 0, req = 0;
   ErlNifPid caller{};
   bool want_handle = false;
+  JobHook hook = nullptr;  // set: not a request (see JobHook)
   std::shared_ptr<Pool> pool;
   // Guarded by the pool mutex:
   JobState state = JobState::Queued;

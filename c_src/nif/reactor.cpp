@@ -7,12 +7,17 @@
 #include <unistd.h>
 
 #include <atomic>
+#include <mutex>
 #include <cctype>
 #include <cerrno>
 #include <cstring>
 #include <string>
 
+#include "errors.hpp"
+#include "pool.hpp"
+#include "py/ref.hpp"
 #include "resource.hpp"
+#include "runtime.hpp"
 
 namespace erpy::nif::reactor {
 
@@ -20,14 +25,28 @@ namespace {
 
 // One handed-over fd. `fd` is -1 once closed. Once the fd has been given to enif_select,
 // only the stop callback closes it: the VM's poller may still hold it until then.
+//
+// Embedded events (run_event) use the fd from a context thread while the owner process
+// waits: `m` orders that with stop() and with re-arming the select. While Python runs a
+// callback on the fd (`in_python`), a stop is only noted (`stop_pending`) and done when
+// the callback returns, so the fd number can never name another file meanwhile. Lock
+// order: the GIL, then `m` (nothing else is taken under `m`; enif_select is, and its stop
+// callback takes no lock of ours).
 struct Conn {
   std::atomic<int> fd{-1};
   std::atomic<bool> selected{false};
-  std::atomic<bool> stopping{false};
+  std::mutex m;
+  // Guarded by m:
+  bool stopping = false;
+  bool in_python = false;
+  bool stop_pending = false;
+  bool in_flight = false;   // an event job was submitted and has not ended
+  bool notify_end = false;  // its end must be answered (reactor_watch), not re-armed
   ErlNifMonitor owner{};
 };
 
 ErlNifResourceType* g_conn_type = nullptr;
+ERL_NIF_TERM g_read = 0, g_write = 0, g_close = 0, g_undefined = 0;
 
 ERL_NIF_TERM atom(ErlNifEnv* env, const char* name) { return enif_make_atom(env, name); }
 
@@ -42,9 +61,8 @@ ERL_NIF_TERM errno_error(ErlNifEnv* env, int e) {
 }
 
 // Closes the fd now if the poller never had it, else stops the select (the stop callback
-// closes it). Idempotent; `env`: the caller's or a callback's.
-void stop(ErlNifEnv* env, Conn* c) {
-  if (c->stopping.exchange(true)) return;
+// closes it). `m` held; `env`: the caller's, a callback's, or null on a context thread.
+void stop_now(ErlNifEnv* env, Conn* c) {
   const int fd = c->fd.load();
   if (fd < 0) return;
   if (!c->selected.load()) {
@@ -52,7 +70,19 @@ void stop(ErlNifEnv* env, Conn* c) {
     ::close(fd);
     return;
   }
-  enif_select(env, static_cast<ErlNifEvent>(fd), ERL_NIF_SELECT_STOP, c, nullptr, atom(env, "undefined"));
+  enif_select(env, static_cast<ErlNifEvent>(fd), ERL_NIF_SELECT_STOP, c, nullptr, g_undefined);
+}
+
+// Idempotent; deferred while Python uses the fd (see Conn).
+void stop(ErlNifEnv* env, Conn* c) {
+  std::lock_guard<std::mutex> lock(c->m);
+  if (c->stopping) return;
+  c->stopping = true;
+  if (c->in_python) {
+    c->stop_pending = true;
+    return;
+  }
+  stop_now(env, c);
 }
 
 void conn_stop(ErlNifEnv*, void* obj, ErlNifEvent event, int) {
@@ -90,6 +120,10 @@ bool open_types(ErlNifEnv* env, ErlNifResourceFlags flags) {
   init.down = conn_down;
   ErlNifResourceFlags tried;
   g_conn_type = enif_open_resource_type_x(env, "erpy_reactor_fd", &init, flags, &tried);
+  g_read = atom(env, "read");
+  g_write = atom(env, "write");
+  g_close = atom(env, "close");
+  g_undefined = atom(env, "undefined");
   return g_conn_type != nullptr;
 }
 
@@ -124,13 +158,14 @@ ERL_NIF_TERM nif_select(ErlNifEnv* env, int, const ERL_NIF_TERM argv[]) {
   Conn* c = get_conn(env, argv[0]);
   if (!c) return enif_make_badarg(env);
   ErlNifSelectFlags mode;
-  if (enif_is_identical(argv[1], atom(env, "read"))) mode = ERL_NIF_SELECT_READ;
-  else if (enif_is_identical(argv[1], atom(env, "write"))) mode = ERL_NIF_SELECT_WRITE;
+  if (enif_is_identical(argv[1], g_read)) mode = ERL_NIF_SELECT_READ;
+  else if (enif_is_identical(argv[1], g_write)) mode = ERL_NIF_SELECT_WRITE;
   else return enif_make_badarg(env);
+  std::lock_guard<std::mutex> lock(c->m);
   const int fd = c->fd.load();
-  if (fd < 0 || c->stopping.load()) return error(env, atom(env, "closed"));
+  if (fd < 0 || c->stopping) return error(env, atom(env, "closed"));
   c->selected.store(true);
-  const int r = enif_select(env, static_cast<ErlNifEvent>(fd), mode, c, nullptr, atom(env, "undefined"));
+  const int r = enif_select(env, static_cast<ErlNifEvent>(fd), mode, c, nullptr, g_undefined);
   if (r < 0) return error(env, atom(env, "select_failed"));
   return atom(env, "ok");
 }
@@ -146,8 +181,9 @@ ERL_NIF_TERM nif_close(ErlNifEnv* env, int, const ERL_NIF_TERM argv[]) {
 ERL_NIF_TERM nif_fd(ErlNifEnv* env, int, const ERL_NIF_TERM argv[]) {
   Conn* c = get_conn(env, argv[0]);
   if (!c) return enif_make_badarg(env);
+  std::lock_guard<std::mutex> lock(c->m);
   const int fd = c->fd.load();
-  return fd < 0 || c->stopping.load() ? atom(env, "closed") : enif_make_int(env, fd);
+  return fd < 0 || c->stopping ? atom(env, "closed") : enif_make_int(env, fd);
 }
 
 namespace {
@@ -226,6 +262,164 @@ ERL_NIF_TERM nif_send_fd(ErlNifEnv* env, int, const ERL_NIF_TERM argv[]) {
   unsigned char* p = enif_make_new_binary(env, answer.size() - 1, &text);
   std::memcpy(p, answer.data() + 1, answer.size() - 1);
   return error(env, enif_make_tuple2(env, atom(env, "python"), text));
+}
+
+// ---- embedded events: a light job per fd event ---------------------------------------------
+//
+// An event costs one job on the pool's queue and one call of erpy.reactor._ready(fd,
+// event) on a context thread: no request map, no answer to decode. When the protocol
+// says to wait again (read or write), the context thread re-arms the select for the
+// owner itself and the job ends with no answer: the owner's next message is the next
+// readiness. Anything else ("close", an error) is answered to the owner as {Ref, Answer}.
+// Callbacks into Erlang go to the owner as for any job, which runs them under the pool's
+// policy (erpy_reactor.erl).
+
+namespace {
+
+enum class Next { Read, Write, Close, Error, Bad };
+
+// erpy.reactor._ready(fd, "read" | "write"); the GIL held. Error: a Python exception is
+// pending.
+Next call_ready(int fd, bool write) {
+  // Kept for the VM's life, as the interpreter is (runtime.hpp).
+  static PyObject* ready = nullptr;
+  static PyObject* s_read = nullptr;
+  static PyObject* s_write = nullptr;
+  static PyObject* s_close = nullptr;
+  if (!ready) {
+    PyObject* mod = PyImport_ImportModule("erpy.reactor");
+    if (!mod) return Next::Error;
+    PyObject* f = PyObject_GetAttrString(mod, "_ready");
+    Py_DECREF(mod);
+    if (!f) return Next::Error;
+    s_read = PyUnicode_InternFromString("read");
+    s_write = PyUnicode_InternFromString("write");
+    s_close = PyUnicode_InternFromString("close");
+    if (!s_read || !s_write || !s_close) {
+      Py_DECREF(f);
+      return Next::Error;
+    }
+    ready = f;
+  }
+  py::PyRef fd_obj = py::PyRef::steal(PyLong_FromLong(fd));
+  if (!fd_obj) return Next::Error;
+  PyObject* args[2] = {fd_obj.get(), write ? s_write : s_read};
+  py::PyRef r = py::PyRef::steal(PyObject_Vectorcall(ready, args, 2, nullptr));
+  if (!r) return Next::Error;
+  auto is = [&](PyObject* s) { return r.get() == s || (PyUnicode_Check(r.get()) && PyUnicode_Compare(r.get(), s) == 0); };
+  if (is(s_read)) return Next::Read;
+  if (is(s_write)) return Next::Write;
+  if (is(s_close)) return Next::Close;
+  PyErr_Clear();  // (a failed comparison)
+  return Next::Bad;
+}
+
+// The JobHook of an event job: req is {ConnResource, read | write}.
+ERL_NIF_TERM run_event(Job& job, MsgEnv& msg) noexcept {
+  ErlNifEnv* jenv = job.env.get();
+  int arity;
+  const ERL_NIF_TERM* t;
+  Conn* c = nullptr;
+  if (enif_get_tuple(jenv, job.req, &arity, &t) && arity == 2) c = get_conn(jenv, t[0]);
+  if (!c) {
+    msg = MsgEnv::take();
+    return error(msg.get(), atom(msg.get(), "badarg"));
+  }
+  const bool write = enif_is_identical(t[1], g_write);
+  int fd;
+  {
+    std::lock_guard<std::mutex> lock(c->m);
+    fd = c->fd.load();
+    if (c->stopping || fd < 0) {
+      // Its owner closes it (a timeout, erpy_reactor:close, its death): nothing to run.
+      c->in_flight = false;
+      return 0;
+    }
+    c->in_python = true;
+  }
+  Next next = Next::Error;
+  try {
+    next = call_ready(fd, write);
+  } catch (...) {
+    // (PyRef throws nothing here; this keeps the hook noexcept whatever changes.)
+    if (!PyErr_Occurred()) PyErr_SetString(PyExc_RuntimeError, "erpy: reactor event failed");
+  }
+  bool rearmed = false, stopped = false;
+  {
+    std::lock_guard<std::mutex> lock(c->m);
+    c->in_python = false;
+    c->in_flight = false;
+    if (c->stop_pending) {
+      c->stop_pending = false;
+      stop_now(nullptr, c);
+      stopped = true;
+    } else if ((next == Next::Read || next == Next::Write) && !c->notify_end) {
+      const auto mode = next == Next::Read ? ERL_NIF_SELECT_READ : ERL_NIF_SELECT_WRITE;
+      c->selected.store(true);
+      rearmed = enif_select(nullptr, static_cast<ErlNifEvent>(fd), mode, c, &job.caller, g_undefined) >= 0;
+    }
+    c->notify_end = false;
+  }
+  if (stopped || rearmed) {
+    // The owner gave up on this connection (it is closed now), or waits for readiness.
+    if (next == Next::Error) PyErr_Clear();
+    return 0;
+  }
+  msg = MsgEnv::take();
+  ErlNifEnv* e = msg.get();
+  switch (next) {
+    case Next::Read: return enif_make_tuple2(e, atom(e, "ok"), g_read);
+    case Next::Write: return enif_make_tuple2(e, atom(e, "ok"), g_write);
+    case Next::Close: return enif_make_tuple2(e, atom(e, "ok"), g_close);
+    case Next::Bad: return error(e, atom(e, "bad_mode"));
+    case Next::Error: break;
+  }
+  try {
+    throw py::PythonError();  // exception_answer reads the exception being handled
+  } catch (...) {
+    return exception_answer(e, job.pool->options().convert);
+  }
+}
+
+}  // namespace
+
+ERL_NIF_TERM nif_event(ErlNifEnv* env, int, const ERL_NIF_TERM argv[]) {
+  Runtime& rt = Runtime::get();
+  auto* ph = get_resource<PoolHandle>(env, argv[0], rt.types.pool);
+  Conn* c = get_conn(env, argv[1]);
+  if (!ph || !c || !enif_is_ref(env, argv[2])) return enif_make_badarg(env);
+  if (!enif_is_identical(argv[3], g_read) && !enif_is_identical(argv[3], g_write)) return enif_make_badarg(env);
+  ResourcePtr<Job> job = make_resource<Job>(rt.types.job);
+  job->env = OwnedEnv::alloc();
+  job->ref = enif_make_copy(job->env.get(), argv[2]);
+  job->req = enif_make_tuple2(job->env.get(), enif_make_copy(job->env.get(), argv[1]), argv[3]);
+  job->pool = ph->pool;
+  job->hook = run_event;
+  // Answers and callbacks come as messages: the owner waits in receive (for readiness too).
+  job->blocking = true;
+  enif_self(env, &job->caller);
+  {
+    std::lock_guard<std::mutex> lock(c->m);
+    if (c->stopping) return error(env, atom(env, "closed"));
+    c->in_flight = true;
+    c->notify_end = false;
+  }
+  ERL_NIF_TERM term = job.term(env);
+  if (!ph->pool->submit(job, -1)) {
+    std::lock_guard<std::mutex> lock(c->m);
+    c->in_flight = false;
+    return error(env, atom(env, "pool_closed"));
+  }
+  return enif_make_tuple2(env, atom(env, "ok"), term);
+}
+
+ERL_NIF_TERM nif_watch(ErlNifEnv* env, int, const ERL_NIF_TERM argv[]) {
+  Conn* c = get_conn(env, argv[0]);
+  if (!c) return enif_make_badarg(env);
+  std::lock_guard<std::mutex> lock(c->m);
+  if (!c->in_flight) return atom(env, "idle");
+  c->notify_end = true;
+  return atom(env, "busy");
 }
 
 }  // namespace erpy::nif::reactor

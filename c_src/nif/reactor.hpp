@@ -1,7 +1,8 @@
 // The fd side of erpy's reactor (erpy_reactor.erl, doc/reactor.md): a resource that owns
 // one file descriptor handed over by Erlang and waits for it with enif_select, and the
-// SCM_RIGHTS send that carries an fd to a port worker. No Python here: these NIFs run on
-// normal schedulers (send_fd on a dirty I/O one) and never take the GIL.
+// SCM_RIGHTS send that carries an fd to a port worker, and the light job of an embedded
+// fd event. These NIFs run on normal schedulers (send_fd on a dirty I/O one) and never
+// take the GIL; the event job's hook runs on a context thread, with it.
 #pragma once
 #include <erl_nif.h>
 
@@ -26,5 +27,17 @@ ERL_NIF_TERM nif_fd(ErlNifEnv* env, int argc, const ERL_NIF_TERM argv[]);
 //   to the port worker listening on the abstract Unix socket Channel, which must be
 //   process OsPid; Payload goes with it; the worker's one-byte answer is awaited.
 ERL_NIF_TERM nif_send_fd(ErlNifEnv* env, int argc, const ERL_NIF_TERM argv[]);
+
+// event(Pool, Res, Ref, read | write) -> {ok, Job} | {error, closed | pool_closed}: runs
+//   erpy.reactor._ready(Fd, Event) on a context of Pool for the caller (Res's owner).
+//   If it says read or write, the select is re-armed for the caller and the job ends
+//   with no answer (the next message is {select, Res, undefined, _}); else {Ref,
+//   {ok, close} | {error, Why}} comes, or {Ref, {ok, read | write}} once watch/1 said
+//   busy (the caller re-arms). Callbacks come as {Ref, {callback | callback_check, ...}}
+//   for the caller to answer with callback_reply/2, as for submit/3.
+ERL_NIF_TERM nif_event(ErlNifEnv* env, int argc, const ERL_NIF_TERM argv[]);
+// watch(Res) -> idle (no event job is in flight) | busy (one is: its end will be
+//   answered as a message, not re-armed).
+ERL_NIF_TERM nif_watch(ErlNifEnv* env, int argc, const ERL_NIF_TERM argv[]);
 
 }  // namespace erpy::nif::reactor

@@ -1,6 +1,7 @@
 """Protocols for test/erpy_reactor_SUITE.erl (and erpy_reactor_SUITE's port pools)."""
 
 import os
+import time
 
 from erpy import erlang, reactor
 
@@ -16,6 +17,12 @@ class Echo(reactor.Protocol):
                 pass
         if data.startswith(b"crash"):
             os._exit(3)  # the whole worker goes (port mode)
+        if data.startswith(b"slow"):
+            time.sleep(0.3)
+        if data.startswith(b"quitcall"):
+            # A callback, then an answer that is not "wait again": both reach Erlang.
+            erlang.call("lists", "reverse", [[1]])
+            return "close"
         if data.startswith(b"call"):
             # Under the pool's policy: lists is allowed in the suite, os is not.
             try:
