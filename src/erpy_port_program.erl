@@ -227,7 +227,7 @@ terminate(_Why, St) ->
 
 %% Called in the caller's process: the frame goes to the pool (or a held worker), the
 %% answer comes to an alias, and is decoded here under the pool's policy.
-send(#{packet := Packet, max_frame := Max, policy := Policy}, Dest, Term, Timeout) ->
+send(#{max_frame := Max, policy := Policy}, Dest, Term, Timeout) ->
     Frame = term_to_binary(Term, [{minor_version, 2}]),
     case byte_size(Frame) of
         Size when Size > Max ->
@@ -247,9 +247,7 @@ send(#{packet := Packet, max_frame := Max, policy := Policy}, Dest, Term, Timeou
                 {ok, Bin} -> erpy_policy:decode(Ctx, Bin);
                 {error, _} = Error -> Error
             end
-    end;
-send(_Handle, _Dest, _Term, _Timeout) ->
-    {error, {badarg, packet}}.
+    end.
 
 bert(#{name := Pool} = Handle, Dest, #{kind := call, module := M, function := F, args := A} = Req,
      Timeout) ->

@@ -32,16 +32,16 @@ all() ->
     [{group, erl_py_runner}, {group, program}, {group, beam}].
 
 groups() ->
-    [{erl_py_runner, [sequence],
+    [{erl_py_runner, [],
       [seed_readme_examples, seed_output_shapes, run1_has_no_timeout, app_starts_pool,
        config_nested, config_seed_layout, config_flat, config_timeout,
        config_erlang_modules, config_python_modules, config_all_modules_refused]},
-     {program, [sequence],
+     {program, [],
       [seed_porttest_unchanged, program_pool_seed_messages, program_pool_bert,
        program_packets, program_timeout_replaces, program_crash_replaces,
        program_caller_death, program_policy, program_too_large, program_not_supported,
        program_checkout, program_info_stop, program_bad_options]},
-     {beam, [sequence],
+     {beam, [],
       [beam_seed_server_from_erlang, beam_seed_client_elixir, beam_env]}].
 
 init_per_suite(Config) ->
@@ -274,6 +274,7 @@ seed_porttest_unchanged(Config) ->
     true = os:putenv("PYTHONPATH", ?config(pythonpath, Config)),
     try
         Pid = porttest:start(),
+        ok = wait_registered(porttest, 100),
         ct:capture_start(),
         porttest:twice(3),
         porttest:sum(1, 2),
@@ -391,7 +392,7 @@ program_too_large(Config) ->
         erpy_port_program:call(small_port, {echo, binary:copy(<<"z">>, 300)}),
     %% A reply too large to frame: the program answers an error that fits.
     {ok, {error, {server, 0, <<"ValueError">>, _, _}}} =
-        erpy_port_program:call(small_port, {call, m, echo, [binary:copy(<<"z">>, 240)]}),
+        erpy_port_program:call(small_port, {call, m, big, [300]}),
     {ok, 2} = erpy_port_program:call(small_port, {twice, 1}),
     ok = erpy:stop_pool(small_port).
 
@@ -513,6 +514,15 @@ beam_env(Config) ->
     ok.
 
 %% Internal.
+
+%% porttest:start/0 registers its process from inside it, a moment after it returns.
+wait_registered(_Name, 0) ->
+    {error, not_registered};
+wait_registered(Name, Tries) ->
+    case whereis(Name) of
+        undefined -> timer:sleep(20), wait_registered(Name, Tries - 1);
+        _ -> ok
+    end.
 
 start_test_pool(Name, Packet, Size, Config) ->
     Script = filename:join(?config(data_dir, Config), "dropin_protocol.py"),

@@ -35,6 +35,9 @@ class TestProtocol(Protocol):
     def handler_echo(self, term):
         return term
 
+    def handler_big(self, n):
+        return "x" * n
+
     def handler_pid(self):
         return os.getpid()
 
