@@ -326,6 +326,12 @@ give(Worker, Req, St) ->
     case Req of
         {_, _, _, _, Deadline} when Deadline =/= infinity, Deadline =< Now ->
             next(Worker, St);
+        {request, _, Caller, _, _} when node(Caller) =:= node() ->
+            %% A caller gone already would only get its program killed (see the worker).
+            case is_process_alive(Caller) of
+                true -> Worker ! Req, St#st{workers = (St#st.workers)#{Worker => busy}};
+                false -> next(Worker, St)
+            end;
         {checkout, _, _, Deadline} when Deadline =/= infinity, Deadline =< Now ->
             next(Worker, St);
         {request, _, _, _, _} ->

@@ -420,7 +420,7 @@ program_checkout(Config) ->
     receive {held, _} -> ok end,
     {ok, #{held := 1}} = erpy:pool_info(held_port),
     exit(Holder, kill),
-    timer:sleep(200),
+    ok = poll(fun() -> {ok, #{held := H}} = erpy:pool_info(held_port), H =:= 0 end, 250),
     {ok, #{held := 0, workers := 2}} = erpy:pool_info(held_port),
     ok = erpy:stop_pool(held_port).
 
@@ -431,8 +431,7 @@ program_info_stop(Config) ->
     OsPids = [gen_server:call(W, os_pid) || W <- [W1, W2]],
     ok = erpy:stop_pool(info_port),
     {error, {no_pool, info_port}} = erpy_port_program:call(info_port, x),
-    timer:sleep(500),
-    [false = os_alive(P) || P <- OsPids],
+    ok = poll(fun() -> not lists:any(fun os_alive/1, OsPids) end, 250),
     ok.
 
 program_bad_options(Config) ->
@@ -514,6 +513,15 @@ beam_env(Config) ->
     ok.
 
 %% Internal.
+
+%% Until Fun() holds, 20 ms apart, at most Tries times.
+poll(_Fun, 0) ->
+    {error, never};
+poll(Fun, Tries) ->
+    case Fun() of
+        true -> ok;
+        false -> timer:sleep(20), poll(Fun, Tries - 1)
+    end.
 
 %% porttest:start/0 registers its process from inside it, a moment after it returns.
 wait_registered(_Name, 0) ->
