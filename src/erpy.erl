@@ -28,12 +28,12 @@
                       | {undecodable, binary()}
                       | {not_allowed, {module(), atom(), arity()} | {'fun', module(), atom(), arity()}}
                       | {badarg, term()}
-                      | {not_supported, {handle, pool()}}
+                      | {not_supported, {handle | eval | exec | run, pool()}}
                       | {no_pool, pool()}
                       | {no_nodes, pool()}
                       | {internal, binary()}
                       | out_of_memory.
--type mode() :: port | embedded | node.
+-type mode() :: port | embedded | node | program.
 %% A held worker: opaque, hand it back with checkin/1 (erpy_transport).
 -type worker() :: erpy_transport:worker().
 -type async_id() :: erpy_async:id().

@@ -5,7 +5,7 @@
 -export([pool_opts/1, default_pools/0, python_dir/0, built_python/0]).
 -export([check_rlimits/1, no_rlimits/1]).
 
--define(MODES, [port, embedded, node]).
+-define(MODES, [port, embedded, node, program]).
 -define(RLIMITS, [as, cpu, nofile, nproc, fsize, core]).
 
 %% API.
@@ -15,7 +15,8 @@
 -spec pool_opts(map()) -> {ok, map()} | {error, term()}.
 pool_opts(Opts) when is_map(Opts) ->
     Env = fun(Key, Default) -> maps:get(Key, Opts, application:get_env(erpy, Key, Default)) end,
-    Mode = maps:get(mode, Opts, port),
+    %% A pool running the user's own program (erpy_port_program) needs no `mode`.
+    Mode = maps:get(mode, Opts, case Opts of #{program := _} -> program; _ -> port end),
     Size = maps:get(size, Opts, max(2, erlang:system_info(schedulers_online))),
     Full = Opts#{mode => Mode,
                  size => Size,

@@ -47,7 +47,8 @@
 -spec module(erpy:mode()) -> module().
 module(port) -> erpy_port;
 module(embedded) -> erpy_embedded;
-module(node) -> erpy_node_pool.
+module(node) -> erpy_node_pool;
+module(program) -> erpy_port_program.
 
 %% Called by a pool's server when it is ready to take requests (and again if it restarts).
 -spec register(atom(), module(), handle()) -> ok.
