@@ -34,7 +34,7 @@ CMAKE_CONFIGURE := cmake --log-level=WARNING -S . -DERPY_PYTHON=$(PYTHON) $(CMAK
 
 .NOTPARALLEL:
 .PHONY: all setup native erlang golden test test-cpp test-asan test-tsan test-tsan-node test-py test-eunit \
-        test-ct dialyzer \
+        test-ct test-elixir dialyzer \
         fuzz-build fuzz-ci fuzz run-fuzzers demo bench shell clean
 
 all: setup native erlang
@@ -59,7 +59,7 @@ erlang: setup
 ## Tests
 
 test: setup native erlang golden test-cpp test-asan test-tsan test-tsan-node test-py test-eunit dialyzer \
-      test-ct fuzz-ci
+      test-ct test-elixir fuzz-ci
 	@echo "make test: every step passed"
 
 # Golden ETF bytes, written by this machine's Erlang for the C++ tests (and as fuzz seeds).
@@ -131,6 +131,11 @@ dialyzer: setup
 
 test-ct: native
 	@$(REBAR) ct
+
+# The Elixir package (elixir/): ExUnit tests and the doctests of its docs, with Mix,
+# offline (no Hex dependency).
+test-elixir: native
+	@cd elixir && MIX_ENV=test mix test
 
 ## Fuzzing: each fuzzer starts from its seed corpus plus the golden cases, in a
 ## writable copy under _build/fuzz/corpus-work/. Crashes land in _build/fuzz/artifacts/.
