@@ -398,51 +398,51 @@ class ErlangHost(Host):
 # entry lives as long as a guard kept in the held worker's namespace: when the worker goes
 # back to its pool (stop, or the instance process died) the namespace is cleared, the guard
 # freed, and the entry dropped, so nothing leaks in a long-lived worker or node.
-_erl_instances: dict[Any, Instance] = {}
+_erlang_instances: dict[Any, Instance] = {}
 
 
 class _Guard:
     __slots__ = ("__weakref__",)
 
 
-def _erl_start(namespace: dict, key: Any, spec: Any, self_id: Any, payload: Any, state: Any) -> Any:
+def erlang_start(namespace: dict, key: Any, spec: Any, self_id: Any, payload: Any, state: Any) -> Any:
     """Creates and initialises the instance ``key`` (Erlang evaluates this in the held
     worker's namespace, passing ``globals()``). Answers ``ok``."""
     instance = Instance(load(spec), ErlangHost(_as_instance_id(self_id)))
     guard = _Guard()
-    weakref.finalize(guard, _erl_instances.pop, key, None)
+    weakref.finalize(guard, _erlang_instances.pop, key, None)
     namespace["__erpy_function__"] = guard
-    _erl_instances[key] = instance
+    _erlang_instances[key] = instance
     try:
         instance.init(payload, state)
     except BaseException:
-        _erl_instances.pop(key, None)
+        _erlang_instances.pop(key, None)
         namespace.pop("__erpy_function__", None)
         raise
     return _atom("ok")
 
 
-def _erl_instance(key: Any) -> Instance:
-    instance = _erl_instances.get(key)
+def _erlang_instance(key: Any) -> Instance:
+    instance = _erlang_instances.get(key)
     if instance is None:
         raise LookupError(f"no function instance {key!r} in this worker")
     return instance
 
 
-def _erl_cast(key: Any, src: Any, msg: Any) -> Any:
-    _erl_instance(key).cast(src, msg)
+def erlang_cast(key: Any, src: Any, msg: Any) -> Any:
+    _erlang_instance(key).cast(src, msg)
     return _atom("ok")
 
 
-def _erl_call(key: Any, src: Any, msg: Any) -> Any:
-    reply = _erl_instance(key).call(src, msg)
+def erlang_call(key: Any, src: Any, msg: Any) -> Any:
+    reply = _erlang_instance(key).call(src, msg)
     if reply is NoReply:
         return _atom("noreply")
     return (_atom("reply"), reply)
 
 
-def _erl_stop(key: Any) -> Any:
-    instance = _erl_instances.pop(key, None)
+def erlang_stop(key: Any) -> Any:
+    instance = _erlang_instances.pop(key, None)
     if instance is not None:
         instance.stop()
     return _atom("ok")

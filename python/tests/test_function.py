@@ -156,16 +156,16 @@ def test_argument_checks():
 
 def test_erlang_hosted_instances_live_as_long_as_the_namespace():
     ns = {}
-    assert fn._erl_start(ns, b"k1", "function_samples", ("node", "f1"), "p", b"s") == "ok"
-    assert b"k1" in fn._erl_instances
-    assert fn._erl_call(b"k1", ("node", "x"), b"state") == ("reply", b"s")
-    assert fn._erl_call(b"k1", ("node", "x"), b"noret") == "noreply"
-    assert fn._erl_call(b"k1", ("node", "x"), b"whoami") == ("reply", b"node/f1")
+    assert fn.erlang_start(ns, b"k1", "function_samples", ("node", "f1"), "p", b"s") == "ok"
+    assert b"k1" in fn._erlang_instances
+    assert fn.erlang_call(b"k1", ("node", "x"), b"state") == ("reply", b"s")
+    assert fn.erlang_call(b"k1", ("node", "x"), b"noret") == "noreply"
+    assert fn.erlang_call(b"k1", ("node", "x"), b"whoami") == ("reply", b"node/f1")
     ns.clear()
     gc.collect()
-    assert b"k1" not in fn._erl_instances
+    assert b"k1" not in fn._erlang_instances
     with pytest.raises(LookupError):
-        fn._erl_cast(b"k1", ("n", "x"), b"")
+        fn.erlang_cast(b"k1", ("n", "x"), b"")
 
 
 def test_erlang_host_answers():
