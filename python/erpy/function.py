@@ -38,6 +38,7 @@ if TYPE_CHECKING:
 from typing import NamedTuple
 
 from ._errors import ErpyError
+from ._types import Atom
 
 __all__ = [
     "NoReply", "InstanceId", "Host", "Instance", "FunctionCallError", "NoInstanceError",
@@ -338,9 +339,9 @@ class Instance:
 # allow {erpy_function, host, 1}). Erlang knows the instance by the process the callback
 # runs in, so Python cannot speak for another instance.
 
-def _atom(name: str) -> Any:
-    from ._types import Atom
-    return Atom(name)
+_atom = Atom
+# Answers made on every request: built once.
+_OK, _REPLY, _NOREPLY = Atom("ok"), Atom("reply"), Atom("noreply")
 
 
 class ErlangHost(Host):
@@ -419,7 +420,7 @@ def erlang_start(namespace: dict, key: Any, spec: Any, self_id: Any, payload: An
         _erlang_instances.pop(key, None)
         namespace.pop("__erpy_function__", None)
         raise
-    return _atom("ok")
+    return _OK
 
 
 def _erlang_instance(key: Any) -> Instance:
@@ -431,19 +432,19 @@ def _erlang_instance(key: Any) -> Instance:
 
 def erlang_cast(key: Any, src: Any, msg: Any) -> Any:
     _erlang_instance(key).cast(src, msg)
-    return _atom("ok")
+    return _OK
 
 
 def erlang_call(key: Any, src: Any, msg: Any) -> Any:
     reply = _erlang_instance(key).call(src, msg)
     if reply is NoReply:
-        return _atom("noreply")
-    return (_atom("reply"), reply)
+        return _NOREPLY
+    return (_REPLY, reply)
 
 
 def erlang_stop(key: Any) -> Any:
     instance = _erlang_instances.pop(key, None)
     if instance is not None:
         instance.stop()
-    return _atom("ok")
+    return _OK
 
