@@ -49,6 +49,8 @@ native: setup
 	@cmake --build _build/native -j$(JOBS)
 	@# Port workers run the interpreter the extension was built for (erpy_config:built_python/0).
 	@command -v $(PYTHON) > priv/python.path
+	@# The EDGELESS guest's gRPC stubs, from proto/edgeless (erpy.edgeless, doc/function.md).
+	@scripts/gen_proto.sh
 	@# Bytecode for erpy's own modules, so that no worker or node compiles them at start
 	@# (with PYTHONDONTWRITEBYTECODE set, Python would compile them in every process).
 	@$(PYTHON) -m compileall -q python/erpy
@@ -180,5 +182,5 @@ shell: all
 	@erl -pa _build/default/lib/erpy/ebin -eval 'application:ensure_all_started(erpy)'
 
 clean:
-	rm -rf _build python/erpy/_native*.so priv/*.so
+	rm -rf _build python/erpy/_native*.so priv/*.so python/erpy/edgeless/_gen
 	find python test bench examples -name __pycache__ -type d -prune -exec rm -rf {} +

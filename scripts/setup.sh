@@ -15,6 +15,10 @@ packages=(
   python3 python3-dev libpython3.11-dev python3-pytest python3-venv
   python3-msgpack                   # a reference of the W5 bench (bench/erpy_bench_w5.erl)
   valgrind                          # W5 in instructions (callgrind, bench/erpy_bench_w5.erl)
+  # The EDGELESS guest (erpy.edgeless): gRPC and protobuf for Python, and protoc with the
+  # gRPC plugin and the well-known .proto files to generate its stubs (scripts/gen_proto.sh).
+  python3-grpcio python3-protobuf protobuf-compiler protobuf-compiler-grpc libprotobuf-dev
+  erlang-mnesia                     # function state store (erpy_function)
 )
 
 # `setup.sh --list`: the packages, one a line (scripts/footprint.py reads them).

@@ -1,0 +1,364 @@
+%% Stateful Python functions hosted by Erlang (erpy_function, issue 14), in every pool
+%% mode: the workflow example (A casts to B, B calls C), the handler contract (replies,
+%% no reply, errors), the host API through the pool's policy, delayed casts, state synced
+%% to Mnesia and given back to a restarted instance (crash, lost worker, Mnesia restart),
+%% supervision with restart limits, and telemetry to logger.
+-module(erpy_function_SUITE).
+
+-include_lib("common_test/include/ct.hrl").
+-include_lib("stdlib/include/assert.hrl").
+
+-export([all/0, groups/0, suite/0, init_per_suite/1, end_per_suite/1,
+         init_per_group/2, end_per_group/2, init_per_testcase/2, end_per_testcase/2]).
+-export([workflow/1, call_answers/1, cast_error_reported/1, calls_out/1, cast_raw/1,
+         restart_restores_state/1, worker_lost_restores_state/1, delayed_casts_in_order/1,
+         stop_runs_handle_stop/1, restart_limit/1, init_failure/1, duplicate_id/1,
+         bad_options/1, host_needs_policy/1, host_outside_instance/1, telemetry_to_logger/1,
+         state_on_disc/1]).
+%% logger handler callback (telemetry_to_logger).
+-export([log/2]).
+
+-define(ALLOW, [{erpy_function, host, 1}]).
+
+all() ->
+    [{group, port}, {group, embedded}, {group, node}, state_on_disc].
+
+groups() ->
+    Cases = [workflow, call_answers, cast_error_reported, calls_out, cast_raw,
+             restart_restores_state, delayed_casts_in_order, stop_runs_handle_stop,
+             restart_limit, init_failure, duplicate_id, bad_options, host_needs_policy,
+             host_outside_instance, telemetry_to_logger],
+    [{port, [], Cases ++ [worker_lost_restores_state]},
+     {embedded, [], Cases},
+     {node, [], Cases ++ [worker_lost_restores_state]}].
+
+suite() ->
+    [{timetrap, {seconds, 120}}].
+
+init_per_suite(Config) ->
+    %% Distribution first: Mnesia's schema belongs to the node's name.
+    case is_alive() of
+        true -> ok;
+        false -> {ok, _} = net_kernel:start(['ct_func@127.0.0.1', longnames])
+    end,
+    ok = erpy_test_env:start_erpy(),
+    Store = filename:join(?config(priv_dir, Config), "mnesia"),
+    ok = application:set_env(erpy, function_store_dir, Store),
+    ok = erpy_function:ensure_store(),
+    Root = os:getenv("ERPY_ROOT", filename:dirname(code:priv_dir(erpy))),
+    Dirs = [filename:join(Root, "examples/py"), filename:join(Root, "test/py")],
+    [{pydirs, Dirs}, {store, Store} | Config].
+
+end_per_suite(_Config) ->
+    _ = application:stop(mnesia),
+    application:stop(erpy),
+    ok.
+
+init_per_group(Mode, Config) ->
+    Dirs = ?config(pydirs, Config),
+    Base = #{mode => Mode, timeout => 5000, allowed => ?ALLOW},
+    Pool = list_to_atom("fn_" ++ atom_to_list(Mode)),
+    Bare = list_to_atom("fn_bare_" ++ atom_to_list(Mode)),
+    Extra = case Mode of
+                port -> #{size => 8, pythonpath => Dirs};
+                embedded -> #{size => 8};
+                node -> #{start => 1, pythonpath => Dirs}
+            end,
+    {ok, _} = erpy:start_pool(Pool, maps:merge(Base, Extra)),
+    {ok, _} = erpy:start_pool(Bare, maps:merge(Base#{allowed => []}, Extra#{size => 2})),
+    ok = erpy_test_env:wait_serves(Pool, 200),
+    ok = erpy_test_env:wait_serves(Bare, 200),
+    %% Embedded: one interpreter in the VM, the suite's functions join its path.
+    [ok = erpy:exec(iolist_to_binary(["import sys; sys.path.insert(0, '", D, "')"]),
+                    #{pool => Pool}) || Mode =:= embedded, D <- Dirs],
+    [{mode, Mode}, {pool, Pool}, {bare, Bare} | Config].
+
+end_per_group(_Mode, Config) ->
+    _ = erpy:stop_pool(?config(pool, Config)),
+    _ = erpy:stop_pool(?config(bare, Config)),
+    ok.
+
+init_per_testcase(Case, Config) ->
+    Prefix = iolist_to_binary([atom_to_list(Case), "_",
+                               atom_to_list(proplists:get_value(mode, Config, none)), "_"]),
+    [{prefix, Prefix} | Config].
+
+end_per_testcase(_Case, Config) ->
+    Prefix = ?config(prefix, Config),
+    %% Every instance the case started goes, with its state.
+    [begin _ = erpy_function:stop(Id), _ = erpy_function:delete_state(Id) end
+     || {Id, _} <- ets:tab2list(erpy_function_registry),
+        binary:longest_common_prefix([Id, Prefix]) =:= byte_size(Prefix)],
+    ok.
+
+%% ---- cases ------------------------------------------------------------------------------
+
+workflow(Config) ->
+    ct:comment("A casts to B, B calls C, B casts the answer out; B's count survives a crash"),
+    [A, B, C] = [id(Config, N) || N <- [<<"a">>, <<"b">>, <<"c">>]],
+    {ok, _} = start(Config, C, <<"function_workflow:StageC">>, #{}),
+    {ok, _} = start(Config, B, <<"function_workflow:StageB">>,
+                    #{aliases => #{<<"lookup">> => C, <<"out">> => self()},
+                      init_payload => <<"demo">>}),
+    {ok, _} = start(Config, A, <<"function_workflow:StageA">>, #{aliases => #{<<"next">> => B}}),
+    ok = erpy_function:cast(A, <<"  Hello ">>),
+    ok = erpy_function:cast(A, "World"),
+    Node = atom_to_binary(node()),
+    ?assertEqual({{Node, B}, <<"1:5/olleh">>}, out()),
+    ?assertEqual({{Node, B}, <<"2:5/dlrow">>}, out()),
+    exit(erpy_function:whereis(B), kill),
+    wait_restarted(B),
+    ?assertEqual({reply, <<"2">>}, erpy_function:call(B, <<"count">>)),
+    ok = erpy_function:cast(A, <<"again">>),
+    ?assertEqual({{Node, B}, <<"3:5/niaga">>}, out()).
+
+call_answers(Config) ->
+    Id = id(Config, <<"kv">>),
+    {ok, Pid} = start(Config, Id, <<"function_cases:Kv">>, #{init_payload => <<"hello">>}),
+    ?assertEqual({reply, <<"echo:x">>}, erpy_function:call(Id, <<"x">>)),
+    ?assertEqual({reply, <<"echo:y">>}, erpy_function:call(Pid, [<<"y">>], 2000)),
+    ?assertEqual(noreply, erpy_function:call(Id, <<"noret">>)),
+    ?assertEqual({reply, <<"hello">>}, erpy_function:call(Id, <<"payload">>)),
+    ?assertMatch({error, #{type := <<"KeyError">>}}, erpy_function:call(Id, <<"boom">>)),
+    ?assertEqual({reply, <<"n1/f9">>},
+                 erpy_function:call(Id, <<"src">>, #{src => {<<"n1">>, <<"f9">>}})),
+    Slf = iolist_to_binary([atom_to_binary(node()), "/", Id]),
+    ?assertEqual({reply, Slf}, erpy_function:call(Id, <<"slf">>)),
+    ?assertEqual({error, {no_instance, <<"nobody">>}}, erpy_function:call(<<"nobody">>, <<"x">>)),
+    ?assertEqual({error, {badarg, msg}}, erpy_function:call(Id, 42)),
+    %% A handler that outlives its timeout is interrupted; the instance carries on.
+    ?assertEqual({error, timeout}, erpy_function:call(Id, <<"spin 10">>, 300)),
+    ?assertEqual({reply, <<"echo:z">>}, erpy_function:call(Id, <<"z">>)),
+    ?assertEqual(Pid, erpy_function:whereis(Id)).
+
+cast_error_reported(Config) ->
+    Id = id(Config, <<"kv">>),
+    {ok, Pid} = start(Config, Id, <<"function_cases:Kv">>, #{}),
+    ok = erpy_function:cast(Id, <<"boom">>),
+    ok = erpy_function:cast(Id, <<"4">>),
+    ?assertEqual({reply, <<"4">>}, erpy_function:call(Id, <<"get">>)),
+    {ok, #{errors := 1}} = erpy_function:info(Id),
+    ?assertEqual(Pid, erpy_function:whereis(Id)).
+
+calls_out(Config) ->
+    ct:comment("call to an instance, to an Erlang process, to nothing, to itself"),
+    [Kv, Other] = [id(Config, N) || N <- [<<"kv">>, <<"other">>]],
+    Erl = spawn_link(fun erl_function/0),
+    {ok, _} = start(Config, Other, <<"function_cases:Kv">>, #{}),
+    {ok, _} = start(Config, Kv, <<"function_cases:Kv">>,
+                    #{aliases => #{<<"other">> => Other, <<"erl">> => Erl, <<"self">> => Kv,
+                                   <<"gone">> => <<"no_such_instance">>}}),
+    ?assertEqual({reply, <<"echo:q">>}, erpy_function:call(Kv, <<"ask other q">>)),
+    ?assertEqual({reply, <<"noreply">>}, erpy_function:call(Kv, <<"ask other noret">>)),
+    ?assertEqual({reply, <<"erl:q">>}, erpy_function:call(Kv, <<"ask erl q">>)),
+    ?assertMatch({reply, <<"error:", _/binary>>}, erpy_function:call(Kv, <<"ask other boom">>)),
+    ?assertEqual({reply, <<"error:(Atom('no_alias'), 'nope')">>},
+                 erpy_function:call(Kv, <<"ask nope q">>)),
+    ?assertEqual({reply, <<"error:(Atom('no_instance'), 'no_such_instance')">>},
+                 erpy_function:call(Kv, <<"ask gone q">>)),
+    ?assertEqual({reply, <<"error:Atom('self_call')">>}, erpy_function:call(Kv, <<"ask self q">>)),
+    %% set_alias rewires a running instance.
+    ok = erpy_function:set_alias(Kv, <<"nope">>, Erl),
+    ?assertEqual({reply, <<"erl:r">>}, erpy_function:call(Kv, <<"ask nope r">>)).
+
+cast_raw(Config) ->
+    [Kv, Other] = [id(Config, N) || N <- [<<"kv">>, <<"other">>]],
+    {ok, _} = start(Config, Other, <<"function_cases:Kv">>, #{aliases => #{<<"out">> => self()}}),
+    {ok, _} = start(Config, Kv, <<"function_cases:Kv">>, #{}),
+    ok = erpy_function:cast(Kv, <<"raw ", Other/binary>>),
+    ?assertEqual({{atom_to_binary(node()), Other}, <<"got-raw">>}, out()).
+
+restart_restores_state(Config) ->
+    Id = id(Config, <<"kv">>),
+    {ok, Pid} = start(Config, Id, <<"function_cases:Kv">>, #{}),
+    ok = erpy_function:cast(Id, <<"5">>),
+    ok = erpy_function:cast(Id, <<"7">>),
+    ?assertEqual({reply, <<"12">>}, erpy_function:call(Id, <<"get">>)),
+    ?assertEqual({ok, <<"12">>}, erpy_function:read_state(Id)),
+    exit(Pid, kill),
+    New = wait_restarted(Id),
+    ?assertNotEqual(Pid, New),
+    ?assertEqual({reply, <<"12">>}, erpy_function:call(Id, <<"get">>)).
+
+worker_lost_restores_state(Config) ->
+    ct:comment("the worker's Python dies under the instance: restarted with its state"),
+    Id = id(Config, <<"kv">>),
+    {ok, Pid} = start(Config, Id, <<"function_cases:Kv">>, #{}),
+    ok = erpy_function:cast(Id, <<"3">>),
+    ?assertEqual({reply, <<"3">>}, erpy_function:call(Id, <<"get">>)),
+    Ref = monitor(process, Pid),
+    ok = erpy_function:cast(Id, <<"die">>),
+    receive {'DOWN', Ref, process, Pid, _} -> ok after 20000 -> ct:fail(not_down) end,
+    wait_restarted(Id, 300),
+    ?assertEqual({reply, <<"3">>}, erpy_function:call(Id, <<"get">>, 10000)).
+
+delayed_casts_in_order(Config) ->
+    ct:comment("delayed casts arrive by due time, then request order, never early"),
+    Id = id(Config, <<"kv">>),
+    {ok, _} = start(Config, Id, <<"function_cases:Kv">>, #{aliases => #{<<"out">> => self()}}),
+    T0 = erlang:monotonic_time(millisecond),
+    ok = erpy_function:cast(Id, <<"delay 120,40,80,40,0">>),
+    Got = [begin {_, M} = out(), {M, erlang:monotonic_time(millisecond) - T0} end
+           || _ <- lists:seq(1, 5)],
+    ?assertEqual([<<"4:0">>, <<"1:40">>, <<"3:40">>, <<"2:80">>, <<"0:120">>],
+                 [M || {M, _} <- Got]),
+    [?assert(Elapsed >= binary_to_integer(lists:last(binary:split(M, <<":">>))))
+     || {M, Elapsed} <- Got],
+    {ok, #{delayed := 0}} = erpy_function:info(Id).
+
+stop_runs_handle_stop(Config) ->
+    Id = id(Config, <<"kv">>),
+    {ok, Pid} = start(Config, Id, <<"function_cases:Kv">>, #{aliases => #{<<"out">> => self()}}),
+    ok = erpy_function:cast(Id, <<"2">>),
+    {reply, <<"2">>} = erpy_function:call(Id, <<"get">>),
+    Ref = monitor(process, Pid),
+    ok = erpy_function:stop(Id),
+    ?assertMatch({_, <<"stopped">>}, out()),
+    receive {'DOWN', Ref, process, Pid, normal} -> ok after 5000 -> ct:fail(not_stopped) end,
+    timer:sleep(100),
+    ?assertEqual(undefined, erpy_function:whereis(Id)),
+    ?assertEqual({error, not_found}, erpy_function:stop(Id)),
+    ?assertEqual({ok, <<"2">>}, erpy_function:read_state(Id)),
+    %% Its worker went back to the pool, namespace cleared: the pool still serves.
+    ?assertEqual({ok, 2}, erpy:eval(<<"1 + 1">>, #{}, #{pool => ?config(pool, Config)})).
+
+restart_limit(Config) ->
+    Id = id(Config, <<"kv">>),
+    {ok, P1} = start(Config, Id, <<"function_cases:Kv">>, #{max_restarts => {1, 60}}),
+    exit(P1, kill),
+    P2 = wait_restarted(Id),
+    Ref = monitor(process, P2),
+    exit(P2, kill),
+    receive {'DOWN', Ref, process, P2, killed} -> ok end,
+    timer:sleep(300),
+    ?assertEqual(undefined, erpy_function:whereis(Id)).
+
+init_failure(Config) ->
+    Id = id(Config, <<"kv">>),
+    ?assertMatch({error, {init_failed, #{type := <<"ValueError">>}}},
+                 start(Config, Id, <<"function_cases:Kv">>, #{init_payload => <<"fail-init">>})),
+    ?assertMatch({error, {init_failed, #{type := <<"ModuleNotFoundError">>}}},
+                 start(Config, Id, <<"no_such_module_xyz">>, #{})),
+    ?assertEqual(undefined, erpy_function:whereis(Id)),
+    %% The workers it held went back: the pool serves.
+    ?assertEqual({ok, 2}, erpy:eval(<<"1 + 1">>, #{}, #{pool => ?config(pool, Config)})).
+
+duplicate_id(Config) ->
+    Id = id(Config, <<"kv">>),
+    {ok, Pid} = start(Config, Id, <<"function_cases:Kv">>, #{}),
+    ?assertEqual({error, {already_started, Pid}}, start(Config, Id, <<"function_cases:Kv">>, #{})).
+
+bad_options(Config) ->
+    Id = id(Config, <<"kv">>),
+    M = <<"function_cases:Kv">>,
+    ?assertEqual({error, {badarg, id}}, erpy_function:start(#{module => M})),
+    ?assertEqual({error, {badarg, {id, <<>>}}}, erpy_function:start(#{id => <<>>, module => M})),
+    ?assertEqual({error, {badarg, module}}, erpy_function:start(#{id => Id})),
+    ?assertMatch({error, {badarg, {aliases, _}}}, start(Config, Id, M, #{aliases => #{a => 1}})),
+    ?assertMatch({error, {badarg, {timeout, _}}}, start(Config, Id, M, #{timeout => -1})),
+    ?assertMatch({error, {badarg, {max_restarts, _}}}, start(Config, Id, M, #{max_restarts => 3})),
+    ?assertMatch({error, {no_worker, {no_pool, nopool}}},
+                 erpy_function:start(#{id => Id, module => M, pool => nopool})).
+
+host_needs_policy(Config) ->
+    ct:comment("a pool that does not allow erpy_function:host/1: the host API is refused"),
+    Id = id(Config, <<"kv">>),
+    {ok, _} = erpy_function:start(#{id => Id, module => <<"function_cases:Kv">>,
+                                    pool => ?config(bare, Config), store => none,
+                                    aliases => #{<<"out">> => self()}}),
+    %% Handlers that use no host API work; those that do fail with not_allowed.
+    ?assertEqual({reply, <<"echo:x">>}, erpy_function:call(Id, <<"x">>)),
+    ?assertMatch({error, #{type := <<"ErlangError">>, message := <<"(Atom('not_allowed')", _/binary>>}},
+                 erpy_function:call(Id, <<"ask out x">>)),
+    ok = erpy_function:cast(Id, <<"to x">>),
+    {reply, _} = erpy_function:call(Id, <<"get">>),
+    {ok, #{errors := 2}} = erpy_function:info(Id),
+    receive {erpy_function, cast, _, _} = M -> ct:fail({arrived, M}) after 100 -> ok end.
+
+host_outside_instance(Config) ->
+    ct:comment("host/1 reached from a request that is not an instance's acts for nobody"),
+    Code = <<"erlang.call('erpy_function', 'host', (__import__('erpy').Atom('sync'), b'x'))">>,
+    ?assertEqual({ok, {error, not_an_instance}},
+                 erpy:eval(Code, #{}, #{pool => ?config(pool, Config)})),
+    ?assertEqual({error, not_an_instance}, erpy_function:host({sync, <<"x">>})).
+
+telemetry_to_logger(Config) ->
+    Id = id(Config, <<"kv">>),
+    HandlerId = list_to_atom("fn_log_" ++ atom_to_list(?config(mode, Config))),
+    ok = logger:add_handler(HandlerId, ?MODULE, #{config => #{pid => self()},
+                                                  filter_default => log,
+                                                  filters => []}),
+    try
+        {ok, _} = start(Config, Id, <<"function_cases:Kv">>, #{}),
+        ok = erpy_function:cast(Id, <<"log hello there">>),
+        receive
+            {logged, warning, #{erpy_function := Id, target := <<"kv">>}, Text} ->
+                ?assertEqual(<<"kv: hello there">>, Text)
+        after 5000 -> ct:fail(no_log)
+        end
+    after
+        logger:remove_handler(HandlerId)
+    end.
+
+state_on_disc(Config) ->
+    ct:comment("the store is disc_copies and keeps state across a Mnesia restart"),
+    ?assertEqual(disc_copies, mnesia:table_info(erpy_function_state, storage_type)),
+    {ok, _} = erpy:start_pool(fn_disc, #{size => 1, allowed => ?ALLOW,
+                                         pythonpath => ?config(pydirs, Config)}),
+    ok = erpy_test_env:wait_serves(fn_disc, 100),
+    Id = <<"disc_kv">>,
+    Opts = #{id => Id, module => <<"function_cases:Kv">>, pool => fn_disc},
+    try
+        {ok, _} = erpy_function:start(Opts),
+        ok = erpy_function:cast(Id, <<"41">>),
+        {reply, <<"41">>} = erpy_function:call(Id, <<"get">>),
+        ok = erpy_function:stop(Id),
+        stopped = mnesia:stop(),
+        ok = erpy_function:ensure_store(),
+        {ok, _} = erpy_function:start(Opts),
+        ?assertEqual({reply, <<"41">>}, erpy_function:call(Id, <<"get">>))
+    after
+        _ = erpy_function:stop(Id),
+        _ = erpy_function:delete_state(Id),
+        erpy:stop_pool(fn_disc)
+    end.
+
+%% ---- helpers ----------------------------------------------------------------------------
+
+id(Config, Name) ->
+    <<(?config(prefix, Config))/binary, Name/binary>>.
+
+start(Config, Id, Module, Extra) ->
+    erpy_function:start(maps:merge(#{id => Id, module => Module, pool => ?config(pool, Config)},
+                                   Extra)).
+
+out() ->
+    receive {erpy_function, cast, Src, Msg} -> {Src, Msg}
+    after 10000 -> ct:fail(nothing_out)
+    end.
+
+wait_restarted(Id) ->
+    wait_restarted(Id, 100).
+
+wait_restarted(Id, 0) ->
+    ct:fail({not_restarted, Id});
+wait_restarted(Id, N) ->
+    case erpy_function:whereis(Id) of
+        undefined -> timer:sleep(50), wait_restarted(Id, N - 1);
+        Pid -> Pid
+    end.
+
+%% An Erlang process as a function: it answers calls with "erl:" ++ Msg.
+erl_function() ->
+    receive
+        {'$gen_call', From, {erpy_function, call, _Src, Msg}} ->
+            gen_server:reply(From, {reply, <<"erl:", Msg/binary>>}),
+            erl_function()
+    end.
+
+%% logger handler: forwards erpy function telemetry to the test process.
+log(#{level := Level, meta := #{domain := [erpy, function]} = Meta, msg := {Fmt, Args}},
+    #{config := #{pid := Pid}}) ->
+    Pid ! {logged, Level, Meta, iolist_to_binary(io_lib:format(Fmt, Args))};
+log(_Event, _Config) ->
+    ok.
