@@ -457,7 +457,10 @@ start(Req, Bin, #st{port = Port, pending = Pending, opts = Opts} = St) ->
             withdraw_timer(St#st{pending = Pending ++ [Req#req{frame = undefined}]})
     end.
 
-withdraw_timer(#st{withdraw = true, withdraw_timer = undefined} = St) ->
+%% Only a worker of the pool withdraws: the requests of a held (checked out) worker have
+%% nowhere else to go, and a leaving one gives back all it has anyway.
+withdraw_timer(#st{withdraw = true, withdraw_timer = undefined, held = false, releasing = false,
+                   exiting = false} = St) ->
     St#st{withdraw_timer = erlang:start_timer(?WITHDRAW_MS, self(), withdraw)};
 withdraw_timer(St) ->
     St.
@@ -465,7 +468,8 @@ withdraw_timer(St) ->
 %% The requests written behind one that has run ?WITHDRAW_MS are withdrawn (Python
 %% answers {withdrawn, Id} for each it had not started); while the running one is
 %% younger, the timer looks again.
-withdraw_behind(#st{pending = Pending, port = Port} = St) when Port =/= undefined ->
+withdraw_behind(#st{pending = Pending, port = Port, held = false, releasing = false,
+                    exiting = false} = St) when Port =/= undefined ->
     case running_since(St) of
         Since when is_integer(Since) ->
             case now_us() - Since >= ?WITHDRAW_MS * 1000 of

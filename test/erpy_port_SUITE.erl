@@ -25,7 +25,7 @@
          rlimits_badarg/1, children_end_with_their_worker/1]).
 %% Run in the peer VM of timeouts_with_sigint_ignored.
 -export([sigint_probe/1]).
--export([map_keys/1, keys_equal_in_python/1]).
+-export([map_keys/1, keys_equal_in_python/1, checked_out_requests_never_withdrawn/1]).
 %% Called from Python through the allow-list, and the logger handler of output_to_logger.
 -export([nested/1, twice/2, log/2, slow_whoami/1, whoami/1]).
 
@@ -41,7 +41,8 @@ all() ->
      fork_child_cannot_use_protocol, exec_child_has_no_protocol_fds, multiprocessing_fork_pool,
      background_child_then_crash, child_holding_pipe_then_crash, timeouts_with_sigint_ignored,
      rlimits_cpu, rlimits_as, rlimits_nofile, rlimits_fsize_nproc_core, rlimits_badarg,
-     children_end_with_their_worker, map_keys, keys_equal_in_python].
+     children_end_with_their_worker, map_keys, keys_equal_in_python,
+     checked_out_requests_never_withdrawn].
 
 suite() ->
     [{timetrap, {seconds, 60}}].
@@ -1170,3 +1171,23 @@ keys_equal_in_python(_Config) ->
     after
         erpy:stop_pool(p_keys)
     end.
+
+%% A checked-out worker's requests queue behind each other in Python (written ahead) but
+%% are never withdrawn: they have no other worker to go to.
+checked_out_requests_never_withdrawn(_Config) ->
+    start(p_held, #{size => 1}),
+    {ok, W} = erpy:checkout(p_held, 2000),
+    Self = self(),
+    Slow = spawn_link(fun() ->
+                              Self ! {slow, erpy:eval(<<"__import__('time').sleep(0.2) or 'slow'">>, #{},
+                                                      #{worker => W, timeout => 5000})}
+                      end),
+    timer:sleep(20),
+    Quick = [spawn_link(fun() -> Self ! {quick, I, erpy:eval(<<"n">>, #{<<"n">> => I},
+                                                             #{worker => W, timeout => 5000})} end)
+             || I <- lists:seq(1, 3)],
+    ?assertEqual({ok, <<"slow">>}, receive {slow, R} -> R after 5000 -> ct:fail({lost, Slow}) end),
+    [?assertEqual({ok, I}, receive {quick, I, R} -> R after 5000 -> ct:fail({lost, I}) end)
+     || {I, _} <- lists:zip(lists:seq(1, 3), Quick)],
+    ok = erpy:checkin(W),
+    erpy:stop_pool(p_held).
