@@ -283,7 +283,27 @@ void Core::ticker() {
         c->send(zero, 4);
       }
     }
+    keep_registered();
     lk.lock();
+  }
+}
+
+// EPMD forgets a node when the node's connection to it closes (EPMD restarted, or killed
+// and started again): then nodes could no longer find this one, so it registers again at
+// the next tick, and at every tick after that until EPMD is back. The node's creation
+// stays what it was: peers learn it in the handshake, not from EPMD. (Stock Erlang nodes
+// do not do this; they stay unreachable by name until restarted.)
+void Core::keep_registered() {
+  if (epmd_fd_) {
+    // EPMD sends nothing after its answer to the registration: readable means closed.
+    pollfd p{epmd_fd_.get(), POLLIN, 0};
+    if (::poll(&p, 1, 0) <= 0) return;
+    epmd_fd_.reset();
+  }
+  try {
+    epmd_fd_ = epmd_register(split_node(self_.name).first, port_, opt_.hidden).first;
+  } catch (const std::exception&) {
+    // Not back yet (or the name is taken meanwhile): the next tick tries again.
   }
 }
 

@@ -108,6 +108,7 @@ class Core : public std::enable_shared_from_this<Core> {
  private:
   void acceptor();
   void ticker();
+  void keep_registered();
   void watchdog();
   void wake_watchdog(bool force);
   // Starts a thread that stop() joins; false once the node stops.
