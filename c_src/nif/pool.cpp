@@ -7,6 +7,7 @@
 #include <exception>
 #include <optional>
 #include <string>
+#include <thread>
 
 #include "common/cpu_relax.hpp"
 #include "etf/error.hpp"
@@ -66,10 +67,23 @@ void Pool::start_thread(Context* ctx) {
 void Pool::close(ErlNifEnv* env) {
   std::vector<ResourcePtr<ContextHandle>> handles;  // dropped after the mutex
   handles.reserve(ctxs_.size());
+  std::vector<ResourcePtr<Job>> parked;
   {
     std::lock_guard<PoolMutex> lock(m_);
     if (closing_) return;
     closing_ = true;
+    // The pool's server stops, so no runner will adopt a parked job: one parked with its
+    // answer answers that the pool closed; one in a callback is interrupted below and
+    // answers the same when it stops (finish).
+    parked.swap(parked_);
+    for (auto& j : parked) {
+      if (j->state != JobState::Done || j->async_state != AsyncState::Parked || j->replied) continue;
+      j->answer_env.reset();
+      j->replied = true;
+      MsgEnv msg = MsgEnv::take();
+      const ERL_NIF_TERM answer = enif_make_tuple2(msg.get(), atoms.error, atoms.pool_closed);
+      send_reply(env, j.get(), std::move(msg), answer);
+    }
     // Requests that will not run now are answered at once, not left to time out.
     for (auto& j : queue_) answer_closed_locked(env, std::move(j));
     queue_.clear();
@@ -96,7 +110,12 @@ void Pool::answer_closed_locked(ErlNifEnv* env, ResourcePtr<Job> j) {
   if (j->state == JobState::Queued) {
     MsgEnv msg = MsgEnv::take();
     ERL_NIF_TERM answer = enif_make_tuple2(msg.get(), atoms.error, atoms.pool_closed);
-    if (keep_answer_locked(j.get(), msg, answer)) j->settled.store(true, std::memory_order_release);
+    if (j->async) {
+      j->state = JobState::Done;
+      untrack_locked(j.get());
+      j->replied = true;
+      send_reply(env, j.get(), std::move(msg), answer);
+    } else if (keep_answer_locked(j.get(), msg, answer)) j->settled.store(true, std::memory_order_release);
     else send_answer(env, j.get(), std::move(msg), answer);
   }
 }
@@ -123,10 +142,14 @@ void Pool::wake_one_locked() {
   }
 }
 
-bool Pool::submit(const ResourcePtr<Job>& job, int context) {
+bool Pool::submit(const ResourcePtr<Job>& job, int context, std::int64_t deadline_ns) {
   {
     std::lock_guard<PoolMutex> lock(m_);
     if (closing_) return false;
+    if (deadline_ns != 0) {
+      job->deadline_ns = deadline_ns;
+      deadlines_.emplace(std::make_pair(deadline_ns, job.get()), job.share());
+    }
     if (context >= 0) {
       Context& c = *ctxs_[static_cast<size_t>(context)];
       c.pinned.push_back(job.share());
@@ -147,6 +170,7 @@ bool Pool::submit(const ResourcePtr<Job>& job, int context) {
 }
 
 bool Pool::cancel_locked(Job* job) {
+  if (job->state != JobState::Done) untrack_locked(job);
   switch (job->state) {
     case JobState::Done:
       return false;
@@ -180,6 +204,110 @@ Pool::Outcome Pool::cancel(Job* job, ErlNifEnv* env, ERL_NIF_TERM* answer) {
   }
   if (interrupt) Runtime::get().wake();
   return Outcome::Canceled;
+}
+
+// ---- asynchronous jobs ---------------------------------------------------------------
+
+// The caller (or another process) cancels an asynchronous job. After this returns no reply
+// comes to the caller but one already in its mailbox (Sent), or one its runner may still
+// send (Runner: the process that stops the runner must wait for it to end).
+Pool::AsyncCancel Pool::async_cancel(Job* job, ErlNifEnv*, ErlNifPid* runner) {
+  AsyncCancel out = AsyncCancel::Canceled;
+  bool interrupt = false;
+  MsgEnv dropped;  // a parked answer nobody will take, freed after the mutex
+  {
+    std::lock_guard<PoolMutex> lock(m_);
+    if (job->async_state == AsyncState::Adopted) {
+      *runner = job->handler;
+      out = AsyncCancel::Runner;
+      interrupt = job->state == JobState::Running;
+      cancel_locked(job);
+    } else if (job->replied) {
+      out = AsyncCancel::Sent;
+    } else if (job->state == JobState::Done) {
+      // Parked with its answer, before a runner took it: the runner finds it cancelled.
+      job->state = JobState::Canceled;
+      dropped = std::move(job->answer_env);
+    } else {
+      interrupt = job->state == JobState::Running;
+      cancel_locked(job);
+    }
+  }
+  if (interrupt) Runtime::get().wake();
+  // The reply was decided under the mutex and is sent right after it: wait for the send,
+  // so that the caller finds it in its mailbox (a few microseconds at most).
+  if (out == AsyncCancel::Sent) {
+    while (!job->reply_sent.load(std::memory_order_acquire)) std::this_thread::yield();
+  }
+  return out;
+}
+
+bool Pool::adopt(Job* job, ErlNifEnv* env) {
+  ResourcePtr<Job> parked;  // the list's reference, dropped after the mutex
+  std::lock_guard<PoolMutex> lock(m_);
+  auto it = std::find_if(parked_.begin(), parked_.end(), [job](const ResourcePtr<Job>& p) { return p.get() == job; });
+  if (it != parked_.end()) {
+    parked = std::move(*it);
+    *it = std::move(parked_.back());
+    parked_.pop_back();
+  }
+  if (job->async_state != AsyncState::Parked || job->replied || job->state == JobState::Canceled) return false;
+  job->async_state = AsyncState::Adopted;
+  enif_self(env, &job->handler);
+  untrack_locked(job);  // the runner keeps the deadline now, as a synchronous caller does
+  return true;
+}
+
+// The job needs Erlang (its callback or answer waits in the job, as for a polling
+// caller): the pool's server starts a runner, which adopts it (erpy_embedded).
+void Pool::park_locked(Job* job) {
+  job->async_state = AsyncState::Parked;
+  job->blocking = false;
+  job->poll_until.store(0, std::memory_order_relaxed);
+  job->settled.store(true, std::memory_order_release);
+  parked_.push_back(ResourcePtr<Job>::share(job));
+  MsgEnv msg = MsgEnv::take();
+  ErlNifPid owner = o_.owner;
+  enif_send(nullptr, &owner, msg.get(),
+            enif_make_tuple2(msg.get(), atoms.erpy_async_adopt, enif_make_resource(msg.get(), job)));
+}
+
+void Pool::untrack_locked(Job* job) {
+  if (job->deadline_ns == 0) return;
+  // The map's reference is never the last: whoever changes the job's state holds one.
+  deadlines_.erase(std::make_pair(job->deadline_ns, job));
+  job->deadline_ns = 0;
+}
+
+// From the service thread: jobs nobody waits for answer {error, timeout} at their
+// deadline, as erpy:call would (and are cancelled: interrupted if they run).
+void Pool::expire_async() {
+  std::vector<ResourcePtr<Job>> expired;
+  bool interrupt = false;
+  {
+    std::lock_guard<PoolMutex> lock(m_);
+    if (deadlines_.empty()) return;
+    const std::int64_t now = mono_ns();
+    while (!deadlines_.empty() && deadlines_.begin()->first.first <= now) {
+      ResourcePtr<Job> j = std::move(deadlines_.begin()->second);
+      deadlines_.erase(deadlines_.begin());
+      j->deadline_ns = 0;
+      if (j->replied || j->async_state == AsyncState::Adopted || j->state == JobState::Done ||
+          j->state == JobState::Canceled) {
+        continue;
+      }
+      interrupt = interrupt || j->state == JobState::Running;
+      cancel_locked(j.get());
+      j->replied = true;
+      expired.push_back(std::move(j));
+    }
+  }
+  for (auto& j : expired) {
+    MsgEnv msg = MsgEnv::take();
+    const ERL_NIF_TERM answer = enif_make_tuple2(msg.get(), atoms.error, atoms.timeout);
+    send_reply(nullptr, j.get(), std::move(msg), answer);
+  }
+  (void)interrupt;  // the service thread interrupts cancelled jobs in this same tick
 }
 
 Pool::Poll Pool::poll(Job* job, bool block, ErlNifEnv* env, ERL_NIF_TERM* answer) {
@@ -685,19 +813,46 @@ void Pool::run_request(Context& c, Job* job) {
 // polling caller (no message, no lock on its process), or sent as {Ref, Answer} once it
 // blocks.
 bool Pool::finish(Job* job, MsgEnv msg, ERL_NIF_TERM answer) {
-  bool kept;
+  enum class How { Kept, Send, Reply, Parked } how;
   {
     std::lock_guard<PoolMutex> lock(m_);
     // A caller monitor (long jobs) stays: it cannot be removed from this thread, its DOWN
     // finds the job done, and it ends with the job's resource.
     if (job->state == JobState::Canceled || job->state == JobState::Done) return false;
-    kept = keep_answer_locked(job, msg, answer);
+    if (job->async && job->async_state != AsyncState::Adopted) {
+      // Nobody waits: the answer goes to the caller as erpy:call returns it, except one
+      // Erlang must check first (ok_check), which a runner takes (unless the pool closes:
+      // no runner would come, and a closing pool answers that it closed).
+      int arity;
+      const ERL_NIF_TERM* el;
+      const bool check = enif_get_tuple(msg.get(), answer, &arity, &el) && arity == 2 && el[0] == atoms.ok_check;
+      if (check && job->async_state == AsyncState::Direct && !closing_) {
+        job->state = JobState::Done;
+        untrack_locked(job);
+        job->answer_env = std::move(msg);
+        job->answer = answer;
+        park_locked(job);
+        how = How::Parked;
+      } else {
+        if (check) answer = enif_make_tuple2(msg.get(), atoms.error, atoms.pool_closed);
+        job->state = JobState::Done;
+        untrack_locked(job);
+        job->replied = true;
+        how = How::Reply;
+      }
+    } else {
+      how = keep_answer_locked(job, msg, answer) ? How::Kept : How::Send;
+    }
   }
   // Both after the mutex is released: a polling caller that sees `settled` then finds the
   // mutex free (see submit), and a send locks the receiving process while submitters wait
   // for m_. A cancel that comes in between finds Done and waits for the message.
-  if (kept) job->settled.store(true, std::memory_order_release);
-  else send_answer(nullptr, job, std::move(msg), answer);
+  switch (how) {
+    case How::Kept: job->settled.store(true, std::memory_order_release); break;
+    case How::Send: send_answer(nullptr, job, std::move(msg), answer); break;
+    case How::Reply: send_reply(nullptr, job, std::move(msg), answer); break;
+    case How::Parked: break;
+  }
   return true;
 }
 
@@ -706,16 +861,33 @@ bool Pool::finish(Job* job, MsgEnv msg, ERL_NIF_TERM answer) {
 // with send_answer).
 bool Pool::keep_answer_locked(Job* job, MsgEnv& msg, ERL_NIF_TERM answer) {
   job->state = JobState::Done;
+  untrack_locked(job);
   if (job->blocking) return false;
   job->answer_env = std::move(msg);
   job->answer = answer;
   return true;
 }
 
-// {Ref, Answer} to the caller. `env`: the calling NIF's, or null.
+// {Ref, Answer} to the caller (or its runner). `env`: the calling NIF's, or null.
 void Pool::send_answer(ErlNifEnv* env, Job* job, MsgEnv msg, ERL_NIF_TERM answer) {
   ERL_NIF_TERM ref = enif_make_copy(msg.get(), job->ref);
-  enif_send(env, &job->caller, msg.get(), enif_make_tuple2(msg.get(), ref, answer));
+  ErlNifPid to = job->to();  // set before the job could answer (adopt), read after
+  enif_send(env, &to, msg.get(), enif_make_tuple2(msg.get(), ref, answer));
+}
+
+// An asynchronous job's reply to its caller, {erpy_reply, {erpy_async, Ref, Job}, Answer}
+// (the id erpy:async_call returned), with a closed pool's answer as erpy:call gives it.
+// Once per job (Job::replied, set under the mutex). `env`: the calling NIF's, or null.
+void Pool::send_reply(ErlNifEnv* env, Job* job, MsgEnv msg, ERL_NIF_TERM answer) {
+  ErlNifEnv* e = msg.get();
+  int arity;
+  const ERL_NIF_TERM* el;
+  if (enif_get_tuple(e, answer, &arity, &el) && arity == 2 && el[0] == atoms.error && el[1] == atoms.pool_closed) {
+    answer = enif_make_copy(e, job->closed);
+  }
+  const ERL_NIF_TERM id = enif_make_tuple3(e, atoms.erpy_async, enif_make_copy(e, job->ref), enif_make_resource(e, job));
+  enif_send(env, &job->caller, e, enif_make_tuple3(e, atoms.erpy_reply, id, answer));
+  job->reply_sent.store(true, std::memory_order_release);
 }
 
 // ---- Python calling Erlang ---------------------------------------------------------------
@@ -764,10 +936,16 @@ PyRef Pool::erlang_callback(Context& c, const char* kind, PyObject* m, PyObject*
     ++c.in_callback;  // nested callbacks count too
     if (job->state == JobState::Canceled) {
       canceled = true;
+    } else if (job->async && job->async_state == AsyncState::Direct) {
+      // Nobody waits for this job: its runner (started for it now) takes the callback.
+      job->callback_env = std::move(msg);
+      job->callback = body;
+      park_locked(job);
     } else {
       if (job->blocking) {
         ERL_NIF_TERM ref = enif_make_copy(msg.get(), job->ref);
-        enif_send(nullptr, &job->caller, msg.get(), enif_make_tuple2(msg.get(), ref, body));
+        ErlNifPid to = job->to();
+        enif_send(nullptr, &to, msg.get(), enif_make_tuple2(msg.get(), ref, body));
       } else {
         // The caller is polling: it takes the callback from the job, no message needed.
         job->callback_env = std::move(msg);
