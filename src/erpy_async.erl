@@ -75,14 +75,24 @@ valid_timeout(T) -> is_integer(T) andalso T >= 0 andalso T < 1 bsl 40.
 %% Waits up to `Timeout` for the answer of `Id`: the answer, or {error, timeout} (the
 %% request goes on: await again or cancel it). Only its caller can await it.
 -spec await(id(), timeout()) -> term().
+await({erpy_async, _Ref, Job} = Id, Timeout) when is_reference(Job), Timeout =/= 0 ->
+    %% A short request answers within microseconds, sooner than this process could sleep
+    %% and be woken by the message: the transport lets its caller poll a little first.
+    case erpy_embedded:async_await(Job) of
+        {done, Answer} -> Answer;
+        wait -> receive_reply(Id, Timeout)
+    end;
 await({erpy_async, _Ref, _Pid} = Id, Timeout) ->
+    receive_reply(Id, Timeout);
+await(Id, _Timeout) ->
+    {error, {badarg, {async_id, Id}}}.
+
+receive_reply(Id, Timeout) ->
     receive
         {erpy_reply, Id, Answer} -> Answer
     after Timeout ->
         {error, timeout}
-    end;
-await(Id, _Timeout) ->
-    {error, {badarg, {async_id, Id}}}.
+    end.
 
 %% Stops the request (its Python call is interrupted, as for a caller that gave up);
 %% no answer comes after this returns.

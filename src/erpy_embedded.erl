@@ -9,7 +9,7 @@
 
 -export([start_link/2]).
 -export([prepare/1, child_specs/2, request/4, request_worker/3, checkout/2, checkin/1, info/1, reactor/5]).
--export([async_request/4, async_request_worker/3, async_cancel/1, adopt/2]).
+-export([async_request/4, async_request_worker/3, async_await/1, async_cancel/1, adopt/2]).
 -export([init/1, handle_call/3, handle_cast/2, handle_info/2, terminate/2]).
 
 %% At most this many polls before a caller blocks; the NIF ends the spin sooner, after
@@ -105,6 +105,20 @@ async_request_worker({Name, Ctx}, Req, Timeout) ->
     case erpy_transport:lookup(Name) of
         {ok, ?MODULE, Handle} -> async_submit(Ctx, Handle, Req, Timeout);
         _ -> {error, {no_pool, Name}}
+    end.
+
+%% Its caller awaits the job: {done, Answer} (polled for, as submit_and_wait does, while
+%% that pays), or wait: the answer comes as the message. Anything but a job: wait.
+-spec async_await(erpy_nif:job()) -> {done, term()} | wait.
+async_await(Job) ->
+    try async_spin(Job, ?SPIN)
+    catch error:badarg -> wait
+    end.
+
+async_spin(Job, N) ->
+    case erpy_nif:async_poll(Job, N =:= 0) of
+        pending -> erlang:yield(), async_spin(Job, N - 1);
+        Other -> Other
     end.
 
 %% canceled (no answer comes), sent (it is in the caller's mailbox), or {runner, Pid}:

@@ -4,7 +4,7 @@
 
 -export([init/2, pool_new/3, pool_close/1, pool_info/1, submit/3, cancel/1, poll/2,
          callback_reply/2, checkin/1, python_info/0, is_handle/1, dirty_noop/1]).
--export([async_submit/6, async_cancel/1, async_adopt/1]).
+-export([async_submit/6, async_cancel/1, async_adopt/1, async_poll/2]).
 -export([reactor_adopt/1, reactor_dup/1, reactor_select/2, reactor_close/1, reactor_fd/1,
          reactor_send_fd/4, reactor_event/4, reactor_watch/1]).
 
@@ -12,7 +12,7 @@
 
 -nifs([init/2, pool_new/3, pool_close/1, pool_info/1, submit/3, cancel/1, poll/2,
        callback_reply/2, checkin/1, python_info/0, is_handle/1, dirty_noop/1,
-       async_submit/6, async_cancel/1, async_adopt/1,
+       async_submit/6, async_cancel/1, async_adopt/1, async_poll/2,
        reactor_adopt/1, reactor_dup/1, reactor_select/2, reactor_close/1, reactor_fd/1,
        reactor_send_fd/4, reactor_event/4, reactor_watch/1]).
 
@@ -79,6 +79,12 @@ async_cancel(_Job) -> erlang:nif_error(not_loaded).
 %% as a synchronous caller does. `gone`: nothing is left to do for it.
 -spec async_adopt(job()) -> {ok, reference(), pid(), erpy_request:t(), term()} | gone.
 async_adopt(_Job) -> erlang:nif_error(not_loaded).
+
+%% The caller awaits its asynchronous job: its answer if it is there (the reply then never
+%% comes), pending (poll again), or wait: the reply comes as a message (always with
+%% Block = true, and for any process but the caller).
+-spec async_poll(job(), boolean()) -> {done, term()} | pending | wait.
+async_poll(_Job, _Block) -> erlang:nif_error(not_loaded).
 
 -spec callback_reply(job(), {ok, term()} | {error, term()}) -> ok.
 callback_reply(_Job, _Reply) -> erlang:nif_error(not_loaded).

@@ -278,6 +278,21 @@ ERL_NIF_TERM nif_async_cancel(ErlNifEnv* env, int, const ERL_NIF_TERM argv[]) {
   return atoms.canceled;
 }
 
+// async_poll(Job, Block) -> {done, Answer} | pending | wait: the caller awaits (see
+// Pool::async_poll); another process always gets `wait`.
+ERL_NIF_TERM nif_async_poll(ErlNifEnv* env, int, const ERL_NIF_TERM argv[]) {
+  Job* job = get_job(env, argv[0]);
+  if (!job || !job->async) return enif_make_badarg(env);
+  ErlNifPid self;
+  if (!enif_self(env, &self) || enif_compare_pids(&self, &job->caller) != 0) return atoms.wait;
+  ERL_NIF_TERM answer;
+  switch (job->pool->async_poll(job, enif_is_identical(argv[1], atoms.true_), env, &answer)) {
+    case Pool::Poll::Done: return enif_make_tuple2(env, atoms.done, answer);
+    case Pool::Poll::Pending: return atoms.pending;
+    default: return atoms.wait;
+  }
+}
+
 // async_adopt(Job) -> {ok, Ref, Caller, Request, Extra} | gone. The calling process (a
 // runner) takes the job over: it polls for it (poll/2) as a synchronous caller would.
 ERL_NIF_TERM nif_async_adopt(ErlNifEnv* env, int, const ERL_NIF_TERM argv[]) {
@@ -384,6 +399,7 @@ ErlNifFunc funcs[] = {
     {"async_submit", 6, entry<nif_async_submit>, 0},
     {"async_cancel", 1, entry<nif_async_cancel>, 0},
     {"async_adopt", 1, entry<nif_async_adopt>, 0},
+    {"async_poll", 2, entry<nif_async_poll>, 0},
     {"python_info", 0, entry<nif_python_info>, 0},
     {"is_handle", 1, entry<nif_is_handle>, 0},
     // erpy_reactor (reactor.hpp)

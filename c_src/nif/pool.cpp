@@ -310,6 +310,53 @@ void Pool::expire_async() {
   (void)interrupt;  // the service thread interrupts cancelled jobs in this same tick
 }
 
+// As poll(), for an asynchronous job's caller in erpy:await: a short job's answer is
+// taken here, sooner than a message would wake the caller.
+Pool::Poll Pool::async_poll(Job* job, bool block, ErlNifEnv* env, ERL_NIF_TERM* answer) {
+  if (job->reply_sent.load(std::memory_order_acquire)) return Poll::Wait;  // in the mailbox
+  const std::int64_t until = job->await_until.load(std::memory_order_relaxed);
+  if (!block && !job->settled.load(std::memory_order_acquire)) {
+    const std::int64_t now = mono_ns();
+    if (until == 0) {
+      const std::int64_t budget = caller_spin_.budget_ns();
+      if (budget > 0) {
+        job->await_until.store(now + budget, std::memory_order_relaxed);
+        job->awaiting.store(true, std::memory_order_relaxed);
+      }
+      block = budget <= 0;
+    } else if (now >= until) {
+      caller_spin_.record(SpinPolicy::Outcome::timed_out);
+      block = true;
+    }
+    if (!block) {
+      const int cpu = current_cpu();
+      caller_cpu_.store(cpu, std::memory_order_relaxed);
+      if (cpu >= 0 && cpu == ctx_cpu_.load(std::memory_order_relaxed)) sched_yield();
+      return Poll::Pending;
+    }
+  }
+  if (!block && until > 0) caller_spin_.record(SpinPolicy::Outcome::found);
+  MsgEnv taken;  // freed after the mutex
+  std::lock_guard<PoolMutex> lock(m_);
+  job->await_until.store(0, std::memory_order_relaxed);
+  job->awaiting.store(false, std::memory_order_relaxed);  // from now on the answer is sent
+  if (job->async_state != AsyncState::Direct || job->state != JobState::Done || job->replied || !job->answer_env) {
+    return Poll::Wait;
+  }
+  ERL_NIF_TERM a = job->answer;
+  int arity;
+  const ERL_NIF_TERM* el;
+  if (enif_get_tuple(job->answer_env.get(), a, &arity, &el) && arity == 2 && el[0] == atoms.error &&
+      el[1] == atoms.pool_closed) {
+    a = job->closed;
+  }
+  *answer = enif_make_copy(env, a);
+  taken = std::move(job->answer_env);
+  job->replied = true;
+  job->reply_sent.store(true, std::memory_order_release);
+  return Poll::Done;
+}
+
 Pool::Poll Pool::poll(Job* job, bool block, ErlNifEnv* env, ERL_NIF_TERM* answer) {
   // The caller spins (polls, yielding to its scheduler's other processes between polls)
   // while the pool's caller policy says that pays, for at most spin_us; then it blocks
@@ -826,7 +873,14 @@ bool Pool::finish(Job* job, MsgEnv msg, ERL_NIF_TERM answer) {
       int arity;
       const ERL_NIF_TERM* el;
       const bool check = enif_get_tuple(msg.get(), answer, &arity, &el) && arity == 2 && el[0] == atoms.ok_check;
-      if (check && job->async_state == AsyncState::Direct && !closing_) {
+      if (!check && job->async_state == AsyncState::Direct && job->awaiting.load(std::memory_order_relaxed)) {
+        // Its caller spins in erpy:await for it (async_poll): no message needed.
+        job->state = JobState::Done;
+        untrack_locked(job);
+        job->answer_env = std::move(msg);
+        job->answer = answer;
+        how = How::Kept;
+      } else if (check && job->async_state == AsyncState::Direct && !closing_) {
         job->state = JobState::Done;
         untrack_locked(job);
         job->answer_env = std::move(msg);

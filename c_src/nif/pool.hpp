@@ -94,6 +94,11 @@ struct Job {
   bool replied = false;  // a reply to the caller is sent (or being sent): no other comes
   // Set once that reply is in the caller's mailbox (async_cancel waits for it).
   std::atomic<bool> reply_sent{false};
+  // The caller spins in erpy:await (async_poll): a Direct answer is kept in the job for
+  // it, not sent. Set without the mutex (a stale read only costs a message); its spin
+  // ends at await_until (monotonic ns, 0: not spinning). Touched by the caller only.
+  std::atomic<bool> awaiting{false};
+  std::atomic<std::int64_t> await_until{0};
   // Where the protocol's messages (answer, callbacks) go: the caller, or its runner.
   const ErlNifPid& to() const noexcept { return async_state == AsyncState::Adopted ? handler : caller; }
 };
@@ -178,6 +183,9 @@ class Pool : public std::enable_shared_from_this<Pool> {
   // A runner (the calling process) takes a Parked job over; false if nothing is left to
   // do for it (answered, cancelled, or not parked).
   bool adopt(Job* job, ErlNifEnv* env);
+  // The caller awaits: Done (the answer, as the reply would carry it), Pending (spin on),
+  // or Wait (the reply comes as a message; always with `block`).
+  Poll async_poll(Job* job, bool block, ErlNifEnv* env, ERL_NIF_TERM* answer);
 
   // From the service thread (interrupt_canceled with the GIL).
   void interrupt_canceled();
