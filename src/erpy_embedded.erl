@@ -133,30 +133,36 @@ async_cancel(Job) ->
 %% given), under the caller's nesting; the answer is checked and translated the same way;
 %% the deadline is the request's. Linked to the caller as erpy_async's runners are.
 -spec adopt(erpy_nif:job(), map()) -> ok.
-adopt(Job, #{name := Name, policy := Policy} = Handle) ->
+adopt(Job, Handle) ->
     case erpy_nif:async_adopt(Job) of
-        {ok, Ref, Caller, Req, {Nesting, Deadline}} ->
-            link(Caller),  % a caller already dead ends this process here
-            erpy_call:set_nesting(Nesting),
-            Ctx = erpy_policy:request_ctx(Policy, Caller, Req),
-            Answer = try answer(Name, Ctx, spin(Ref, Job, Handle#{ctx => Ctx}, Deadline, ?SPIN))
-                     catch
-                         error:{erpy_nif, Why} ->
-                             _ = (catch erpy_nif:cancel(Job)),
-                             flush(Ref),
-                             {error, Why};
-                         Class:Reason ->
-                             _ = (catch erpy_nif:cancel(Job)),
-                             {error, {Class, Reason}}
-                     after
-                         erpy_policy:done(Ctx)
-                     end,
-            Caller ! {erpy_reply, {erpy_async, Ref, Job}, Answer},
-            unlink(Caller),
-            ok;
+        {ok, Ref, Caller, Req, Extra} ->
+            try link(Caller) of
+                true -> run_adopted(Job, Handle, Ref, Caller, Req, Extra)
+            catch
+                error:noproc -> _ = erpy_nif:cancel(Job), ok  % nobody to answer
+            end;
         gone ->
             ok
     end.
+
+run_adopted(Job, #{name := Name, policy := Policy} = Handle, Ref, Caller, Req, {Nesting, Deadline}) ->
+    erpy_call:set_nesting(Nesting),
+    Ctx = erpy_policy:request_ctx(Policy, Caller, Req),
+    Answer = try answer(Name, Ctx, spin(Ref, Job, Handle#{ctx => Ctx}, Deadline, ?SPIN))
+             catch
+                 error:{erpy_nif, Why} ->
+                     _ = (catch erpy_nif:cancel(Job)),
+                     flush(Ref),
+                     {error, Why};
+                 Class:Reason ->
+                     _ = (catch erpy_nif:cancel(Job)),
+                     {error, {Class, Reason}}
+             after
+                 erpy_policy:done(Ctx)
+             end,
+    Caller ! {erpy_reply, {erpy_async, Ref, Job}, Answer},
+    unlink(Caller),
+    ok.
 
 -spec checkout(map(), timeout()) -> {ok, ref()} | {error, erpy:error_reason()}.
 checkout(#{name := Name, pool := Pool} = Handle, Timeout) ->
