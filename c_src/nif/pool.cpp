@@ -283,7 +283,6 @@ void Pool::untrack_locked(Job* job) {
 // deadline, as erpy:call would (and are cancelled: interrupted if they run).
 void Pool::expire_async() {
   std::vector<ResourcePtr<Job>> expired;
-  bool interrupt = false;
   {
     std::lock_guard<PoolMutex> lock(m_);
     if (deadlines_.empty()) return;
@@ -296,8 +295,7 @@ void Pool::expire_async() {
           j->state == JobState::Canceled) {
         continue;
       }
-      interrupt = interrupt || j->state == JobState::Running;
-      cancel_locked(j.get());
+      cancel_locked(j.get());  // a running one is interrupted later in this same tick
       j->replied = true;
       expired.push_back(std::move(j));
     }
@@ -307,7 +305,6 @@ void Pool::expire_async() {
     const ERL_NIF_TERM answer = enif_make_tuple2(msg.get(), atoms.error, atoms.timeout);
     send_reply(nullptr, j.get(), std::move(msg), answer);
   }
-  (void)interrupt;  // the service thread interrupts cancelled jobs in this same tick
 }
 
 // As poll(), for an asynchronous job's caller in erpy:await: a short job's answer is
