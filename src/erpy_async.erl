@@ -74,18 +74,34 @@ valid_timeout(T) -> is_integer(T) andalso T >= 0 andalso T < 1 bsl 40.
 
 %% Waits up to `Timeout` for the answer of `Id`: the answer, or {error, timeout} (the
 %% request goes on: await again or cancel it). Only its caller can await it.
+%% Another process (or a second await of an answer already taken) gets
+%% {error, {badarg, {async_id, Id}}} at once: it would wait for nothing.
 -spec await(id(), timeout()) -> term().
-await({erpy_async, _Ref, Job} = Id, Timeout) when is_reference(Job), Timeout =/= 0 ->
+await({erpy_async, _Ref, Pid} = Id, Timeout) when is_pid(Pid) ->
+    receive
+        {erpy_reply, Id, Answer} -> Answer
+    after 0 ->
+        await_runner(Id, Pid, Timeout)
+    end;
+await({erpy_async, _Ref, Job} = Id, Timeout) when is_reference(Job) ->
     %% A short request answers within microseconds, sooner than this process could sleep
     %% and be woken by the message: the transport lets its caller poll a little first.
-    case erpy_embedded:async_await(Job) of
+    try erpy_embedded:async_await(Job, Timeout =/= 0) of
         {done, Answer} -> Answer;
-        wait -> receive_reply(Id, Timeout)
+        wait -> receive_reply(Id, Timeout);
+        {runner, Pid} -> await_runner(Id, Pid, Timeout);
+        _ -> taken(Id)  % answered, or not the caller's
+    catch
+        error:badarg -> {error, {badarg, {async_id, Id}}}
     end;
-await({erpy_async, _Ref, _Pid} = Id, Timeout) ->
-    receive_reply(Id, Timeout);
 await(Id, _Timeout) ->
     {error, {badarg, {async_id, Id}}}.
+
+await_runner(Id, Pid, Timeout) ->
+    case running_for_me(Pid) of
+        true -> receive_reply(Id, Timeout);
+        false -> taken(Id)
+    end.
 
 receive_reply(Id, Timeout) ->
     receive
@@ -94,21 +110,52 @@ receive_reply(Id, Timeout) ->
         {error, timeout}
     end.
 
+%% The answer came before (it is in the mailbox, or was taken) or the request is another
+%% process's.
+taken(Id) ->
+    receive
+        {erpy_reply, Id, Answer} -> Answer
+    after 0 ->
+        {error, {badarg, {async_id, Id}}}
+    end.
+
 %% Stops the request (its Python call is interrupted, as for a caller that gave up);
 %% no answer comes after this returns.
+%% Only the caller may: another process gets {error, {badarg, {async_id, Id}}} and the
+%% request goes on (killing the runner would also kill the caller it is linked to).
 -spec cancel(id()) -> ok | {error, {badarg, term()}}.
 cancel({erpy_async, _Ref, Pid} = Id) when is_pid(Pid) ->
-    stop(Pid),
-    flush(Id);
+    cancel_runner(Id, Pid);
 cancel({erpy_async, _Ref, Job} = Id) when is_reference(Job) ->
     try erpy_embedded:async_cancel(Job) of
-        {runner, Pid} -> stop(Pid), flush(Id);
-        _ -> flush(Id)  % canceled, or the answer is in the mailbox already
+        canceled -> flush(Id);
+        sent -> flush_taken(Id);
+        {runner, Pid} -> cancel_runner(Id, Pid);
+        not_yours -> {error, {badarg, {async_id, Id}}}
     catch
         error:badarg -> {error, {badarg, {async_id, Id}}}
     end;
 cancel(Id) ->
     {error, {badarg, {async_id, Id}}}.
+
+cancel_runner(Id, Pid) ->
+    case running_for_me(Pid) orelse not is_process_alive(Pid) of
+        true ->
+            stop(Pid),
+            flush(Id);
+        false ->
+            %% Not linked to us: it answered already (the answer came before its unlink),
+            %% or it runs for another process.
+            flush_taken(Id)
+    end.
+
+%% Whether the runner `Pid` still runs a request of the calling process: it is linked to
+%% its caller until it has sent the answer.
+running_for_me(Pid) ->
+    case erlang:process_info(Pid, links) of
+        {links, Links} -> lists:member(self(), Links);
+        undefined -> false
+    end.
 
 %% Kills a runner and waits for it to be gone, so that an answer it sent first is in the
 %% mailbox now.
@@ -120,6 +167,9 @@ stop(Pid) ->
 
 flush(Id) ->
     receive {erpy_reply, Id, _} -> ok after 0 -> ok end.
+
+flush_taken(Id) ->
+    receive {erpy_reply, Id, _} -> ok after 0 -> {error, {badarg, {async_id, Id}}} end.
 
 run(Caller, Ref, Nesting, Request) ->
     erpy_call:set_nesting(Nesting),

@@ -9,7 +9,7 @@
 
 -export([start_link/2]).
 -export([prepare/1, child_specs/2, request/4, request_worker/3, checkout/2, checkin/1, info/1, reactor/5]).
--export([async_request/4, async_request_worker/3, async_await/1, async_cancel/1, adopt/2]).
+-export([async_request/4, async_request_worker/3, async_await/2, async_cancel/1, adopt/3]).
 -export([init/1, handle_call/3, handle_cast/2, handle_info/2, terminate/2]).
 
 %% At most this many polls before a caller blocks; the NIF ends the spin sooner, after
@@ -107,13 +107,13 @@ async_request_worker({Name, Ctx}, Req, Timeout) ->
         _ -> {error, {no_pool, Name}}
     end.
 
-%% Its caller awaits the job: {done, Answer} (polled for, as submit_and_wait does, while
-%% that pays), or wait: the answer comes as the message. Anything but a job: wait.
--spec async_await(erpy_nif:job()) -> {done, term()} | wait.
-async_await(Job) ->
-    try async_spin(Job, ?SPIN)
-    catch error:badarg -> wait
-    end.
+%% Its caller awaits the job: {done, Answer} (polled for while that pays, with `Spin`, as
+%% submit_and_wait does), wait (the answer comes as the message), answered (it came
+%% already), {runner, Pid} (that process answers), or not_yours (not the caller's job).
+-spec async_await(erpy_nif:job(), boolean()) ->
+    {done, term()} | wait | answered | {runner, pid()} | not_yours.
+async_await(Job, Spin) ->
+    async_spin(Job, case Spin of true -> ?SPIN; false -> 0 end).
 
 async_spin(Job, N) ->
     case erpy_nif:async_poll(Job, N =:= 0) of
@@ -121,9 +121,9 @@ async_spin(Job, N) ->
         Other -> Other
     end.
 
-%% canceled (no answer comes), sent (it is in the caller's mailbox), or {runner, Pid}:
-%% the job's runner may still answer (erpy_async stops it).
--spec async_cancel(erpy_nif:job()) -> canceled | sent | {runner, pid()}.
+%% canceled (no answer comes), sent (it is in the caller's mailbox unless taken), {runner,
+%% Pid}: the job's runner may still answer (erpy_async stops it), not_yours: nothing done.
+-spec async_cancel(erpy_nif:job()) -> canceled | sent | {runner, pid()} | not_yours.
 async_cancel(Job) ->
     erpy_nif:async_cancel(Job).
 
@@ -131,17 +131,20 @@ async_cancel(Job) ->
 %% as a synchronous caller would (submit_and_wait): callbacks run here, checked by the
 %% policy context the caller's own call would have (the caller's pid, the request as
 %% given), under the caller's nesting; the answer is checked and translated the same way;
-%% the deadline is the request's. Linked to the caller as erpy_async's runners are.
--spec adopt(erpy_nif:job(), map()) -> ok.
-adopt(Job, Handle) ->
-    case erpy_nif:async_adopt(Job) of
-        {ok, Ref, Caller, Req, Extra} ->
-            try link(Caller) of
-                true -> run_adopted(Job, Handle, Ref, Caller, Req, Extra)
-            catch
-                error:noproc -> _ = erpy_nif:cancel(Job), ok  % nobody to answer
-            end;
-        gone ->
+%% the deadline is the request's. Linked to the caller as erpy_async's runners are, from
+%% before it takes the job until after it answered (so the caller knows it runs for it).
+-spec adopt(erpy_nif:job(), pid(), map()) -> ok.
+adopt(Job, Caller, Handle) ->
+    try link(Caller) of
+        true ->
+            case erpy_nif:async_adopt(Job) of
+                {ok, Ref, Caller, Req, Extra} -> run_adopted(Job, Handle, Ref, Caller, Req, Extra);
+                gone -> unlink(Caller), ok
+            end
+    catch
+        error:noproc ->
+            %% Nobody to answer: the job ends here.
+            _ = erpy_nif:async_adopt(Job) =:= gone orelse erpy_nif:cancel(Job),
             ok
     end.
 
@@ -224,10 +227,10 @@ handle_info({erpy_log, Stream, Text}, #{name := Name} = St) ->
     Level = case Stream of stderr -> warning; _ -> notice end,
     logger:log(Level, "~ts", [Text], #{domain => [erpy, python], pool => Name, stream => Stream}),
     {noreply, St};
-handle_info({erpy_async_adopt, Job}, #{handle := Handle} = St) ->
+handle_info({erpy_async_adopt, Job, Caller}, #{handle := Handle} = St) ->
     %% An asynchronous job needs Erlang: a process of its own takes it over, so that a
     %% slow callback holds up no other request (and never this server).
-    _ = spawn(?MODULE, adopt, [Job, Handle]),
+    _ = spawn(?MODULE, adopt, [Job, Caller, Handle]),
     {noreply, St};
 handle_info(_Msg, St) ->
     {noreply, St}.

@@ -65,14 +65,16 @@ poll(_Job, _Block) -> erlang:nif_error(not_loaded).
 %% {erpy_reply, {erpy_async, Ref, Job}, Answer} with nobody waiting, {error, timeout} once
 %% `Timeout` ms have passed, `Closed` if the pool closes first. A job that needs Erlang
 %% (a callback, a result to check) is handed to the pool's owner as
-%% {erpy_async_adopt, Job}, for a runner to take over (async_adopt/1), which gets `Extra`.
+%% {erpy_async_adopt, Job, Caller}, for a runner to take over (async_adopt/1), which gets
+%% `Extra`.
 -spec async_submit(pool() | context(), reference(), erpy_request:t(), timeout(), term(), term()) ->
     {ok, job()} | {error, closed}.
 async_submit(_Target, _Ref, _Request, _Timeout, _Closed, _Extra) -> erlang:nif_error(not_loaded).
 
-%% canceled: no reply will come; sent: the reply is in the caller's mailbox; {runner, Pid}:
-%% the job's runner may still reply (stop it, then look).
--spec async_cancel(job()) -> canceled | sent | {runner, pid()}.
+%% canceled: no reply will come; sent: the reply is in the caller's mailbox (unless taken
+%% already); {runner, Pid}: the job's runner may still reply (stop it, then look);
+%% not_yours: the calling process is not the caller, nothing was done.
+-spec async_cancel(job()) -> canceled | sent | {runner, pid()} | not_yours.
 async_cancel(_Job) -> erlang:nif_error(not_loaded).
 
 %% The calling process takes over a job handed to the owner: it polls for it from now on,
@@ -81,9 +83,10 @@ async_cancel(_Job) -> erlang:nif_error(not_loaded).
 async_adopt(_Job) -> erlang:nif_error(not_loaded).
 
 %% The caller awaits its asynchronous job: its answer if it is there (the reply then never
-%% comes), pending (poll again), or wait: the reply comes as a message (always with
-%% Block = true, and for any process but the caller).
--spec async_poll(job(), boolean()) -> {done, term()} | pending | wait.
+%% comes), pending (poll again), wait (the reply comes as a message; a first poll with
+%% Block = true only says where the answer is), answered (it was sent: in the mailbox
+%% unless taken), {runner, Pid} (that runner sends it), or not_yours (another process).
+-spec async_poll(job(), boolean()) -> {done, term()} | pending | wait | answered | {runner, pid()} | not_yours.
 async_poll(_Job, _Block) -> erlang:nif_error(not_loaded).
 
 -spec callback_reply(job(), {ok, term()} | {error, term()}) -> ok.

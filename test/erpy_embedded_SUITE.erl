@@ -903,8 +903,18 @@ async_cancel_and_death(_Config) ->
     ?assertEqual({ok, 2}, erpy:eval(<<"1 + 1">>, #{}, O#{timeout => 3000})),
     {ok, Done} = erpy:async_call(operator, add, [1, 2], O),
     timer:sleep(100),
-    ok = erpy:cancel(Done),
-    ok = erpy:cancel(Done),
+    ok = erpy:cancel(Done),  % its answer had come: dropped
+    ?assertEqual({error, {badarg, {async_id, Done}}}, erpy:cancel(Done)),
+    ?assertEqual({error, {badarg, {async_id, Done}}}, erpy:await(Done, 100)),
+    %% Another process can neither take an answer nor stop a request, also while a runner
+    %% runs its callback.
+    {ok, Mine} = erpy:async_eval(<<"erlang.call('timer', 'sleep', 200) and 7">>, #{}, O),
+    Self = self(),
+    _ = spawn_link(fun() -> timer:sleep(50), Self ! {other, erpy:cancel(Mine), erpy:await(Mine, 100)} end),
+    receive {other, C2, A2} -> ?assertEqual({{error, {badarg, {async_id, Mine}}}, {error, {badarg, {async_id, Mine}}}}, {C2, A2})
+    after 5000 -> ct:fail(no_other)
+    end,
+    ?assertEqual({ok, 7}, erpy:await(Mine, 5000)),
     receive {erpy_reply, _, _} = M -> ct:fail({answer_after_cancel, M}) after 300 -> ok end,
     Caller = spawn(fun() ->
                            {ok, _} = erpy:async_eval(<<"erlang.call('timer', 'sleep', 5000)">>, #{}, O),

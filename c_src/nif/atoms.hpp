@@ -64,6 +64,8 @@ struct Atoms {
   ERL_NIF_TERM erpy_async = 0;
   ERL_NIF_TERM erpy_async_adopt = 0;
   ERL_NIF_TERM gone = 0;
+  ERL_NIF_TERM answered = 0;
+  ERL_NIF_TERM not_yours = 0;
   ERL_NIF_TERM infinity = 0;
   ERL_NIF_TERM runner = 0;
   ERL_NIF_TERM timeout = 0;
@@ -133,6 +135,8 @@ struct Atoms {
     erpy_async = enif_make_atom(env, "erpy_async");
     erpy_async_adopt = enif_make_atom(env, "erpy_async_adopt");
     gone = enif_make_atom(env, "gone");
+    answered = enif_make_atom(env, "answered");
+    not_yours = enif_make_atom(env, "not_yours");
     infinity = enif_make_atom(env, "infinity");
     runner = enif_make_atom(env, "runner");
     timeout = enif_make_atom(env, "timeout");

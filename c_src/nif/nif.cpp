@@ -264,11 +264,19 @@ ERL_NIF_TERM nif_async_submit(ErlNifEnv* env, int, const ERL_NIF_TERM argv[]) {
   return enif_make_tuple2(env, atoms.ok, t);
 }
 
-// async_cancel(Job) -> canceled | sent (the reply is in the caller's mailbox)
+// Only the process that made an asynchronous request may await or cancel it.
+bool is_caller(ErlNifEnv* env, const Job* job) {
+  ErlNifPid self;
+  return enif_self(env, &self) && enif_compare_pids(&self, &job->caller) == 0;
+}
+
+// async_cancel(Job) -> canceled | sent (the reply is in the caller's mailbox, unless taken)
 //                    | {runner, Pid} (the runner that took it over may still reply)
+//                    | not_yours (another process: nothing done)
 ERL_NIF_TERM nif_async_cancel(ErlNifEnv* env, int, const ERL_NIF_TERM argv[]) {
   Job* job = get_job(env, argv[0]);
   if (!job || !job->async) return enif_make_badarg(env);
+  if (!is_caller(env, job)) return atoms.not_yours;
   ErlNifPid runner;
   switch (job->pool->async_cancel(job, env, &runner)) {
     case Pool::AsyncCancel::Canceled: return atoms.canceled;
@@ -278,19 +286,22 @@ ERL_NIF_TERM nif_async_cancel(ErlNifEnv* env, int, const ERL_NIF_TERM argv[]) {
   return atoms.canceled;
 }
 
-// async_poll(Job, Block) -> {done, Answer} | pending | wait: the caller awaits (see
-// Pool::async_poll); another process always gets `wait`.
+// async_poll(Job, Block) -> {done, Answer} | pending | wait | answered | {runner, Pid}
+//                          | not_yours
+// The caller awaits (see Pool::async_poll); another process gets not_yours.
 ERL_NIF_TERM nif_async_poll(ErlNifEnv* env, int, const ERL_NIF_TERM argv[]) {
   Job* job = get_job(env, argv[0]);
   if (!job || !job->async) return enif_make_badarg(env);
-  ErlNifPid self;
-  if (!enif_self(env, &self) || enif_compare_pids(&self, &job->caller) != 0) return atoms.wait;
-  ERL_NIF_TERM answer;
-  switch (job->pool->async_poll(job, enif_is_identical(argv[1], atoms.true_), env, &answer)) {
-    case Pool::Poll::Done: return enif_make_tuple2(env, atoms.done, answer);
-    case Pool::Poll::Pending: return atoms.pending;
-    default: return atoms.wait;
+  if (!is_caller(env, job)) return atoms.not_yours;
+  ERL_NIF_TERM out;
+  switch (job->pool->async_poll(job, enif_is_identical(argv[1], atoms.true_), env, &out)) {
+    case Pool::AsyncPoll::Done: return enif_make_tuple2(env, atoms.done, out);
+    case Pool::AsyncPoll::Pending: return atoms.pending;
+    case Pool::AsyncPoll::Wait: return atoms.wait;
+    case Pool::AsyncPoll::Answered: return atoms.answered;
+    case Pool::AsyncPoll::Runner: return enif_make_tuple2(env, atoms.runner, out);
   }
+  return atoms.wait;
 }
 
 // async_adopt(Job) -> {ok, Ref, Caller, Request, Extra} | gone. The calling process (a

@@ -268,8 +268,11 @@ void Pool::park_locked(Job* job) {
   parked_.push_back(ResourcePtr<Job>::share(job));
   MsgEnv msg = MsgEnv::take();
   ErlNifPid owner = o_.owner;
+  // The caller too: the runner links to it before it adopts the job, so that the caller
+  // sees its request running for it (erpy_async) as long as a reply may come.
   enif_send(nullptr, &owner, msg.get(),
-            enif_make_tuple2(msg.get(), atoms.erpy_async_adopt, enif_make_resource(msg.get(), job)));
+            enif_make_tuple3(msg.get(), atoms.erpy_async_adopt, enif_make_resource(msg.get(), job),
+                             enif_make_pid(msg.get(), &job->caller)));
 }
 
 void Pool::untrack_locked(Job* job) {
@@ -307,38 +310,53 @@ void Pool::expire_async() {
   }
 }
 
+// An await begins: the caller spins (finish() keeps the answer for it) while that pays.
+Pool::AsyncPoll Pool::await_begin_locked(Job* job, bool block) {
+  if (job->async_state == AsyncState::Parked || block) return AsyncPoll::Wait;
+  const std::int64_t budget = caller_spin_.budget_ns();
+  if (budget <= 0) return AsyncPoll::Wait;
+  job->await_until.store(mono_ns() + budget, std::memory_order_relaxed);
+  job->awaiting.store(true, std::memory_order_relaxed);
+  return AsyncPoll::Pending;
+}
+
 // As poll(), for an asynchronous job's caller in erpy:await: a short job's answer is
-// taken here, sooner than a message would wake the caller.
-Pool::Poll Pool::async_poll(Job* job, bool block, ErlNifEnv* env, ERL_NIF_TERM* answer) {
-  if (job->reply_sent.load(std::memory_order_acquire)) return Poll::Wait;  // in the mailbox
+// taken here, sooner than a message would wake the caller. The first poll of an await
+// (await_until 0) says where the answer is: with a runner, sent already, or to come.
+Pool::AsyncPoll Pool::async_poll(Job* job, bool block, ErlNifEnv* env, ERL_NIF_TERM* out) {
   const std::int64_t until = job->await_until.load(std::memory_order_relaxed);
-  if (!block && !job->settled.load(std::memory_order_acquire)) {
-    const std::int64_t now = mono_ns();
-    if (until == 0) {
-      const std::int64_t budget = caller_spin_.budget_ns();
-      if (budget > 0) {
-        job->await_until.store(now + budget, std::memory_order_relaxed);
-        job->awaiting.store(true, std::memory_order_relaxed);
+  if (until != 0 && !block) {
+    if (!job->settled.load(std::memory_order_acquire)) {
+      if (mono_ns() < until) {
+        const int cpu = current_cpu();
+        caller_cpu_.store(cpu, std::memory_order_relaxed);
+        if (cpu >= 0 && cpu == ctx_cpu_.load(std::memory_order_relaxed)) sched_yield();
+        return AsyncPoll::Pending;
       }
-      block = budget <= 0;
-    } else if (now >= until) {
       caller_spin_.record(SpinPolicy::Outcome::timed_out);
-      block = true;
-    }
-    if (!block) {
-      const int cpu = current_cpu();
-      caller_cpu_.store(cpu, std::memory_order_relaxed);
-      if (cpu >= 0 && cpu == ctx_cpu_.load(std::memory_order_relaxed)) sched_yield();
-      return Poll::Pending;
+    } else {
+      caller_spin_.record(SpinPolicy::Outcome::found);
     }
   }
-  if (!block && until > 0) caller_spin_.record(SpinPolicy::Outcome::found);
+  if (until == 0) {
+    {
+      std::lock_guard<PoolMutex> lock(m_);
+      if (job->async_state == AsyncState::Adopted) {
+        *out = enif_make_pid(env, &job->handler);
+        return AsyncPoll::Runner;
+      }
+      if (!job->replied) return await_begin_locked(job, block);
+    }
+    // Sent right after the mutex that decided it: in the mailbox in a moment.
+    while (!job->reply_sent.load(std::memory_order_acquire)) std::this_thread::yield();
+    return AsyncPoll::Answered;
+  }
   MsgEnv taken;  // freed after the mutex
   std::lock_guard<PoolMutex> lock(m_);
   job->await_until.store(0, std::memory_order_relaxed);
   job->awaiting.store(false, std::memory_order_relaxed);  // from now on the answer is sent
   if (job->async_state != AsyncState::Direct || job->state != JobState::Done || job->replied || !job->answer_env) {
-    return Poll::Wait;
+    return AsyncPoll::Wait;
   }
   ERL_NIF_TERM a = job->answer;
   int arity;
@@ -347,11 +365,11 @@ Pool::Poll Pool::async_poll(Job* job, bool block, ErlNifEnv* env, ERL_NIF_TERM* 
       el[1] == atoms.pool_closed) {
     a = job->closed;
   }
-  *answer = enif_make_copy(env, a);
+  *out = enif_make_copy(env, a);
   taken = std::move(job->answer_env);
   job->replied = true;
   job->reply_sent.store(true, std::memory_order_release);
-  return Poll::Done;
+  return AsyncPoll::Done;
 }
 
 Pool::Poll Pool::poll(Job* job, bool block, ErlNifEnv* env, ERL_NIF_TERM* answer) {

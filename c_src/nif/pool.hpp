@@ -183,9 +183,11 @@ class Pool : public std::enable_shared_from_this<Pool> {
   // A runner (the calling process) takes a Parked job over; false if nothing is left to
   // do for it (answered, cancelled, or not parked).
   bool adopt(Job* job, ErlNifEnv* env);
-  // The caller awaits: Done (the answer, as the reply would carry it), Pending (spin on),
-  // or Wait (the reply comes as a message; always with `block`).
-  Poll async_poll(Job* job, bool block, ErlNifEnv* env, ERL_NIF_TERM* answer);
+  // The caller awaits: Done (*out: the answer, as the reply would carry it), Pending
+  // (spin on), Wait (the reply comes as a message), Answered (it was sent: in the mailbox
+  // unless taken already), Runner (*out: the runner's pid, which sends it).
+  enum class AsyncPoll { Done, Pending, Wait, Answered, Runner };
+  AsyncPoll async_poll(Job* job, bool block, ErlNifEnv* env, ERL_NIF_TERM* out);
 
   // From the service thread (interrupt_canceled with the GIL).
   void interrupt_canceled();
@@ -221,6 +223,7 @@ class Pool : public std::enable_shared_from_this<Pool> {
   static void send_answer(ErlNifEnv* env, Job* job, MsgEnv msg, ERL_NIF_TERM answer);
   static void send_reply(ErlNifEnv* env, Job* job, MsgEnv msg, ERL_NIF_TERM answer);
   void park_locked(Job* job);
+  AsyncPoll await_begin_locked(Job* job, bool block);
   void untrack_locked(Job* job);
   void do_release(Context& c);
   void start_thread(Context* c);
