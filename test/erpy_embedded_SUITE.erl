@@ -850,7 +850,7 @@ async_stop_pool(_Config) ->
     O = #{pool => emb_one, timeout => 30000},
     {ok, InCallback} = erpy:async_eval(<<"erlang.call('timer', 'sleep', 300)">>, #{}, O),
     timer:sleep(50),
-    {ok, Running} = erpy:async_eval(<<"any(iter(int, 1))">>, #{}, O),
+    {ok, Running} = erpy:async_eval(<<"next(x for x in iter(int, 1) if x)">>, #{}, O),
     Queued = [element(2, erpy:async_call(operator, add, [1, 2], O)) || _ <- lists:seq(1, 3)],
     {ok, Checked} = erpy:async_eval(<<"p">>, #{p => self()}, O),
     ok = erpy:stop_pool(emb_one),
@@ -918,7 +918,7 @@ async_cancel_and_death(_Config) ->
     receive {erpy_reply, _, _} = M -> ct:fail({answer_after_cancel, M}) after 300 -> ok end,
     Caller = spawn(fun() ->
                            {ok, _} = erpy:async_eval(<<"erlang.call('timer', 'sleep', 5000)">>, #{}, O),
-                           {ok, _} = erpy:async_eval(<<"any(iter(int, 1))">>, #{}, O),
+                           {ok, _} = erpy:async_eval(<<"next(x for x in iter(int, 1) if x)">>, #{}, O),
                            receive never -> ok end
                    end),
     timer:sleep(100),
