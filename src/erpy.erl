@@ -265,8 +265,8 @@ eval_request(_Expression, _Locals, _Opts) ->
 %% An asynchronous request: made by the pool's transport itself where it can (its answer
 %% is exactly what `Sync` would return), else by a runner running `Sync`.
 async(Sync, {ok, Req}, Opts) ->
-    erpy_async:start(Sync, Req, Opts#{timeout => maps:get(timeout, Opts, default_timeout()),
-                                      pool => maps:get(pool, Opts, ?DEFAULT_POOL)});
+    erpy_async:start(Sync, Req, maps:get(pool, Opts, ?DEFAULT_POOL),
+                     maps:get(timeout, Opts, default_timeout()), Opts);
 async(Sync, {error, _}, Opts) ->
     erpy_async:start(Sync, Opts).
 

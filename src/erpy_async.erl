@@ -23,7 +23,7 @@
 %% its answer if it already came.
 -module(erpy_async).
 
--export([start/2, start/3, await/2, cancel/1]).
+-export([start/2, start/5, await/2, cancel/1]).
 -export_type([id/0]).
 
 -opaque id() :: {erpy_async, reference(), pid() | erpy_nif:job()}.
@@ -37,26 +37,25 @@ start(Request, _Opts) ->
     Pid = spawn_link(fun() -> run(Caller, Ref, Nesting, Request) end),
     {ok, {erpy_async, Ref, Pid}}.
 
-%% Starts the request `Req` (erpy_request) with `Opts` (`pool` and `timeout` set, `worker`
-%% optional): by the pool's transport where it can, else as start/2 with `Sync`, the
+%% Starts the request `Req` (erpy_request) on `Pool` (or the held worker of `Opts`) with
+%% `Timeout`: by the pool's transport where it can, else as start/2 with `Sync`, the
 %% synchronous request.
--spec start(fun(() -> term()), erpy_request:t(), #{pool := atom(), timeout := timeout(), atom() => term()}) ->
-    {ok, id()}.
-start(Sync, Req, #{timeout := Timeout} = Opts) ->
-    case valid_timeout(Timeout) andalso direct(Req, Timeout, Opts) of
+-spec start(fun(() -> term()), erpy_request:t(), atom(), timeout(), map()) -> {ok, id()}.
+start(Sync, Req, Pool, Timeout, Opts) ->
+    case valid_timeout(Timeout) andalso direct(Req, Pool, Timeout, Opts) of
         {ok, Ref, Job} -> {ok, {erpy_async, Ref, Job}};
         {error, _} = Error -> start(fun() -> Error end, Opts);
         _ -> start(Sync, Opts)
     end.
 
-direct(Req, Timeout, Opts) ->
+direct(Req, Pool, Timeout, Opts) ->
     case maps:find(worker, Opts) of
         {ok, {erpy_worker, Module, Ref}} ->
             via(Module, async_request_worker, [Ref, Req, Timeout]);
         {ok, _} ->
             none;  % the runner answers what erpy:call does
         error ->
-            case erpy_transport:lookup(maps:get(pool, Opts)) of
+            case erpy_transport:lookup(Pool) of
                 {ok, Module, Handle} -> via(Module, async_request, [Handle, Req, Timeout, Opts]);
                 error -> none
             end

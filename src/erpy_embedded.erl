@@ -138,7 +138,8 @@ adopt(Job, Caller, Handle) ->
     try link(Caller) of
         true ->
             case erpy_nif:async_adopt(Job) of
-                {ok, Ref, Caller, Req, Extra} -> run_adopted(Job, Handle, Ref, Caller, Req, Extra);
+                {ok, Ref, Caller, Req, Nesting, Left} ->
+                    run_adopted(Job, Handle, Ref, Caller, Req, Nesting, deadline(Left));
                 gone -> unlink(Caller), ok
             end
     catch
@@ -148,7 +149,7 @@ adopt(Job, Caller, Handle) ->
             ok
     end.
 
-run_adopted(Job, #{name := Name, policy := Policy} = Handle, Ref, Caller, Req, {Nesting, Deadline}) ->
+run_adopted(Job, #{name := Name, policy := Policy} = Handle, Ref, Caller, Req, Nesting, Deadline) ->
     erpy_call:set_nesting(Nesting),
     Ctx = erpy_policy:request_ctx(Policy, Caller, Req),
     Answer = try answer(Name, Ctx, spin(Ref, Job, Handle#{ctx => Ctx}, Deadline, ?SPIN))
@@ -251,8 +252,7 @@ reactor(Handle, Pool, Fd, Info, Config) ->
 async_submit(Target, #{name := Name}, Req, Timeout) ->
     Ref = make_ref(),
     Closed = {error, {no_pool, Name}},
-    try erpy_nif:async_submit(Target, Ref, for_caller(Req, Timeout), Timeout, Closed,
-                              {erpy_call:nesting(), deadline(Timeout)}) of
+    try erpy_nif:async_submit(Target, Ref, for_caller(Req, Timeout), Timeout, Closed, erpy_call:nesting()) of
         {ok, Job} -> {ok, Ref, Job};
         {error, closed} -> Closed
     catch

@@ -79,7 +79,7 @@ async_cancel(_Job) -> erlang:nif_error(not_loaded).
 
 %% The calling process takes over a job handed to the owner: it polls for it from now on,
 %% as a synchronous caller does. `gone`: nothing is left to do for it.
--spec async_adopt(job()) -> {ok, reference(), pid(), erpy_request:t(), term()} | gone.
+-spec async_adopt(job()) -> {ok, reference(), pid(), erpy_request:t(), term(), timeout()} | gone.
 async_adopt(_Job) -> erlang:nif_error(not_loaded).
 
 %% The caller awaits its asynchronous job: its answer if it is there (the reply then never

@@ -257,6 +257,7 @@ ERL_NIF_TERM nif_async_submit(ErlNifEnv* env, int, const ERL_NIF_TERM argv[]) {
   job->closed = enif_make_copy(job->env.get(), argv[4]);
   job->extra = enif_make_copy(job->env.get(), argv[5]);
   job->async = true;
+  job->deadline_at = deadline;
   job->pool = pool;
   enif_self(env, &job->caller);
   ERL_NIF_TERM t = job.term(env);
@@ -304,15 +305,19 @@ ERL_NIF_TERM nif_async_poll(ErlNifEnv* env, int, const ERL_NIF_TERM argv[]) {
   return atoms.wait;
 }
 
-// async_adopt(Job) -> {ok, Ref, Caller, Request, Extra} | gone. The calling process (a
-// runner) takes the job over: it polls for it (poll/2) as a synchronous caller would.
+// async_adopt(Job) -> {ok, Ref, Caller, Request, Extra, Left} | gone. The calling process
+// (a runner) takes the job over: it polls for it (poll/2) as a synchronous caller would,
+// until its deadline, Left ms from now (or infinity).
 ERL_NIF_TERM nif_async_adopt(ErlNifEnv* env, int, const ERL_NIF_TERM argv[]) {
   Job* job = get_job(env, argv[0]);
   if (!job || !job->async) return enif_make_badarg(env);
   if (!job->pool->adopt(job, env)) return atoms.gone;
+  const ERL_NIF_TERM left = job->deadline_at == 0
+      ? atoms.infinity
+      : enif_make_int64(env, std::max<std::int64_t>(0, (job->deadline_at - mono_ns()) / 1000000));
   ERL_NIF_TERM items[] = {atoms.ok, enif_make_copy(env, job->ref), enif_make_pid(env, &job->caller),
-                          enif_make_copy(env, job->req), enif_make_copy(env, job->extra)};
-  return enif_make_tuple_from_array(env, items, 5);
+                          enif_make_copy(env, job->req), enif_make_copy(env, job->extra), left};
+  return enif_make_tuple_from_array(env, items, 6);
 }
 
 // cancel(Job) -> canceled (it will never answer) | sent (its answer is in the mailbox)

@@ -339,6 +339,18 @@ Pool::AsyncPoll Pool::async_poll(Job* job, bool block, ErlNifEnv* env, ERL_NIF_T
     }
   }
   if (until == 0) {
+    // The usual await, of a job that has not answered yet: no lock (a reply decided
+    // meanwhile is found when the spin ends; Direct is the first state, so no answer
+    // can have been taken before).
+    if (job->reply_sent.load(std::memory_order_acquire)) return AsyncPoll::Answered;
+    if (!block && job->async_state.load(std::memory_order_acquire) == AsyncState::Direct) {
+      const std::int64_t budget = caller_spin_.budget_ns();
+      if (budget > 0) {
+        job->await_until.store(mono_ns() + budget, std::memory_order_relaxed);
+        job->awaiting.store(true, std::memory_order_relaxed);
+        return AsyncPoll::Pending;
+      }
+    }
     {
       std::lock_guard<PoolMutex> lock(m_);
       if (job->async_state == AsyncState::Adopted) {

@@ -88,9 +88,11 @@ struct Job {
   bool async = false;
   ERL_NIF_TERM closed = 0, extra = 0;
   // Guarded by the pool mutex:
-  AsyncState async_state = AsyncState::Direct;
+  // Changed under the mutex only; atomic so that an await may look without it.
+  std::atomic<AsyncState> async_state{AsyncState::Direct};
   ErlNifPid handler{};  // the runner, once Adopted: the protocol's messages go there
   std::int64_t deadline_ns = 0;  // its key in Pool::deadlines_ (mono_ns), 0: not there
+  std::int64_t deadline_at = 0;  // the request's deadline (mono_ns, 0: none); set at submit
   bool replied = false;  // a reply to the caller is sent (or being sent): no other comes
   // Set once that reply is in the caller's mailbox (async_cancel waits for it).
   std::atomic<bool> reply_sent{false};
