@@ -261,7 +261,7 @@ ERL_NIF_TERM nif_async_submit(ErlNifEnv* env, int, const ERL_NIF_TERM argv[]) {
   job->pool = pool;
   enif_self(env, &job->caller);
   ERL_NIF_TERM t = job.term(env);
-  if (!pool->submit(job, context, deadline)) return error(env, atoms.closed);
+  if (!pool->submit(job, context)) return error(env, atoms.closed);
   return enif_make_tuple2(env, atoms.ok, t);
 }
 

@@ -112,7 +112,6 @@ void Pool::answer_closed_locked(ErlNifEnv* env, ResourcePtr<Job> j) {
     ERL_NIF_TERM answer = enif_make_tuple2(msg.get(), atoms.error, atoms.pool_closed);
     if (j->async) {
       j->state = JobState::Done;
-      untrack_locked(j.get());
       j->replied = true;
       send_reply(env, j.get(), std::move(msg), answer);
     } else if (keep_answer_locked(j.get(), msg, answer)) j->settled.store(true, std::memory_order_release);
@@ -142,14 +141,10 @@ void Pool::wake_one_locked() {
   }
 }
 
-bool Pool::submit(const ResourcePtr<Job>& job, int context, std::int64_t deadline_ns) {
+bool Pool::submit(const ResourcePtr<Job>& job, int context) {
   {
     std::lock_guard<PoolMutex> lock(m_);
     if (closing_) return false;
-    if (deadline_ns != 0) {
-      job->deadline_ns = deadline_ns;
-      deadlines_.emplace(std::make_pair(deadline_ns, job.get()), job.share());
-    }
     if (context >= 0) {
       Context& c = *ctxs_[static_cast<size_t>(context)];
       c.pinned.push_back(job.share());
@@ -170,7 +165,6 @@ bool Pool::submit(const ResourcePtr<Job>& job, int context, std::int64_t deadlin
 }
 
 bool Pool::cancel_locked(Job* job) {
-  if (job->state != JobState::Done) untrack_locked(job);
   switch (job->state) {
     case JobState::Done:
       return false;
@@ -254,7 +248,6 @@ bool Pool::adopt(Job* job, ErlNifEnv* env) {
   if (job->async_state != AsyncState::Parked || job->replied || job->state == JobState::Canceled) return false;
   job->async_state = AsyncState::Adopted;
   enif_self(env, &job->handler);
-  untrack_locked(job);  // the runner keeps the deadline now, as a synchronous caller does
   return true;
 }
 
@@ -275,32 +268,30 @@ void Pool::park_locked(Job* job) {
                              enif_make_pid(msg.get(), &job->caller)));
 }
 
-void Pool::untrack_locked(Job* job) {
-  if (job->deadline_ns == 0) return;
-  // The map's reference is never the last: whoever changes the job's state holds one.
-  deadlines_.erase(std::make_pair(job->deadline_ns, job));
-  job->deadline_ns = 0;
-}
-
 // From the service thread: jobs nobody waits for answer {error, timeout} at their
-// deadline, as erpy:call would (and are cancelled: interrupted if they run).
+// deadline, as erpy:call would (and are cancelled: interrupted if they run). They are
+// looked for where they wait (the queues) or run, which costs a request nothing; a
+// runner keeps an adopted job's deadline itself, as a synchronous caller does.
 void Pool::expire_async() {
   std::vector<ResourcePtr<Job>> expired;
   {
     std::lock_guard<PoolMutex> lock(m_);
-    if (deadlines_.empty()) return;
     const std::int64_t now = mono_ns();
-    while (!deadlines_.empty() && deadlines_.begin()->first.first <= now) {
-      ResourcePtr<Job> j = std::move(deadlines_.begin()->second);
-      deadlines_.erase(deadlines_.begin());
-      j->deadline_ns = 0;
-      if (j->replied || j->async_state == AsyncState::Adopted || j->state == JobState::Done ||
-          j->state == JobState::Canceled) {
-        continue;
-      }
-      cancel_locked(j.get());  // a running one is interrupted later in this same tick
+    auto due = [now](const Job* j) {
+      return j->async && j->deadline_at != 0 && j->deadline_at <= now && !j->replied &&
+             j->async_state != AsyncState::Adopted &&
+             (j->state == JobState::Queued || j->state == JobState::Running);
+    };
+    auto look = [&](Job* j) {
+      if (!due(j)) return;
+      cancel_locked(j);  // a running one is interrupted later in this same tick
       j->replied = true;
-      expired.push_back(std::move(j));
+      expired.push_back(ResourcePtr<Job>::share(j));
+    };
+    for (auto& j : queue_) look(j.get());
+    for (auto& c : ctxs_) {
+      for (auto& j : c->pinned) look(j.get());
+      for (Job* j : c->running) look(j);
     }
   }
   for (auto& j : expired) {
@@ -903,13 +894,11 @@ bool Pool::finish(Job* job, MsgEnv msg, ERL_NIF_TERM answer) {
       if (!check && job->async_state == AsyncState::Direct && job->awaiting.load(std::memory_order_relaxed)) {
         // Its caller spins in erpy:await for it (async_poll): no message needed.
         job->state = JobState::Done;
-        untrack_locked(job);
         job->answer_env = std::move(msg);
         job->answer = answer;
         how = How::Kept;
       } else if (check && job->async_state == AsyncState::Direct && !closing_) {
         job->state = JobState::Done;
-        untrack_locked(job);
         job->answer_env = std::move(msg);
         job->answer = answer;
         park_locked(job);
@@ -917,7 +906,6 @@ bool Pool::finish(Job* job, MsgEnv msg, ERL_NIF_TERM answer) {
       } else {
         if (check) answer = enif_make_tuple2(msg.get(), atoms.error, atoms.pool_closed);
         job->state = JobState::Done;
-        untrack_locked(job);
         job->replied = true;
         how = How::Reply;
       }
@@ -942,7 +930,6 @@ bool Pool::finish(Job* job, MsgEnv msg, ERL_NIF_TERM answer) {
 // with send_answer).
 bool Pool::keep_answer_locked(Job* job, MsgEnv& msg, ERL_NIF_TERM answer) {
   job->state = JobState::Done;
-  untrack_locked(job);
   if (job->blocking) return false;
   job->answer_env = std::move(msg);
   job->answer = answer;

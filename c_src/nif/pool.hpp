@@ -16,7 +16,6 @@
 #include <atomic>
 #include <condition_variable>
 #include <deque>
-#include <map>
 #include <memory>
 #include <mutex>
 #include <thread>
@@ -91,7 +90,6 @@ struct Job {
   // Changed under the mutex only; atomic so that an await may look without it.
   std::atomic<AsyncState> async_state{AsyncState::Direct};
   ErlNifPid handler{};  // the runner, once Adopted: the protocol's messages go there
-  std::int64_t deadline_ns = 0;  // its key in Pool::deadlines_ (mono_ns), 0: not there
   std::int64_t deadline_at = 0;  // the request's deadline (mono_ns, 0: none); set at submit
   bool replied = false;  // a reply to the caller is sent (or being sent): no other comes
   // Set once that reply is in the caller's mailbox (async_cancel waits for it).
@@ -161,9 +159,7 @@ class Pool : public std::enable_shared_from_this<Pool> {
   void close(ErlNifEnv* env);
 
   // From Erlang processes (no GIL).
-  // context -1: any; false when closed. `deadline_ns` (mono_ns, 0: none): when an
-  // asynchronous job that is still Direct or Parked answers {error, timeout} (expire_async).
-  bool submit(const ResourcePtr<Job>& job, int context, std::int64_t deadline_ns = 0);
+  bool submit(const ResourcePtr<Job>& job, int context);  // context -1: any; false when closed
   enum class Outcome { Canceled, Sent, Done };
   // Canceled: it will never answer. Sent: the answer is in the caller's mailbox. Done: the
   // answer is copied into `env` as *answer.
@@ -226,7 +222,6 @@ class Pool : public std::enable_shared_from_this<Pool> {
   static void send_reply(ErlNifEnv* env, Job* job, MsgEnv msg, ERL_NIF_TERM answer);
   void park_locked(Job* job);
   AsyncPoll await_begin_locked(Job* job, bool block);
-  void untrack_locked(Job* job);
   void do_release(Context& c);
   void start_thread(Context* c);
   void retire(Context* c);
@@ -260,10 +255,8 @@ class Pool : public std::enable_shared_from_this<Pool> {
   // Replacements whose thread the system refused for now; tried again at the next tick
   // (replace_stuck). Guarded by m_.
   std::vector<Context*> unstarted_;
-  // Asynchronous jobs, guarded by m_: those with a deadline that are not done (by
-  // deadline), and those Parked until a runner adopts them (close() answers these: the
-  // pool's server, which starts runners, is stopping).
-  std::map<std::pair<std::int64_t, Job*>, ResourcePtr<Job>> deadlines_;
+  // Asynchronous jobs Parked until a runner adopts them, guarded by m_ (close() answers
+  // these: the pool's server, which starts runners, is stopping).
   std::vector<ResourcePtr<Job>> parked_;
 };
 
