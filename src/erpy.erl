@@ -84,20 +84,11 @@ call(Module, Function, Args) ->
 
 -spec call(atom() | binary(), atom() | binary(), [term()], call_opts()) ->
     {ok, term()} | {error, error_reason()}.
-call(Module, Function, Args, Opts) when is_list(Args), is_map(Opts) ->
-    case {target(Module), name(Function)} of
-        {{ok, M}, {ok, F}} ->
-            Kwargs = maps:get(kwargs, Opts, #{}),
-            Req = erpy_request:call(M, F, Args, Kwargs),
-            request(case Opts of
-                        #{handle := true} -> erpy_request:with(Req, #{result => handle});
-                        _ -> Req
-                    end, Opts);
-        {error, _} -> {error, {badarg, module}};
-        {_, error} -> {error, {badarg, function}}
-    end;
-call(_Module, _Function, _Args, _Opts) ->
-    {error, {badarg, args}}.
+call(Module, Function, Args, Opts) ->
+    case call_request(Module, Function, Args, Opts) of
+        {ok, Req} -> request(Req, Opts);
+        Error -> Error
+    end.
 
 %% @doc Evaluates a Python expression, with `Locals` (a map of names to terms) in scope.
 -spec eval(iodata()) -> {ok, term()} | {error, error_reason()}.
@@ -109,13 +100,11 @@ eval(Expression, Locals) ->
     eval(Expression, Locals, #{}).
 
 -spec eval(iodata(), map(), call_opts()) -> {ok, term()} | {error, error_reason()}.
-eval(Expression, Locals, Opts) when is_map(Locals), is_map(Opts) ->
-    case to_binary(Expression) of
-        {ok, Expr} -> request(erpy_request:eval(Expr, Locals), Opts);
-        error -> {error, {badarg, expression}}
-    end;
-eval(_Expression, _Locals, _Opts) ->
-    {error, {badarg, locals}}.
+eval(Expression, Locals, Opts) ->
+    case eval_request(Expression, Locals, Opts) of
+        {ok, Req} -> request(Req, Opts);
+        Error -> Error
+    end.
 
 %% @doc Executes Python statements. With a held worker (`worker` option, see checkout/2)
 %% its names persist across calls; otherwise each exec has a fresh namespace.
@@ -214,7 +203,7 @@ async_call(Module, Function, Args) ->
 
 -spec async_call(atom() | binary(), atom() | binary(), [term()], call_opts()) -> {ok, async_id()}.
 async_call(Module, Function, Args, Opts) ->
-    erpy_async:start(fun() -> call(Module, Function, Args, Opts) end, Opts).
+    async(fun() -> call(Module, Function, Args, Opts) end, call_request(Module, Function, Args, Opts), Opts).
 
 -spec async_eval(iodata(), map()) -> {ok, async_id()}.
 async_eval(Expression, Locals) ->
@@ -222,7 +211,7 @@ async_eval(Expression, Locals) ->
 
 -spec async_eval(iodata(), map(), call_opts()) -> {ok, async_id()}.
 async_eval(Expression, Locals, Opts) ->
-    erpy_async:start(fun() -> eval(Expression, Locals, Opts) end, Opts).
+    async(fun() -> eval(Expression, Locals, Opts) end, eval_request(Expression, Locals, Opts), Opts).
 
 %% As run/1, asynchronously; `timeout` in the map is the request's timeout.
 -spec async_run(#{code := iodata(), arguments => term(), pool => pool(), timeout => timeout()}) ->
@@ -249,6 +238,37 @@ cancel(Id) ->
     erpy_async:cancel(Id).
 
 %% Internal.
+
+call_request(Module, Function, Args, Opts) when is_list(Args), is_map(Opts) ->
+    case {target(Module), name(Function)} of
+        {{ok, M}, {ok, F}} ->
+            Kwargs = maps:get(kwargs, Opts, #{}),
+            Req = erpy_request:call(M, F, Args, Kwargs),
+            {ok, case Opts of
+                     #{handle := true} -> erpy_request:with(Req, #{result => handle});
+                     _ -> Req
+                 end};
+        {error, _} -> {error, {badarg, module}};
+        {_, error} -> {error, {badarg, function}}
+    end;
+call_request(_Module, _Function, _Args, _Opts) ->
+    {error, {badarg, args}}.
+
+eval_request(Expression, Locals, Opts) when is_map(Locals), is_map(Opts) ->
+    case to_binary(Expression) of
+        {ok, Expr} -> {ok, erpy_request:eval(Expr, Locals)};
+        error -> {error, {badarg, expression}}
+    end;
+eval_request(_Expression, _Locals, _Opts) ->
+    {error, {badarg, locals}}.
+
+%% An asynchronous request: made by the pool's transport itself where it can (its answer
+%% is exactly what `Sync` would return), else by a runner running `Sync`.
+async(Sync, {ok, Req}, Opts) ->
+    erpy_async:start(Sync, Req, maps:get(pool, Opts, ?DEFAULT_POOL),
+                     maps:get(timeout, Opts, default_timeout()), Opts);
+async(Sync, {error, _}, Opts) ->
+    erpy_async:start(Sync, Opts).
 
 request(Req, Opts) ->
     Timeout = maps:get(timeout, Opts, default_timeout()),

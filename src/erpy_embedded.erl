@@ -9,6 +9,7 @@
 
 -export([start_link/2]).
 -export([prepare/1, child_specs/2, request/4, request_worker/3, checkout/2, checkin/1, info/1, reactor/5]).
+-export([async_request/4, async_request_worker/3, async_await/2, async_cancel/1, adopt/3]).
 -export([init/1, handle_call/3, handle_cast/2, handle_info/2, terminate/2]).
 
 %% At most this many polls before a caller blocks; the NIF ends the spin sooner, after
@@ -83,6 +84,90 @@ request_worker({Name, Ctx}, Req, Timeout) ->
         _ -> {error, {no_pool, Name}}
     end.
 
+%% Asynchronous requests (erpy_async): the NIF answers the caller itself, as
+%% {erpy_reply, {erpy_async, Ref, Job}, Answer} with Answer what erpy:call returns, nobody
+%% waiting for it; and {error, timeout} at the request's deadline (the NIF's service
+%% thread keeps it), {error, {no_pool, Name}} if the pool stops first. A job that needs
+%% Erlang (a callback from Python, a result holding funs, pids or references to check) is
+%% handed to this pool's server, which starts a runner for it (adopt/2).
+-spec async_request(map(), erpy_transport:request(), timeout(), erpy:call_opts()) ->
+    {ok, reference(), erpy_nif:job()} | {error, erpy:error_reason()}.
+async_request(#{name := Name, pool := Pool} = Handle, Req, Timeout, _Opts) ->
+    Target = case erpy_call:nested_worker(Name) of
+                 {ok, Ctx} -> Ctx;
+                 error -> Pool
+             end,
+    async_submit(Target, Handle, Req, Timeout).
+
+-spec async_request_worker(ref(), erpy_transport:request(), timeout()) ->
+    {ok, reference(), erpy_nif:job()} | {error, erpy:error_reason()}.
+async_request_worker({Name, Ctx}, Req, Timeout) ->
+    case erpy_transport:lookup(Name) of
+        {ok, ?MODULE, Handle} -> async_submit(Ctx, Handle, Req, Timeout);
+        _ -> {error, {no_pool, Name}}
+    end.
+
+%% Its caller awaits the job: {done, Answer} (polled for while that pays, with `Spin`, as
+%% submit_and_wait does), wait (the answer comes as the message), answered (it came
+%% already), {runner, Pid} (that process answers), or not_yours (not the caller's job).
+-spec async_await(erpy_nif:job(), boolean()) ->
+    {done, term()} | wait | answered | {runner, pid()} | not_yours.
+async_await(Job, Spin) ->
+    async_spin(Job, case Spin of true -> ?SPIN; false -> 0 end).
+
+async_spin(Job, N) ->
+    case erpy_nif:async_poll(Job, N =:= 0) of
+        pending -> erlang:yield(), async_spin(Job, N - 1);
+        Other -> Other
+    end.
+
+%% canceled (no answer comes), sent (it is in the caller's mailbox unless taken), {runner,
+%% Pid}: the job's runner may still answer (erpy_async stops it), not_yours: nothing done.
+-spec async_cancel(erpy_nif:job()) -> canceled | sent | {runner, pid()} | not_yours.
+async_cancel(Job) ->
+    erpy_nif:async_cancel(Job).
+
+%% The runner of an asynchronous job that needs Erlang: it takes the job over and ends it
+%% as a synchronous caller would (submit_and_wait): callbacks run here, checked by the
+%% policy context the caller's own call would have (the caller's pid, the request as
+%% given), under the caller's nesting; the answer is checked and translated the same way;
+%% the deadline is the request's. Linked to the caller as erpy_async's runners are, from
+%% before it takes the job until after it answered (so the caller knows it runs for it).
+-spec adopt(erpy_nif:job(), pid(), map()) -> ok.
+adopt(Job, Caller, Handle) ->
+    try link(Caller) of
+        true ->
+            case erpy_nif:async_adopt(Job) of
+                {ok, Ref, Caller, Req, Nesting, Left} ->
+                    run_adopted(Job, Handle, Ref, Caller, Req, Nesting, deadline(Left));
+                gone -> unlink(Caller), ok
+            end
+    catch
+        error:noproc ->
+            %% Nobody to answer: the job ends here.
+            _ = erpy_nif:async_adopt(Job) =:= gone orelse erpy_nif:cancel(Job),
+            ok
+    end.
+
+run_adopted(Job, #{name := Name, policy := Policy} = Handle, Ref, Caller, Req, Nesting, Deadline) ->
+    erpy_call:set_nesting(Nesting),
+    Ctx = erpy_policy:request_ctx(Policy, Caller, Req),
+    Answer = try answer(Name, Ctx, spin(Ref, Job, Handle#{ctx => Ctx}, Deadline, ?SPIN))
+             catch
+                 error:{erpy_nif, Why} ->
+                     _ = (catch erpy_nif:cancel(Job)),
+                     flush(Ref),
+                     {error, Why};
+                 Class:Reason ->
+                     _ = (catch erpy_nif:cancel(Job)),
+                     {error, {Class, Reason}}
+             after
+                 erpy_policy:done(Ctx)
+             end,
+    Caller ! {erpy_reply, {erpy_async, Ref, Job}, Answer},
+    unlink(Caller),
+    ok.
+
 -spec checkout(map(), timeout()) -> {ok, ref()} | {error, erpy:error_reason()}.
 checkout(#{name := Name, pool := Pool} = Handle, Timeout) ->
     case submit_and_wait(Pool, Handle, hold, Timeout) of
@@ -122,7 +207,7 @@ init({Name, Opts}) ->
                        size => maps:get(size, Opts), policy => erpy_policy:new(Name, Opts),
                        max_message_size => maps:get(max_message_size, Opts)},
             ok = erpy_transport:register(Name, ?MODULE, Handle),
-            {ok, #{name => Name, pool => Pool}};
+            {ok, #{name => Name, pool => Pool, handle => Handle}};
         {error, Why} ->
             {stop, Why}
     end.
@@ -143,6 +228,11 @@ handle_info({erpy_log, Stream, Text}, #{name := Name} = St) ->
     Level = case Stream of stderr -> warning; _ -> notice end,
     logger:log(Level, "~ts", [Text], #{domain => [erpy, python], pool => Name, stream => Stream}),
     {noreply, St};
+handle_info({erpy_async_adopt, Job, Caller}, #{handle := Handle} = St) ->
+    %% An asynchronous job needs Erlang: a process of its own takes it over, so that a
+    %% slow callback holds up no other request (and never this server).
+    _ = spawn(?MODULE, adopt, [Job, Caller, Handle]),
+    {noreply, St};
 handle_info(_Msg, St) ->
     {noreply, St}.
 
@@ -158,6 +248,16 @@ reactor(Handle, Pool, Fd, Info, Config) ->
     erpy_reactor:embedded(Pool, Handle, Fd, Info, Config).
 
 %% Internal.
+
+async_submit(Target, #{name := Name}, Req, Timeout) ->
+    Ref = make_ref(),
+    Closed = {error, {no_pool, Name}},
+    try erpy_nif:async_submit(Target, Ref, for_caller(Req, Timeout), Timeout, Closed, erpy_call:nesting()) of
+        {ok, Job} -> {ok, Ref, Job};
+        {error, closed} -> Closed
+    catch
+        error:{erpy_nif, Why} -> {error, Why}
+    end.
 
 submit_and_wait(Target, #{name := Name, policy := Policy} = Handle, Req, Timeout) ->
     Ref = make_ref(),

@@ -4,6 +4,7 @@
 
 -export([init/2, pool_new/3, pool_close/1, pool_info/1, submit/3, cancel/1, poll/2,
          callback_reply/2, checkin/1, python_info/0, is_handle/1, dirty_noop/1]).
+-export([async_submit/6, async_cancel/1, async_adopt/1, async_poll/2]).
 -export([reactor_adopt/1, reactor_dup/1, reactor_select/2, reactor_close/1, reactor_fd/1,
          reactor_send_fd/4, reactor_event/4, reactor_watch/1]).
 
@@ -11,6 +12,7 @@
 
 -nifs([init/2, pool_new/3, pool_close/1, pool_info/1, submit/3, cancel/1, poll/2,
        callback_reply/2, checkin/1, python_info/0, is_handle/1, dirty_noop/1,
+       async_submit/6, async_cancel/1, async_adopt/1, async_poll/2,
        reactor_adopt/1, reactor_dup/1, reactor_select/2, reactor_close/1, reactor_fd/1,
        reactor_send_fd/4, reactor_event/4, reactor_watch/1]).
 
@@ -58,6 +60,34 @@ cancel(_Job) -> erlang:nif_error(not_loaded).
 -spec poll(job(), boolean()) ->
     {done, term()} | {callback, context(), call | apply, term(), term(), [term()]} | pending | wait.
 poll(_Job, _Block) -> erlang:nif_error(not_loaded).
+
+%% Queues an asynchronous request (erpy:async_call): its answer comes to the caller as
+%% {erpy_reply, {erpy_async, Ref, Job}, Answer} with nobody waiting, {error, timeout} once
+%% `Timeout` ms have passed, `Closed` if the pool closes first. A job that needs Erlang
+%% (a callback, a result to check) is handed to the pool's owner as
+%% {erpy_async_adopt, Job, Caller}, for a runner to take over (async_adopt/1), which gets
+%% `Extra`.
+-spec async_submit(pool() | context(), reference(), erpy_request:t(), timeout(), term(), term()) ->
+    {ok, job()} | {error, closed}.
+async_submit(_Target, _Ref, _Request, _Timeout, _Closed, _Extra) -> erlang:nif_error(not_loaded).
+
+%% canceled: no reply will come; sent: the reply is in the caller's mailbox (unless taken
+%% already); {runner, Pid}: the job's runner may still reply (stop it, then look);
+%% not_yours: the calling process is not the caller, nothing was done.
+-spec async_cancel(job()) -> canceled | sent | {runner, pid()} | not_yours.
+async_cancel(_Job) -> erlang:nif_error(not_loaded).
+
+%% The calling process takes over a job handed to the owner: it polls for it from now on,
+%% as a synchronous caller does. `gone`: nothing is left to do for it.
+-spec async_adopt(job()) -> {ok, reference(), pid(), erpy_request:t(), term(), timeout()} | gone.
+async_adopt(_Job) -> erlang:nif_error(not_loaded).
+
+%% The caller awaits its asynchronous job: its answer if it is there (the reply then never
+%% comes), pending (poll again), wait (the reply comes as a message; a first poll with
+%% Block = true only says where the answer is), answered (it was sent: in the mailbox
+%% unless taken), {runner, Pid} (that runner sends it), or not_yours (another process).
+-spec async_poll(job(), boolean()) -> {done, term()} | pending | wait | answered | {runner, pid()} | not_yours.
+async_poll(_Job, _Block) -> erlang:nif_error(not_loaded).
 
 -spec callback_reply(job(), {ok, term()} | {error, term()}) -> ok.
 callback_reply(_Job, _Reply) -> erlang:nif_error(not_loaded).

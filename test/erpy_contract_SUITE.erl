@@ -10,7 +10,10 @@
          init_per_group/2, end_per_group/2]).
 -export([values/1, call_forms/1, eval_exec_run/1, python_errors/1, timeouts/1,
          callbacks/1, nested/1, checkout/1, unknown_pool/1, stopped_pool/1,
-         bad_arguments/1, policy_refusals/1, async/1, async_cancel/1, coroutines/1]).
+         bad_arguments/1, policy_refusals/1, async/1, async_cancel/1, async_no_await/1,
+         coroutines/1]).
+%% async_no_await's gen_server.
+-export([init/1, handle_call/3, handle_cast/2, handle_info/2]).
 %% Called from Python.
 -export([twice/1, again/1, again_async/1]).
 
@@ -22,7 +25,7 @@ all() ->
 groups() ->
     Cases = [values, call_forms, eval_exec_run, python_errors, timeouts, callbacks, nested,
              checkout, unknown_pool, stopped_pool, bad_arguments, policy_refusals, async,
-             async_cancel, coroutines],
+             async_cancel, async_no_await, coroutines],
     [{Mode, [], Cases} || Mode <- [port, embedded, node]].
 
 suite() ->
@@ -173,6 +176,75 @@ async_cancel(_Config) ->
     ?assertEqual({ok, 3}, erpy:eval(<<"1 + 2">>, #{}, ?O#{timeout => 5000})),
     ?assert(erlang:monotonic_time(millisecond) - T1 < 4000),
     ?assertEqual({messages, []}, process_info(self(), messages)).
+
+%% A gen_server that never awaits gets its answers in handle_info: exactly what the
+%% synchronous call returns, with the callbacks Python makes meanwhile checked as for the
+%% server's own call (an allowed one runs, a refused one is refused, a message to a pid
+%% the request handed over goes), a result holding a pid, a request past its timeout
+%% answered {error, timeout} by itself (and interrupted: the worker serves again), and
+%% 10,000 in flight from the server with every answer its own and none lost.
+async_no_await(_Config) ->
+    Evals = [{twice, <<"erlang.call('erpy_contract_SUITE', 'twice', 21)">>, #{}},
+             {refused, <<"erlang.call('os', 'cmd', 'ls')">>, #{}},
+             {refused_apply, <<"erlang.call('erlang', 'apply', ['os', 'cmd', ['ls']])">>, #{}},
+             {sends, <<"erlang.send(p, 'hi') or 7">>, #{p => self()}},
+             {pid, <<"p">>, #{p => self()}},
+             {raises, <<"1 / 0">>, #{}}],
+    {ok, Srv} = gen_server:start_link(?MODULE, self(), []),
+    [ok = gen_server:call(Srv, {eval, Key, Code, Locals, ?O}) || {Key, Code, Locals} <- Evals],
+    Got = maps:from_list([receive {answer, Key, A} -> {Key, A} after 10000 -> ct:fail({lost, Key}) end
+                          || {Key, _, _} <- Evals]),
+    receive <<"hi">> -> ok after 5000 -> ct:fail(no_message) end,
+    [?assertEqual({Key, erpy:eval(Code, Locals, ?O)}, {Key, maps:get(Key, Got)}) || {Key, Code, Locals} <- Evals],
+    receive <<"hi">> -> ok after 5000 -> ct:fail(no_message) end,
+    ?assertEqual({ok, 42}, maps:get(twice, Got)),
+    {error, #{type := <<"ErlangError">>, message := Refused}} = maps:get(refused, Got),
+    ?assertNotEqual(nomatch, binary:match(Refused, <<"not_allowed">>)),
+    %% Past its timeout, nobody waiting.
+    ok = gen_server:call(Srv, {eval, slow, <<"__import__('time').sleep(10)">>, #{}, ?O#{timeout => 300}}),
+    receive {answer, slow, Slow} -> ?assertEqual({error, timeout}, Slow) after 10000 -> ct:fail(no_timeout) end,
+    T0 = erlang:monotonic_time(millisecond),
+    ?assertEqual({ok, 2}, erpy:eval(<<"1 + 1">>, #{}, ?O#{timeout => 5000})),
+    ?assert(erlang:monotonic_time(millisecond) - T0 < 4000),
+    %% 10,000 in flight from one process.
+    N = 10000,
+    ok = gen_server:call(Srv, {many, N, ?O#{timeout => 60000}}, 60000),
+    receive {many, Right} -> ?assertEqual(N, Right) after 60000 -> ct:fail(many_lost) end,
+    ?assertEqual(#{}, gen_server:call(Srv, pending)),
+    unlink(Srv),
+    gen_server:stop(Srv),
+    ?assertEqual({messages, []}, process_info(self(), messages)).
+
+init(Test) ->
+    {ok, #{test => Test, ids => #{}}}.
+
+handle_call({eval, Key, Code, Locals, Opts}, _From, #{ids := Ids} = St) ->
+    {ok, Id} = erpy:async_eval(Code, Locals, Opts),
+    {reply, ok, St#{ids := Ids#{Id => Key}}};
+handle_call({many, N, Opts}, _From, #{ids := Ids} = St) ->
+    New = maps:from_list([{element(2, erpy:async_call(operator, add, [I, 1], Opts)), {many, I}}
+                          || I <- lists:seq(1, N)]),
+    {reply, ok, St#{ids := maps:merge(Ids, New), many => {N, 0}}};
+handle_call(pending, _From, #{ids := Ids} = St) ->
+    {reply, Ids, St}.
+
+handle_cast(_Msg, St) ->
+    {noreply, St}.
+
+handle_info({erpy_reply, Id, Answer}, #{test := Test, ids := Ids} = St) ->
+    St1 = St#{ids := maps:remove(Id, Ids)},
+    case maps:get(Id, Ids) of
+        {many, I} ->
+            #{many := {Left, Right}} = St1,
+            Right1 = case Answer of {ok, V} when V =:= I + 1 -> Right + 1; _ -> Right end,
+            case Left - 1 of
+                0 -> Test ! {many, Right1}, {noreply, maps:remove(many, St1)};
+                Left1 -> {noreply, St1#{many := {Left1, Right1}}}
+            end;
+        Key ->
+            Test ! {answer, Key, Answer},
+            {noreply, St1}
+    end.
 
 %% A request whose result is awaitable runs on the worker's event loop; a timeout
 %% cancels the task (CancelledError in Python) and answers timeout; Python awaits Erlang

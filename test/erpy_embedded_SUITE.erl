@@ -20,8 +20,10 @@
 -export([map_keys/1, deep_nesting/1, result_size_limit/1, callback_size_limit/1,
          no_new_atoms/1, new_atoms_budget/1, flags_for_checks/1, send_is_a_callback/1,
          keys_equal_in_python/1]).
+-export([async_stop_pool/1, async_callbacks_unawaited/1, async_cancel_and_death/1,
+         async_held_worker/1]).
 %% Called from Python through the allow-list, and the logger handler.
--export([nested/2, deeper/1, log/2]).
+-export([nested/2, deeper/1, log/2, give_fun/1]).
 
 -define(P, emb).
 %% What Python sees, as text: types and values, dicts in a sorted order (a map's
@@ -46,7 +48,8 @@ all() ->
      schedulers_stay_free, queueing_in_order, large_binaries, python_info, nif_reload,
      app_restart,
      map_keys, deep_nesting, result_size_limit, callback_size_limit, no_new_atoms,
-     new_atoms_budget, flags_for_checks, send_is_a_callback, keys_equal_in_python].
+     new_atoms_budget, flags_for_checks, send_is_a_callback, keys_equal_in_python,
+     async_stop_pool, async_callbacks_unawaited, async_cancel_and_death, async_held_worker].
 
 suite() ->
     [{timetrap, {seconds, 90}}].
@@ -832,3 +835,111 @@ keys_equal_in_python(_Config) ->
                  erpy:eval(<<"(lambda K, A: {K(1): 'a', K(1.0): 'b', K(A('ok')): 1, K('ok'): 2,"
                              " K([1]): 3, K([1.0]): 4})(__import__('erpy').Key, __import__('erpy').Atom)">>,
                            #{}, opts())).
+
+%% ---- asynchronous requests (the NIF answers the caller itself) ----------------------------
+
+-define(ASYNC_ALLOWED, [{timer, sleep}, {?MODULE, give_fun, 1}]).
+
+give_fun(X) -> fun() -> X end.
+
+%% Stopping a pool answers its asynchronous requests {error, {no_pool, Name}} as erpy:call
+%% would: a running one, queued ones, one whose callback runs in Erlang (its runner), one
+%% with a result to check; none is lost, none answers twice.
+async_stop_pool(_Config) ->
+    {ok, _} = erpy:start_pool(emb_one, #{mode => embedded, size => 1, allowed => ?ASYNC_ALLOWED}),
+    O = #{pool => emb_one, timeout => 30000},
+    {ok, InCallback} = erpy:async_eval(<<"erlang.call('timer', 'sleep', 300)">>, #{}, O),
+    timer:sleep(50),
+    {ok, Running} = erpy:async_eval(<<"next(x for x in iter(int, 1) if x)">>, #{}, O),
+    Queued = [element(2, erpy:async_call(operator, add, [1, 2], O)) || _ <- lists:seq(1, 3)],
+    {ok, Checked} = erpy:async_eval(<<"p">>, #{p => self()}, O),
+    ok = erpy:stop_pool(emb_one),
+    [?assertEqual({error, {no_pool, emb_one}}, erpy:await(Id, 5000))
+     || Id <- [InCallback, Running, Checked | Queued]],
+    timer:sleep(100),
+    ?assertEqual({messages, []}, process_info(self(), messages)),
+    %% A pool that is gone answers at once, as a message too.
+    {ok, Gone} = erpy:async_call(operator, add, [1, 2], #{pool => emb_one}),
+    ?assertEqual({error, {no_pool, emb_one}}, erpy:await(Gone, 1000)).
+
+%% Callbacks of requests nobody awaits run under the caller's policy: an allowed one runs,
+%% a refused one is refused exactly as for erpy:call, a fun a callback returned may come
+%% back in the result (the runner remembers it), a callback slower than the request's
+%% timeout ends in {error, timeout} and the context serves again.
+async_callbacks_unawaited(_Config) ->
+    {ok, _} = erpy:start_pool(emb_one, #{mode => embedded, size => 1, allowed => ?ASYNC_ALLOWED}),
+    O = #{pool => emb_one},
+    Sleep = <<"erlang.call('timer', 'sleep', 1) or 5">>,
+    Refused = <<"erlang.call('os', 'cmd', 'ls')">>,
+    Fun = <<"erlang.call('erpy_embedded_SUITE', 'give_fun', 3)">>,
+    Ids = [{C, element(2, erpy:async_eval(C, #{}, O))} || C <- [Sleep, Refused, Fun]],
+    timer:sleep(200),  % all answered by now, nobody waiting
+    Got = [{C, receive {erpy_reply, Id, A} -> A after 5000 -> ct:fail({lost, C}) end} || {C, Id} <- Ids],
+    [?assertEqual({C, erpy:eval(C, #{}, O)}, {C, A}) || {C, A} <- Got, C =/= Fun],
+    {Fun, {ok, F}} = lists:keyfind(Fun, 1, Got),
+    ?assertEqual(3, F()),
+    {error, #{message := Msg}} = element(2, lists:keyfind(Refused, 1, Got)),
+    ?assertNotEqual(nomatch, binary:match(Msg, <<"not_allowed">>)),
+    %% A callback outlives the request's timeout.
+    {ok, Late} = erpy:async_eval(<<"erlang.call('timer', 'sleep', 1000)">>, #{}, O#{timeout => 200}),
+    receive {erpy_reply, Late, LateAnswer} -> ?assertEqual({error, timeout}, LateAnswer)
+    after 5000 -> ct:fail(no_timeout)
+    end,
+    ?assertEqual({ok, 3}, erpy:call(operator, add, [1, 2], O#{timeout => 5000})),
+    ?assertEqual({messages, []}, process_info(self(), messages)).
+
+%% cancel/1 of a request whose callback runs (its runner is stopped, Python interrupted),
+%% of a queued one and of one already answered; a caller killed while its request's
+%% callback runs: the context serves again each time, and no answer comes after cancel.
+async_cancel_and_death(_Config) ->
+    {ok, _} = erpy:start_pool(emb_one, #{mode => embedded, size => 1, allowed => ?ASYNC_ALLOWED,
+                                         kill_grace_ms => 500}),
+    O = #{pool => emb_one, timeout => 20000},
+    {ok, InCallback} = erpy:async_eval(<<"erlang.call('timer', 'sleep', 5000)">>, #{}, O),
+    {ok, Queued} = erpy:async_call(operator, add, [1, 2], O),
+    timer:sleep(100),
+    ok = erpy:cancel(InCallback),
+    ok = erpy:cancel(Queued),
+    ?assertEqual({ok, 2}, erpy:eval(<<"1 + 1">>, #{}, O#{timeout => 3000})),
+    {ok, Done} = erpy:async_call(operator, add, [1, 2], O),
+    timer:sleep(100),
+    ok = erpy:cancel(Done),  % its answer had come: dropped
+    ?assertEqual({error, {badarg, {async_id, Done}}}, erpy:cancel(Done)),
+    ?assertEqual({error, {badarg, {async_id, Done}}}, erpy:await(Done, 100)),
+    %% Another process can neither take an answer nor stop a request, also while a runner
+    %% runs its callback.
+    {ok, Mine} = erpy:async_eval(<<"erlang.call('timer', 'sleep', 200) and 7">>, #{}, O),
+    Self = self(),
+    _ = spawn_link(fun() -> timer:sleep(50), Self ! {other, erpy:cancel(Mine), erpy:await(Mine, 100)} end),
+    receive {other, C2, A2} -> ?assertEqual({{error, {badarg, {async_id, Mine}}}, {error, {badarg, {async_id, Mine}}}}, {C2, A2})
+    after 5000 -> ct:fail(no_other)
+    end,
+    ?assertEqual({ok, 7}, erpy:await(Mine, 5000)),
+    receive {erpy_reply, _, _} = M -> ct:fail({answer_after_cancel, M}) after 300 -> ok end,
+    Caller = spawn(fun() ->
+                           {ok, _} = erpy:async_eval(<<"erlang.call('timer', 'sleep', 5000)">>, #{}, O),
+                           {ok, _} = erpy:async_eval(<<"next(x for x in iter(int, 1) if x)">>, #{}, O),
+                           receive never -> ok end
+                   end),
+    timer:sleep(100),
+    exit(Caller, kill),
+    ?assertEqual({ok, 3}, erpy:call(operator, add, [1, 2], O#{timeout => 4000})),
+    %% Nothing left behind (the context leaves its job just after the answer).
+    ok = wait_idle(emb_one, 100).
+
+wait_idle(Pool, N) ->
+    case maps_with(erpy:pool_info(Pool), [queued, held, busy]) of
+        {ok, #{queued := 0, held := 0, busy := 0}} -> ok;
+        Other when N =:= 0 -> ct:fail({not_idle, Other});
+        _ -> timer:sleep(20), wait_idle(Pool, N - 1)
+    end.
+
+%% A held context takes asynchronous requests too (its namespace persists).
+async_held_worker(_Config) ->
+    erpy:with_worker(?P, fun(W) ->
+        ok = erpy:exec(<<"x = 21">>, #{worker => W}),
+        {ok, Id} = erpy:async_eval(<<"x * 2">>, #{}, #{worker => W}),
+        ?assertEqual({ok, 42}, erpy:await(Id, 5000))
+    end).
+
+maps_with({ok, M}, Keys) -> {ok, maps:with(Keys, M)}.

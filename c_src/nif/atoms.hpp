@@ -60,6 +60,15 @@ struct Atoms {
   ERL_NIF_TERM erpy_nif = 0;
   ERL_NIF_TERM internal = 0;
   ERL_NIF_TERM out_of_memory = 0;
+  ERL_NIF_TERM erpy_reply = 0;  // asynchronous jobs (pool.hpp, AsyncState)
+  ERL_NIF_TERM erpy_async = 0;
+  ERL_NIF_TERM erpy_async_adopt = 0;
+  ERL_NIF_TERM gone = 0;
+  ERL_NIF_TERM answered = 0;
+  ERL_NIF_TERM not_yours = 0;
+  ERL_NIF_TERM infinity = 0;
+  ERL_NIF_TERM runner = 0;
+  ERL_NIF_TERM timeout = 0;
   // The keys of an error answer (py::Runner::error): made here so that they exist when
   // Python's error maps convert, which makes no atoms.
   ERL_NIF_TERM message = 0;
@@ -122,6 +131,15 @@ struct Atoms {
     erpy_nif = enif_make_atom(env, "erpy_nif");
     internal = enif_make_atom(env, "internal");
     out_of_memory = enif_make_atom(env, "out_of_memory");
+    erpy_reply = enif_make_atom(env, "erpy_reply");
+    erpy_async = enif_make_atom(env, "erpy_async");
+    erpy_async_adopt = enif_make_atom(env, "erpy_async_adopt");
+    gone = enif_make_atom(env, "gone");
+    answered = enif_make_atom(env, "answered");
+    not_yours = enif_make_atom(env, "not_yours");
+    infinity = enif_make_atom(env, "infinity");
+    runner = enif_make_atom(env, "runner");
+    timeout = enif_make_atom(env, "timeout");
   }
 };
 

@@ -199,18 +199,26 @@ ERL_NIF_TERM nif_pool_info(ErlNifEnv* env, int, const ERL_NIF_TERM argv[]) {
 
 // submit(PoolOrContext, Ref, Request) -> {ok, Job} | {error, closed}. Request: the request
 // map (read on the context thread, py/request.hpp) or `hold` (a checkout).
+// A pool, or one context of it (held, or waiting for a callback): false if neither.
+bool get_target(ErlNifEnv* env, ERL_NIF_TERM t, std::shared_ptr<Pool>& pool, int& context) {
+  Runtime& rt = Runtime::get();
+  if (auto* ph = get_resource<PoolHandle>(env, t, rt.types.pool)) {
+    pool = ph->pool;
+    context = -1;
+  } else if (auto* ch = get_resource<ContextHandle>(env, t, rt.types.context)) {
+    pool = ch->pool;
+    context = ch->index;
+  } else {
+    return false;
+  }
+  return true;
+}
+
 ERL_NIF_TERM nif_submit(ErlNifEnv* env, int, const ERL_NIF_TERM argv[]) {
   Runtime& rt = Runtime::get();
   std::shared_ptr<Pool> pool;
   int context = -1;
-  if (auto* ph = get_resource<PoolHandle>(env, argv[0], rt.types.pool)) {
-    pool = ph->pool;
-  } else if (auto* ch = get_resource<ContextHandle>(env, argv[0], rt.types.context)) {
-    pool = ch->pool;
-    context = ch->index;
-  } else {
-    return enif_make_badarg(env);
-  }
+  if (!get_target(env, argv[0], pool, context)) return enif_make_badarg(env);
   if (!enif_is_map(env, argv[2]) && argv[2] != atoms.hold) return enif_make_badarg(env);
   ResourcePtr<Job> job = make_resource<Job>(rt.types.job);
   job->env = OwnedEnv::alloc();
@@ -224,6 +232,93 @@ ERL_NIF_TERM nif_submit(ErlNifEnv* env, int, const ERL_NIF_TERM argv[]) {
 }
 
 Job* get_job(ErlNifEnv* env, ERL_NIF_TERM t) { return get_resource<Job>(env, t, Runtime::get().types.job); }
+
+// async_submit(PoolOrContext, Ref, Request, TimeoutMs | infinity, Closed, Extra)
+//   -> {ok, Job} | {error, closed}
+// An asynchronous request (pool.hpp, AsyncState): its answer comes to the caller as
+// {erpy_reply, {erpy_async, Ref, Job}, Answer}, or {error, timeout} once TimeoutMs has
+// passed; Closed is the answer when the pool closes first. Extra is for the runner that
+// adopts the job if it needs Erlang (async_adopt/1).
+ERL_NIF_TERM nif_async_submit(ErlNifEnv* env, int, const ERL_NIF_TERM argv[]) {
+  Runtime& rt = Runtime::get();
+  std::shared_ptr<Pool> pool;
+  int context = -1;
+  if (!get_target(env, argv[0], pool, context) || !enif_is_map(env, argv[2])) return enif_make_badarg(env);
+  std::int64_t deadline = 0;
+  if (argv[3] != atoms.infinity) {
+    ErlNifSInt64 ms;
+    if (!enif_get_int64(env, argv[3], &ms) || ms < 0 || ms > std::int64_t{1} << 40) return enif_make_badarg(env);
+    deadline = std::max<std::int64_t>(1, mono_ns() + ms * 1000000);
+  }
+  ResourcePtr<Job> job = make_resource<Job>(rt.types.job);
+  job->env = OwnedEnv::alloc();
+  job->ref = enif_make_copy(job->env.get(), argv[1]);
+  job->req = enif_make_copy(job->env.get(), argv[2]);
+  job->closed = enif_make_copy(job->env.get(), argv[4]);
+  job->extra = enif_make_copy(job->env.get(), argv[5]);
+  job->async = true;
+  job->deadline_at = deadline;
+  job->pool = pool;
+  enif_self(env, &job->caller);
+  ERL_NIF_TERM t = job.term(env);
+  if (!pool->submit(job, context)) return error(env, atoms.closed);
+  return enif_make_tuple2(env, atoms.ok, t);
+}
+
+// Only the process that made an asynchronous request may await or cancel it.
+bool is_caller(ErlNifEnv* env, const Job* job) {
+  ErlNifPid self;
+  return enif_self(env, &self) && enif_compare_pids(&self, &job->caller) == 0;
+}
+
+// async_cancel(Job) -> canceled | sent (the reply is in the caller's mailbox, unless taken)
+//                    | {runner, Pid} (the runner that took it over may still reply)
+//                    | not_yours (another process: nothing done)
+ERL_NIF_TERM nif_async_cancel(ErlNifEnv* env, int, const ERL_NIF_TERM argv[]) {
+  Job* job = get_job(env, argv[0]);
+  if (!job || !job->async) return enif_make_badarg(env);
+  if (!is_caller(env, job)) return atoms.not_yours;
+  ErlNifPid runner;
+  switch (job->pool->async_cancel(job, env, &runner)) {
+    case Pool::AsyncCancel::Canceled: return atoms.canceled;
+    case Pool::AsyncCancel::Sent: return atoms.sent;
+    case Pool::AsyncCancel::Runner: return enif_make_tuple2(env, atoms.runner, enif_make_pid(env, &runner));
+  }
+  return atoms.canceled;
+}
+
+// async_poll(Job, Block) -> {done, Answer} | pending | wait | answered | {runner, Pid}
+//                          | not_yours
+// The caller awaits (see Pool::async_poll); another process gets not_yours.
+ERL_NIF_TERM nif_async_poll(ErlNifEnv* env, int, const ERL_NIF_TERM argv[]) {
+  Job* job = get_job(env, argv[0]);
+  if (!job || !job->async) return enif_make_badarg(env);
+  if (!is_caller(env, job)) return atoms.not_yours;
+  ERL_NIF_TERM out;
+  switch (job->pool->async_poll(job, enif_is_identical(argv[1], atoms.true_), env, &out)) {
+    case Pool::AsyncPoll::Done: return enif_make_tuple2(env, atoms.done, out);
+    case Pool::AsyncPoll::Pending: return atoms.pending;
+    case Pool::AsyncPoll::Wait: return atoms.wait;
+    case Pool::AsyncPoll::Answered: return atoms.answered;
+    case Pool::AsyncPoll::Runner: return enif_make_tuple2(env, atoms.runner, out);
+  }
+  return atoms.wait;
+}
+
+// async_adopt(Job) -> {ok, Ref, Caller, Request, Extra, Left} | gone. The calling process
+// (a runner) takes the job over: it polls for it (poll/2) as a synchronous caller would,
+// until its deadline, Left ms from now (or infinity).
+ERL_NIF_TERM nif_async_adopt(ErlNifEnv* env, int, const ERL_NIF_TERM argv[]) {
+  Job* job = get_job(env, argv[0]);
+  if (!job || !job->async) return enif_make_badarg(env);
+  if (!job->pool->adopt(job, env)) return atoms.gone;
+  const ERL_NIF_TERM left = job->deadline_at == 0
+      ? atoms.infinity
+      : enif_make_int64(env, std::max<std::int64_t>(0, (job->deadline_at - mono_ns()) / 1000000));
+  ERL_NIF_TERM items[] = {atoms.ok, enif_make_copy(env, job->ref), enif_make_pid(env, &job->caller),
+                          enif_make_copy(env, job->req), enif_make_copy(env, job->extra), left};
+  return enif_make_tuple_from_array(env, items, 6);
+}
 
 // cancel(Job) -> canceled (it will never answer) | sent (its answer is in the mailbox)
 //              | {done, Answer}
@@ -317,6 +412,10 @@ ErlNifFunc funcs[] = {
     {"poll", 2, entry<nif_poll>, 0},
     {"callback_reply", 2, entry<nif_callback_reply>, 0},
     {"checkin", 1, entry<nif_checkin>, 0},
+    {"async_submit", 6, entry<nif_async_submit>, 0},
+    {"async_cancel", 1, entry<nif_async_cancel>, 0},
+    {"async_adopt", 1, entry<nif_async_adopt>, 0},
+    {"async_poll", 2, entry<nif_async_poll>, 0},
     {"python_info", 0, entry<nif_python_info>, 0},
     {"is_handle", 1, entry<nif_is_handle>, 0},
     // erpy_reactor (reactor.hpp)

@@ -7,6 +7,7 @@
 #include <exception>
 #include <optional>
 #include <string>
+#include <thread>
 
 #include "common/cpu_relax.hpp"
 #include "etf/error.hpp"
@@ -66,10 +67,23 @@ void Pool::start_thread(Context* ctx) {
 void Pool::close(ErlNifEnv* env) {
   std::vector<ResourcePtr<ContextHandle>> handles;  // dropped after the mutex
   handles.reserve(ctxs_.size());
+  std::vector<ResourcePtr<Job>> parked;
   {
     std::lock_guard<PoolMutex> lock(m_);
     if (closing_) return;
     closing_ = true;
+    // The pool's server stops, so no runner will adopt a parked job: one parked with its
+    // answer answers that the pool closed; one in a callback is interrupted below and
+    // answers the same when it stops (finish).
+    parked.swap(parked_);
+    for (auto& j : parked) {
+      if (j->state != JobState::Done || j->async_state != AsyncState::Parked || j->replied) continue;
+      j->answer_env.reset();
+      j->replied = true;
+      MsgEnv msg = MsgEnv::take();
+      const ERL_NIF_TERM answer = enif_make_tuple2(msg.get(), atoms.error, atoms.pool_closed);
+      send_reply(env, j.get(), std::move(msg), answer);
+    }
     // Requests that will not run now are answered at once, not left to time out.
     for (auto& j : queue_) answer_closed_locked(env, std::move(j));
     queue_.clear();
@@ -96,7 +110,11 @@ void Pool::answer_closed_locked(ErlNifEnv* env, ResourcePtr<Job> j) {
   if (j->state == JobState::Queued) {
     MsgEnv msg = MsgEnv::take();
     ERL_NIF_TERM answer = enif_make_tuple2(msg.get(), atoms.error, atoms.pool_closed);
-    if (keep_answer_locked(j.get(), msg, answer)) j->settled.store(true, std::memory_order_release);
+    if (j->async) {
+      j->state = JobState::Done;
+      j->replied = true;
+      send_reply(env, j.get(), std::move(msg), answer);
+    } else if (keep_answer_locked(j.get(), msg, answer)) j->settled.store(true, std::memory_order_release);
     else send_answer(env, j.get(), std::move(msg), answer);
   }
 }
@@ -180,6 +198,181 @@ Pool::Outcome Pool::cancel(Job* job, ErlNifEnv* env, ERL_NIF_TERM* answer) {
   }
   if (interrupt) Runtime::get().wake();
   return Outcome::Canceled;
+}
+
+// ---- asynchronous jobs ---------------------------------------------------------------
+
+// The caller (or another process) cancels an asynchronous job. After this returns no reply
+// comes to the caller but one already in its mailbox (Sent), or one its runner may still
+// send (Runner: the process that stops the runner must wait for it to end).
+Pool::AsyncCancel Pool::async_cancel(Job* job, ErlNifEnv*, ErlNifPid* runner) {
+  AsyncCancel out = AsyncCancel::Canceled;
+  bool interrupt = false;
+  MsgEnv dropped;  // a parked answer nobody will take, freed after the mutex
+  {
+    std::lock_guard<PoolMutex> lock(m_);
+    if (job->async_state == AsyncState::Adopted) {
+      *runner = job->handler;
+      out = AsyncCancel::Runner;
+      interrupt = job->state == JobState::Running;
+      cancel_locked(job);
+    } else if (job->replied) {
+      out = AsyncCancel::Sent;
+    } else if (job->state == JobState::Done) {
+      // Parked with its answer, before a runner took it: the runner finds it cancelled.
+      job->state = JobState::Canceled;
+      dropped = std::move(job->answer_env);
+    } else {
+      interrupt = job->state == JobState::Running;
+      cancel_locked(job);
+    }
+  }
+  if (interrupt) Runtime::get().wake();
+  // The reply was decided under the mutex and is sent right after it: wait for the send,
+  // so that the caller finds it in its mailbox (a few microseconds at most).
+  if (out == AsyncCancel::Sent) {
+    while (!job->reply_sent.load(std::memory_order_acquire)) std::this_thread::yield();
+  }
+  return out;
+}
+
+bool Pool::adopt(Job* job, ErlNifEnv* env) {
+  ResourcePtr<Job> parked;  // the list's reference, dropped after the mutex
+  std::lock_guard<PoolMutex> lock(m_);
+  auto it = std::find_if(parked_.begin(), parked_.end(), [job](const ResourcePtr<Job>& p) { return p.get() == job; });
+  if (it != parked_.end()) {
+    parked = std::move(*it);
+    *it = std::move(parked_.back());
+    parked_.pop_back();
+  }
+  if (job->async_state != AsyncState::Parked || job->replied || job->state == JobState::Canceled) return false;
+  job->async_state = AsyncState::Adopted;
+  enif_self(env, &job->handler);
+  return true;
+}
+
+// The job needs Erlang (its callback or answer waits in the job, as for a polling
+// caller): the pool's server starts a runner, which adopts it (erpy_embedded).
+void Pool::park_locked(Job* job) {
+  job->async_state = AsyncState::Parked;
+  job->blocking = false;
+  job->poll_until.store(0, std::memory_order_relaxed);
+  job->settled.store(true, std::memory_order_release);
+  parked_.push_back(ResourcePtr<Job>::share(job));
+  MsgEnv msg = MsgEnv::take();
+  ErlNifPid owner = o_.owner;
+  // The caller too: the runner links to it before it adopts the job, so that the caller
+  // sees its request running for it (erpy_async) as long as a reply may come.
+  enif_send(nullptr, &owner, msg.get(),
+            enif_make_tuple3(msg.get(), atoms.erpy_async_adopt, enif_make_resource(msg.get(), job),
+                             enif_make_pid(msg.get(), &job->caller)));
+}
+
+// From the service thread: jobs nobody waits for answer {error, timeout} at their
+// deadline, as erpy:call would (and are cancelled: interrupted if they run). They are
+// looked for where they wait (the queues) or run, which costs a request nothing; a
+// runner keeps an adopted job's deadline itself, as a synchronous caller does.
+void Pool::expire_async() {
+  std::vector<ResourcePtr<Job>> expired;
+  {
+    std::lock_guard<PoolMutex> lock(m_);
+    const std::int64_t now = mono_ns();
+    auto due = [now](const Job* j) {
+      return j->async && j->deadline_at != 0 && j->deadline_at <= now && !j->replied &&
+             j->async_state != AsyncState::Adopted &&
+             (j->state == JobState::Queued || j->state == JobState::Running);
+    };
+    auto look = [&](Job* j) {
+      if (!due(j)) return;
+      cancel_locked(j);  // a running one is interrupted later in this same tick
+      j->replied = true;
+      expired.push_back(ResourcePtr<Job>::share(j));
+    };
+    for (auto& j : queue_) look(j.get());
+    for (auto& c : ctxs_) {
+      for (auto& j : c->pinned) look(j.get());
+      for (Job* j : c->running) look(j);
+    }
+  }
+  for (auto& j : expired) {
+    MsgEnv msg = MsgEnv::take();
+    const ERL_NIF_TERM answer = enif_make_tuple2(msg.get(), atoms.error, atoms.timeout);
+    send_reply(nullptr, j.get(), std::move(msg), answer);
+  }
+}
+
+// An await begins: the caller spins (finish() keeps the answer for it) while that pays.
+Pool::AsyncPoll Pool::await_begin_locked(Job* job, bool block) {
+  if (job->async_state == AsyncState::Parked || block) return AsyncPoll::Wait;
+  const std::int64_t budget = caller_spin_.budget_ns();
+  if (budget <= 0) return AsyncPoll::Wait;
+  job->await_until.store(mono_ns() + budget, std::memory_order_relaxed);
+  job->awaiting.store(true, std::memory_order_relaxed);
+  return AsyncPoll::Pending;
+}
+
+// As poll(), for an asynchronous job's caller in erpy:await: a short job's answer is
+// taken here, sooner than a message would wake the caller. The first poll of an await
+// (await_until 0) says where the answer is: with a runner, sent already, or to come.
+Pool::AsyncPoll Pool::async_poll(Job* job, bool block, ErlNifEnv* env, ERL_NIF_TERM* out) {
+  const std::int64_t until = job->await_until.load(std::memory_order_relaxed);
+  if (until != 0 && !block) {
+    if (!job->settled.load(std::memory_order_acquire)) {
+      if (mono_ns() < until) {
+        const int cpu = current_cpu();
+        caller_cpu_.store(cpu, std::memory_order_relaxed);
+        if (cpu >= 0 && cpu == ctx_cpu_.load(std::memory_order_relaxed)) sched_yield();
+        return AsyncPoll::Pending;
+      }
+      caller_spin_.record(SpinPolicy::Outcome::timed_out);
+    } else {
+      caller_spin_.record(SpinPolicy::Outcome::found);
+    }
+  }
+  if (until == 0) {
+    // The usual await, of a job that has not answered yet: no lock (a reply decided
+    // meanwhile is found when the spin ends; Direct is the first state, so no answer
+    // can have been taken before).
+    if (job->reply_sent.load(std::memory_order_acquire)) return AsyncPoll::Answered;
+    if (!block && job->async_state.load(std::memory_order_acquire) == AsyncState::Direct) {
+      const std::int64_t budget = caller_spin_.budget_ns();
+      if (budget > 0) {
+        job->await_until.store(mono_ns() + budget, std::memory_order_relaxed);
+        job->awaiting.store(true, std::memory_order_relaxed);
+        return AsyncPoll::Pending;
+      }
+    }
+    {
+      std::lock_guard<PoolMutex> lock(m_);
+      if (job->async_state == AsyncState::Adopted) {
+        *out = enif_make_pid(env, &job->handler);
+        return AsyncPoll::Runner;
+      }
+      if (!job->replied) return await_begin_locked(job, block);
+    }
+    // Sent right after the mutex that decided it: in the mailbox in a moment.
+    while (!job->reply_sent.load(std::memory_order_acquire)) std::this_thread::yield();
+    return AsyncPoll::Answered;
+  }
+  MsgEnv taken;  // freed after the mutex
+  std::lock_guard<PoolMutex> lock(m_);
+  job->await_until.store(0, std::memory_order_relaxed);
+  job->awaiting.store(false, std::memory_order_relaxed);  // from now on the answer is sent
+  if (job->async_state != AsyncState::Direct || job->state != JobState::Done || job->replied || !job->answer_env) {
+    return AsyncPoll::Wait;
+  }
+  ERL_NIF_TERM a = job->answer;
+  int arity;
+  const ERL_NIF_TERM* el;
+  if (enif_get_tuple(job->answer_env.get(), a, &arity, &el) && arity == 2 && el[0] == atoms.error &&
+      el[1] == atoms.pool_closed) {
+    a = job->closed;
+  }
+  *out = enif_make_copy(env, a);
+  taken = std::move(job->answer_env);
+  job->replied = true;
+  job->reply_sent.store(true, std::memory_order_release);
+  return AsyncPoll::Done;
 }
 
 Pool::Poll Pool::poll(Job* job, bool block, ErlNifEnv* env, ERL_NIF_TERM* answer) {
@@ -685,19 +878,50 @@ void Pool::run_request(Context& c, Job* job) {
 // polling caller (no message, no lock on its process), or sent as {Ref, Answer} once it
 // blocks.
 bool Pool::finish(Job* job, MsgEnv msg, ERL_NIF_TERM answer) {
-  bool kept;
+  enum class How { Kept, Send, Reply, Parked } how;
   {
     std::lock_guard<PoolMutex> lock(m_);
     // A caller monitor (long jobs) stays: it cannot be removed from this thread, its DOWN
     // finds the job done, and it ends with the job's resource.
     if (job->state == JobState::Canceled || job->state == JobState::Done) return false;
-    kept = keep_answer_locked(job, msg, answer);
+    if (job->async && job->async_state != AsyncState::Adopted) {
+      // Nobody waits: the answer goes to the caller as erpy:call returns it, except one
+      // Erlang must check first (ok_check), which a runner takes (unless the pool closes:
+      // no runner would come, and a closing pool answers that it closed).
+      int arity;
+      const ERL_NIF_TERM* el;
+      const bool check = enif_get_tuple(msg.get(), answer, &arity, &el) && arity == 2 && el[0] == atoms.ok_check;
+      if (!check && job->async_state == AsyncState::Direct && job->awaiting.load(std::memory_order_relaxed)) {
+        // Its caller spins in erpy:await for it (async_poll): no message needed.
+        job->state = JobState::Done;
+        job->answer_env = std::move(msg);
+        job->answer = answer;
+        how = How::Kept;
+      } else if (check && job->async_state == AsyncState::Direct && !closing_) {
+        job->state = JobState::Done;
+        job->answer_env = std::move(msg);
+        job->answer = answer;
+        park_locked(job);
+        how = How::Parked;
+      } else {
+        if (check) answer = enif_make_tuple2(msg.get(), atoms.error, atoms.pool_closed);
+        job->state = JobState::Done;
+        job->replied = true;
+        how = How::Reply;
+      }
+    } else {
+      how = keep_answer_locked(job, msg, answer) ? How::Kept : How::Send;
+    }
   }
   // Both after the mutex is released: a polling caller that sees `settled` then finds the
   // mutex free (see submit), and a send locks the receiving process while submitters wait
   // for m_. A cancel that comes in between finds Done and waits for the message.
-  if (kept) job->settled.store(true, std::memory_order_release);
-  else send_answer(nullptr, job, std::move(msg), answer);
+  switch (how) {
+    case How::Kept: job->settled.store(true, std::memory_order_release); break;
+    case How::Send: send_answer(nullptr, job, std::move(msg), answer); break;
+    case How::Reply: send_reply(nullptr, job, std::move(msg), answer); break;
+    case How::Parked: break;
+  }
   return true;
 }
 
@@ -712,10 +936,26 @@ bool Pool::keep_answer_locked(Job* job, MsgEnv& msg, ERL_NIF_TERM answer) {
   return true;
 }
 
-// {Ref, Answer} to the caller. `env`: the calling NIF's, or null.
+// {Ref, Answer} to the caller (or its runner). `env`: the calling NIF's, or null.
 void Pool::send_answer(ErlNifEnv* env, Job* job, MsgEnv msg, ERL_NIF_TERM answer) {
   ERL_NIF_TERM ref = enif_make_copy(msg.get(), job->ref);
-  enif_send(env, &job->caller, msg.get(), enif_make_tuple2(msg.get(), ref, answer));
+  ErlNifPid to = job->to();  // set before the job could answer (adopt), read after
+  enif_send(env, &to, msg.get(), enif_make_tuple2(msg.get(), ref, answer));
+}
+
+// An asynchronous job's reply to its caller, {erpy_reply, {erpy_async, Ref, Job}, Answer}
+// (the id erpy:async_call returned), with a closed pool's answer as erpy:call gives it.
+// Once per job (Job::replied, set under the mutex). `env`: the calling NIF's, or null.
+void Pool::send_reply(ErlNifEnv* env, Job* job, MsgEnv msg, ERL_NIF_TERM answer) {
+  ErlNifEnv* e = msg.get();
+  int arity;
+  const ERL_NIF_TERM* el;
+  if (enif_get_tuple(e, answer, &arity, &el) && arity == 2 && el[0] == atoms.error && el[1] == atoms.pool_closed) {
+    answer = enif_make_copy(e, job->closed);
+  }
+  const ERL_NIF_TERM id = enif_make_tuple3(e, atoms.erpy_async, enif_make_copy(e, job->ref), enif_make_resource(e, job));
+  enif_send(env, &job->caller, e, enif_make_tuple3(e, atoms.erpy_reply, id, answer));
+  job->reply_sent.store(true, std::memory_order_release);
 }
 
 // ---- Python calling Erlang ---------------------------------------------------------------
@@ -764,10 +1004,16 @@ PyRef Pool::erlang_callback(Context& c, const char* kind, PyObject* m, PyObject*
     ++c.in_callback;  // nested callbacks count too
     if (job->state == JobState::Canceled) {
       canceled = true;
+    } else if (job->async && job->async_state == AsyncState::Direct) {
+      // Nobody waits for this job: its runner (started for it now) takes the callback.
+      job->callback_env = std::move(msg);
+      job->callback = body;
+      park_locked(job);
     } else {
       if (job->blocking) {
         ERL_NIF_TERM ref = enif_make_copy(msg.get(), job->ref);
-        enif_send(nullptr, &job->caller, msg.get(), enif_make_tuple2(msg.get(), ref, body));
+        ErlNifPid to = job->to();
+        enif_send(nullptr, &to, msg.get(), enif_make_tuple2(msg.get(), ref, body));
       } else {
         // The caller is polling: it takes the callback from the job, no message needed.
         job->callback_env = std::move(msg);

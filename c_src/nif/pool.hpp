@@ -36,6 +36,13 @@ struct Context;
 
 enum class JobState { Queued, Running, Done, Canceled };
 
+// Who an asynchronous job (async_submit) talks to. Direct: its answer goes to the caller as
+// {erpy_reply, {erpy_async, Ref, Job}, Answer}, sent by the pool, nobody waiting. Parked:
+// it needs Erlang (a callback, a result to check): the callback or answer waits in the job
+// (as for a polling caller) and the pool's server is asked to start a runner for it.
+// Adopted: a runner took it over and follows the synchronous protocol from then on.
+enum class AsyncState { Direct, Parked, Adopted };
+
 struct Job;
 // A job that is not a request map (the reactor's fd events, reactor.cpp): run on the
 // context thread with the GIL held, in place of reading and running a request. It
@@ -75,6 +82,25 @@ struct Job {
   ErlNifMonitor monitor{};
   std::chrono::steady_clock::time_point started{};
   std::chrono::steady_clock::time_point canceled_at{};  // when a running job was cancelled
+  // Asynchronous jobs only (async_submit). `closed` and `extra` are in `env`: the answer
+  // for a closed pool ({error, {no_pool, Name}}) and what the runner gets at adoption.
+  bool async = false;
+  ERL_NIF_TERM closed = 0, extra = 0;
+  // Guarded by the pool mutex:
+  // Changed under the mutex only; atomic so that an await may look without it.
+  std::atomic<AsyncState> async_state{AsyncState::Direct};
+  ErlNifPid handler{};  // the runner, once Adopted: the protocol's messages go there
+  std::int64_t deadline_at = 0;  // the request's deadline (mono_ns, 0: none); set at submit
+  bool replied = false;  // a reply to the caller is sent (or being sent): no other comes
+  // Set once that reply is in the caller's mailbox (async_cancel waits for it).
+  std::atomic<bool> reply_sent{false};
+  // The caller spins in erpy:await (async_poll): a Direct answer is kept in the job for
+  // it, not sent. Set without the mutex (a stale read only costs a message); its spin
+  // ends at await_until (monotonic ns, 0: not spinning). Touched by the caller only.
+  std::atomic<bool> awaiting{false};
+  std::atomic<std::int64_t> await_until{0};
+  // Where the protocol's messages (answer, callbacks) go: the caller, or its runner.
+  const ErlNifPid& to() const noexcept { return async_state == AsyncState::Adopted ? handler : caller; }
 };
 
 // What an Erlang term refers to for a context (held contexts, nesting).
@@ -148,6 +174,18 @@ class Pool : public std::enable_shared_from_this<Pool> {
   void release(int context, ErlNifEnv* env, const ErlNifPid* holder);
   void caller_down(Job* job);
   ERL_NIF_TERM info(ErlNifEnv* env);
+  // Asynchronous jobs. async_cancel from the caller: Canceled (nothing comes), Sent (the
+  // reply is in the caller's mailbox now), or Runner (*runner has it: stop that process).
+  enum class AsyncCancel { Canceled, Sent, Runner };
+  AsyncCancel async_cancel(Job* job, ErlNifEnv* env, ErlNifPid* runner);
+  // A runner (the calling process) takes a Parked job over; false if nothing is left to
+  // do for it (answered, cancelled, or not parked).
+  bool adopt(Job* job, ErlNifEnv* env);
+  // The caller awaits: Done (*out: the answer, as the reply would carry it), Pending
+  // (spin on), Wait (the reply comes as a message), Answered (it was sent: in the mailbox
+  // unless taken already), Runner (*out: the runner's pid, which sends it).
+  enum class AsyncPoll { Done, Pending, Wait, Answered, Runner };
+  AsyncPoll async_poll(Job* job, bool block, ErlNifEnv* env, ERL_NIF_TERM* out);
 
   // From the service thread (interrupt_canceled with the GIL).
   void interrupt_canceled();
@@ -156,6 +194,7 @@ class Pool : public std::enable_shared_from_this<Pool> {
   bool has_interrupts();
   void kick_stalled();  // queued work and idle contexts: wake one (see wake_one_locked)
   void monitor_long_jobs(std::chrono::milliseconds after);
+  void expire_async();  // asynchronous jobs past their deadline answer {error, timeout}
 
   const PoolOptions& options() const noexcept { return o_; }
   std::vector<std::unique_ptr<Context>>& contexts() noexcept { return ctxs_; }
@@ -180,6 +219,9 @@ class Pool : public std::enable_shared_from_this<Pool> {
   bool finish(Job* job, MsgEnv msg, ERL_NIF_TERM answer);
   bool keep_answer_locked(Job* job, MsgEnv& msg, ERL_NIF_TERM answer);
   static void send_answer(ErlNifEnv* env, Job* job, MsgEnv msg, ERL_NIF_TERM answer);
+  static void send_reply(ErlNifEnv* env, Job* job, MsgEnv msg, ERL_NIF_TERM answer);
+  void park_locked(Job* job);
+  AsyncPoll await_begin_locked(Job* job, bool block);
   void do_release(Context& c);
   void start_thread(Context* c);
   void retire(Context* c);
@@ -213,6 +255,9 @@ class Pool : public std::enable_shared_from_this<Pool> {
   // Replacements whose thread the system refused for now; tried again at the next tick
   // (replace_stuck). Guarded by m_.
   std::vector<Context*> unstarted_;
+  // Asynchronous jobs Parked until a runner adopts them, guarded by m_ (close() answers
+  // these: the pool's server, which starts runners, is stopping).
+  std::vector<ResourcePtr<Job>> parked_;
 };
 
 }  // namespace erpy::nif

@@ -175,6 +175,7 @@ void Runtime::tick(PyThreadState*& main_state) {
   for (auto& p : pools) {
     p->kick_stalled();
     p->monitor_long_jobs(std::chrono::milliseconds(20));
+    p->expire_async();
     interrupts = interrupts || p->has_interrupts();
   }
   if (!drops.empty() || interrupts) {

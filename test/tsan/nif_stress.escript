@@ -47,7 +47,7 @@ main(_) ->
 %% One caller: a random mix of every kind of request.
 caller(0) -> ok;
 caller(N) ->
-    step(rand:uniform(10)),
+    step(rand:uniform(13)),
     caller(N - 1).
 
 step(1) ->
@@ -87,7 +87,39 @@ step(9) ->
     %% Stuck in C (time.sleep), so the interrupt waits: the context is replaced.
     {error, timeout} = erpy:call(time, sleep, [0.3], #{pool => stress, timeout => 10});
 step(10) ->
-    {error, #{type := <<"ZeroDivisionError">>}} = erpy:eval(<<"1/0">>, #{}, #{pool => stress}).
+    {error, #{type := <<"ZeroDivisionError">>}} = erpy:eval(<<"1/0">>, #{}, #{pool => stress});
+step(11) ->
+    %% Asynchronous requests the NIF answers: awaited (polled), and as messages; a result
+    %% to check and a callback go through a runner.
+    O = #{pool => stress},
+    Ids = [erpy:async_call(operator, add, [I, 1], O) || I <- lists:seq(1, 20)],
+    {ok, C} = erpy:async_eval(<<"erlang.call('nif_stress', 'cb', 4)">>, #{}, O),
+    {ok, P} = erpy:async_eval(<<"p">>, #{p => self()}, O),
+    Sums = [I + 1 || I <- lists:seq(1, 20)],
+    Sums = [begin {ok, V} = erpy:await(Id), V end || {ok, Id} <- Ids],
+    {ok, 8} = erpy:await(C),
+    {ok, _} = erpy:await(P);
+step(12) ->
+    %% Deadlines kept by the service thread (nobody awaits), and cancels racing answers.
+    O = #{pool => stress, timeout => 5},
+    {ok, T1} = erpy:async_eval(<<"next(x for x in iter(int, 1) if x)">>, #{}, O),  % never ends
+    {ok, T2} = erpy:async_eval(<<"erlang.call('nif_stress', 'slow_cb', 30)">>, #{}, O),
+    {ok, X} = erpy:async_call(operator, add, [1, 2], #{pool => stress}),
+    {ok, Y} = erpy:async_eval(<<"erlang.call('nif_stress', 'cb', 4)">>, #{}, #{pool => stress}),
+    timer:sleep(rand:uniform(3)),
+    ok = erpy:cancel(X),
+    ok = erpy:cancel(Y),
+    {error, timeout} = erpy:await(T1),
+    {error, timeout} = erpy:await(T2);
+step(13) ->
+    %% A caller that dies with asynchronous requests in flight.
+    Victim = spawn(fun() ->
+                           _ = erpy:async_eval(<<"erlang.call('nif_stress', 'slow_cb', 20)">>, #{}, #{pool => stress}),
+                           _ = erpy:async_call(time, sleep, [0.05], #{pool => stress}),
+                           receive never -> ok end
+                   end),
+    timer:sleep(rand:uniform(20)),
+    exit(Victim, kill).
 
 cb(X) -> 2 * X.
 
@@ -121,7 +153,9 @@ churn_user(Parent) ->
 
 churn_calls(0) -> ok;
 churn_calls(N) ->
-    Answer = case N rem 4 of
+    Answer = case N rem 5 of
+                 4 -> {ok, Id} = erpy:async_eval(<<"erlang.call('nif_stress', 'cb', 1)">>, #{}, #{pool => churn}),
+                      erpy:await(Id);
                  0 -> erpy:call(time, sleep, [0.002], #{pool => churn, timeout => 500});
                  1 -> erpy:eval(<<"erlang.call('nif_stress', 'cb', 1)">>, #{}, #{pool => churn});
                  2 -> case erpy:checkout(churn) of
