@@ -355,7 +355,7 @@ void Connection::drain_loop(bool writer) {
     const Wrote w = write_some(p, left);
     std::size_t after = 0;
     for (int i = 0; i < left; ++i) after += p[i].iov_len;
-    bool start = false, wake = false;
+    bool start = false, wake = false, handed = false;
     {
       std::lock_guard lk(qmu_);
       std::size_t written = before - after;
@@ -371,9 +371,13 @@ void Connection::drain_loop(bool writer) {
         front_off_ = 0;
       }
       wake = room_waiters_ > 0;
-      if (w == Wrote::kBlocked && !writer) start = hand_to_writer_locked();
+      if (w == Wrote::kBlocked && !writer) {
+        start = hand_to_writer_locked();
+        handed = true;
+      }
     }
-    if (wake || start) qcv_.notify_all();
+    // A writer thread already started sleeps until told it holds the role now.
+    if (wake || handed) qcv_.notify_all();
     if (w == Wrote::kFailed) {
       release_role();
       fail(nullptr);
