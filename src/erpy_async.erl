@@ -26,7 +26,7 @@
 -export([start/2, start/5, await/2, cancel/1]).
 -export_type([id/0]).
 
--opaque id() :: {erpy_async, reference(), pid() | erpy_nif:job()}.
+-opaque id() :: {erpy_async, reference(), pid() | {module(), erpy_nif:job()}}.
 
 %% Starts `Request` (a fun making one synchronous erpy request) for the calling process.
 -spec start(fun(() -> term()), map()) -> {ok, id()}.
@@ -61,10 +61,12 @@ direct(Req, Pool, Timeout, Opts) ->
             end
     end.
 
+%% The transport that took the request answers for it later: the id names it.
 via(Module, F, Args) ->
-    case erlang:function_exported(Module, F, length(Args)) of
-        true -> apply(Module, F, Args);
-        false -> none
+    case erlang:function_exported(Module, F, length(Args)) andalso apply(Module, F, Args) of
+        {ok, Ref, Job} -> {ok, Ref, {Module, Job}};
+        false -> none;
+        Other -> Other
     end.
 
 %% What a transport takes; anything else is left to the synchronous call to refuse.
@@ -82,10 +84,10 @@ await({erpy_async, _Ref, Pid} = Id, Timeout) when is_pid(Pid) ->
     after 0 ->
         await_runner(Id, Pid, Timeout)
     end;
-await({erpy_async, _Ref, Job} = Id, Timeout) when is_reference(Job) ->
+await({erpy_async, _Ref, {Module, Job}} = Id, Timeout) when is_atom(Module) ->
     %% A short request answers within microseconds, sooner than this process could sleep
     %% and be woken by the message: the transport lets its caller poll a little first.
-    try erpy_embedded:async_await(Job, Timeout =/= 0) of
+    try Module:async_await(Job, Timeout =/= 0) of
         {done, Answer} -> Answer;
         wait -> receive_reply(Id, Timeout);
         {runner, Pid} -> await_runner(Id, Pid, Timeout);
@@ -125,8 +127,8 @@ taken(Id) ->
 -spec cancel(id()) -> ok | {error, {badarg, term()}}.
 cancel({erpy_async, _Ref, Pid} = Id) when is_pid(Pid) ->
     cancel_runner(Id, Pid);
-cancel({erpy_async, _Ref, Job} = Id) when is_reference(Job) ->
-    try erpy_embedded:async_cancel(Job) of
+cancel({erpy_async, _Ref, {Module, Job}} = Id) when is_atom(Module) ->
+    try Module:async_cancel(Job) of
         canceled -> flush(Id);
         sent -> flush_taken(Id);
         {runner, Pid} -> cancel_runner(Id, Pid);

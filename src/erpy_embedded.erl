@@ -85,7 +85,7 @@ request_worker({Name, Ctx}, Req, Timeout) ->
     end.
 
 %% Asynchronous requests (erpy_async): the NIF answers the caller itself, as
-%% {erpy_reply, {erpy_async, Ref, Job}, Answer} with Answer what erpy:call returns, nobody
+%% {erpy_reply, {erpy_async, Ref, {erpy_embedded, Job}}, Answer} with Answer what erpy:call returns, nobody
 %% waiting for it; and {error, timeout} at the request's deadline (the NIF's service
 %% thread keeps it), {error, {no_pool, Name}} if the pool stops first. A job that needs
 %% Erlang (a callback from Python, a result holding funs, pids or references to check) is
@@ -164,7 +164,7 @@ run_adopted(Job, #{name := Name, policy := Policy} = Handle, Ref, Caller, Req, N
              after
                  erpy_policy:done(Ctx)
              end,
-    Caller ! {erpy_reply, {erpy_async, Ref, Job}, Answer},
+    Caller ! {erpy_reply, {erpy_async, Ref, {?MODULE, Job}}, Answer},
     unlink(Caller),
     ok.
 

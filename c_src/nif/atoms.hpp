@@ -62,6 +62,7 @@ struct Atoms {
   ERL_NIF_TERM out_of_memory = 0;
   ERL_NIF_TERM erpy_reply = 0;  // asynchronous jobs (pool.hpp, AsyncState)
   ERL_NIF_TERM erpy_async = 0;
+  ERL_NIF_TERM erpy_embedded = 0;
   ERL_NIF_TERM erpy_async_adopt = 0;
   ERL_NIF_TERM gone = 0;
   ERL_NIF_TERM answered = 0;
@@ -133,6 +134,7 @@ struct Atoms {
     out_of_memory = enif_make_atom(env, "out_of_memory");
     erpy_reply = enif_make_atom(env, "erpy_reply");
     erpy_async = enif_make_atom(env, "erpy_async");
+    erpy_embedded = enif_make_atom(env, "erpy_embedded");
     erpy_async_adopt = enif_make_atom(env, "erpy_async_adopt");
     gone = enif_make_atom(env, "gone");
     answered = enif_make_atom(env, "answered");

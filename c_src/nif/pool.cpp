@@ -943,8 +943,8 @@ void Pool::send_answer(ErlNifEnv* env, Job* job, MsgEnv msg, ERL_NIF_TERM answer
   enif_send(env, &to, msg.get(), enif_make_tuple2(msg.get(), ref, answer));
 }
 
-// An asynchronous job's reply to its caller, {erpy_reply, {erpy_async, Ref, Job}, Answer}
-// (the id erpy:async_call returned), with a closed pool's answer as erpy:call gives it.
+// An asynchronous job's reply to its caller, {erpy_reply, {erpy_async, Ref, {erpy_embedded,
+// Job}}, Answer} (the id erpy:async_call returned: erpy_async asks the transport it names), with a closed pool's answer as erpy:call gives it.
 // Once per job (Job::replied, set under the mutex). `env`: the calling NIF's, or null.
 void Pool::send_reply(ErlNifEnv* env, Job* job, MsgEnv msg, ERL_NIF_TERM answer) {
   ErlNifEnv* e = msg.get();
@@ -953,7 +953,8 @@ void Pool::send_reply(ErlNifEnv* env, Job* job, MsgEnv msg, ERL_NIF_TERM answer)
   if (enif_get_tuple(e, answer, &arity, &el) && arity == 2 && el[0] == atoms.error && el[1] == atoms.pool_closed) {
     answer = enif_make_copy(e, job->closed);
   }
-  const ERL_NIF_TERM id = enif_make_tuple3(e, atoms.erpy_async, enif_make_copy(e, job->ref), enif_make_resource(e, job));
+  const ERL_NIF_TERM id = enif_make_tuple3(e, atoms.erpy_async, enif_make_copy(e, job->ref),
+                                          enif_make_tuple2(e, atoms.erpy_embedded, enif_make_resource(e, job)));
   enif_send(env, &job->caller, e, enif_make_tuple3(e, atoms.erpy_reply, id, answer));
   job->reply_sent.store(true, std::memory_order_release);
 }
