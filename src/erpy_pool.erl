@@ -346,9 +346,15 @@ worker_down(Pid, Why, #st{handle = #{slots := Slots}} = St) ->
             atomics:put(Slots, Slot, ?UNAVAILABLE),
             ets:delete(?TABLE, {St#st.name, Slot}),
             %% Requests this server gave the worker, if it could not answer them itself.
-            %% Aliases of answered requests are inactive: those messages are dropped.
-            [Alias ! {erpy_reply, Alias, {error, {worker_exit, Why}}}
-             || Alias <- maps:get(aliases, W, [])],
+            %% Aliases of answered requests are inactive: those messages are dropped. A
+            %% worker that leaves in order ({shutdown, _}) answers every request it took,
+            %% so one it left unanswered was still in its mailbox: it never ran, and its
+            %% caller places it again, as for a request sent straight to such a worker.
+            Answer = case Why of
+                         {shutdown, _} -> {retry, {worker_exit, Why}};
+                         _ -> {error, {worker_exit, Why}}
+                     end,
+            [Alias ! {erpy_reply, Alias, Answer} || Alias <- maps:get(aliases, W, [])],
             St1 = St#st{workers = Workers},
             case State of
                 starting -> schedule_start(Slot, St1#st{failed_starts = St1#st.failed_starts + 1});
