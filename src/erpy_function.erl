@@ -246,9 +246,18 @@ init(#{id := Id, pool := Pool, timeout := Timeout} = Opts) ->
     process_flag(trap_exit, true),
     case register_instance(Id) of
         ok ->
-            case restore(Opts) of
-                {ok, State} -> start_python(Opts, State, Pool, Timeout);
-                {error, Why} -> {stop, Why}
+            Started = case restore(Opts) of
+                          {ok, State} -> start_python(Opts, State, Pool, Timeout);
+                          {error, Why} -> {stop, Why}
+                      end,
+            case Started of
+                {stop, _} ->
+                    %% Unregistered before the starter hears of the failure (this process
+                    %% exits only after that): a new start of `Id` must not find it.
+                    _ = ets:delete_object(?REGISTRY, {Id, self()}),
+                    Started;
+                _ ->
+                    Started
             end;
         {error, _} = Error ->
             {stop, Error}
