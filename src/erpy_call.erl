@@ -207,8 +207,7 @@ run_callback(Pool, Ctx, Worker, Port, CbId, Frame) ->
     Bin = encode_callback_reply(Reply, Pool),
     %% Any process may write to a port; if Python's worker died meanwhile, the pending
     %% request fails through the worker, so a failed write needs no handling here.
-    try erlang:port_command(Port, Bin) catch error:badarg -> ok end,
-    ok.
+    erpy_port_worker:write(Port, Bin).
 
 %% Runs an allowed callback in the calling process, with `Worker` as the target of the
 %% erpy calls it makes (so they nest instead of waiting for a second worker). Every

@@ -1,6 +1,7 @@
 %% Port mode's transport (erpy_transport): a pool of Python worker processes, each behind
-%% a port ({packet, 4} ETF on fds 3 and 4). The pool server is erpy_pool, a worker is
-%% erpy_port_worker, the caller's side of a request is erpy_call.
+%% a port (ETF frames with 4-byte lengths on fds 3 and 4, split by erpy_frame). The pool
+%% server is erpy_pool, a worker is erpy_port_worker, the caller's side of a request is
+%% erpy_call.
 -module(erpy_port).
 -behaviour(erpy_transport).
 

@@ -17,6 +17,11 @@
     pool :: atom(),
     pool_pid :: pid(),
     port :: port() | undefined,
+    %% The frames' header size, and their reader (the port is in stream mode: a length
+    %% over the limit is refused before any of the frame is buffered, see erpy_frame).
+    packet :: 1 | 2 | 4,
+    in :: erpy_frame:reader(),
+    max :: non_neg_integer(),
     os_pid :: non_neg_integer() | undefined,
     %% The program's start time (/proc), to tell its pid from a reused one.
     started :: integer() | undefined,
@@ -47,11 +52,14 @@ init({Pool, PoolPid, Opts}) ->
               D -> [{cd, D}]
           end,
     try open_port({spawn_executable, Exe},
-                  [{args, maps:get(exe_args, Opts)}, {packet, maps:get(packet, Opts)}, binary,
+                  [{args, maps:get(exe_args, Opts)}, stream, binary,
                    use_stdio, exit_status, {env, Env} | Dir]) of
         Port ->
             {os_pid, OsPid} = erlang:port_info(Port, os_pid),
+            Packet = maps:get(packet, Opts),
+            Max = maps:get(max_message_size, Opts, 10485760),
             {ok, #st{pool = Pool, pool_pid = PoolPid, port = Port, os_pid = OsPid,
+                     packet = Packet, in = erpy_frame:reader(Packet, Max), max = Max,
                      started = started(OsPid)}}
     catch
         error:Why -> {stop, {cannot_start_program, Exe, Why}}
@@ -79,10 +87,10 @@ handle_info({request, Alias, Caller, Frame, Deadline}, #st{running = undefined} 
                 infinity -> undefined;
                 _ -> erlang:start_timer(Deadline, self(), deadline, [{abs, true}])
             end,
-    try port_command(St#st.port, Frame) of
-        true -> {noreply, St#st{running = {Alias, Mon, Timer}}}
-    catch
-        error:badarg ->
+    case erpy_frame:write(St#st.port, St#st.packet, Frame) of
+        ok ->
+            {noreply, St#st{running = {Alias, Mon, Timer}}};
+        {error, closed} ->
             Alias ! {Alias, {error, {worker_exit, port_closed}}},
             {stop, {shutdown, port_closed}, St}
     end;
@@ -90,16 +98,18 @@ handle_info({request, Alias, _Caller, _Frame, _Deadline}, St) ->
     %% A held worker asked twice at once: one request at a time.
     Alias ! {Alias, {error, {badarg, {worker, busy}}}},
     {noreply, St};
-handle_info({Port, {data, Frame}}, #st{port = Port, running = {Alias, Mon, Timer}} = St) ->
-    erlang:demonitor(Mon, [flush]),
-    cancel(Timer),
-    Alias ! {Alias, {ok, Frame}},
-    St#st.pool_pid ! {idle, self()},
-    {noreply, St#st{running = undefined}};
-handle_info({Port, {data, _Frame}}, #st{port = Port} = St) ->
-    logger:warning("erpy pool ~p: program ~p wrote a frame nobody asked for; dropped",
-                   [St#st.pool, St#st.os_pid], #{domain => [erpy]}),
-    {noreply, St};
+handle_info({Port, {data, Data}}, #st{port = Port} = St) ->
+    case erpy_frame:input(Data, St#st.in) of
+        {ok, Frames, In} ->
+            {noreply, lists:foldl(fun frame/2, St#st{in = In}, Frames)};
+        {error, {frame_too_large, Len, Max}} ->
+            %% The stream cannot be followed past a refused frame: the program goes.
+            logger:error("erpy pool ~p: program ~p announced a ~b-byte frame (limit ~b); "
+                         "killed", [St#st.pool, St#st.os_pid, Len, Max], #{domain => [erpy]}),
+            answer({error, {message_too_large, Len, Max}}, St),
+            kill(St),
+            {stop, {shutdown, {frame_too_large, Len}}, St#st{running = undefined}}
+    end;
 handle_info({Port, {exit_status, Status}}, #st{port = Port} = St) ->
     answer({error, {worker_exit, {exit_status, Status}}}, St),
     {stop, {shutdown, {exit_status, Status}}, St#st{port = undefined, running = undefined}};
@@ -115,6 +125,18 @@ handle_info({'EXIT', _Pid, Why}, St) ->
     {stop, Why, St};
 handle_info(_Msg, St) ->
     {noreply, St}.
+
+%% A frame from the program: the answer of the running request, else dropped.
+frame(Frame, #st{running = {Alias, Mon, Timer}} = St) ->
+    erlang:demonitor(Mon, [flush]),
+    cancel(Timer),
+    Alias ! {Alias, {ok, Frame}},
+    St#st.pool_pid ! {idle, self()},
+    St#st{running = undefined};
+frame(_Frame, St) ->
+    logger:warning("erpy pool ~p: program ~p wrote a frame nobody asked for; dropped",
+                   [St#st.pool, St#st.os_pid], #{domain => [erpy]}),
+    St.
 
 -spec terminate(term(), #st{}) -> ok.
 terminate(_Why, #st{port = undefined}) ->

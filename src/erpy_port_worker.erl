@@ -1,5 +1,6 @@
-%% One Python worker OS process behind a port ({packet, 4} ETF on fds 3 and 4, so
-%% nothing Python prints can reach the protocol stream).
+%% One Python worker OS process behind a port (ETF frames with 4-byte lengths on fds 3
+%% and 4, so nothing Python prints can reach the protocol stream). The frames are split
+%% by erpy_frame, which refuses a length over the limit before buffering any of it.
 %%
 %% The worker writes the callers' pre-encoded requests to the port and forwards Python's
 %% answers to them without decoding them (it only peeks at the frame's head). Callback
@@ -15,7 +16,7 @@
 -module(erpy_port_worker).
 -behaviour(gen_server).
 
--export([start_link/3, hold/2, release/1, protocol_version/0]).
+-export([start_link/3, hold/2, release/1, protocol_version/0, write/2]).
 -export([init/1, handle_call/3, handle_cast/2, handle_info/2, terminate/2]).
 
 -define(WATCH_MS, 50).
@@ -64,6 +65,8 @@
     gone :: reference() | undefined,
     opts :: map(),
     max :: non_neg_integer(),
+    %% Frames from Python are split here (the port is in stream mode): see erpy_frame.
+    in :: erpy_frame:reader() | undefined,
     ready = false :: boolean(),
     %% Requests in flight. The head is the one Python works on: nested requests are
     %% pushed in front (Python runs them inside a callback of the head), pipelined ones
@@ -117,7 +120,7 @@ init({Pool, PoolPid, Opts}) ->
     Env = [{"PYTHONPATH", maps:get(pythonpath, Opts)},
            {"PYTHONUNBUFFERED", "1"}],
     try open_port({spawn_executable, Python},
-                  [{args, ["-m", "erpy.worker"]}, {packet, 4}, binary, nouse_stdio,
+                  [{args, ["-m", "erpy.worker"]}, stream, binary, nouse_stdio,
                    exit_status, {env, Env}]) of
         Port ->
             {os_pid, OsPid} = erlang:port_info(Port, os_pid),
@@ -133,7 +136,7 @@ init({Pool, PoolPid, Opts}) ->
                      none => maps:get(none, Opts, undefined),
                      %% Set by the worker on itself before it runs any request.
                      rlimits => maps:get(rlimits, Opts, #{})},
-            port_command(Port, term_to_binary({init, Init}, [{minor_version, 2}])),
+            write(Port, term_to_binary({init, Init}, [{minor_version, 2}])),
             Started = case proc_stat(OsPid) of
                           {_State, Start} -> Start;
                           gone -> undefined
@@ -141,6 +144,7 @@ init({Pool, PoolPid, Opts}) ->
             St = #st{pool = Pool, pool_pid = PoolPid, port = Port, os_pid = OsPid, opts = Opts,
                      started = Started, alive = alive_timer(Started), born = now_ms(),
                      max = maps:get(max_message_size, Opts),
+                     in = erpy_frame:reader(4, frame_limit(maps:get(max_message_size, Opts))),
                      write_ahead = maps:get(write_ahead, maps:get(pool_handle, Opts, #{}), false),
                      withdraw = maps:get(young_us, maps:get(pool_handle, Opts, #{}), infinity) =/= infinity},
             {ok, St, ?READY_TIMEOUT_MS}
@@ -214,8 +218,21 @@ handle_info({timeout, Timer, watch}, #st{watch = Timer, pending = Pending} = St)
 handle_info({timeout, Timer, withdraw}, #st{withdraw_timer = Timer} = St) ->
     St1 = withdraw_behind(St#st{withdraw_timer = undefined}),
     {noreply, St1, timeout(St1)};
-handle_info({Port, {data, Frame}}, #st{port = Port} = St) ->
-    handle_frame(Frame, St);
+handle_info({Port, {data, Data}}, #st{port = Port} = St) ->
+    case erpy_frame:input(Data, St#st.in) of
+        {ok, Frames, In} ->
+            frames(Frames, St#st{in = In});
+        {error, {frame_too_large, Len, _Limit}} ->
+            %% Only code that writes the protocol fd itself sends such a claim (erpy's
+            %% worker answers a result over the limit with an error): the stream cannot
+            %% be trusted past it, so the worker goes, and what it ran fails as too large.
+            logger:error("erpy pool ~p: worker ~p announced a ~b-byte frame (limit ~b); "
+                         "killed", [St#st.pool, St#st.os_pid, Len, St#st.max],
+                         #{domain => [erpy]}),
+            St1 = fail_pending({message_too_large, Len, St#st.max}, St),
+            kill(St1),
+            {stop, {shutdown, {frame_too_large, Len}}, St1}
+    end;
 handle_info({'DOWN', Mon, process, _Pid, _Why}, St) ->
     %% A caller died mid-call: interrupt its request; the answer is dropped on arrival.
     %% One still waiting here is dropped: it never started.
@@ -292,6 +309,19 @@ down(Mon, St) ->
                end || R <- St#st.pending],
     St1 = St#st{pending = Pending},
     {noreply, St1, timeout(St1)}.
+
+frames([], St) ->
+    {noreply, St, timeout(St)};
+frames([Frame | More], St) ->
+    case handle_frame(Frame, St) of
+        {noreply, St1, _Timeout} -> frames(More, St1);
+        Stop -> Stop
+    end.
+
+%% The largest frame Python may send: a reply over max_message_size is answered as
+%% message_too_large (reply/3), but log lines (64 KiB) and the ready frame always fit.
+frame_limit(Max) ->
+    max(Max, 1 bsl 17).
 
 handle_frame(<<131, 104, 3, 119, 2, "ok", Rest/binary>> = Frame, St) ->
     answer(frame_id(Rest), Frame, St);
@@ -546,10 +576,13 @@ send_frame(#st{port = undefined}, _Term) ->
 send_frame(#st{port = Port}, Term) ->
     write(Port, term_to_binary(Term, [{minor_version, 2}])).
 
-%% A port that closed (Python died) refuses writes until its exit is handled here, which
-%% fails or places again every request it had: a lost write changes nothing.
+%% One frame to Python. Also used by callers answering Python's callbacks. A port that
+%% closed (Python died) refuses writes until its exit is handled here, which fails or
+%% places again every request it had: a lost write changes nothing.
+-spec write(port(), iodata()) -> ok.
 write(Port, Data) ->
-    try port_command(Port, Data) catch error:badarg -> true end.
+    _ = erpy_frame:write(Port, 4, Data),
+    ok.
 
 frame_id(<<97, I, _/binary>>) -> I;
 frame_id(<<98, I:32/signed, _/binary>>) -> I;

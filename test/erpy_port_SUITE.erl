@@ -22,7 +22,8 @@
          multiprocessing_fork_pool/1, background_child_then_crash/1,
          child_holding_pipe_then_crash/1, timeouts_with_sigint_ignored/1,
          rlimits_cpu/1, rlimits_as/1, rlimits_nofile/1, rlimits_fsize_nproc_core/1,
-         rlimits_badarg/1, children_end_with_their_worker/1]).
+         rlimits_badarg/1, children_end_with_their_worker/1,
+         forged_frame_header_refused/1, program_frame_header_refused/1]).
 %% Run in the peer VM of timeouts_with_sigint_ignored.
 -export([sigint_probe/1]).
 -export([map_keys/1, keys_equal_in_python/1, checked_out_requests_never_withdrawn/1]).
@@ -42,7 +43,8 @@ all() ->
      background_child_then_crash, child_holding_pipe_then_crash, timeouts_with_sigint_ignored,
      rlimits_cpu, rlimits_as, rlimits_nofile, rlimits_fsize_nproc_core, rlimits_badarg,
      children_end_with_their_worker, map_keys, keys_equal_in_python,
-     checked_out_requests_never_withdrawn].
+     checked_out_requests_never_withdrawn, forged_frame_header_refused,
+     program_frame_header_refused].
 
 suite() ->
     [{timetrap, {seconds, 60}}].
@@ -855,6 +857,71 @@ fork_child_cannot_use_protocol(_Config) ->
         ?assertEqual({ok, OsPid}, erpy:eval(<<"__import__('os').getpid()">>, #{}, O))
     after
         erpy:stop_pool(p_fork)
+    end.
+
+%% Code that writes its own frame to the protocol fd, claiming more than the limit (up to
+%% 4 GiB), is refused when the header arrives: the VM never buffers the claimed frame
+%% (with the driver's {packet, 4} it allocated and filled it, and the call hung). The
+%% request fails as too large, the worker is replaced, and the VM's memory stays put.
+forged_frame_header_refused(_Config) ->
+    Max = 1 bsl 20,
+    start(p_forge, #{size => 1, max_message_size => Max}),
+    O = #{pool => p_forge, timeout => 10000},
+    try
+        Before = erlang:memory(total),
+        Code = <<"import os, struct\n"
+                 "chunk = b'x' * (1 << 20)\n"
+                 "os.write(4, struct.pack('>I', 0xFFFFFFF0))\n"
+                 "for _ in range(64):\n"
+                 "    os.write(4, chunk)\n"
+                 "result = 1">>,
+        T0 = erlang:monotonic_time(millisecond),
+        ?assertEqual({error, {message_too_large, 16#FFFFFFF0, Max}},
+                     erpy:run(#{code => Code, pool => p_forge}, 10000)),
+        ?assert(erlang:monotonic_time(millisecond) - T0 < 5000),
+        ?assert(erlang:memory(total) - Before < 32 bsl 20),
+        wait_ready(p_forge),
+        [?assertEqual({ok, I * 2}, erpy:call(operator, mul, [I, 2], O)) || I <- lists:seq(1, 20)]
+    after
+        erpy:stop_pool(p_forge)
+    end.
+
+%% The same for a program pool (`program => {python_script, _}`) with 4-byte headers.
+program_frame_header_refused(Config) ->
+    Script = filename:join(?config(priv_dir, Config), "forger.py"),
+    ok = file:write_file(Script, <<"import os, struct, sys\n"
+                                   "while True:\n"
+                                   "    n = os.read(0, 4)\n"
+                                   "    if len(n) < 4:\n"
+                                   "        sys.exit(0)\n"
+                                   "    body = os.read(0, struct.unpack('>I', n)[0])\n"
+                                   "    if body.endswith(b'forge'):\n"
+                                   "        os.write(1, struct.pack('>I', 0xFFFFFFF0))\n"
+                                   "        for _ in range(64):\n"
+                                   "            os.write(1, b'x' * (1 << 20))\n"
+                                   "    else:\n"
+                                   "        os.write(1, n + body)\n">>),
+    Max = 1 bsl 20,
+    {ok, _} = erpy:start_pool(p_forge_prog, #{program => {python_script, Script}, size => 1,
+                                              max_message_size => Max}),
+    try
+        Before = erlang:memory(total),
+        Echo = erpy_port_program:call(p_forge_prog, {echo, 1}, 5000),
+        ?assertEqual({ok, {echo, 1}}, Echo),
+        ?assertEqual({error, {message_too_large, 16#FFFFFFF0, Max}},
+                     erpy_port_program:call(p_forge_prog, forge, 5000)),
+        ?assert(erlang:memory(total) - Before < 32 bsl 20),
+        ?assertEqual({ok, {echo, 2}}, retry_send(p_forge_prog, {echo, 2}, 50))
+    after
+        erpy:stop_pool(p_forge_prog)
+    end.
+
+retry_send(Pool, Term, 0) ->
+    erpy_port_program:call(Pool, Term, 5000);
+retry_send(Pool, Term, N) ->
+    case erpy_port_program:call(Pool, Term, 5000) of
+        {ok, _} = Ok -> Ok;
+        _ -> timer:sleep(100), retry_send(Pool, Term, N - 1)
     end.
 
 %% Exec'd children (subprocess with close_fds=False, os.system) do not even have fds 3 and 4: the protocol is untouched.
