@@ -177,6 +177,12 @@ decode_reply(_Ctx, {error, _} = Error) ->
 decode_reply(_Ctx, {retry, Reason}) ->
     %% Given back unstarted where it cannot be placed again (a held or nesting worker).
     {error, Reason};
+decode_reply(_Ctx, <<131, 104, 3, 119, 2, "ok", 97, _Id, 109, Len:32, Result:Len/binary>>) ->
+    %% A result that is one binary (bytes, or a str as a binary) is the frame's tail as it
+    %% is: no second copy by binary_to_term (the worker checked the frame's size).
+    {ok, Result};
+decode_reply(_Ctx, <<131, 104, 3, 119, 2, "ok", 98, _Id:32, 109, Len:32, Result:Len/binary>>) ->
+    {ok, Result};
 decode_reply(Ctx, Bin) when is_binary(Bin) ->
     case erpy_policy:decode(Ctx, Bin) of
         {ok, {ok, _Id, Result}} -> {ok, Result};
