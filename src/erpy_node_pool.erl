@@ -53,7 +53,13 @@ child_specs(Pool, Opts) ->
 -spec info(map()) -> #{mode := node, size := non_neg_integer(), atom() => term()}.
 info(#{name := Pool}) ->
     Up = nodes(Pool),
-    #{mode => node, size => length(Up), nodes => Up}.
+    %% `size`: the nodes up; `configured`: those it was given or started (the others are
+    %% starting, restarting or unreachable).
+    Configured = case persistent_term:get(?KEY(Pool), undefined) of
+                     {Tab, _, _, _, _} -> ets:lookup_element(Tab, configured, 2);
+                     undefined -> length(Up)
+                 end,
+    #{mode => node, size => length(Up), nodes => Up, configured => Configured}.
 
 %% @doc Runs one request on one of the pool's nodes, in the caller's process. With no
 %% node up (the pool is restarting its nodes, or cannot reach them) the request waits for
@@ -176,6 +182,7 @@ init({Pool, Opts}) ->
                                               [] -> maps:get(size, Opts, 2);
                                               _ -> 0
                                           end),
+            ets:insert(Tab, {configured, length(Given) + Count}),
             S0 = #{pool => Pool, tab => Tab, opts => Opts, nodes => Given, up => [],
                    ports => #{}, held => #{}, max => Max, waiters => []},
             %% The Python nodes are started first: their start is most of the pool's, and
@@ -189,7 +196,8 @@ init({Pool, Opts}) ->
                                                    policy => Policy}),
                     case await_local(Names, S1) of
                         {ok, S2} ->
-                            S3 = lists:foldl(fun(N, S) -> connect(N, S) end, S2, maps:get(nodes, S2)),
+                            S3 = lists:foldl(fun(N, S) -> connect(N, S) end, start_later(S2),
+                                             maps:get(nodes, S2) -- maps:get(later, S2, [])),
                             erlang:send_after(?RETRY_MS, self(), retry),
                             {ok, S3};
                         {error, Why} ->
@@ -544,8 +552,8 @@ publish(#{tab := Tab, up := Up} = S) ->
 
 %% Python nodes on this host.
 
-%% Every node starts at once (their Python start-ups overlap): {ok, Names, S}, their
-%% ports in S; await_local/2 waits for them.
+%% The pool's nodes are named here and the first is started: {ok, [First], S}, its port
+%% in S and the others' names in S's `later`; await_local/2 waits for the first.
 spawn_local(0, S) ->
     {ok, [], S};
 spawn_local(Count, #{pool := Pool, opts := Opts} = S) ->
@@ -562,14 +570,18 @@ spawn_local(Count, #{pool := Pool, opts := Opts} = S) ->
                      || I <- lists:seq(1, Count)],
             S1 = S#{opts := maps:merge(Opts, maps:with([python, pythonpath], Full)),
                     nodes := maps:get(nodes, S) ++ Names},
-            case spawn_all(Names, S1) of
+            %% The first node starts alone, the others once it is up (start_later/1), as
+            %% a port pool's workers do: the first answer comes sooner, its start not
+            %% shared with theirs on the machine's cores.
+            [First | Later] = Names,
+            case spawn_all([First], S1#{later => Later}) of
                 {ok, S2} ->
                     %% Meanwhile, what this VM's first distribution connection would do
                     %% first (its resolver helper starts with the first address lookup;
                     %% the handshake's module loads): then the nodes are connected as soon
                     %% as they listen.
                     _ = spawn(fun() -> prepare_connections(Names) end),
-                    {ok, Names, S2};
+                    {ok, [First], S2};
                 {error, _} = Error ->
                     %% Those already started go with their ports (linked to this process).
                     Error
@@ -577,6 +589,20 @@ spawn_local(Count, #{pool := Pool, opts := Opts} = S) ->
         {error, _} = Error ->
             Error
     end.
+
+%% The nodes after the first: started now, they join the pool as they connect (their
+%% ready line, handle_info/2); one that cannot be started is tried again later.
+start_later(#{later := Later} = S) ->
+    lists:foldl(fun(Node, Acc) ->
+                        case spawn_node(Node, Acc) of
+                            {ok, Acc1} -> Acc1;
+                            {error, _} ->
+                                erlang:send_after(?RETRY_MS, self(), {restart, Node}),
+                                Acc
+                        end
+                end, maps:remove(later, S), Later);
+start_later(S) ->
+    S.
 
 %% Each started node is connected as soon as it says it listens (its "ready on port"
 %% line), not at the next poll, and the nodes are connected side by side.

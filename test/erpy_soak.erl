@@ -132,7 +132,7 @@ wait_size(Pool, Mode, Size, Deadline) ->
             end
     end.
 
-size(Pool, node) -> length(erpy_node_pool:nodes(Pool));
+size(Pool, node) -> maps:get(configured, info(Pool));
 size(Pool, _Mode) -> maps:get(size, info(Pool)).
 
 ready(Pool, port) -> maps:get(ready, info(Pool));
