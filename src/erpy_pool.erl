@@ -10,7 +10,7 @@
 -behaviour(gen_server).
 
 -export([start_link/3, lookup/1, max_message_size/1, info/1]).
--export([claim/1, unclaim/2, retire/2, worker_pid/2, started/2, finished/3]).
+-export([claim/1, unclaim/2, retire/2, worker_pid/2, started/2, finished/3, served/3]).
 -export([pipeline/1]).
 -export([checkout/2, checkin/1]).
 -export([init/1, handle_call/3, handle_cast/2, handle_info/2, terminate/2]).
@@ -25,6 +25,7 @@
                     depth := pos_integer(), write_ahead := boolean(),
                     young_us := non_neg_integer() | infinity,
                     started := atomics:atomics_ref(),
+                    service := atomics:atomics_ref(),
                     max_message_size := non_neg_integer(),
                     policy := erpy_policy:policy()}.
 
@@ -59,6 +60,15 @@
 %% long is withdrawn from Python before it starts and placed again (erpy_port_worker).
 -define(AUTO_DEPTH, 4).
 -define(YOUNG_US, 1000).
+%% With adaptive pipelining, requests go to the first workers while their requests are
+%% short (a mean service time under ?PACK_US, as the workers measure it): a short request
+%% is written behind a young one on the first worker rather than woken up on an idle
+%% worker of its own, which on a machine with few cores costs more than it saves (another
+%% OS process to schedule, its pipe, its wake-ups). Workers whose requests are longer, or
+%% a first worker that is full or busy past ?YOUNG_US, spread the requests as before. A
+%% worker starts out counted slow (?SERVICE_START_US), so packing needs short answers first.
+-define(PACK_US, 200).
+-define(SERVICE_START_US, 1000).
 
 %% API.
 
@@ -93,9 +103,42 @@ info(Name) ->
 %% `pipeline => N`, any.
 -spec claim(handle()) -> {ok, pos_integer()} | none.
 claim(#{slots := Slots, size := Size, depth := Depth} = Handle) ->
-    case claim_idle(Slots, 1, Size, 1) of
-        none when Depth > 1 -> claim_busy(Handle, young_since(Handle));
-        Claimed -> Claimed
+    case pack(Handle) of
+        {ok, _} = Packed ->
+            Packed;
+        none ->
+            case claim_idle(Slots, 1, Size, 1) of
+                none when Depth > 1 -> claim_busy(Handle, young_since(Handle));
+                Claimed -> Claimed
+            end
+    end.
+
+%% Adaptive pipelining: the first worker (in slot order) that is busy with short requests,
+%% young and not full takes this one too; none when a worker before such a one is idle
+%% (claim_idle/4 takes that one) or when no worker qualifies.
+pack(#{young_us := infinity}) ->
+    none;
+pack(#{size := Size} = Handle) ->
+    pack(Handle, young_since(Handle), 1, Size).
+
+pack(_Handle, _Since, I, Size) when I > Size ->
+    none;
+pack(#{slots := Slots, depth := Depth, started := Started, service := Service} = Handle, Since, I, Size) ->
+    case atomics:get(Slots, I) of
+        ?FREE ->
+            none;
+        N when N < Depth ->
+            case atomics:get(Service, I) < ?PACK_US andalso atomics:get(Started, I) >= Since of
+                true ->
+                    case atomics:compare_exchange(Slots, I, N, N + 1) of
+                        ok -> {ok, I};
+                        _ -> pack(Handle, Since, I, Size)     % raced: look again
+                    end;
+                false ->
+                    pack(Handle, Since, I + 1, Size)
+            end;
+        _ ->
+            pack(Handle, Since, I + 1, Size)
     end.
 
 claim_idle(_Slots, I, Size, _To) when I > Size ->
@@ -156,6 +199,13 @@ worker_pid(Name, Slot) ->
 started(#{started := Started}, Slot) ->
     atomics:put(Started, Slot, erlang:monotonic_time(microsecond)).
 
+%% A worker answered a request of the pool that Python ran for `Us` microseconds: the
+%% slot's mean service time (a moving average over about 8 requests) follows it.
+-spec served(handle(), pos_integer(), non_neg_integer()) -> ok.
+served(#{service := Service}, Slot, Us) ->
+    Old = atomics:get(Service, Slot),
+    atomics:put(Service, Slot, Old + (min(Us, 1000000) - Old) div 8).
+
 %% A worker answered one request: one less in flight, or, if requests wait at the
 %% server, its place goes to the server (which gives it the next one).
 -spec finished(handle(), pos_integer(), pid()) -> ok.
@@ -200,6 +250,11 @@ checkin({Pool, WorkerPid}) ->
 
 %% gen_server.
 
+service_atomics(Size) ->
+    A = atomics:new(Size, [{signed, true}]),
+    [atomics:put(A, I, ?SERVICE_START_US) || I <- lists:seq(1, Size)],
+    A.
+
 -spec init(term()) -> {ok, #st{}}.
 init({Name, Opts, PoolSup}) ->
     process_flag(trap_exit, true),
@@ -211,6 +266,7 @@ init({Name, Opts, PoolSup}) ->
     Handle = #{pid => self(), name => Name, size => Size, slots => Slots,
                depth => Depth, write_ahead => WriteAhead, young_us => Young,
                started => atomics:new(Size, [{signed, true}]),
+               service => service_atomics(Size),
                queued => counters:new(1, [write_concurrency]),
                max_message_size => maps:get(max_message_size, Opts),
                policy => erpy_policy:new(Name, Opts)},
@@ -321,6 +377,8 @@ pipeline(Opts) ->
 %% Internal.
 
 start_worker(Slot, #st{worker_sup = Sup, name = Name, opts = Opts} = St) ->
+    %% A new worker starts out counted slow (see ?PACK_US).
+    atomics:put(maps:get(service, St#st.handle), Slot, ?SERVICE_START_US),
     case supervisor:start_child(Sup, [Name, self(), Opts#{slot => Slot}]) of
         {ok, Pid} ->
             erlang:monitor(process, Pid),

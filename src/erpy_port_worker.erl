@@ -345,8 +345,9 @@ handle_frame(Frame, St) ->
 
 answer(Id, Frame, #st{pending = Pending} = St) ->
     case lists:keytake(Id, #req.id, Pending) of
-        {value, #req{alias = Alias, mon = Mon, nested = Nested}, Rest} ->
+        {value, #req{alias = Alias, mon = Mon, nested = Nested, started = Started}, Rest} ->
             Mon =:= undefined orelse erlang:demonitor(Mon, [flush]),
+            served(Started, St),
             %% The next waiting request goes to Python before this answer to its caller.
             St1 = case Nested of
                       false -> next_waiting(promote(St#st{pending = Rest}));
@@ -361,6 +362,17 @@ answer(Id, Frame, #st{pending = Pending} = St) ->
             end;
         false ->
             {noreply, St, timeout(St)}
+    end.
+
+%% How long Python ran a request of the pool: the pool places short ones together.
+served(undefined, _St) ->
+    ok;
+served(Started, #st{opts = Opts}) ->
+    case Opts of
+        #{pool_handle := Handle, slot := Slot} ->
+            erpy_pool:served(Handle, Slot, max(0, now_us() - Started));
+        _ ->
+            ok
     end.
 
 %% A pipelined request was answered and more are in flight: its place in the slot is free.

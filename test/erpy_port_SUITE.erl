@@ -159,6 +159,12 @@ adaptive_pipelining(_Config) ->
                           end) || C <- lists:seq(1, 4)],
     [receive {done, C, Rs} -> ?assertEqual([{ok, I + C} || I <- lists:seq(1, 300)], Rs) end
      || C <- lists:seq(1, 4), _ <- [Callers]],
+    %% Short requests are packed onto the first worker; two long ones still run side by
+    %% side (the second, written behind the first, is withdrawn and placed on the other).
+    Pid = <<"import os, time\ntime.sleep(0.3)\nresult = os.getpid()">>,
+    [spawn_link(fun() -> Self ! {pid, erpy:run(#{code => Pid, pool => p_auto}, 10000)} end) || _ <- [1, 2]],
+    Pids = [receive {pid, {ok, #{result := P}}} -> P end || _ <- [1, 2]],
+    ?assertEqual(2, length(lists:usort(Pids))),
     Sleep = fun(S) -> erpy:call(time, sleep, [S], #{pool => p_auto, timeout => 10000}) end,
     %% One worker busy a while; then a long call on the other, and at once a short one,
     %% which may be placed behind the long one (it had just started).
