@@ -15,14 +15,14 @@
 -export([all/0, suite/0, init_per_suite/1, end_per_suite/1]).
 -export([erlang_connects/1, python_connects/1, flags_instead_of_optfile/1,
          rogue_erlang_refused/1, rogue_python_refused/1, python_refuses_rogue_server/1,
-         wrong_cookie_refused/1, plain_tcp_node_refused/1]).
+         wrong_cookie_refused/1, plain_tcp_node_refused/1, node_pool_in_tls_cluster/1]).
 
 suite() -> [{timetrap, {minutes, 3}}].
 
 all() ->
     [erlang_connects, python_connects, flags_instead_of_optfile, rogue_erlang_refused,
      rogue_python_refused, python_refuses_rogue_server, wrong_cookie_refused,
-     plain_tcp_node_refused].
+     plain_tcp_node_refused, node_pool_in_tls_cluster].
 
 init_per_suite(Config) ->
     case os:find_executable("openssl") of
@@ -154,6 +154,24 @@ plain_tcp_node_refused(Config) ->
         ?assertEqual(pang, net_adm:ping(node_of(Py)))
     after
         stop_python(Py)
+    end.
+
+%% A node pool in a VM running TLS distribution starts Python nodes that speak it (the
+%% VM's own -ssl_dist_optfile by default, or the pool's `tls` option).
+node_pool_in_tls_cluster(Config) ->
+    {Peer, _} = start_erlang(tls_pool, optfile(Config, "erl", verify), cookie()),
+    {optfile, PyFile} = optfile(Config, "py", verify),
+    try
+        [peer:call(Peer, code, add_patha, [D]) || D <- code:get_path(), string:find(D, "erpy") =/= nomatch],
+        {ok, _} = peer:call(Peer, application, ensure_all_started, [erpy]),
+        {ok, _} = peer:call(Peer, erpy, start_pool, [tp_default, #{mode => node, start => 1}], 60000),
+        ?assertEqual({ok, 3}, peer:call(Peer, erpy, call, [operator, add, [1, 2], #{pool => tp_default}], 30000)),
+        {ok, _} = peer:call(Peer, erpy, start_pool, [tp_file, #{mode => node, start => 1, tls => PyFile}], 60000),
+        ?assertEqual({ok, 7}, peer:call(Peer, erpy, call, [operator, add, [3, 4], #{pool => tp_file}], 30000)),
+        %% The peer speaks TLS only: both pools' nodes are connected over it.
+        ?assertEqual(2, length(peer:call(Peer, erlang, nodes, [hidden])))
+    after
+        peer:stop(Peer)
     end.
 
 %% ---- certificates and options files --------------------------------------------------------
