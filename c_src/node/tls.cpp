@@ -285,7 +285,9 @@ std::unique_ptr<SSL_CTX, SslCtxFree> make_ctx(const TlsSide& s, bool server) {
   auto fail = [&](const std::string& what) { throw std::runtime_error(std::string(who) + ": " + what + ": " + ssl_errors()); };
   SSL_CTX_set_min_proto_version(ctx.get(), version_number(s.min_version));
   SSL_CTX_set_max_proto_version(ctx.get(), version_number(s.max_version));
-  SSL_CTX_set_options(ctx.get(), SSL_OP_NO_RENEGOTIATION | SSL_OP_NO_COMPRESSION);
+  // Erlang nodes close without close_notify: an end like any other (frames carry their
+  // lengths, so a cut is still seen as a cut).
+  SSL_CTX_set_options(ctx.get(), SSL_OP_NO_RENEGOTIATION | SSL_OP_NO_COMPRESSION | SSL_OP_IGNORE_UNEXPECTED_EOF);
   // Writes may be partial (a non-blocking socket) and retried from the send queue, whose
   // buffers move.
   SSL_CTX_set_mode(ctx.get(), SSL_MODE_ENABLE_PARTIAL_WRITE | SSL_MODE_ACCEPT_MOVING_WRITE_BUFFER |
