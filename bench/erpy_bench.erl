@@ -35,7 +35,7 @@
 -spec workloads() -> [module()].
 workloads() ->
     [erpy_bench_w5, erpy_bench_port, erpy_bench_embedded, erpy_bench_node, erpy_bench_async,
-     erpy_bench_reactor, erpy_bench_function, erpy_bench_soak].
+     erpy_bench_reactor, erpy_bench_function, erpy_bench_soak, erpy_bench_netns].
 
 -spec main([string()]) -> ok.
 main(_Args) ->

@@ -9,6 +9,7 @@ packages=(
   clang libclang-rt-14-dev          # libFuzzer and the sanitizer runtimes
   llvm-14                           # llvm-symbolizer: sanitizer reports with names and lines
   zlib1g-dev                        # compressed terms (tag 80)
+  libssl-dev openssl                # TLS distribution of the Python node (c_src/node/tls.cpp), test certificates
   libgtest-dev
   erlang-nox erlang-dev erlang-common-test erlang-eunit rebar3
   elixir

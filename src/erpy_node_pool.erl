@@ -29,7 +29,7 @@
 %% []), `start` (how many Python nodes to run on this host; default 0 when `nodes` is
 %% given, else `size`, default 2), and for started nodes `python`, `venv`,
 %% `requirements`, `pythonpath` as the other modes, plus `node_args` (extra
-%% `erpy.node` arguments).
+%% `erpy.node` arguments) and `tls` (TLS distribution, tls_args/1).
 -spec start_link(atom(), map()) -> {ok, pid()} | {error, term()}.
 start_link(Pool, Opts) when is_atom(Pool), is_map(Opts) ->
     gen_server:start_link(?MODULE, {Pool, Opts}, []).
@@ -700,6 +700,7 @@ spawn_node(Node, #{opts := Opts, ports := Ports} = S) ->
             %% round, which starts this VM's resolver first (connect/2 remains the fallback).
             "--connect", atom_to_list(node()),
             "--max-message-size", integer_to_list(node_limit(maps:get(max, S)))]
+        ++ tls_args(Opts)
         ++ [to_list(A) || A <- maps:get(node_args, Opts, [])],
     %% The cookie goes through the environment, not argv (which `ps` shows).
     Env = [{"PYTHONPATH", maps:get(pythonpath, Opts)},
@@ -711,6 +712,26 @@ spawn_node(Node, #{opts := Opts, ports := Ports} = S) ->
         Port -> {ok, S#{ports := Ports#{Port => Node}}}
     catch
         error:Why -> {error, {python_start_failed, Why}}
+    end.
+
+%% TLS distribution of started nodes (doc/multihost.md): `tls => OptFile` (an ssl_dist
+%% options file), `tls => #{cert := F, key => F, ca => F, verify => peer | none}`,
+%% `tls => none`; by default the VM's own `-ssl_dist_optfile` when it runs
+%% `-proto_dist inet_tls` (its nodes could not reach it otherwise), else none.
+tls_args(Opts) ->
+    case maps:get(tls, Opts, default) of
+        none -> [];
+        default ->
+            case {init:get_argument(proto_dist), init:get_argument(ssl_dist_optfile)} of
+                {{ok, [["inet_tls"]]}, {ok, [[File]]}} -> ["--ssl-dist-optfile", File];
+                _ -> []
+            end;
+        #{cert := Cert} = T ->
+            ["--tls-cert", to_list(Cert)]
+                ++ lists:append([[Flag, to_list(V)] || {K, Flag} <- [{key, "--tls-key"}, {ca, "--tls-ca"},
+                                                                     {verify, "--tls-verify"}],
+                                                       {ok, V} <- [maps:find(K, T)]]);
+        File -> ["--ssl-dist-optfile", to_list(File)]
     end.
 
 %% A started node takes what the pool may send it: requests up to max_message_size, with

@@ -108,6 +108,7 @@ void Connection::next_frame(std::uint8_t*& data, std::size_t& len, std::size_t& 
 }
 
 bool Connection::recv_some(std::size_t room, int flags) {
+  if (tls) return tls_recv(room, flags);
   const ssize_t r = ::recv(fd.get(), rbuf.get() + rend, room, flags);
   if (r == 0) throw WireError("connection closed");
   if (r < 0) {
@@ -117,6 +118,23 @@ bool Connection::recv_some(std::size_t room, int flags) {
   rend += static_cast<std::size_t>(r);
   last_read.store(now_ns(), std::memory_order_relaxed);
   return true;
+}
+
+// As recv(): what TLS has now, or (without MSG_DONTWAIT) waits in poll() until it has
+// some, holding no lock while it waits.
+bool Connection::tls_recv(std::size_t room, int flags) {
+  for (;;) {
+    short want = POLLIN;
+    const std::size_t got = tls->read(rbuf.get() + rend, room, want);
+    if (got) {
+      rend += got;
+      last_read.store(now_ns(), std::memory_order_relaxed);
+      return true;
+    }
+    if (flags & MSG_DONTWAIT) return false;
+    pollfd p{fd.get(), want, 0};
+    if (::poll(&p, 1, -1) < 0 && errno != EINTR) throw WireError(std::string("poll: ") + std::strerror(errno));
+  }
 }
 
 namespace {
@@ -162,6 +180,29 @@ bool Connection::spin(std::size_t room) {
 // --- sending ------------------------------------------------------------------------------
 
 Connection::Wrote Connection::write_some(iovec*& iov, int& n) {
+  if (tls) {
+    std::size_t done;
+    short want = POLLOUT;
+    try {
+      done = tls->write(iov, n, want);
+    } catch (const WireError& e) {
+      std::fprintf(stderr, "erpy.node: connection to %s: %s\n", peer.name.c_str(), e.what());
+      return Wrote::kFailed;
+    }
+    if (done) last_write.store(now_ns(), std::memory_order_relaxed);
+    while (n > 0 && done >= iov->iov_len) {
+      done -= iov->iov_len;
+      ++iov;
+      --n;
+    }
+    if (n > 0) {
+      iov->iov_base = static_cast<std::uint8_t*>(iov->iov_base) + done;
+      iov->iov_len -= done;
+      write_want_ = want;
+      return Wrote::kBlocked;
+    }
+    return Wrote::kAll;
+  }
   while (n > 0) {
     msghdr m{};
     m.msg_iov = iov;
@@ -390,7 +431,7 @@ void Connection::drain_loop(bool writer) {
       }
       // The writer thread: wait until the peer has read some (or the connection is
       // shut down: poll returns then too).
-      pollfd pfd{fd.get(), POLLOUT, 0};
+      pollfd pfd{fd.get(), write_want_, 0};
       ::poll(&pfd, 1, 1000);
     }
   }

@@ -17,10 +17,12 @@
 #include <functional>
 #include <memory>
 #include <mutex>
+#include <poll.h>
 #include <string>
 #include <vector>
 
 #include "protocol.hpp"
+#include "tls.hpp"
 #include "wire.hpp"
 
 struct iovec;
@@ -41,6 +43,9 @@ class Connection {
   Connection& operator=(const Connection&) = delete;
 
   Fd fd;
+  // TLS distribution: every byte of the connection goes through it (set before the
+  // connection is shared, never changed after). Null: plain TCP.
+  std::unique_ptr<TlsStream> tls;
   Peer peer;
   std::atomic<bool> up{true};
   std::atomic<std::int64_t> last_read{0}, last_write{0};
@@ -61,6 +66,8 @@ class Connection {
 
   // A whole frame is in the read buffer.
   bool has_frame() const;
+  // Bytes wait inside TLS, where poll() on the socket does not see them.
+  bool tls_buffered() const { return tls && tls->buffered(); }
   // Reads the next frame, or its start when it is over the limit (`full`: its length; 0
   // for a tick). Blocks; throws WireError when the connection closes.
   void next_frame(std::uint8_t*& data, std::size_t& len, std::size_t& full);
@@ -92,6 +99,7 @@ class Connection {
  private:
   // Reads what the socket has into the buffer; false when nothing (flags MSG_DONTWAIT).
   bool recv_some(std::size_t room, int flags);
+  bool tls_recv(std::size_t room, int flags);
   // Polls the socket up to spin_budget_; true when data came.
   bool spin(std::size_t room);
 
@@ -114,6 +122,7 @@ class Connection {
   const std::int64_t spin_ns_;
   std::int64_t spin_budget_;  // the reader's: how long it polls now (<= spin_ns_)
   int spin_cooldown_ = 0;     // the reader's: reads left that sleep at once
+  short write_want_ = POLLOUT;  // the writer role's: what a blocked write waits for
   mutable std::mutex qmu_;
   std::condition_variable qcv_;   // the writer waits for work, send_waiting for room
   std::deque<Bytes> backlog_;     // whole frames or their unwritten rest, in order

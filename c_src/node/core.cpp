@@ -202,7 +202,20 @@ std::shared_ptr<Connection> Core::connection(const std::string& node) {
   const int port = epmd_port_please(host, alive, 5000);
   if (port < 0) throw WireError("node " + node + " is not registered at " + host + "'s epmd");
   auto c = make_connection(connect_tcp(host, port, 5000));
-  c->peer = handshake_connect(c->fd.get(), self_, node);
+  if (opt_.tls) {
+    try {
+      c->tls = std::make_unique<TlsStream>(*opt_.tls, c->fd.get(), false, host, 10000);
+      TlsHandshakeIo io(*c->tls, 10000);
+      c->peer = handshake_connect(io, self_, node);
+    } catch (const WireError& e) {
+      // A certificate the CA did not sign, another cookie: refused, and said so.
+      std::fprintf(stderr, "erpy.node %s: TLS connection to %s refused: %s\n", self_.name.c_str(), node.c_str(),
+                   e.what());
+      throw;
+    }
+  } else {
+    c->peer = handshake_connect(c->fd.get(), self_, node);
+  }
   add_connection(c);
   return c;
 }
@@ -247,10 +260,18 @@ void Core::acceptor() {
     // The handshake runs on the connection's own thread, so a slow peer blocks no one.
     const bool started = spawn([self = shared_from_this(), c] {
       try {
-        c->peer = handshake_accept(c->fd.get(), self->self_);
+        if (self->opt_.tls) {
+          c->tls = std::make_unique<TlsStream>(*self->opt_.tls, c->fd.get(), true, std::string(), 10000);
+          TlsHandshakeIo io(*c->tls, 10000);
+          c->peer = handshake_accept(io, self->self_);
+        } else {
+          c->peer = handshake_accept(c->fd.get(), self->self_);
+        }
       } catch (const std::exception& e) {
-        // A wrong cookie or a broken peer: the socket closes with `c`.
-        std::fprintf(stderr, "erpy.node %s: %s\n", self->self_.name.c_str(), e.what());
+        // A wrong cookie, a certificate the CA did not sign, a broken peer: the socket
+        // closes with `c`.
+        std::fprintf(stderr, "erpy.node %s: %s%s\n", self->self_.name.c_str(),
+                     self->opt_.tls ? "TLS connection refused: " : "", e.what());
         return;
       }
       self->add_connection(c);
@@ -430,7 +451,7 @@ bool Core::read_while_waiting(Process& p, const JobRunner::WaitScope& scope,
     while (!ready()) {
       const auto now = std::chrono::steady_clock::now();
       if (now >= until || stopping_.load()) break;
-      if (!c->has_frame()) {
+      if (!c->has_frame() && !c->tls_buffered()) {
         if (!c->wake.empty()) ProcessTable::flush(c->wake);
         c->batch_messages = 0;  // no coalescing: someone waits
         // The socket, or the mailbox woken from elsewhere (another connection's reader,
@@ -485,7 +506,7 @@ void Core::connection_down(const std::shared_ptr<Connection>& c) {
 void Core::reader(std::shared_ptr<Connection> c, std::uint64_t token) {
   try {
     while (c->reader_token.load() == token && !stopping_.load()) {
-      if (!c->has_frame()) {
+      if (!c->has_frame() && !c->tls_buffered()) {
         if (!c->wake.empty()) ProcessTable::flush(c->wake);
         // Messages are streaming in (this read held several): let the next read gather
         // more of them. A lone message or call never waits here.

@@ -36,6 +36,7 @@
 #include "job_runner.hpp"
 #include "process_table.hpp"
 #include "protocol.hpp"
+#include "tls.hpp"
 #include "py/codec.hpp"
 #include "py/runner.hpp"
 #include "wire.hpp"
@@ -59,6 +60,8 @@ struct Options {
   ProcessTable::Limits procs;  // what one process may be made to hold
   // Bytes waiting for a peer that does not read them, beyond which it is disconnected.
   std::size_t max_send_queue = std::size_t{256} << 20;
+  // TLS distribution (tls.hpp), both directions; null: plain TCP.
+  std::shared_ptr<const TlsContext> tls;
 };
 
 class Core : public std::enable_shared_from_this<Core> {

@@ -17,6 +17,7 @@
 //
 // Every call that may wait (socket writes, connecting, an empty mailbox) releases the GIL.
 #include <chrono>
+#include <cstring>
 #include <optional>
 #include <string>
 #include <string_view>
@@ -589,7 +590,8 @@ PyObject* node_new(PyTypeObject* type, PyObject* args, PyObject* kw) {
   static const char* kwlist[] = {"name", "cookie", "resolver", "host", "port", "hidden", "ticktime",
                                  "slow_ms", "spin_us", "coalesce_us", "max_message_size",
                                  "max_fragments", "max_fragment_bytes", "max_queued_messages",
-                                 "max_queued_bytes", "max_send_queue", nullptr};
+                                 "max_queued_bytes", "max_send_queue", "ssl_dist_optfile", "tls_cert",
+                                 "tls_key", "tls_ca", "tls_verify", nullptr};
   const char *name, *cookie, *host = "127.0.0.1";
   PyObject* resolver = nullptr;
   int port = 0, hidden = 1, ticktime = 60, slow_ms = 5, spin_us = 0, coalesce_us = 200;
@@ -597,10 +599,27 @@ PyObject* node_new(PyTypeObject* type, PyObject* args, PyObject* kw) {
   // least 256 MiB).
   unsigned long long max_message = 0, max_fragments = 0, max_fragment_bytes = 0, max_queued = 0,
                      max_queued_bytes = 0, max_send_queue = 0;
-  if (!PyArg_ParseTupleAndKeywords(args, kw, "ss|$OsipiiiiKKKKKK", const_cast<char**>(kwlist), &name, &cookie,
-                                   &resolver, &host, &port, &hidden, &ticktime, &slow_ms, &spin_us,
+  // TLS distribution: an ssl_dist options file, or the same for both sides in flags.
+  const char *optfile = nullptr, *tls_cert = nullptr, *tls_key = nullptr, *tls_ca = nullptr,
+             *tls_verify = nullptr;
+  if (!PyArg_ParseTupleAndKeywords(args, kw, "ss|$OsipiiiiKKKKKKzzzzz", const_cast<char**>(kwlist), &name,
+                                   &cookie, &resolver, &host, &port, &hidden, &ticktime, &slow_ms, &spin_us,
                                    &coalesce_us, &max_message, &max_fragments, &max_fragment_bytes,
-                                   &max_queued, &max_queued_bytes, &max_send_queue)) {
+                                   &max_queued, &max_queued_bytes, &max_send_queue, &optfile, &tls_cert,
+                                   &tls_key, &tls_ca, &tls_verify)) {
+    return nullptr;
+  }
+  auto set = [](const char* s) { return s && *s; };
+  if (set(optfile) && (set(tls_cert) || set(tls_key) || set(tls_ca) || set(tls_verify))) {
+    PyErr_SetString(PyExc_ValueError, "give either ssl_dist_optfile or tls_cert/tls_key/tls_ca/tls_verify");
+    return nullptr;
+  }
+  if (!set(optfile) && !set(tls_cert) && (set(tls_key) || set(tls_ca) || set(tls_verify))) {
+    PyErr_SetString(PyExc_ValueError, "TLS distribution needs tls_cert (or ssl_dist_optfile)");
+    return nullptr;
+  }
+  if (set(tls_verify) && std::strcmp(tls_verify, "peer") != 0 && std::strcmp(tls_verify, "none") != 0) {
+    PyErr_SetString(PyExc_ValueError, "tls_verify must be 'peer' or 'none'");
     return nullptr;
   }
   // Frames carry a 32-bit length; a limit over 1 GiB is no limit worth having.
@@ -635,6 +654,23 @@ PyObject* node_new(PyTypeObject* type, PyObject* args, PyObject* kw) {
     if (max_queued) o.procs.max_queued = static_cast<std::size_t>(max_queued);
     if (max_queued_bytes) o.procs.max_queued_bytes = static_cast<std::size_t>(max_queued_bytes);
     if (max_send_queue) o.max_send_queue = static_cast<std::size_t>(max_send_queue);
+    if (set(optfile)) {
+      o.tls = std::make_shared<const TlsContext>(read_ssl_dist_optfile(optfile));
+    } else if (set(tls_cert)) {
+      TlsConfig cfg;
+      cfg.enabled = true;
+      TlsSide side;
+      side.certfile = tls_cert;
+      if (set(tls_key)) side.keyfile = tls_key;
+      if (set(tls_ca)) side.cacertfile = tls_ca;
+      // With a CA the peer is verified unless told not to; both directions, as the
+      // usual ssl_dist file does (verify_peer, fail_if_no_peer_cert).
+      side.verify_peer = set(tls_verify) ? std::strcmp(tls_verify, "peer") == 0 : set(tls_ca);
+      side.fail_if_no_peer_cert = side.verify_peer;
+      cfg.server = side;
+      cfg.client = side;
+      o.tls = std::make_shared<const TlsContext>(cfg);
+    }
     self->core = std::make_shared<Core>(std::move(o), *g_codec, *g_runner, resolver);
   } catch (...) {
     raise_current();

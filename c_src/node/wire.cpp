@@ -73,18 +73,22 @@ sockaddr_in resolve(const std::string& host, int port) {
   return a;
 }
 
-// Handshake messages carry a 2-byte length.
-void send_hs(int fd, const std::vector<std::uint8_t>& body) {
+// Handshake messages carry a 2-byte length (4 over TLS).
+void send_hs(HandshakeIo& io, const std::vector<std::uint8_t>& body) {
   std::vector<std::uint8_t> f;
+  if (io.header == 4) put16(f, static_cast<std::uint16_t>(body.size() >> 16));
   put16(f, static_cast<std::uint16_t>(body.size()));
   append(f, body.begin(), body.end());
-  write_all(fd, f.data(), f.size());
+  io.write_all(f.data(), f.size());
 }
-std::vector<std::uint8_t> recv_hs(int fd) {
-  std::uint8_t h[2];
-  read_exact(fd, h, 2);
-  std::vector<std::uint8_t> body(get16(h));
-  if (!body.empty()) read_exact(fd, body.data(), body.size());
+std::vector<std::uint8_t> recv_hs(HandshakeIo& io) {
+  std::uint8_t h[4];
+  io.read_exact(h, static_cast<std::size_t>(io.header));
+  const std::size_t len = io.header == 4 ? get32(h) : get16(h);
+  // Handshake messages are small: a peer claiming more is not speaking the protocol.
+  if (len > 65535) throw WireError("handshake: message too long");
+  std::vector<std::uint8_t> body(len);
+  if (!body.empty()) io.read_exact(body.data(), body.size());
   return body;
 }
 
@@ -130,6 +134,26 @@ class RecvTimeout {
   }
   int fd_;
 };
+
+// The socket itself, each read bounded by SO_RCVTIMEO.
+class PlainIo : public HandshakeIo {
+ public:
+  explicit PlainIo(int fd) : HandshakeIo(2), fd_(fd), guard_(fd, 10) {}
+  void write_all(const void* data, std::size_t n) override { node::write_all(fd_, data, n); }
+  void read_exact(void* data, std::size_t n) override { node::read_exact(fd_, data, n); }
+
+ private:
+  int fd_;
+  RecvTimeout guard_;
+};
+
+// EPMD speaks with 2-byte lengths on a plain socket.
+void send_epmd(int fd, const std::vector<std::uint8_t>& body) {
+  std::vector<std::uint8_t> f;
+  put16(f, static_cast<std::uint16_t>(body.size()));
+  append(f, body.begin(), body.end());
+  write_all(fd, f.data(), f.size());
+}
 
 }  // namespace
 
@@ -222,7 +246,7 @@ std::pair<Fd, std::uint32_t> epmd_register(const std::string& alive, int port, b
   put16(b, static_cast<std::uint16_t>(alive.size()));
   append(b, alive.begin(), alive.end());
   put16(b, 0);  // no extra
-  send_hs(s.get(), b);
+  send_epmd(s.get(), b);
   std::uint8_t r[2];
   read_exact(s.get(), r, 2);
   if (r[0] == kAlive2XResp) {
@@ -245,7 +269,7 @@ int epmd_port_please(const std::string& host, const std::string& alive, int time
   std::vector<std::uint8_t> b;
   b.push_back(kPortPlease2Req);
   append(b, alive.begin(), alive.end());
-  send_hs(s.get(), b);
+  send_epmd(s.get(), b);
   std::uint8_t r[2];
   read_exact(s.get(), r, 2);
   if (r[0] != kPort2Resp) throw WireError("unexpected answer from epmd");
@@ -256,7 +280,16 @@ int epmd_port_please(const std::string& host, const std::string& alive, int time
 }
 
 Peer handshake_accept(int fd, const Self& self) {
-  RecvTimeout guard(fd, 10);
+  PlainIo io(fd);
+  return handshake_accept(io, self);
+}
+
+Peer handshake_connect(int fd, const Self& self, const std::string& peer_name) {
+  PlainIo io(fd);
+  return handshake_connect(io, self, peer_name);
+}
+
+Peer handshake_accept(HandshakeIo& fd, const Self& self) {
   auto m = recv_hs(fd);
   if (m.size() < 15 || m[0] != 'N') {
     throw WireError("handshake: expected a version 6 send_name ('N'), OTP 23 or later");
@@ -287,8 +320,7 @@ Peer handshake_accept(int fd, const Self& self) {
   return peer;
 }
 
-Peer handshake_connect(int fd, const Self& self, const std::string& peer_name) {
-  RecvTimeout guard(fd, 10);
+Peer handshake_connect(HandshakeIo& fd, const Self& self, const std::string& peer_name) {
   send_hs(fd, name_message(self, nullptr));
   auto status = recv_hs(fd);
   const std::string st(status.begin(), status.end());

@@ -113,11 +113,24 @@ struct Self {
   std::uint64_t flags = dflag::kOurs;
 };
 
+// Where the distribution handshake reads and writes: the socket itself (2-byte lengths),
+// or TLS over it (4-byte lengths, as inet_tls_dist). Both throw WireError.
+class HandshakeIo {
+ public:
+  explicit HandshakeIo(int header) : header(header) {}
+  virtual ~HandshakeIo() = default;
+  virtual void write_all(const void* data, std::size_t n) = 0;
+  virtual void read_exact(void* data, std::size_t n) = 0;
+  const int header;  // bytes of a handshake message's length
+};
+
 // The accepting side of the handshake. Throws WireError (a wrong cookie included); the
 // caller closes the socket.
 Peer handshake_accept(int fd, const Self& self);
+Peer handshake_accept(HandshakeIo& io, const Self& self);
 // The connecting side.
 Peer handshake_connect(int fd, const Self& self, const std::string& peer_name);
+Peer handshake_connect(HandshakeIo& io, const Self& self, const std::string& peer_name);
 
 using Bytes = std::vector<std::uint8_t>;
 

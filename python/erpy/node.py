@@ -397,7 +397,9 @@ class Node:
                  max_fragment_bytes: int | None = None,
                  max_queued_messages: int = DEFAULT_MAX_QUEUED_MESSAGES,
                  max_queued_bytes: int = DEFAULT_MAX_QUEUED_BYTES,
-                 max_send_queue: int = DEFAULT_MAX_SEND_QUEUE) -> None:
+                 max_send_queue: int = DEFAULT_MAX_SEND_QUEUE, tls: dict | None = None) -> None:
+        # tls: TLS distribution (doc/node.md): {"ssl_dist_optfile": F} or {"tls_cert": F,
+        # "tls_key": F, "tls_ca": F, "tls_verify": "peer" | "none"}; None: plain TCP.
         if max_queued_messages < 1 or max_queued_bytes < 1:
             raise ValueError("max_queued_messages and max_queued_bytes must be at least 1")
         if max_send_queue < 1:
@@ -425,7 +427,7 @@ class Node:
                                   max_fragment_bytes=max_fragment_bytes or 0,
                                   max_queued_messages=max_queued_messages,
                                   max_queued_bytes=max_queued_bytes,
-                                  max_send_queue=max_send_queue)
+                                  max_send_queue=max_send_queue, **(tls or {}))
         self._threads: list[Any] = []  # threading.Thread
         self._started = False
         self._start_epmd = start_epmd
@@ -846,6 +848,12 @@ _CLI: tuple = (
     ("--max-send-queue", "int", ("ERPY_NODE_MAX_SEND_QUEUE", DEFAULT_MAX_SEND_QUEUE),
      "bytes sent to a node that has not read them, beyond which it is disconnected (env "
      "ERPY_NODE_MAX_SEND_QUEUE; default 256 MiB)"),
+    ("--ssl-dist-optfile", "str", None,
+     "TLS distribution configured by this ssl_dist options file, as erl -ssl_dist_optfile (env ERPY_SSL_DIST_OPTFILE)"),
+    ("--tls-cert", "str", None, "TLS distribution with this certificate (PEM), both directions (env ERPY_TLS_CERT)"),
+    ("--tls-key", "str", None, "its private key (PEM; default: in --tls-cert) (env ERPY_TLS_KEY)"),
+    ("--tls-ca", "str", None, "CA certificates (PEM) peers' certificates must chain to (env ERPY_TLS_CA)"),
+    ("--tls-verify", "str", None, "peer (default with --tls-ca) or none (env ERPY_TLS_VERIFY)"),
     ("--no-start-epmd", "false", None, "fail if no epmd runs instead of starting one (as erl -start_epmd false)"),
     ("--exit-on-eof", "true", False, "stop when stdin closes (for nodes started by Erlang ports)"),
 )
@@ -946,7 +954,9 @@ def main(argv: list[str] | None = None) -> int:
                 ticktime=a.ticktime, spin_us=a.spin_us, coalesce_us=a.coalesce_us,
                 start_epmd=a.start_epmd, max_message_size=a.max_message_size,
                 max_queued_messages=a.max_queued_messages, max_queued_bytes=a.max_queued_bytes,
-                max_send_queue=a.max_send_queue)
+                max_send_queue=a.max_send_queue,
+                tls={k: v for k in ("ssl_dist_optfile", "tls_cert", "tls_key", "tls_ca", "tls_verify")
+                     if (v := getattr(a, k) or _env("ERPY_" + k.upper()))})
     node.start()
     if a.load:
         import importlib
