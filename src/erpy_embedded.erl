@@ -71,23 +71,11 @@ child_specs(Name, Opts) ->
 -spec request(map(), erpy_transport:request(), timeout(), erpy:call_opts()) ->
     erpy_transport:result().
 request(#{name := Name, pool := Pool} = Handle, Req, Timeout, _Opts) ->
-    case erpy_call:nested_worker(Name) of
-        {ok, Ctx} -> submit_and_wait(Ctx, Handle, Req, Timeout);
-        error -> direct(Pool, Handle, Req, Timeout)
-    end.
-
-direct(Pool, #{name := Name, policy := Policy} = Handle, Req, Timeout) ->
-    try erpy_nif:call_direct(Pool, for_caller(Req, Timeout)) of
-        {done, {ok_check, _} = A} ->
-            Ctx = erpy_policy:request_ctx(Policy, self(), Req),
-            try answer(Name, Ctx, A) after erpy_policy:done(Ctx) end;
-        {done, {error, pool_closed}} -> {error, {no_pool, Name}};
-        {done, A} -> A;
-        closed -> {error, {no_pool, Name}};
-        busy -> submit_and_wait(Pool, Handle, Req, Timeout)
-    catch
-        error:{erpy_nif, Why} -> {error, Why}
-    end.
+    Target = case erpy_call:nested_worker(Name) of
+                 {ok, Ctx} -> Ctx;
+                 error -> Pool
+             end,
+    submit_and_wait(Target, Handle, Req, Timeout).
 
 -spec request_worker(ref(), erpy_transport:request(), timeout()) -> erpy_transport:result().
 request_worker({Name, Ctx}, Req, Timeout) ->

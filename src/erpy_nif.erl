@@ -3,8 +3,7 @@
 -module(erpy_nif).
 
 -export([init/2, pool_new/3, pool_close/1, pool_info/1, submit/3, cancel/1, poll/2,
-         callback_reply/2, checkin/1, python_info/0, is_handle/1, dirty_noop/1,
-         call_direct/2]).
+         callback_reply/2, checkin/1, python_info/0, is_handle/1, dirty_noop/1]).
 -export([async_submit/6, async_cancel/1, async_adopt/1, async_poll/2]).
 -export([reactor_adopt/1, reactor_dup/1, reactor_select/2, reactor_close/1, reactor_fd/1,
          reactor_send_fd/4, reactor_event/4, reactor_watch/1]).
@@ -12,7 +11,7 @@
 -on_load(load/0).
 
 -nifs([init/2, pool_new/3, pool_close/1, pool_info/1, submit/3, cancel/1, poll/2,
-       callback_reply/2, checkin/1, python_info/0, is_handle/1, dirty_noop/1, call_direct/2,
+       callback_reply/2, checkin/1, python_info/0, is_handle/1, dirty_noop/1,
        async_submit/6, async_cancel/1, async_adopt/1, async_poll/2,
        reactor_adopt/1, reactor_dup/1, reactor_select/2, reactor_close/1, reactor_fd/1,
        reactor_send_fd/4, reactor_event/4, reactor_watch/1]).
@@ -48,11 +47,6 @@ pool_info(_Pool) -> erlang:nif_error(not_loaded).
 %% as {Ref, Answer} once the caller waits; callbacks come as
 %% {Ref, {callback, Context, Kind, M, F, Args}}.
 %% Request: the request map (erpy_request), or `hold` for a checkout.
-%% A short request run on the calling process's dirty scheduler (erpy_embedded): busy when
-%% the GIL is wanted by another thread of ours (submit then), closed when the pool is.
--spec call_direct(pool(), erpy_request:t()) -> {done, term()} | busy | closed.
-call_direct(_Pool, _Request) -> erlang:nif_error(not_loaded).
-
 -spec submit(pool() | context(), reference(), erpy_request:t() | hold) -> {ok, job()} | {error, closed}.
 submit(_Target, _Ref, _Request) -> erlang:nif_error(not_loaded).
 

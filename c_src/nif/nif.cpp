@@ -231,19 +231,6 @@ ERL_NIF_TERM nif_submit(ErlNifEnv* env, int, const ERL_NIF_TERM argv[]) {
   return enif_make_tuple2(env, atoms.ok, t);
 }
 
-// call_direct(Pool, Request, Deadline) -> {done, Answer} | busy | closed (dirty CPU).
-ERL_NIF_TERM nif_call_direct(ErlNifEnv* env, int, const ERL_NIF_TERM argv[]) {
-  auto* ph = get_resource<PoolHandle>(env, argv[0], Runtime::get().types.pool);
-  if (!ph || !enif_is_map(env, argv[1])) return enif_make_badarg(env);
-  ERL_NIF_TERM answer;
-  switch (ph->pool->run_direct(env, argv[1], 0, &answer)) {
-    case Pool::Direct::Done: return enif_make_tuple2(env, atoms.done, answer);
-    case Pool::Direct::Busy: return atom(env, "busy");
-    case Pool::Direct::Closed: return atoms.closed;
-  }
-  return atom(env, "busy");
-}
-
 Job* get_job(ErlNifEnv* env, ERL_NIF_TERM t) { return get_resource<Job>(env, t, Runtime::get().types.job); }
 
 // async_submit(PoolOrContext, Ref, Request, TimeoutMs | infinity, Closed, Extra)
@@ -421,7 +408,6 @@ ErlNifFunc funcs[] = {
     {"pool_close", 1, entry<nif_pool_close>, 0},
     {"pool_info", 1, entry<nif_pool_info>, 0},
     {"submit", 3, entry<nif_submit>, 0},
-    {"call_direct", 2, entry<nif_call_direct>, ERL_NIF_DIRTY_JOB_CPU_BOUND},
     {"cancel", 1, entry<nif_cancel>, 0},
     {"poll", 2, entry<nif_poll>, 0},
     {"callback_reply", 2, entry<nif_callback_reply>, 0},

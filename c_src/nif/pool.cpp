@@ -18,11 +18,6 @@
 
 namespace erpy::nif {
 
-// Threads of ours that hold or wait for the GIL (contexts); the direct path runs only when
-// this is 0 (and it is the only direct runner: g_direct).
-std::atomic<int> g_gil_users{0};
-std::atomic<bool> g_direct{false};
-
 using py::PyRef;
 using py::PythonError;
 using Clock = std::chrono::steady_clock;
@@ -740,18 +735,12 @@ class TermRequestSource {
 // the scope (also when an exception leaves it).
 class ContextGil {
  public:
-  explicit ContextGil(PyThreadState* ts) noexcept {
-    g_gil_users.fetch_add(1, std::memory_order_acq_rel);
-    PyEval_RestoreThread(ts);
-  }
+  explicit ContextGil(PyThreadState* ts) noexcept { PyEval_RestoreThread(ts); }
   ~ContextGil() { release(); }
   ContextGil(const ContextGil&) = delete;
   ContextGil& operator=(const ContextGil&) = delete;
   void release() noexcept {
-    if (held_) {
-      PyEval_SaveThread();
-      g_gil_users.fetch_sub(1, std::memory_order_acq_rel);
-    }
+    if (held_) PyEval_SaveThread();
     held_ = false;
   }
 
@@ -760,65 +749,6 @@ class ContextGil {
 };
 
 }  // namespace
-
-Pool::Direct Pool::run_direct(ErlNifEnv* env, ERL_NIF_TERM req_term, std::int64_t, ERL_NIF_TERM* out) {
-  // Another direct call holds the GIL for a few microseconds at most when calls are short:
-  // wait that long (a bounded spin), no longer (a long call keeps its dirty scheduler, not
-  // ours: we queue instead).
-  const std::int64_t give_up = mono_ns() + 8000;
-  for (int i = 0;; ++i) {
-    if (g_gil_users.load(std::memory_order_acquire) == 0 && !g_direct.load(std::memory_order_relaxed) &&
-        !g_direct.exchange(true, std::memory_order_acq_rel)) {
-      break;
-    }
-    if ((i & 15) == 15 && mono_ns() > give_up) return Direct::Busy;
-    cpu_relax();
-  }
-  struct Gate {
-    ~Gate() { g_direct.store(false, std::memory_order_release); }
-  } gate;
-  {
-    std::lock_guard<PoolMutex> lock(m_);
-    if (closing_) return Direct::Closed;
-  }
-  thread_local PyThreadState* ts = nullptr;
-  if (!ts) ts = PyThreadState_New(PyInterpreterState_Main());
-  Runtime& rt = Runtime::get();
-  ContextGil gil(ts);
-  const ConvertOptions& co = o_.convert;
-  Converter& conv = rt.converter();
-  py::Runner& runner = rt.runner();
-  std::exception_ptr failure;
-  PyRef result;
-  bool want_handle = false;
-  try {
-    TermRequestSource src(env, req_term, conv, co);
-    py::Request req = py::parse_request(src);
-    want_handle = req.result_handle;
-    if (req.kind == py::RequestKind::Call && !PyUnicode_Check(req.module.get())) req.target = std::move(req.module);
-    PyRef ns;
-    if (py::uses_namespace(req.kind)) ns = runner.fresh_namespace();
-    result = runner.execute(req, ns.get());
-  } catch (...) {
-    failure = std::current_exception();
-  }
-  try {
-    if (failure) std::rethrow_exception(failure);
-    if (want_handle) {
-      ResourcePtr<LentObject> lent = make_resource<LentObject>(rt.types.lent, LentObject{result.release()});
-      *out = enif_make_tuple2(env, atoms.ok, lent.term(env));
-    } else {
-      TermInfo info;
-      ERL_NIF_TERM r = conv.to_term(env, result.get(), co, info);
-      *out = enif_make_tuple2(env, info.opaque ? atoms.ok_check : atoms.ok, r);
-    }
-  } catch (...) {
-    *out = exception_answer(env, co);
-  }
-  failure = nullptr;
-  result.reset();
-  return Direct::Done;
-}
 
 // Every job gets an answer, also when something fails past the request's own error
 // handling (a C++ error while answering): {error, Reason} (errors.hpp), not a wait for

@@ -187,12 +187,6 @@ class Pool : public std::enable_shared_from_this<Pool> {
   enum class AsyncPoll { Done, Pending, Wait, Answered, Runner };
   AsyncPoll async_poll(Job* job, bool block, ErlNifEnv* env, ERL_NIF_TERM* out);
 
-  // The direct path (nif.cpp, call_direct): the request runs here, on the calling
-  // process's dirty scheduler, with that thread's own thread state, when nothing else of
-  // ours wants the GIL right now (Busy otherwise: the caller submits as usual).
-  enum class Direct { Done, Busy, Closed };
-  Direct run_direct(ErlNifEnv* env, ERL_NIF_TERM req, std::int64_t deadline_at, ERL_NIF_TERM* answer);
-
   // From the service thread (interrupt_canceled with the GIL).
   void interrupt_canceled();
   void interrupt_canceled_locked(std::vector<unsigned long>& woken);  // m_ held
