@@ -1,9 +1,14 @@
 %% Stateful Python functions hosted by Erlang (python/erpy/function.py, doc/function.md).
 %%
-%% One gen_server per function instance. It holds one worker of a pool (any mode) for its
-%% life, so the Python instance (its module copy or object) lives in that worker, and
-%% drives it with ordinary erpy requests: handle_init at start, handle_cast and
-%% handle_call per message, handle_stop at a normal stop. The instance's host API calls
+%% One gen_server per function instance. It drives the Python instance (its module copy
+%% or object) with ordinary erpy requests, one at a time: handle_init at start,
+%% handle_cast and handle_call per message, handle_stop at a normal stop. Where the
+%% Python instance lives depends on the pool's mode: port and node workers are separate
+%% interpreters, so the instance holds one worker for its life and lives in it; an
+%% embedded pool's contexts share the VM's one interpreter, so the instance holds none
+%% and lives in erpy.function's table, and its requests go to any free context like a
+%% plain erpy:call (a held context sleeps between requests and costs a thread wake-up per
+%% call; see ensure_dropped/2 for how the table is kept clean). The instance's host API calls
 %% (cast, call, delayed_cast, sync, telemetry_log...) come back as callbacks to host/1,
 %% which the pool must allow (`allowed => [{erpy_function, host, 1}]`): they pass the
 %% pool's policy like any `erlang.call`, and run in this process, which is how host/1 knows
@@ -56,7 +61,9 @@
 -record(st, {id :: id(),
              self_id :: instance_id(),
              key :: binary(),
+             %% The held worker; undefined when the instance holds none (embedded).
              worker :: erpy:worker() | undefined,
+             pool :: erpy:pool(),
              timeout :: timeout(),
              %% Delayed casts not yet due, by {DueMs, Seq}: one timer for the earliest.
              delayed = gb_trees:empty() :: gb_trees:tree(),
@@ -307,16 +314,23 @@ handle_info(_Msg, St) ->
 
 -spec terminate(term(), #st{}) -> ok.
 terminate(Why, #st{id = Id, worker = Worker} = St) ->
+    Stopping = Why =:= normal orelse Why =:= shutdown
+               orelse (is_tuple(Why) andalso element(1, Why) =:= shutdown),
     case Why of
         {worker_lost, _} ->
             ok;
         _ when Worker =:= undefined ->
+            %% Nothing held: handle_stop on a stop; after a crash the instance is only
+            %% dropped from Python's table (its janitor does that too, after a kill).
+            Fun = case Stopping of
+                      true -> <<"erlang_stop">>;
+                      false -> <<"erlang_drop">>
+                  end,
+            _ = py(Fun, [St#st.key], St),
             ok;
         _ ->
             %% handle_stop on a stop (not after a crash), then the worker goes back to
             %% the pool, which clears its namespace and so the instance.
-            Stopping = Why =:= normal orelse Why =:= shutdown
-                       orelse (is_tuple(Why) andalso element(1, Why) =:= shutdown),
             _ = Stopping andalso py(<<"erlang_stop">>, [St#st.key], St),
             erpy:checkin(Worker)
     end,
@@ -392,10 +406,52 @@ start_python(#{id := Id, module := Module, init_payload := Payload} = Opts, Stat
     Key = <<Id/binary, $/, (integer_to_binary(erlang:unique_integer([positive])))/binary>>,
     put(?CTX, #{id => Id, self_id => SelfId, pool => Pool, store => maps:get(store, Opts),
                 aliases => maps:get(aliases, Opts), timeout => Timeout}),
+    St0 = #st{id = Id, self_id = SelfId, key = Key, pool = Pool, timeout = Timeout},
+    case erpy_transport:lookup(Pool) of
+        {ok, erpy_embedded, _} -> start_shared(St0, Module, Payload, State);
+        {ok, _, _} -> start_held(St0, Module, Payload, State);
+        error -> {stop, {no_worker, {no_pool, Pool}}}
+    end.
+
+%% Embedded: the instance goes into erpy.function's table (the VM's one interpreter, seen
+%% by every context of every embedded pool) under its key, and is reached by key from any
+%% context; a janitor drops it when this process ends.
+start_shared(#st{key = Key, self_id = SelfId, pool = Pool} = St, Module, Payload, State) ->
+    %% Before the start: an init that fails or times out leaves no entry behind either.
+    ensure_dropped(Key, Pool),
+    case erpy:call(?PY, <<"erlang_start_shared">>, [Key, Module, SelfId, Payload, State],
+                   #{pool => Pool, timeout => St#st.timeout}) of
+        {ok, ok} ->
+            {ok, St};
+        {ok, Other} ->
+            {stop, {init_failed, {bad_answer, Other}}};
+        {error, {no_pool, _} = Why} ->
+            {stop, {no_worker, Why}};
+        {error, Why} ->
+            {stop, {init_failed, Why}}
+    end.
+
+%% The janitor of a shared instance: when the instance process ends, its entry goes from
+%% Python's table (a no-op after terminate/2 did it). Should the janitor itself be lost
+%% (or the pool be gone), the next start of the same id drops the stale entry.
+ensure_dropped(Key, Pool) ->
+    Inst = self(),
+    _ = spawn(fun() ->
+                      Ref = erlang:monitor(process, Inst),
+                      receive
+                          {'DOWN', Ref, process, Inst, _} ->
+                              _ = erpy:call(?PY, <<"erlang_drop">>, [Key],
+                                            #{pool => Pool, timeout => default_timeout()})
+                      end
+              end),
+    ok.
+
+start_held(#st{key = Key, self_id = SelfId, pool = Pool, timeout = Timeout} = St0, Module,
+           Payload, State) ->
     case erpy:checkout(Pool, Timeout) of
         {ok, Worker} ->
             watch(Worker),
-            St = #st{id = Id, self_id = SelfId, key = Key, worker = Worker, timeout = Timeout},
+            St = St0#st{worker = Worker},
             %% Evaluated in the held worker's namespace: the instance lives as long as it.
             Code = <<"__import__('erpy.function').function.erlang_start("
                      "globals(), k, m, i, p, s)">>,
@@ -430,9 +486,14 @@ run_cast(Src, Msg, St) ->
             {noreply, St#st{errors = St#st.errors + 1}}
     end.
 
-%% A request to the instance's Python. `lost`: the worker (and the instance) is gone.
-py(Fun, Args, #st{worker = Worker, timeout = Timeout}) ->
-    case erpy:call(?PY, Fun, Args, #{worker => Worker, timeout => Timeout}) of
+%% A request to the instance's Python: on its held worker, or on any context of its
+%% embedded pool. `lost`: the worker (and the instance) is gone.
+py(Fun, Args, #st{worker = Worker, pool = Pool, timeout = Timeout}) ->
+    Opts = case Worker of
+               undefined -> #{pool => Pool, timeout => Timeout};
+               _ -> #{worker => Worker, timeout => Timeout}
+           end,
+    case erpy:call(?PY, Fun, Args, Opts) of
         {ok, _} = Ok -> Ok;
         %% The worker answers but no longer has the instance (it was replaced).
         {error, #{type := <<"LookupError">>} = Why} -> {lost, Why};

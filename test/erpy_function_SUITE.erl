@@ -14,7 +14,7 @@
          restart_restores_state/1, worker_lost_restores_state/1, delayed_casts_in_order/1,
          stop_runs_handle_stop/1, restart_limit/1, init_failure/1, duplicate_id/1,
          bad_options/1, host_needs_policy/1, host_outside_instance/1, telemetry_to_logger/1,
-         state_on_disc/1]).
+         state_on_disc/1, one_handler_at_a_time/1, embedded_holds_no_context/1]).
 %% logger handler callback (telemetry_to_logger).
 -export([log/2]).
 
@@ -27,9 +27,9 @@ groups() ->
     Cases = [workflow, call_answers, cast_error_reported, calls_out, cast_raw,
              restart_restores_state, delayed_casts_in_order, stop_runs_handle_stop,
              restart_limit, init_failure, duplicate_id, bad_options, host_needs_policy,
-             host_outside_instance, telemetry_to_logger],
+             host_outside_instance, telemetry_to_logger, one_handler_at_a_time],
     [{port, [], Cases ++ [worker_lost_restores_state]},
-     {embedded, [], Cases},
+     {embedded, [], Cases ++ [embedded_holds_no_context]},
      {node, [], Cases ++ [worker_lost_restores_state]}].
 
 suite() ->
@@ -321,6 +321,66 @@ state_on_disc(Config) ->
         _ = erpy_function:stop(Id),
         _ = erpy_function:delete_state(Id),
         erpy:stop_pool(fn_disc)
+    end.
+
+one_handler_at_a_time(Config) ->
+    ct:comment("several callers of one instance: handlers run one at a time, in order with "
+               "casts; the instance killed mid-call: its callers get an error, never hang"),
+    Id = id(Config, <<"kv">>),
+    {ok, Pid} = start(Config, Id, <<"function_cases:Kv">>, #{}),
+    Self = self(),
+    Callers = [spawn_link(fun() -> Self ! {self(), erpy_function:call(Id, <<"excl 0.05">>)} end)
+               || _ <- lists:seq(1, 4)],
+    ?assertEqual([{reply, <<"alone">>} || _ <- Callers],
+                 [receive {C, A} -> A after 20000 -> ct:fail(no_answer) end || C <- Callers]),
+    %% A cast then a call from one process: the call sees the cast.
+    ok = erpy_function:cast(Id, <<"6">>),
+    ?assertEqual({reply, <<"6">>}, erpy_function:call(Id, <<"get">>)),
+    Busy = [spawn_link(fun() -> Self ! {self(), erpy_function:call(Id, <<"excl 2">>, 10000)} end)
+            || _ <- lists:seq(1, 3)],
+    timer:sleep(200),
+    exit(Pid, kill),
+    [receive {C, A} -> ?assertMatch({error, _}, A) after 15000 -> ct:fail(hung) end
+     || C <- Busy],
+    wait_restarted(Id),
+    ?assertEqual({reply, <<"6">>}, erpy_function:call(Id, <<"get">>)).
+
+embedded_holds_no_context(Config) ->
+    ct:comment("embedded: an instance holds no context, and its Python entry goes with it "
+               "(stop, kill, failed init)"),
+    Pool = ?config(pool, Config),
+    Id = id(Config, <<"kv">>),
+    {ok, #{held := Held0}} = erpy:pool_info(Pool),
+    {ok, P1} = start(Config, Id, <<"function_cases:Kv">>, #{}),
+    ?assertMatch({ok, #{held := Held0}}, erpy:pool_info(Pool)),
+    ?assertEqual(1, py_entries(Pool, Id)),
+    exit(P1, kill),
+    P2 = wait_restarted(Id),
+    ?assertNotEqual(P1, P2),
+    {reply, _} = erpy_function:call(Id, <<"get">>),
+    ?assertEqual(1, py_entries(Pool, Id)),
+    %% Over its restart limit, killed: nobody restarts it; its janitor drops the entry.
+    ok = erpy_function:stop(Id),
+    ?assertEqual(0, py_entries(Pool, Id)),
+    {ok, P3} = start(Config, Id, <<"function_cases:Kv">>, #{max_restarts => {0, 1}}),
+    exit(P3, kill),
+    ok = wait_entries(Pool, Id, 0, 100),
+    ?assertMatch({error, {init_failed, _}},
+                 start(Config, Id, <<"function_cases:Kv">>, #{init_payload => <<"fail-init">>})),
+    ok = wait_entries(Pool, Id, 0, 100).
+
+py_entries(Pool, Id) ->
+    Code = <<"(lambda f: sum(1 for i in list(__import__('erpy.function').function"
+             "._erlang_instances.values()) if i.host.slf().function_id == f))(fid)">>,
+    {ok, N} = erpy:eval(Code, #{fid => Id}, #{pool => Pool}),
+    N.
+
+wait_entries(Pool, Id, N, 0) ->
+    ?assertEqual(N, py_entries(Pool, Id));
+wait_entries(Pool, Id, N, Tries) ->
+    case py_entries(Pool, Id) of
+        N -> ok;
+        _ -> timer:sleep(50), wait_entries(Pool, Id, N, Tries - 1)
     end.
 
 %% ---- helpers ----------------------------------------------------------------------------

@@ -318,6 +318,8 @@ class Instance:
     def call(self, src: Any, msg: Any) -> bytes | _NoReplyType:
         """The reply as bytes, or NoReply (a handler returning None means no reply)."""
         reply = self._run("handle_call", _as_instance_id(src), as_bytes(msg))
+        if type(reply) is bytes:
+            return reply
         if reply is None or reply is NoReply:
             return NoReply
         try:
@@ -333,8 +335,8 @@ class Instance:
 
 ## Erlang as the host (erpy_function)
 #
-# erpy_function checks out one worker per instance and drives it with requests to the
-# functions below; host API calls go back with erlang.call('erpy_function', 'host', Op),
+# erpy_function drives each instance with requests to the functions below, on a worker it
+# holds (port, node) or on any context of its embedded pool, one request at a time; host API calls go back with erlang.call('erpy_function', 'host', Op),
 # which runs in the instance's Erlang process under the pool's policy (the pool must
 # allow {erpy_function, host, 1}). Erlang knows the instance by the process the callback
 # runs in, so Python cannot speak for another instance.
@@ -396,9 +398,11 @@ class ErlangHost(Host):
 
 
 # Instances of this interpreter hosted by Erlang, by the key erpy_function gave them. An
-# entry lives as long as a guard kept in the held worker's namespace: when the worker goes
-# back to its pool (stop, or the instance process died) the namespace is cleared, the guard
-# freed, and the entry dropped, so nothing leaks in a long-lived worker or node.
+# instance on a held worker (port, node) lives as long as a guard kept in that worker's
+# namespace: when the worker goes back to its pool (stop, or the instance process died)
+# the namespace is cleared, the guard freed, and the entry dropped, so nothing leaks in a
+# long-lived worker or node. One on an embedded pool holds no worker (erlang_start_shared):
+# Erlang drops it explicitly.
 _erlang_instances: dict[Any, Instance] = {}
 
 
@@ -423,6 +427,31 @@ def erlang_start(namespace: dict, key: Any, spec: Any, self_id: Any, payload: An
     return _OK
 
 
+def erlang_start_shared(key: Any, spec: Any, self_id: Any, payload: Any, state: Any) -> Any:
+    """:func:`erlang_start` for an instance that holds no worker (embedded pools: every
+    context shares this interpreter). The entry lives until :func:`erlang_stop` or
+    :func:`erlang_drop` (erpy_function's janitor calls it when the instance process ends);
+    an entry of an earlier run of the same instance that was never dropped goes now."""
+    sid = _as_instance_id(self_id)
+    for old, inst in list(_erlang_instances.items()):
+        if isinstance(inst.host, ErlangHost) and inst.host.slf() == sid and old != key:
+            _erlang_instances.pop(old, None)
+    instance = Instance(load(spec), ErlangHost(sid))
+    _erlang_instances[key] = instance
+    try:
+        instance.init(payload, state)
+    except BaseException:
+        _erlang_instances.pop(key, None)
+        raise
+    return _OK
+
+
+def erlang_drop(key: Any) -> Any:
+    """Forgets the instance ``key`` without ``handle_stop`` (its process crashed)."""
+    _erlang_instances.pop(key, None)
+    return _OK
+
+
 def _erlang_instance(key: Any) -> Instance:
     instance = _erlang_instances.get(key)
     if instance is None:
@@ -431,12 +460,29 @@ def _erlang_instance(key: Any) -> Instance:
 
 
 def erlang_cast(key: Any, src: Any, msg: Any) -> Any:
-    _erlang_instance(key).cast(src, msg)
+    _erlang_instance(key).cast(_erlang_src(src), msg)
     return _OK
 
 
+# Erlang's src tuples as InstanceIds: a handful of distinct ones, converted once (bounded).
+_src_ids: dict[Any, InstanceId] = {}
+
+
+def _erlang_src(src: Any) -> InstanceId:
+    try:
+        return _src_ids[src]
+    except (KeyError, TypeError):
+        pass
+    sid = _as_instance_id(src)
+    if type(src) is tuple and type(src[0]) is str and type(src[1]) is str:
+        if len(_src_ids) >= 1024:
+            _src_ids.clear()
+        _src_ids[src] = sid
+    return sid
+
+
 def erlang_call(key: Any, src: Any, msg: Any) -> Any:
-    reply = _erlang_instance(key).call(src, msg)
+    reply = _erlang_instance(key).call(_erlang_src(src), msg)
     if reply is NoReply:
         return _NOREPLY
     return (_REPLY, reply)

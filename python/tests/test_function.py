@@ -168,6 +168,35 @@ def test_erlang_hosted_instances_live_as_long_as_the_namespace():
         fn.erlang_cast(b"k1", ("n", "x"), b"")
 
 
+def test_erlang_shared_instances_are_dropped_explicitly():
+    # Embedded pools: no held namespace; the entry lives until erlang_stop / erlang_drop,
+    # and a new start of the same instance drops an entry a crash left behind.
+    assert fn.erlang_start_shared("s1", "function_samples", ("node", "f2"), "p", b"s") == "ok"
+    assert fn.erlang_call("s1", ("node", "x"), b"whoami") == ("reply", b"node/f2")
+    assert fn.erlang_start_shared("s2", "function_samples", ("node", "f2"), "p", b"t") == "ok"
+    assert "s1" not in fn._erlang_instances
+    assert fn.erlang_call("s2", ("node", "x"), b"state") == ("reply", b"t")
+    assert fn.erlang_drop("s2") == "ok"
+    assert "s2" not in fn._erlang_instances
+    assert fn.erlang_drop("s2") == "ok"
+    with pytest.raises(LookupError):
+        fn.erlang_call("s2", ("n", "x"), b"")
+    # A failing init leaves nothing behind.
+    with pytest.raises(Exception):
+        fn.erlang_start_shared("s3", "no_such_module_xyz", ("node", "f3"), "", b"")
+    assert "s3" not in fn._erlang_instances
+
+
+def test_erlang_src_ids():
+    sid = fn._erlang_src(("n", "f"))
+    assert sid == fn.InstanceId("n", "f") and type(sid) is fn.InstanceId
+    assert fn._erlang_src(("n", "f")) is sid
+    assert fn._erlang_src((b"n", b"f")) == sid
+    assert fn._erlang_src(["n", "f"]) == sid  # unhashable: converted, not cached
+    with pytest.raises(TypeError):
+        fn._erlang_src(("n", "f", "g"))
+
+
 def test_erlang_host_answers():
     h = fn.ErlangHost(fn.InstanceId("n", "f"))
     assert h._answer(fn._atom("ok")) is None

@@ -60,6 +60,19 @@ class Kv:
             except fn.FunctionCallError as exc:
                 return "error:%r" % (exc.args[0],)
             return b"noreply" if answer is fn.NoReply else answer
+        if msg.startswith(b"excl "):
+            # Spins like "spin"; answers b"overlap" if another handler of this instance ran
+            # meanwhile (an instance runs one handler at a time).
+            if getattr(self, "inside", False):
+                return b"overlap"
+            self.inside = True
+            try:
+                end = time.monotonic() + float(msg[5:])
+                while time.monotonic() < end:
+                    pass
+            finally:
+                self.inside = False
+            return b"alone"
         if msg.startswith(b"spin "):
             # Busy, not time.sleep: every mode's interrupt stops bytecode at once.
             end = time.monotonic() + float(msg[5:])
