@@ -182,13 +182,7 @@ wait_pong(Node, N) ->
         pang -> timer:sleep(50), wait_pong(Node, N - 1)
     end.
 
-median(Xs) ->
-    S = lists:sort(Xs),
-    L = length(S),
-    case L rem 2 of
-        1 -> lists:nth(L div 2 + 1, S);
-        0 -> (lists:nth(L div 2, S) + lists:nth(L div 2 + 1, S)) / 2
-    end.
+median(Xs) -> erpy_bench:median(Xs).
 
 p99(L) ->
     S = lists:sort(L),

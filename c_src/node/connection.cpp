@@ -179,6 +179,23 @@ bool Connection::spin(std::size_t room) {
 
 // --- sending ------------------------------------------------------------------------------
 
+namespace {
+
+// `done` bytes of the `n` buffers at `iov` were written: the rest is what remains.
+void consume(iovec*& iov, int& n, std::size_t done) {
+  while (n > 0 && done >= iov->iov_len) {
+    done -= iov->iov_len;
+    ++iov;
+    --n;
+  }
+  if (n > 0) {
+    iov->iov_base = static_cast<std::uint8_t*>(iov->iov_base) + done;
+    iov->iov_len -= done;
+  }
+}
+
+}  // namespace
+
 Connection::Wrote Connection::write_some(iovec*& iov, int& n) {
   if (tls) {
     std::size_t done;
@@ -190,14 +207,8 @@ Connection::Wrote Connection::write_some(iovec*& iov, int& n) {
       return Wrote::kFailed;
     }
     if (done) last_write.store(now_ns(), std::memory_order_relaxed);
-    while (n > 0 && done >= iov->iov_len) {
-      done -= iov->iov_len;
-      ++iov;
-      --n;
-    }
+    consume(iov, n, done);
     if (n > 0) {
-      iov->iov_base = static_cast<std::uint8_t*>(iov->iov_base) + done;
-      iov->iov_len -= done;
       write_want_ = want;
       return Wrote::kBlocked;
     }
@@ -214,16 +225,7 @@ Connection::Wrote Connection::write_some(iovec*& iov, int& n) {
       return Wrote::kFailed;
     }
     last_write.store(now_ns(), std::memory_order_relaxed);
-    std::size_t done = static_cast<std::size_t>(w);
-    while (n > 0 && done >= iov->iov_len) {
-      done -= iov->iov_len;
-      ++iov;
-      --n;
-    }
-    if (n > 0) {
-      iov->iov_base = static_cast<std::uint8_t*>(iov->iov_base) + done;
-      iov->iov_len -= done;
-    }
+    consume(iov, n, static_cast<std::size_t>(w));
   }
   return Wrote::kAll;
 }
