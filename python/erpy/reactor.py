@@ -356,6 +356,9 @@ class _PortLoop:
             return
         fd = fds[0]
         try:
+            # recv_fds does not set close-on-exec: a child of the worker must not keep a
+            # connection (or the callback channel) open.
+            os.set_inheritable(fd, False)
             from . import decode
             payload = decode(msg)
             if isinstance(payload, tuple) and len(payload) == 2 and payload[0] == "erpy_callback_channel":
