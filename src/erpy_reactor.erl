@@ -444,8 +444,8 @@ hold(Pool, N, Acc) ->
 %% {callback, CbId, Kind, M, F, A} frames (4-byte lengths, as on the request pipe), runs
 %% each under the pool's policy (a policy context per callback, whose caller is this
 %% process) and answers {reply, CbId, ok | error, Value}. It ends when the worker's end
-%% closes (the worker died or was replaced): Python's waiting call then gets
-%% ErlangPortError.
+%% closes (the worker died): Python's waiting call then gets ErlangPortError. A worker
+%% keeps its first live channel (asked again, it answers "has a callback channel").
 
 callback_channel(Pool, {Name, OsPid}) ->
     Payload = term_to_binary({erpy_callback_channel, Pool}),
@@ -453,6 +453,8 @@ callback_channel(Pool, {Name, OsPid}) ->
         {ok, Fd} ->
             Pid = spawn(fun() -> callbacks_open(Pool, Fd) end),
             {ok, Pid};
+        {error, {python, <<"has a callback channel">>}} = Known ->
+            Known;
         {error, _} = Error ->
             %% No channel: the worker's protocols get ErlangPortError from erlang.*.
             logger:warning("erpy_reactor: no callback channel for worker ~p of ~p: ~p",
@@ -467,7 +469,11 @@ callbacks_open(Pool, Fd) ->
     case Opened of
         {ok, S} ->
             try callbacks(S, Pool)
-            after socket:close(S)
+            after
+                socket:close(S),
+                %% The worker died (or the channel broke): the next handoff asks the
+                %% pool's workers again, and its replacement gets a channel.
+                _ = persistent_term:erase(?CHANNELS(Pool))
             end;
         {error, _} ->
             ok

@@ -415,7 +415,14 @@ port_crash_loses_only_its_connections(_Config) ->
     gen_tcp:close(S9),
     ok = gen_tcp:send(C9, <<"new">>),
     {ok, <<"new">>} = gen_tcp:recv(C9, 3, 2000),
-    [gen_tcp:close(X) || X <- [C9, L]].
+    [gen_tcp:close(X) || X <- [C9, L]],
+    %% The new worker's callback channel (an fd kept in the VM) is made once erpy knows
+    %% it: now, not in a later test that counts fds.
+    ok = wait_until(fun() ->
+                            ok = port_warm_up(?P),
+                            {Known, _} = persistent_term:get({erpy_reactor, channels, ?P}, {[], 0}),
+                            length(Known) =:= 2
+                    end, 10000).
 
 %% The VM keeps no copy of a handed-over fd (end_per_testcase counts).
 port_no_leak(_Config) ->
@@ -452,6 +459,17 @@ port_callbacks(_Config) ->
              ok = gen_tcp:send(C, <<"send:erpy_reactor_SUITE">>),
              {ok, <<"refused:ErlangError">>} = gen_tcp:recv(C, 0, 5000)
          end || C <- Conns],
+        %% erpy asks its workers again (as after losing one): each keeps its channel (no
+        %% fd more in the VM: end_per_testcase counts) and callbacks go on.
+        _ = persistent_term:erase({erpy_reactor, channels, ?P}),
+        {C5, S5} = connect(L, Port),
+        {ok, _} = erpy_reactor:handoff_socket(?P, S5),
+        gen_tcp:close(S5),
+        [begin
+             ok = gen_tcp:send(C, <<"call">>),
+             {ok, <<"ok:[[1, 2, 3]];os:ErlangError">>} = gen_tcp:recv(C, 0, 5000)
+         end || C <- [C5 | Conns]],
+        gen_tcp:close(C5),
         [gen_tcp:close(X) || X <- [L | Conns]]
     after
         unregister(erpy_reactor_suite_sink)
@@ -461,6 +479,7 @@ port_callbacks(_Config) ->
 %% protocol gets ErlangPortError, never hangs, and its connection goes on.
 port_callback_channel_lost(_Config) ->
     {ok, _} = erpy:start_pool(rpcb, #{mode => port, size => 1, timeout => 10000,
+                                      max_message_size => 65536,
                                       pythonpath => [pydir()], allowed => [lists, timer],
                                       reactor => {reactor_protocols, 'Echo'}}),
     try
@@ -469,6 +488,9 @@ port_callback_channel_lost(_Config) ->
         {C, S} = connect(L, Port),
         {ok, _} = erpy_reactor:handoff_socket(rpcb, S),
         gen_tcp:close(S),
+        %% Sizes and atoms as for any callback.
+        ok = gen_tcp:send(C, <<"limits">>),
+        {ok, <<"ErlangError;ErlangError;">>} = gen_tcp:recv(C, 0, 5000),
         ok = gen_tcp:send(C, <<"sleepcall">>),
         Runner = wait_for_callback(),
         exit(Runner, kill),

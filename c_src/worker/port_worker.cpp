@@ -87,7 +87,8 @@ class PortWorker {
   // SCM_RIGHTS, the other owned by an Erlang process per worker that runs them under the
   // pool's policy), never over the request pipe, which is the serving thread's. All of it
   // runs on the reactor thread with the GIL held, except its reads and writes.
-  void set_reactor_channel(int fd, std::int64_t timeout_ms);
+  // False (fd not taken) if the thread's channel is alive.
+  bool set_reactor_channel(int fd, std::int64_t timeout_ms);
   bool on_reactor_thread() const noexcept {
     return reactor_fd_ >= 0 && PyThread_get_thread_ident() == reactor_thread_;
   }
@@ -682,12 +683,18 @@ Got read_exact(int fd, std::uint8_t* data, std::size_t n, std::int64_t deadline_
 
 }  // namespace
 
-void PortWorker::set_reactor_channel(int fd, std::int64_t timeout_ms) {
-  // A newer channel (Erlang lost track of this worker's and made another) replaces it.
+bool PortWorker::set_reactor_channel(int fd, std::int64_t timeout_ms) {
+  if (reactor_fd_ >= 0) {
+    // One channel per worker: a live one stays (Erlang asks again whenever it lost track
+    // of its workers), one whose Erlang end closed is replaced.
+    pollfd p{reactor_fd_, POLLRDHUP, 0};
+    if (::poll(&p, 1, 0) == 0) return false;
+  }
   close_reactor_channel();
   reactor_fd_ = fd;
   reactor_thread_ = PyThread_get_thread_ident();
   reactor_timeout_ms_ = timeout_ms > 0 ? timeout_ms : 0;
+  return true;
 }
 
 void PortWorker::close_reactor_channel() {
@@ -878,8 +885,9 @@ PyObject* erlang_send(PyObject*, PyObject* args) {
   });
 }
 
-// reactor_callback_channel(fd, timeout_ms): called by erpy.reactor's port loop, on its
-// thread, with the callback channel Erlang sent it (the worker owns fd from then on).
+// reactor_callback_channel(fd, timeout_ms) -> bool: called by erpy.reactor's port loop,
+// on its thread, with the callback channel Erlang sent it; True: the worker owns fd from
+// then on; False: it has a live one already (the caller closes fd).
 PyObject* reactor_callback_channel(PyObject*, PyObject* args) {
   int fd;
   long long timeout_ms;
@@ -892,8 +900,7 @@ PyObject* reactor_callback_channel(PyObject*, PyObject* args) {
       PyErr_SetString(PyExc_ValueError, "reactor_callback_channel: bad fd");
       throw PythonError();
     }
-    g_worker->set_reactor_channel(fd, timeout_ms);
-    Py_RETURN_NONE;
+    return PyBool_FromLong(g_worker->set_reactor_channel(fd, timeout_ms));
   });
 }
 

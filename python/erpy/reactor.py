@@ -364,9 +364,11 @@ class _PortLoop:
             if isinstance(payload, tuple) and len(payload) == 2 and payload[0] == "erpy_callback_channel":
                 # erlang.call/apply/send from this thread go there (port_worker.cpp),
                 # each waiting for its answer at most a callback's time.
-                _native.reactor_callback_channel(fd, int((self.timeout or 0) * 1000))
+                taken = _native.reactor_callback_channel(fd, int((self.timeout or 0) * 1000))
+                if not taken:
+                    os.close(fd)
                 try:
-                    conn.sendall(b"K")
+                    conn.sendall(b"K" if taken else b"Ehas a callback channel")
                 except OSError:
                     pass
                 return

@@ -44,6 +44,16 @@ class Echo(reactor.Protocol):
             except Exception as e:  # noqa: BLE001
                 self.write_buffer.extend(b"refused:" + type(e).__name__.encode())
             return "write_pending"
+        if data.startswith(b"limits"):
+            # A callback over max_message_size, and one naming an atom that does not exist.
+            import erpy
+            for args in ([b"x" * 200000], [erpy.Atom("erpy_reactor_suite_no_such_atom_zq")]):
+                try:
+                    erlang.call("lists", "reverse", args)
+                    self.write_buffer.extend(b"ran;")
+                except Exception as e:  # noqa: BLE001
+                    self.write_buffer.extend(type(e).__name__.encode() + b";")
+            return "write_pending"
         if data.startswith(b"sleepcall"):
             # Waits in Erlang (timer:sleep) until the test ends the channel or the worker.
             try:
