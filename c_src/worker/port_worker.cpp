@@ -141,7 +141,8 @@ class PortWorker {
   ByteBuffer out_;
   bool exiting_ = false;
   unsigned long serving_thread_ = 0;
-  // The reactor's callback channel (see set_reactor_channel); -1: none.
+  // The reactor's callback channel (see set_reactor_channel); -1: none. These are read
+  // and written with the GIL held only (its I/O runs without the GIL, on a copy of fd).
   int reactor_fd_ = -1;
   unsigned long reactor_thread_ = 0;
   std::int64_t reactor_timeout_ms_ = 0;  // per callback; 0: none
@@ -638,32 +639,43 @@ PyRef PortWorker::self_pid() {
 
 namespace {
 
-// Writes all of `data`; false if the peer is gone.
-bool write_all(int fd, const std::uint8_t* data, std::size_t n) {
+enum class Got { ok, closed, timeout };
+
+std::int64_t monotonic_ms() {
+  using namespace std::chrono;
+  return duration_cast<milliseconds>(steady_clock::now().time_since_epoch()).count();
+}
+
+// Writes all of `data` by `deadline_ms` (monotonic; 0: none).
+Got write_all(int fd, const std::uint8_t* data, std::size_t n, std::int64_t deadline_ms) {
   while (n) {
-    const ssize_t w = ::send(fd, data, n, MSG_NOSIGNAL);
+    const ssize_t w = ::send(fd, data, n, MSG_NOSIGNAL | MSG_DONTWAIT);
     if (w < 0 && errno == EINTR) continue;
     if (w < 0 && errno == EAGAIN) {
+      // Erlang's end reads one frame at a time: a large one waits for it.
+      int wait = -1;
+      if (deadline_ms) {
+        const std::int64_t now = monotonic_ms();
+        if (now >= deadline_ms) return Got::timeout;
+        wait = static_cast<int>(std::min<std::int64_t>(deadline_ms - now, 1 << 30));
+      }
       pollfd p{fd, POLLOUT, 0};
-      (void)::poll(&p, 1, 1000);
+      (void)::poll(&p, 1, wait);
       continue;
     }
-    if (w <= 0) return false;
+    if (w <= 0) return Got::closed;
     data += w;
     n -= static_cast<std::size_t>(w);
   }
-  return true;
+  return Got::ok;
 }
-
-enum class Got { ok, closed, timeout };
 
 // Reads exactly n bytes by `deadline_ms` (monotonic; 0: none).
 Got read_exact(int fd, std::uint8_t* data, std::size_t n, std::int64_t deadline_ms) {
-  using namespace std::chrono;
   while (n) {
     int wait = -1;
     if (deadline_ms) {
-      const std::int64_t now = duration_cast<milliseconds>(steady_clock::now().time_since_epoch()).count();
+      const std::int64_t now = monotonic_ms();
       if (now >= deadline_ms) return Got::timeout;
       wait = static_cast<int>(std::min<std::int64_t>(deadline_ms - now, 1 << 30));
     }
@@ -722,23 +734,21 @@ PyRef PortWorker::reactor_callback(const char* kind, PyObject* m, PyObject* f, P
     throw PythonError();
   }
   for (int i = 0; i < 4; ++i) frame.data()[i] = static_cast<std::uint8_t>(body >> (24 - 8 * i));
-  using namespace std::chrono;
-  const std::int64_t deadline =
-      reactor_timeout_ms_
-          ? duration_cast<milliseconds>(steady_clock::now().time_since_epoch()).count() + reactor_timeout_ms_
-          : 0;
+  const std::int64_t deadline = reactor_timeout_ms_ ? monotonic_ms() + reactor_timeout_ms_ : 0;
   const int fd = reactor_fd_;
   auto lost = [&](const char* why) -> PyRef {
     close_reactor_channel();
     PyErr_Format(errors_.port.get(), "%s: %s", kind, why);
     throw PythonError();
   };
-  bool sent;
+  Got sent;
   {
     py::GilRelease nogil;
-    sent = write_all(fd, frame.data(), frame.size());
+    sent = write_all(fd, frame.data(), frame.size(), deadline);
   }
-  if (!sent) return lost("the reactor's channel to Erlang is closed");
+  // A frame cut short would leave the stream unreadable: the channel goes with it.
+  if (sent == Got::timeout) return lost("Erlang took no callback within the callback timeout");
+  if (sent == Got::closed) return lost("the reactor's channel to Erlang is closed");
   ByteBuffer in;
   for (;;) {
     std::uint8_t head[4];
