@@ -39,6 +39,8 @@
 
 -define(CONFIG(Pool), {?MODULE, config, Pool}).
 -define(CHANNELS(Pool), {?MODULE, channels, Pool}).
+%% The "pool" a port protocol's callbacks nest in: none (see run_port_callback/4).
+-define(NO_NESTING, '$erpy_reactor_port_callback').
 
 %% API.
 
@@ -509,16 +511,17 @@ callbacks(S, Pool) ->
     end.
 
 %% Decoded and run exactly as a request's callback (erpy_call's run_callback): the
-%% policy's decode (sizes, atoms, funs), then erpy_policy:run_callback. The pool is
-%% named {erpy_reactor, Pool} for nesting, so an erpy call made by the callback goes
-%% through the pool (the reactor thread cannot serve a nested request).
+%% policy's decode (sizes, atoms, funs), then erpy_policy:run_callback. The pool it is
+%% given names no pool (it serves only to mark nesting): an erpy call made by the
+%% callback goes through the pool as any, since the reactor thread cannot serve a
+%% nested request.
 run_port_callback(Pool, Policy, CbId, Frame) ->
     Ctx = erpy_policy:request_ctx(Policy, self(), []),
     Result = case erpy_policy:decode(Ctx, Frame) of
                  {ok, {callback, CbId, call, M, F, A}} ->
-                     erpy_policy:run_callback(Ctx, {?MODULE, Pool}, self(), call, M, F, {check, [A]});
+                     erpy_policy:run_callback(Ctx, ?NO_NESTING, self(), call, M, F, {check, [A]});
                  {ok, {callback, CbId, Kind, M, F, A}} when is_list(A) ->
-                     erpy_policy:run_callback(Ctx, {?MODULE, Pool}, self(), Kind, M, F, {check, A});
+                     erpy_policy:run_callback(Ctx, ?NO_NESTING, self(), Kind, M, F, {check, A});
                  {ok, {callback, CbId, Kind, _, _, _}} ->
                      {error, {badarg, Kind}};
                  {ok, _} ->
