@@ -122,8 +122,8 @@ reactor_close(_Res) -> erlang:nif_error(not_loaded).
 -spec reactor_fd(reference()) -> non_neg_integer() | closed.
 reactor_fd(_Res) -> erlang:nif_error(not_loaded).
 
--spec reactor_send_fd(binary(), non_neg_integer(), non_neg_integer(), binary()) ->
-    ok | {error, term()}.
+-spec reactor_send_fd(binary(), non_neg_integer(), non_neg_integer() | socketpair, binary()) ->
+    ok | {ok, non_neg_integer()} | {error, term()}.
 reactor_send_fd(_Channel, _OsPid, _Fd, _Payload) -> erlang:nif_error(not_loaded).
 
 -spec reactor_event(reference(), reference(), reference(), read | write) ->

@@ -13,7 +13,9 @@
 %% Port pools: the fd goes to a worker process with SCM_RIGHTS over the worker's
 %% channel (an abstract Unix socket, checked to belong to that worker); the worker's own
 %% poll loop runs the same erpy.reactor code, and a worker that crashes loses its
-%% connections, not the VM.
+%% connections, not the VM. Each worker's loop also gets a callback channel (a socket
+%% pair): erlang.call/apply/send from its protocols come there, to a process of ours
+%% per worker that runs them under the pool's policy.
 %%
 %% Ownership: handoff/3,4 takes the fd (erpy closes it, also on error); handoff_socket/3
 %% duplicates the socket's fd, so the caller keeps its socket and closes it when it
@@ -37,6 +39,8 @@
 
 -define(CONFIG(Pool), {?MODULE, config, Pool}).
 -define(CHANNELS(Pool), {?MODULE, channels, Pool}).
+%% The "pool" a port protocol's callbacks nest in: none (see run_port_callback/4).
+-define(NO_NESTING, '$erpy_reactor_port_callback').
 
 %% API.
 
@@ -417,6 +421,7 @@ channels(Pool, #{size := Size}, Timeout) ->
                                                             #{worker => W})],
                           C <- [{Name, OsPid}]],
             _ = [erpy:checkin(W) || W <- Workers],
+            _ = [callback_channel(Pool, C) || C <- lists:usort(Found) -- Known],
             All = lists:usort(Found ++ Known),
             _ = All =/= [] andalso persistent_term:put(?CHANNELS(Pool), {All, Now}),
             All;
@@ -430,4 +435,123 @@ hold(Pool, N, Acc) ->
     case erpy:checkout(Pool, case Acc of [] -> 5000; _ -> 200 end) of
         {ok, W} -> hold(Pool, N - 1, [W | Acc]);
         {error, _} -> Acc
+    end.
+
+%% ---- port mode: the reactor's callbacks into Erlang -----------------------------------
+%%
+%% A worker's reactor thread has no Erlang caller and no use of the request pipe (the
+%% serving thread's), so its erlang.call/apply/send go over a socket pair made when the
+%% worker's channel is first found: one end to the worker (as an fd is handed over, with
+%% the payload {erpy_callback_channel, Pool}), the other to a process here that reads
+%% {callback, CbId, Kind, M, F, A} frames (4-byte lengths, as on the request pipe), runs
+%% each under the pool's policy (a policy context per callback, whose caller is this
+%% process) and answers {reply, CbId, ok | error, Value}. It ends when the worker's end
+%% closes (the worker died): Python's waiting call then gets ErlangPortError. A worker
+%% keeps its first live channel (asked again, it answers "has a callback channel").
+
+callback_channel(Pool, {Name, OsPid}) ->
+    Payload = term_to_binary({erpy_callback_channel, Pool}),
+    case erpy_nif:reactor_send_fd(Name, OsPid, socketpair, Payload) of
+        {ok, Fd} ->
+            Pid = spawn(fun() -> callbacks_open(Pool, Fd) end),
+            {ok, Pid};
+        {error, {python, <<"has a callback channel">>}} = Known ->
+            Known;
+        {error, _} = Error ->
+            %% No channel: the worker's protocols get ErlangPortError from erlang.*.
+            logger:warning("erpy_reactor: no callback channel for worker ~p of ~p: ~p",
+                           [OsPid, Pool, Error]),
+            Error
+    end.
+
+callbacks_open(Pool, Fd) ->
+    %% A copy (dup): the socket module closes only fds it made itself.
+    Opened = socket:open(Fd, #{domain => local, type => stream, dup => true}),
+    close_fd(Fd),
+    case Opened of
+        {ok, S} ->
+            try callbacks(S, Pool)
+            after
+                socket:close(S),
+                %% The worker died (or the channel broke): the next handoff asks the
+                %% pool's workers again, and its replacement gets a channel.
+                _ = persistent_term:erase(?CHANNELS(Pool))
+            end;
+        {error, _} ->
+            ok
+    end.
+
+callbacks(S, Pool) ->
+    case socket:recv(S, 4) of
+        {ok, <<Len:32>>} ->
+            case erpy_pool:lookup(Pool) of
+                {ok, #{policy := Policy, max_message_size := Max}} when Len =< Max ->
+                    case socket:recv(S, Len) of
+                        {ok, <<131, 104, 6, 119, 8, "callback", 98, CbId:32/signed, _/binary>> = Frame} ->
+                            %% The id is an INTEGER_EXT at a fixed place
+                            %% (port_worker.cpp), so a refused term still gets its answer.
+                            Reply = run_port_callback(Pool, Policy, CbId, Frame),
+                            case socket:send(S, [<<(byte_size(Reply)):32>>, Reply]) of
+                                ok ->
+                                    flush_all(),
+                                    callbacks(S, Pool);
+                                {error, _} ->
+                                    ok
+                            end;
+                        _ ->
+                            ok  % not a callback frame: the channel closes
+                    end;
+                _ ->
+                    %% The pool is gone, or the worker broke the size limit (the C++ side
+                    %% checks it before sending): Python sees the channel close.
+                    ok
+            end;
+        {error, _} ->
+            ok
+    end.
+
+%% Decoded and run exactly as a request's callback (erpy_call's run_callback): the
+%% policy's decode (sizes, atoms, funs), then erpy_policy:run_callback. The pool it is
+%% given names no pool (it serves only to mark nesting): an erpy call made by the
+%% callback goes through the pool as any, since the reactor thread cannot serve a
+%% nested request.
+run_port_callback(Pool, Policy, CbId, Frame) ->
+    Ctx = erpy_policy:request_ctx(Policy, self(), []),
+    Result = case erpy_policy:decode(Ctx, Frame) of
+                 {ok, {callback, CbId, call, M, F, A}} ->
+                     erpy_policy:run_callback(Ctx, ?NO_NESTING, self(), call, M, F, {check, [A]});
+                 {ok, {callback, CbId, Kind, M, F, A}} when is_list(A) ->
+                     erpy_policy:run_callback(Ctx, ?NO_NESTING, self(), Kind, M, F, {check, A});
+                 {ok, {callback, CbId, Kind, _, _, _}} ->
+                     {error, {badarg, Kind}};
+                 {ok, _} ->
+                     {error, {badarg, callback}};
+                 {error, _} = Error ->
+                     Error
+             end,
+    erpy_policy:done(Ctx),
+    encode_reply(Pool, case Result of
+                           {ok, Value} -> {reply, CbId, ok, Value};
+                           {error, Why} -> {reply, CbId, error, Why}
+                       end).
+
+%% As a request callback's answer: an answer over max_message_size is refused as one.
+encode_reply(Pool, {reply, CbId, _, _} = Reply) ->
+    Max = erpy_pool:max_message_size(Pool),
+    Bin = try term_to_binary(Reply, [{minor_version, 2}])
+          catch error:_ -> term_to_binary({reply, CbId, error, #{class => error, reason => unencodable}})
+          end,
+    case byte_size(Bin) of
+        Size when Size > Max ->
+            term_to_binary({reply, CbId, error, #{class => error,
+                                                  reason => {message_too_large, Size, Max}}},
+                           [{minor_version, 2}]);
+        _ ->
+            Bin
+    end.
+
+%% What Python may have sent this process (erlang.send to its caller): nobody reads it.
+flush_all() ->
+    receive _ -> flush_all()
+    after 0 -> ok
     end.

@@ -16,6 +16,7 @@
          many_events_in_order/1,
          policy_applies/1, no_factory/1, bad_fd/1, ten_thousand_no_leak/1,
          port_echo/1, port_crash_loses_only_its_connections/1, port_no_leak/1,
+         port_callbacks/1, port_callback_channel_lost/1, port_worker_killed_in_callback/1,
          pool_option_checked/1]).
 
 -define(E, remb).
@@ -26,6 +27,7 @@ all() ->
      protocol_raises, bad_action, never_returns, idle_past_timeout, close_while_running,
      callback_then_close, many_events_in_order, policy_applies, no_factory, bad_fd,
      ten_thousand_no_leak, port_echo, port_crash_loses_only_its_connections, port_no_leak,
+     port_callbacks, port_callback_channel_lost, port_worker_killed_in_callback,
      pool_option_checked].
 
 suite() ->
@@ -39,8 +41,12 @@ init_per_suite(Config) ->
     %% One interpreter in the VM: the suite's protocols join its path.
     ok = erpy:exec(iolist_to_binary(["import sys; sys.path.insert(0, '", Dir, "')"]), #{pool => ?E}),
     {ok, _} = erpy:start_pool(?P, #{mode => port, size => 2, timeout => 1000, pythonpath => [Dir],
+                                    allowed => [lists], send_allowed => [erpy_reactor_suite_sink],
                                     reactor => {reactor_protocols, 'Echo'}}),
     ok = erpy_test_env:wait_serves(?P, 100),
+    %% The port pool's callback channels (an fd per worker, kept while it lives) are made
+    %% at its first handoff: before the tests count fds.
+    ok = port_warm_up(?P),
     %% The socket module keeps fds of its own (pipes) from its first receive with a
     %% timeout on: not ours to count.
     ok = warm_socket_module(sock_path("warm")),
@@ -409,7 +415,14 @@ port_crash_loses_only_its_connections(_Config) ->
     gen_tcp:close(S9),
     ok = gen_tcp:send(C9, <<"new">>),
     {ok, <<"new">>} = gen_tcp:recv(C9, 3, 2000),
-    [gen_tcp:close(X) || X <- [C9, L]].
+    [gen_tcp:close(X) || X <- [C9, L]],
+    %% The new worker's callback channel (an fd kept in the VM) is made once erpy knows
+    %% it: now, not in a later test that counts fds.
+    ok = wait_until(fun() ->
+                            ok = port_warm_up(?P),
+                            {Known, _} = persistent_term:get({erpy_reactor, channels, ?P}, {[], 0}),
+                            length(Known) =:= 2
+                    end, 10000).
 
 %% The VM keeps no copy of a handed-over fd (end_per_testcase counts).
 port_no_leak(_Config) ->
@@ -423,6 +436,125 @@ port_no_leak(_Config) ->
          gen_tcp:close(C)
      end || _ <- lists:seq(1, 200)],
     gen_tcp:close(L).
+
+%% erlang.call/apply/send from a port-mode protocol: run in Erlang under the pool's
+%% policy, as in embedded mode (policy_applies).
+port_callbacks(_Config) ->
+    {L, Port} = listen(),
+    true = register(erpy_reactor_suite_sink, self()),
+    try
+        Conns = [begin
+                     {C, S} = connect(L, Port),
+                     {ok, {erpy_reactor_port, ?P, _}} = erpy_reactor:handoff_socket(?P, S),
+                     gen_tcp:close(S),
+                     C
+                 end || _ <- lists:seq(1, 4)],  % both workers
+        [begin
+             ok = gen_tcp:send(C, <<"call">>),
+             {ok, <<"ok:[[1, 2, 3]];os:ErlangError">>} = gen_tcp:recv(C, 0, 5000),
+             ok = gen_tcp:send(C, <<"send:erpy_reactor_suite_sink">>),
+             {ok, <<"sent">>} = gen_tcp:recv(C, 0, 5000),
+             receive <<"from the reactor">> -> ok after 5000 -> error(no_message) end,
+             %% Not in send_allowed (and an atom that exists): refused.
+             ok = gen_tcp:send(C, <<"send:erpy_reactor_SUITE">>),
+             {ok, <<"refused:ErlangError">>} = gen_tcp:recv(C, 0, 5000)
+         end || C <- Conns],
+        %% erpy asks its workers again (as after losing one): each keeps its channel (no
+        %% fd more in the VM: end_per_testcase counts) and callbacks go on.
+        _ = persistent_term:erase({erpy_reactor, channels, ?P}),
+        {C5, S5} = connect(L, Port),
+        {ok, _} = erpy_reactor:handoff_socket(?P, S5),
+        gen_tcp:close(S5),
+        [begin
+             ok = gen_tcp:send(C, <<"call">>),
+             {ok, <<"ok:[[1, 2, 3]];os:ErlangError">>} = gen_tcp:recv(C, 0, 5000)
+         end || C <- [C5 | Conns]],
+        gen_tcp:close(C5),
+        [gen_tcp:close(X) || X <- [L | Conns]]
+    after
+        unregister(erpy_reactor_suite_sink)
+    end.
+
+%% The callback channel's Erlang end goes away while Python waits for an answer: the
+%% protocol gets ErlangPortError, never hangs, and its connection goes on.
+port_callback_channel_lost(_Config) ->
+    {ok, _} = erpy:start_pool(rpcb, #{mode => port, size => 1, timeout => 10000,
+                                      max_message_size => 65536,
+                                      pythonpath => [pydir()], allowed => [lists, timer],
+                                      reactor => {reactor_protocols, 'Echo'}}),
+    try
+        ok = erpy_test_env:wait_serves(rpcb, 50),
+        {L, Port} = listen(),
+        {C, S} = connect(L, Port),
+        {ok, _} = erpy_reactor:handoff_socket(rpcb, S),
+        gen_tcp:close(S),
+        %% Sizes and atoms as for any callback.
+        ok = gen_tcp:send(C, <<"limits">>),
+        {ok, <<"ErlangError;ErlangError;">>} = gen_tcp:recv(C, 0, 5000),
+        ok = gen_tcp:send(C, <<"sleepcall">>),
+        Runner = wait_for_callback(),
+        exit(Runner, kill),
+        {ok, <<"ErlangPortError">>} = gen_tcp:recv(C, 0, 5000),
+        ok = gen_tcp:send(C, <<"still here">>),
+        {ok, <<"still here">>} = gen_tcp:recv(C, 0, 5000),
+        [gen_tcp:close(X) || X <- [C, L]]
+    after
+        erpy:stop_pool(rpcb)
+    end.
+
+%% The worker dies while its protocol waits for a callback: its connection closes, the
+%% Erlang side of the callback ends (no hang), and the replaced worker has callbacks.
+port_worker_killed_in_callback(_Config) ->
+    {ok, _} = erpy:start_pool(rpkill, #{mode => port, size => 1, timeout => 10000,
+                                        pythonpath => [pydir()], allowed => [lists, timer],
+                                        reactor => {reactor_protocols, 'Echo'}}),
+    try
+        ok = erpy_test_env:wait_serves(rpkill, 50),
+        {L, Port} = listen(),
+        {C, S} = connect(L, Port),
+        {ok, {erpy_reactor_port, rpkill, OsPid}} = erpy_reactor:handoff_socket(rpkill, S),
+        gen_tcp:close(S),
+        ok = gen_tcp:send(C, <<"sleepcall">>),
+        Runner = wait_for_callback(),
+        Mon = monitor(process, Runner),
+        _ = os:cmd("kill -9 " ++ integer_to_list(OsPid)),
+        {error, _} = gen_tcp:recv(C, 0, 5000),
+        receive {'DOWN', Mon, process, Runner, _} -> ok after 10000 -> error(callback_hangs) end,
+        gen_tcp:close(C),
+        ok = erpy_test_env:wait_serves(rpkill, 100),
+        {C2, S2} = connect(L, Port),
+        {ok, {erpy_reactor_port, rpkill, OsPid2}} = erpy_reactor:handoff_socket(rpkill, S2),
+        ?assertNotEqual(OsPid, OsPid2),
+        gen_tcp:close(S2),
+        ok = gen_tcp:send(C2, <<"call">>),
+        {ok, <<"ok:[[1, 2, 3]];os:ErlangError">>} = gen_tcp:recv(C2, 0, 5000),
+        [gen_tcp:close(X) || X <- [C2, L]]
+    after
+        erpy:stop_pool(rpkill)
+    end.
+
+pydir() ->
+    filename:join(os:getenv("ERPY_ROOT", filename:dirname(code:priv_dir(erpy))), "test/py").
+
+%% The process running a port protocol's callback (timer:sleep from "sleepcall").
+wait_for_callback() ->
+    Found = [P || P <- processes(),
+                  {current_stacktrace, St} <- [process_info(P, current_stacktrace)],
+                  lists:keymember(timer, 1, St), lists:keymember(erpy_reactor, 1, St)],
+    case Found of
+        [P | _] -> P;
+        [] -> timer:sleep(20), wait_for_callback()
+    end.
+
+port_warm_up(Pool) ->
+    {L, Port} = listen(),
+    {C, S} = connect(L, Port),
+    {ok, _} = erpy_reactor:handoff_socket(Pool, S),
+    gen_tcp:close(S),
+    ok = gen_tcp:send(C, <<"x">>),
+    {ok, <<"x">>} = gen_tcp:recv(C, 1, 5000),
+    [gen_tcp:close(X) || X <- [C, L]],
+    ok.
 
 pool_option_checked(_Config) ->
     {error, {badarg, reactor}} = erpy:start_pool(rbad, #{mode => embedded, reactor => 42}),

@@ -205,9 +205,20 @@ ERL_NIF_TERM nif_send_fd(ErlNifEnv* env, int, const ERL_NIF_TERM argv[]) {
       name.size >= sizeof(sockaddr_un::sun_path) - 1) {
     return enif_make_badarg(env);
   }
-  if (!enif_get_int(env, argv[1], &os_pid) || !get_fd(env, argv[2], &fd)) return enif_make_badarg(env);
+  // `socketpair` for Fd: a new socket pair, one end sent, the other returned (the
+  // reactor's callback channel, erpy_reactor.erl).
+  const bool pair = enif_is_identical(argv[2], atom(env, "socketpair"));
+  if (!enif_get_int(env, argv[1], &os_pid) || (!pair && !get_fd(env, argv[2], &fd))) return enif_make_badarg(env);
   if (!enif_inspect_binary(env, argv[3], &payload) || payload.size == 0 || payload.size > (1 << 20)) {
     return enif_make_badarg(env);
+  }
+  Sock mine, theirs;  // the pair's ends: ours goes to the caller on success only
+  if (pair) {
+    int sv[2];
+    if (::socketpair(AF_UNIX, SOCK_STREAM | SOCK_CLOEXEC, 0, sv) < 0) return errno_error(env, errno);
+    mine.fd = sv[0];
+    theirs.fd = sv[1];
+    fd = theirs.fd;
   }
   Sock s;
   s.fd = ::socket(AF_UNIX, SOCK_STREAM | SOCK_CLOEXEC, 0);
@@ -255,6 +266,11 @@ ERL_NIF_TERM nif_send_fd(ErlNifEnv* env, int, const ERL_NIF_TERM argv[]) {
     if (n == 0) break;
     answer.append(buf, static_cast<std::size_t>(n));
     if (answer.size() > 8192) break;
+  }
+  if (answer == "K" && pair) {
+    const int kept = mine.fd;
+    mine.fd = -1;
+    return enif_make_tuple2(env, atom(env, "ok"), enif_make_int(env, kept));
   }
   if (answer == "K") return atom(env, "ok");
   if (answer.empty()) return error(env, atom(env, "worker_closed"));

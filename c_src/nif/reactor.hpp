@@ -26,6 +26,8 @@ ERL_NIF_TERM nif_fd(ErlNifEnv* env, int argc, const ERL_NIF_TERM argv[]);
 // send_fd(Channel, OsPid, Fd, Payload) -> ok | {error, Why} (dirty I/O): Fd (a copy of it)
 //   to the port worker listening on the abstract Unix socket Channel, which must be
 //   process OsPid; Payload goes with it; the worker's one-byte answer is awaited.
+//   Fd = socketpair: a new Unix socket pair, one end sent, {ok, OtherEnd} answered (the
+//   caller owns that fd).
 ERL_NIF_TERM nif_send_fd(ErlNifEnv* env, int argc, const ERL_NIF_TERM argv[]);
 
 // event(Pool, Res, Ref, read | write) -> {ok, Job} | {error, closed | pool_closed}: runs

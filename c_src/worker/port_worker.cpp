@@ -1,5 +1,7 @@
 #include "port_worker.hpp"
 
+#include <poll.h>
+#include <sys/socket.h>
 #include <unistd.h>
 
 #include <cerrno>
@@ -76,8 +78,21 @@ class PortWorker {
   PyRef callback(const char* kind, PyObject* m, PyObject* f, PyObject* arg);
   void send_from_python(ByteBuffer& frame);
   PyRef self_pid();
-  // The thread that serves requests (Python's id for it): erlang.* works only there.
+  // The thread that serves requests (Python's id for it): erlang.* works there, and on
+  // the reactor thread once it has its callback channel.
   unsigned long serving_thread() const noexcept { return serving_thread_; }
+
+  // Port-mode reactor (python/erpy/reactor.py): erlang.call/apply/send from the reactor
+  // thread go over a socket of their own (one end sent by erpy_reactor.erl with
+  // SCM_RIGHTS, the other owned by an Erlang process per worker that runs them under the
+  // pool's policy), never over the request pipe, which is the serving thread's. All of it
+  // runs on the reactor thread with the GIL held, except its reads and writes.
+  // False (fd not taken) if the thread's channel is alive.
+  bool set_reactor_channel(int fd, std::int64_t timeout_ms);
+  bool on_reactor_thread() const noexcept {
+    return reactor_fd_ >= 0 && PyThread_get_thread_ident() == reactor_thread_;
+  }
+  PyRef reactor_callback(const char* kind, PyObject* m, PyObject* f, PyObject* arg);
 
  private:
   struct Request {
@@ -126,6 +141,13 @@ class PortWorker {
   ByteBuffer out_;
   bool exiting_ = false;
   unsigned long serving_thread_ = 0;
+  // The reactor's callback channel (see set_reactor_channel); -1: none. These are read
+  // and written with the GIL held only (its I/O runs without the GIL, on a copy of fd).
+  int reactor_fd_ = -1;
+  unsigned long reactor_thread_ = 0;
+  std::int64_t reactor_timeout_ms_ = 0;  // per callback; 0: none
+  std::int32_t reactor_next_cb_ = 1;     // an int32, so Erlang reads it from the frame's head
+  void close_reactor_channel();
 };
 
 // ---- serving ---------------------------------------------------------------------------
@@ -613,6 +635,166 @@ PyRef PortWorker::self_pid() {
   return PyRef::borrow(req.caller.get());
 }
 
+// ---- the reactor's callbacks ----------------------------------------------------------
+
+namespace {
+
+enum class Got { ok, closed, timeout };
+
+std::int64_t monotonic_ms() {
+  using namespace std::chrono;
+  return duration_cast<milliseconds>(steady_clock::now().time_since_epoch()).count();
+}
+
+// Writes all of `data` by `deadline_ms` (monotonic; 0: none).
+Got write_all(int fd, const std::uint8_t* data, std::size_t n, std::int64_t deadline_ms) {
+  while (n) {
+    const ssize_t w = ::send(fd, data, n, MSG_NOSIGNAL | MSG_DONTWAIT);
+    if (w < 0 && errno == EINTR) continue;
+    if (w < 0 && errno == EAGAIN) {
+      // Erlang's end reads one frame at a time: a large one waits for it.
+      int wait = -1;
+      if (deadline_ms) {
+        const std::int64_t now = monotonic_ms();
+        if (now >= deadline_ms) return Got::timeout;
+        wait = static_cast<int>(std::min<std::int64_t>(deadline_ms - now, 1 << 30));
+      }
+      pollfd p{fd, POLLOUT, 0};
+      (void)::poll(&p, 1, wait);
+      continue;
+    }
+    if (w <= 0) return Got::closed;
+    data += w;
+    n -= static_cast<std::size_t>(w);
+  }
+  return Got::ok;
+}
+
+// Reads exactly n bytes by `deadline_ms` (monotonic; 0: none).
+Got read_exact(int fd, std::uint8_t* data, std::size_t n, std::int64_t deadline_ms) {
+  while (n) {
+    int wait = -1;
+    if (deadline_ms) {
+      const std::int64_t now = monotonic_ms();
+      if (now >= deadline_ms) return Got::timeout;
+      wait = static_cast<int>(std::min<std::int64_t>(deadline_ms - now, 1 << 30));
+    }
+    pollfd p{fd, POLLIN, 0};
+    const int r = ::poll(&p, 1, wait);
+    if (r < 0 && errno == EINTR) continue;
+    if (r < 0) return Got::closed;
+    if (r == 0) continue;  // the deadline is checked above
+    const ssize_t got = ::read(fd, data, n);
+    if (got < 0 && (errno == EINTR || errno == EAGAIN)) continue;
+    if (got <= 0) return Got::closed;
+    data += got;
+    n -= static_cast<std::size_t>(got);
+  }
+  return Got::ok;
+}
+
+}  // namespace
+
+bool PortWorker::set_reactor_channel(int fd, std::int64_t timeout_ms) {
+  if (reactor_fd_ >= 0) {
+    // One channel per worker: a live one stays (Erlang asks again whenever it lost track
+    // of its workers), one whose Erlang end closed is replaced.
+    pollfd p{reactor_fd_, POLLRDHUP, 0};
+    if (::poll(&p, 1, 0) == 0) return false;
+  }
+  close_reactor_channel();
+  reactor_fd_ = fd;
+  reactor_thread_ = PyThread_get_thread_ident();
+  reactor_timeout_ms_ = timeout_ms > 0 ? timeout_ms : 0;
+  return true;
+}
+
+void PortWorker::close_reactor_channel() {
+  if (reactor_fd_ >= 0) ::close(reactor_fd_);
+  reactor_fd_ = -1;
+}
+
+// One callback: {callback, CbId, Kind, M, F, A} out, {reply, CbId, ok | error, Value} back
+// (4-byte lengths, as on the request pipe). One at a time: only the reactor thread calls.
+PyRef PortWorker::reactor_callback(const char* kind, PyObject* m, PyObject* f, PyObject* arg) {
+  const std::int32_t cb = reactor_next_cb_;
+  reactor_next_cb_ = cb == INT32_MAX ? 1 : cb + 1;
+  ByteBuffer frame;
+  Channel::begin_tuple_frame(frame, 6, "callback");
+  // Always INTEGER_EXT: Erlang finds the id at a fixed place even in a term it refuses.
+  frame.byte(etf::kInteger);
+  etf::put_u32(frame, static_cast<std::uint32_t>(cb));
+  etf::put_atom(frame, kind);
+  codec_.encode_append(frame, m, eopts_);
+  codec_.encode_append(frame, f, eopts_);
+  codec_.encode_append(frame, arg, eopts_);
+  const std::size_t body = frame.size() - 4;
+  if (body > max_) {
+    PyErr_Format(errors_.error.get(), "message_too_large: %zu bytes, max %zu", body, max_);
+    throw PythonError();
+  }
+  for (int i = 0; i < 4; ++i) frame.data()[i] = static_cast<std::uint8_t>(body >> (24 - 8 * i));
+  const std::int64_t deadline = reactor_timeout_ms_ ? monotonic_ms() + reactor_timeout_ms_ : 0;
+  const int fd = reactor_fd_;
+  auto lost = [&](const char* why) -> PyRef {
+    close_reactor_channel();
+    PyErr_Format(errors_.port.get(), "%s: %s", kind, why);
+    throw PythonError();
+  };
+  Got sent;
+  {
+    py::GilRelease nogil;
+    sent = write_all(fd, frame.data(), frame.size(), deadline);
+  }
+  // A frame cut short would leave the stream unreadable: the channel goes with it.
+  if (sent == Got::timeout) return lost("Erlang took no callback within the callback timeout");
+  if (sent == Got::closed) return lost("the reactor's channel to Erlang is closed");
+  ByteBuffer in;
+  for (;;) {
+    std::uint8_t head[4];
+    Got got;
+    std::uint32_t len = 0;
+    {
+      py::GilRelease nogil;
+      got = read_exact(fd, head, 4, deadline);
+      if (got == Got::ok) {
+        len = (std::uint32_t{head[0]} << 24) | (std::uint32_t{head[1]} << 16) | (std::uint32_t{head[2]} << 8) | head[3];
+        if (len <= max_ + 64) {
+          in.clear();
+          // A frame begun is read whole (a timeout now would leave the stream cut).
+          got = read_exact(fd, in.append_uninitialized(len), len, 0);
+        }
+      }
+    }
+    if (got == Got::timeout) {
+      // Its answer, when it comes, is skipped by its id.
+      PyErr_Format(errors_.timeout.get(), "%s: no answer from Erlang within %lld ms", kind,
+                   static_cast<long long>(reactor_timeout_ms_));
+      throw PythonError();
+    }
+    if (got == Got::closed) return lost("the reactor's channel to Erlang closed while waiting for an answer");
+    if (len > max_ + 64) return lost("the reactor's channel sent an oversized frame");
+    etf::Reader r(etf::Bytes(in.data(), in.size()));
+    try {
+      if (r.u8("version") != etf::kVersion || r.u8("frame") != etf::kSmallTuple || r.u8("arity") != 4 ||
+          read_kind(r) != "reply") {
+        return lost("the reactor's channel sent a bad frame");
+      }
+      PyRef id = decode(r);
+      if (as_int64(id.get()) != cb) continue;  // the late answer of a timed-out callback
+      const std::string_view status = read_kind(r);
+      PyRef value = decode(r);
+      if (status == "ok") return value;
+      PyRef exc = PyRef::check(PyObject_CallOneArg(errors_.error.get(), value.get()));
+      PyErr_SetObject(errors_.error.get(), exc.get());
+      throw PythonError();
+    } catch (const etf::DecodeError&) {
+      PyErr_Clear();
+      return lost("the reactor's channel sent an undecodable frame");
+    }
+  }
+}
+
 // ---- module functions ------------------------------------------------------------------
 
 template <class F>
@@ -651,6 +833,15 @@ PortWorker* current(const char* what) {
   return g_worker;
 }
 
+// erlang.call/apply/send: the request's caller on the serving thread, the reactor's
+// callback channel on the reactor thread.
+PyRef dispatch_callback(const char* what, const char* kind, PyObject* m, PyObject* f, PyObject* arg) {
+  if (!process::forked_child() && g_worker && g_worker->on_reactor_thread()) {
+    return g_worker->reactor_callback(kind, m, f, arg);
+  }
+  return current(what)->callback(kind, m, f, arg);
+}
+
 PyObject* serve_port(PyObject*, PyObject* args) {
   int in_fd = 3, out_fd = 4;
   if (!PyArg_ParseTuple(args, "|ii:serve_port", &in_fd, &out_fd)) return nullptr;
@@ -678,7 +869,7 @@ PyObject* serve_port(PyObject*, PyObject* args) {
 PyObject* erlang_call(PyObject*, PyObject* args) {
   PyObject *m, *f, *a;
   if (!PyArg_ParseTuple(args, "OOO:call", &m, &f, &a)) return nullptr;
-  return guarded([&] { return current("erlang.call")->callback("call", m, f, a).release(); });
+  return guarded([&] { return dispatch_callback("erlang.call", "call", m, f, a).release(); });
 }
 
 PyObject* erlang_apply(PyObject*, PyObject* args) {
@@ -686,7 +877,7 @@ PyObject* erlang_apply(PyObject*, PyObject* args) {
   if (!PyArg_ParseTuple(args, "OOO:apply", &m, &f, &a)) return nullptr;
   return guarded([&] {
     PyRef list = py::apply_arguments(a);
-    return current("erlang.apply")->callback("apply", m, f, list.get()).release();
+    return dispatch_callback("erlang.apply", "apply", m, f, list.get()).release();
   });
 }
 
@@ -699,8 +890,27 @@ PyObject* erlang_send(PyObject*, PyObject* args) {
     PyRef list = PyRef::check(PyList_New(1));
     Py_INCREF(msg);
     PyList_SET_ITEM(list.get(), 0, msg);
-    (void)current("erlang.send")->callback("send", dest, Py_None, list.get());
+    (void)dispatch_callback("erlang.send", "send", dest, Py_None, list.get());
     Py_RETURN_NONE;
+  });
+}
+
+// reactor_callback_channel(fd, timeout_ms) -> bool: called by erpy.reactor's port loop,
+// on its thread, with the callback channel Erlang sent it; True: the worker owns fd from
+// then on; False: it has a live one already (the caller closes fd).
+PyObject* reactor_callback_channel(PyObject*, PyObject* args) {
+  int fd;
+  long long timeout_ms;
+  if (!PyArg_ParseTuple(args, "iL:reactor_callback_channel", &fd, &timeout_ms)) return nullptr;
+  return guarded([&]() -> PyObject* {
+    if (process::forked_child() || !g_worker) {
+      raise_port_error("reactor_callback_channel", "not running inside an erpy port worker");
+    }
+    if (fd < 0) {
+      PyErr_SetString(PyExc_ValueError, "reactor_callback_channel: bad fd");
+      throw PythonError();
+    }
+    return PyBool_FromLong(g_worker->set_reactor_channel(fd, timeout_ms));
   });
 }
 
@@ -714,6 +924,8 @@ PyMethodDef kMethods[] = {
     {"erlang_call", erlang_call, METH_VARARGS, "erlang_call(module, function, arg)\n--\n\nModule:Function(Arg) in Erlang."},
     {"erlang_apply", erlang_apply, METH_VARARGS, "erlang_apply(module, function, args)\n--\n\napply(M, F, Args) in Erlang."},
     {"erlang_send", erlang_send, METH_VARARGS, "erlang_send(dest, message)\n--\n\nSend a message to a pid or registered name."},
+    {"reactor_callback_channel", reactor_callback_channel, METH_VARARGS,
+     "reactor_callback_channel(fd, timeout_ms)\n--\n\nThe port reactor thread's channel for erlang.* callbacks."},
     {"erlang_self", erlang_self, METH_NOARGS, "erlang_self()\n--\n\nThe pid of the Erlang process this code runs for."},
     {nullptr, nullptr, 0, nullptr},
 };

@@ -289,6 +289,9 @@ def _count():
 # so no other process can pose as the worker. A thread of the worker polls the channel
 # and the connections (epoll) and runs the protocols; the worker owns the fds it gets and
 # closes them. A protocol callback that runs past its time gets ReactorTimeout.
+# The first fd Erlang sends is the callback channel (payload {erpy_callback_channel,
+# Pool}): erlang.call/apply/send from the protocols go there, to an Erlang process that
+# runs them under the pool's policy (erpy_reactor.erl).
 
 _port = None
 
@@ -353,8 +356,23 @@ class _PortLoop:
             return
         fd = fds[0]
         try:
+            # recv_fds does not set close-on-exec: a child of the worker must not keep a
+            # connection (or the callback channel) open.
+            os.set_inheritable(fd, False)
             from . import decode
-            scope, info, spec = decode(msg)
+            payload = decode(msg)
+            if isinstance(payload, tuple) and len(payload) == 2 and payload[0] == "erpy_callback_channel":
+                # erlang.call/apply/send from this thread go there (port_worker.cpp),
+                # each waiting for its answer at most a callback's time.
+                taken = _native.reactor_callback_channel(fd, int((self.timeout or 0) * 1000))
+                if not taken:
+                    os.close(fd)
+                try:
+                    conn.sendall(b"K" if taken else b"Ehas a callback channel")
+                except OSError:
+                    pass
+                return
+            scope, info, spec = payload
             os.set_blocking(fd, False)
             mode = self.call(fd, _open, fd, info, scope, spec)
         except BaseException as e:  # noqa: B902 - a ReactorTimeout too

@@ -439,3 +439,47 @@ def test_port_loop_echo_and_timeout():
         time.sleep(0.02)
     assert reactor._count() == 0
     assert fd_count() <= before
+
+
+def test_port_loop_callback_channel_outside_a_worker():
+    """The callback channel Erlang sends a worker's loop is taken by the port worker only
+    (port_worker.cpp): elsewhere a clear error, the fd closed; erlang.call from the loop's
+    thread stays an ErlangPortError, never a hang."""
+    from erpy import erlang
+    name, _pid = reactor._port_channel(300)
+    before = fd_count()
+    a, b = socket.socketpair()
+    c = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+    c.connect("\0" + name)
+    socket.send_fds(c, [erpy.encode((erpy.Atom("erpy_callback_channel"), "p"))], [a.fileno()])
+    answer = c.recv(4096)
+    c.close()
+    a.close()
+    assert answer.startswith(b"EErlangPortError")
+    b.settimeout(5)
+    assert b.recv(1) == b""  # the worker's end was closed
+    b.close()
+
+    seen = []
+
+    class Caller(reactor.Protocol):
+        def data_received(self, data):
+            try:
+                erlang.call("lists", "reverse", [[1]])
+            except erlang.ErlangPortError as e:
+                seen.append(type(e).__name__)
+            return "close"
+
+    reactor.set_protocol_factory(Caller, pool="cb")
+    a, b = socket.socketpair()
+    assert send_fd(name, a.fileno(), "cb", {}, None) == b"K"
+    a.close()
+    b.settimeout(5)
+    b.sendall(b"x")
+    assert b.recv(1) == b""
+    b.close()
+    assert seen == ["ErlangPortError"]
+    deadline = time.time() + 5
+    while time.time() < deadline and fd_count() > before:
+        time.sleep(0.02)
+    assert fd_count() <= before

@@ -36,6 +36,32 @@ class Echo(reactor.Protocol):
             except Exception as e:  # noqa: BLE001
                 self.write_buffer.extend(b";os:" + type(e).__name__.encode())
             return "write_pending"
+        if data.startswith(b"send:"):
+            # erlang.send to a registered name: the pool's send_allowed decides.
+            try:
+                erlang.send(bytes(data[5:]).decode(), b"from the reactor")
+                self.write_buffer.extend(b"sent")
+            except Exception as e:  # noqa: BLE001
+                self.write_buffer.extend(b"refused:" + type(e).__name__.encode())
+            return "write_pending"
+        if data.startswith(b"limits"):
+            # A callback over max_message_size, and one naming an atom that does not exist.
+            import erpy
+            for args in ([b"x" * 200000], [erpy.Atom("erpy_reactor_suite_no_such_atom_zq")]):
+                try:
+                    erlang.call("lists", "reverse", args)
+                    self.write_buffer.extend(b"ran;")
+                except Exception as e:  # noqa: BLE001
+                    self.write_buffer.extend(type(e).__name__.encode() + b";")
+            return "write_pending"
+        if data.startswith(b"sleepcall"):
+            # Waits in Erlang (timer:sleep) until the test ends the channel or the worker.
+            try:
+                erlang.call("timer", "sleep", 3000)
+                self.write_buffer.extend(b"slept")
+            except Exception as e:  # noqa: BLE001
+                self.write_buffer.extend(type(e).__name__.encode())
+            return "write_pending"
         if data.startswith(b"info"):
             i = self.client_info
             self.write_buffer.extend(repr((str(i.get("type")), str(i.get("addr")), i.get("port"))).encode())
