@@ -6,6 +6,7 @@
 
 -export([request/3, request_worker/4, nested_worker/1]).
 -export([encode_request/4, encode_request/5, apply_callback/3, nesting/0, set_nesting/1]).
+-export([callback_reply/6]).
 
 -define(NESTED, '$erpy_nested').
 
@@ -194,11 +195,21 @@ decode_reply(Ctx, Bin) when is_binary(Bin) ->
 %% Python called erlang.call/apply/send: the frame {callback, CbId, Kind, M, F, A} comes
 %% undecoded from the worker; the policy decodes and checks it here.
 run_callback(Pool, Ctx, Worker, Port, CbId, Frame) ->
+    %% Any process may write to a port; if Python's worker died meanwhile, the pending
+    %% request fails through the worker, so a failed write needs no handling here.
+    erpy_port_worker:write(Port, callback_reply(Ctx, Pool, Pool, Worker, CbId, Frame)).
+
+%% A callback frame from a port worker ({callback, CbId, Kind, M, F, A}), decoded and run
+%% under the policy of `Ctx`, answered as the frame to write back. `Nest` is the pool an
+%% erpy call made by the callback nests in (with `Worker` as its target); `Pool` bounds
+%% the answer's size. Request callbacks and port-mode reactor callbacks both come here.
+-spec callback_reply(erpy_policy:ctx(), atom(), atom(), term(), term(), binary()) -> binary().
+callback_reply(Ctx, Pool, Nest, Worker, CbId, Frame) ->
     Result = case erpy_policy:decode(Ctx, Frame) of
                  {ok, {callback, CbId, call, M, F, A}} ->
-                     erpy_policy:run_callback(Ctx, Pool, Worker, call, M, F, {check, [A]});
+                     erpy_policy:run_callback(Ctx, Nest, Worker, call, M, F, {check, [A]});
                  {ok, {callback, CbId, Kind, M, F, A}} when is_list(A) ->
-                     erpy_policy:run_callback(Ctx, Pool, Worker, Kind, M, F, {check, A});
+                     erpy_policy:run_callback(Ctx, Nest, Worker, Kind, M, F, {check, A});
                  {ok, {callback, CbId, Kind, _, _, _}} ->
                      {error, {badarg, Kind}};
                  {ok, _} ->
@@ -206,14 +217,10 @@ run_callback(Pool, Ctx, Worker, Port, CbId, Frame) ->
                  {error, _} = Error ->
                      Error
              end,
-    Reply = case Result of
-                {ok, Value} -> {reply, CbId, ok, Value};
-                {error, Error1} -> {reply, CbId, error, Error1}
-            end,
-    Bin = encode_callback_reply(Reply, Pool),
-    %% Any process may write to a port; if Python's worker died meanwhile, the pending
-    %% request fails through the worker, so a failed write needs no handling here.
-    erpy_port_worker:write(Port, Bin).
+    encode_callback_reply(case Result of
+                              {ok, Value} -> {reply, CbId, ok, Value};
+                              {error, Error1} -> {reply, CbId, error, Error1}
+                          end, Pool).
 
 %% Runs an allowed callback in the calling process, with `Worker` as the target of the
 %% erpy calls it makes (so they nest instead of waiting for a second worker). Every

@@ -517,37 +517,8 @@ callbacks(S, Pool) ->
 %% nested request.
 run_port_callback(Pool, Policy, CbId, Frame) ->
     Ctx = erpy_policy:request_ctx(Policy, self(), []),
-    Result = case erpy_policy:decode(Ctx, Frame) of
-                 {ok, {callback, CbId, call, M, F, A}} ->
-                     erpy_policy:run_callback(Ctx, ?NO_NESTING, self(), call, M, F, {check, [A]});
-                 {ok, {callback, CbId, Kind, M, F, A}} when is_list(A) ->
-                     erpy_policy:run_callback(Ctx, ?NO_NESTING, self(), Kind, M, F, {check, A});
-                 {ok, {callback, CbId, Kind, _, _, _}} ->
-                     {error, {badarg, Kind}};
-                 {ok, _} ->
-                     {error, {badarg, callback}};
-                 {error, _} = Error ->
-                     Error
-             end,
-    erpy_policy:done(Ctx),
-    encode_reply(Pool, case Result of
-                           {ok, Value} -> {reply, CbId, ok, Value};
-                           {error, Why} -> {reply, CbId, error, Why}
-                       end).
-
-%% As a request callback's answer: an answer over max_message_size is refused as one.
-encode_reply(Pool, {reply, CbId, _, _} = Reply) ->
-    Max = erpy_pool:max_message_size(Pool),
-    Bin = try term_to_binary(Reply, [{minor_version, 2}])
-          catch error:_ -> term_to_binary({reply, CbId, error, #{class => error, reason => unencodable}})
-          end,
-    case byte_size(Bin) of
-        Size when Size > Max ->
-            term_to_binary({reply, CbId, error, #{class => error,
-                                                  reason => {message_too_large, Size, Max}}},
-                           [{minor_version, 2}]);
-        _ ->
-            Bin
+    try erpy_call:callback_reply(Ctx, Pool, ?NO_NESTING, self(), CbId, Frame)
+    after erpy_policy:done(Ctx)
     end.
 
 %% What Python may have sent this process (erlang.send to its caller): nobody reads it.

@@ -646,6 +646,17 @@ std::int64_t monotonic_ms() {
   return duration_cast<milliseconds>(steady_clock::now().time_since_epoch()).count();
 }
 
+// The poll timeout left until `deadline_ms` (monotonic; 0: none, a wait of -1); false
+// once it has passed.
+bool time_left(std::int64_t deadline_ms, int& wait) {
+  wait = -1;
+  if (!deadline_ms) return true;
+  const std::int64_t now = monotonic_ms();
+  if (now >= deadline_ms) return false;
+  wait = static_cast<int>(std::min<std::int64_t>(deadline_ms - now, 1 << 30));
+  return true;
+}
+
 // Writes all of `data` by `deadline_ms` (monotonic; 0: none).
 Got write_all(int fd, const std::uint8_t* data, std::size_t n, std::int64_t deadline_ms) {
   while (n) {
@@ -653,12 +664,8 @@ Got write_all(int fd, const std::uint8_t* data, std::size_t n, std::int64_t dead
     if (w < 0 && errno == EINTR) continue;
     if (w < 0 && errno == EAGAIN) {
       // Erlang's end reads one frame at a time: a large one waits for it.
-      int wait = -1;
-      if (deadline_ms) {
-        const std::int64_t now = monotonic_ms();
-        if (now >= deadline_ms) return Got::timeout;
-        wait = static_cast<int>(std::min<std::int64_t>(deadline_ms - now, 1 << 30));
-      }
+      int wait;
+      if (!time_left(deadline_ms, wait)) return Got::timeout;
       pollfd p{fd, POLLOUT, 0};
       (void)::poll(&p, 1, wait);
       continue;
@@ -673,12 +680,8 @@ Got write_all(int fd, const std::uint8_t* data, std::size_t n, std::int64_t dead
 // Reads exactly n bytes by `deadline_ms` (monotonic; 0: none).
 Got read_exact(int fd, std::uint8_t* data, std::size_t n, std::int64_t deadline_ms) {
   while (n) {
-    int wait = -1;
-    if (deadline_ms) {
-      const std::int64_t now = monotonic_ms();
-      if (now >= deadline_ms) return Got::timeout;
-      wait = static_cast<int>(std::min<std::int64_t>(deadline_ms - now, 1 << 30));
-    }
+    int wait;
+    if (!time_left(deadline_ms, wait)) return Got::timeout;
     pollfd p{fd, POLLIN, 0};
     const int r = ::poll(&p, 1, wait);
     if (r < 0 && errno == EINTR) continue;
