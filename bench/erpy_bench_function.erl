@@ -27,7 +27,8 @@ rows(#{root := Root} = Ctx) ->
     end,
     {ok, _} = application:ensure_all_started(erpy),
     %% State in RAM is enough here (what is timed is the same for disc_copies but the log).
-    Dir = filename:join([Root, "_build", "bench_function_mnesia"]),
+    %% One directory per node name: Mnesia's tables belong to the node that made them.
+    Dir = filename:join([Root, "_build", "bench_function_mnesia", atom_to_list(node())]),
     ok = application:set_env(erpy, function_store_dir, Dir),
     ok = erpy_function:ensure_store(),
     lists:append([f1(Ctx, Mode) || Mode <- [port, embedded, node]]) ++ f2(Ctx) ++ f3(Ctx).

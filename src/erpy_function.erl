@@ -208,6 +208,16 @@ ensure_store() ->
                     {aborted, Why} -> throw({store, Why})
                 end
         end,
+        %% A store directory written by a node of another name holds the table on that
+        %% node only: waiting for it would time out, so it is said at once.
+        case mnesia:table_info(?TABLE, all_nodes) of
+            [_ | _] = Holders ->
+                lists:member(node(), Holders) orelse
+                    lists:any(fun(N) -> lists:member(N, nodes()) end, Holders) orelse
+                    throw({store, {held_by_other_nodes, Holders, node()}});
+            _ ->
+                ok
+        end,
         case mnesia:wait_for_tables([?TABLE], ?STORE_WAIT_MS) of
             ok -> ok;
             Other -> throw({store, Other})

@@ -14,14 +14,15 @@
          restart_restores_state/1, worker_lost_restores_state/1, delayed_casts_in_order/1,
          stop_runs_handle_stop/1, restart_limit/1, init_failure/1, duplicate_id/1,
          bad_options/1, host_needs_policy/1, host_outside_instance/1, telemetry_to_logger/1,
-         state_on_disc/1, one_handler_at_a_time/1, embedded_holds_no_context/1]).
+         state_on_disc/1, one_handler_at_a_time/1, embedded_holds_no_context/1,
+         store_of_another_node/1]).
 %% logger handler callback (telemetry_to_logger).
 -export([log/2]).
 
 -define(ALLOW, [{erpy_function, host, 1}]).
 
 all() ->
-    [{group, port}, {group, embedded}, {group, node}, state_on_disc].
+    [{group, port}, {group, embedded}, {group, node}, state_on_disc, store_of_another_node].
 
 groups() ->
     Cases = [workflow, call_answers, cast_error_reported, calls_out, cast_raw,
@@ -83,6 +84,8 @@ init_per_testcase(Case, Config) ->
                                atom_to_list(proplists:get_value(mode, Config, none)), "_"]),
     [{prefix, Prefix} | Config].
 
+end_per_testcase(store_of_another_node, _Config) ->
+    ok;
 end_per_testcase(_Case, Config) ->
     Prefix = ?config(prefix, Config),
     %% Every instance the case started goes, with its state.
@@ -322,6 +325,23 @@ state_on_disc(Config) ->
         _ = erpy_function:delete_state(Id),
         erpy:stop_pool(fn_disc)
     end.
+
+%% A store directory that a node of another name wrote: its table lives on that node, so
+%% ensure_store/0 says so at once instead of waiting for it (30 s) and timing out.
+store_of_another_node(Config) ->
+    Dir = filename:join(?config(priv_dir, Config), "store_other_node"),
+    Ebin = filename:dirname(code:which(erpy_function)),
+    Erl = os:find_executable("erl"),
+    Run = fun(Name, Eval) ->
+                  os:cmd(Erl ++ " -noshell -name " ++ Name ++ "_" ++ os:getpid() ++ "@127.0.0.1 -pa "
+                         ++ Ebin ++ " -eval 'application:set_env(erpy, function_store_dir, \""
+                         ++ Dir ++ "\"), " ++ Eval ++ ", halt().'")
+          end,
+    ?assertMatch("ok" ++ _, Run("store_a", "io:format(\"~p\", [erpy_function:ensure_store()])")),
+    Out = Run("store_b", "T0 = erlang:monotonic_time(millisecond), R = erpy_function:ensure_store(), "
+                         "io:format(\"~w ~w\", [R, erlang:monotonic_time(millisecond) - T0])"),
+    {match, [Ms]} = re:run(Out, "held_by_other_nodes.* (\\d+)$", [{capture, [1], list}]),
+    ?assert(list_to_integer(Ms) < 10000).
 
 one_handler_at_a_time(Config) ->
     ct:comment("several callers of one instance: handlers run one at a time, in order with "
