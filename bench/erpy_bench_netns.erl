@@ -175,12 +175,7 @@ lat(F, N) ->
          (erlang:monotonic_time(nanosecond) - T0) / 1000
      end || _ <- lists:seq(1, N)].
 
-wait_pong(_Node, 0) -> timeout;
-wait_pong(Node, N) ->
-    case net_adm:ping(Node) of
-        pong -> ok;
-        pang -> timer:sleep(50), wait_pong(Node, N - 1)
-    end.
+wait_pong(Node, N) -> erpy_bench_node:wait_pong(Node, N).
 
 median(Xs) -> erpy_bench:median(Xs).
 

@@ -11,6 +11,8 @@
 -module(erpy_bench_node).
 
 -export([rows/1]).
+%% Shared with erpy_bench_netns.
+-export([wait_pong/2]).
 %% Run on the peer node.
 -export([sink_start/0]).
 

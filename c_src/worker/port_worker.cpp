@@ -93,6 +93,8 @@ class PortWorker {
     return reactor_fd_ >= 0 && PyThread_get_thread_ident() == reactor_thread_;
   }
   PyRef reactor_callback(const char* kind, PyObject* m, PyObject* f, PyObject* arg);
+  // The rest of a callback's reply frame after its id: the value, or ErlangError raised.
+  PyRef callback_answer(etf::Reader& r);
 
  private:
   struct Request {
@@ -588,14 +590,7 @@ PyRef PortWorker::callback(const char* kind, PyObject* m, PyObject* f, PyObject*
     if (kind_seen == "reply" && arity == 4) {
       PyRef id = decode(r);
       if (as_int64(id.get()) != cb) continue;  // an answer to an interrupted callback
-      const std::string_view status = read_kind(r);
-      PyRef value = decode(r);
-      if (status == "ok") return value;
-      // ErlangError(reason): args[0] is Erlang's reason, also when it is a tuple
-      // (PyErr_SetObject would spread a tuple over args).
-      PyRef exc = PyRef::check(PyObject_CallOneArg(errors_.error.get(), value.get()));
-      PyErr_SetObject(errors_.error.get(), exc.get());
-      throw PythonError();
+      return callback_answer(r);
     }
     if (kind_seen == "request") {
       // A pipelined request of another caller: it runs after the running one, never
@@ -620,6 +615,17 @@ void PortWorker::send_from_python(ByteBuffer& frame) {
     PyErr_SetString(errors_.port.get(), "the port to Erlang is closed");
     throw PythonError();
   }
+}
+
+PyRef PortWorker::callback_answer(etf::Reader& r) {
+  const std::string_view status = read_kind(r);
+  PyRef value = decode(r);
+  if (status == "ok") return value;
+  // ErlangError(reason): args[0] is Erlang's reason, also when it is a tuple
+  // (PyErr_SetObject would spread a tuple over args).
+  PyRef exc = PyRef::check(PyObject_CallOneArg(errors_.error.get(), value.get()));
+  PyErr_SetObject(errors_.error.get(), exc.get());
+  throw PythonError();
 }
 
 PyRef PortWorker::self_pid() {
@@ -785,12 +791,7 @@ PyRef PortWorker::reactor_callback(const char* kind, PyObject* m, PyObject* f, P
       }
       PyRef id = decode(r);
       if (as_int64(id.get()) != cb) continue;  // the late answer of a timed-out callback
-      const std::string_view status = read_kind(r);
-      PyRef value = decode(r);
-      if (status == "ok") return value;
-      PyRef exc = PyRef::check(PyObject_CallOneArg(errors_.error.get(), value.get()));
-      PyErr_SetObject(errors_.error.get(), exc.get());
-      throw PythonError();
+      return callback_answer(r);
     } catch (const etf::DecodeError&) {
       PyErr_Clear();
       return lost("the reactor's channel sent an undecodable frame");
