@@ -57,7 +57,7 @@ with_frame(Kind, Max, Policy, Req, Timeout, Fun) ->
             {error, {message_too_large, Size, Max}};
         _ ->
             Ctx = erpy_policy:request_ctx(Policy, self(), Req),
-            Reply = try Fun({Id, Frame}, Ctx, deadline(Timeout))
+            Reply = try Fun({Id, Frame}, Ctx, erpy_deadline:at(Timeout))
                     catch Class:Reason:Stack ->
                         _ = erpy_policy:finish(Ctx),
                         erlang:raise(Class, Reason, Stack)
@@ -144,7 +144,7 @@ wait(Mref, Pool, Ctx, Deadline) ->
             Reply;
         {erpy_callback, Mref, Worker, Port, CbId, Frame} ->
             run_callback(Pool, Ctx, Worker, Port, CbId, Frame),
-            case remaining(Deadline) of
+            case erpy_deadline:remaining(Deadline) of
                 0 ->
                     %% The deadline passed while the callback ran here: whatever Python
                     %% answers now comes from being interrupted.
@@ -155,7 +155,7 @@ wait(Mref, Pool, Ctx, Deadline) ->
             end;
         {'DOWN', Mref, process, _, Why} ->
             {error, {worker_exit, Why}}
-    after remaining(Deadline) ->
+    after erpy_deadline:remaining(Deadline) ->
         erlang:demonitor(Mref, [flush]),
         %% An answer that arrived just now still counts.
         receive
@@ -287,8 +287,4 @@ stack(S) -> S.
 restore(undefined) -> erase(?NESTED);
 restore(Saved) -> put(?NESTED, Saved).
 
-deadline(infinity) -> infinity;
-deadline(Timeout) -> erlang:monotonic_time(millisecond) + Timeout.
 
-remaining(infinity) -> infinity;
-remaining(Deadline) -> max(0, Deadline - erlang:monotonic_time(millisecond)).

@@ -139,7 +139,7 @@ adopt(Job, Caller, Handle) ->
         true ->
             case erpy_nif:async_adopt(Job) of
                 {ok, Ref, Caller, Req, Nesting, Left} ->
-                    run_adopted(Job, Handle, Ref, Caller, Req, Nesting, deadline(Left));
+                    run_adopted(Job, Handle, Ref, Caller, Req, Nesting, erpy_deadline:at(Left));
                 gone -> unlink(Caller), ok
             end
     catch
@@ -265,7 +265,7 @@ submit_and_wait(Target, #{name := Name, policy := Policy} = Handle, Req, Timeout
     try erpy_nif:submit(Target, Ref, for_caller(Req, Timeout)) of
         {ok, Job} ->
             Ctx = erpy_policy:request_ctx(Policy, self(), Req),
-            try answer(Name, Ctx, spin(Ref, Job, Handle#{ctx => Ctx}, deadline(Timeout), ?SPIN))
+            try answer(Name, Ctx, spin(Ref, Job, Handle#{ctx => Ctx}, erpy_deadline:at(Timeout), ?SPIN))
             catch
                 error:{erpy_nif, Why} ->
                     _ = (catch erpy_nif:cancel(Job)),
@@ -314,14 +314,14 @@ wait(Ref, Job, Handle, Deadline) ->
             callback(Ref, Job, Handle, Deadline, Tag, {Ctx, Kind, M, F, Args});
         {Ref, Answer} ->
             Answer
-    after remaining(Deadline) ->
+    after erpy_deadline:remaining(Deadline) ->
         give_up(Ref, Job)
     end.
 
 %% Runs a callback for Python, answers it, and goes back to polling for what follows.
 callback(Ref, Job, Handle, Deadline, Tag, Call) ->
     erpy_nif:callback_reply(Job, run_callback(Handle, Tag, Call)),
-    case remaining(Deadline) of
+    case erpy_deadline:remaining(Deadline) of
         0 -> give_up(Ref, Job);
         _ -> spin(Ref, Job, Handle, Deadline, ?SPIN)
     end.
@@ -360,11 +360,7 @@ run_callback(#{name := Name, ctx := Ctx}, Tag, {PyCtx, Kind, M, F, Args}) ->
            end,
     erpy_policy:run_callback(Ctx, Name, PyCtx, Kind, M, F, {Mode, Args}).
 
-deadline(infinity) -> infinity;
-deadline(Timeout) -> erlang:monotonic_time(millisecond) + Timeout.
 
 for_caller(hold, _Timeout) -> hold;
 for_caller(Req, Timeout) -> erpy_request:for_caller(Req, self(), Timeout).
 
-remaining(infinity) -> infinity;
-remaining(Deadline) -> max(0, Deadline - erlang:monotonic_time(millisecond)).

@@ -86,9 +86,9 @@ request(#{name := Pool}, Req, Timeout, _Opts) ->
         undefined ->
             {error, {no_pool, Pool}};
         {Tab, Counter, Server, Max, Policy} ->
-            Deadline = deadline(Timeout),
+            Deadline = erpy_deadline:at(Timeout),
             case node_for(Pool, Tab, Counter, Server, Deadline) of
-                {ok, Node} -> call(Pool, Node, Req, remaining(Deadline), Server, Max, Policy, undefined);
+                {ok, Node} -> call(Pool, Node, Req, erpy_deadline:remaining(Deadline), Server, Max, Policy, undefined);
                 Error -> Error
             end
     end.
@@ -105,12 +105,12 @@ checkout(#{name := Pool}, Timeout) ->
         undefined ->
             {error, {no_pool, Pool}};
         {Tab, Counter, Server, _Max, _Policy} ->
-            Deadline = deadline(Timeout),
+            Deadline = erpy_deadline:at(Timeout),
             case node_for(Pool, Tab, Counter, Server, Deadline) of
                 {ok, Node} ->
                     %% The Python node monitors the holder too: the session goes
                     %% with it even if this pool is gone.
-                    case erpc_call(Node, session_open, [self()], remaining(Deadline), Server, undefined) of
+                    case erpc_call(Node, session_open, [self()], erpy_deadline:remaining(Deadline), Server, undefined) of
                         {ok, Session} ->
                             ok = gen_server:call(Server, {hold, self(), Node, Session}),
                             {ok, {erpy_node_worker, Pool, Node, Session}};
@@ -326,7 +326,7 @@ node_for(Pool, Tab, Counter, Server, Deadline) ->
     case pick(Tab, Counter, Server) of
         none ->
             %% pick/3's {down, Node} casts reach the server before this call.
-            try gen_server:call(Server, {await_node, Deadline}, remaining(Deadline)) of
+            try gen_server:call(Server, {await_node, Deadline}, erpy_deadline:remaining(Deadline)) of
                 ok -> node_for(Pool, Tab, Counter, Server, Deadline);
                 {error, _} = Error -> Error
             catch
@@ -429,7 +429,7 @@ execute(Node, F, Args, Timeout, Cb) ->
     Res = make_ref(),
     ReqId = spawn_request(Node, erpc, execute_call, [Res, 'erpy.service', F, Args],
                           [{reply, error_only}, monitor]),
-    wait(Node, ReqId, Res, Cb, deadline(Timeout)).
+    wait(Node, ReqId, Res, Cb, erpy_deadline:at(Timeout)).
 
 wait(Node, ReqId, Res, Cb, Deadline) ->
     Alias = case Cb of
@@ -441,11 +441,11 @@ wait(Node, ReqId, Res, Cb, Deadline) ->
         {'DOWN', ReqId, process, _, Reason} -> result(Res, Reason);
         {erpy_node_callback, Alias, ReplyTo, CbId, Kind, M, F, ArgsBin} when Alias =/= undefined ->
             answer(Cb, ReplyTo, CbId, Kind, M, F, ArgsBin),
-            case remaining(Deadline) of
+            case erpy_deadline:remaining(Deadline) of
                 0 -> give_up(Node, ReqId, Res);
                 _ -> wait(Node, ReqId, Res, Cb, Deadline)
             end
-    after remaining(Deadline) ->
+    after erpy_deadline:remaining(Deadline) ->
         give_up(Node, ReqId, Res)
     end.
 
@@ -506,11 +506,7 @@ flush_callbacks(Alias) ->
     after 0 -> ok
     end.
 
-deadline(infinity) -> infinity;
-deadline(Timeout) -> erlang:monotonic_time(millisecond) + Timeout.
 
-remaining(infinity) -> infinity;
-remaining(Deadline) -> max(0, Deadline - erlang:monotonic_time(millisecond)).
 
 result(Res, {Res, return, Value}) -> Value;
 result(Res, {Res, throw, Value}) -> throw(Value);

@@ -112,7 +112,7 @@ request_worker({Pool, Worker}, Req, Timeout) ->
 -spec checkout(handle(), timeout()) -> {ok, ref()} | {error, erpy:error_reason()}.
 checkout(#{pid := Pid, name := Name}, Timeout) ->
     Alias = alias([reply]),
-    Pid ! {checkout, Alias, self(), deadline(Timeout)},
+    Pid ! {checkout, Alias, self(), erpy_deadline:at(Timeout)},
     receive
         {Alias, {ok, Worker}} -> {ok, {Name, Worker}};
         {Alias, Error} -> Error
@@ -235,7 +235,7 @@ send(#{max_frame := Max, policy := Policy}, Dest, Term, Timeout) ->
         _ ->
             Ctx = erpy_policy:request_ctx(Policy, self(), Term),
             Alias = alias([reply]),
-            Dest ! {request, Alias, self(), Frame, deadline(Timeout)},
+            Dest ! {request, Alias, self(), Frame, erpy_deadline:at(Timeout)},
             Answer = receive
                          {Alias, A} -> A
                      after Timeout ->
@@ -288,8 +288,6 @@ list(_) -> [].
 bad_reply(Term) ->
     iolist_to_binary(io_lib:format("not a BERT-RPC reply: ~0P", [Term, 20])).
 
-deadline(infinity) -> infinity;
-deadline(Timeout) -> erlang:monotonic_time(millisecond) + Timeout.
 
 program({python_script, Path}, Opts) ->
     program({python_script, Path, []}, Opts);
