@@ -26,14 +26,7 @@ Context* context_or_raise(const char* what) {
 
 template <class F>
 PyObject* guarded(F&& f) {
-  try {
-    return f();
-  } catch (const PythonError&) {
-    return nullptr;
-  } catch (...) {
-    py::set_python_error(Runtime::get().codec().types());
-    return nullptr;
-  }
+  return py::guarded(&Runtime::get().codec().types(), std::forward<F>(f));
 }
 
 PyObject* erlang_call(PyObject*, PyObject* args) {

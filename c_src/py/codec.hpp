@@ -198,4 +198,21 @@ class DictBuilder {
 // erpy.ErpyError (or MemoryError) with its message.
 void set_python_error(const Types& t) noexcept;
 
+// The exception boundary of a C function that Python calls: any C++ exception becomes the
+// Python exception set_python_error makes of it (t null: before the codec exists), and
+// the function returns nullptr.
+template <class F>
+PyObject* guarded(const Types* t, F&& f) noexcept {
+  try {
+    return f();
+  } catch (...) {
+    if (t) {
+      set_python_error(*t);
+    } else if (!PyErr_Occurred()) {
+      PyErr_SetString(PyExc_SystemError, "erpy: the codec is not initialized");
+    }
+    return nullptr;
+  }
+}
+
 }  // namespace erpy::py

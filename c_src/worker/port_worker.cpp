@@ -803,14 +803,7 @@ PyRef PortWorker::reactor_callback(const char* kind, PyObject* m, PyObject* f, P
 
 template <class F>
 PyObject* guarded(F&& f) {
-  try {
-    return f();
-  } catch (const PythonError&) {
-    return nullptr;
-  } catch (...) {
-    if (g_codec) py::set_python_error(g_codec->types());
-    return nullptr;
-  }
+  return py::guarded(g_codec ? &g_codec->types() : nullptr, std::forward<F>(f));
 }
 
 // ErlangPortError("<what>: <why>").
