@@ -81,7 +81,8 @@
 
 -record(st, {id :: id(),
              self_id :: instance_id(),
-             key :: binary(),
+             %% The instance's key in erpy.function's table (unique in the VM).
+             key :: pos_integer(),
              %% The held worker; undefined when the instance holds none (embedded).
              worker :: erpy:worker() | undefined,
              pool :: erpy:pool(),
@@ -161,13 +162,13 @@ call(Inst, Msg, Opts) when is_map(Opts) ->
         {Entry, {ok, Bin}} ->
             Src = case Opts of
                       #{src := S} -> S;
-                      _ -> {node_id(), <<"erlang">>}
+                      _ -> default
                   end,
             case Entry of
                 {Pid, A, Key, ReqOpts, Ctx} ->
                     direct_call(Pid, A, Key, ReqOpts, Ctx, Src, Bin, Timeout);
                 Pid ->
-                    gen_call(Pid, {erpy_function, call, Src, Bin}, Timeout)
+                    gen_call(Pid, {erpy_function, call, src(Src), Bin}, Timeout)
             end
     end.
 
@@ -320,8 +321,8 @@ init(#{id := Id, pool := Pool, timeout := Timeout} = Opts) ->
 -spec handle_call(term(), gen_server:from(), #st{}) ->
     {reply, term(), #st{}} | {stop, term(), term(), #st{}}.
 handle_call({erpy_function, call, Src, Msg}, _From, St) ->
-    case turn_py(<<"erlang_call">>, [St#st.key, Src, Msg], St) of
-        {ok, {reply, Reply}} -> {reply, {reply, Reply}, St};
+    case turn_py(<<"erlang_call">>, call_args(St#st.key, Src, Msg), St) of
+        {ok, Reply} when is_binary(Reply) -> {reply, {reply, Reply}, St};
         {ok, noreply} -> {reply, noreply, St};
         {ok, Other} -> {reply, {error, {bad_reply, Other}}, St};
         {lost, Why} -> {stop, {worker_lost, Why}, {error, {worker_lost, Why}}, St};
@@ -481,7 +482,7 @@ restore(#{store := mnesia, id := Id}) ->
 
 start_python(#{id := Id, module := Module, init_payload := Payload} = Opts, State, Pool, Timeout) ->
     SelfId = {node_id(), Id},
-    Key = <<Id/binary, $/, (integer_to_binary(erlang:unique_integer([positive])))/binary>>,
+    Key = erlang:unique_integer([positive]),
     put(?CTX, #{id => Id, self_id => SelfId, pool => Pool, store => maps:get(store, Opts),
                 aliases => maps:get(aliases, Opts), timeout => Timeout, pid => self()}),
     A = case Timeout of
@@ -744,7 +745,8 @@ direct_run(Pid, A, T, Key, ReqOpts, Ctx, Src, Msg, Timeout) ->
            end,
     Outer = put(?CTX, Ctx),
     Answer = try
-                 Answer0 = py_answer(erpy:call(?PY, <<"erlang_call">>, [Key, Src, Msg], Opts)),
+                 Answer0 = py_answer(erpy:call(?PY, <<"erlang_call">>, call_args(Key, Src, Msg),
+                                               Opts)),
                  %% The instance died meanwhile: an error, as on the process path (what
                  %% the handler did is not the restarted instance's state).
                  case is_process_alive(Pid) of
@@ -759,7 +761,7 @@ direct_run(Pid, A, T, Key, ReqOpts, Ctx, Src, Msg, Timeout) ->
                  release(A, T, Pid)
              end,
     case Answer of
-        {ok, {reply, Reply}} -> {reply, Reply};
+        {ok, Reply} when is_binary(Reply) -> {reply, Reply};
         {ok, noreply} -> noreply;
         {ok, Other} -> {error, {bad_reply, Other}};
         {lost, Why} ->
@@ -770,6 +772,14 @@ direct_run(Pid, A, T, Key, ReqOpts, Ctx, Src, Msg, Timeout) ->
             _ = atomics:add(A, ?DIRECT_ERRORS, 1),
             {error, Why}
     end.
+
+%% erpy.function.erlang_call's arguments: the source only when not the default one
+%% ({Node, <<"erlang">>}), which Python keeps; it answers a reply as a bare binary.
+call_args(Key, default, Msg) -> [Key, Msg];
+call_args(Key, Src, Msg) -> [Key, Msg, Src].
+
+src(default) -> {node_id(), <<"erlang">>};
+src(Src) -> Src.
 
 %% The direct caller's release: hands the turn to the instance process if it waits.
 release(A, T, Pid) ->
