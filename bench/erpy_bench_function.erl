@@ -29,6 +29,8 @@ rows(#{root := Root} = Ctx) ->
     %% State in RAM is enough here (what is timed is the same for disc_copies but the log).
     %% One directory per node name: Mnesia's tables belong to the node that made them.
     Dir = filename:join([Root, "_build", "bench_function_mnesia", atom_to_list(node())]),
+    %% Mnesia makes the directory, not its parents (missing in a fresh checkout).
+    ok = filelib:ensure_path(filename:dirname(Dir)),
     ok = application:set_env(erpy, function_store_dir, Dir),
     ok = erpy_function:ensure_store(),
     lists:append([f1(Ctx, Mode) || Mode <- [port, embedded, node]]) ++ f2(Ctx) ++ f3(Ctx).
