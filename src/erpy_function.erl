@@ -165,8 +165,8 @@ call(Inst, Msg, Opts) when is_map(Opts) ->
                       _ -> default
                   end,
             case Entry of
-                {Pid, A, Key, ReqOpts, Ctx} ->
-                    direct_call(Pid, A, Key, ReqOpts, Ctx, Src, Bin, Timeout);
+                {Pid, Id, A, Key, ReqOpts} ->
+                    direct_call(Pid, Id, A, Key, ReqOpts, Src, Bin, Timeout);
                 Pid ->
                     gen_call(Pid, {erpy_function, call, src(Src), Bin}, Timeout)
             end
@@ -289,6 +289,16 @@ host(Op) ->
         #{} = Ctx ->
             try host(Op, Ctx)
             catch Class:Why -> {error, {Class, Why}}
+            end;
+        {direct, Pid, Id} ->
+            %% A direct call of instance Pid runs in this process (direct_run/9).
+            case ets:lookup(?REGISTRY, {ctx, Id}) of
+                [{_, Pid, Ctx}] ->
+                    try host(Op, Ctx)
+                    catch Class:Why -> {error, {Class, Why}}
+                    end;
+                _ ->
+                    {error, not_an_instance}
             end;
         undefined ->
             {error, not_an_instance}
@@ -456,6 +466,7 @@ register_instance(Id) ->
 
 unregister_instance(Id) ->
     _ = ets:match_delete(?REGISTRY, {Id, self(), '_'}),
+    _ = ets:match_delete(?REGISTRY, {{ctx, Id}, self(), '_'}),
     _ = ets:delete_object(?REGISTRY, {self(), Id}),
     ok.
 
@@ -463,7 +474,10 @@ unregister_instance(Id) ->
 publish(#st{atomics = undefined}) ->
     ok;
 publish(#st{id = Id, atomics = A, key = Key, req_opts = ReqOpts}) ->
-    true = ets:insert(?REGISTRY, [{Id, self(), {A, Key, ReqOpts, get(?CTX)}}, {self(), Id}]),
+    %% The context apart: a direct call copies only what it needs, and its callbacks (if
+    %% any) read the context (see host/1).
+    true = ets:insert(?REGISTRY, [{Id, self(), {A, Key, ReqOpts}},
+                                  {{ctx, Id}, self(), get(?CTX)}, {self(), Id}]),
     ok.
 
 restore(#{store := none}) ->
@@ -675,7 +689,7 @@ send_counted(Pid, Src, Msg) ->
     case ets:lookup(?REGISTRY, Pid) of
         [{_, Id}] ->
             case ets:lookup(?REGISTRY, Id) of
-                [{_, Pid, {A, _, _, _}}] ->
+                [{_, Pid, {A, _, _}}] ->
                     _ = atomics:add(A, ?PENDING, 1),
                     Pid ! {erpy_function_cast, Src, Msg},
                     ok;
@@ -688,14 +702,15 @@ send_counted(Pid, Src, Msg) ->
             ok
     end.
 
-%% What call/3 needs of an instance: {Pid, Atomics, Key, ReqOpts, Ctx} when it takes
-%% direct calls, its pid when not (not yet, or not on this node), or error.
+%% What call/3 needs of an instance: {Pid, Id, Atomics, Key, ReqOpts} when it takes
+%% direct calls (a dead one is seen by direct_call/8), its pid when not (not yet, or not
+%% on this node), or error.
 entry(Id) when is_binary(Id) ->
     try ets:lookup(?REGISTRY, Id) of
-        [{_, Pid, Direct}] ->
+        [{_, Pid, {A, Key, ReqOpts}}] -> {Pid, Id, A, Key, ReqOpts};
+        [{_, Pid, undefined}] ->
             case is_process_alive(Pid) of
-                true when Direct =:= undefined -> Pid;
-                true -> {A, Key, ReqOpts, Ctx} = Direct, {Pid, A, Key, ReqOpts, Ctx};
+                true -> Pid;
                 false -> error
             end;
         [] -> error
@@ -719,7 +734,7 @@ entry(_) ->
 %% A call run in the caller's process when it gets the turn of an idle instance; else
 %% (or when the call's timeout is longer than the instance's, which bounds how long a
 %% direct caller may hold the turn) the process path.
-direct_call(Pid, A, Key, ReqOpts, Ctx, Src, Msg, Timeout)
+direct_call(Pid, Id, A, Key, ReqOpts, Src, Msg, Timeout)
   when is_integer(Timeout), Timeout =< map_get(timeout, ReqOpts), Pid =/= self() ->
     T = erlang:unique_integer([positive]),
     case atomics:compare_exchange(A, ?TURN, 0, T) of
@@ -727,7 +742,7 @@ direct_call(Pid, A, Key, ReqOpts, Ctx, Src, Msg, Timeout)
             case atomics:get(A, ?PENDING) =:= 0 andalso
                 process_info(Pid, message_queue_len) =:= {message_queue_len, 0} of
                 true ->
-                    direct_run(Pid, A, T, Key, ReqOpts, Ctx, Src, Msg, Timeout);
+                    direct_run(Pid, Id, A, T, Key, ReqOpts, Src, Msg, Timeout);
                 false ->
                     release(A, T, Pid),
                     gen_call(Pid, {erpy_function, call, Src, Msg}, Timeout)
@@ -735,15 +750,16 @@ direct_call(Pid, A, Key, ReqOpts, Ctx, Src, Msg, Timeout)
         _ ->
             gen_call(Pid, {erpy_function, call, Src, Msg}, Timeout)
     end;
-direct_call(Pid, _A, _Key, _ReqOpts, _Ctx, Src, Msg, Timeout) ->
+direct_call(Pid, _Id, _A, _Key, _ReqOpts, Src, Msg, Timeout) ->
     gen_call(Pid, {erpy_function, call, Src, Msg}, Timeout).
 
-direct_run(Pid, A, T, Key, ReqOpts, Ctx, Src, Msg, Timeout) ->
+direct_run(Pid, Id, A, T, Key, ReqOpts, Src, Msg, Timeout) ->
     Opts = case ReqOpts of
                #{timeout := Timeout} -> ReqOpts;
                _ -> ReqOpts#{timeout := Timeout}
            end,
-    Outer = put(?CTX, Ctx),
+    %% The instance's context for callbacks: read by host/1 when one comes.
+    Outer = put(?CTX, {direct, Pid, Id}),
     Answer = try
                  Answer0 = py_answer(erpy:call(?PY, <<"erlang_call">>, call_args(Key, Src, Msg),
                                                Opts)),

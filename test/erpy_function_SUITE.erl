@@ -91,7 +91,7 @@ end_per_testcase(_Case, Config) ->
     Prefix = ?config(prefix, Config),
     %% Every instance the case started goes, with its state.
     [begin _ = erpy_function:stop(Id), _ = erpy_function:delete_state(Id) end
-     || {Id, _, _} <- ets:tab2list(erpy_function_registry),
+     || {Id, _, _} <- ets:tab2list(erpy_function_registry), is_binary(Id),
         binary:longest_common_prefix([Id, Prefix]) =:= byte_size(Prefix)],
     ok.
 
