@@ -68,6 +68,8 @@
 -define(TABLE, erpy_function_state).
 -define(REGISTRY, erpy_function_registry).
 -define(CTX, '$erpy_function').
+%% A caller's last direct entry (entry/1).
+-define(LAST, '$erpy_function_last').
 -define(PY, <<"erpy.function">>).
 %% What a restart limit is when start/1 is not told: 3 restarts in 5 seconds.
 -define(DEFAULT_RESTARTS, {3, 5}).
@@ -703,18 +705,18 @@ send_counted(Pid, Src, Msg) ->
     end.
 
 %% What call/3 needs of an instance: {Pid, Id, Atomics, Key, ReqOpts} when it takes
-%% direct calls (a dead one is seen by direct_call/8), its pid when not (not yet, or not
-%% on this node), or error.
+%% direct calls, its pid when not (not yet, or not on this node), or error. The last
+%% direct entry a process used is kept in its dictionary (one, so nothing grows): an
+%% instance's entry does not change while it lives, and a restarted one is a new process.
 entry(Id) when is_binary(Id) ->
-    try ets:lookup(?REGISTRY, Id) of
-        [{_, Pid, {A, Key, ReqOpts}}] -> {Pid, Id, A, Key, ReqOpts};
-        [{_, Pid, undefined}] ->
+    case get(?LAST) of
+        {Pid, Id, _, _, _} = Entry ->
             case is_process_alive(Pid) of
-                true -> Pid;
-                false -> error
+                true -> Entry;
+                false -> registry_entry(Id)
             end;
-        [] -> error
-    catch error:badarg -> error
+        _ ->
+            registry_entry(Id)
     end;
 entry(Pid) when is_pid(Pid), node(Pid) =:= node() ->
     try ets:lookup(?REGISTRY, Pid) of
@@ -730,6 +732,22 @@ entry(Pid) when is_pid(Pid) ->
     Pid;
 entry(_) ->
     error.
+
+registry_entry(Id) ->
+    try ets:lookup(?REGISTRY, Id) of
+        [{_, Pid, Direct}] ->
+            case is_process_alive(Pid) of
+                true when Direct =:= undefined -> Pid;
+                true ->
+                    {A, Key, ReqOpts} = Direct,
+                    Entry = {Pid, Id, A, Key, ReqOpts},
+                    _ = put(?LAST, Entry),
+                    Entry;
+                false -> error
+            end;
+        [] -> error
+    catch error:badarg -> error
+    end.
 
 %% A call run in the caller's process when it gets the turn of an idle instance; else
 %% (or when the call's timeout is longer than the instance's, which bounds how long a
