@@ -95,7 +95,7 @@
              %% The turn and counters (undefined: no direct calls, timeout infinity).
              atomics :: atomics:atomics_ref() | undefined,
              %% erpy:call's options of this instance's requests, made once.
-             req_opts :: map() | undefined,
+             req_opts :: map(),
              errors = 0 :: non_neg_integer()}).
 
 %% API.
