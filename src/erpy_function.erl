@@ -18,6 +18,21 @@
 %% (disc_copies when Mnesia has a disc schema, see ensure_store/0); a restarted instance
 %% (crash, lost worker, VM restart) reads it back for handle_init. Instances started with
 %% start/1 run under erpy_function_sup with restart limits.
+%%
+%% Direct calls: call/3 normally runs the request itself, in the caller's process, when
+%% the instance is idle, instead of a hop through the instance process (which costs two
+%% process wake-ups per call). One "turn" per instance (an atomics slot) says who may run a
+%% handler: 0 free, -1 the instance process, T > 0 the direct caller with token T, -T that
+%% caller while the instance process waits for the turn. A direct caller takes it by CAS
+%% 0 -> T, and only keeps it when nothing is queued for the instance: no counted cast in
+%% flight (slot 2, counted by every cast this module sends to an instance, so a caller's
+%% earlier casts are handled before its call) and an empty mailbox; else it falls back to
+%% the process path. The instance process takes the turn before each handler (waiting,
+%% marked -T, to be handed it at the holder's release) and frees it after. A holder that
+%% dies with the turn is found by the instance's wait timing out (the instance's timeout,
+%% which bounds every direct call, plus a grace), and the turn is taken back. During a
+%% direct call the host API's callbacks run in the caller's process: the instance's
+%% context is put there for the call's duration (and the caller's own restored after).
 -module(erpy_function).
 -behaviour(gen_server).
 
@@ -53,14 +68,23 @@
 -define(TABLE, erpy_function_state).
 -define(REGISTRY, erpy_function_registry).
 -define(CTX, '$erpy_function').
+%% A caller's last direct entry (entry/1).
+-define(LAST, '$erpy_function_last').
 -define(PY, <<"erpy.function">>).
 %% What a restart limit is when start/1 is not told: 3 restarts in 5 seconds.
 -define(DEFAULT_RESTARTS, {3, 5}).
 -define(STORE_WAIT_MS, 30000).
+%% Atomics slots of an instance (see "Direct calls" above).
+-define(TURN, 1).
+-define(PENDING, 2).
+-define(DIRECT_ERRORS, 3).
+%% How long past the instance's timeout a waiting instance trusts the turn's holder.
+-define(TURN_GRACE_MS, 2000).
 
 -record(st, {id :: id(),
              self_id :: instance_id(),
-             key :: binary(),
+             %% The instance's key in erpy.function's table (unique in the VM).
+             key :: pos_integer(),
              %% The held worker; undefined when the instance holds none (embedded).
              worker :: erpy:worker() | undefined,
              pool :: erpy:pool(),
@@ -68,6 +92,10 @@
              %% Delayed casts not yet due, by {DueMs, Seq}: one timer for the earliest.
              delayed = gb_trees:empty() :: gb_trees:tree(),
              timer :: reference() | undefined,
+             %% The turn and counters (undefined: no direct calls, timeout infinity).
+             atomics :: atomics:atomics_ref() | undefined,
+             %% erpy:call's options of this instance's requests, made once.
+             req_opts :: map(),
              errors = 0 :: non_neg_integer()}).
 
 %% API.
@@ -124,13 +152,26 @@ call(Inst, Msg) ->
 call(Inst, Msg, Timeout) when is_integer(Timeout); Timeout =:= infinity ->
     call(Inst, Msg, #{timeout => Timeout});
 call(Inst, Msg, Opts) when is_map(Opts) ->
-    Timeout = maps:get(timeout, Opts, default_timeout()),
-    case {resolve(Inst), to_bin(Msg)} of
-        {{ok, Pid}, {ok, Bin}} ->
-            Src = maps:get(src, Opts, {node_id(), <<"erlang">>}),
-            gen_call(Pid, {erpy_function, call, Src, Bin}, Timeout);
-        {error, _} -> {error, {no_instance, Inst}};
-        {_, error} -> {error, {badarg, msg}}
+    Timeout = case Opts of
+                  #{timeout := T} -> T;
+                  _ -> default_timeout()
+              end,
+    case {entry(Inst), to_bin(Msg)} of
+        {error, _} ->
+            {error, {no_instance, Inst}};
+        {_, error} ->
+            {error, {badarg, msg}};
+        {Entry, {ok, Bin}} ->
+            Src = case Opts of
+                      #{src := S} -> S;
+                      _ -> default
+                  end,
+            case Entry of
+                {Pid, Id, A, Key, ReqOpts} ->
+                    direct_call(Pid, Id, A, Key, ReqOpts, Src, Bin, Timeout);
+                Pid ->
+                    gen_call(Pid, {erpy_function, call, src(Src), Bin}, Timeout)
+            end
     end.
 
 %% @doc Sends a message to the instance's handle_cast(src, msg). Errors of the handler
@@ -143,8 +184,7 @@ cast(Inst, Msg) ->
 cast(Inst, Msg, Opts) ->
     case {resolve(Inst), to_bin(Msg)} of
         {{ok, Pid}, {ok, Bin}} ->
-            Pid ! {erpy_function, cast, maps:get(src, Opts, {node_id(), <<"erlang">>}), Bin},
-            ok;
+            send_counted(Pid, maps:get(src, Opts, {node_id(), <<"erlang">>}), Bin);
         {error, _} -> {error, {no_instance, Inst}};
         {_, error} -> {error, {badarg, msg}}
     end.
@@ -163,7 +203,7 @@ set_alias(Inst, Alias, Target) when is_binary(Alias) ->
 -spec whereis(id()) -> pid() | undefined.
 whereis(Id) when is_binary(Id) ->
     try ets:lookup(?REGISTRY, Id) of
-        [{_, Pid}] ->
+        [{_, Pid, _}] ->
             case is_process_alive(Pid) of
                 true -> Pid;
                 false -> undefined
@@ -252,6 +292,16 @@ host(Op) ->
             try host(Op, Ctx)
             catch Class:Why -> {error, {Class, Why}}
             end;
+        {direct, Pid, Id} ->
+            %% A direct call of instance Pid runs in this process (direct_run/9).
+            case ets:lookup(?REGISTRY, {ctx, Id}) of
+                [{_, Pid, Ctx}] ->
+                    try host(Op, Ctx)
+                    catch Class:Why -> {error, {Class, Why}}
+                    end;
+                _ ->
+                    {error, not_an_instance}
+            end;
         undefined ->
             {error, not_an_instance}
     end.
@@ -271,7 +321,7 @@ init(#{id := Id, pool := Pool, timeout := Timeout} = Opts) ->
                 {stop, _} ->
                     %% Unregistered before the starter hears of the failure (this process
                     %% exits only after that): a new start of `Id` must not find it.
-                    _ = ets:delete_object(?REGISTRY, {Id, self()}),
+                    unregister_instance(Id),
                     Started;
                 _ ->
                     Started
@@ -283,8 +333,8 @@ init(#{id := Id, pool := Pool, timeout := Timeout} = Opts) ->
 -spec handle_call(term(), gen_server:from(), #st{}) ->
     {reply, term(), #st{}} | {stop, term(), term(), #st{}}.
 handle_call({erpy_function, call, Src, Msg}, _From, St) ->
-    case py(<<"erlang_call">>, [St#st.key, Src, Msg], St) of
-        {ok, {reply, Reply}} -> {reply, {reply, Reply}, St};
+    case turn_py(<<"erlang_call">>, call_args(St#st.key, Src, Msg), St) of
+        {ok, Reply} when is_binary(Reply) -> {reply, {reply, Reply}, St};
         {ok, noreply} -> {reply, noreply, St};
         {ok, Other} -> {reply, {error, {bad_reply, Other}}, St};
         {lost, Why} -> {stop, {worker_lost, Why}, {error, {worker_lost, Why}}, St};
@@ -293,11 +343,17 @@ handle_call({erpy_function, call, Src, Msg}, _From, St) ->
 handle_call({set_alias, Alias, Target}, _From, St) ->
     Ctx = get(?CTX),
     put(?CTX, Ctx#{aliases := maps:put(Alias, Target, maps:get(aliases, Ctx))}),
+    publish(St),
     {reply, ok, St};
 handle_call(info, _From, #st{} = St) ->
     #{aliases := Aliases, pool := Pool} = get(?CTX),
+    Direct = case St#st.atomics of
+                 undefined -> 0;
+                 A -> atomics:get(A, ?DIRECT_ERRORS)
+             end,
     {reply, {ok, #{id => St#st.id, self_id => St#st.self_id, pool => Pool, aliases => Aliases,
-                   errors => St#st.errors, delayed => gb_trees:size(St#st.delayed)}}, St};
+                   errors => St#st.errors + Direct,
+                   delayed => gb_trees:size(St#st.delayed)}}, St};
 handle_call(stop, _From, St) ->
     {stop, normal, ok, St};
 handle_call(_Msg, _From, St) ->
@@ -310,6 +366,14 @@ handle_cast(_Msg, St) ->
 -spec handle_info(term(), #st{}) -> {noreply, #st{}} | {stop, term(), #st{}}.
 handle_info({erpy_function, cast, Src, Msg}, St) ->
     run_cast(Src, Msg, St);
+handle_info({erpy_function_cast, Src, Msg}, St) ->
+    %% A counted cast (send_counted/3): uncounted once handled, so direct calls resume.
+    Answer = run_cast(Src, Msg, St),
+    _ = St#st.atomics =:= undefined orelse atomics:sub(St#st.atomics, ?PENDING, 1),
+    Answer;
+handle_info({erpy_function_lost, Why}, St) ->
+    %% A direct call found the instance's Python gone.
+    {stop, {worker_lost, Why}, St};
 handle_info({erpy_function_delay, Due, Seq, Alias, Msg}, St) ->
     {noreply, arm(St#st{delayed = gb_trees:insert({Due, Seq}, {Alias, Msg}, St#st.delayed)})};
 handle_info({timeout, Timer, erpy_function_delayed}, #st{timer = Timer} = St) ->
@@ -326,6 +390,10 @@ handle_info(_Msg, St) ->
 terminate(Why, #st{id = Id, worker = Worker} = St) ->
     Stopping = Why =:= normal orelse Why =:= shutdown
                orelse (is_tuple(Why) andalso element(1, Why) =:= shutdown),
+    %% No new direct calls; one running ends before handle_stop or the worker's checkin.
+    true = ets:insert(?REGISTRY, {Id, self(), undefined}),
+    _ = St#st.atomics =:= undefined orelse Why =:= killed orelse
+        take_turn(St#st.atomics, St#st.timeout),
     case Why of
         {worker_lost, _} ->
             ok;
@@ -344,7 +412,7 @@ terminate(Why, #st{id = Id, worker = Worker} = St) ->
             _ = Stopping andalso py(<<"erlang_stop">>, [St#st.key], St),
             erpy:checkin(Worker)
     end,
-    _ = ets:delete_object(?REGISTRY, {Id, self()}),
+    unregister_instance(Id),
     ok.
 
 %% Internal.
@@ -393,9 +461,26 @@ is_target(_) -> false.
 
 register_instance(Id) ->
     case whereis(Id) of
-        undefined -> true = ets:insert(?REGISTRY, {Id, self()}), ok;
+        %% No direct calls until it has started (publish/1).
+        undefined -> true = ets:insert(?REGISTRY, {Id, self(), undefined}), ok;
         Pid -> {error, {already_started, Pid}}
     end.
+
+unregister_instance(Id) ->
+    _ = ets:match_delete(?REGISTRY, {Id, self(), '_'}),
+    _ = ets:match_delete(?REGISTRY, {{ctx, Id}, self(), '_'}),
+    _ = ets:delete_object(?REGISTRY, {self(), Id}),
+    ok.
+
+%% Makes the started instance reachable by direct calls, with its current context.
+publish(#st{atomics = undefined}) ->
+    ok;
+publish(#st{id = Id, atomics = A, key = Key, req_opts = ReqOpts}) ->
+    %% The context apart: a direct call copies only what it needs, and its callbacks (if
+    %% any) read the context (see host/1).
+    true = ets:insert(?REGISTRY, [{Id, self(), {A, Key, ReqOpts}},
+                                  {{ctx, Id}, self(), get(?CTX)}, {self(), Id}]),
+    ok.
 
 restore(#{store := none}) ->
     {ok, <<>>};
@@ -413,10 +498,15 @@ restore(#{store := mnesia, id := Id}) ->
 
 start_python(#{id := Id, module := Module, init_payload := Payload} = Opts, State, Pool, Timeout) ->
     SelfId = {node_id(), Id},
-    Key = <<Id/binary, $/, (integer_to_binary(erlang:unique_integer([positive])))/binary>>,
+    Key = erlang:unique_integer([positive]),
     put(?CTX, #{id => Id, self_id => SelfId, pool => Pool, store => maps:get(store, Opts),
-                aliases => maps:get(aliases, Opts), timeout => Timeout}),
-    St0 = #st{id = Id, self_id = SelfId, key = Key, pool = Pool, timeout = Timeout},
+                aliases => maps:get(aliases, Opts), timeout => Timeout, pid => self()}),
+    A = case Timeout of
+            infinity -> undefined;
+            _ -> atomics:new(3, [])
+        end,
+    St0 = #st{id = Id, self_id = SelfId, key = Key, pool = Pool, timeout = Timeout,
+              atomics = A, req_opts = #{pool => Pool, timeout => Timeout}},
     case erpy_transport:lookup(Pool) of
         {ok, erpy_embedded, _} -> start_shared(St0, Module, Payload, State);
         {ok, _, _} -> start_held(St0, Module, Payload, State);
@@ -432,6 +522,7 @@ start_shared(#st{key = Key, self_id = SelfId, pool = Pool} = St, Module, Payload
     case erpy:call(?PY, <<"erlang_start_shared">>, [Key, Module, SelfId, Payload, State],
                    #{pool => Pool, timeout => St#st.timeout}) of
         {ok, ok} ->
+            publish(St),
             {ok, St};
         {ok, Other} ->
             {stop, {init_failed, {bad_answer, Other}}};
@@ -461,13 +552,13 @@ start_held(#st{key = Key, self_id = SelfId, pool = Pool, timeout = Timeout} = St
     case erpy:checkout(Pool, Timeout) of
         {ok, Worker} ->
             watch(Worker),
-            St = St0#st{worker = Worker},
+            St = St0#st{worker = Worker, req_opts = #{worker => Worker, timeout => Timeout}},
             %% Evaluated in the held worker's namespace: the instance lives as long as it.
             Code = <<"__import__('erpy.function').function.erlang_start("
                      "globals(), k, m, i, p, s)">>,
             Locals = #{k => Key, m => Module, i => SelfId, p => Payload, s => State},
             case erpy:eval(Code, Locals, #{worker => Worker, timeout => Timeout}) of
-                {ok, ok} -> {ok, St};
+                {ok, ok} -> publish(St), {ok, St};
                 {ok, Other} -> erpy:checkin(Worker), {stop, {init_failed, {bad_answer, Other}}};
                 {error, Why} -> erpy:checkin(Worker), {stop, {init_failed, Why}}
             end;
@@ -485,7 +576,7 @@ watch(_) ->
     ok.
 
 run_cast(Src, Msg, St) ->
-    case py(<<"erlang_cast">>, [St#st.key, Src, Msg], St) of
+    case turn_py(<<"erlang_cast">>, [St#st.key, Src, Msg], St) of
         {ok, _} ->
             {noreply, St};
         {lost, Why} ->
@@ -498,12 +589,11 @@ run_cast(Src, Msg, St) ->
 
 %% A request to the instance's Python: on its held worker, or on any context of its
 %% embedded pool. `lost`: the worker (and the instance) is gone.
-py(Fun, Args, #st{worker = Worker, pool = Pool, timeout = Timeout}) ->
-    Opts = case Worker of
-               undefined -> #{pool => Pool, timeout => Timeout};
-               _ -> #{worker => Worker, timeout => Timeout}
-           end,
-    case erpy:call(?PY, Fun, Args, Opts) of
+py(Fun, Args, #st{req_opts = Opts}) ->
+    py_answer(erpy:call(?PY, Fun, Args, Opts)).
+
+py_answer(Answer) ->
+    case Answer of
         {ok, _} = Ok -> Ok;
         %% The worker answers but no longer has the instance (it was replaced).
         {error, #{type := <<"LookupError">>} = Why} -> {lost, Why};
@@ -520,11 +610,12 @@ host({call, Alias, Msg}, Ctx) ->
     with_target(Alias, Ctx, fun(T) -> send_call(T, Msg, Ctx) end);
 host({call_raw, Dst, Msg}, Ctx) ->
     with_raw(Dst, fun(T) -> send_call(T, Msg, Ctx) end);
-host({delayed_cast, Ms, Alias, Msg}, _Ctx) when is_integer(Ms), Ms >= 0, is_binary(Alias),
-                                                is_binary(Msg) ->
+host({delayed_cast, Ms, Alias, Msg}, #{pid := Inst}) when is_integer(Ms), Ms >= 0,
+                                                        is_binary(Alias), is_binary(Msg) ->
     %% Due a millisecond late rather than early: the clock is read in whole milliseconds.
+    %% To the instance process (this may be a direct caller's), which keeps the timers.
     Due = erlang:monotonic_time(millisecond) + Ms + 1,
-    self() ! {erpy_function_delay, Due, erlang:unique_integer([monotonic]), Alias, Msg},
+    Inst ! {erpy_function_delay, Due, erlang:unique_integer([monotonic]), Alias, Msg},
     ok;
 host({sync, State}, #{store := Store, id := Id}) when is_binary(State) ->
     case Store of
@@ -579,15 +670,194 @@ with_raw(Dst, _Fun) ->
 
 send_cast(Target, Msg, #{self_id := SelfId}) ->
     case dest(Target) of
+        {ok, Dest} when is_pid(Dest), node(Dest) =:= node() -> send_counted(Dest, SelfId, Msg);
         {ok, Dest} -> _ = catch Dest ! {erpy_function, cast, SelfId, Msg}, ok;
         Error -> Error
     end.
 
-send_call(Target, Msg, #{self_id := SelfId, timeout := Timeout}) ->
+send_call(Target, Msg, #{self_id := SelfId, timeout := Timeout, pid := Self}) ->
     case dest(Target) of
-        {ok, Dest} when Dest =:= self() -> {error, self_call};
+        {ok, Self} -> {error, self_call};
+        {ok, Dest} when is_pid(Dest), node(Dest) =:= node() ->
+            call(Dest, Msg, #{src => SelfId, timeout => Timeout});
         {ok, Dest} -> gen_call(Dest, {erpy_function, call, SelfId, Msg}, Timeout);
         Error -> Error
+    end.
+
+%% A cast to a local process: to an instance, counted (see "Direct calls"), so that a
+%% direct call made after it by the same process waits for it; to any other process, the
+%% protocol's message.
+send_counted(Pid, Src, Msg) ->
+    case ets:lookup(?REGISTRY, Pid) of
+        [{_, Id}] ->
+            case ets:lookup(?REGISTRY, Id) of
+                [{_, Pid, {A, _, _}}] ->
+                    _ = atomics:add(A, ?PENDING, 1),
+                    Pid ! {erpy_function_cast, Src, Msg},
+                    ok;
+                _ ->
+                    Pid ! {erpy_function, cast, Src, Msg},
+                    ok
+            end;
+        [] ->
+            Pid ! {erpy_function, cast, Src, Msg},
+            ok
+    end.
+
+%% What call/3 needs of an instance: {Pid, Id, Atomics, Key, ReqOpts} when it takes
+%% direct calls, its pid when not (not yet, or not on this node), or error. The last
+%% direct entry a process used is kept in its dictionary (one, so nothing grows): an
+%% instance's entry does not change while it lives, and a restarted one is a new process.
+entry(Id) when is_binary(Id) ->
+    case get(?LAST) of
+        {Pid, Id, _, _, _} = Entry ->
+            case is_process_alive(Pid) of
+                true -> Entry;
+                false -> registry_entry(Id)
+            end;
+        _ ->
+            registry_entry(Id)
+    end;
+entry(Pid) when is_pid(Pid), node(Pid) =:= node() ->
+    try ets:lookup(?REGISTRY, Pid) of
+        [{_, Id}] ->
+            case entry(Id) of
+                {Pid, _, _, _, _} = Entry -> Entry;
+                _ -> Pid
+            end;
+        [] -> Pid
+    catch error:badarg -> Pid
+    end;
+entry(Pid) when is_pid(Pid) ->
+    Pid;
+entry(_) ->
+    error.
+
+registry_entry(Id) ->
+    try ets:lookup(?REGISTRY, Id) of
+        [{_, Pid, Direct}] ->
+            case is_process_alive(Pid) of
+                true when Direct =:= undefined -> Pid;
+                true ->
+                    {A, Key, ReqOpts} = Direct,
+                    Entry = {Pid, Id, A, Key, ReqOpts},
+                    _ = put(?LAST, Entry),
+                    Entry;
+                false -> error
+            end;
+        [] -> error
+    catch error:badarg -> error
+    end.
+
+%% A call run in the caller's process when it gets the turn of an idle instance; else
+%% (or when the call's timeout is longer than the instance's, which bounds how long a
+%% direct caller may hold the turn) the process path.
+direct_call(Pid, Id, A, Key, ReqOpts, Src, Msg, Timeout)
+  when is_integer(Timeout), Timeout =< map_get(timeout, ReqOpts), Pid =/= self() ->
+    T = erlang:unique_integer([positive]),
+    case atomics:compare_exchange(A, ?TURN, 0, T) of
+        ok ->
+            case atomics:get(A, ?PENDING) =:= 0 andalso
+                process_info(Pid, message_queue_len) =:= {message_queue_len, 0} of
+                true ->
+                    direct_run(Pid, Id, A, T, Key, ReqOpts, Src, Msg, Timeout);
+                false ->
+                    release(A, T, Pid),
+                    gen_call(Pid, {erpy_function, call, Src, Msg}, Timeout)
+            end;
+        _ ->
+            gen_call(Pid, {erpy_function, call, Src, Msg}, Timeout)
+    end;
+direct_call(Pid, _Id, _A, _Key, _ReqOpts, Src, Msg, Timeout) ->
+    gen_call(Pid, {erpy_function, call, Src, Msg}, Timeout).
+
+direct_run(Pid, Id, A, T, Key, ReqOpts, Src, Msg, Timeout) ->
+    Opts = case ReqOpts of
+               #{timeout := Timeout} -> ReqOpts;
+               _ -> ReqOpts#{timeout := Timeout}
+           end,
+    %% The instance's context for callbacks: read by host/1 when one comes.
+    Outer = put(?CTX, {direct, Pid, Id}),
+    Answer = try
+                 Answer0 = py_answer(erpy:call(?PY, <<"erlang_call">>, call_args(Key, Src, Msg),
+                                               Opts)),
+                 %% The instance died meanwhile: an error, as on the process path (what
+                 %% the handler did is not the restarted instance's state).
+                 case is_process_alive(Pid) of
+                     true -> Answer0;
+                     false -> {error, {exit, instance_down}}
+                 end
+             after
+                 _ = case Outer of
+                         undefined -> erase(?CTX);
+                         _ -> put(?CTX, Outer)
+                     end,
+                 release(A, T, Pid)
+             end,
+    case Answer of
+        {ok, Reply} when is_binary(Reply) -> {reply, Reply};
+        {ok, noreply} -> noreply;
+        {ok, Other} -> {error, {bad_reply, Other}};
+        {lost, Why} ->
+            %% As on the process path: the instance restarts, and this call fails.
+            Pid ! {erpy_function_lost, Why},
+            {error, {worker_lost, Why}};
+        {error, Why} ->
+            _ = atomics:add(A, ?DIRECT_ERRORS, 1),
+            {error, Why}
+    end.
+
+%% erpy.function.erlang_call's arguments: the source only when not the default one
+%% ({Node, <<"erlang">>}), which Python keeps; it answers a reply as a bare binary.
+call_args(Key, default, Msg) -> [Key, Msg];
+call_args(Key, Src, Msg) -> [Key, Msg, Src].
+
+src(default) -> {node_id(), <<"erlang">>};
+src(Src) -> Src.
+
+%% The direct caller's release: hands the turn to the instance process if it waits.
+release(A, T, Pid) ->
+    case atomics:compare_exchange(A, ?TURN, T, 0) of
+        ok -> ok;
+        Neg when Neg =:= -T ->
+            case atomics:compare_exchange(A, ?TURN, -T, -1) of
+                ok -> Pid ! {erpy_function_turn, T}, ok;
+                _ -> ok
+            end;
+        _ ->
+            %% Taken back by the instance after its wait ran out.
+            ok
+    end.
+
+%% A handler run by the instance process: with the turn.
+turn_py(Fun, Args, #st{atomics = undefined} = St) ->
+    py(Fun, Args, St);
+turn_py(Fun, Args, #st{atomics = A} = St) ->
+    take_turn(A, St#st.timeout),
+    try py(Fun, Args, St)
+    after atomics:put(A, ?TURN, 0)
+    end.
+
+take_turn(A, Timeout) ->
+    case atomics:compare_exchange(A, ?TURN, 0, -1) of
+        ok -> ok;
+        T when T > 0 ->
+            case atomics:compare_exchange(A, ?TURN, T, -T) of
+                ok -> wait_turn(A, T, Timeout);
+                _ -> take_turn(A, Timeout)
+            end
+    end.
+
+wait_turn(A, T, Timeout) ->
+    receive
+        {erpy_function_turn, T} -> ok
+    after Timeout + ?TURN_GRACE_MS ->
+        %% The holder died holding it (a live one gives it back within the timeout): take
+        %% it back, unless it was handed over just now.
+        case atomics:compare_exchange(A, ?TURN, -T, -1) of
+            ok -> ok;
+            _ -> receive {erpy_function_turn, T} -> ok end
+        end
     end.
 
 dest(Id) when is_binary(Id) ->

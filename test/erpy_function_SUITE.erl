@@ -15,7 +15,7 @@
          stop_runs_handle_stop/1, restart_limit/1, init_failure/1, duplicate_id/1,
          bad_options/1, host_needs_policy/1, host_outside_instance/1, telemetry_to_logger/1,
          state_on_disc/1, one_handler_at_a_time/1, embedded_holds_no_context/1,
-         store_of_another_node/1]).
+         store_of_another_node/1, one_instance_hammered/1, direct_call_timeout/1]).
 %% logger handler callback (telemetry_to_logger).
 -export([log/2]).
 
@@ -28,7 +28,8 @@ groups() ->
     Cases = [workflow, call_answers, cast_error_reported, calls_out, cast_raw,
              restart_restores_state, delayed_casts_in_order, stop_runs_handle_stop,
              restart_limit, init_failure, duplicate_id, bad_options, host_needs_policy,
-             host_outside_instance, telemetry_to_logger, one_handler_at_a_time],
+             host_outside_instance, telemetry_to_logger, one_handler_at_a_time,
+             one_instance_hammered, direct_call_timeout],
     [{port, [], Cases ++ [worker_lost_restores_state]},
      {embedded, [], Cases ++ [embedded_holds_no_context]},
      {node, [], Cases ++ [worker_lost_restores_state]}].
@@ -90,7 +91,7 @@ end_per_testcase(_Case, Config) ->
     Prefix = ?config(prefix, Config),
     %% Every instance the case started goes, with its state.
     [begin _ = erpy_function:stop(Id), _ = erpy_function:delete_state(Id) end
-     || {Id, _} <- ets:tab2list(erpy_function_registry),
+     || {Id, _, _} <- ets:tab2list(erpy_function_registry), is_binary(Id),
         binary:longest_common_prefix([Id, Prefix]) =:= byte_size(Prefix)],
     ok.
 
@@ -364,6 +365,76 @@ one_handler_at_a_time(Config) ->
      || C <- Busy],
     wait_restarted(Id),
     ?assertEqual({reply, <<"6">>}, erpy_function:call(Id, <<"get">>)).
+
+one_instance_hammered(Config) ->
+    ct:comment("many callers hammer one instance with calls, casts and delayed casts: the "
+               "count is exact, no two handlers overlap, and each caller's call sees its "
+               "own earlier cast"),
+    Id = id(Config, <<"hammer">>),
+    {ok, _} = start(Config, Id, <<"function_cases:Hammer">>, #{aliases => #{<<"me">> => Id}}),
+    Self = self(),
+    Callers = 8,
+    Rounds = 40,
+    %% Calls only, spaced out: callers often find the instance idle and run their call
+    %% themselves, and often not (the instance process then runs it): both at once would
+    %% show as an overlap.
+    Calls = fun(_I) ->
+                    [begin
+                         {reply, _} = erpy_function:call(Id, <<"inc">>),
+                         timer:sleep(rand:uniform(2) - 1)
+                     end || _ <- lists:seq(1, Rounds)]
+            end,
+    %% Casts, calls and delayed casts mixed.
+    Mixed = fun(I) ->
+                    IB = integer_to_binary(I),
+                    [begin
+                         KB = integer_to_binary(K),
+                         ok = erpy_function:cast(Id, <<"mark ", IB/binary, " ", KB/binary>>),
+                         {reply, KB} = erpy_function:call(Id, <<"last ", IB/binary>>),
+                         {reply, _} = erpy_function:call(Id, <<"inc">>),
+                         _ = K rem 8 =:= 0 andalso erpy_function:cast(Id, <<"delay">>)
+                     end || K <- lists:seq(1, Rounds)]
+            end,
+    Hammer = fun(Run) ->
+                     Pids = [spawn_link(fun() -> Run(I), Self ! {done, self()} end)
+                             || I <- lists:seq(1, Callers)],
+                     [receive {done, P} -> ok after 60000 -> ct:fail(hammer_hung) end
+                      || P <- Pids]
+             end,
+    Hammer(Calls),
+    Hammer(Mixed),
+    %% Calls count once; mixed rounds twice (mark, inc), every 8th two delayed incs more.
+    Expected = Callers * Rounds + Callers * (2 * Rounds + 2 * (Rounds div 8)),
+    ?assertEqual(iolist_to_binary([integer_to_binary(Expected), " 0"]),
+                 wait_count(Id, Expected, 200)),
+    {ok, #{errors := 0}} = erpy_function:info(Id).
+
+wait_count(Id, Expected, Tries) ->
+    {reply, Got} = erpy_function:call(Id, <<"get">>),
+    [N, _] = binary:split(Got, <<" ">>),
+    case binary_to_integer(N) < Expected andalso Tries > 0 of
+        true -> timer:sleep(20), wait_count(Id, Expected, Tries - 1);
+        false -> Got
+    end.
+
+direct_call_timeout(Config) ->
+    ct:comment("a call that times out leaves the instance usable: later calls and casts "
+               "run, from the same and from other processes"),
+    Id = id(Config, <<"kv">>),
+    {ok, Pid} = start(Config, Id, <<"function_cases:Kv">>, #{}),
+    ?assertMatch({error, _}, erpy_function:call(Id, <<"spin 2">>, 300)),
+    ok = erpy_function:cast(Id, <<"4">>),
+    ?assertEqual({reply, <<"4">>}, erpy_function:call(Id, <<"get">>, 5000)),
+    Self = self(),
+    _ = spawn_link(fun() -> Self ! {got, erpy_function:call(Id, <<"get">>)} end),
+    ?assertEqual({reply, <<"4">>}, receive {got, A} -> A after 10000 -> hung end),
+    %% A caller killed in the middle of a call: the instance goes on.
+    Doomed = spawn(fun() -> erpy_function:call(Id, <<"spin 0.5">>, 5000) end),
+    timer:sleep(100),
+    exit(Doomed, kill),
+    ok = erpy_function:cast(Id, <<"1">>),
+    ?assertEqual({reply, <<"5">>}, erpy_function:call(Id, <<"get">>, 10000)),
+    ?assertEqual(Pid, erpy_function:whereis(Id)).
 
 embedded_holds_no_context(Config) ->
     ct:comment("embedded: an instance holds no context, and its Python entry goes with it "

@@ -317,7 +317,10 @@ class Instance:
 
     def call(self, src: Any, msg: Any) -> bytes | _NoReplyType:
         """The reply as bytes, or NoReply (a handler returning None means no reply)."""
-        reply = self._run("handle_call", _as_instance_id(src), as_bytes(msg))
+        return self.reply(self._run("handle_call", _as_instance_id(src), as_bytes(msg)))
+
+    def reply(self, reply: Any) -> bytes | _NoReplyType:
+        """What handle_call returned, as a reply: bytes, or NoReply."""
         if type(reply) is bytes:
             return reply
         if reply is None or reply is NoReply:
@@ -343,14 +346,16 @@ class Instance:
 
 _atom = Atom
 # Answers made on every request: built once.
-_OK, _REPLY, _NOREPLY = Atom("ok"), Atom("reply"), Atom("noreply")
+_OK, _NOREPLY = Atom("ok"), Atom("noreply")
 
 
 class ErlangHost(Host):
-    __slots__ = ("_id",)
+    __slots__ = ("_id", "default_src")
 
     def __init__(self, self_id: InstanceId) -> None:
         self._id = self_id
+        # Who calls when erpy_function:call is given no src: Erlang on this node.
+        self.default_src = InstanceId(self_id.node_id, "erlang")
 
     @staticmethod
     def _host(op: tuple) -> Any:
@@ -481,11 +486,33 @@ def _erlang_src(src: Any) -> InstanceId:
     return sid
 
 
-def erlang_call(key: Any, src: Any, msg: Any) -> Any:
-    reply = _erlang_instance(key).call(_erlang_src(src), msg)
+def erlang_call(key: Any, msg: Any, src: Any = None) -> Any:
+    """handle_call of instance ``key``: a reply as bytes, NoReply as the atom noreply.
+    Without ``src`` the caller is the default one, ``(node_id, "erlang")``."""
+    # Every erpy_function:call comes here: Instance.call inlined for the common case (a
+    # handle_call of bytes returning bytes); anything else goes the general way.
+    instance = _erlang_instances.get(key)
+    if instance is None:
+        raise LookupError(f"no function instance {key!r} in this worker")
+    sid = instance.host.default_src if src is None else _erlang_src(src)
+    fn = getattr(instance.handlers, "handle_call", None)
+    if fn is None or type(msg) is not bytes:
+        reply = instance.call(sid, msg)
+    else:
+        token = _current.set(instance.host)
+        try:
+            reply = fn(sid, msg)
+        except BaseException as exc:
+            instance.host.handler_error("handle_call", exc)
+            raise
+        finally:
+            _current.reset(token)
+        if type(reply) is bytes:
+            return reply
+        reply = instance.reply(reply)
     if reply is NoReply:
         return _NOREPLY
-    return (_REPLY, reply)
+    return reply
 
 
 def erlang_stop(key: Any) -> Any:

@@ -38,6 +38,8 @@ def handle_call(src, msg):
         return state
     if msg == b"whoami":
         return "/".join(fn.slf())
+    if msg == b"src":
+        return "/".join(src)
     if msg == b"bad":
         return 42
     if msg.startswith(b"ask "):

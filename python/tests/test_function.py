@@ -158,9 +158,11 @@ def test_erlang_hosted_instances_live_as_long_as_the_namespace():
     ns = {}
     assert fn.erlang_start(ns, b"k1", "function_samples", ("node", "f1"), "p", b"s") == "ok"
     assert b"k1" in fn._erlang_instances
-    assert fn.erlang_call(b"k1", ("node", "x"), b"state") == ("reply", b"s")
-    assert fn.erlang_call(b"k1", ("node", "x"), b"noret") == "noreply"
-    assert fn.erlang_call(b"k1", ("node", "x"), b"whoami") == ("reply", b"node/f1")
+    assert fn.erlang_call(b"k1", b"state", ("node", "x")) == b"s"
+    assert fn.erlang_call(b"k1", b"noret", ("node", "x")) == "noreply"
+    assert fn.erlang_call(b"k1", b"whoami", ("node", "x")) == b"node/f1"
+    # Without a source: the default one, Erlang on the instance's node.
+    assert fn.erlang_call(b"k1", b"src") == b"node/erlang"
     ns.clear()
     gc.collect()
     assert b"k1" not in fn._erlang_instances
@@ -172,15 +174,15 @@ def test_erlang_shared_instances_are_dropped_explicitly():
     # Embedded pools: no held namespace; the entry lives until erlang_stop / erlang_drop,
     # and a new start of the same instance drops an entry a crash left behind.
     assert fn.erlang_start_shared("s1", "function_samples", ("node", "f2"), "p", b"s") == "ok"
-    assert fn.erlang_call("s1", ("node", "x"), b"whoami") == ("reply", b"node/f2")
+    assert fn.erlang_call("s1", b"whoami", ("node", "x")) == b"node/f2"
     assert fn.erlang_start_shared("s2", "function_samples", ("node", "f2"), "p", b"t") == "ok"
     assert "s1" not in fn._erlang_instances
-    assert fn.erlang_call("s2", ("node", "x"), b"state") == ("reply", b"t")
+    assert fn.erlang_call("s2", b"state", ("node", "x")) == b"t"
     assert fn.erlang_drop("s2") == "ok"
     assert "s2" not in fn._erlang_instances
     assert fn.erlang_drop("s2") == "ok"
     with pytest.raises(LookupError):
-        fn.erlang_call("s2", ("n", "x"), b"")
+        fn.erlang_call("s2", b"", ("n", "x"))
     # A failing init leaves nothing behind.
     with pytest.raises(Exception):
         fn.erlang_start_shared("s3", "no_such_module_xyz", ("node", "f3"), "", b"")

@@ -83,3 +83,49 @@ class Kv:
 
     def handle_stop(self):
         fn.cast("out", b"stopped")
+
+
+class Hammer:
+    """A counter that notices overlapping handlers (one_instance_hammered): "mark I K"
+    (cast) counts and records K as sender I's last; "inc" (cast or call) counts; "delay"
+    (cast) counts twice later, by delayed casts to "me"; calls "last I" and "get"."""
+
+    def handle_init(self, payload, serialized_state):
+        self.n = 0
+        self.overlaps = 0
+        self.inside = False
+        self.last = {}
+
+    def _enter(self):
+        if self.inside:
+            self.overlaps += 1
+        self.inside = True
+        # A moment inside without the GIL, where another thread's handler would show.
+        time.sleep(0.0002)
+
+    def handle_cast(self, src, msg):
+        self._enter()
+        try:
+            if msg.startswith(b"mark "):
+                _, i, k = msg.split(b" ")
+                self.last[i] = k
+                self.n += 1
+            elif msg == b"inc":
+                self.n += 1
+            elif msg == b"delay":
+                fn.delayed_cast(1, "me", b"inc")
+                fn.delayed_cast(2, "me", b"inc")
+        finally:
+            self.inside = False
+
+    def handle_call(self, src, msg):
+        self._enter()
+        try:
+            if msg == b"inc":
+                self.n += 1
+                return str(self.n)
+            if msg.startswith(b"last "):
+                return self.last.get(msg[5:], b"none")
+            return "%d %d" % (self.n, self.overlaps)
+        finally:
+            self.inside = False
