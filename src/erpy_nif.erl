@@ -6,7 +6,7 @@
          callback_reply/2, checkin/1, python_info/0, is_handle/1, dirty_noop/1]).
 -export([async_submit/6, async_cancel/1, async_adopt/1, async_poll/2]).
 -export([reactor_adopt/1, reactor_dup/1, reactor_select/2, reactor_close/1, reactor_fd/1,
-         reactor_send_fd/4, reactor_bind/4, reactor_batch/3, reactor_running/1,
+         reactor_send_fd/4, reactor_bind/4, reactor_batch/3, reactor_append/2, reactor_running/1,
          reactor_expire/2, reactor_watch/1]).
 
 -on_load(load/0).
@@ -15,7 +15,7 @@
        callback_reply/2, checkin/1, python_info/0, is_handle/1, dirty_noop/1,
        async_submit/6, async_cancel/1, async_adopt/1, async_poll/2,
        reactor_adopt/1, reactor_dup/1, reactor_select/2, reactor_close/1, reactor_fd/1,
-       reactor_send_fd/4, reactor_bind/4, reactor_batch/3, reactor_running/1,
+       reactor_send_fd/4, reactor_bind/4, reactor_batch/3, reactor_append/2, reactor_running/1,
        reactor_expire/2, reactor_watch/1]).
 
 -type pool() :: reference().
@@ -134,6 +134,9 @@ reactor_bind(_Res, _Hub, _Ref, _Timeout) -> erlang:nif_error(not_loaded).
 -spec reactor_batch(reference(), reference(), [tuple()]) ->
     {ok, reference(), reference()} | empty | {error, pool_closed}.
 reactor_batch(_Pool, _Ref, _Selects) -> erlang:nif_error(not_loaded).
+
+-spec reactor_append(reference(), [tuple()]) -> ok | started.
+reactor_append(_Batch, _Selects) -> erlang:nif_error(not_loaded).
 
 -spec reactor_running(reference()) -> {pid(), reference()} | none.
 reactor_running(_Batch) -> erlang:nif_error(not_loaded).

@@ -348,48 +348,48 @@ stop(C0, Why) ->
 %% ---- the hub: one per embedded pool ------------------------------------------------------
 %%
 %% Started at the pool's first handoff (kept in a persistent term under the pool's pid,
-%% so a restarted pool gets its own), it ends with the pool. At most `size` batches are
-%% in flight (one per context): what becomes ready meanwhile waits in the mailbox and
-%% goes as the next batch. Each batch in flight is watched for a callback running past
-%% its connection's timeout (reactor_expire).
+%% so a restarted pool gets its own), it ends with the pool. The last batch submitted,
+%% until a context takes it, is `open`: what becomes ready meanwhile joins it
+%% (reactor_append), so a context that ends a batch finds the next one waiting, and each
+%% batch carries all that was ready. Each batch in flight is watched for a callback
+%% running past its connection's timeout (reactor_expire).
 
-hub(Pool, PoolPid, #{pool := NifPool} = Handle) ->
+hub(Pool, PoolPid, #{pool := NifPool}) ->
     Key = {?MODULE, hub, PoolPid},
     case persistent_term:get(Key, undefined) of
         Hub when is_pid(Hub) ->
             case is_process_alive(Hub) of
                 true -> {ok, Hub};
-                false -> start_hub(Key, Pool, PoolPid, NifPool, Handle)
+                false -> start_hub(Key, Pool, PoolPid, NifPool)
             end;
         undefined ->
-            start_hub(Key, Pool, PoolPid, NifPool, Handle)
+            start_hub(Key, Pool, PoolPid, NifPool)
     end.
 
 %% Two first handoffs at once may start two hubs: each serves the connections bound to
 %% it, and both end with the pool.
-start_hub(Key, Pool, PoolPid, NifPool, Handle) ->
+start_hub(Key, Pool, PoolPid, NifPool) ->
     case is_process_alive(PoolPid) of
         false ->
             {error, {no_pool, Pool}};
         true ->
-            Size = max(1, maps:get(size, Handle, 1)),
             Hub = spawn(fun() ->
                                 Mon = monitor(process, PoolPid),
-                                hub_loop(#{nif_pool => NifPool, mon => Mon, key => Key, size => Size}, #{}, [])
+                                hub_loop(#{nif_pool => NifPool, mon => Mon, key => Key}, #{}, undefined)
                         end),
             persistent_term:put(Key, Hub),
             {ok, Hub}
     end.
 
--define(HUB_CHECK, 100).  % ms between looks at a batch whose contexts are busy
+-define(HUB_CHECK, 100).  % ms between looks at a batch in flight
 
-%% InFlight: BatchRef => {Job, Batch, NextCheck}; Ready: select messages not yet submitted.
-hub_loop(#{mon := Mon, key := Key} = S, InFlight, Ready) ->
+%% InFlight: BatchRef => {Job, Batch, NextCheck}; Open: the last batch, maybe not taken yet.
+hub_loop(#{mon := Mon, key := Key} = S, InFlight, Open) ->
     receive
         {select, _, undefined, _} = Sel ->
-            hub_submit(S, InFlight, drain([Sel | Ready]));
+            hub_ready(S, InFlight, Open, drain([Sel]));
         {Ref, {ok, done}} when is_map_key(Ref, InFlight) ->
-            hub_submit(S, maps:remove(Ref, InFlight), drain(Ready));
+            hub_loop(S, maps:remove(Ref, InFlight), closed(Ref, Open));
         {Ref, {Tag, PyCtx, Kind, M, F, Args}} when (Tag =:= callback orelse Tag =:= callback_check),
                                                    is_map_key(Ref, InFlight) ->
             {Job, Batch, _} = maps:get(Ref, InFlight),
@@ -399,37 +399,42 @@ hub_loop(#{mon := Mon, key := Key} = S, InFlight, Ready) ->
                     erpy_nif:callback_reply(Job, {error, no_connection}),
                     repoll(Job, Ref, self())
             end,
-            hub_loop(S, InFlight, Ready);
+            hub_loop(S, InFlight, Open);
         {Ref, _} when is_map_key(Ref, InFlight) ->
             %% {error, pool_closed}: the pool is stopping, and its connections with it.
-            hub_submit(S, maps:remove(Ref, InFlight), Ready);
+            hub_loop(S, maps:remove(Ref, InFlight), closed(Ref, Open));
         {'DOWN', Mon, process, _, _} ->
             _ = persistent_term:get(Key, undefined) =:= self() andalso persistent_term:erase(Key),
             exit(normal);
         _ ->
-            hub_loop(S, InFlight, Ready)
+            hub_loop(S, InFlight, Open)
     after hub_timeout(InFlight) ->
-        hub_submit(S, hub_expire(InFlight), Ready)
+        InFlight1 = hub_expire(InFlight),
+        hub_loop(S, InFlight1, case Open of {R, _} when is_map_key(R, InFlight1) -> Open; _ -> undefined end)
     end.
 
-%% Every readiness message already in the mailbox joins the batch.
+closed(Ref, {Ref, _}) -> undefined;
+closed(_, Open) -> Open.
+
+%% Every readiness message already in the mailbox comes along.
 drain(Ready) ->
     receive {select, _, undefined, _} = Sel -> drain([Sel | Ready])
     after 0 -> Ready
     end.
 
-hub_submit(S, InFlight, []) ->
-    hub_loop(S, InFlight, []);
-hub_submit(#{size := Size} = S, InFlight, Ready) when map_size(InFlight) >= Size ->
-    hub_loop(S, InFlight, Ready);
-hub_submit(#{nif_pool := NifPool} = S, InFlight, Ready) ->
+hub_ready(S, InFlight, {_, Batch} = Open, Ready) ->
+    case erpy_nif:reactor_append(Batch, Ready) of
+        ok -> hub_loop(S, InFlight, Open);
+        started -> hub_ready(S, InFlight, undefined, Ready)
+    end;
+hub_ready(#{nif_pool := NifPool} = S, InFlight, undefined, Ready) ->
     Ref = make_ref(),
-    case erpy_nif:reactor_batch(NifPool, Ref, lists:reverse(Ready)) of
+    case erpy_nif:reactor_batch(NifPool, Ref, Ready) of
         {ok, Job, Batch} ->
             Check = erlang:monotonic_time(millisecond) + ?HUB_CHECK,
-            hub_loop(S, InFlight#{Ref => {Job, Batch, Check}}, []);
+            hub_loop(S, InFlight#{Ref => {Job, Batch, Check}}, {Ref, Batch});
         _EmptyOrClosed ->
-            hub_loop(S, InFlight, [])
+            hub_loop(S, InFlight, undefined)
     end.
 
 hub_timeout(InFlight) when map_size(InFlight) =:= 0 ->

@@ -379,7 +379,8 @@ struct Entry {
 // expire/2; the pool never takes ours).
 struct Batch {
   std::mutex m;
-  std::vector<Entry> entries;  // fixed once submitted
+  std::vector<Entry> entries;  // guarded by m (append/2 adds until `started`)
+  bool started = false;        // guarded by m: closed to appends (append/2 says started)
   int running = -1;            // guarded by m
   std::int64_t started_ns = 0;  // guarded by m: when `running` started
 };
@@ -471,18 +472,31 @@ ERL_NIF_TERM run_batch(Job& job, MsgEnv& msg) noexcept {
   auto* b = get_resource<Batch>(job.env.get(), job.req, g_batch_type);
   if (b) {
     const ConvertOptions& co = job.pool->options().convert;
-    for (std::size_t i = 0; i < b->entries.size(); ++i) {
-      Entry& en = b->entries[i];
+    // What the hub appends while this runs is run too: under load the context stays in
+    // one job (no wake-up, no new job, one GIL hold). Closed when nothing is left, or
+    // after kMaxRun events, so the pool's other jobs (a new connection's _open) get
+    // their turn.
+    constexpr std::size_t kMaxRun = 256;
+    for (std::size_t i = 0;; ++i) {
+      Conn* c;
+      bool write;
       {
         std::lock_guard<std::mutex> lock(b->m);
+        if (i >= b->entries.size() || i >= kMaxRun) {
+          b->started = true;  // closed: the hub submits a new batch
+          if (i >= b->entries.size()) break;
+        }
+        Entry& en = b->entries[i];
         if (en.state != EntryState::Pending) continue;  // given back by expire/2
         en.state = EntryState::Running;
         b->running = static_cast<int>(i);
         b->started_ns = now_ns();
+        c = en.conn.get();  // (the entry keeps it; the vector may grow meanwhile)
+        write = en.write;
       }
-      run_one(en.conn.get(), en.write, co);
+      run_one(c, write, co);
       std::lock_guard<std::mutex> lock(b->m);
-      en.state = EntryState::Done;
+      b->entries[i].state = EntryState::Done;
       b->running = -1;
     }
   }
@@ -500,12 +514,11 @@ bool open_batch_type(ErlNifEnv* env, ErlNifResourceFlags flags) {
   return g_batch_type != nullptr;
 }
 
-ERL_NIF_TERM nif_batch(ErlNifEnv* env, int, const ERL_NIF_TERM argv[]) {
-  Runtime& rt = Runtime::get();
-  auto* ph = get_resource<PoolHandle>(env, argv[0], rt.types.pool);
-  if (!ph || !enif_is_ref(env, argv[1]) || !enif_is_list(env, argv[2])) return enif_make_badarg(env);
-  ResourcePtr<Batch> b = make_resource<Batch>(g_batch_type);
-  ERL_NIF_TERM list = argv[2], head;
+namespace {
+
+// Adds the connections of a list of select messages to `b` (`b->m` held).
+void add_entries(ErlNifEnv* env, Batch* b, ERL_NIF_TERM list) {
+  ERL_NIF_TERM head;
   while (enif_get_list_cell(env, list, &head, &list)) {
     // A select message: {select, Res, undefined, ready_input | ready_output}.
     int arity;
@@ -520,6 +533,19 @@ ERL_NIF_TERM nif_batch(ErlNifEnv* env, int, const ERL_NIF_TERM argv[]) {
     en.conn = ResourcePtr<Conn>::share(c);
     en.write = enif_is_identical(t[3], atom(env, "ready_output"));
     b->entries.push_back(std::move(en));
+  }
+}
+
+}  // namespace
+
+ERL_NIF_TERM nif_batch(ErlNifEnv* env, int, const ERL_NIF_TERM argv[]) {
+  Runtime& rt = Runtime::get();
+  auto* ph = get_resource<PoolHandle>(env, argv[0], rt.types.pool);
+  if (!ph || !enif_is_ref(env, argv[1]) || !enif_is_list(env, argv[2])) return enif_make_badarg(env);
+  ResourcePtr<Batch> b = make_resource<Batch>(g_batch_type);
+  {
+    std::lock_guard<std::mutex> lock(b->m);  // (nobody else knows it yet)
+    add_entries(env, b.get(), argv[2]);
   }
   if (b->entries.empty()) return atom(env, "empty");
   ResourcePtr<Job> job = make_resource<Job>(rt.types.job);
@@ -538,6 +564,15 @@ ERL_NIF_TERM nif_batch(ErlNifEnv* env, int, const ERL_NIF_TERM argv[]) {
     return error(env, atom(env, "pool_closed"));
   }
   return enif_make_tuple3(env, atom(env, "ok"), job.term(env), b.term(env));
+}
+
+ERL_NIF_TERM nif_append(ErlNifEnv* env, int, const ERL_NIF_TERM argv[]) {
+  auto* b = get_resource<Batch>(env, argv[0], g_batch_type);
+  if (!b || !enif_is_list(env, argv[1])) return enif_make_badarg(env);
+  std::lock_guard<std::mutex> lock(b->m);
+  if (b->started) return atom(env, "started");
+  add_entries(env, b, argv[1]);
+  return atom(env, "ok");
 }
 
 ERL_NIF_TERM nif_running(ErlNifEnv* env, int, const ERL_NIF_TERM argv[]) {
@@ -568,6 +603,7 @@ ERL_NIF_TERM nif_expire(ErlNifEnv* env, int, const ERL_NIF_TERM argv[]) {
     const std::int64_t left_ms = c->timeout_ms - (now_ns() - b->started_ns) / 1000000;
     if (left_ms > 0) return enif_make_tuple2(env, atom(env, "wait"), enif_make_int(env, static_cast<int>(left_ms)));
     late = c;
+    b->started = true;  // nothing more joins a batch being cancelled
     for (Entry& en : b->entries) {
       if (en.state != EntryState::Pending) continue;
       en.state = EntryState::Returned;

@@ -44,6 +44,9 @@ ERL_NIF_TERM nif_bind(ErlNifEnv* env, int argc, const ERL_NIF_TERM argv[]);
 //   and the batch's callbacks as {Ref, {callback | callback_check, ...}} (running/1 says
 //   whose; callback_reply/2 answers).
 ERL_NIF_TERM nif_batch(ErlNifEnv* env, int argc, const ERL_NIF_TERM argv[]);
+// append(Batch, [SelectMsg]) -> ok | started: more ready connections for a batch still
+//   open (queued, or running and not at its end; started: submit another).
+ERL_NIF_TERM nif_append(ErlNifEnv* env, int argc, const ERL_NIF_TERM argv[]);
 // running(Batch) -> {OwnerPid, ConnRef} (the connection whose callback runs) | none.
 ERL_NIF_TERM nif_running(ErlNifEnv* env, int argc, const ERL_NIF_TERM argv[]);
 // expire(Job, Batch) -> {wait, Ms} | done | {timeout, OwnerPid, ConnRef}: the running
