@@ -6,7 +6,8 @@
          callback_reply/2, checkin/1, python_info/0, is_handle/1, dirty_noop/1]).
 -export([async_submit/6, async_cancel/1, async_adopt/1, async_poll/2]).
 -export([reactor_adopt/1, reactor_dup/1, reactor_select/2, reactor_close/1, reactor_fd/1,
-         reactor_send_fd/4, reactor_event/4, reactor_watch/1]).
+         reactor_send_fd/4, reactor_bind/4, reactor_batch/3, reactor_append/2, reactor_running/1,
+         reactor_expire/2, reactor_watch/1]).
 
 -on_load(load/0).
 
@@ -14,7 +15,8 @@
        callback_reply/2, checkin/1, python_info/0, is_handle/1, dirty_noop/1,
        async_submit/6, async_cancel/1, async_adopt/1, async_poll/2,
        reactor_adopt/1, reactor_dup/1, reactor_select/2, reactor_close/1, reactor_fd/1,
-       reactor_send_fd/4, reactor_event/4, reactor_watch/1]).
+       reactor_send_fd/4, reactor_bind/4, reactor_batch/3, reactor_append/2, reactor_running/1,
+       reactor_expire/2, reactor_watch/1]).
 
 -type pool() :: reference().
 -type context() :: reference().
@@ -126,9 +128,22 @@ reactor_fd(_Res) -> erlang:nif_error(not_loaded).
     ok | {ok, non_neg_integer()} | {error, term()}.
 reactor_send_fd(_Channel, _OsPid, _Fd, _Payload) -> erlang:nif_error(not_loaded).
 
--spec reactor_event(reference(), reference(), reference(), read | write) ->
-    {ok, reference()} | {error, atom()}.
-reactor_event(_Pool, _Res, _Ref, _Event) -> erlang:nif_error(not_loaded).
+-spec reactor_bind(reference(), pid(), reference(), timeout()) -> ok | {error, bound}.
+reactor_bind(_Res, _Hub, _Ref, _Timeout) -> erlang:nif_error(not_loaded).
+
+-spec reactor_batch(reference(), reference(), [tuple()]) ->
+    {ok, reference(), reference()} | empty | {error, pool_closed}.
+reactor_batch(_Pool, _Ref, _Selects) -> erlang:nif_error(not_loaded).
+
+-spec reactor_append(reference(), [tuple()]) -> ok | started.
+reactor_append(_Batch, _Selects) -> erlang:nif_error(not_loaded).
+
+-spec reactor_running(reference()) -> {pid(), reference()} | none.
+reactor_running(_Batch) -> erlang:nif_error(not_loaded).
+
+-spec reactor_expire(reference(), reference()) ->
+    {wait, non_neg_integer()} | done | finished | {timeout, pid(), reference()}.
+reactor_expire(_Job, _Batch) -> erlang:nif_error(not_loaded).
 
 -spec reactor_watch(reference()) -> idle | busy.
 reactor_watch(_Res) -> erlang:nif_error(not_loaded).

@@ -3,11 +3,11 @@
 %% a protocol object made by the pool's factory (python/erpy/reactor.py) handles it.
 %%
 %% Embedded pools: the fd stays in this VM. One Erlang process per connection owns it
-%% (a NIF resource, closed when the process ends however it ends), waits for readiness
-%% with enif_select and, at each event, submits a light event job to the pool
-%% (erpy.reactor._ready on a context thread, which re-arms the select itself when the
-%% protocol waits again); the protocol runs under the pool's policy, timeout and
-%% callbacks like any call. A callback that raises, returns an unknown action or runs
+%% (a NIF resource, closed when the process ends however it ends); its enif_select
+%% reports to the pool's hub, which submits all the connections ready at once as one
+%% light batch job (erpy.reactor._ready on a context thread for each, which re-arms
+%% each select itself when the protocol waits again); the protocol runs under the
+%% pool's policy, timeout and callbacks like any call. A callback that raises, returns an unknown action or runs
 %% past `timeout` closes its connection only: the process ends with {shutdown, Why}.
 %%
 %% Port pools: the fd goes to a worker process with SCM_RIGHTS over the worker's
@@ -183,51 +183,60 @@ socket_info(S) ->
         _ -> #{type => Type}
     end.
 
-%% ---- embedded mode: a process per connection -----------------------------------------
+%% ---- embedded mode: a process per connection, a hub per pool -------------------------
 %%
-%% The process owns the fd (its resource) and, at each readiness message, submits a light
-%% event job (erpy_nif:reactor_event): a context thread runs erpy.reactor._ready(Fd,
-%% Event) and, when the protocol says to wait again, re-arms the select for this process
-%% itself, with no answer; so the usual event costs a readiness message and one NIF call
-%% here. "close", errors, and callbacks into Erlang (run here, under the pool's policy)
-%% come as {Ref, _} messages. While a job is in flight, `deadline` bounds it: past it the
-%% job is cancelled (Python is interrupted) and the connection closes ({shutdown,
-%% timeout}), unless it had ended quietly (reactor_watch says idle).
+%% A connection's process owns its fd (its resource: closed when the process ends however
+%% it ends) but sees none of its events: its select reports to the pool's hub (one
+%% process per pool), which takes every readiness message waiting in its mailbox and
+%% submits them as one batch job (erpy_nif:reactor_batch): a context thread runs
+%% erpy.reactor._ready(Fd, Event) for each under one GIL hold and re-arms each select
+%% itself when its protocol waits again. So the usual event costs a readiness message
+%% to a process that is mostly running already, and a share of one NIF call and one job.
+%% The connection's process hears only what ends it: {Ref, {ok, close} | {error, Why}}
+%% from the batch, {Ref, {error, timeout}} from the hub (the callback ran past its
+%% timeout: the batch is cancelled, its other connections go back to the poller), and the
+%% batch's callbacks into Erlang, which the hub hands to it to run under the pool's
+%% policy (this process is the caller).
 
 -spec embedded(atom(), map(), non_neg_integer(), map(), map()) -> {ok, conn()} | {error, term()}.
 embedded(Pool, #{pid := PoolPid} = Handle, Fd, Info, Config) ->
     Caller = self(),
     Ref = make_ref(),
     Timeout = timeout(Config),
-    {Pid, Mon} = spawn_monitor(fun() ->
-                                       open(Caller, Ref, Pool, PoolPid, Handle, Fd, Info, spec(Config),
-                                            Timeout)
-                               end),
-    receive
-        {Ref, Result} ->
-            demonitor(Mon, [flush]),
-            Result;
-        {'DOWN', Mon, process, Pid, Why} ->
-            {error, Why}
+    case hub(Pool, PoolPid, Handle) of
+        {ok, Hub} ->
+            {Pid, Mon} = spawn_monitor(fun() ->
+                                               open(Caller, Ref, Pool, PoolPid, Hub, Handle, Fd, Info,
+                                                    spec(Config), Timeout)
+                                       end),
+            receive
+                {Ref, Result} ->
+                    demonitor(Mon, [flush]),
+                    Result;
+                {'DOWN', Mon, process, Pid, Why} ->
+                    {error, Why}
+            end;
+        {error, _} = Error ->
+            close_fd(Fd),
+            Error
     end.
 
--record(c, {pool, pool_mon, res, fd, timeout,
-            nif_pool,            % the pool's NIF resource (event jobs go there)
+-record(c, {pool, pool_mon, hub, hub_mon, res, fd,
             policy,              % the pool's policy (callbacks)
-            ref,                 % tags this connection's job answers and callbacks
-            job,                 % the event job in flight, or undefined
-            event,               % its event (read | write)
-            deadline = infinity, % when it times out
+            ref,                 % tags what the hub and the batches tell this process
+            job,                 % the batch whose callbacks ctx serves
             ctx,                 % its policy context, made at its first callback
-            closing = false}).   % erpy_reactor:close/1 came while a job ran
+            closing = false}).   % erpy_reactor:close/1 came while a batch held it
 
-open(Caller, Ref, Pool, PoolPid, #{pool := NifPool, policy := Policy}, Fd, Info, Spec, Timeout) ->
+open(Caller, Ref, Pool, PoolPid, Hub, #{policy := Policy}, Fd, Info, Spec, Timeout) ->
     case erpy_nif:reactor_adopt(Fd) of
         {ok, Res} ->
             PoolMon = monitor(process, PoolPid),
-            C = #c{pool = Pool, pool_mon = PoolMon, res = Res, fd = Fd, timeout = Timeout,
-                   nif_pool = NifPool, policy = Policy, ref = make_ref()},
-            case python(C, '_open', [Fd, Info, Pool, Spec]) of
+            HubMon = monitor(process, Hub),
+            C = #c{pool = Pool, pool_mon = PoolMon, hub = Hub, hub_mon = HubMon, res = Res, fd = Fd,
+                   policy = Policy, ref = make_ref()},
+            ok = erpy_nif:reactor_bind(Res, Hub, C#c.ref, Timeout),
+            case python(Pool, Timeout, '_open', [Fd, Info, Pool, Spec]) of
                 {ok, Mode} when Mode =:= <<"read">>; Mode =:= <<"write">>; Mode =:= <<"close">> ->
                     Caller ! {Ref, {ok, self()}},
                     next(C, binary_to_existing_atom(Mode));
@@ -242,140 +251,216 @@ open(Caller, Ref, Pool, PoolPid, #{pool := NifPool, policy := Policy}, Fd, Info,
             Caller ! {Ref, {error, Why}}
     end.
 
-python(#c{pool = Pool, timeout = Timeout}, F, Args) ->
+python(Pool, Timeout, F, Args) ->
     erpy:call('erpy.reactor', F, Args, #{pool => Pool, timeout => Timeout}).
 
-%% The event job (if any) has ended: wait for `Mode` (read | write), or close.
+%% Wait for `Mode` (read | write), or close.
 next(C, close) ->
     erpy_nif:reactor_close(C#c.res),
     exit(normal);
-next(C0, Mode) ->
-    C = ended(C0),
-    case C#c.closing of
-        true -> stop(C, normal);
-        false ->
-            case erpy_nif:reactor_select(C#c.res, Mode) of
-                ok -> wait(C);
-                {error, Why} -> stop(C, Why)
-            end
+next(#c{closing = true} = C, _Mode) ->
+    stop(C, normal);
+next(C, Mode) ->
+    case erpy_nif:reactor_select(C#c.res, Mode) of
+        ok -> wait(C);
+        {error, Why} -> stop(C, Why)
     end.
 
-%% The event job is over (answered, or ended quietly): forget what its callbacks handed
-%% to Python.
-ended(#c{ctx = undefined} = C) ->
-    C#c{job = undefined, deadline = infinity};
-ended(#c{ctx = Ctx} = C) ->
-    erpy_policy:done(Ctx),
-    C#c{job = undefined, deadline = infinity, ctx = undefined}.
-
-wait(#c{res = Res, ref = Ref, pool_mon = PoolMon, deadline = Deadline} = C) ->
+wait(#c{res = Res, ref = Ref, pool_mon = PoolMon, hub_mon = HubMon} = C) ->
     receive
-        {select, Res, undefined, ready_input} -> event(C, read);
-        {select, Res, undefined, ready_output} -> event(C, write);
-        {Ref, {Tag, PyCtx, Kind, M, F, Args}} when Tag =:= callback; Tag =:= callback_check ->
-            callback(C, Tag, {PyCtx, Kind, M, F, Args});
+        {Ref, {callback_job, Job, BatchRef, Tag, PyCtx, Kind, M, F, Args}} ->
+            callback(C, Job, BatchRef, Tag, {PyCtx, Kind, M, F, Args});
         {Ref, Answer} -> answer(C, Answer);
-        {?MODULE, close} when C#c.job =:= undefined -> stop(C, normal);
         {?MODULE, close} ->
             case erpy_nif:reactor_watch(Res) of
-                idle -> stop(ended(C), normal);
-                busy -> wait(C#c{closing = true})  % closed once the job answers
+                idle -> stop(C, normal);
+                busy -> wait(C#c{closing = true})  % closed once its batch tells it
             end;
-        {'DOWN', PoolMon, process, _, _} -> pool_stopped(C)
-    after remaining(Deadline) ->
-        timed_out(C)
-    end.
-
-%% Readiness: the previous job (if any) ended quietly, having armed this select.
-event(C0, Event) ->
-    C = ended(C0),
-    case erpy_nif:reactor_event(C#c.nif_pool, C#c.res, C#c.ref, Event) of
-        {ok, Job} -> wait(C#c{job = Job, event = Event, deadline = deadline(C#c.timeout)});
-        {error, pool_closed} -> pool_stopped(C);
-        {error, Why} -> stop(C, Why)
+        {'DOWN', PoolMon, process, _, _} -> pool_stopped(C);
+        {'DOWN', HubMon, process, _, _} -> stop(C, hub_stopped)
     end.
 
 answer(C, {ok, Mode}) when Mode =:= read; Mode =:= write; Mode =:= close ->
     next(C, Mode);
 answer(C, {error, #{type := <<"ConnectionResetError">>}}) ->
-    stop(ended(C), econnreset);
+    stop(C, econnreset);
 answer(C, {error, pool_closed}) ->
     pool_stopped(C);
 answer(C, {error, Why}) ->
-    stop(ended(C), Why).
+    stop(C, Why).
 
 %% Python called erlang.call/apply/send from the protocol: checked by the pool's policy
 %% and run here, as erpy_embedded does for any request of the pool (this process is the
-%% caller); then what follows is polled for, as it may wait in the job.
-callback(#c{job = Job, policy = Policy, pool = Pool} = C0, Tag, {PyCtx, Kind, M, F, Args}) ->
-    Ctx = case C0#c.ctx of
-              undefined -> erpy_policy:request_ctx(Policy, self(), [C0#c.fd, C0#c.event]);
+%% caller). What a batch's callbacks handed to Python is forgotten when a callback of
+%% another batch comes, or the connection ends. The reply makes the job answer by
+%% polling again: what it says next (the batch's end, or a callback, maybe another
+%% connection's) goes back to the hub.
+callback(#c{policy = Policy, pool = Pool, hub = Hub} = C0, Job, BatchRef, Tag, {PyCtx, Kind, M, F, Args}) ->
+    C1 = case C0#c.job of
+             Job -> C0;
+             _ -> (ended(C0))#c{job = Job}
+         end,
+    Ctx = case C1#c.ctx of
+              undefined -> erpy_policy:request_ctx(Policy, self(), [C1#c.fd]);
               Known -> Known
           end,
-    C = C0#c{ctx = Ctx},
     Mode = case Tag of
                callback -> trusted;
                callback_check -> check
            end,
     erpy_nif:callback_reply(Job, erpy_policy:run_callback(Ctx, Pool, PyCtx, Kind, M, F, {Mode, Args})),
-    case remaining(C#c.deadline) of
-        0 -> timed_out(C);
-        _ -> after_callback(C)
-    end.
+    repoll(Job, BatchRef, Hub),
+    wait(C1#c{ctx = Ctx}).
 
-after_callback(#c{job = Job} = C) ->
+%% After a callback's reply the job is polled (erpy_nif:poll/2, as after any callback):
+%% what it says now goes to the hub as the message it would have sent.
+repoll(Job, BatchRef, Hub) ->
     case erpy_nif:poll(Job, true) of
-        {done, Answer} -> answer(C, Answer);
-        {Tag, PyCtx, Kind, M, F, Args} when Tag =:= callback; Tag =:= callback_check ->
-            callback(C, Tag, {PyCtx, Kind, M, F, Args});
-        _Wait -> wait(C)
+        {done, Answer} -> Hub ! {BatchRef, Answer};
+        {T, _, _, _, _, _} = Next when T =:= callback; T =:= callback_check -> Hub ! {BatchRef, Next};
+        _Wait -> ok  % from now on it messages the hub
     end.
 
-%% The job ran past its deadline, unless it ended quietly meanwhile (then its select is
-%% armed and only readiness is awaited).
-timed_out(#c{job = Job, res = Res, ref = Ref} = C) ->
-    case erpy_nif:reactor_watch(Res) of
-        idle ->
-            wait(ended(C));
-        busy ->
-            case erpy_nif:cancel(Job) of
-                canceled ->
-                    flush(Ref),
-                    stop(ended(C), timeout);
-                {done, Answer} ->
-                    answer(C, Answer);
-                sent ->
-                    %% It ended just now: watch made it answer, and that is on its way.
-                    wait(C#c{deadline = infinity})
-            end
-    end.
+ended(#c{ctx = undefined} = C) ->
+    C#c{job = undefined};
+ended(#c{ctx = Ctx} = C) ->
+    erpy_policy:done(Ctx),
+    C#c{job = undefined, ctx = undefined}.
 
 pool_stopped(C) ->
     %% The pool stopped, and with it the Python that knew this connection.
+    _ = ended(C),
     erpy_nif:reactor_close(C#c.res),
     exit({shutdown, pool_stopped}).
-
-flush(Ref) ->
-    receive {Ref, _} -> flush(Ref)
-    after 0 -> ok
-    end.
-
-deadline(infinity) -> infinity;
-deadline(Timeout) -> erlang:monotonic_time(millisecond) + Timeout.
-
-remaining(infinity) -> infinity;
-remaining(Deadline) -> max(0, Deadline - erlang:monotonic_time(millisecond)).
 
 %% Closes the connection for `Why`: Python forgets it (connection_lost), then the fd
 %% goes (once no protocol callback uses it: reactor.cpp). The process ends with `normal`
 %% or {shutdown, Why}.
-stop(C, Why) ->
-    _ = python(C#c{timeout = min(timeout(#{}), 5000)}, '_abort', [C#c.fd]),
+stop(C0, Why) ->
+    C = ended(C0),
+    _ = python(C#c.pool, min(timeout(#{}), 5000), '_abort', [C#c.fd]),
     erpy_nif:reactor_close(C#c.res),
     case Why of
         normal -> exit(normal);
         _ -> exit({shutdown, Why})
     end.
+
+%% ---- the hub: one per embedded pool ------------------------------------------------------
+%%
+%% Started at the pool's first handoff (kept in a persistent term under the pool's pid,
+%% so a restarted pool gets its own), it ends with the pool. The last batch submitted,
+%% until a context takes it, is `open`: what becomes ready meanwhile joins it
+%% (reactor_append), so a context that ends a batch finds the next one waiting, and each
+%% batch carries all that was ready. Each batch in flight is watched for a callback
+%% running past its connection's timeout (reactor_expire).
+
+hub(Pool, PoolPid, #{pool := NifPool}) ->
+    Key = {?MODULE, hub, PoolPid},
+    case persistent_term:get(Key, undefined) of
+        Hub when is_pid(Hub) ->
+            case is_process_alive(Hub) of
+                true -> {ok, Hub};
+                false -> start_hub(Key, Pool, PoolPid, NifPool)
+            end;
+        undefined ->
+            start_hub(Key, Pool, PoolPid, NifPool)
+    end.
+
+%% Two first handoffs at once may start two hubs: each serves the connections bound to
+%% it, and both end with the pool.
+start_hub(Key, Pool, PoolPid, NifPool) ->
+    case is_process_alive(PoolPid) of
+        false ->
+            {error, {no_pool, Pool}};
+        true ->
+            Hub = spawn(fun() ->
+                                Mon = monitor(process, PoolPid),
+                                hub_loop(#{nif_pool => NifPool, mon => Mon, key => Key}, #{}, undefined)
+                        end),
+            persistent_term:put(Key, Hub),
+            {ok, Hub}
+    end.
+
+-define(HUB_CHECK, 100).  % ms between looks at a batch in flight
+
+%% InFlight: BatchRef => {Job, Batch, NextCheck}; Open: the last batch, maybe not taken yet.
+hub_loop(#{mon := Mon, key := Key} = S, InFlight, Open) ->
+    receive
+        {select, _, undefined, _} = Sel ->
+            hub_ready(S, InFlight, Open, drain([Sel]));
+        {Ref, {ok, done}} when is_map_key(Ref, InFlight) ->
+            hub_loop(S, maps:remove(Ref, InFlight), closed(Ref, Open));
+        {Ref, {Tag, PyCtx, Kind, M, F, Args}} when (Tag =:= callback orelse Tag =:= callback_check),
+                                                   is_map_key(Ref, InFlight) ->
+            {Job, Batch, _} = maps:get(Ref, InFlight),
+            case erpy_nif:reactor_running(Batch) of
+                {Owner, ConnRef} -> Owner ! {ConnRef, {callback_job, Job, Ref, Tag, PyCtx, Kind, M, F, Args}};
+                none ->
+                    erpy_nif:callback_reply(Job, {error, no_connection}),
+                    repoll(Job, Ref, self())
+            end,
+            hub_loop(S, InFlight, Open);
+        {Ref, _} when is_map_key(Ref, InFlight) ->
+            %% {error, pool_closed}: the pool is stopping, and its connections with it.
+            hub_loop(S, maps:remove(Ref, InFlight), closed(Ref, Open));
+        {'DOWN', Mon, process, _, _} ->
+            _ = persistent_term:get(Key, undefined) =:= self() andalso persistent_term:erase(Key),
+            exit(normal);
+        _ ->
+            hub_loop(S, InFlight, Open)
+    after hub_timeout(InFlight) ->
+        InFlight1 = hub_expire(InFlight),
+        hub_loop(S, InFlight1, case Open of {R, _} when is_map_key(R, InFlight1) -> Open; _ -> undefined end)
+    end.
+
+closed(Ref, {Ref, _}) -> undefined;
+closed(_, Open) -> Open.
+
+%% Every readiness message already in the mailbox comes along.
+drain(Ready) ->
+    receive {select, _, undefined, _} = Sel -> drain([Sel | Ready])
+    after 0 -> Ready
+    end.
+
+hub_ready(S, InFlight, {_, Batch} = Open, Ready) ->
+    case erpy_nif:reactor_append(Batch, Ready) of
+        ok -> hub_loop(S, InFlight, Open);
+        started -> hub_ready(S, InFlight, undefined, Ready)
+    end;
+hub_ready(#{nif_pool := NifPool} = S, InFlight, undefined, Ready) ->
+    Ref = make_ref(),
+    case erpy_nif:reactor_batch(NifPool, Ref, Ready) of
+        {ok, Job, Batch} ->
+            Check = erlang:monotonic_time(millisecond) + ?HUB_CHECK,
+            hub_loop(S, InFlight#{Ref => {Job, Batch, Check}}, {Ref, Batch});
+        _EmptyOrClosed ->
+            hub_loop(S, InFlight, undefined)
+    end.
+
+hub_timeout(InFlight) when map_size(InFlight) =:= 0 ->
+    infinity;
+hub_timeout(InFlight) ->
+    Next = lists:min([Check || {_, _, Check} <- maps:values(InFlight)]),
+    max(0, Next - erlang:monotonic_time(millisecond)).
+
+hub_expire(InFlight) ->
+    Now = erlang:monotonic_time(millisecond),
+    maps:fold(fun(Ref, {Job, Batch, Check}, Acc) when Check =< Now ->
+                      case erpy_nif:reactor_expire(Job, Batch) of
+                          {wait, Ms} ->
+                              Acc#{Ref => {Job, Batch, Now + max(1, Ms)}};
+                          {timeout, Owner, ConnRef} ->
+                              Owner ! {ConnRef, {error, timeout}},
+                              maps:remove(Ref, Acc);
+                          finished ->
+                              maps:remove(Ref, Acc);
+                          done ->
+                              %% Its {ok, done} is on its way, or it was cancelled.
+                              Acc#{Ref => {Job, Batch, Now + ?HUB_CHECK}}
+                      end;
+                 (_, _, Acc) ->
+                      Acc
+              end, InFlight, InFlight).
 
 %% ---- port mode: the fd goes to a worker ------------------------------------------------
 

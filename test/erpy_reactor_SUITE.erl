@@ -17,7 +17,8 @@
          policy_applies/1, no_factory/1, bad_fd/1, ten_thousand_no_leak/1,
          port_echo/1, port_crash_loses_only_its_connections/1, port_no_leak/1,
          port_callbacks/1, port_callback_channel_lost/1, port_worker_killed_in_callback/1,
-         pool_option_checked/1]).
+         pool_option_checked/1, batch_hang_spares_others/1, batch_callbacks_routed/1,
+         pool_restart_new_hub/1]).
 
 -define(E, remb).
 -define(P, rport).
@@ -28,7 +29,8 @@ all() ->
      callback_then_close, many_events_in_order, policy_applies, no_factory, bad_fd,
      ten_thousand_no_leak, port_echo, port_crash_loses_only_its_connections, port_no_leak,
      port_callbacks, port_callback_channel_lost, port_worker_killed_in_callback,
-     pool_option_checked].
+     pool_option_checked, batch_hang_spares_others, batch_callbacks_routed,
+     pool_restart_new_hub].
 
 suite() ->
     [{timetrap, {seconds, 180}}].
@@ -579,6 +581,97 @@ warm_socket_module(Path) ->
     {ok, <<"w">>} = socket:recv(S, 0, 1000),
     [socket:close(X) || X <- [S, C, L]],
     file:delete(Path).
+
+%% ---- one context: the ready connections of a pool run as one batch --------------------
+
+%% A size-1 pool whose protocols are the suite's.
+one_context_pool(Name, Config) ->
+    {ok, _} = erpy:start_pool(Name, #{mode => embedded, size => 1, timeout => 1000,
+                                      allowed => [lists], reactor => {reactor_protocols, 'Echo'}}),
+    ok = erpy:exec(iolist_to_binary(["import sys; sys.path.insert(0, '", ?config(pydir, Config), "')"]),
+                   #{pool => Name}).
+
+%% A callback that never returns, in a batch with others ready at the same time: it is
+%% interrupted at its timeout and closes its connection only; the others, given back to
+%% the poller, are served.
+batch_hang_spares_others(Config) ->
+    one_context_pool(rone, Config),
+    try
+        {L, Port} = listen(),
+        {CH, SH} = connect(L, Port),
+        {ok, Hung} = erpy_reactor:handoff_socket(rone, SH, #{timeout => 300}),
+        Others = [begin
+                      {C, S} = connect(L, Port),
+                      {ok, _} = erpy_reactor:handoff_socket(rone, S),
+                      gen_tcp:close(S),
+                      C
+                  end || _ <- lists:seq(1, 8)],
+        gen_tcp:close(SH),
+        Mon = monitor(process, Hung),
+        ok = gen_tcp:send(CH, <<"hang">>),
+        [ok = gen_tcp:send(C, <<"later">>) || C <- Others],
+        receive {'DOWN', Mon, process, Hung, {shutdown, timeout}} -> ok after 5000 -> error(not_closed) end,
+        [{ok, <<"later">>} = gen_tcp:recv(C, 5, 5000) || C <- Others],
+        {error, closed} = gen_tcp:recv(CH, 0, 2000),
+        [ok = gen_tcp:send(C, <<"again">>) || C <- Others],
+        [{ok, <<"again">>} = gen_tcp:recv(C, 5, 5000) || C <- Others],
+        [gen_tcp:close(X) || X <- [CH, L | Others]],
+        ok = wait_until(fun() -> conns(rone) =:= 0 end, 5000)
+    after
+        erpy:stop_pool(rone)
+    end.
+
+%% Callbacks into Erlang from several connections of one batch: each runs in its own
+%% connection's process, under the pool's policy.
+batch_callbacks_routed(Config) ->
+    one_context_pool(rone, Config),
+    try
+        {L, Port} = listen(),
+        Cs = [begin
+                  {C, S} = connect(L, Port),
+                  {ok, _} = erpy_reactor:handoff_socket(rone, S),
+                  gen_tcp:close(S),
+                  C
+              end || _ <- lists:seq(1, 8)],
+        [begin
+             [ok = gen_tcp:send(C, <<"call">>) || C <- Cs],
+             [{ok, <<"ok:[[1, 2, 3]];os:ErlangError">>} = gen_tcp:recv(C, 0, 5000) || C <- Cs]
+         end || _ <- lists:seq(1, 5)],
+        [gen_tcp:close(X) || X <- [L | Cs]],
+        ok = wait_until(fun() -> conns(rone) =:= 0 end, 5000)
+    after
+        erpy:stop_pool(rone)
+    end.
+
+%% A pool stopped and started again under the same name serves new connections (its
+%% connections' events go to the new pool's hub), and the old ones ended with it; a
+%% protocol its stop left in the interpreter (which all embedded pools share) is lost
+%% when its fd number is handed over again.
+pool_restart_new_hub(Config) ->
+    one_context_pool(rone, Config),
+    {L, Port} = listen(),
+    {C1, S1} = connect(L, Port),
+    {ok, Conn1} = erpy_reactor:handoff_socket(rone, S1),
+    gen_tcp:close(S1),
+    Mon = monitor(process, Conn1),
+    ok = erpy:stop_pool(rone),
+    receive {'DOWN', Mon, process, Conn1, {shutdown, pool_stopped}} -> ok after 5000 -> error(not_closed) end,
+    one_context_pool(rone, Config),
+    try
+        {C2, S2} = connect(L, Port),
+        {ok, _} = erpy_reactor:handoff_socket(rone, S2),
+        gen_tcp:close(S2),
+        ok = gen_tcp:send(C2, <<"fresh">>),
+        {ok, <<"fresh">>} = gen_tcp:recv(C2, 5, 5000),
+        [gen_tcp:close(X) || X <- [C1, C2, L]],
+        %% What the stop left in Python, unless its fd number came again (then lost).
+        {ok, _} = erpy:eval(<<"[__import__('erpy.reactor').reactor._abort(f) "
+                              "for f in list(__import__('erpy.reactor').reactor._conns)]">>,
+                            #{}, #{pool => rone}),
+        ok = wait_until(fun() -> conns(rone) =:= 0 end, 5000)
+    after
+        erpy:stop_pool(rone)
+    end.
 
 listen() ->
     {ok, L} = gen_tcp:listen(0, [binary, {active, false}, {reuseaddr, true}, {ip, {127, 0, 0, 1}},

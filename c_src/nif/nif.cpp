@@ -425,7 +425,11 @@ ErlNifFunc funcs[] = {
     {"reactor_close", 1, entry<reactor::nif_close>, 0},
     {"reactor_fd", 1, entry<reactor::nif_fd>, 0},
     {"reactor_send_fd", 4, entry<reactor::nif_send_fd>, ERL_NIF_DIRTY_JOB_IO_BOUND},
-    {"reactor_event", 4, entry<reactor::nif_event>, 0},
+    {"reactor_bind", 4, entry<reactor::nif_bind>, 0},
+    {"reactor_batch", 3, entry<reactor::nif_batch>, 0},
+    {"reactor_append", 2, entry<reactor::nif_append>, 0},
+    {"reactor_running", 1, entry<reactor::nif_running>, 0},
+    {"reactor_expire", 2, entry<reactor::nif_expire>, 0},
     {"reactor_watch", 1, entry<reactor::nif_watch>, 0},
 };
 

@@ -7,6 +7,8 @@
 #include <unistd.h>
 
 #include <atomic>
+#include <chrono>
+#include <vector>
 #include <mutex>
 #include <cctype>
 #include <cerrno>
@@ -43,6 +45,15 @@ struct Conn {
   bool in_flight = false;   // an event job was submitted and has not ended
   bool notify_end = false;  // its end must be answered (reactor_watch), not re-armed
   ErlNifMonitor owner{};
+  // Set once by bind(), before the first select (read without `m` after that): where
+  // readiness goes (the pool's hub), the owner and its tag for what the hub's batches
+  // answer it, and its per-callback timeout (ms, -1: none).
+  ErlNifPid hub{};
+  ErlNifPid owner_pid{};
+  OwnedEnv ref_env;
+  ERL_NIF_TERM ref = 0;
+  int timeout_ms = -1;
+  bool bound = false;
 };
 
 ErlNifResourceType* g_conn_type = nullptr;
@@ -113,6 +124,8 @@ bool get_fd(ErlNifEnv* env, ERL_NIF_TERM t, int* fd) { return enif_get_int(env, 
 
 }  // namespace
 
+bool open_batch_type(ErlNifEnv* env, ErlNifResourceFlags flags);
+
 bool open_types(ErlNifEnv* env, ErlNifResourceFlags flags) {
   ErlNifResourceTypeInit init{};
   init.dtor = conn_dtor;
@@ -124,7 +137,7 @@ bool open_types(ErlNifEnv* env, ErlNifResourceFlags flags) {
   g_write = atom(env, "write");
   g_close = atom(env, "close");
   g_undefined = atom(env, "undefined");
-  return g_conn_type != nullptr;
+  return g_conn_type != nullptr && open_batch_type(env, flags);
 }
 
 ERL_NIF_TERM nif_adopt(ErlNifEnv* env, int, const ERL_NIF_TERM argv[]) {
@@ -165,8 +178,27 @@ ERL_NIF_TERM nif_select(ErlNifEnv* env, int, const ERL_NIF_TERM argv[]) {
   const int fd = c->fd.load();
   if (fd < 0 || c->stopping) return error(env, atom(env, "closed"));
   c->selected.store(true);
-  const int r = enif_select(env, static_cast<ErlNifEvent>(fd), mode, c, nullptr, g_undefined);
+  const int r = enif_select(env, static_cast<ErlNifEvent>(fd), mode, c, c->bound ? &c->hub : nullptr, g_undefined);
   if (r < 0) return error(env, atom(env, "select_failed"));
+  return atom(env, "ok");
+}
+
+ERL_NIF_TERM nif_bind(ErlNifEnv* env, int, const ERL_NIF_TERM argv[]) {
+  Conn* c = get_conn(env, argv[0]);
+  ErlNifPid hub;
+  int timeout = -1;
+  if (!c || !enif_get_local_pid(env, argv[1], &hub) || !enif_is_ref(env, argv[2])) return enif_make_badarg(env);
+  if (!enif_is_identical(argv[3], atom(env, "infinity")) && (!enif_get_int(env, argv[3], &timeout) || timeout < 0)) {
+    return enif_make_badarg(env);
+  }
+  std::lock_guard<std::mutex> lock(c->m);
+  if (c->bound || c->selected.load()) return error(env, atom(env, "bound"));
+  c->hub = hub;
+  enif_self(env, &c->owner_pid);
+  c->ref_env = OwnedEnv::alloc();
+  c->ref = enif_make_copy(c->ref_env.get(), argv[2]);
+  c->timeout_ms = timeout;
+  c->bound = true;
   return atom(env, "ok");
 }
 
@@ -280,15 +312,18 @@ ERL_NIF_TERM nif_send_fd(ErlNifEnv* env, int, const ERL_NIF_TERM argv[]) {
   return error(env, enif_make_tuple2(env, atom(env, "python"), text));
 }
 
-// ---- embedded events: a light job per fd event ---------------------------------------------
+// ---- embedded events: batches of ready fds ---------------------------------------------
 //
-// An event costs one job on the pool's queue and one call of erpy.reactor._ready(fd,
-// event) on a context thread: no request map, no answer to decode. When the protocol
-// says to wait again (read or write), the context thread re-arms the select for the
-// owner itself and the job ends with no answer: the owner's next message is the next
-// readiness. Anything else ("close", an error) is answered to the owner as {Ref, Answer}.
-// Callbacks into Erlang go to the owner as for any job, which runs them under the pool's
-// policy (erpy_reactor.erl).
+// The selects of a pool's connections all report to one process, the pool's hub
+// (erpy_reactor.erl). It takes every readiness message waiting in its mailbox and submits
+// them as ONE light job (a Batch): a context thread takes the GIL once and calls
+// erpy.reactor._ready(fd, event) for each, no request map, no answer to decode. When a
+// protocol says to wait again (read or write), the context thread re-arms that select for
+// the hub itself; anything else ("close", an error) is sent to the connection's owner as
+// {ConnRef, Answer}. The batch answers the hub {Ref, {ok, done}}. Callbacks into Erlang go
+// to the hub, which hands them to the owner of the connection running (running/1).
+// A connection whose callback runs past its timeout: expire/2 cancels the batch (Python is
+// interrupted) after giving its other connections back to the poller.
 
 namespace {
 
@@ -330,59 +365,64 @@ Next call_ready(int fd, bool write) {
   return Next::Bad;
 }
 
-// The JobHook of an event job: req is {ConnResource, read | write}.
-ERL_NIF_TERM run_event(Job& job, MsgEnv& msg) noexcept {
-  ErlNifEnv* jenv = job.env.get();
-  int arity;
-  const ERL_NIF_TERM* t;
-  Conn* c = nullptr;
-  if (enif_get_tuple(jenv, job.req, &arity, &t) && arity == 2) c = get_conn(jenv, t[0]);
-  if (!c) {
-    msg = MsgEnv::take();
-    return error(msg.get(), atom(msg.get(), "badarg"));
-  }
-  const bool write = enif_is_identical(t[1], g_write);
-  int fd;
-  {
-    std::lock_guard<std::mutex> lock(c->m);
-    fd = c->fd.load();
-    if (c->stopping || fd < 0) {
-      // Its owner closes it (a timeout, erpy_reactor:close, its death): nothing to run.
-      c->in_flight = false;
-      return 0;
-    }
-    c->in_python = true;
-  }
-  Next next = Next::Error;
-  try {
-    next = call_ready(fd, write);
-  } catch (...) {
-    // (PyRef throws nothing here; this keeps the hook noexcept whatever changes.)
-    if (!PyErr_Occurred()) PyErr_SetString(PyExc_RuntimeError, "erpy: reactor event failed");
-  }
-  bool rearmed = false, stopped = false;
-  {
-    std::lock_guard<std::mutex> lock(c->m);
-    c->in_python = false;
-    c->in_flight = false;
-    if (c->stop_pending) {
-      c->stop_pending = false;
-      stop_now(nullptr, c);
-      stopped = true;
-    } else if ((next == Next::Read || next == Next::Write) && !c->notify_end) {
-      const auto mode = next == Next::Read ? ERL_NIF_SELECT_READ : ERL_NIF_SELECT_WRITE;
-      c->selected.store(true);
-      rearmed = enif_select(nullptr, static_cast<ErlNifEvent>(fd), mode, c, &job.caller, g_undefined) >= 0;
-    }
-    c->notify_end = false;
-  }
-  if (stopped || rearmed) {
-    // The owner gave up on this connection (it is closed now), or waits for readiness.
-    if (next == Next::Error) PyErr_Clear();
-    return 0;
-  }
-  msg = MsgEnv::take();
+// One fd of a batch. Pending until the context thread takes it (Running, then Done) or
+// expire/2 gives it back to the poller (Returned).
+enum class EntryState { Pending, Running, Done, Returned };
+
+struct Entry {
+  ResourcePtr<Conn> conn;
+  bool write = false;
+  EntryState state = EntryState::Pending;
+};
+
+// Lock order: the GIL, then Batch::m, then Conn::m (and the pool mutex after Batch::m in
+// expire/2; the pool never takes ours).
+struct Batch {
+  std::mutex m;
+  std::vector<Entry> entries;  // guarded by m (append/2 adds until `started`)
+  bool started = false;        // guarded by m: closed to appends (append/2 says started)
+  int running = -1;            // guarded by m
+  std::int64_t started_ns = 0;  // guarded by m: when `running` started
+};
+
+ErlNifResourceType* g_batch_type = nullptr;
+
+std::int64_t now_ns() {
+  return std::chrono::duration_cast<std::chrono::nanoseconds>(std::chrono::steady_clock::now().time_since_epoch())
+      .count();
+}
+
+// A message to the connection's owner: {ConnRef, Answer}, Answer made in `msg`.
+void tell_owner(Conn* c, MsgEnv msg, ERL_NIF_TERM answer) {
   ErlNifEnv* e = msg.get();
+  enif_send(nullptr, &c->owner_pid, e, enif_make_tuple2(e, enif_make_copy(e, c->ref), answer));
+}
+
+// The event of `c` has ended with `next`: re-arm its select for the hub, or (closed
+// meanwhile) nothing, or (its owner watches) tell the owner. Returns true if the owner
+// is still to be told what `next` says (close, an error). `m` of c NOT held. `env`: a
+// NIF's, or null on a context thread.
+bool settle(ErlNifEnv* env, Conn* c, Next next) {
+  std::lock_guard<std::mutex> lock(c->m);
+  c->in_python = false;
+  c->in_flight = false;
+  const bool notify = c->notify_end;
+  c->notify_end = false;
+  if (c->stop_pending) {
+    c->stop_pending = false;
+    stop_now(env, c);
+    return false;  // the owner gave up on this connection: it is closed now
+  }
+  if ((next == Next::Read || next == Next::Write) && !notify && !c->stopping) {
+    const int fd = c->fd.load();
+    const auto mode = next == Next::Read ? ERL_NIF_SELECT_READ : ERL_NIF_SELECT_WRITE;
+    c->selected.store(true);
+    if (fd >= 0 && enif_select(env, static_cast<ErlNifEvent>(fd), mode, c, &c->hub, g_undefined) >= 0) return false;
+  }
+  return true;
+}
+
+ERL_NIF_TERM next_answer(ErlNifEnv* e, Next next, const ConvertOptions& co) {
   switch (next) {
     case Next::Read: return enif_make_tuple2(e, atom(e, "ok"), g_read);
     case Next::Write: return enif_make_tuple2(e, atom(e, "ok"), g_write);
@@ -393,40 +433,200 @@ ERL_NIF_TERM run_event(Job& job, MsgEnv& msg) noexcept {
   try {
     throw py::PythonError();  // exception_answer reads the exception being handled
   } catch (...) {
-    return exception_answer(e, job.pool->options().convert);
+    return exception_answer(e, co);
+  }
+}
+
+// One connection's event on the context thread, the GIL held.
+void run_one(Conn* c, bool write, const ConvertOptions& co) noexcept {
+  int fd;
+  {
+    std::lock_guard<std::mutex> lock(c->m);
+    fd = c->fd.load();
+    if (c->stopping || fd < 0) {
+      // Its owner closes it (a timeout, erpy_reactor:close, its death): nothing to run.
+      c->in_flight = false;
+      c->notify_end = false;
+      return;
+    }
+    c->in_python = true;
+  }
+  Next next = Next::Error;
+  try {
+    next = call_ready(fd, write);
+  } catch (...) {
+    // (PyRef throws nothing here; this keeps the hook noexcept whatever changes.)
+    if (!PyErr_Occurred()) PyErr_SetString(PyExc_RuntimeError, "erpy: reactor event failed");
+  }
+  if (!settle(nullptr, c, next)) {
+    if (next == Next::Error) PyErr_Clear();
+    return;
+  }
+  MsgEnv msg = MsgEnv::take();
+  const ERL_NIF_TERM answer = next_answer(msg.get(), next, co);
+  tell_owner(c, std::move(msg), answer);
+}
+
+// The JobHook of a batch: req is the Batch resource.
+ERL_NIF_TERM run_batch(Job& job, MsgEnv& msg) noexcept {
+  auto* b = get_resource<Batch>(job.env.get(), job.req, g_batch_type);
+  if (b) {
+    const ConvertOptions& co = job.pool->options().convert;
+    // What the hub appends while this runs is run too: under load the context stays in
+    // one job (no wake-up, no new job, one GIL hold). Closed when nothing is left, or
+    // after kMaxRun events, so the pool's other jobs (a new connection's _open) get
+    // their turn.
+    constexpr std::size_t kMaxRun = 256;
+    for (std::size_t i = 0;; ++i) {
+      Conn* c;
+      bool write;
+      {
+        std::lock_guard<std::mutex> lock(b->m);
+        if (i >= b->entries.size() || i >= kMaxRun) {
+          b->started = true;  // closed: the hub submits a new batch
+          if (i >= b->entries.size()) break;
+        }
+        Entry& en = b->entries[i];
+        if (en.state != EntryState::Pending) continue;  // given back by expire/2
+        en.state = EntryState::Running;
+        b->running = static_cast<int>(i);
+        b->started_ns = now_ns();
+        c = en.conn.get();  // (the entry keeps it; the vector may grow meanwhile)
+        write = en.write;
+      }
+      run_one(c, write, co);
+      std::lock_guard<std::mutex> lock(b->m);
+      b->entries[i].state = EntryState::Done;
+      b->running = -1;
+    }
+  }
+  msg = MsgEnv::take();
+  return enif_make_tuple2(msg.get(), atom(msg.get(), "ok"), atom(msg.get(), "done"));
+}
+
+}  // namespace
+
+bool open_batch_type(ErlNifEnv* env, ErlNifResourceFlags flags) {
+  ErlNifResourceTypeInit init{};
+  init.dtor = destroy_resource<Batch>;
+  ErlNifResourceFlags tried;
+  g_batch_type = enif_open_resource_type_x(env, "erpy_reactor_batch", &init, flags, &tried);
+  return g_batch_type != nullptr;
+}
+
+namespace {
+
+// Adds the connections of a list of select messages to `b` (`b->m` held).
+void add_entries(ErlNifEnv* env, Batch* b, ERL_NIF_TERM list) {
+  ERL_NIF_TERM head;
+  while (enif_get_list_cell(env, list, &head, &list)) {
+    // A select message: {select, Res, undefined, ready_input | ready_output}.
+    int arity;
+    const ERL_NIF_TERM* t;
+    Conn* c = nullptr;
+    if (!enif_get_tuple(env, head, &arity, &t) || arity != 4 || !(c = get_conn(env, t[1]))) continue;
+    std::lock_guard<std::mutex> lock(c->m);
+    if (c->stopping || !c->bound) continue;
+    c->in_flight = true;
+    c->notify_end = false;
+    Entry en;
+    en.conn = ResourcePtr<Conn>::share(c);
+    en.write = enif_is_identical(t[3], atom(env, "ready_output"));
+    b->entries.push_back(std::move(en));
   }
 }
 
 }  // namespace
 
-ERL_NIF_TERM nif_event(ErlNifEnv* env, int, const ERL_NIF_TERM argv[]) {
+ERL_NIF_TERM nif_batch(ErlNifEnv* env, int, const ERL_NIF_TERM argv[]) {
   Runtime& rt = Runtime::get();
   auto* ph = get_resource<PoolHandle>(env, argv[0], rt.types.pool);
-  Conn* c = get_conn(env, argv[1]);
-  if (!ph || !c || !enif_is_ref(env, argv[2])) return enif_make_badarg(env);
-  if (!enif_is_identical(argv[3], g_read) && !enif_is_identical(argv[3], g_write)) return enif_make_badarg(env);
+  if (!ph || !enif_is_ref(env, argv[1]) || !enif_is_list(env, argv[2])) return enif_make_badarg(env);
+  ResourcePtr<Batch> b = make_resource<Batch>(g_batch_type);
+  {
+    std::lock_guard<std::mutex> lock(b->m);  // (nobody else knows it yet)
+    add_entries(env, b.get(), argv[2]);
+  }
+  if (b->entries.empty()) return atom(env, "empty");
   ResourcePtr<Job> job = make_resource<Job>(rt.types.job);
   job->env = OwnedEnv::alloc();
-  job->ref = enif_make_copy(job->env.get(), argv[2]);
-  job->req = enif_make_tuple2(job->env.get(), enif_make_copy(job->env.get(), argv[1]), argv[3]);
+  job->ref = enif_make_copy(job->env.get(), argv[1]);
+  job->req = b.term(job->env.get());
   job->pool = ph->pool;
-  job->hook = run_event;
-  // Answers and callbacks come as messages: the owner waits in receive (for readiness too).
-  job->blocking = true;
+  job->hook = run_batch;
+  job->blocking = true;  // the answer and callbacks come as messages
   enif_self(env, &job->caller);
-  {
-    std::lock_guard<std::mutex> lock(c->m);
-    if (c->stopping) return error(env, atom(env, "closed"));
-    c->in_flight = true;
-    c->notify_end = false;
-  }
-  ERL_NIF_TERM term = job.term(env);
   if (!ph->pool->submit(job, -1)) {
-    std::lock_guard<std::mutex> lock(c->m);
-    c->in_flight = false;
+    for (Entry& en : b->entries) {
+      std::lock_guard<std::mutex> lock(en.conn->m);
+      en.conn->in_flight = false;
+    }
     return error(env, atom(env, "pool_closed"));
   }
-  return enif_make_tuple2(env, atom(env, "ok"), term);
+  return enif_make_tuple3(env, atom(env, "ok"), job.term(env), b.term(env));
+}
+
+ERL_NIF_TERM nif_append(ErlNifEnv* env, int, const ERL_NIF_TERM argv[]) {
+  auto* b = get_resource<Batch>(env, argv[0], g_batch_type);
+  if (!b || !enif_is_list(env, argv[1])) return enif_make_badarg(env);
+  std::lock_guard<std::mutex> lock(b->m);
+  if (b->started) return atom(env, "started");
+  add_entries(env, b, argv[1]);
+  return atom(env, "ok");
+}
+
+ERL_NIF_TERM nif_running(ErlNifEnv* env, int, const ERL_NIF_TERM argv[]) {
+  auto* b = get_resource<Batch>(env, argv[0], g_batch_type);
+  if (!b) return enif_make_badarg(env);
+  std::lock_guard<std::mutex> lock(b->m);
+  if (b->running < 0) return atom(env, "none");
+  Conn* c = b->entries[static_cast<std::size_t>(b->running)].conn.get();
+  return enif_make_tuple2(env, enif_make_pid(env, &c->owner_pid), enif_make_copy(env, c->ref));
+}
+
+ERL_NIF_TERM nif_expire(ErlNifEnv* env, int, const ERL_NIF_TERM argv[]) {
+  Runtime& rt = Runtime::get();
+  auto* job = get_resource<Job>(env, argv[0], rt.types.job);
+  auto* b = get_resource<Batch>(env, argv[1], g_batch_type);
+  if (!job || !b || !job->pool) return enif_make_badarg(env);
+  Conn* late = nullptr;
+  {
+    std::lock_guard<std::mutex> lock(b->m);
+    if (b->running < 0) {
+      bool left = false;
+      for (const Entry& en : b->entries) left = left || en.state == EntryState::Pending;
+      // Queued (the pool's contexts are busy): look again a little later.
+      return left ? enif_make_tuple2(env, atom(env, "wait"), enif_make_int(env, 100)) : atom(env, "done");
+    }
+    Conn* c = b->entries[static_cast<std::size_t>(b->running)].conn.get();
+    if (c->timeout_ms < 0) return enif_make_tuple2(env, atom(env, "wait"), enif_make_int(env, 1000));
+    const std::int64_t left_ms = c->timeout_ms - (now_ns() - b->started_ns) / 1000000;
+    if (left_ms > 0) return enif_make_tuple2(env, atom(env, "wait"), enif_make_int(env, static_cast<int>(left_ms)));
+    late = c;
+    b->started = true;  // nothing more joins a batch being cancelled
+    for (Entry& en : b->entries) {
+      if (en.state != EntryState::Pending) continue;
+      en.state = EntryState::Returned;
+    }
+  }
+  // The others go back to the poller: a level-triggered select fires again at once.
+  for (Entry& en : b->entries) {
+    if (en.state != EntryState::Returned) continue;
+    const Next next = en.write ? Next::Write : Next::Read;
+    if (settle(env, en.conn.get(), next)) {
+      MsgEnv msg = MsgEnv::take();
+      const ERL_NIF_TERM answer = next_answer(msg.get(), next, ConvertOptions{});
+      tell_owner(en.conn.get(), std::move(msg), answer);
+    }
+  }
+  ERL_NIF_TERM answer;
+  switch (job->pool->cancel(job, env, &answer)) {
+    case Pool::Outcome::Canceled: break;
+    case Pool::Outcome::Sent: return atom(env, "done");  // it ended just now: {Ref, {ok, done}} comes
+    case Pool::Outcome::Done: return atom(env, "finished");  // ended, and no message comes
+  }
+  return enif_make_tuple3(env, atom(env, "timeout"), enif_make_pid(env, &late->owner_pid),
+                          enif_make_copy(env, late->ref));
 }
 
 ERL_NIF_TERM nif_watch(ErlNifEnv* env, int, const ERL_NIF_TERM argv[]) {

@@ -1,7 +1,7 @@
 // The fd side of erpy's reactor (erpy_reactor.erl, doc/reactor.md): a resource that owns
 // one file descriptor handed over by Erlang and waits for it with enif_select, and the
-// SCM_RIGHTS send that carries an fd to a port worker, and the light job of an embedded
-// fd event. These NIFs run on normal schedulers (send_fd on a dirty I/O one) and never
+// SCM_RIGHTS send that carries an fd to a port worker, and the light batch job that runs
+// the embedded fds' events. These NIFs run on normal schedulers (send_fd on a dirty I/O one) and never
 // take the GIL; the event job's hook runs on a context thread, with it.
 #pragma once
 #include <erl_nif.h>
@@ -30,16 +30,32 @@ ERL_NIF_TERM nif_fd(ErlNifEnv* env, int argc, const ERL_NIF_TERM argv[]);
 //   caller owns that fd).
 ERL_NIF_TERM nif_send_fd(ErlNifEnv* env, int argc, const ERL_NIF_TERM argv[]);
 
-// event(Pool, Res, Ref, read | write) -> {ok, Job} | {error, closed | pool_closed}: runs
-//   erpy.reactor._ready(Fd, Event) on a context of Pool for the caller (Res's owner).
-//   If it says read or write, the select is re-armed for the caller and the job ends
-//   with no answer (the next message is {select, Res, undefined, _}); else {Ref,
-//   {ok, close} | {error, Why}} comes, or {Ref, {ok, read | write}} once watch/1 said
-//   busy (the caller re-arms). Callbacks come as {Ref, {callback | callback_check, ...}}
-//   for the caller to answer with callback_reply/2, as for submit/3.
-ERL_NIF_TERM nif_event(ErlNifEnv* env, int argc, const ERL_NIF_TERM argv[]);
-// watch(Res) -> idle (no event job is in flight) | busy (one is: its end will be
-//   answered as a message, not re-armed).
+// bind(Res, Hub, Ref, Timeout) -> ok | {error, bound}: before the first select, by the
+//   owner: readiness goes to Hub (the pool's hub process) from now on; what the hub's
+//   batches have to tell the owner comes as {Ref, Answer}; Timeout (ms | infinity)
+//   bounds each protocol callback (expire/2).
+ERL_NIF_TERM nif_bind(ErlNifEnv* env, int argc, const ERL_NIF_TERM argv[]);
+// batch(Pool, Ref, [SelectMsg]) -> {ok, Job, Batch} | empty | {error, pool_closed}: one job
+//   that runs erpy.reactor._ready(Fd, Event) for every {select, Res, undefined,
+//   ready_input | ready_output} given (closed ones skipped), under one GIL hold. A
+//   connection that waits again is re-armed for the hub; else its owner gets {ConnRef,
+//   {ok, close} | {error, Why}}, or {ConnRef, {ok, read | write}} once watch/1 said
+//   busy (the owner re-arms). The caller (the hub) gets {Ref, {ok, done}} at the end,
+//   and the batch's callbacks as {Ref, {callback | callback_check, ...}} (running/1 says
+//   whose; callback_reply/2 answers).
+ERL_NIF_TERM nif_batch(ErlNifEnv* env, int argc, const ERL_NIF_TERM argv[]);
+// append(Batch, [SelectMsg]) -> ok | started: more ready connections for a batch still
+//   open (queued, or running and not at its end; started: submit another).
+ERL_NIF_TERM nif_append(ErlNifEnv* env, int argc, const ERL_NIF_TERM argv[]);
+// running(Batch) -> {OwnerPid, ConnRef} (the connection whose callback runs) | none.
+ERL_NIF_TERM nif_running(ErlNifEnv* env, int argc, const ERL_NIF_TERM argv[]);
+// expire(Job, Batch) -> {wait, Ms} | done | {timeout, OwnerPid, ConnRef}: the running
+//   callback is past its connection's timeout: the batch's connections not yet run go
+//   back to the poller and the job is cancelled (Python interrupted); the owner is to
+//   close that connection. {wait, Ms}: look again in Ms.
+ERL_NIF_TERM nif_expire(ErlNifEnv* env, int argc, const ERL_NIF_TERM argv[]);
+// watch(Res) -> idle (no batch holds it) | busy (one does: its end will be answered to
+//   the owner as a message, not re-armed).
 ERL_NIF_TERM nif_watch(ErlNifEnv* env, int argc, const ERL_NIF_TERM argv[]);
 
 }  // namespace erpy::nif::reactor

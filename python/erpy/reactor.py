@@ -189,8 +189,13 @@ def _factory(scope, spec):
 def _open(fd, client_info, scope=None, spec=None):
     """A new connection: makes its protocol, calls connection_made. Returns the mode to
     wait in: "read", "write" or "close"."""
-    if fd in _conns:
-        raise ReactorError(f"fd {fd} already has a protocol")
+    stale = _conns.get(fd)
+    if stale is not None:
+        # erpy holds each fd it hands over open until its connection is forgotten, so an
+        # fd number handed over again means the old connection's fd was closed without
+        # Python being told (its embedded pool stopped, which forgets no protocol in the
+        # interpreter all embedded pools share): it is lost now.
+        _abort(fd)
     info = dict(client_info) if isinstance(client_info, dict) else {}
     proto = _factory(scope, spec)()
     proto.fd = fd

@@ -483,3 +483,21 @@ def test_port_loop_callback_channel_outside_a_worker():
     while time.time() < deadline and fd_count() > before:
         time.sleep(0.02)
     assert fd_count() <= before
+
+
+def test_fd_handed_over_again_loses_the_stale_protocol():
+    # An embedded pool that stops forgets no protocol in the shared interpreter; its fds
+    # are closed, so a number handed over again names a new connection.
+    Echo.events = []
+    reactor.set_protocol_factory(Echo)
+    a, b = socket.socketpair()
+    a.setblocking(False)
+    fd = a.fileno()
+    assert reactor._open(fd, {"type": "unix"}) == "read"
+    stale = reactor.get_protocol(fd)
+    assert reactor._open(fd, {"type": "unix"}) == "read"
+    fresh = reactor.get_protocol(fd)
+    assert fresh is not stale and stale.closed and not fresh.closed
+    assert Echo.events == [("made", "unix"), ("lost", fd), ("made", "unix")]
+    a.close()
+    b.close()
