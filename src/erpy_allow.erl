@@ -12,7 +12,10 @@
 
 -spec compile([module() | {module(), atom()} | {module(), atom(), arity()}]) -> rules().
 compile(Entries) when is_list(Entries) ->
-    lists:foldl(fun add/2, #{}, Entries).
+    lists:foldl(fun add/2, #{}, Entries);
+compile(Other) ->
+    %% `all` and the like: there is no "everything" (doc/security.md).
+    error({badarg, {allowed, Other}}).
 
 %% `env`: the rules of the application env `allowed` as they are now (a pool without its
 %% own allow-list follows it, also when it changes; a malformed env allows nothing).

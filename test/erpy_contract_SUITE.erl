@@ -328,7 +328,14 @@ bad_arguments(_Config) ->
     ?assertMatch({error, {badarg, _}}, erpy:eval(<<"1">>, not_a_map, ?O)),
     ?assertMatch({error, {badarg, _}}, erpy:eval(123, #{}, ?O)),
     ?assertMatch({error, {badarg, _}}, erpy:run(#{code => 123, pool => ?P})),
-    ?assertMatch({error, {badarg, _}}, erpy:eval(<<"1">>, #{}, ?O#{worker => not_a_worker})).
+    ?assertMatch({error, {badarg, _}}, erpy:eval(<<"1">>, #{}, ?O#{worker => not_a_worker})),
+    %% An allow-list that is not a list of entries: refused, never "everything".
+    ?assertEqual({error, {badarg, {allowed, all}}},
+                 erpy:start_pool(contract_bad_allowed, #{allowed => all})),
+    ?assertEqual({error, {badarg, {allowed, {lists, "reverse"}}}},
+                 erpy:start_pool(contract_bad_allowed, #{allowed => [{lists, "reverse"}]})),
+    ?assertEqual({error, {no_pool, contract_bad_allowed}},
+                 erpy:call(lists, reverse, [[]], #{pool => contract_bad_allowed})).
 
 policy_refusals(_Config) ->
     Name = iolist_to_binary(io_lib:format("contract_no_atom_~b", [erlang:unique_integer([positive])])),
