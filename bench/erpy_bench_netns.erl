@@ -110,8 +110,12 @@ run(#{root := Root, python := Python} = Ctx, Net, Proto, ErlArgs, PyArgs) ->
     {RefPeer, Ref} = start_erlang(Net, 2, "bref" ++ Tag, ErlArgs, Cookie),
     {Client, _} = start_erlang(Net, 0, "bcall" ++ Tag, ErlArgs, Cookie),
     try
-        {ok, ?MODULE, Beam} = compile:file(code:which(?MODULE), [binary]),
-        {module, ?MODULE} = peer:call(Client, code, load_binary, [?MODULE, code:which(?MODULE), Beam]),
+        %% The client runs measure/5, which uses erpy_bench_node's wait_pong/2.
+        [begin
+             %% Loaded by run_bench.escript from its source: compiled again for the peer.
+             {ok, Mod, Beam} = compile:file(code:which(Mod), [binary]),
+             {module, Mod} = peer:call(Client, code, load_binary, [Mod, code:which(Mod), Beam])
+         end || Mod <- [?MODULE, erpy_bench_node]],
         ok = peer:call(Client, ?MODULE, measure, [wait, Py, Ref, 0, 0], 60000),
         Pairs = maps:get(pairs, Ctx),
         {W1P, W1E} = peer:call(Client, ?MODULE, measure, [w1, Py, Ref, Pairs, 20000 div Pairs + 1], 600000),
