@@ -8,7 +8,7 @@
 -behaviour(erpy_transport).
 
 -export([start_link/2]).
--export([prepare/1, child_specs/2, request/4, request_worker/3, checkout/2, checkin/1, info/1, reactor/5]).
+-export([prepare/1, child_specs/2, request/4, request_worker/3, checkout/2, checkin/1, info/1, interpreter/1, reactor/5]).
 -export([async_request/4, async_request_worker/3, async_await/2, async_cancel/1, adopt/3]).
 -export([init/1, handle_call/3, handle_cast/2, handle_info/2, terminate/2]).
 
@@ -178,6 +178,10 @@ checkout(#{name := Name, pool := Pool} = Handle, Timeout) ->
 -spec checkin(ref()) -> ok.
 checkin({_Name, Ctx}) ->
     erpy_nif:checkin(Ctx).
+
+%% Its contexts are threads of the VM's one interpreter (subinterpreters are refused).
+-spec interpreter(term()) -> shared | per_worker.
+interpreter(_Handle) -> shared.
 
 -spec info(map()) -> #{mode := embedded, size := non_neg_integer(), atom() => term()}.
 info(#{pid := Pid}) ->

@@ -507,9 +507,9 @@ start_python(#{id := Id, module := Module, init_payload := Payload} = Opts, Stat
         end,
     St0 = #st{id = Id, self_id = SelfId, key = Key, pool = Pool, timeout = Timeout,
               atomics = A, req_opts = #{pool => Pool, timeout => Timeout}},
-    case erpy_transport:lookup(Pool) of
-        {ok, erpy_embedded, _} -> start_shared(St0, Module, Payload, State);
-        {ok, _, _} -> start_held(St0, Module, Payload, State);
+    case erpy_transport:interpreter(Pool) of
+        {ok, shared} -> start_shared(St0, Module, Payload, State);
+        {ok, per_worker} -> start_held(St0, Module, Payload, State);
         error -> {stop, {no_worker, {no_pool, Pool}}}
     end.
 

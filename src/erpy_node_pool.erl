@@ -12,7 +12,7 @@
 -compile({no_auto_import, [nodes/1]}).  % nodes/1 below is this pool's
 
 -export([start_link/2, request/3, nodes/1, stop/1]).
--export([prepare/1, child_specs/2, request/4, request_worker/3, checkout/2, checkin/1, info/1, reactor/5]).
+-export([prepare/1, child_specs/2, request/4, request_worker/3, checkout/2, checkin/1, info/1, interpreter/1, reactor/5]).
 -export([init/1, handle_call/3, handle_cast/2, handle_info/2, terminate/2]).
 
 -define(KEY(Pool), {?MODULE, Pool}).
@@ -49,6 +49,9 @@ prepare(Opts) ->
 child_specs(Pool, Opts) ->
     {#{strategy => one_for_one, intensity => 5, period => 10},
      [#{id => pool, start => {?MODULE, start_link, [Pool, Opts]}, type => worker}]}.
+
+-spec interpreter(term()) -> shared | per_worker.
+interpreter(_Handle) -> per_worker.
 
 -spec info(map()) -> #{mode := node, size := non_neg_integer(), atom() => term()}.
 info(#{name := Pool}) ->

@@ -5,7 +5,7 @@
 -module(erpy_port).
 -behaviour(erpy_transport).
 
--export([prepare/1, child_specs/2, request/4, request_worker/3, checkout/2, checkin/1, info/1, reactor/5]).
+-export([prepare/1, child_specs/2, request/4, request_worker/3, checkout/2, checkin/1, info/1, interpreter/1, reactor/5]).
 
 -type ref() :: {erpy:pool(), pid()}.
 
@@ -46,6 +46,9 @@ checkout(#{name := Pool}, Timeout) ->
 -spec checkin(ref()) -> ok.
 checkin(Ref) ->
     erpy_pool:checkin(Ref).
+
+-spec interpreter(term()) -> shared | per_worker.
+interpreter(_Handle) -> per_worker.
 
 -spec info(erpy_pool:handle()) -> #{mode := port, size := non_neg_integer(), atom() => term()}.
 info(#{name := Pool}) ->

@@ -24,7 +24,7 @@
 
 -export([call/2, call/3]).
 -export([prepare/1, child_specs/2, request/4, request_worker/3, checkout/2, checkin/1,
-         info/1, reactor/5]).
+         info/1, interpreter/1, reactor/5]).
 -export([start_link/2]).
 -export([init/1, handle_call/3, handle_cast/2, handle_info/2, terminate/2]).
 -export_type([program/0]).
@@ -131,6 +131,9 @@ checkin({Pool, Worker}) ->
         {ok, ?MODULE, #{pid := Pid}} -> Pid ! {checkin, Worker}, ok;
         _ -> ok
     end.
+
+-spec interpreter(term()) -> shared | per_worker.
+interpreter(_Handle) -> per_worker.
 
 -spec info(handle()) -> #{mode := program, size := non_neg_integer(), atom() => term()}.
 info(#{pid := Pid}) ->

@@ -7,7 +7,7 @@
 %% mode's own and only its module reads it.
 -module(erpy_transport).
 
--export([module/1, register/3, unregister/1, lookup/1]).
+-export([module/1, register/3, unregister/1, lookup/1, interpreter/1]).
 -export_type([handle/0, ref/0, request/0, result/0, worker/0]).
 
 %% A mode's handle of a running pool (what its module registered).
@@ -38,6 +38,10 @@
     {ok, term()} | {error, term()}.
 %% What the pool is doing: at least `mode` and `size`.
 -callback info(handle()) -> #{mode := erpy:mode(), size := non_neg_integer(), atom() => term()}.
+%% Where the pool's Python state lives: `shared`, one interpreter that every worker of the
+%% pool runs in (what one request leaves in a module is seen by the next, on any worker);
+%% `per_worker`, an interpreter per worker (state stays with the worker that made it).
+-callback interpreter(handle()) -> shared | per_worker.
 
 -define(KEY(Name), {erpy_pool, Name}).
 
@@ -49,6 +53,14 @@ module(port) -> erpy_port;
 module(embedded) -> erpy_embedded;
 module(node) -> erpy_node_pool;
 module(program) -> erpy_port_program.
+
+%% The interpreter/1 of a running pool.
+-spec interpreter(atom()) -> {ok, shared | per_worker} | error.
+interpreter(Name) ->
+    case lookup(Name) of
+        {ok, Module, Handle} -> {ok, Module:interpreter(Handle)};
+        error -> error
+    end.
 
 %% Called by a pool's server when it is ready to take requests (and again if it restarts).
 -spec register(atom(), module(), handle()) -> ok.
