@@ -7,7 +7,6 @@
 #include <unistd.h>
 
 #include <atomic>
-#include <chrono>
 #include <vector>
 #include <mutex>
 #include <cctype>
@@ -57,7 +56,7 @@ struct Conn {
 };
 
 ErlNifResourceType* g_conn_type = nullptr;
-ERL_NIF_TERM g_read = 0, g_write = 0, g_close = 0, g_undefined = 0;
+ERL_NIF_TERM g_read = 0, g_write = 0, g_close = 0, g_undefined = 0, g_ready_output = 0;
 
 ERL_NIF_TERM atom(ErlNifEnv* env, const char* name) { return enif_make_atom(env, name); }
 
@@ -134,6 +133,7 @@ bool open_types(ErlNifEnv* env, ErlNifResourceFlags flags) {
   ErlNifResourceFlags tried;
   g_conn_type = enif_open_resource_type_x(env, "erpy_reactor_fd", &init, flags, &tried);
   g_read = atom(env, "read");
+  g_ready_output = atom(env, "ready_output");
   g_write = atom(env, "write");
   g_close = atom(env, "close");
   g_undefined = atom(env, "undefined");
@@ -387,11 +387,6 @@ struct Batch {
 
 ErlNifResourceType* g_batch_type = nullptr;
 
-std::int64_t now_ns() {
-  return std::chrono::duration_cast<std::chrono::nanoseconds>(std::chrono::steady_clock::now().time_since_epoch())
-      .count();
-}
-
 // A message to the connection's owner: {ConnRef, Answer}, Answer made in `msg`.
 void tell_owner(Conn* c, MsgEnv msg, ERL_NIF_TERM answer) {
   ErlNifEnv* e = msg.get();
@@ -490,7 +485,7 @@ ERL_NIF_TERM run_batch(Job& job, MsgEnv& msg) noexcept {
         if (en.state != EntryState::Pending) continue;  // given back by expire/2
         en.state = EntryState::Running;
         b->running = static_cast<int>(i);
-        b->started_ns = now_ns();
+        b->started_ns = mono_ns();
         c = en.conn.get();  // (the entry keeps it; the vector may grow meanwhile)
         write = en.write;
       }
@@ -531,7 +526,7 @@ void add_entries(ErlNifEnv* env, Batch* b, ERL_NIF_TERM list) {
     c->notify_end = false;
     Entry en;
     en.conn = ResourcePtr<Conn>::share(c);
-    en.write = enif_is_identical(t[3], atom(env, "ready_output"));
+    en.write = enif_is_identical(t[3], g_ready_output);
     b->entries.push_back(std::move(en));
   }
 }
@@ -600,7 +595,7 @@ ERL_NIF_TERM nif_expire(ErlNifEnv* env, int, const ERL_NIF_TERM argv[]) {
     }
     Conn* c = b->entries[static_cast<std::size_t>(b->running)].conn.get();
     if (c->timeout_ms < 0) return enif_make_tuple2(env, atom(env, "wait"), enif_make_int(env, 1000));
-    const std::int64_t left_ms = c->timeout_ms - (now_ns() - b->started_ns) / 1000000;
+    const std::int64_t left_ms = c->timeout_ms - (mono_ns() - b->started_ns) / 1000000;
     if (left_ms > 0) return enif_make_tuple2(env, atom(env, "wait"), enif_make_int(env, static_cast<int>(left_ms)));
     late = c;
     b->started = true;  // nothing more joins a batch being cancelled
