@@ -12,24 +12,19 @@
 
 %% API.
 
--spec request(erpy:pool(), erpy_transport:request(), timeout()) -> {ok, term()} | {error, term()}.
-request(Pool, Req, Timeout) ->
-    case erpy_pool:lookup(Pool) of
-        {ok, #{max_message_size := Max, policy := Policy} = Handle} ->
-            %% Encoded and size-checked before a slot is claimed: a refused request holds
-            %% nothing.
-            case nested_worker(Pool) of
-                {ok, Worker} ->
-                    with_frame(nested, Max, Policy, Req, Timeout,
-                               fun(Frame, Ctx, Deadline) ->
-                                       send_and_wait(erpy_nested, Worker, Pool, Ctx, Frame, Deadline)
-                               end);
-                error ->
-                    with_frame(request, Max, Policy, Req, Timeout,
-                               fun(Frame, Ctx, Deadline) -> via_pool(Handle, Ctx, Frame, Deadline) end)
-            end;
+%% A request to the pool of `Handle` (erpy_pool:lookup/1, as the caller found it).
+-spec request(erpy_pool:handle(), erpy_transport:request(), timeout()) -> {ok, term()} | {error, term()}.
+request(#{name := Pool, max_message_size := Max, policy := Policy} = Handle, Req, Timeout) ->
+    %% Encoded and size-checked before a slot is claimed: a refused request holds nothing.
+    case nested_worker(Pool) of
+        {ok, Worker} ->
+            with_frame(nested, Max, Policy, Req, Timeout,
+                       fun(Frame, Ctx, Deadline) ->
+                               send_and_wait(erpy_nested, Worker, Pool, Ctx, Frame, Deadline)
+                       end);
         error ->
-            {error, {no_pool, Pool}}
+            with_frame(request, Max, Policy, Req, Timeout,
+                       fun(Frame, Ctx, Deadline) -> via_pool(Handle, Ctx, Frame, Deadline) end)
     end.
 
 -spec request_worker(erpy:pool(), pid(), erpy_request:t(), timeout()) -> {ok, term()} | {error, term()}.

@@ -12,7 +12,7 @@
 %% copy); one that spans reads is joined once, when its last byte arrives.
 -module(erpy_frame).
 
--export([reader/2, input/2, write/3]).
+-export([reader/2, input/2, write/3, write_all/3]).
 
 -record(reader, {
     head :: 1 | 2 | 4,
@@ -74,4 +74,23 @@ write(Port, Head, Data) ->
             catch
                 error:badarg -> {error, closed}
             end
+    end.
+
+%% Writes each of `Frames` as a frame, all with one port command (one system call where
+%% the pipe takes them). A frame too large for the header is left out, as write/3 refuses
+%% it, and the others are written.
+-spec write_all(port(), 1 | 2 | 4, [iodata()]) -> ok | {error, closed | {frame_too_large, non_neg_integer()}}.
+write_all(Port, Head, Frames) ->
+    Limit = 1 bsl (8 * Head),
+    {Data, Refused} = lists:foldr(fun(F, {D, R}) ->
+                                          case iolist_size(F) of
+                                              Size when Size >= Limit -> {D, {frame_too_large, Size}};
+                                              Size -> {[<<Size:Head/unit:8>>, F | D], R}
+                                          end
+                                  end, {[], none}, Frames),
+    try port_command(Port, Data) of
+        true when Refused =:= none -> ok;
+        true -> {error, Refused}
+    catch
+        error:badarg -> {error, closed}
     end.

@@ -10,7 +10,7 @@
 -behaviour(gen_server).
 
 -export([start_link/3, lookup/1, max_message_size/1, info/1]).
--export([claim/1, unclaim/2, retire/2, worker_pid/2, started/2, finished/3, served/3]).
+-export([claim/1, unclaim/2, retire/2, worker_pid/2, started/3, finished/3, served/3]).
 -export([pipeline/1]).
 -export([checkout/2, checkin/1]).
 -export([init/1, handle_call/3, handle_cast/2, handle_info/2, terminate/2]).
@@ -193,11 +193,10 @@ worker_pid(Name, Slot) ->
     catch error:badarg -> undefined
     end.
 
-%% The worker of `Slot` wrote a request of the pool to Python, which starts it now (or
-%% once it answered the ones before it, with `pipeline => N`).
--spec started(handle(), pos_integer()) -> ok.
-started(#{started := Started}, Slot) ->
-    atomics:put(Started, Slot, erlang:monotonic_time(microsecond)).
+%% Python starts a request of the pool on the worker of `Slot` at `Now` (monotonic us).
+-spec started(handle(), pos_integer(), integer()) -> ok.
+started(#{started := Started}, Slot, Now) ->
+    atomics:put(Started, Slot, Now).
 
 %% A worker answered a request of the pool that Python ran for `Us` microseconds: the
 %% slot's mean service time (a moving average over about 8 requests) follows it.

@@ -30,8 +30,8 @@ child_specs(Name, Opts) ->
 request(#{name := Pool}, #{result := handle}, _Timeout, _Opts) ->
     %% Handles are Python objects living in this VM: embedded mode only.
     {error, {not_supported, {handle, Pool}}};
-request(#{name := Pool}, Req, Timeout, _Opts) ->
-    erpy_call:request(Pool, Req, Timeout).
+request(Handle, Req, Timeout, _Opts) ->
+    erpy_call:request(Handle, Req, Timeout).
 
 -spec request_worker(ref(), erpy_transport:request(), timeout()) -> erpy_transport:result().
 request_worker({Pool, _Pid}, #{result := handle}, _Timeout) ->

@@ -23,6 +23,8 @@
 %% Adaptive pipelining: a request written behind a running one that has run this long is
 %% withdrawn from Python (if it has not started) and placed again.
 -define(WITHDRAW_MS, 2).
+%% The most requests from the mailbox written to Python with one port command.
+-define(BATCH, 16).
 -define(PROTOCOL_VERSION, 2).
 -define(READY_TIMEOUT_MS, 60000).
 %% The longest an idle worker polls for the next request before it sleeps (waking a
@@ -38,6 +40,7 @@
               %% The caller is monitored only once its request has waited ?WATCH_MS:
               %% most requests are answered sooner, and a monitor per call cost more
               %% than the call's own bookkeeping here.
+              %% When it came (monotonic us).
               mon :: reference() | undefined, since :: integer(),
               deadline :: integer() | infinity,
               %% Nested requests come from a callback of the running request; they hold
@@ -177,23 +180,25 @@ handle_info({erpy_request, Alias, _Caller, _Id, _Bin, _Deadline}, #st{exiting = 
     Alias ! {erpy_reply, Alias, {retry, {worker_exit, exiting}}},
     {noreply, St, timeout(St)};
 handle_info({erpy_request, Alias, Caller, Id, Bin, Deadline}, St) ->
-    Req = #req{id = Id, alias = Alias, caller = Caller, deadline = Deadline, since = now_ms()},
-    St1 = case St#st.write_ahead orelse room(St) of
-              true -> start(Req, Bin, St);
-              false -> St#st{waiting = queue:in(Req#req{frame = Bin}, St#st.waiting)}
-          end,
+    %% One clock read: it stamps the requests' arrival and, for one Python starts now, its
+    %% start. The requests already in the mailbox are placed too, and what goes to Python
+    %% is written with one port command (a pipe write costs more than the rest of a
+    %% request's handling here, and callers answered together ask again together).
+    Now = now_us(),
+    {St1, Frames} = place(Alias, Caller, Id, Bin, Deadline, Now, St, [], ?BATCH),
+    _ = Frames =:= [] orelse erpy_frame:write_all(St1#st.port, 4, Frames),
     St2 = watch(St1),
     {noreply, St2, timeout(St2)};
 handle_info({erpy_nested, Alias, Caller, Id, Bin, Deadline}, #st{port = Port} = St) ->
     write(Port, Bin),
     Req = #req{id = Id, alias = Alias, caller = Caller, deadline = Deadline, nested = true,
-               since = now_ms()},
+               since = now_us()},
     St1 = watch(St#st{pending = [Req | St#st.pending]}),
     {noreply, St1, timeout(St1)};
 handle_info({timeout, Timer, watch}, #st{watch = Timer, pending = Pending} = St) ->
     %% Callers of requests that have waited a while get monitored now (a dead one gives its
     %% DOWN at once), so a caller that dies mid-call still gets its request interrupted.
-    Old = now_ms() - ?WATCH_MS,
+    Old = now_us() - ?WATCH_MS * 1000,
     Watch = fun(#req{mon = undefined, since = Since, caller = C} = R) when Since =< Old ->
                     R#req{mon = erlang:monitor(process, C)};
                (R) -> R
@@ -204,7 +209,7 @@ handle_info({timeout, Timer, watch}, #st{watch = Timer, pending = Pending} = St)
     %% Requests waiting behind one that has run a whole tick go back to their callers,
     %% which place them again (on a free worker, or in the pool's queue).
     St1 = case running_since(St0) of
-              Since when is_integer(Since), Since =< Old * 1000 -> give_back(St0);
+              Since when is_integer(Since), Since =< Old -> give_back(St0);
               _ -> St0
           end,
     %% The same tick enforces deadlines: a request still running its grace period after
@@ -347,10 +352,11 @@ answer(Id, Frame, #st{pending = Pending} = St) ->
     case lists:keytake(Id, #req.id, Pending) of
         {value, #req{alias = Alias, mon = Mon, nested = Nested, started = Started}, Rest} ->
             Mon =:= undefined orelse erlang:demonitor(Mon, [flush]),
-            served(Started, St),
+            Now = now_us(),
+            served(Started, Now, St),
             %% The next waiting request goes to Python before this answer to its caller.
             St1 = case Nested of
-                      false -> next_waiting(promote(St#st{pending = Rest}));
+                      false -> next_waiting(promote(St#st{pending = Rest}, Now), Now);
                       true -> St#st{pending = Rest}
                   end,
             reply(Alias, Frame, St),
@@ -364,16 +370,19 @@ answer(Id, Frame, #st{pending = Pending} = St) ->
             {noreply, St, timeout(St)}
     end.
 
-%% How long Python ran a request of the pool: the pool places short ones together.
-served(undefined, _St) ->
+%% How long Python ran a request of the pool: an adaptive pool places short ones together
+%% (erpy_pool:pack/1); other pools do not look.
+served(undefined, _Now, _St) ->
     ok;
-served(Started, #st{opts = Opts}) ->
+served(Started, Now, #st{withdraw = true, opts = Opts}) ->
     case Opts of
         #{pool_handle := Handle, slot := Slot} ->
-            erpy_pool:served(Handle, Slot, max(0, now_us() - Started));
+            erpy_pool:served(Handle, Slot, max(0, Now - Started));
         _ ->
             ok
-    end.
+    end;
+served(_Started, _Now, _St) ->
+    ok.
 
 %% A pipelined request was answered and more are in flight: its place in the slot is free.
 one_done(#st{exiting = false, releasing = false, held = false, opts = Opts} = St) ->
@@ -428,7 +437,7 @@ control({withdrawn, Id}, #st{pending = Pending} = St) ->
         {value, #req{alias = Alias, mon = Mon}, Rest} ->
             Mon =:= undefined orelse erlang:demonitor(Mon, [flush]),
             Alias =:= undefined orelse (Alias ! {erpy_reply, Alias, {retry, busy}}),
-            St1 = promote(St#st{pending = Rest}),
+            St1 = promote(St#st{pending = Rest}, now_us()),
             case Rest of
                 [] -> idle(St1);
                 _ -> {noreply, one_done(St1), timeout(St1)}
@@ -487,14 +496,33 @@ retire(#st{opts = Opts}) ->
 room(#st{pending = Pending}) ->
     not lists:keymember(false, #req.nested, Pending).
 
+%% A request from a caller goes to Python (its frame is added to `Frames`, written by the
+%% caller of place/9) or waits here; then the next one in the mailbox, up to `N` in all.
+place(Alias, Caller, Id, Bin, Deadline, Now, St, Frames, N) ->
+    Req = #req{id = Id, alias = Alias, caller = Caller, deadline = Deadline, since = Now},
+    {St1, Frames1} = case St#st.write_ahead orelse room(St) of
+                         true -> {written(Req, Now, St), [Bin | Frames]};
+                         false -> {St#st{waiting = queue:in(Req#req{frame = Bin}, St#st.waiting)}, Frames}
+                     end,
+    receive
+        {erpy_request, Alias2, Caller2, Id2, Bin2, Deadline2} when N > 1 ->
+            place(Alias2, Caller2, Id2, Bin2, Deadline2, Now, St1, Frames1, N - 1)
+    after 0 ->
+        {St1, lists:reverse(Frames1)}
+    end.
+
 %% Writes a request to Python; it starts now if Python works on no other of the pool,
 %% else it waits in Python behind that one (and may be withdrawn, #st.withdraw).
-start(Req, Bin, #st{port = Port, pending = Pending, opts = Opts} = St) ->
+start(Req, Bin, Now, #st{port = Port} = St) ->
     write(Port, Bin),
+    written(Req, Now, St).
+
+%% A request is in Python's pipe.
+written(Req, Now, #st{pending = Pending} = St) ->
     case lists:keymember(false, #req.nested, Pending) of
         false ->
-            erpy_pool:started(maps:get(pool_handle, Opts), maps:get(slot, Opts)),
-            St#st{pending = Pending ++ [Req#req{frame = undefined, started = now_us()}]};
+            started(Now, St),
+            St#st{pending = Pending ++ [Req#req{frame = undefined, started = Now}]};
         true ->
             withdraw_timer(St#st{pending = Pending ++ [Req#req{frame = undefined}]})
     end.
@@ -534,14 +562,21 @@ withdraw_behind(St) ->
     St.
 
 %% A request of the pool was answered: the next one written to Python starts now.
-promote(#st{pending = Pending, opts = Opts} = St) ->
+promote(#st{pending = Pending} = St, Now) ->
     case lists:keyfind(false, #req.nested, Pending) of
         #req{started = undefined, id = Id} = R ->
-            erpy_pool:started(maps:get(pool_handle, Opts), maps:get(slot, Opts)),
-            St#st{pending = lists:keyreplace(Id, #req.id, Pending, R#req{started = now_us()})};
+            started(Now, St),
+            St#st{pending = lists:keyreplace(Id, #req.id, Pending, R#req{started = Now})};
         _ ->
             St
     end.
+
+%% Python starts a request of the pool: the pool's adaptive pipelining writes more only
+%% behind a young one (erpy_pool:claim/1); a pool with a fixed depth does not look.
+started(Now, #st{withdraw = true, opts = Opts}) ->
+    erpy_pool:started(maps:get(pool_handle, Opts), maps:get(slot, Opts), Now);
+started(_Now, _St) ->
+    ok.
 
 %% When Python started the request of the pool it works on, if it does.
 running_since(#st{pending = Pending}) ->
@@ -567,13 +602,13 @@ give_back(St) ->
     St.
 
 %% Python answered a request of the pool: the oldest waiting one goes to it now.
-next_waiting(#st{exiting = true} = St) ->
+next_waiting(#st{exiting = true} = St, _Now) ->
     St;
-next_waiting(#st{waiting = Waiting} = St) ->
+next_waiting(#st{waiting = Waiting} = St, Now) ->
     case queue:out(Waiting) of
         {{value, #req{frame = Bin} = Req}, Rest} ->
             case room(St) of
-                true -> next_waiting(start(Req, Bin, St#st{waiting = Rest}));
+                true -> next_waiting(start(Req, Bin, Now, St#st{waiting = Rest}), Now);
                 false -> St
             end;
         {empty, _} ->

@@ -52,3 +52,26 @@ write_refuses_what_the_header_cannot_say_test() ->
         port_close(Port)
     end,
     ?assertEqual({error, closed}, erpy_frame:write(Port, 4, <<"x">>)).
+
+%% Several frames in one port command: each gets its header, in order; one the header
+%% cannot say is left out and reported, the others still go.
+write_all_frames_each_test() ->
+    Port = open_port({spawn, "cat"}, [stream, binary]),
+    try
+        ?assertEqual(ok, erpy_frame:write_all(Port, 2, [<<"ab">>, [<<"c">>, <<"de">>], <<>>])),
+        ?assertEqual(ok, erpy_frame:write_all(Port, 2, [])),
+        ?assertEqual({error, {frame_too_large, 256}},
+                     erpy_frame:write_all(Port, 1, [binary:copy(<<1>>, 256), <<"x">>])),
+        Want = <<2:16, "ab", 3:16, "cde", 0:16, 1:8, "x">>,
+        ?assertEqual(Want, echoed(Port, byte_size(Want), <<>>))
+    after
+        port_close(Port)
+    end,
+    ?assertEqual({error, closed}, erpy_frame:write_all(Port, 4, [<<"x">>])).
+
+echoed(_Port, Size, Acc) when byte_size(Acc) >= Size ->
+    Acc;
+echoed(Port, Size, Acc) ->
+    receive {Port, {data, D}} -> echoed(Port, Size, <<Acc/binary, D/binary>>)
+    after 5000 -> error({no_echo, Acc})
+    end.
