@@ -63,3 +63,16 @@ export_fun_allowed_test() ->
     Ctx = erpy_policy:request_ctx(erpy_policy:new(t, #{allowed => [lists]}), self(), nothing),
     ?assertEqual({ok, {ok, 1, fun lists:sort/1}},
                  erpy_policy:decode(Ctx, term_to_binary({ok, 1, fun lists:sort/1}))).
+
+%% Small answers (up to 256 bytes) are scanned byte by byte, larger ones with
+%% binary:match: a fun is found at every offset in both, and tag bytes that start no fun
+%% (ids, integers, text) let the term through in both.
+small_and_large_scans_agree_test() ->
+    Funs = [fun os:cmd/1, fun(X) -> X end],
+    [begin
+         Pad = binary:copy(<<"q">>, N),
+         [?assertMatch({error, {not_allowed, _}}, decode(term_to_binary({ok, Id, [Pad, F]})))
+          || F <- Funs],
+         Plain = {ok, Id, [Pad, 112, 113, <<"pq">>, p, q]},
+         ?assertEqual({ok, Plain}, decode(term_to_binary(Plain)))
+     end || N <- lists:seq(0, 300, 7), Id <- [1, 112, 113, 16#70717071]].
