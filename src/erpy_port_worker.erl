@@ -39,8 +39,8 @@
 -record(req, {id :: integer(), alias :: reference() | undefined, caller :: pid(),
               %% The caller is monitored only once its request has waited ?WATCH_MS:
               %% most requests are answered sooner, and a monitor per call cost more
-              %% than the call's own bookkeeping here.
-              %% When it came (monotonic us).
+              %% than the call's own bookkeeping here. `since`: when the request came
+              %% (monotonic us).
               mon :: reference() | undefined, since :: integer(),
               deadline :: integer() | infinity,
               %% Nested requests come from a callback of the running request; they hold
