@@ -28,9 +28,12 @@
 %% flight (slot 2, counted by every cast this module sends to an instance, so a caller's
 %% earlier casts are handled before its call) and an empty mailbox; else it falls back to
 %% the process path. The instance process takes the turn before each handler (waiting,
-%% marked -T, to be handed it at the holder's release) and frees it after. A holder that
-%% dies with the turn is found by the instance's wait timing out (the instance's timeout,
-%% which bounds every direct call, plus a grace), and the turn is taken back. During a
+%% marked -T, to be handed it at the holder's release) and frees it after. T is the
+%% holder's pid as a number (token/0), so a waiting instance monitors the holder: one that
+%% dies with the turn gives it back at its death, once Python no longer runs its call (its
+%% job is interrupted; erpy.function counts each instance's running calls). The wait is
+%% still bounded by the instance's timeout, which bounds every direct call, plus a grace.
+%% During a
 %% direct call the host API's callbacks run in the caller's process: the instance's
 %% context is put there for the call's duration (and the caller's own restored after).
 -module(erpy_function).
@@ -70,6 +73,8 @@
 -define(CTX, '$erpy_function').
 %% A caller's last direct entry (entry/1).
 -define(LAST, '$erpy_function_last').
+%% The process's direct-call token (token/0).
+-define(TOKEN, '$erpy_function_token').
 -define(PY, <<"erpy.function">>).
 %% What a restart limit is when start/1 is not told: 3 restarts in 5 seconds.
 -define(DEFAULT_RESTARTS, {3, 5}).
@@ -393,7 +398,7 @@ terminate(Why, #st{id = Id, worker = Worker} = St) ->
     %% No new direct calls; one running ends before handle_stop or the worker's checkin.
     true = ets:insert(?REGISTRY, {Id, self(), undefined}),
     _ = St#st.atomics =:= undefined orelse Why =:= killed orelse
-        take_turn(St#st.atomics, St#st.timeout),
+        take_turn(St),
     case Why of
         {worker_lost, _} ->
             ok;
@@ -754,7 +759,7 @@ registry_entry(Id) ->
 %% direct caller may hold the turn) the process path.
 direct_call(Pid, Id, A, Key, ReqOpts, Src, Msg, Timeout)
   when is_integer(Timeout), Timeout =< map_get(timeout, ReqOpts), Pid =/= self() ->
-    T = erlang:unique_integer([positive]),
+    T = token(),
     case atomics:compare_exchange(A, ?TURN, 0, T) of
         ok ->
             case atomics:get(A, ?PENDING) =:= 0 andalso
@@ -833,32 +838,75 @@ release(A, T, Pid) ->
 turn_py(Fun, Args, #st{atomics = undefined} = St) ->
     py(Fun, Args, St);
 turn_py(Fun, Args, #st{atomics = A} = St) ->
-    take_turn(A, St#st.timeout),
+    take_turn(St),
     try py(Fun, Args, St)
     after atomics:put(A, ?TURN, 0)
     end.
 
-take_turn(A, Timeout) ->
+take_turn(#st{atomics = A} = St) ->
     case atomics:compare_exchange(A, ?TURN, 0, -1) of
         ok -> ok;
         T when T > 0 ->
             case atomics:compare_exchange(A, ?TURN, T, -T) of
-                ok -> wait_turn(A, T, Timeout);
-                _ -> take_turn(A, Timeout)
+                ok -> wait_turn(St, T);
+                _ -> take_turn(St)
             end
     end.
 
-wait_turn(A, T, Timeout) ->
+%% Waits for the direct caller with token T to hand the turn over; if it dies first, takes
+%% the turn back once Python no longer runs its call.
+wait_turn(#st{atomics = A, timeout = Timeout} = St, T) ->
+    Deadline = erlang:monotonic_time(millisecond) + Timeout + ?TURN_GRACE_MS,
+    Mon = erlang:monitor(process, holder(T)),
     receive
-        {erpy_function_turn, T} -> ok
+        {erpy_function_turn, T} ->
+            erlang:demonitor(Mon, [flush]),
+            ok;
+        {'DOWN', Mon, process, _, _} ->
+            %% Its call may still run in Python until its interrupt lands.
+            calls_ended(St, Deadline),
+            take_back(A, T)
     after Timeout + ?TURN_GRACE_MS ->
-        %% The holder died holding it (a live one gives it back within the timeout): take
-        %% it back, unless it was handed over just now.
-        case atomics:compare_exchange(A, ?TURN, -T, -1) of
-            ok -> ok;
-            _ -> receive {erpy_function_turn, T} -> ok end
-        end
+        %% A live holder gives it back within the timeout.
+        erlang:demonitor(Mon, [flush]),
+        take_back(A, T)
     end.
+
+%% The turn back from a holder that is gone, unless it was handed over just now.
+take_back(A, T) ->
+    case atomics:compare_exchange(A, ?TURN, -T, -1) of
+        ok -> ok;
+        _ -> receive {erpy_function_turn, T} -> ok end
+    end.
+
+%% Until Python runs no call of this instance (or the deadline, monotonic ms).
+calls_ended(#st{key = Key} = St, Deadline) ->
+    case py(<<"erlang_running">>, [Key], St) of
+        {ok, N} when is_integer(N), N > 0 ->
+            case erlang:monotonic_time(millisecond) < Deadline of
+                true -> timer:sleep(2), calls_ended(St, Deadline);
+                false -> ok
+            end;
+        _ ->
+            ok
+    end.
+
+%% A direct caller's token: its pid as a positive integer (wait_turn/2 monitors the holder
+%% of a turn through it), made once per process. A local pid is <0.Id.Serial>.
+token() ->
+    case get(?TOKEN) of
+        undefined ->
+            ["<0", Id, Serial] = string:lexemes(pid_to_list(self()), ".>"),
+            T = (list_to_integer(Id) bsl 32) bor list_to_integer(Serial) + 1,
+            put(?TOKEN, T),
+            T;
+        T ->
+            T
+    end.
+
+holder(T) ->
+    N = T - 1,
+    list_to_pid("<0." ++ integer_to_list(N bsr 32) ++ "." ++ integer_to_list(N band 16#ffffffff) ++ ">").
 
 dest(Id) when is_binary(Id) ->
     case whereis(Id) of

@@ -15,7 +15,8 @@
          stop_runs_handle_stop/1, restart_limit/1, init_failure/1, duplicate_id/1,
          bad_options/1, host_needs_policy/1, host_outside_instance/1, telemetry_to_logger/1,
          state_on_disc/1, one_handler_at_a_time/1, embedded_holds_no_context/1,
-         store_of_another_node/1, one_instance_hammered/1, direct_call_timeout/1]).
+         store_of_another_node/1, one_instance_hammered/1, direct_call_timeout/1,
+         killed_direct_caller/1]).
 %% logger handler callback (telemetry_to_logger).
 -export([log/2]).
 
@@ -29,7 +30,7 @@ groups() ->
              restart_restores_state, delayed_casts_in_order, stop_runs_handle_stop,
              restart_limit, init_failure, duplicate_id, bad_options, host_needs_policy,
              host_outside_instance, telemetry_to_logger, one_handler_at_a_time,
-             one_instance_hammered, direct_call_timeout],
+             one_instance_hammered, direct_call_timeout, killed_direct_caller],
     [{port, [], Cases ++ [worker_lost_restores_state]},
      {embedded, [], Cases ++ [embedded_holds_no_context]},
      {node, [], Cases ++ [worker_lost_restores_state]}].
@@ -434,6 +435,23 @@ direct_call_timeout(Config) ->
     exit(Doomed, kill),
     ok = erpy_function:cast(Id, <<"1">>),
     ?assertEqual({reply, <<"5">>}, erpy_function:call(Id, <<"get">>, 10000)),
+    ?assertEqual(Pid, erpy_function:whereis(Id)).
+
+killed_direct_caller(Config) ->
+    ct:comment("a caller killed while its direct call runs: the next call is answered "
+               "once the killed one has stopped in Python, well within its own timeout, "
+               "and never beside it"),
+    Id = id(Config, <<"kv">>),
+    {ok, Pid} = start(Config, Id, <<"function_cases:Kv">>, #{}),
+    %% Idle: the call runs in the caller's process, which holds the instance's turn.
+    Doomed = spawn(fun() -> erpy_function:call(Id, <<"excl 1.5">>, 5000) end),
+    timer:sleep(200),
+    exit(Doomed, kill),
+    T0 = erlang:monotonic_time(millisecond),
+    %% Before the fix this waited for the instance's timeout plus a grace (7 s).
+    ?assertEqual({reply, <<"alone">>}, erpy_function:call(Id, <<"excl 0.05">>, 3000)),
+    ?assert(erlang:monotonic_time(millisecond) - T0 < 3000),
+    ?assertEqual({reply, <<"alone">>}, erpy_function:call(Id, <<"excl 0.05">>, 3000)),
     ?assertEqual(Pid, erpy_function:whereis(Id)).
 
 embedded_holds_no_context(Config) ->

@@ -279,10 +279,13 @@ class Instance:
     host API bound to ``host``; an exception is given to ``host.handler_error`` and
     raised."""
 
-    __slots__ = ("handlers", "host", "__weakref__")
+    __slots__ = ("handlers", "host", "running", "__weakref__")
 
     def __init__(self, factory: Callable[[], Any], host: Host) -> None:
         self.host = host
+        # Calls of this instance running now (erlang_call): Erlang asks before it runs
+        # another handler after a direct caller died holding the instance's turn.
+        self.running = 0
         token = _current.set(host)
         try:
             self.handlers = factory()
@@ -496,23 +499,33 @@ def erlang_call(key: Any, msg: Any, src: Any = None) -> Any:
         raise LookupError(f"no function instance {key!r} in this worker")
     sid = instance.host.default_src if src is None else _erlang_src(src)
     fn = getattr(instance.handlers, "handle_call", None)
-    if fn is None or type(msg) is not bytes:
-        reply = instance.call(sid, msg)
-    else:
-        token = _current.set(instance.host)
-        try:
-            reply = fn(sid, msg)
-        except BaseException as exc:
-            instance.host.handler_error("handle_call", exc)
-            raise
-        finally:
-            _current.reset(token)
-        if type(reply) is bytes:
-            return reply
-        reply = instance.reply(reply)
+    instance.running += 1
+    try:
+        if fn is None or type(msg) is not bytes:
+            reply = instance.call(sid, msg)
+        else:
+            token = _current.set(instance.host)
+            try:
+                reply = fn(sid, msg)
+            except BaseException as exc:
+                instance.host.handler_error("handle_call", exc)
+                raise
+            finally:
+                _current.reset(token)
+            if type(reply) is bytes:
+                return reply
+            reply = instance.reply(reply)
+    finally:
+        instance.running -= 1
     if reply is NoReply:
         return _NOREPLY
     return reply
+
+
+def erlang_running(key: Any) -> int:
+    """How many calls of instance ``key`` run now (0 for an unknown one)."""
+    instance = _erlang_instances.get(key)
+    return 0 if instance is None else instance.running
 
 
 def erlang_stop(key: Any) -> Any:

@@ -44,6 +44,11 @@ def handle_call(src, msg):
         return 42
     if msg.startswith(b"ask "):
         return fn.call("next", msg[4:])
+    if msg.startswith(b"running "):
+        # How many calls of instance <key> run now, seen from inside one of them.
+        return str(fn.erlang_running(msg[8:].decode()))
+    if msg == b"raise":
+        raise ValueError("handler failed")
     return b"echo:" + msg
 
 

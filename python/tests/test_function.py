@@ -189,6 +189,21 @@ def test_erlang_shared_instances_are_dropped_explicitly():
     assert "s3" not in fn._erlang_instances
 
 
+def test_erlang_running_counts_calls_in_progress():
+    # Erlang asks this after a direct caller died holding an instance's turn: a call that
+    # runs counts, one that returned or raised no longer does.
+    assert fn.erlang_start_shared("r1", "function_samples", ("node", "f4"), "p", b"s") == "ok"
+    assert fn.erlang_running("r1") == 0
+    assert fn.erlang_call("r1", b"running r1", ("node", "x")) == b"1"
+    assert fn.erlang_call("r1", b"running r1") == b"1"
+    assert fn.erlang_running("r1") == 0
+    with pytest.raises(ValueError):
+        fn.erlang_call("r1", b"raise", ("node", "x"))
+    assert fn.erlang_running("r1") == 0
+    assert fn.erlang_drop("r1") == "ok"
+    assert fn.erlang_running("r1") == 0
+
+
 def test_erlang_src_ids():
     sid = fn._erlang_src(("n", "f"))
     assert sid == fn.InstanceId("n", "f") and type(sid) is fn.InstanceId
