@@ -521,7 +521,11 @@ ResourcePtr<Job> Pool::next_job(Context& c, std::unique_lock<PoolMutex>& lock) {
     if (!c.held && o_.spin_us > 0 &&
         !spinning_.exchange(true, std::memory_order_acq_rel)) {
       lock.unlock();
-      const Spun s = spin(idle_spin_, [this] { return queued_.load(std::memory_order_acquire) > 0; });
+      const Spun s = spin(idle_spin_, [this] {
+        if (queued_.load(std::memory_order_acquire) <= 0) return false;
+        const std::int64_t since = young_since_ns_.load(std::memory_order_relaxed);
+        return since == 0 || mono_ns() - since >= kSpinHandoffNs;
+      });
       lock.lock();
       spinning_.store(false, std::memory_order_release);
       if (!queue_.empty() || closing_ || !c.pinned.empty()) continue;
@@ -547,7 +551,13 @@ void Pool::run_taken(Context& c, ResourcePtr<Job> job, std::unique_lock<PoolMute
     ctx_cpu_.store(current_cpu(), std::memory_order_relaxed);
     c.running.push_back(job.get());
     lock.unlock();
+    const std::int64_t since = c.held ? 0 : mono_ns();
+    if (since) young_since_ns_.store(since, std::memory_order_relaxed);
     run_job(c, job.get());
+    if (since) {
+      std::int64_t mine = since;
+      young_since_ns_.compare_exchange_strong(mine, 0, std::memory_order_relaxed);
+    }
     lock.lock();
     c.running.pop_back();
   }
@@ -1003,6 +1013,7 @@ PyRef Pool::erlang_callback(Context& c, const char* kind, PyObject* m, PyObject*
     py::GilRelease nogil;
     std::unique_lock<PoolMutex> lock(m_);
     ++c.in_callback;  // nested callbacks count too
+    young_since_ns_.store(0, std::memory_order_relaxed);  // the GIL is free meanwhile
     if (job->state == JobState::Canceled) {
       canceled = true;
     } else if (job->async && job->async_state == AsyncState::Direct) {

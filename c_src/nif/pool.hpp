@@ -239,6 +239,13 @@ class Pool : public std::enable_shared_from_this<Pool> {
   std::atomic<long> queued_{0};  // a hint for spinners (may lag the queue a little)
   std::atomic<int> inflight_{0};  // submitted, not yet finished
   std::atomic<bool> spinning_{false};
+  // When the job a context of the pool (not a held one) runs now started (monotonic ns;
+  // 0: none, or it waits for Erlang). The idle spinner leaves a queued job alone while
+  // that job is younger than kSpinHandoff: its context takes the next job itself, with
+  // the GIL it had, where the spinner would first wait for that GIL (a hand-off between
+  // threads, which costs more than the job here).
+  std::atomic<std::int64_t> young_since_ns_{0};
+  static constexpr std::int64_t kSpinHandoffNs = 20'000;
   // Adaptive waiting (common/spin_wait.hpp): the idle context that spins for the next job
   // (one at a time), and the callers polling for their answers.
   SpinPolicy idle_spin_;
