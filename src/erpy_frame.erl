@@ -85,6 +85,8 @@ write_all(Port, Head, Frames) ->
     {Data, Refused} = lists:foldr(fun(F, {D, R}) ->
                                           case iolist_size(F) of
                                               Size when Size >= Limit -> {D, {frame_too_large, Size}};
+                                              %% Flat, as write/3 makes one frame.
+                                              Size when is_list(F) -> {[<<Size:Head/unit:8>> | F ++ D], R};
                                               Size -> {[<<Size:Head/unit:8>>, F | D], R}
                                           end
                                   end, {[], none}, Frames),
