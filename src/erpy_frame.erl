@@ -65,34 +65,28 @@ split(Bin, #reader{head = H, max = Max} = R, Acc) ->
 %% learns of the exit and fails what was pending.
 -spec write(port(), 1 | 2 | 4, iodata()) -> ok | {error, closed | {frame_too_large, non_neg_integer()}}.
 write(Port, Head, Data) ->
-    case iolist_size(Data) of
-        Size when Size >= 1 bsl (8 * Head) ->
-            {error, {frame_too_large, Size}};
-        Size ->
-            try port_command(Port, [<<Size:Head/unit:8>> | Data]) of
-                true -> ok
-            catch
-                error:badarg -> {error, closed}
-            end
-    end.
+    write_all(Port, Head, [Data]).
 
 %% Writes each of `Frames` as a frame, all with one port command (one system call where
-%% the pipe takes them). A frame too large for the header is left out, as write/3 refuses
-%% it, and the others are written.
+%% the pipe takes them). A frame too large for the header is refused and left out; the
+%% others are written.
 -spec write_all(port(), 1 | 2 | 4, [iodata()]) -> ok | {error, closed | {frame_too_large, non_neg_integer()}}.
 write_all(Port, Head, Frames) ->
     Limit = 1 bsl (8 * Head),
     {Data, Refused} = lists:foldr(fun(F, {D, R}) ->
                                           case iolist_size(F) of
                                               Size when Size >= Limit -> {D, {frame_too_large, Size}};
-                                              %% Flat, as write/3 makes one frame.
+                                              %% Flat: the header, then the frame's parts.
                                               Size when is_list(F) -> {[<<Size:Head/unit:8>> | F ++ D], R};
                                               Size -> {[<<Size:Head/unit:8>>, F | D], R}
                                           end
                                   end, {[], none}, Frames),
-    try port_command(Port, Data) of
-        true when Refused =:= none -> ok;
-        true -> {error, Refused}
-    catch
-        error:badarg -> {error, closed}
+    Written = Data =:= [] orelse
+        try port_command(Port, Data)
+        catch error:badarg -> closed
+        end,
+    case {Written, Refused} of
+        {closed, _} -> {error, closed};
+        {true, none} -> ok;
+        {true, _} -> {error, Refused}
     end.

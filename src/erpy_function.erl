@@ -856,7 +856,7 @@ take_turn(#st{atomics = A} = St) ->
 %% Waits for the direct caller with token T to hand the turn over; if it dies first, takes
 %% the turn back once Python no longer runs its call.
 wait_turn(#st{atomics = A, timeout = Timeout} = St, T) ->
-    Deadline = erlang:monotonic_time(millisecond) + Timeout + ?TURN_GRACE_MS,
+    Deadline = erpy_deadline:at(Timeout + ?TURN_GRACE_MS),
     Mon = erlang:monitor(process, holder(T)),
     receive
         {erpy_function_turn, T} ->
@@ -866,7 +866,7 @@ wait_turn(#st{atomics = A, timeout = Timeout} = St, T) ->
             %% Its call may still run in Python until its interrupt lands.
             calls_ended(St, Deadline),
             take_back(A, T)
-    after Timeout + ?TURN_GRACE_MS ->
+    after erpy_deadline:remaining(Deadline) ->
         %% A live holder gives it back within the timeout.
         erlang:demonitor(Mon, [flush]),
         take_back(A, T)
@@ -879,13 +879,13 @@ take_back(A, T) ->
         _ -> receive {erpy_function_turn, T} -> ok end
     end.
 
-%% Until Python runs no call of this instance (or the deadline, monotonic ms).
+%% Until Python runs no call of this instance (or the deadline, erpy_deadline).
 calls_ended(#st{key = Key} = St, Deadline) ->
     case py(<<"erlang_running">>, [Key], St) of
         {ok, N} when is_integer(N), N > 0 ->
-            case erlang:monotonic_time(millisecond) < Deadline of
-                true -> timer:sleep(2), calls_ended(St, Deadline);
-                false -> ok
+            case erpy_deadline:remaining(Deadline) of
+                0 -> ok;
+                _ -> timer:sleep(2), calls_ended(St, Deadline)
             end;
         _ ->
             ok
